@@ -1,0 +1,47 @@
+"""The ``robustmedsam`` command line: one sub-command per module in ``commands/``.
+
+Each command module defines ``add_parser(subparsers)`` (light imports only, so
+``--help`` stays fast) and sets ``func`` to a function taking the parsed
+arguments and returning an exit code. Library errors become one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from RobustMedSAMLib import __version__
+from RobustMedSAMLib.errors import RobustMedSAMError
+
+COMMANDS = ("models", "fuse")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="robustmedsam",
+        description="Segment medical volumes with a fused MedSAM + RobustSAM model.",
+    )
+    parser.add_argument("--version", action="version", version=f"robustmedsam {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"RobustMedSAMLib.commands.{name}").add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except RobustMedSAMError as error:
+        print(f"robustmedsam {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"robustmedsam {args.command}: cancelled", file=sys.stderr)
+        return 130

@@ -1,0 +1,123 @@
+"""Resolution losses, applied within each slice (rows, cols) so that a volume's
+slice and the same slice corrupted alone degrade alike: Gaussian (defocus)
+blur, in-plane motion blur and partial-volume down/up-sampling.
+
+Same conventions as ``noise.py``: float32 unit-scale stacks ``(slices, rows,
+cols)``, spacing in mm along those three axes. Kernels are built in millimetres
+and sampled on the (possibly anisotropic) pixel grid; borders are mirrored.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+SLICES_PER_CHUNK = 16
+"""Slices convolved together: bounds the memory of the FFTs on large volumes."""
+
+
+def convolve_slices(stack: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Convolve every slice of ``stack`` (S, R, C) with an odd-sized 2D ``kernel``.
+
+    The slice is mirrored by the kernel's radius on each side, so the FFT's
+    wrap-around never reaches the pixels kept. Returns float32 (S, R, C).
+    """
+    radius_r, radius_c = kernel.shape[0] // 2, kernel.shape[1] // 2
+    rows, cols = stack.shape[1:]
+    padded_shape = (rows + 2 * radius_r, cols + 2 * radius_c)
+    centred = np.zeros(padded_shape, np.float32)
+    centred[: kernel.shape[0], : kernel.shape[1]] = kernel
+    centred = np.roll(centred, (-radius_r, -radius_c), axis=(0, 1))
+    transfer = np.fft.rfft2(centred)
+    out = np.empty(stack.shape, np.float32)
+    for start in range(0, stack.shape[0], SLICES_PER_CHUNK):
+        chunk = stack[start : start + SLICES_PER_CHUNK]
+        padded = np.pad(chunk, ((0, 0), (radius_r, radius_r), (radius_c, radius_c)), "symmetric")
+        blurred = np.fft.irfft2(np.fft.rfft2(padded) * transfer, s=padded_shape)
+        out[start : start + SLICES_PER_CHUNK] = blurred[
+            :, radius_r : radius_r + rows, radius_c : radius_c + cols
+        ]
+    return out
+
+
+def gaussian_kernel(sigma_mm: float, spacing_rc: tuple[float, float]) -> np.ndarray:
+    """Normalised 2D Gaussian of ``sigma_mm`` on pixels of ``spacing_rc`` mm, radius 3 sigma."""
+    axes = []
+    for pixel in spacing_rc:
+        sigma = sigma_mm / pixel
+        radius = max(1, math.ceil(3 * sigma))
+        offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+        weights = np.exp(-0.5 * (offsets / sigma) ** 2)
+        axes.append(weights / weights.sum())
+    return np.outer(axes[0], axes[1]).astype(np.float32)
+
+
+def line_kernel(length_mm: float, angle: float, spacing_rc: tuple[float, float]) -> np.ndarray:
+    """Normalised 2D kernel of a straight path ``length_mm`` long at ``angle`` (radians
+    from the column axis towards the row axis), sampled with bilinear weights."""
+    half_r = 0.5 * length_mm * math.sin(angle) / spacing_rc[0]
+    half_c = 0.5 * length_mm * math.cos(angle) / spacing_rc[1]
+    radius_r, radius_c = math.ceil(abs(half_r)) + 1, math.ceil(abs(half_c)) + 1
+    kernel = np.zeros((2 * radius_r + 1, 2 * radius_c + 1), np.float64)
+    samples = 8 * (math.ceil(max(abs(half_r), abs(half_c))) + 1)
+    t = np.linspace(-1.0, 1.0, 2 * samples + 1)
+    rows, cols = radius_r + t * half_r, radius_c + t * half_c
+    r0, c0 = np.floor(rows).astype(int), np.floor(cols).astype(int)
+    fr, fc = rows - r0, cols - c0
+    for dr, dc, weight in (
+        (0, 0, (1 - fr) * (1 - fc)),
+        (0, 1, (1 - fr) * fc),
+        (1, 0, fr * (1 - fc)),
+        (1, 1, fr * fc),
+    ):
+        np.add.at(kernel, (r0 + dr, c0 + dc), weight)
+    return (kernel / kernel.sum()).astype(np.float32)
+
+
+def gaussian_blur(
+    unit: np.ndarray, sigma_mm: float, rng: np.random.Generator, spacing: tuple[float, ...]
+) -> np.ndarray:
+    """Defocus-like blur: in-plane Gaussian of standard deviation ``sigma_mm``."""
+    return convolve_slices(unit, gaussian_kernel(sigma_mm, spacing[1:]))
+
+
+def motion_blur(
+    unit: np.ndarray, length_mm: float, rng: np.random.Generator, spacing: tuple[float, ...]
+) -> np.ndarray:
+    """In-plane linear motion blur over ``length_mm`` in a random direction
+    (one direction for the whole stack, drawn from ``rng``)."""
+    angle = rng.uniform(0.0, math.pi)
+    return convolve_slices(unit, line_kernel(length_mm, angle, spacing[1:]))
+
+
+def _partial_volume_operator(size: int, factor: float) -> np.ndarray:
+    """``size x size`` matrix: average into bins ``factor`` pixels wide (partial
+    volume), then interpolate linearly back to the pixel centres."""
+    edges = np.minimum(np.arange(math.ceil(size / factor) + 1) * factor, size)
+    pixels = np.arange(size + 1, dtype=np.float64)
+    # overlap of pixel [i, i+1) with bin [edges[j], edges[j+1])
+    overlap = np.clip(
+        np.minimum(pixels[1:, None], edges[None, 1:]) - np.maximum(pixels[:-1, None], edges[None, :-1]),
+        0,
+        None,
+    )
+    down = (overlap / overlap.sum(axis=0, keepdims=True)).T  # bins x pixels
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    up = np.empty((size, len(centres)))
+    for j in range(len(centres)):
+        one_hot = np.zeros(len(centres))
+        one_hot[j] = 1.0
+        up[:, j] = np.interp(pixels[:-1] + 0.5, centres, one_hot)
+    return (up @ down).astype(np.float32)
+
+
+def low_resolution(
+    unit: np.ndarray, factor: float, rng: np.random.Generator, spacing: tuple[float, ...]
+) -> np.ndarray:
+    """Acquire at a coarser in-plane pixel (``factor`` x the finer in-plane spacing,
+    square) by area averaging, then interpolate back linearly to the original grid."""
+    target = factor * min(spacing[1], spacing[2])
+    row_op = _partial_volume_operator(unit.shape[1], max(1.0, target / spacing[1]))
+    col_op = _partial_volume_operator(unit.shape[2], max(1.0, target / spacing[2]))
+    return np.matmul(np.matmul(row_op, unit), col_op.T)

@@ -1,0 +1,34 @@
+"""Choosing the torch device and precision."""
+
+from __future__ import annotations
+
+import torch
+
+from RobustMedSAMLib.errors import InputError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA, then Apple's MPS, then the CPU; a named device must exist."""
+    if name not in DEVICES and not name.startswith("cuda:"):
+        raise InputError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("device 'cuda' asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise InputError("device 'mps' asked for, but this PyTorch has no Apple MPS support")
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device, half: bool) -> torch.dtype | None:
+    """The reduced precision used for the image encoder with ``half=True``: bfloat16 on
+    CUDA GPUs that support it, else float16 on CUDA; None (full precision) elsewhere."""
+    if not half or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

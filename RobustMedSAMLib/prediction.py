@@ -1,0 +1,85 @@
+"""Prompts for one 2D slice and the model's answer: the currency between the
+predictor, the interactive session and 3D propagation. Numpy only.
+
+Frame: slice pixels. A slice is a 2D array ``(rows, cols)``; a point is
+``(x, y) = (col, row)`` in pixels (pixel centres at integer coordinates); a box
+is ``(x0, y0, x1, y1)`` in the same frame, inclusive corners.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from RobustMedSAMLib.errors import InputError
+
+
+@dataclass
+class SlicePrompt:
+    """What the user (or propagation) tells the model about one slice.
+
+    points: ``Nx2`` float array of ``(x, y)`` slice pixels; labels: ``N`` ints,
+    1 = include (positive), 0 = exclude (negative). box: ``(x0, y0, x1, y1)``.
+    mask_input: ``1x256x256`` low-resolution logits from an earlier prediction
+    on the same slice (fed back so that a click refines the mask).
+    """
+
+    points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))
+    labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+    box: np.ndarray | None = None
+    mask_input: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.points = np.asarray(self.points, dtype=np.float32).reshape(-1, 2)
+        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+        if len(self.points) != len(self.labels):
+            raise InputError(
+                f"{len(self.points)} points but {len(self.labels)} labels: give one label per point"
+            )
+        if self.labels.size and not np.isin(self.labels, (0, 1)).all():
+            raise InputError("point labels must be 1 (include) or 0 (exclude)")
+        if self.box is not None:
+            self.box = np.asarray(self.box, dtype=np.float32).reshape(4)
+            if self.box[2] < self.box[0] or self.box[3] < self.box[1]:
+                raise InputError(
+                    f"box {self.box.tolist()} is not (x0, y0, x1, y1) with x0<=x1, y0<=y1"
+                )
+
+    @property
+    def is_empty(self) -> bool:
+        """True when there is neither a point nor a box (a mask alone is not a prompt)."""
+        return len(self.points) == 0 and self.box is None
+
+    @property
+    def is_ambiguous(self) -> bool:
+        """A single point with no box: SAM's case for multimask output."""
+        return len(self.points) == 1 and self.box is None
+
+
+@dataclass
+class Prediction:
+    """The model's mask for one slice.
+
+    mask: ``(rows, cols)`` bool in slice pixels; score: the model's predicted IoU
+    of that mask; low_res_logits: ``1x256x256`` float32, to feed back as
+    ``SlicePrompt.mask_input``.
+    """
+
+    mask: np.ndarray
+    score: float
+    low_res_logits: np.ndarray
+
+
+class SliceSegmenter(Protocol):
+    """Anything that segments slice ``index`` (along a fixed axis of a volume)."""
+
+    def segment_slice(self, index: int, prompt: SlicePrompt) -> Prediction:
+        """Mask for slice ``index`` given the prompt (``index`` in ``0..n_slices-1``)."""
+        ...
+
+    @property
+    def n_slices(self) -> int:
+        """Number of slices along the segmenter's axis."""
+        ...

@@ -1,0 +1,120 @@
+"""Turning a 2D medical slice into model input, and model output back into a mask.
+
+Two published conventions (choose the one the image encoder was trained with):
+
+* ``"sam"`` (SAM, RobustSAM, MedicoSAM): resize the longest side to S (1024), keep
+  the aspect ratio, normalise with ImageNet pixel mean/std, pad bottom-right to S x S.
+* ``"medsam"`` (MedSAM, and so the fused model and the demo model, whose encoder is
+  MedSAM's): resize to S x S (aspect not kept), min-max scale to [0, 1], no mean/std.
+
+Before either, a CT/MR slice is windowed to 0..255 (intensity window ``(low, high)``;
+by default the 0.5-99.5 percentiles of the whole volume, so slices are consistent).
+Frames: the slice is ``(rows, cols)``; prompts (x, y) in slice pixels are mapped into
+model-input pixels; masks come back in slice pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from RobustMedSAMLib.errors import InputError
+
+Style = Literal["sam", "medsam"]
+STYLES: tuple[str, ...] = ("sam", "medsam")
+
+
+def auto_window(image: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5)) -> tuple:
+    """Intensity window ``(low, high)`` from robust percentiles of a slice or volume."""
+    finite = np.asarray(image, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        raise InputError("the image has no finite intensities to window")
+    sample = finite if finite.size <= 2_000_000 else finite[:: finite.size // 2_000_000]
+    low, high = np.percentile(sample, percentiles)
+    if high <= low:
+        high = low + 1.0
+    return float(low), float(high)
+
+
+def window_to_uint8(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """Clip a slice to ``window`` and scale it to 0..255 (uint8), NaN to 0."""
+    low, high = window
+    scaled = (np.asarray(image, dtype=np.float32) - low) / max(high - low, 1e-6)
+    return (np.nan_to_num(np.clip(scaled, 0.0, 1.0)) * 255.0 + 0.5).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Geometry of one preprocessed slice: original ``(rows, cols)`` and the resized
+    ``(rows, cols)`` inside the ``S x S`` model input."""
+
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+
+
+class Preprocessor:
+    """Slice -> model input tensor, slice prompts -> model frame, logits -> slice mask."""
+
+    def __init__(
+        self,
+        style: Style,
+        image_size: int,
+        pixel_mean: tuple[float, ...],
+        pixel_std: tuple[float, ...],
+    ) -> None:
+        if style not in STYLES:
+            raise InputError(f"unknown preprocessing {style!r}; choose one of {STYLES}")
+        self.style = style
+        self.image_size = image_size
+        self.mean = torch.tensor(pixel_mean).view(-1, 1, 1)
+        self.std = torch.tensor(pixel_std).view(-1, 1, 1)
+        self._resize = ResizeLongestSide(image_size)
+
+    def image(self, slice_u8: np.ndarray) -> tuple[torch.Tensor, Frame]:
+        """``(rows, cols)`` uint8 slice -> ``1 x 3 x S x S`` float tensor and its frame."""
+        if slice_u8.ndim != 2 or min(slice_u8.shape) < 2:
+            raise InputError(f"a slice must be a 2D image of at least 2x2, got {slice_u8.shape}")
+        rgb = np.repeat(slice_u8[:, :, None], 3, axis=2)
+        original = (int(slice_u8.shape[0]), int(slice_u8.shape[1]))
+        if self.style == "sam":
+            resized = torch.as_tensor(self._resize.apply_image(rgb)).permute(2, 0, 1).float()
+            frame = Frame(original, (resized.shape[1], resized.shape[2]))
+            normalised = (resized - self.mean) / self.std
+            pad = (
+                0,
+                self.image_size - frame.input_size[1],
+                0,
+                self.image_size - frame.input_size[0],
+            )
+            return F.pad(normalised, pad)[None], frame
+        tensor = torch.as_tensor(rgb).permute(2, 0, 1)[None].float()
+        size = (self.image_size, self.image_size)
+        resized = F.interpolate(tensor, size, mode="bicubic", align_corners=False, antialias=True)
+        resized = resized.clamp(0, 255).round()
+        low, high = resized.min(), resized.max()
+        return (resized - low) / (high - low).clamp(min=1e-8), Frame(original, size)
+
+    def coords(self, xy: np.ndarray, frame: Frame) -> np.ndarray:
+        """``N x 2`` (x, y) slice pixels -> model-input pixels (works for box corners too)."""
+        xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+        rows, cols = frame.original_size
+        in_rows, in_cols = frame.input_size
+        # Slice pixel centres are integers; SAM's convention maps pixel edges (x * scale).
+        return (xy * np.array([in_cols / cols, in_rows / rows])).astype(np.float32)
+
+    def mask_logits(self, low_res: torch.Tensor, frame: Frame) -> torch.Tensor:
+        """``B x M x L x L`` low-res logits -> ``B x M x rows x cols`` logits on the slice."""
+        if self.style == "sam":
+            full = F.interpolate(
+                low_res, (self.image_size, self.image_size), mode="bilinear", align_corners=False
+            )
+            full = full[..., : frame.input_size[0], : frame.input_size[1]]
+        else:
+            full = low_res
+        return F.interpolate(full, frame.original_size, mode="bilinear", align_corners=False)

@@ -1,0 +1,101 @@
+"""A headless slicer-core scene with the module logics, for tests.
+
+``slicer-core`` gives Slicer's MRML, logic and segmentation classes without Qt
+or ``slicer.app``. :func:`make_scene` does the set-up they need (see
+``/work/shared/notes/slicer-core-headless.md``): a scene assigned to
+``slicer.mrmlScene``, an application logic (it creates the selection node), and
+the colors, volumes, segmentations and markups logics registered on it, which
+in turn register the segmentation converter rules and the markups JSON storage
+nodes. ``slicer.modules`` is replaced by a namespace holding those logics, so
+``slicer.util`` helpers that call ``slicer.modules.<name>.logic()`` work.
+
+Use it from a test as a fixture::
+
+    slicer_scene = pytest.fixture(slicer_scene_fixture)
+
+which skips the test cleanly when ``slicer`` cannot be imported.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+_LOGICS = {
+    "Colors": "vtkSlicerColorLogic",
+    "Volumes": "vtkSlicerVolumesLogic",
+    "Segmentations": "vtkSlicerSegmentationsModuleLogic",
+    "Markups": "vtkSlicerMarkupsLogic",
+}
+
+
+def make_scene() -> types.SimpleNamespace:
+    """A fresh scene with logics; returns a namespace.
+
+    Fields: ``slicer`` (the module), ``scene`` (vtkMRMLScene), ``app``
+    (vtkSlicerApplicationLogic), and ``colors``, ``volumes``, ``segmentations``,
+    ``markups`` (the module logics). Raises ImportError without slicer-core.
+    """
+    import slicer
+    import vtk
+
+    vtk.vtkObject.GlobalWarningDisplayOff()
+    scene = slicer.vtkMRMLScene()
+    slicer.mrmlScene = scene
+    app = slicer.vtkSlicerApplicationLogic()
+    app.SetMRMLScene(scene)
+    logics = {}
+    for name, class_name in _LOGICS.items():
+        logic = getattr(slicer, class_name)()
+        logic.SetMRMLApplicationLogic(app)
+        logic.SetMRMLScene(scene)
+        app.SetModuleLogic(name, logic)
+        logics[name.lower()] = logic
+    slicer.modules = types.SimpleNamespace(
+        **{key: types.SimpleNamespace(logic=lambda lg=lg: lg) for key, lg in logics.items()}
+    )
+    return types.SimpleNamespace(slicer=slicer, scene=scene, app=app, **logics)
+
+
+def close_scene(ns: types.SimpleNamespace) -> None:
+    """Clear the scene and detach the logics (call at the end of a test)."""
+    for key in _LOGICS:
+        getattr(ns, key.lower()).SetMRMLScene(None)
+    ns.app.SetMRMLScene(None)
+    ns.scene.Clear(True)
+
+
+def slicer_scene_fixture() -> Iterator[types.SimpleNamespace]:
+    """Pytest fixture body: a fresh headless scene, skipped without slicer-core."""
+    pytest.importorskip("slicer", reason="slicer-core is not installed")
+    ns = make_scene()
+    try:
+        yield ns
+    finally:
+        close_scene(ns)
+
+
+def vtk_matrix(matrix: np.ndarray):
+    """A vtkMatrix4x4 from a 4x4 numpy array."""
+    import vtk
+
+    out = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            out.SetElement(r, c, float(matrix[r][c]))
+    return out
+
+
+def numpy_matrix(matrix) -> np.ndarray:
+    """A 4x4 numpy array from a vtkMatrix4x4."""
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def add_volume(ns: types.SimpleNamespace, array: np.ndarray, ijk_to_ras: np.ndarray, name="vol"):
+    """A vtkMRMLScalarVolumeNode holding ``array`` (KJI) with geometry ``ijk_to_ras``."""
+    node = ns.slicer.util.addVolumeFromArray(array, name=name)
+    node.SetIJKToRASMatrix(vtk_matrix(ijk_to_ras))
+    return node
