@@ -12,7 +12,7 @@ import hashlib
 import http.client
 import logging
 import os
-import tempfile
+import secrets
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -99,7 +99,7 @@ def _fetch_to(
     cancel: Callable[[], bool] | None,
     timeout: float,
 ) -> tuple[int, str]:
-    with _open(source.url, timeout) as response, open(temp, "wb") as out:
+    with _open(source.url, timeout) as response, open(temp, "xb") as out:
         try:
             done, digest = _stream(response, out, progress, cancel)
         except (http.client.HTTPException, OSError) as error:
@@ -141,9 +141,8 @@ def download(
     close: Callable[[], None] | None = None
     if progress is None:
         progress, close = _tqdm_progress(source.filename)
-    handle, name = tempfile.mkstemp(prefix=f".{source.filename}.", suffix=".part", dir=dest)
-    os.close(handle)
-    temp = Path(name)
+    # Same folder as the target so os.replace is atomic; "xb" keeps the umask's mode.
+    temp = dest / f".{source.filename}.{secrets.token_hex(6)}.part"
     try:
         log.info("downloading %s from %s", source.name, source.url)
         done, digest = _fetch_to(source, temp, progress, cancel, timeout)

@@ -66,7 +66,15 @@ def sphere(
 ) -> Phantom:
     """A ball of ``radius`` mm around ``center`` (mm, IJK order; default: volume centre)."""
     return ellipsoid(
-        shape, spacing, (radius, radius, radius), (0.0, 0.0, 0.0), center, texture, contrast, noise, seed
+        shape,
+        spacing,
+        (radius, radius, radius),
+        (0.0, 0.0, 0.0),
+        center,
+        texture,
+        contrast,
+        noise,
+        seed,
     )
 
 
@@ -106,7 +114,9 @@ def tube(
     (default: the central three quarters) a disc of ``radius`` mm whose centre
     moves in x, y by up to ``amplitude`` mm on one period of a sine / cosine wave."""
     k_count = shape[0]
-    first, last = slice_range if slice_range is not None else (k_count // 8, k_count - 1 - k_count // 8)
+    first, last = (
+        slice_range if slice_range is not None else (k_count // 8, k_count - 1 - k_count // 8)
+    )
     if not 0 <= first <= last < k_count:
         raise InputError(f"tube slice_range {(first, last)} must lie in 0..{k_count - 1}")
     x, y, z = _grid_mm(shape, spacing)

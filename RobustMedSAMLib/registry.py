@@ -287,8 +287,10 @@ def resolve_checkpoint(name_or_path: str | Path, checkpoint: str | Path | None =
 class ModelStatus:
     """One model's local state, as ``robustmedsam models`` shows it.
 
-    ``verified`` is True/False when a local file was hashed against a published
-    SHA-256 (or its size already differs), None when not checked or not checkable.
+    ``path`` is None when missing; ``size_bytes`` is the local file's size, or the
+    published size when missing. ``verified`` is True/False when a local file was
+    hashed against a published SHA-256 (False too when its size already differs),
+    None when not checked or not checkable.
     """
 
     name: str

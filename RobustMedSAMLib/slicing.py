@@ -103,9 +103,7 @@ def ras_to_slice_points(
     return indices, xy
 
 
-def roi_to_slice_box(
-    volume: Volume, axis: int, roi: Roi
-) -> tuple[tuple[int, int], np.ndarray]:
+def roi_to_slice_box(volume: Volume, axis: int, roi: Roi) -> tuple[tuple[int, int], np.ndarray]:
     """Project an ROI onto slices along ``axis``.
 
     Returns ``((first, last), box)``: the inclusive range of slice indices the

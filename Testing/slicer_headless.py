@@ -99,3 +99,12 @@ def add_volume(ns: types.SimpleNamespace, array: np.ndarray, ijk_to_ras: np.ndar
     node = ns.slicer.util.addVolumeFromArray(array, name=name)
     node.SetIJKToRASMatrix(vtk_matrix(ijk_to_ras))
     return node
+
+
+def ijk_to_ras_of(volume_node) -> np.ndarray:
+    """The 4x4 IJK-to-RAS matrix of a volume node as numpy."""
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    return numpy_matrix(matrix)

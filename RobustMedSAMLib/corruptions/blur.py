@@ -91,25 +91,41 @@ def motion_blur(
     return convolve_slices(unit, line_kernel(length_mm, angle, spacing[1:]))
 
 
-def _partial_volume_operator(size: int, factor: float) -> np.ndarray:
-    """``size x size`` matrix: average into bins ``factor`` pixels wide (partial
-    volume), then interpolate linearly back to the pixel centres."""
+def _lerp_along(array: np.ndarray, axis: int, positions: np.ndarray) -> np.ndarray:
+    """Linear interpolation of ``array`` at fractional ``positions`` along ``axis``
+    (index units, clamped to the ends)."""
+    size = array.shape[axis]
+    positions = np.clip(positions, 0, size - 1)
+    lower = np.floor(positions).astype(np.intp)
+    upper = np.minimum(lower + 1, size - 1)
+    shape = [1] * array.ndim
+    shape[axis] = len(positions)
+    weight = (positions - lower).reshape(shape).astype(array.dtype)
+    below = np.take(array, lower, axis=axis)
+    return below + weight * (np.take(array, upper, axis=axis) - below)
+
+
+def _partial_volume_axis(stack: np.ndarray, axis: int, factor: float) -> np.ndarray:
+    """Average ``stack`` along ``axis`` into bins ``factor`` pixels wide (partial
+    volume, exact for non-integer factors), then interpolate linearly back to the
+    pixel centres. Pixels are constant over their extent ``[i, i + 1)``."""
+    size = stack.shape[axis]
+    if factor <= 1 or size < 2:
+        return stack
     edges = np.minimum(np.arange(math.ceil(size / factor) + 1) * factor, size)
-    pixels = np.arange(size + 1, dtype=np.float64)
-    # overlap of pixel [i, i+1) with bin [edges[j], edges[j+1])
-    overlap = np.clip(
-        np.minimum(pixels[1:, None], edges[None, 1:]) - np.maximum(pixels[:-1, None], edges[None, :-1]),
-        0,
-        None,
+    shape = list(stack.shape)
+    shape[axis] = 1
+    integral = np.concatenate(
+        [np.zeros(shape), np.cumsum(stack, axis=axis, dtype=np.float64)], axis=axis
     )
-    down = (overlap / overlap.sum(axis=0, keepdims=True)).T  # bins x pixels
+    bin_shape = [1] * stack.ndim
+    bin_shape[axis] = len(edges) - 1
+    bins = np.diff(_lerp_along(integral, axis, edges), axis=axis) / np.diff(edges).reshape(
+        bin_shape
+    )
     centres = 0.5 * (edges[:-1] + edges[1:])
-    up = np.empty((size, len(centres)))
-    for j in range(len(centres)):
-        one_hot = np.zeros(len(centres))
-        one_hot[j] = 1.0
-        up[:, j] = np.interp(pixels[:-1] + 0.5, centres, one_hot)
-    return (up @ down).astype(np.float32)
+    pixel_in_bins = np.interp(np.arange(size) + 0.5, centres, np.arange(len(centres)))
+    return _lerp_along(bins, axis, pixel_in_bins).astype(np.float32)
 
 
 def low_resolution(
@@ -118,6 +134,9 @@ def low_resolution(
     """Acquire at a coarser in-plane pixel (``factor`` x the finer in-plane spacing,
     square) by area averaging, then interpolate back linearly to the original grid."""
     target = factor * min(spacing[1], spacing[2])
-    row_op = _partial_volume_operator(unit.shape[1], max(1.0, target / spacing[1]))
-    col_op = _partial_volume_operator(unit.shape[2], max(1.0, target / spacing[2]))
-    return np.matmul(np.matmul(row_op, unit), col_op.T)
+    out = np.empty_like(unit)
+    for start in range(0, unit.shape[0], SLICES_PER_CHUNK):
+        chunk = unit[start : start + SLICES_PER_CHUNK]
+        chunk = _partial_volume_axis(chunk, 1, target / spacing[1])
+        out[start : start + SLICES_PER_CHUNK] = _partial_volume_axis(chunk, 2, target / spacing[2])
+    return out

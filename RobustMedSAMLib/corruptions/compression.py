@@ -17,7 +17,7 @@ from PIL import Image
 def _jpeg_roundtrip(grey: np.ndarray, quality: int) -> np.ndarray:
     """``grey`` (rows, cols) uint8 through JPEG at ``quality`` and back."""
     buffer = io.BytesIO()
-    Image.fromarray(grey, mode="L").save(buffer, format="JPEG", quality=quality)
+    Image.fromarray(grey).save(buffer, format="JPEG", quality=quality)
     buffer.seek(0)
     with Image.open(buffer) as decoded:
         return np.asarray(decoded.convert("L"))

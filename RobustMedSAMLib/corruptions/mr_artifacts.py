@@ -16,6 +16,8 @@ import math
 
 import numpy as np
 
+from RobustMedSAMLib.corruptions.blur import SLICES_PER_CHUNK
+
 GHOST_PERIOD_LINES = (6.0, 16.0)
 """Range of the motion period, in phase-encoding lines (breathing over a few TRs)."""
 SPIKE_RADIUS = (0.15, 0.45)
@@ -41,10 +43,16 @@ def motion_ghosting(
     ky = np.fft.fftfreq(rows, d=1.0 / rows)  # integer line index, DC first
     shift = (amplitude_mm / spacing[1]) * np.sin(2 * math.pi * (ky + rows // 2) / period + phase0)
     modulation = np.exp(-2j * math.pi * ky * shift / rows).astype(np.complex64)
-    positive = np.maximum(unit, 0)
-    kspace = np.fft.fft(positive, axis=1)
-    kspace *= modulation[None, :, None]
-    return np.abs(np.fft.ifft(kspace, axis=1)) + (unit - positive)
+    out = np.empty_like(unit)
+    for start in range(0, unit.shape[0], SLICES_PER_CHUNK):
+        chunk = unit[start : start + SLICES_PER_CHUNK]
+        positive = np.maximum(chunk, 0)
+        kspace = np.fft.fft(positive, axis=1)
+        kspace *= modulation[None, :, None]
+        out[start : start + SLICES_PER_CHUNK] = np.abs(np.fft.ifft(kspace, axis=1)) + (
+            chunk - positive
+        )
+    return out
 
 
 def kspace_spike(
@@ -97,12 +105,18 @@ def bias_field(
     slices too), scaled so that ``max |p| = 1`` over the image: the field
     spans at most ``exp(-strength)..exp(strength)``.
     """
-    z, y, x = _normalised_coordinates(unit.shape, spacing)
+    degree = BIAS_DEGREE
+    coefficients = np.zeros((degree + 1,) * 3)
+    for i, j, k in itertools.product(range(degree + 1), repeat=3):
+        if 0 < i + j + k <= degree:
+            coefficients[i, j, k] = rng.uniform(-1.0, 1.0)
+    z, y, x = (c.ravel() for c in _normalised_coordinates(unit.shape, spacing))
+    powers = [np.stack([axis**n for n in range(degree + 1)]) for axis in (z, y, x)]
+    # p(z, y, x) = sum_i z^i * plane_i(y, x): the 3D sum has only degree + 1 terms
+    planes = np.einsum("ijk,jy,kx->iyx", coefficients, powers[1], powers[2])
     log_field = np.zeros(unit.shape, np.float32)
-    for i, j, k in itertools.product(range(BIAS_DEGREE + 1), repeat=3):
-        if 0 < i + j + k <= BIAS_DEGREE:
-            coefficient = np.float32(rng.uniform(-1.0, 1.0))
-            log_field += coefficient * (z**i * y**j * x**k)
+    for i in range(degree + 1):
+        log_field += (powers[0][i][:, None, None] * planes[i]).astype(np.float32)
     peak = float(np.abs(log_field).max())
     if peak > 0:
         log_field *= np.float32(strength / peak)

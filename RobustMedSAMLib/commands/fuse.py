@@ -1,0 +1,44 @@
+"""``robustmedsam fuse``: MedSAM's image encoder + RobustSAM's decoder in one checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "fuse",
+        help="write a fused checkpoint (MedSAM encoder + RobustSAM decoder)",
+        description="Take image_encoder.* from ENCODER (MedSAM) and the prompt encoder and "
+        "robust mask_decoder.* from DECODER (RobustSAM); write them in RobustSAM's key layout, "
+        "which robust-segment-anything's builder loads unchanged. A FUSED.json record beside "
+        "it names the sources and their SHA-256.",
+    )
+    parser.add_argument("--encoder", required=True, type=Path, help="MedSAM checkpoint")
+    parser.add_argument("--decoder", required=True, type=Path, help="RobustSAM checkpoint")
+    parser.add_argument("--out", required=True, type=Path, help="fused .pth or .safetensors")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from RobustMedSAMLib.checkpoint import fuse_state_dicts, read_state_dict, save_state_dict
+    from RobustMedSAMLib.download import sha256_of
+
+    fused = fuse_state_dicts(
+        read_state_dict(args.encoder), read_state_dict(args.decoder), args.encoder, args.decoder
+    )
+    path = save_state_dict(fused, args.out)
+    record = {
+        "fused": str(path),
+        "sha256": sha256_of(path),
+        "image_encoder_from": {"path": str(args.encoder), "sha256": sha256_of(args.encoder)},
+        "prompt_encoder_and_mask_decoder_from": {
+            "path": str(args.decoder),
+            "sha256": sha256_of(args.decoder),
+        },
+    }
+    path.with_name(path.name + ".json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path} ({len(fused)} tensors, sha256 {record['sha256'][:12]}...)")
+    return 0

@@ -1,0 +1,186 @@
+"""The main job: segment a volume from RAS prompts, on one slice or propagated into 3D.
+
+    volume = read_volume("ct.nrrd")
+    loaded = load_named_model("demo")
+    session = SegmentationSession(volume, loaded.predictor(), axis="axial")
+    prompts = VolumePrompts(positive=read_points("tumour.mrk.json"))
+    result = segment_volume(session, prompts, SegmentOptions(propagate=True))
+    write_segmentation("tumour.seg.nrrd", result.mask, volume)
+
+Shared by the command line, the Slicer module's Logic and scripts.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from RobustMedSAMLib.markups import Roi
+from RobustMedSAMLib.propagation import Cancel, Progress, PropagationOptions, propagate
+from RobustMedSAMLib.session import SegmentationSession, SessionStats
+from RobustMedSAMLib.slicing import prompts_for_slice, set_slice
+
+
+@dataclass
+class VolumePrompts:
+    """Prompts in RAS mm: ``Nx3`` positive and negative points, an optional ROI box."""
+
+    positive: np.ndarray | None = None
+    negative: np.ndarray | None = None
+    roi: Roi | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        roi = None
+        if self.roi is not None:
+            roi = {k: np.asarray(v).tolist() for k, v in asdict(self.roi).items()}
+        return {
+            "coordinate_system": "RAS",
+            "positive": None if self.positive is None else np.asarray(self.positive).tolist(),
+            "negative": None if self.negative is None else np.asarray(self.negative).tolist(),
+            "roi": roi,
+        }
+
+
+@dataclass
+class SegmentOptions:
+    """propagate: grow the prompted slices' masks into 3D (else only prompted slices)."""
+
+    propagate: bool = False
+    propagation: PropagationOptions = field(default_factory=PropagationOptions)
+
+
+@dataclass
+class SliceScore:
+    """One segmented slice: model's predicted IoU, overlap with its neighbour, area (px)."""
+
+    index: int
+    score: float
+    overlap: float
+    area: int
+    source: str  # "prompt" or "propagated"
+
+
+@dataclass
+class SegmentationResult:
+    """mask: ``(K, J, I)`` bool on the volume's grid; slices: per-slice scores in index
+    order; stops: why each propagation direction ended; timings in seconds."""
+
+    mask: np.ndarray
+    slices: list[SliceScore]
+    stops: list[dict[str, Any]]
+    prompted: list[int]
+    seconds: float
+    stats: SessionStats
+
+
+def segment_volume(
+    session: SegmentationSession,
+    prompts: VolumePrompts,
+    options: SegmentOptions | None = None,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+) -> SegmentationResult:
+    """Segment the prompted slices, then (``options.propagate``) propagate outward.
+
+    Raises InputError for prompts outside the volume or empty prompts, CancelledError
+    when cancelled (nothing is returned, the volume is untouched).
+    """
+    options = options or SegmentOptions()
+    start = time.perf_counter()
+    volume, axis = session.volume, session.axis
+    per_slice = prompts_for_slice(volume, axis, prompts.positive, prompts.negative, prompts.roi)
+    seeds, logits, scores = {}, {}, []
+    for index, prompt in per_slice.items():
+        prediction = session.segment_slice(index, prompt)
+        seeds[index], logits[index] = prediction.mask, prediction.low_res_logits
+        scores.append(
+            SliceScore(index, prediction.score, math.nan, int(prediction.mask.sum()), "prompt")
+        )
+    stops: list[dict[str, Any]] = []
+    slice_masks = {index: mask for index, mask in seeds.items()}
+    if options.propagate and any(mask.any() for mask in seeds.values()):
+        nonempty = {i: m for i, m in seeds.items() if m.any()}
+        result = propagate(
+            session,
+            nonempty,
+            options.propagation,
+            progress,
+            cancel,
+            seed_logits={i: logits[i] for i in nonempty},
+        )
+        for record in result.records:
+            if record.direction != 0:
+                slice_masks[record.index] = result.mask[record.index]
+                scores.append(
+                    SliceScore(
+                        record.index, record.score, record.overlap, record.area, "propagated"
+                    )
+                )
+        stops = [_stop_dict(stop) for stop in result.stops]
+    mask = np.zeros(volume.shape, dtype=bool)
+    for index, slice_mask in slice_masks.items():
+        set_slice(mask, axis, index, slice_mask)
+    scores.sort(key=lambda s: s.index)
+    return SegmentationResult(
+        mask, scores, stops, sorted(per_slice), time.perf_counter() - start, session.stats
+    )
+
+
+def _stop_dict(stop) -> dict[str, Any]:
+    rejected = None if stop.rejected is None else _clean(asdict(stop.rejected))
+    return {
+        "seed": stop.seed,
+        "direction": stop.direction,
+        "last_index": stop.last_index,
+        "reason": stop.reason,
+        "rejected": rejected,
+    }
+
+
+def _clean(values: dict[str, Any]) -> dict[str, Any]:
+    """NaN -> None, numpy scalars -> Python, for JSON."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, float) and math.isnan(value):
+            value = None
+        out[key] = value
+    return out
+
+
+def run_record(
+    result: SegmentationResult,
+    prompts: VolumePrompts,
+    options: SegmentOptions,
+    model: dict[str, Any],
+    inputs: dict[str, Any],
+) -> dict[str, Any]:
+    """The audit record written beside each output: enough to replay the run."""
+    from RobustMedSAMLib import __version__
+
+    stats = result.stats
+    return {
+        "robustmedsam_version": __version__,
+        "python": platform.python_version(),
+        "inputs": inputs,
+        "model": model,
+        "prompts": prompts.to_dict(),
+        "options": {"propagate": options.propagate, "propagation": asdict(options.propagation)},
+        "prompted_slices": result.prompted,
+        "slices": [_clean(asdict(s)) for s in result.slices],
+        "stops": result.stops,
+        "voxels": int(result.mask.sum()),
+        "timings": {
+            "total_seconds": round(result.seconds, 3),
+            "encoder_seconds": round(stats.encoder_seconds, 3),
+            "encoder_calls": stats.encoder_calls,
+            "decoder_seconds": round(stats.decoder_seconds, 3),
+            "decoder_calls": stats.decoder_calls,
+        },
+    }

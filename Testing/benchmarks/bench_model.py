@@ -1,0 +1,171 @@
+"""Image encoder and decoder time of our ViT-B against the reference packages.
+
+Same weights (random, published key layout), same input, same thread count, measured
+interleaved in one run; prints ratios (ours / reference) and the largest differences.
+
+    .venv/bin/python Testing/benchmarks/bench_model.py [--repeats 3] [--threads 2] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from reference_models import random_state_dict, reference_robust_sam, reference_sam  # noqa: E402
+
+from RobustMedSAMLib.config import VIT_B  # noqa: E402
+from RobustMedSAMLib.model import SegmentAnythingModel  # noqa: E402
+from RobustMedSAMLib.quantization import quantize_encoder  # noqa: E402
+
+
+def timed(fn, device: torch.device) -> tuple[float, object]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def dice(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a > 0, b > 0
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
+
+
+def bench_encoder(args, device: torch.device) -> None:
+    state = random_state_dict(VIT_B, robust=False, seed=0)
+    reference = reference_sam(VIT_B, state).to(device)
+    ours = SegmentAnythingModel(VIT_B, robust=False)
+    ours.load_state_dict(state)
+    ours.to(device)
+    variants = {"reference": reference.image_encoder, "ours fp32": ours.image_encoder}
+    if device.type == "cpu":
+        fast = SegmentAnythingModel(VIT_B, robust=False)
+        fast.load_state_dict(state)
+        variants["ours int8 (--fast-cpu)"] = quantize_encoder(fast).image_encoder
+    if device.type == "cuda":
+        variants["ours bf16 (--half)"] = ours.image_encoder
+    x = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(1)).to(device)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    outputs = {}
+    with torch.inference_mode():
+        for repeat in range(args.repeats + 1):  # first round warms up
+            for name, encoder in variants.items():
+                half = "bf16" in name
+                with torch.autocast(device.type, torch.bfloat16, enabled=half):
+                    seconds, out = timed(lambda enc=encoder: enc(x), device)
+                outputs[name] = out.float()
+                if repeat:
+                    times[name].append(seconds)
+    base = statistics.median(times["reference"])
+    print(f"\nimage encoder, ViT-B 1024x1024, {device}, {torch.get_num_threads()} threads")
+    print(f"{'variant':28s} {'median s':>9s} {'ratio':>6s} {'max |diff|':>11s}")
+    for name, values in times.items():
+        diff = (outputs[name] - outputs["reference"]).abs().max().item()
+        print(
+            f"{name:28s} {statistics.median(values):9.3f} {statistics.median(values) / base:6.2f}"
+            f" {diff:11.2e}"
+        )
+    if "ours int8 (--fast-cpu)" in outputs:
+        mask_agreement(state, outputs["ours fp32"], outputs["ours int8 (--fast-cpu)"], device)
+
+
+def mask_agreement(state: dict, fp32: torch.Tensor, int8: torch.Tensor, device) -> None:
+    """Dice between the masks decoded from fp32 and int8 embeddings, over box prompts."""
+    model = SegmentAnythingModel(VIT_B, robust=False)
+    model.load_state_dict(state)
+    rng = np.random.default_rng(0)
+    scores = []
+    from RobustMedSAMLib.model import ImageFeatures
+
+    with torch.inference_mode():
+        for _ in range(20):
+            x0, y0 = rng.uniform(0, 700, 2)
+            w, h = rng.uniform(100, 320, 2)
+            box = torch.tensor([[x0, y0, x0 + w, y0 + h]], dtype=torch.float32)
+            a, _ = model.decode(ImageFeatures(fp32.cpu()), boxes=box)
+            b, _ = model.decode(ImageFeatures(int8.cpu()), boxes=box)
+            scores.append(dice(a, b))
+    print(
+        f"int8 vs fp32 masks (20 boxes, random ViT-B weights): Dice mean {np.mean(scores):.3f}"
+        f" min {np.min(scores):.3f}"
+    )
+
+
+def bench_decoder(args, device: torch.device) -> None:
+    """Per-click decoder time on a cached slice: ours (robust features cached per slice)
+    against the reference robust decoder (recomputes its feature blocks every call)."""
+    state = random_state_dict(VIT_B, robust=True, seed=2)
+    reference = reference_robust_sam(VIT_B, state).to(device)
+    ours = SegmentAnythingModel(VIT_B, robust=True)
+    ours.load_state_dict(state)
+    ours.to(device)
+    g = torch.Generator().manual_seed(3)
+    embedding = torch.randn(1, 256, 64, 64, generator=g).to(device)
+    early = torch.randn(1, 64, 64, 768, generator=g).to(device)
+    point = (torch.tensor([[[500.0, 400.0]]], device=device), torch.tensor([[1]], device=device))
+    with torch.inference_mode():
+        from RobustMedSAMLib.model import ImageFeatures
+
+        features = ImageFeatures(
+            embedding, ours.mask_decoder.robust_image_features(embedding, early)
+        )
+
+        def ours_click():
+            return ours.decode(features, points=point)[0]
+
+        def reference_click():
+            sparse, dense = reference.prompt_encoder(point, None, None)
+            return reference.mask_decoder(
+                embedding,
+                reference.prompt_encoder.get_dense_pe(),
+                sparse,
+                dense,
+                False,
+                encoder_features=early[None],
+                clear=False,
+            )[0]
+
+        ours_times, ref_times = [], []
+        for repeat in range(args.clicks + 2):
+            t_ref, want = timed(reference_click, device)
+            t_ours, got = timed(ours_click, device)
+            if repeat >= 2:
+                ref_times.append(t_ref)
+                ours_times.append(t_ours)
+    ours_ms, ref_ms = 1e3 * statistics.median(ours_times), 1e3 * statistics.median(ref_times)
+    print(f"\nrobust decoder per click (cached slice), {device}")
+    print(
+        f"reference {ref_ms:8.1f} ms   ours {ours_ms:8.1f} ms   ratio {ours_ms / ref_ms:.3f}"
+        f"   max |diff| {(got - want).abs().max().item():.2e}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--clicks", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip-encoder", action="store_true")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if not args.skip_encoder:
+        bench_encoder(args, device)
+    bench_decoder(args, device)
+
+
+if __name__ == "__main__":
+    main()

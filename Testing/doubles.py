@@ -1,0 +1,59 @@
+"""Test doubles. ``ThresholdPredictor`` stands in for the model behind the Predictor
+interface so that the session, 3D propagation, the main job and the CLI can be tested
+for Dice and geometry before a trained model ships. It is never offered as a model."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from RobustMedSAMLib.model import ImageFeatures
+from RobustMedSAMLib.prediction import Prediction, SlicePrompt
+from RobustMedSAMLib.predictor import EncodedSlice
+from RobustMedSAMLib.preprocessing import Frame
+
+
+class _Style:
+    style = "medsam"
+
+
+class ThresholdPredictor:
+    """Segments the bright connected component(s) a prompt hits: a positive point inside,
+    most of it inside the box, or overlapping the fed-back mask; removes components under
+    a negative point. ``encode`` counts calls like the real encoder."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self.preprocessor = _Style()
+        self.encoded_images: list[np.ndarray] = []
+        self.current: EncodedSlice | None = None
+
+    def encode(self, image: np.ndarray, window=None) -> EncodedSlice:
+        self.encoded_images.append(np.array(image))
+        features = ImageFeatures(torch.as_tensor(np.array(image, np.float32))[None, None])
+        return EncodedSlice(features, Frame(image.shape, (64, 64)))
+
+    def set_encoded(self, encoded: EncodedSlice) -> None:
+        self.current = encoded
+
+    def predict(self, prompt: SlicePrompt) -> Prediction:
+        image = self.current.features.embedding[0, 0].numpy()
+        components, count = ndimage.label(ndimage.gaussian_filter(image, 1.0) > self.threshold)
+        keep = np.zeros(count + 1, bool)
+        for (x, y), label in zip(prompt.points, prompt.labels, strict=True):
+            value = components[int(round(y)), int(round(x))]
+            keep[value] = bool(label) if value else keep[value]
+        ids = np.arange(1, count + 1)
+        areas = ndimage.sum_labels(np.ones_like(components), components, ids)
+        if prompt.box is not None:
+            x0, y0, x1, y1 = np.rint(prompt.box).astype(int)
+            region = np.zeros(image.shape, bool)
+            region[y0 : y1 + 1, x0 : x1 + 1] = True
+            keep[1:] |= ndimage.sum_labels(region, components, ids) >= 0.5 * areas
+        keep[0] = False
+        mask = keep[components]
+        logits = np.where(
+            ndimage.zoom(mask.astype(np.float32), 64 / np.array(mask.shape), order=0) > 0, 8.0, -8.0
+        )
+        return Prediction(mask, 0.9 if mask.any() else 0.1, logits[None].astype(np.float32))
