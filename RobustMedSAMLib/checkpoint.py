@@ -20,6 +20,7 @@ import torch
 from RobustMedSAMLib.config import KNOWN_ENCODERS, ModelConfig
 from RobustMedSAMLib.errors import CheckpointError
 from RobustMedSAMLib.model import SegmentAnythingModel
+from RobustMedSAMLib.volume import default_file_mode
 
 StateDict = dict[str, torch.Tensor]
 PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
@@ -243,6 +244,7 @@ def save_state_dict(state: StateDict, path: str | Path, config: ModelConfig | No
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, default_file_mode())  # mkstemp makes 0600 files
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         if path.suffix == ".safetensors":

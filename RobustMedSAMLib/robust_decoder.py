@@ -259,10 +259,35 @@ class RobustMaskDecoder(MaskDecoder):
         robust_features: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         batch = sparse_prompt_embeddings.size(0)
+        masks, iou_pred, _ = self.predict_paired(
+            torch.repeat_interleave(image_embeddings, batch, dim=0),
+            torch.repeat_interleave(image_pe, batch, dim=0),
+            sparse_prompt_embeddings,
+            dense_prompt_embeddings,
+            robust_features,
+        )
+        return masks, iou_pred
+
+    def predict_paired(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        robust_features: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Robust path with one image per prompt (training batches of different images).
+
+        image_embeddings: ``B x C x h x w``; image_pe: ``1 or B x C x h x w``; prompts ``B``;
+        robust_features: ``1 or B x C/8 x 4h x 4w``. Returns all mask logits
+        ``B x 4 x 4h x 4w``, IoUs ``B x 4`` and the fused robust mask features
+        ``B x C/8 x 4h x 4w`` (what the clean-degraded alignment loss compares).
+        """
+        batch = sparse_prompt_embeddings.size(0)
         tokens = torch.cat([self.iou_token.weight, self.custom_robust_token.weight], dim=0)
         tokens = torch.cat([tokens.unsqueeze(0).expand(batch, -1, -1), sparse_prompt_embeddings], 1)
-        src = torch.repeat_interleave(image_embeddings, batch, dim=0) + dense_prompt_embeddings
-        pos_src = torch.repeat_interleave(image_pe, batch, dim=0)
+        src = image_embeddings + dense_prompt_embeddings
+        pos_src = image_pe.expand(batch, -1, -1, -1)
         b, c, h, w = src.shape
         hs, src = self.transformer(src, pos_src, tokens)
         iou_token_out = hs[:, 0, :]
@@ -278,4 +303,4 @@ class RobustMaskDecoder(MaskDecoder):
         )
         b, c, h, w = upscaled.shape
         masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
-        return masks, self.iou_prediction_head(iou_token_out)
+        return masks, self.iou_prediction_head(iou_token_out), upscaled

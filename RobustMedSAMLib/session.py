@@ -29,7 +29,7 @@ from RobustMedSAMLib.slicing import AXIS_NAMES, axis_index, get_slice
 from RobustMedSAMLib.volume import Volume
 
 log = logging.getLogger(__name__)
-DEFAULT_CACHE_BYTES = 2 * 1024**3
+DEFAULT_CACHE_BYTES = 1024**3  # ~85 ViT-B slices (embedding + robust features, fp32)
 
 
 @dataclass

@@ -198,6 +198,13 @@ def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True)
     return path
 
 
+def default_file_mode() -> int:
+    """The permissions a newly created file gets under the current umask (e.g. 0644)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Give a temporary path beside ``path`` (same extension) to write to.
@@ -215,6 +222,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     temporary = Path(name)
     try:
         yield temporary
+        os.chmod(temporary, default_file_mode())  # mkstemp makes 0600 files
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

@@ -11,12 +11,13 @@ import SimpleITK as sitk  # noqa: N813 - the name every SimpleITK user knows
 from RobustMedSAMLib import cli
 from RobustMedSAMLib.corruptions import CORRUPTIONS, SEVERITIES, corrupt, corruption_table
 from RobustMedSAMLib.corruptions.intensity import robust_range
-from RobustMedSAMLib.corruptions.phantom import phantom
 from RobustMedSAMLib.errors import InputError
+from RobustMedSAMLib.phantoms import organ_scene
 
 NAMES = list(CORRUPTIONS)
-CT_SLICE = phantom((128, 112), "CT", seed=3)  # int16 HU
-MR_VOLUME = phantom((12, 96, 80), "MR", seed=4)  # float32
+# abdomen-like scenes (air, body, liver + lesion, spleen, kidneys, aorta); spacing is (I, J, K)
+CT_SLICE = organ_scene((3, 128, 112), (0.7, 0.7, 2.5), texture="ct", seed=3).image[1]  # int16
+MR_VOLUME = organ_scene((12, 96, 80), (1.0, 1.2, 3.0), texture="mr", seed=4).image  # float32
 CASES = {
     "ct_slice": (CT_SLICE, (0.7, 0.7)),
     "mr_volume": (MR_VOLUME, (3.0, 1.2, 1.0)),
@@ -153,7 +154,7 @@ def only_our_commands(monkeypatch):
 
 @pytest.fixture
 def oblique_nrrd(tmp_path):
-    image = sitk.GetImageFromArray(phantom((6, 40, 48), "CT", seed=5))
+    image = sitk.GetImageFromArray(organ_scene((6, 40, 48), texture="ct", seed=5).image)
     image.SetSpacing((0.8, 1.1, 3.0))
     image.SetOrigin((-12.5, 30.25, 101.0))
     c, s = np.cos(0.3), np.sin(0.3)

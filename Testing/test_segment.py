@@ -173,3 +173,15 @@ def test_cli_without_prompt(tmp_path, case, capsys):
     code = main(["segment", str(case["volume"]), "--out", str(tmp_path / "o.seg.nrrd")])
     assert code == 2 and "no prompt" in capsys.readouterr().err
     assert torch.get_num_threads() >= 1
+
+
+def test_outputs_get_normal_file_permissions(tmp_path, case):
+    """Atomic writes go through mkstemp (0600); results must be readable like any file."""
+    import os
+
+    out = tmp_path / "out.seg.nrrd"
+    assert run_cli(case, out) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (out, tmp_path / "out.seg.nrrd.json"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -15,7 +15,7 @@ import sys
 import time
 
 from RobustMedSAMLib.corruptions import CORRUPTIONS, corrupt
-from RobustMedSAMLib.corruptions.phantom import phantom
+from RobustMedSAMLib.phantoms import organ_scene
 
 
 def seconds(volume, name: str, severity: int, repeats: int) -> float:
@@ -35,7 +35,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--target", type=float, default=2.0, help="seconds per volume")
     args = parser.parse_args()
-    volume = phantom(tuple(args.shape), "CT")
+    volume = organ_scene(tuple(args.shape), (0.8, 0.8, 2.5), texture="ct").image
     print(
         f"volume {'x'.join(map(str, args.shape))} {volume.dtype}, median of {args.repeats}; "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"

@@ -1,0 +1,36 @@
+"""Regenerate the bundled sample case (a synthetic abdomen CT phantom and prompts).
+
+    .venv/bin/python Resources/samples/make_samples.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from RobustMedSAMLib.markups import write_points
+from RobustMedSAMLib.phantoms import organ_scene
+from RobustMedSAMLib.segmentation_io import Segment, write_segmentation
+from RobustMedSAMLib.volume import Volume, write_volume
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    phantom = organ_scene(target="liver", seed=7)
+    volume = Volume(phantom.image, phantom.ijk_to_ras, "abdomen_phantom")
+    write_volume(volume, HERE / "abdomen_phantom.nrrd")
+    # One include point at the deepest point of the liver on its central slice.
+    from scipy import ndimage
+
+    k = int(np.argmax(phantom.mask.sum(axis=(1, 2))))
+    depth = ndimage.distance_transform_edt(phantom.mask[k])
+    j, i = np.unravel_index(np.argmax(depth), depth.shape)
+    write_points(HERE / "liver_point.mrk.json", volume.ijk_to_ras_points([[i, j, k]]), ["liver"])
+    truth = Segment(1, "liver", (0.87, 0.51, 0.40))
+    write_segmentation(HERE / "liver_truth.seg.nrrd", phantom.mask.astype(np.uint8), volume, [truth])
+
+
+if __name__ == "__main__":
+    main()

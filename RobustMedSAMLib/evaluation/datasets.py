@@ -1,0 +1,255 @@
+"""Evaluation data: MedSegBench ``.npz`` files, folders of image/label volume pairs,
+and the project's synthetic phantoms, as a uniform list of ``Case``.
+
+A data set is named by a spec string ``KIND:WHERE[,key=value...]``:
+
+- ``npz:PATH`` a MedSegBench file ``{name}_{size}.npz`` (``train_images``,
+  ``train_label``, ``val_images``, ``val_label``, ``test_images``, ``test_label``;
+  images ``NxHxW`` or ``NxHxWx3`` uint8, labels ``NxHxW`` int). Keys: ``split``
+  (test|val|train, default test), ``limit`` (images), ``modality``, ``name``.
+- ``pairs:FOLDER`` volumes in ``images/`` (or ``imagesTr``/``imagesTs``) and label
+  maps of the same name in ``labels/`` (``labelsTr``/``labelsTs``); an nnU-Net
+  channel suffix ``_0000`` is ignored. Keys: ``limit`` (volumes), ``modality``, ``name``.
+- ``phantom:SHAPE`` SHAPE in sphere, ellipsoid, tube, organ, all. Keys: ``count``
+  (seeds per shape, default 1), ``modality`` (CT or MR texture, default CT), ``size``
+  (voxels per side, default 48).
+
+Each label value present becomes its own binary case. The MedSegBench reader here is
+the evaluation's own small one (the training package may grow a shared one later).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from RobustMedSAMLib.errors import InputError
+
+log = logging.getLogger(__name__)
+NPZ_SPLITS = ("test", "val", "train")
+PHANTOM_SHAPES = ("sphere", "ellipsoid", "tube", "organ")
+_IMAGE_DIRS = (("images", "labels"), ("imagesTs", "labelsTs"), ("imagesTr", "labelsTr"))
+
+
+@dataclass
+class Case:
+    """One object to segment.
+
+    image: ``(rows, cols)`` (2D) or ``(K, J, I)`` (3D) raw intensities; mask: bool,
+    same shape; ijk_to_ras: 4x4 for 3D cases (identity-like for 2D); spacing: mm per
+    array axis (for corruptions); window: intensity window given to the model (None:
+    automatic percentiles).
+    """
+
+    dataset: str
+    modality: str
+    case: str
+    image: np.ndarray
+    mask: np.ndarray
+    ijk_to_ras: np.ndarray
+    spacing: tuple[float, ...]
+    window: tuple[float, float] | None = None
+
+    @property
+    def is_3d(self) -> bool:
+        return self.image.ndim == 3
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A parsed ``KIND:WHERE[,key=value...]`` spec."""
+
+    kind: str
+    where: str
+    options: dict[str, str]
+
+    @property
+    def label(self) -> str:
+        return self.options.get("name") or _default_name(self.kind, self.where)
+
+
+def parse_data_spec(text: str) -> DataSpec:
+    """Parse a data spec (see the module docstring); InputError when malformed."""
+    kind, sep, rest = text.partition(":")
+    if not sep or kind not in ("npz", "pairs", "phantom") or not rest:
+        raise InputError(
+            f"bad data spec {text!r}: use npz:FILE, pairs:FOLDER or phantom:SHAPE "
+            "(optionally followed by ,key=value)"
+        )
+    where, *pairs = rest.split(",")
+    options = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq:
+            raise InputError(f"bad option {pair!r} in data spec {text!r}: use key=value")
+        options[key.strip()] = value.strip()
+    return DataSpec(kind, where, options)
+
+
+def _default_name(kind: str, where: str) -> str:
+    if kind == "phantom":
+        return f"phantom_{where}"
+    stem = Path(where).name.removesuffix(".npz")
+    head, _, size = stem.rpartition("_")
+    return head if head and size.isdigit() else stem
+
+
+def load_cases(spec: DataSpec | str) -> list[Case]:
+    """All cases of one data spec, in a fixed order."""
+    spec = parse_data_spec(spec) if isinstance(spec, str) else spec
+    limit = _int_option(spec, "limit", None)
+    if spec.kind == "npz":
+        split = spec.options.get("split", "test")
+        return list(read_medsegbench(spec.where, split, limit, spec.label, _modality(spec)))
+    if spec.kind == "pairs":
+        return list(read_pairs(spec.where, limit, spec.label, _modality(spec)))
+    count = _int_option(spec, "count", 1)
+    size = _int_option(spec, "size", 48)
+    return phantom_cases(spec.where, count, _modality(spec, "CT"), size, spec.label)
+
+
+def _modality(spec: DataSpec, default: str = "unknown") -> str:
+    return spec.options.get("modality", default)
+
+
+def _int_option(spec: DataSpec, key: str, default: int | None) -> int | None:
+    value = spec.options.get(key)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise InputError(f"data option {key}={value!r} must be an integer") from None
+    if number < 1:
+        raise InputError(f"data option {key}={number} must be >= 1")
+    return number
+
+
+def read_medsegbench(
+    path: str | Path,
+    split: str = "test",
+    limit: int | None = None,
+    name: str | None = None,
+    modality: str = "unknown",
+) -> Iterator[Case]:
+    """2D cases of one split of a MedSegBench ``.npz``: one per image and label value.
+    RGB images become grey (mean of the channels); the window is the full 0..255."""
+    path = Path(path)
+    if split not in NPZ_SPLITS:
+        raise InputError(f"unknown split {split!r}: use one of {NPZ_SPLITS}")
+    if not path.is_file():
+        raise InputError(f"MedSegBench file not found: {path}")
+    with np.load(path) as data:
+        keys = (f"{split}_images", f"{split}_label")
+        missing = [k for k in keys if k not in data.files]
+        if missing:
+            raise InputError(f"{path} lacks {missing}: is it a MedSegBench .npz file?")
+        images, labels = data[keys[0]], data[keys[1]]
+    if images.shape[:3] != labels.shape[:3] or images.ndim not in (3, 4):
+        raise InputError(f"{path}: images {images.shape} and labels {labels.shape} do not match")
+    name = name or _default_name("npz", str(path))
+    count = len(images) if limit is None else min(limit, len(images))
+    for i in range(count):
+        image = images[i].astype(np.float32)
+        image = image.mean(axis=-1) if image.ndim == 3 else image
+        for value in _label_values(labels[i]):
+            yield Case(
+                name, modality, f"{split}{i:05d}_l{value}", image, labels[i] == value,
+                np.eye(4), (1.0, 1.0), (0.0, 255.0),
+            )  # fmt: skip
+
+
+def _label_values(label: np.ndarray) -> list[int]:
+    return [int(v) for v in np.unique(label) if v != 0]
+
+
+def read_pairs(
+    folder: str | Path, limit: int | None = None, name: str | None = None, modality: str = "unknown"
+) -> Iterator[Case]:
+    """3D cases from a folder of image / label volume pairs (see the module docstring)."""
+    from RobustMedSAMLib.volume import read_volume
+
+    folder = Path(folder)
+    pairs = _find_pairs(folder)
+    name = name or folder.name
+    for image_path, label_path in pairs[:limit]:
+        volume, labels = read_volume(image_path), read_volume(label_path)
+        if volume.shape != labels.shape:
+            raise InputError(f"{label_path} {labels.shape} is not on the grid of {image_path}")
+        spacing = tuple(float(s) for s in volume.spacing[::-1])
+        stem = _stem(label_path)
+        for value in _label_values(labels.array.astype(np.int64)):
+            mask = labels.array == value
+            yield Case(name, modality, f"{stem}_l{value}", volume.array, mask,
+                       volume.ijk_to_ras, spacing)  # fmt: skip
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".seg.nrrd", ".nrrd", ".nii", ".mha", ".mhd"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _find_pairs(folder: Path) -> list[tuple[Path, Path]]:
+    for image_dir, label_dir in _IMAGE_DIRS:
+        images, labels = folder / image_dir, folder / label_dir
+        if images.is_dir() and labels.is_dir():
+            by_stem = {_stem(p): p for p in sorted(labels.iterdir()) if p.is_file()}
+            pairs = []
+            for image in sorted(p for p in images.iterdir() if p.is_file()):
+                stem = _stem(image).removesuffix("_0000")
+                if stem in by_stem:
+                    pairs.append((image, by_stem[stem]))
+                else:
+                    log.warning("no label for %s in %s; skipped", image.name, labels)
+            if not pairs:
+                raise InputError(f"no image/label pairs with matching names in {folder}")
+            return pairs
+    raise InputError(f"{folder} has no images/ and labels/ (or imagesTr/labelsTr) folders")
+
+
+def phantom_cases(
+    shape: str = "all",
+    count: int = 1,
+    modality: str = "CT",
+    size: int = 48,
+    name: str | None = None,
+) -> list[Case]:
+    """Synthetic 3D cases (``count`` seeds of each shape) with known masks."""
+    shapes = PHANTOM_SHAPES if shape == "all" else (shape,)
+    if any(s not in PHANTOM_SHAPES for s in shapes):
+        raise InputError(f"unknown phantom {shape!r}: use one of {PHANTOM_SHAPES} or all")
+    if modality.upper() not in ("CT", "MR"):
+        raise InputError(f"phantom modality {modality!r}: use CT or MR")
+    texture = modality.lower()
+    grid = (max(8, size * 2 // 3), size, size)
+    cases = []
+    for kind in shapes:
+        for seed in range(count):
+            phantom = _make_phantom(kind, grid, size, texture, seed)
+            spacing = tuple(float(s) for s in phantom.spacing[::-1])
+            cases.append(
+                Case(name or f"phantom_{shape}", modality.upper(), f"{kind}{seed}",
+                     phantom.image, phantom.mask, phantom.ijk_to_ras, spacing)
+            )  # fmt: skip
+    return cases
+
+
+def _make_phantom(kind: str, grid: tuple[int, int, int], size: int, texture: str, seed: int):
+    from RobustMedSAMLib import phantoms
+
+    mm = size * 0.25
+    if kind == "organ":
+        return phantoms.organ_scene(grid, (1.5, 1.5, 2.0), texture=texture, seed=seed)
+    if kind == "sphere":
+        return phantoms.sphere(grid, radius=mm, texture=texture, seed=seed)
+    if kind == "ellipsoid":
+        semi_axes = (mm * 1.2, mm * 0.8, mm)
+        return phantoms.ellipsoid(grid, semi_axes=semi_axes, texture=texture, seed=seed)
+    return phantoms.tube(grid, texture=texture, seed=seed)

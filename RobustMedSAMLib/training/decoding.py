@@ -1,0 +1,53 @@
+"""The decoder's training forward: a batch of different images, one prompt set each.
+
+The inference ``model.decode`` takes one image and many prompts; training needs one
+image per prompt. Frames as in ``model.decode``: points/boxes in model-input pixels,
+logits on the low-res grid ``B x 1 x L x L``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from RobustMedSAMLib.model import SegmentAnythingModel
+from RobustMedSAMLib.training.prompts_sim import Prompts
+
+
+def decode_paired(
+    model: SegmentAnythingModel,
+    embedding: torch.Tensor,
+    robust: torch.Tensor | None,
+    prompts: Prompts,
+    mask_input: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Single-mask logits ``B x L x L``, predicted IoU ``B`` and the mask features
+    ``B x C/8 x L x L`` (robust: the fused robust features) for images ``B x C x h x w``."""
+    sparse, dense = model.prompt_encoder(
+        points=prompts.point_pair, boxes=prompts.boxes, masks=mask_input
+    )
+    image_pe = model.prompt_encoder.get_dense_pe()
+    decoder = model.mask_decoder
+    if model.robust:
+        masks, iou, features = decoder.predict_paired(embedding, image_pe, sparse, dense, robust)
+    else:
+        masks, iou, features = _plain_paired(decoder, embedding, image_pe, sparse, dense)
+    return masks[:, 0], iou[:, 0], features
+
+
+def _plain_paired(decoder, embedding, image_pe, sparse, dense):
+    """SAM's ``MaskDecoder.predict_masks`` with one image per prompt."""
+    batch = sparse.size(0)
+    tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat([tokens.unsqueeze(0).expand(batch, -1, -1), sparse], dim=1)
+    src = embedding + dense
+    b, c, h, w = src.shape
+    hs, src = decoder.transformer(src, image_pe.expand(b, -1, -1, -1), tokens)
+    mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
+    upscaled = decoder.output_upscaling(src.transpose(1, 2).view(b, c, h, w))
+    hyper_in = torch.stack(
+        [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
+        dim=1,
+    )
+    b, c, h, w = upscaled.shape
+    masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+    return masks, decoder.iou_prediction_head(hs[:, 0, :]), upscaled

@@ -1,0 +1,64 @@
+"""Training losses: Dice + BCE (or focal) on mask logits, IoU-prediction MSE, and the
+clean-degraded feature alignment term. Masks and logits are ``B x L x L`` (low-res)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from RobustMedSAMLib.training.config import LossSection
+
+
+def dice_loss(logits: torch.Tensor, masks: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice per sample, averaged over the batch."""
+    probs = torch.sigmoid(logits).flatten(1)
+    target = masks.float().flatten(1)
+    dice = (2 * (probs * target).sum(1) + eps) / (probs.sum(1) + target.sum(1) + eps)
+    return (1 - dice).mean()
+
+
+def focal_loss(logits: torch.Tensor, masks: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Sigmoid focal loss (alpha 0.25), as SAM was trained."""
+    target = masks.float()
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = torch.exp(-ce)
+    alpha = 0.25 * target + 0.75 * (1 - target)
+    return (alpha * (1 - p_t) ** gamma * ce).mean()
+
+
+def hard_iou(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """IoU of the thresholded prediction with the truth, ``B`` values (no gradient)."""
+    pred = (logits.detach() > 0).flatten(1)
+    truth = masks.flatten(1).bool()
+    union = (pred | truth).sum(1).clamp(min=1)
+    return (pred & truth).sum(1).float() / union
+
+
+def dice_score(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Dice of the thresholded prediction, ``B`` values (1 when both are empty)."""
+    pred = (logits.detach() > 0).flatten(1)
+    truth = masks.flatten(1).bool()
+    total = pred.sum(1) + truth.sum(1)
+    return torch.where(total > 0, 2 * (pred & truth).sum(1) / total.clamp(min=1), 1.0)
+
+
+def mask_losses(
+    logits: torch.Tensor, iou_pred: torch.Tensor, masks: torch.Tensor, weights: LossSection
+) -> dict[str, torch.Tensor]:
+    """The weighted terms for one prediction; logits ``B x L x L``, iou_pred ``B``."""
+    terms: dict[str, torch.Tensor] = {}
+    if weights.dice:
+        terms["dice"] = weights.dice * dice_loss(logits, masks)
+    if weights.bce:
+        terms["bce"] = weights.bce * F.binary_cross_entropy_with_logits(logits, masks.float())
+    if weights.focal:
+        terms["focal"] = weights.focal * focal_loss(logits, masks)
+    if weights.iou:
+        terms["iou"] = weights.iou * F.mse_loss(iou_pred, hard_iou(logits, masks))
+    return terms
+
+
+def alignment_loss(degraded: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """MSE between the decoder's mask features on a corrupted image and on its clean
+    version (the clean side is a fixed target)."""
+    return F.mse_loss(degraded, clean.detach())
