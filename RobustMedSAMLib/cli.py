@@ -15,7 +15,7 @@ import sys
 from RobustMedSAMLib import __version__
 from RobustMedSAMLib.errors import RobustMedSAMError
 
-COMMANDS = ("segment", "corrupt", "corruptions", "models", "fuse")
+COMMANDS = ("segment", "corrupt", "corruptions", "models", "fuse", "evaluate", "finetune")
 
 
 def build_parser() -> argparse.ArgumentParser:

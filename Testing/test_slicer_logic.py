@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
-
+import vtk  # noqa: E402
 from doubles import ThresholdPredictor  # noqa: E402
 from scipy.spatial.transform import Rotation  # noqa: E402
 from slicer_headless import add_volume, slicer_scene_fixture, vtk_matrix  # noqa: E402
@@ -274,3 +274,26 @@ def test_save_writes_a_seg_nrrd_that_reads_back(phantom_scene, tmp_path):
     with pytest.raises(InputError, match=r"\.seg\.nrrd"):
         ns.logic.save_segmentation(ns.segmentation, tmp_path / "out.nii.gz")
     assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_segment_of_a_transformed_volume_lies_where_the_volume_is_shown(phantom_scene):
+    ns = phantom_scene
+    to_world = np.eye(4)
+    to_world[:3, 3] = [40.0, -25.0, 10.0]
+    transform = ns.scene.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    transform.SetMatrixTransformToParent(vtk_matrix(to_world))
+    ns.volume_node.SetAndObserveTransformNodeID(transform.GetID())
+    mask = np.zeros(ns.phantom.mask.shape, bool)
+    mask[7, 9, 11] = True
+
+    segment_id = ns.logic.write_mask(ns.segmentation, ns.volume_node, mask)
+    image = ns.segmentation.GetBinaryLabelmapInternalRepresentation(segment_id)
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    internal = ns.scene.slicer.util.arrayFromSegmentInternalBinaryLabelmap(
+        ns.segmentation, segment_id
+    )
+    ijk = np.argwhere(internal > 0)[0][::-1] + np.array(image.GetExtent()[::2])
+    world = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    expected = to_world @ oblique_matrix() @ np.array([11, 9, 7, 1.0])
+    np.testing.assert_allclose(world @ np.r_[ijk, 1.0], expected, atol=1e-6)

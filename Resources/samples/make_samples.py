@@ -29,7 +29,8 @@ def main() -> None:
     j, i = np.unravel_index(np.argmax(depth), depth.shape)
     write_points(HERE / "liver_point.mrk.json", volume.ijk_to_ras_points([[i, j, k]]), ["liver"])
     truth = Segment(1, "liver", (0.87, 0.51, 0.40))
-    write_segmentation(HERE / "liver_truth.seg.nrrd", phantom.mask.astype(np.uint8), volume, [truth])
+    truth_mask = phantom.mask.astype(np.uint8)
+    write_segmentation(HERE / "liver_truth.seg.nrrd", truth_mask, volume, [truth])
 
 
 if __name__ == "__main__":

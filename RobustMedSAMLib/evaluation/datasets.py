@@ -252,4 +252,5 @@ def _make_phantom(kind: str, grid: tuple[int, int, int], size: int, texture: str
     if kind == "ellipsoid":
         semi_axes = (mm * 1.2, mm * 0.8, mm)
         return phantoms.ellipsoid(grid, semi_axes=semi_axes, texture=texture, seed=seed)
-    return phantoms.tube(grid, texture=texture, seed=seed)
+    amplitude = (size * 0.1, size * 0.06)  # gentle enough to follow slice by slice
+    return phantoms.tube(grid, radius=mm * 0.6, amplitude=amplitude, texture=texture, seed=seed)

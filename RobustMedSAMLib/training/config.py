@@ -179,7 +179,9 @@ class TrainingConfig:
 
     def resolve_paths(self, base: Path) -> TrainingConfig:
         def fix(value: str) -> str:
-            if not value or (self.model.init == "checkpoint" and "/" not in value and "." not in value):
+            if not value or (
+                self.model.init == "checkpoint" and "/" not in value and "." not in value
+            ):
                 return value  # empty, or a registry name such as "fused"
             return str((base / Path(value).expanduser()).resolve())
 
@@ -209,18 +211,26 @@ class TrainingConfig:
         if m.init == "random":
             _choice("model.size", m.size, ("tiny", "vit_b"))
         elif not m.checkpoint and not (m.encoder and m.decoder):
-            raise InputError("[model] needs checkpoint = ..., or encoder and decoder, or init = 'random'")
+            raise InputError(
+                "[model] needs checkpoint = ..., or encoder and decoder, or init = 'random'"
+            )
         for key, value in (("train.steps", t.steps), ("train.batch_size", t.batch_size)):
             if value < 1:
                 raise InputError(f"{key} must be at least 1, got {value}")
         if t.lr <= 0:
             raise InputError(f"train.lr must be positive, got {t.lr}")
         if not 0 <= d.val_fraction < 1 or not 0 <= c.clean_fraction <= 1:
-            raise InputError("data.val_fraction must be in [0, 1) and corruption.clean_fraction in [0, 1]")
+            raise InputError(
+                "data.val_fraction must be in [0, 1) and corruption.clean_fraction in [0, 1]"
+            )
         if c.variants < 0 or p.points < 0 or p.corrections < 0:
-            raise InputError("corruption.variants, prompts.points and prompts.corrections must be >= 0")
+            raise InputError(
+                "corruption.variants, prompts.points and prompts.corrections must be >= 0"
+            )
         if p.points == 0 and p.box_probability < 1:
-            raise InputError("prompts.points = 0 needs prompts.box_probability = 1 (a box every time)")
+            raise InputError(
+                "prompts.points = 0 needs prompts.box_probability = 1 (a box every time)"
+            )
         if any(s not in range(1, 6) for s in c.severities) or not c.severities:
             raise InputError(f"corruption.severities must be in 1..5, got {list(c.severities)}")
         if c.names:

@@ -77,7 +77,9 @@ def load_data(section: DataSection, seed: int = 0) -> tuple[SliceSet, SliceSet]:
     train = train.subset(section.max_samples)
     val = val.subset(section.val_samples)
     if len(train) == 0:
-        raise InputError(f"no training slice with at least {section.min_foreground} foreground pixels")
+        raise InputError(
+            f"no training slice with at least {section.min_foreground} foreground pixels"
+        )
     log.info("data: %d training and %d validation slices", len(train), len(val))
     return train, val
 
@@ -168,7 +170,9 @@ def find_volume_pairs(folder: Path) -> list[tuple[Path, Path]]:
         raise InputError(f"data folder not found: {folder}")
     if (folder / "images").is_dir() and (folder / "labels").is_dir():
         labels = {_stem(p): p for p in _volume_files(folder / "labels")}
-        pairs = [(p, labels[_stem(p)]) for p in _volume_files(folder / "images") if _stem(p) in labels]
+        pairs = [
+            (p, labels[_stem(p)]) for p in _volume_files(folder / "images") if _stem(p) in labels
+        ]
     else:
         files = {_stem(p): p for p in _volume_files(folder)}
         pairs = []

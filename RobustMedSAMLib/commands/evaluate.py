@@ -1,0 +1,155 @@
+"""``robustmedsam evaluate``: models x data x protocols x corruptions -> CSV, Markdown, PNG."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+PROTOCOLS = ("interactive", "volumetric")
+PROMPTS = ("point", "box")
+PROJECTIONS = ("mask", "box", "points", "points_and_mask", "single_point")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="evaluate models on data sets, clean and corrupted; write CSV, summary and plots",
+        description="Run the evaluation matrix (models x cases x clean and corrupted images x "
+        "protocols) and write OUT/results.csv (one row per number; resumable: finished cells "
+        "are skipped on a re-run), OUT/summary.md and PNG plots. A model whose checkpoint is "
+        "missing is reported as missing, not skipped.",
+        epilog="examples: --model sam --model medsam --model fused:fused.pth "
+        "--model fused_ft=fused:runs/ft/best.pth --data npz:data/busi_256.npz,modality=US "
+        "--data pairs:data/kits,modality=CT --data phantom:all,count=2",
+    )
+    parser.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        required=True,
+        metavar="SPEC",
+        help="[LABEL=]NAME[:CHECKPOINT] or [LABEL=]fused:ENCODER+DECODER; NAME: sam, medsam, "
+        "robustsam, medicosam, fused, demo (repeat to compare)",
+    )
+    parser.add_argument("--checkpoint", type=Path, help="checkpoint for a single --model NAME")
+    parser.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="SPEC",
+        help="npz:FILE | pairs:FOLDER | phantom:SHAPE, then ,key=value options "
+        "(split, limit, modality, name, count, size); repeat for several",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    protocol = parser.add_argument_group("protocols")
+    protocol.add_argument("--protocol", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
+    protocol.add_argument("--prompt", nargs="+", choices=PROMPTS, default=list(PROMPTS))
+    protocol.add_argument(
+        "--projection",
+        nargs="+",
+        choices=(*PROJECTIONS, "all"),
+        default=["all"],
+        help="3D propagation modes (default: all)",
+    )
+    protocol.add_argument(
+        "--clicks", type=int, default=7, help="correction clicks after the first prompt"
+    )
+    conditions = parser.add_argument_group("image conditions")
+    conditions.add_argument(
+        "--corruptions",
+        nargs="+",
+        default=["all"],
+        metavar="NAME",
+        help="clean and/or corruption names, or all (default; clean + the 12 types)",
+    )
+    conditions.add_argument(
+        "--severities", nargs="+", type=int, default=[1, 2, 3, 4, 5], metavar="S"
+    )
+    conditions.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="N")
+    parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default: auto)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--report-only", action="store_true", help="only rewrite summary and plots from the CSV"
+    )
+    parser.set_defaults(func=run)
+
+
+def _model_entries(args: argparse.Namespace) -> list:
+    from dataclasses import replace
+
+    from RobustMedSAMLib.errors import InputError
+    from RobustMedSAMLib.evaluation.models import model_entry, parse_model_spec
+
+    specs = [parse_model_spec(text) for text in args.models]
+    if args.checkpoint is not None:
+        if len(specs) != 1 or specs[0].checkpoint or specs[0].encoder:
+            raise InputError(
+                "--checkpoint goes with a single --model NAME; for several models write "
+                "--model NAME:CHECKPOINT"
+            )
+        specs = [replace(specs[0], checkpoint=args.checkpoint)]
+    return [model_entry(spec, args.device) for spec in specs]
+
+
+def _options(args: argparse.Namespace):
+    from RobustMedSAMLib.corruptions import CORRUPTIONS
+    from RobustMedSAMLib.evaluation.matrix import CLEAN, MatrixOptions
+
+    corruptions = args.corruptions
+    if "all" in corruptions:
+        corruptions = [CLEAN, *CORRUPTIONS]
+    projections = PROJECTIONS if "all" in args.projection else args.projection
+    return MatrixOptions(
+        protocols=tuple(args.protocol),
+        prompts=tuple(args.prompt),
+        projections=tuple(projections),
+        n_corrections=args.clicks,
+        corruptions=tuple(dict.fromkeys(corruptions)),
+        severities=tuple(dict.fromkeys(args.severities)),
+        seeds=tuple(dict.fromkeys(args.seeds)),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from RobustMedSAMLib.errors import InputError
+    from RobustMedSAMLib.evaluation.datasets import load_cases
+    from RobustMedSAMLib.evaluation.matrix import CSV_NAME
+    from RobustMedSAMLib.evaluation.report import write_report
+
+    if args.report_only:
+        if not (args.out / CSV_NAME).is_file():
+            raise InputError(f"no {CSV_NAME} in {args.out}: run the evaluation first")
+    else:
+        options = _options(args)
+        options.validate()
+        models = _model_entries(args)
+        cases = [case for spec in args.data for case in load_cases(spec)]
+        result = _run_with_progress(models, cases, args.out, options, args.no_progress)
+        print(
+            f"{result.computed} cells computed, {result.skipped} already done, "
+            f"{result.failed} failed -> {result.csv_path}"
+        )
+        for label in result.missing:
+            print(f"model {label}: checkpoint missing (reported in the summary)", file=sys.stderr)
+    files = write_report(args.out)
+    print(f"summary: {files.summary}")
+    for plot in files.plots:
+        print(f"plot: {plot}")
+    return 0
+
+
+def _run_with_progress(models, cases, out: Path, options, quiet: bool):
+    from tqdm import tqdm
+
+    from RobustMedSAMLib.evaluation.matrix import run_matrix
+
+    with tqdm(total=0, unit="cell", disable=quiet, desc="evaluate") as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        return run_matrix(models, cases, out, options, progress=progress)

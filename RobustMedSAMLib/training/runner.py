@@ -1,0 +1,611 @@
+"""The fine-tuning loop behind ``robustmedsam finetune``: one runner, every mode.
+
+Reproducible by construction: the batch of step s (images, corrupted variants,
+prompts) is a function of (seed, s) only, and the learning rate a function of s, so
+a run stopped and resumed from its saved state computes the same losses as one never
+stopped. Progress goes out as JSON lines (``emit``) and into ``train.log``.
+Multi-process: ``WORLD_SIZE`` > 1 (torchrun) gives each rank its DistributedSampler
+shard, wraps the trained model in DDP and lets rank 0 alone write files and lines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DistributedSampler
+
+from RobustMedSAMLib.errors import InputError
+from RobustMedSAMLib.model import SegmentAnythingModel
+from RobustMedSAMLib.preprocessing import Preprocessor
+from RobustMedSAMLib.training import checkpointing as ckpt
+from RobustMedSAMLib.training.config import TrainingConfig
+from RobustMedSAMLib.training.data import SliceSet, load_data, variant_image, variant_spec
+from RobustMedSAMLib.training.decoding import decode_paired
+from RobustMedSAMLib.training.embedding_cache import (
+    EmbeddingCache,
+    build_cache,
+    cache_key,
+    encoder_digest,
+)
+from RobustMedSAMLib.training.losses import alignment_loss, dice_score, mask_losses
+from RobustMedSAMLib.training.model_setup import build_model, select_trained, set_train_mode
+from RobustMedSAMLib.training.prompts_sim import (
+    Prompts,
+    boxes_from_masks,
+    correction_points,
+    initial_prompts,
+)
+
+log = logging.getLogger(__name__)
+Emit = Callable[[dict], None]
+
+
+def json_line(record: dict) -> None:
+    """Write one JSON object per line on stdout (what the Slicer module reads)."""
+    sys.stdout.write(json.dumps(record) + "\n")
+    sys.stdout.flush()
+
+
+@dataclass
+class RunOptions:
+    """resume: continue RUN_DIR; stop_after: stop as an interrupt would after that many
+    steps (tests, time-boxed jobs); emit: where JSON records go (None: stdout)."""
+
+    resume: bool = False
+    stop_after: int | None = None
+    emit: Emit | None = None
+    handle_signals: bool = True
+
+
+@dataclass
+class RunResult:
+    status: str  # "done" or "stopped"
+    step: int
+    losses: list[float] = field(default_factory=list)
+    best_dice: float = float("nan")
+    model_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+
+# Inputs -----------------------------------------------------------------------------
+
+
+class Inputs:
+    """Model inputs and low-res targets for one split (images, corrupted variants)."""
+
+    def __init__(self, data: SliceSet, config: TrainingConfig, model: SegmentAnythingModel):
+        self.data = data
+        self.config = config
+        mc = model.config
+        self.size, self.low = mc.image_size, mc.low_res_size
+        self.pre = Preprocessor(
+            config.model.preprocessing, mc.image_size, mc.pixel_mean, mc.pixel_std
+        )
+
+    def model_input(self, index: int, variant: int) -> torch.Tensor:
+        """``1 x 3 x S x S`` input of image ``index``, variant 0 clean or 1.. corrupted."""
+        spec = variant_spec(self.config.corruption, self.config.train.seed, index, variant)
+        return self.pre.image(variant_image(self.data.images[index], spec))[0]
+
+    def target(self, index: int) -> torch.Tensor:
+        """``L x L`` bool mask on the decoder's low-res grid (model-input frame / 4)."""
+        mask = self.data.masks[index]
+        rows, cols = mask.shape
+        if self.config.model.preprocessing == "sam":
+            scale = self.size / max(rows, cols)
+            inner = (
+                round(rows * scale * self.low / self.size),
+                round(cols * scale * self.low / self.size),
+            )
+        else:
+            inner = (self.low, self.low)
+        resized = F.interpolate(torch.from_numpy(mask)[None, None].float(), inner, mode="area")[
+            0, 0
+        ]
+        return F.pad(resized >= 0.5, (0, self.low - inner[1], 0, self.low - inner[0]))
+
+    def targets(self, indices: list[int]) -> torch.Tensor:
+        return torch.stack([self.target(i) for i in indices])
+
+
+# The training step -------------------------------------------------------------------
+
+
+class TrainStep(nn.Module):
+    """One forward: features (cached or from the encoder), iterative prompting, losses.
+    A module so that DDP can wrap it."""
+
+    def __init__(self, model: SegmentAnythingModel, config: TrainingConfig, encoder_trains: bool):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.encoder_trains = encoder_trains
+
+    def image_features(self, source: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(embedding ``B x C x h x w``, robust features or None) from ``images`` or the
+        cached ``embedding`` + ``early``."""
+        model = self.model
+        if "images" in source:
+            with torch.set_grad_enabled(self.encoder_trains and torch.is_grad_enabled()):
+                embedding, early = model.image_encoder.forward_with_early(source["images"])
+        else:
+            embedding, early = source["embedding"], source["early"]
+        robust = (
+            model.mask_decoder.robust_image_features(embedding, early) if model.robust else None
+        )
+        return embedding, robust
+
+    def forward(
+        self, source: dict, clean: dict | None, masks: torch.Tensor, corrupted: torch.Tensor, rng
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.config
+        scale = self.model.config.image_size / self.model.config.low_res_size
+        embedding, robust = self.image_features(source)
+        prompts = initial_prompts(masks, rng, cfg.prompts, scale).to(masks.device)
+        mask_input, terms, align = None, {}, None
+        rounds = cfg.prompts.corrections + 1
+        for round_ in range(rounds):
+            logits, iou, features = decode_paired(
+                self.model, embedding, robust, prompts, mask_input
+            )
+            for name, value in mask_losses(logits, iou, masks, cfg.loss).items():
+                terms[name] = terms.get(name, 0.0) + value / rounds
+            if round_ == 0 and clean is not None and bool(corrupted.any()):
+                with torch.no_grad():
+                    clean_embedding, clean_robust = self.image_features(clean)
+                    _, _, clean_features = decode_paired(
+                        self.model, clean_embedding, clean_robust, prompts
+                    )
+                align = cfg.loss.align * alignment_loss(
+                    features[corrupted], clean_features[corrupted]
+                )
+            if round_ + 1 < rounds:
+                xy, labels = correction_points(logits.detach() > 0, masks, rng, scale)
+                prompts = prompts.add_points(xy.to(masks.device), labels.to(masks.device))
+                mask_input = logits.detach()[:, None]
+        if align is not None:
+            terms["align"] = align
+        total = sum(terms.values())
+        return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def _prompts_to(prompts: Prompts, device: torch.device) -> Prompts:
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return Prompts(move(prompts.points), move(prompts.labels), move(prompts.boxes))
+
+
+Prompts.to = _prompts_to  # type: ignore[attr-defined]
+
+
+def learning_rate(config: TrainingConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_fraction`` x lr at the last step."""
+    t = config.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    span = max(1, t.steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    floor = t.min_lr_fraction
+    return t.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# The runner ---------------------------------------------------------------------------
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM (or ``stop_after``); the loop finishes its step, saves, exits."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, lambda *_: self.event.set())
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Holds a run: data, model, optimizer, caches; ``run()`` trains and returns a RunResult."""
+
+    def __init__(self, config: TrainingConfig, run_dir: Path, options: RunOptions) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.options = options
+        self.dist = dist_info()
+        self.emit_fn = options.emit or json_line
+        self.stop = StopFlag()
+        _check_run_dir(self.run_dir, config, options.resume)
+        t = config.train
+        from RobustMedSAMLib.device import select_device
+
+        self.device = select_device(t.device)
+        train, val = load_data(config.data, t.seed)
+        self.model = build_model(config.model, t.seed).to(self.device)
+        self.trained = select_trained(self.model, config)
+        self.model.to(self.device)
+        self.train_inputs = Inputs(train, config, self.model)
+        self.val_inputs = Inputs(val, config, self.model)
+        self.train_indices = [i for i in range(len(train)) if self.train_inputs.target(i).any()]
+        if not self.train_indices:
+            raise InputError(
+                "every training mask vanishes at the model's low resolution; use larger objects"
+            )
+        self.use_cache = t.mode == "decoder" and config.cache.enabled
+        encoder_trains = any(n.startswith("image_encoder.") for n in self.trained)
+        self.step_module = TrainStep(self.model, config, encoder_trains)
+        self.ddp = self._wrap_ddp()
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in parameters if p.ndim > 1]
+        no_decay = [p for p in parameters if p.ndim <= 1]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": t.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=t.lr,
+        )
+        self.sampler = DistributedSampler(
+            self.train_indices,
+            num_replicas=self.dist.world,
+            rank=self.dist.rank,
+            shuffle=True,
+            seed=t.seed,
+        )
+        self.steps_per_epoch = max(1, math.ceil(len(self.sampler) / t.batch_size))
+        self._orders: dict[int, list[int]] = {}
+        self.caches: dict[str, EmbeddingCache] = {}
+        self.step, self.best, self.losses = 0, -1.0, []
+
+    def _wrap_ddp(self) -> nn.Module:
+        if self.dist.world <= 1:
+            return self.step_module
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(
+            self.step_module, device_ids=ids, find_unused_parameters=True
+        )
+
+    # --- files and records ---
+
+    def emit(self, record: dict) -> None:
+        if self.dist.main:
+            self.emit_fn(record)
+
+    def _start_files(self) -> logging.Handler | None:
+        if not self.dist.main:
+            return None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not self.options.resume:
+            ckpt.atomic_write_text(self.run_dir / "config.toml", self.config.to_toml())
+        handler = logging.FileHandler(self.run_dir / "train.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setLevel(logging.INFO)
+        return handler
+
+    # --- data for a step ---
+
+    def batch_for(self, step: int) -> tuple[list[int], list[int], np.random.Generator]:
+        """(sample indices, variants, rng) of a step; depends only on (seed, step, rank)."""
+        t, c = self.config.train, self.config.corruption
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if epoch not in self._orders:
+            self.sampler.set_epoch(epoch)
+            self._orders = {epoch: [self.train_indices[i] for i in self.sampler]}
+        order = self._orders[epoch]
+        indices = order[position * t.batch_size : (position + 1) * t.batch_size]
+        rng = np.random.default_rng([t.seed, step, self.dist.rank, 1])
+        variants = [
+            0
+            if c.variants == 0 or rng.random() < c.clean_fraction
+            else int(rng.integers(1, c.variants + 1))
+            for _ in indices
+        ]
+        return indices, variants, rng
+
+    def sources(
+        self, split: str, indices: list[int], variants: list[int]
+    ) -> tuple[dict, dict | None]:
+        """Model inputs of the chosen variants and of the clean images (for alignment)."""
+        inputs = self.train_inputs if split == "train" else self.val_inputs
+        need_clean = self.config.loss.align > 0 and any(variants)
+
+        def source(variant_list: list[int]) -> dict:
+            if split in self.caches:
+                embedding, early = self.caches[split].get(indices, variant_list, self.device)
+                return {"embedding": embedding, "early": early}
+            images = torch.cat(
+                [inputs.model_input(i, v) for i, v in zip(indices, variant_list, strict=True)]
+            )
+            return {"images": images.to(self.device)}
+
+        return source(variants), source([0] * len(indices)) if need_clean else None
+
+    def prepare_caches(self) -> None:
+        """Build (or reuse) the train and validation embedding caches (decoder mode)."""
+        if not self.use_cache:
+            return
+        base = Path(self.config.cache.dir) if self.config.cache.dir else self.run_dir / "cache"
+        digest = encoder_digest(self.model.image_encoder)
+        for split, inputs, variants in (
+            ("train", self.train_inputs, self.config.corruption.variants),
+            ("val", self.val_inputs, min(1, self.config.corruption.variants)),
+        ):
+            if len(inputs.data) == 0:
+                continue
+            key = cache_key(
+                {
+                    "encoder": digest,
+                    "data": inputs.data.fingerprint(),
+                    "corruption": self.config.to_dict()["corruption"],
+                    "seed": self.config.train.seed,
+                    "preprocessing": self.config.model.preprocessing,
+                    "variants": variants,
+                }
+            )
+            folder = base / f"{split}-{key}"
+            started = time.perf_counter()
+            if self.dist.main:
+                self.caches[split] = build_cache(
+                    folder,
+                    key,
+                    self.model,
+                    len(inputs.data),
+                    variants,
+                    inputs.model_input,
+                    progress=lambda done, total, s=split: self.emit(
+                        {"event": "cache", "split": s, "done": done, "total": total}
+                    ),
+                    cancel=self.stop.event.is_set,
+                )
+            self._barrier()
+            if not self.dist.main:
+                self.caches[split] = EmbeddingCache(folder, self.model.robust, variants)
+            log.info(
+                "embedding cache %s: %d images x %d versions, %.1f MB, %.1f s",
+                split, len(inputs.data), variants + 1, self.caches[split].nbytes / 1e6,
+                time.perf_counter() - started,
+            )  # fmt: skip
+
+    def _barrier(self) -> None:
+        if self.dist.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    # --- training ---
+
+    def train_step(self, step: int) -> tuple[float, dict[str, float]]:
+        indices, variants, rng = self.batch_for(step)
+        source, clean = self.sources("train", indices, variants)
+        masks = self.train_inputs.targets(indices).to(self.device)
+        corrupted = torch.tensor([v > 0 for v in variants], device=self.device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.config, step)
+        set_train_mode(self.model, self.trained, True)
+        self.optimizer.zero_grad(set_to_none=True)
+        total, terms = self.ddp(source, clean, masks, corrupted, rng)
+        total.backward()
+        if self.config.train.grad_clip > 0:
+            nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], self.config.train.grad_clip
+            )
+        self.optimizer.step()
+        return float(total.detach()), terms
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Mean Dice from the tight box prompt on clean and on corrupted validation images."""
+        inputs = self.val_inputs
+        if len(inputs.data) == 0:
+            return {}
+        set_train_mode(self.model, self.trained, False)
+        scale = self.model.config.image_size / self.model.config.low_res_size
+        scores: dict[str, list[float]] = {"val_dice_clean": [], "val_dice": []}
+        batch = self.config.train.batch_size
+        for variant, key in ((0, "val_dice_clean"), (1, "val_dice")):
+            if variant > self.config.corruption.variants:
+                continue
+            for start in range(0, len(inputs.data), batch):
+                indices = list(range(start, min(start + batch, len(inputs.data))))
+                masks = inputs.targets(indices).to(self.device)
+                keep = masks.flatten(1).any(1)
+                if not keep.any():
+                    continue
+                source, _ = self.sources("val", indices, [variant] * len(indices))
+                embedding, robust = self.step_module.image_features(source)
+                boxes = boxes_from_masks(masks[keep], np.random.default_rng(0), 0.0, scale)
+                prompts = Prompts(None, None, boxes.to(self.device))
+                robust = robust[keep] if robust is not None else None
+                logits, _, _ = decode_paired(self.model, embedding[keep], robust, prompts)
+                scores[key] += dice_score(logits, masks[keep]).tolist()
+        result = {k: float(np.mean(v)) for k, v in scores.items() if v}
+        if "val_dice" not in result:
+            result["val_dice"] = result.get("val_dice_clean", float("nan"))
+        return result
+
+    def save(self, tag_best: bool = False) -> Path:
+        """State for resuming plus the exported ``last`` model (and ``best`` when asked)."""
+        fmt = self.config.train.export
+        if not self.dist.main:
+            return self.run_dir
+        ckpt.save_training_state(
+            self.run_dir,
+            {
+                "step": self.step,
+                "best": self.best,
+                "losses": list(self.losses),
+                "trained": ckpt.trained_state(self.model, self.trained),
+                "optimizer": self.optimizer.state_dict(),
+            },
+        )
+        path = ckpt.export_model(self.model, self.run_dir, "last", fmt)
+        if tag_best:
+            ckpt.export_model(self.model, self.run_dir, "best", fmt)
+        return path
+
+    def restore(self) -> None:
+        state = ckpt.load_training_state(self.run_dir)
+        self.model.load_state_dict(state["trained"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.best, self.losses = (
+            int(state["step"]),
+            float(state["best"]),
+            list(state["losses"]),
+        )
+        log.info("resumed at step %d", self.step)
+
+    def run(self) -> RunResult:
+        handler = self._start_files()
+        logger = logging.getLogger("RobustMedSAMLib")
+        old_level = logger.level
+        if handler is not None:
+            logger.addHandler(handler)
+            logger.setLevel(min(logging.INFO, logger.getEffectiveLevel()))
+        if self.options.handle_signals:
+            self.stop.install()
+        try:
+            return self._loop()
+        finally:
+            self.stop.restore()
+            if handler is not None:
+                logger.removeHandler(handler)
+                logger.setLevel(old_level)
+                handler.close()
+
+    def _loop(self) -> RunResult:
+        t = self.config.train
+        if self.options.resume:
+            self.restore()
+        self.emit(
+            {
+                "event": "start",
+                "mode": t.mode,
+                "step": self.step,
+                "total_steps": t.steps,
+                "train_samples": len(self.train_indices),
+                "val_samples": len(self.val_inputs.data),
+                "trained_parameters": sum(
+                    p.numel() for p in self.model.parameters() if p.requires_grad
+                ),
+                "device": str(self.device),
+            }
+        )
+        log.info("run %s: mode %s, %d steps from step %d", self.run_dir, t.mode, t.steps, self.step)
+        self.prepare_caches()
+        started, first = time.perf_counter(), self.step
+        status = "done"
+        while self.step < t.steps:
+            loss, terms = self.train_step(self.step)
+            self.step += 1
+            self.losses.append(loss)
+            elapsed = time.perf_counter() - started
+            rate = (self.step - first) / max(elapsed, 1e-9)
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                record = {
+                    "event": "step",
+                    "step": self.step,
+                    "total_steps": t.steps,
+                    "epoch": (self.step - 1) // self.steps_per_epoch,
+                    "loss": loss,
+                    "losses": terms,
+                    "lr": learning_rate(self.config, self.step - 1),
+                    "samples_per_s": rate * t.batch_size * self.dist.world,
+                    "eta_s": (t.steps - self.step) / max(rate, 1e-9),
+                }
+                self.emit(record)
+                log.info(
+                    "step %d/%d loss %.4f (%s) lr %.2e", self.step, t.steps, loss,
+                    ", ".join(f"{k} {v:.4f}" for k, v in terms.items()), record["lr"],
+                )  # fmt: skip
+            stopping = self.stop.event.is_set() or (
+                self.options.stop_after is not None and self.step >= self.options.stop_after
+            )
+            if self.step % t.val_every == 0 or self.step == t.steps:
+                self._validate_and_save()
+            elif self.step % t.checkpoint_every == 0 or stopping:
+                self.save()
+            if stopping and self.step < t.steps:
+                status = "stopped"
+                break
+        if self.step >= t.steps and not self.losses:
+            self._validate_and_save()
+        path = self.run_dir / ("last.safetensors" if t.export == "safetensors" else "last.pth")
+        self.emit(
+            {"event": status, "step": self.step, "best_val_dice": self.best, "model": str(path)}
+        )
+        log.info("%s at step %d; model %s", status, self.step, path)
+        self._barrier()
+        return RunResult(status, self.step, list(self.losses), self.best, path)
+
+    def _validate_and_save(self) -> None:
+        scores = self.validate() if self.dist.main else {}
+        score = scores.get("val_dice", float("nan"))
+        improved = bool(scores) and score > self.best
+        if improved:
+            self.best = score
+        if scores:
+            self.emit({"event": "val", "step": self.step, **scores, "best": improved})
+            log.info("validation at step %d: %s", self.step, scores)
+        self.save(tag_best=improved or not scores)
+
+
+def _check_run_dir(run_dir: Path, config: TrainingConfig, resume: bool) -> None:
+    """A new run needs an absent or empty folder; a resumed one the same config."""
+    if resume:
+        saved = run_dir / "config.toml"
+        if not saved.is_file():
+            raise InputError(
+                f"{run_dir}: no run to resume (config.toml missing); start without --resume"
+            )
+        if TrainingConfig.from_toml(saved).to_dict() != config.to_dict():
+            raise InputError(
+                f"the config differs from the one {run_dir} was started with; resume with "
+                f"{saved} or start a new run in another folder"
+            )
+        return
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise InputError(
+            f"{run_dir} already exists and is not empty; use --resume or another --out"
+        )
+
+
+def train(
+    config: TrainingConfig, run_dir: str | Path, options: RunOptions | None = None
+) -> RunResult:
+    """Train as ``config`` says into ``run_dir``; see the module docstring."""
+    return Trainer(config, Path(run_dir), options or RunOptions()).run()
