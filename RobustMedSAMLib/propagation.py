@@ -25,9 +25,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
 from RobustMedSAMLib.errors import CancelledError, InputError
+from RobustMedSAMLib.mask_prompts import (
+    exterior_points,
+    interior_points,
+    mask_box,
+)
 from RobustMedSAMLib.prediction import SlicePrompt, SliceSegmenter
 
 logger = logging.getLogger(__name__)
@@ -44,8 +48,6 @@ STOP_REASONS = (
     "volume_end",  # reached the first or last slice of the volume
     "max_slices",  # the budget of model calls is spent
 )
-LOW_RES = 256
-_LOGIT_EPS = 1e-3
 _TREND_CLIP = (0.5, 2.0)
 
 Cancel = Callable[[], bool] | threading.Event
@@ -344,76 +346,6 @@ def project_prompt(
     return SlicePrompt(points, labels, box, mask_input)
 
 
-def mask_box(mask: np.ndarray, extension: float = 0.0) -> np.ndarray:
-    """Bounding box ``(x0, y0, x1, y1)`` (inclusive, slice pixels) of ``mask``, each
-    side moved out by ``extension`` x its width / height (at least 1 px if > 0),
-    clipped to the slice."""
-    rows, cols = np.nonzero(mask)
-    x0, x1, y0, y1 = cols.min(), cols.max(), rows.min(), rows.max()
-    ex = math.ceil(extension * (x1 - x0 + 1)) if extension > 0 else 0
-    ey = math.ceil(extension * (y1 - y0 + 1)) if extension > 0 else 0
-    height, width = mask.shape
-    box = (max(x0 - ex, 0), max(y0 - ey, 0), min(x1 + ex, width - 1), min(y1 + ey, height - 1))
-    return np.array(box, np.float32)
-
-
-def interior_points(mask: np.ndarray, n: int) -> np.ndarray:
-    """Up to ``n`` points ``(x, y)`` deep inside ``mask``: the deepest point of each
-    component of at least a tenth of the largest's area (largest first), then
-    farthest-point samples of the core (distance to the edge >= half its maximum)."""
-    crop, (row0, col0) = _crop(mask, 1)
-    depth = ndimage.distance_transform_edt(np.pad(crop, 1))[1:-1, 1:-1]
-    components, count = ndimage.label(crop)
-    index = np.arange(1, count + 1)
-    areas = ndimage.sum_labels(crop, components, index)
-    deepest = ndimage.maximum_position(depth, components, index)
-    order = np.argsort(-areas, kind="stable")
-    chosen = [deepest[i] for i in order if areas[i] >= 0.1 * areas[order[0]]][:n]
-    core = np.argwhere(depth >= max(1.0, 0.5 * float(depth.max())))
-    chosen_rc = _farthest_points(core, np.array(chosen, np.float64).reshape(-1, 2), n)
-    return (chosen_rc[:, ::-1] + (col0, row0)).astype(np.float32)
-
-
-def exterior_points(mask: np.ndarray, n: int) -> np.ndarray:
-    """Up to ``n`` points ``(x, y)`` spread around a ring outside ``mask`` at
-    ``max(3, r / 4)`` px from it, ``r`` the radius of a disc of the mask's area."""
-    if n == 0:
-        return np.zeros((0, 2), np.float32)
-    distance = max(3.0, 0.25 * math.sqrt(float(mask.sum()) / math.pi))
-    crop, (row0, col0) = _crop(mask, math.ceil(distance) + 2)
-    outside = ndimage.distance_transform_edt(~crop)
-    ring = np.argwhere((outside >= distance) & (outside < distance + 1.5))
-    if len(ring) == 0:
-        return np.zeros((0, 2), np.float32)
-    chosen_rc = _farthest_points(ring, ring[:1].astype(np.float64), n)
-    return (chosen_rc[:, ::-1] + (col0, row0)).astype(np.float32)
-
-
-def mask_to_logits(mask: np.ndarray, style: str = "sam", size: int = LOW_RES) -> np.ndarray:
-    """``(rows, cols)`` mask -> ``1 x size x size`` float32 logits (about ±6.9) in the
-    model's low-res frame: ``"sam"`` scales the longest side to ``size`` and pads
-    bottom/right with 0 (micro-sam found SAM needs 0 there); ``"medsam"``
-    stretches the slice to ``size x size`` (see preprocessing.py)."""
-    height, width = _low_res_size(mask.shape, style, size)
-    zoom = (height / mask.shape[0], width / mask.shape[1])
-    fraction = ndimage.zoom(mask.astype(np.float32), zoom, order=1, mode="nearest", grid_mode=True)
-    fraction = np.clip(fraction, _LOGIT_EPS, 1 - _LOGIT_EPS)
-    logits = np.zeros((1, size, size), np.float32)
-    logits[0, :height, :width] = np.log(fraction / (1 - fraction))
-    return logits
-
-
-def logits_to_mask(logits: np.ndarray, shape: tuple[int, int], style: str = "sam") -> np.ndarray:
-    """``1 x L x L`` low-res logits -> ``(rows, cols)`` bool mask (logit > 0); ``style``
-    as in :func:`mask_to_logits`."""
-    square = np.asarray(logits, np.float32)
-    size = square.shape[-1]
-    height, width = _low_res_size(shape, style, size)
-    valid = square.reshape(size, size)[:height, :width]
-    zoom = (shape[0] / height, shape[1] / width)
-    return ndimage.zoom(valid, zoom, order=1, mode="nearest", grid_mode=True) > 0
-
-
 def _advance(
     segmenter: SliceSegmenter,
     front: _Front,
@@ -517,43 +449,6 @@ def _overlap(a: np.ndarray, b: np.ndarray, measure: str) -> float:
     else:
         denominator = min(int(np.count_nonzero(a)), int(np.count_nonzero(b)))
     return intersection / denominator if denominator else 0.0
-
-
-def _farthest_points(candidates: np.ndarray, chosen: np.ndarray, n: int) -> np.ndarray:
-    """Add to ``chosen`` (Mx2) candidates (Nx2) farthest from all chosen, up to ``n``."""
-    if len(chosen) == 0:
-        chosen = candidates[:1].astype(np.float64)
-    points = list(chosen[:n])
-    if len(points) >= n or len(candidates) == 0:
-        return np.array(points, np.float64).reshape(-1, 2)
-    nearest = np.min(((candidates[:, None, :] - chosen[None]) ** 2).sum(-1), axis=1)
-    while len(points) < n:
-        best = int(np.argmax(nearest))
-        if nearest[best] == 0:
-            break
-        points.append(candidates[best].astype(np.float64))
-        nearest = np.minimum(nearest, ((candidates - candidates[best]) ** 2).sum(-1))
-    return np.array(points, np.float64).reshape(-1, 2)
-
-
-def _crop(mask: np.ndarray, margin: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """``mask`` cut to its bounding box plus ``margin`` px, and the crop's (row, col)."""
-    rows, cols = np.nonzero(mask)
-    if len(rows) == 0:
-        raise InputError("cannot derive a prompt from an empty mask")
-    r0, c0 = max(rows.min() - margin, 0), max(cols.min() - margin, 0)
-    r1, c1 = rows.max() + margin + 1, cols.max() + margin + 1
-    return np.asarray(mask[r0:r1, c0:c1], bool), (int(r0), int(c0))
-
-
-def _low_res_size(shape: tuple[int, ...], style: str, size: int) -> tuple[int, int]:
-    """Rows, cols a ``shape`` slice covers in the ``size x size`` low-res frame."""
-    if style == "medsam":
-        return size, size
-    if style != "sam":
-        raise InputError(f"unknown low-res style {style!r}: use 'sam' or 'medsam'")
-    scale = size / max(shape[0], shape[1])
-    return int(shape[0] * scale + 0.5), int(shape[1] * scale + 0.5)
 
 
 def _resolve_bounds(bounds: tuple[int, int] | None, n_slices: int) -> tuple[int, int]:

@@ -16,15 +16,17 @@ from scipy import ndimage
 
 from RobustMedSAMLib import phantoms
 from RobustMedSAMLib.errors import CancelledError, InputError
-from RobustMedSAMLib.prediction import Prediction, SlicePrompt
-from RobustMedSAMLib.propagation import (
-    PROJECTIONS,
-    PropagationOptions,
+from RobustMedSAMLib.mask_prompts import (
     exterior_points,
     interior_points,
     logits_to_mask,
     mask_box,
     mask_to_logits,
+)
+from RobustMedSAMLib.prediction import Prediction, SlicePrompt
+from RobustMedSAMLib.propagation import (
+    PROJECTIONS,
+    PropagationOptions,
     plan_order,
     project_prompt,
     propagate,

@@ -60,16 +60,21 @@ def evaluate_interactive(
     first: str = "point",
     n_corrections: int = 7,
     window: tuple[float, float] | None = None,
+    encoded: object | None = None,
 ) -> InteractiveResult:
     """Run the click protocol on one slice ``image`` ``(rows, cols)`` against ``truth``
-    (same shape, non-empty). The encoder runs once; each step costs a decoder call."""
+    (same shape, non-empty). The encoder runs once (not at all when ``encoded``, the
+    predictor's ``encode`` result for this image and window, is given); each step
+    costs a decoder call."""
     truth = np.asarray(truth, bool)
     if np.shape(image) != truth.shape:
         raise InputError(f"image {np.shape(image)} and mask {truth.shape} differ in shape")
     if n_corrections < 0:
         raise InputError(f"n_corrections={n_corrections} must be >= 0")
     prompt = first_prompt(truth, first)
-    predictor.set_encoded(predictor.encode(np.asarray(image), window))
+    if encoded is None:
+        encoded = predictor.encode(np.asarray(image), window)
+    predictor.set_encoded(encoded)
     prediction = predictor.predict(prompt)
     result = InteractiveResult([dice(prediction.mask, truth)], [iou(prediction.mask, truth)])
     points, labels = list(map(tuple, prompt.points)), list(prompt.labels)

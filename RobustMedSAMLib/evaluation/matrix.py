@@ -305,6 +305,7 @@ class _GroupContext:
         self.case, self.condition, self.predictor = case, condition, predictor
         self._image: np.ndarray | None = None
         self._session: SegmentationSession | None = None
+        self._slice: tuple | None = None
 
     @property
     def image(self) -> np.ndarray:
@@ -325,18 +326,28 @@ class _GroupContext:
             self._session = SegmentationSession(volume, self.predictor, axis, window=window)
         return self._session
 
+    def slice_2d(self, axis: int) -> tuple[np.ndarray, np.ndarray, tuple | None, object]:
+        """The 2D protocol's ``(image, truth, window, encoded)``: the whole image of a 2D
+        case, the central slice of a 3D one (shown with the volume's window)."""
+        if self._slice is None:
+            image, truth, window = self.image, self.case.mask, self.case.window
+            if self.case.is_3d:
+                index = central_slice(truth, axis)
+                session = self.session(axis)
+                image, truth = session.slice_image(index), np.take(truth, index, axis=axis)
+                window, encoded = session.window, session.encoded(index)
+            else:
+                encoded = self.predictor.encode(image, window)
+            self._slice = (image, truth, window, encoded)
+        return self._slice
+
 
 def _evaluate_cell(context: _GroupContext, variant: Variant, options: MatrixOptions) -> list[dict]:
     case = context.case
     if variant.protocol == "interactive":
-        image, truth = context.image, case.mask
-        if case.is_3d:
-            index = central_slice(truth, options.axis)
-            image = np.take(image, index, axis=options.axis)
-            truth = np.take(truth, index, axis=options.axis)
-        window = case.window or (context.session(options.axis).window if case.is_3d else None)
+        image, truth, window, encoded = context.slice_2d(options.axis)
         result = evaluate_interactive(
-            context.predictor, image, truth, variant.prompt, options.n_corrections, window
+            context.predictor, image, truth, variant.prompt, options.n_corrections, window, encoded
         )
         return [
             {"metric": metric, "index": step, "value": _number(value)}

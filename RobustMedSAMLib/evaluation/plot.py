@@ -84,7 +84,7 @@ def _draw_panel(draw: ImageDraw.ImageDraw, panel: Panel, origin: tuple[int, int]
         _, py = to_px(x0, value)
         draw.line((left - 4, py, left, py), fill="black")
         draw.text((origin[0] + 6, py - 6), f"{value:.1f}", fill="black", font=small)
-    ticks = xs if len(xs) <= 12 else [x0 + k * (x1 - x0) / 6 for k in range(7)]
+    ticks = xs if len(xs) <= 12 else _nice_ticks(x0, x1)
     for value in ticks:
         px, _ = to_px(value, y0)
         draw.line((px, bottom, px, bottom + 4), fill="black")
@@ -96,3 +96,12 @@ def _draw_panel(draw: ImageDraw.ImageDraw, panel: Panel, origin: tuple[int, int]
             draw.line(points, fill=colours[label], width=2)
         for px, py in points:
             draw.ellipse((px - 2.5, py - 2.5, px + 2.5, py + 2.5), fill=colours[label])
+
+
+def _nice_ticks(low: float, high: float, count: int = 6) -> list[float]:
+    """Round tick values (steps of 1, 2 or 5 x 10^k) covering ``low..high``."""
+    raw = (high - low) / count
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.ceil(low / step) * step
+    return [first + k * step for k in range(int((high - first) / step) + 1)]

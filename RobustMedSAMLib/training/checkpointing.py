@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from RobustMedSAMLib.checkpoint import save_state_dict
+from RobustMedSAMLib.volume import default_file_mode
 from RobustMedSAMLib.errors import CheckpointError
 from RobustMedSAMLib.training.svd import DELTA_SUFFIX, SvdLinear, adapter_state
 
@@ -29,6 +30,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -52,6 +54,7 @@ def save_training_state(run_dir: Path, payload: dict[str, Any]) -> Path:
     os.close(fd)
     try:
         torch.save(payload, tmp)
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -527,6 +527,11 @@ class Trainer:
         )
         log.info("run %s: mode %s, %d steps from step %d", self.run_dir, t.mode, t.steps, self.step)
         self.prepare_caches()
+        if self.step == 0 and self.dist.main:
+            baseline = self.validate()
+            if baseline:
+                self.emit({"event": "val", "step": 0, **baseline, "best": False})
+                log.info("validation before training: %s", baseline)
         started, first = time.perf_counter(), self.step
         status = "done"
         while self.step < t.steps:
