@@ -44,6 +44,9 @@ def test_medsegbench_cases_one_per_image_and_label(tmp_path):
     np.testing.assert_allclose(first.image, grey[0])  # RGB -> grey
     assert first.mask.sum() == 100 and cases[1].mask.sum() == 12 * 16
     assert len(load_cases(f"npz:{path},limit=1")) == 2
+    merged = load_cases(f"npz:{path},labels=any")
+    assert [c.case for c in merged] == ["test00000_lany", "test00001_lany", "test00002_lany"]
+    assert merged[0].mask.sum() == 100 + 12 * 16
 
 
 def test_medsegbench_errors_are_clear(tmp_path):

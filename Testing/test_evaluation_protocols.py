@@ -6,11 +6,13 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 from doubles import ThresholdPredictor
 
-from RobustMedSAMLib.errors import InputError
+from RobustMedSAMLib.errors import CancelledError, InputError
 from RobustMedSAMLib.evaluation.datasets import load_cases
 from RobustMedSAMLib.evaluation.interactive import evaluate_interactive
 from RobustMedSAMLib.evaluation.matrix import MatrixOptions, run_matrix
@@ -118,3 +120,21 @@ def test_matrix_with_threshold_double_degrades_with_severity(tmp_path):
     assert clean > 0.9 and heavy < clean
     degraded = degraded_summary(volumetric)
     assert degraded.seeds == 3 and degraded.std > 0 and degraded.mean < clean
+
+
+def test_cancel_keeps_finished_cells(tmp_path):
+    cases = load_cases("phantom:sphere,size=24")
+    options = MatrixOptions(protocols=("interactive",), corruptions=("clean",), n_corrections=1)
+    stop = threading.Event()
+    entry = ModelEntry("threshold", lambda: ThresholdPredictor(THRESHOLD))
+
+    def progress(done: int, total: int) -> None:
+        if done == 1:
+            stop.set()
+
+    with pytest.raises(CancelledError):
+        run_matrix([entry], cases, tmp_path, options, progress=progress, cancel=stop)
+    rows = read_rows(tmp_path / "results.csv")
+    assert {r["prompt"] for r in rows} == {"point"} and len(rows) == 4  # 2 steps x dice, iou
+    stop.clear()
+    assert run_matrix([entry], cases, tmp_path, options).computed == 1

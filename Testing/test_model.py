@@ -77,21 +77,40 @@ def check_plain_sam(config: ModelConfig, state: dict) -> None:
 
 
 def check_robust_sam(config: ModelConfig, state: dict) -> None:
+    """Our robust path against ``robust_segment_anything``: its ``predict`` (encoder +
+    robust decoder, as at its inference) for the first prompt, then its decoder on the
+    same encoder output for the others (``predict`` re-encodes the image every call)."""
     ours, ref = _ours(config, state, robust=True), reference_robust_sam(config, state)
     image = _image(config)
     x = ref.preprocess(image)
     with torch.no_grad():
-        embedding, _ = ref.image_encoder(x)
+        embedding, early = ref.image_encoder(x)
         features = ours.encode(x)
         torch.testing.assert_close(features.embedding, embedding, **TOL)
+        first = _prompts(config)[0]
+        record = {"image": image, "original_size": (config.image_size,) * 2, **first}
+        (want,) = ref.predict(None, [record], multimask_output=False)
+        logits, iou = _decode_ours(ours, features, first, False)
+        torch.testing.assert_close(logits, want["low_res_logits"], **TOL)
+        torch.testing.assert_close(iou, want["iou_predictions"], **TOL)
         for prompt in _prompts(config):
-            record = {"image": image, "original_size": (config.image_size,) * 2, **prompt}
+            points = (
+                (prompt["point_coords"], prompt["point_labels"])
+                if "point_coords" in prompt
+                else None
+            )
+            sparse, dense = ref.prompt_encoder(
+                points, prompt.get("boxes"), prompt.get("mask_inputs")
+            )
             for multimask in (False, True):
-                (want,) = ref.predict(None, [dict(record)], multimask_output=multimask)
+                want_logits, want_iou, _, _ = ref.mask_decoder(
+                    embedding, ref.prompt_encoder.get_dense_pe(), sparse, dense, multimask,
+                    encoder_features=early[0][None], clear=False,
+                )  # fmt: skip
                 logits, iou = _decode_ours(ours, features, prompt, multimask)
                 n = logits.shape[1]  # reference multimask: first three of its slice
-                torch.testing.assert_close(logits, want["low_res_logits"][:, :n], **TOL)
-                torch.testing.assert_close(iou, want["iou_predictions"][:, :n], **TOL)
+                torch.testing.assert_close(logits, want_logits[:, :n], **TOL)
+                torch.testing.assert_close(iou, want_iou[:, :n], **TOL)
 
 
 def test_plain_sam_equals_segment_anything_tiny(tiny_sam_state):

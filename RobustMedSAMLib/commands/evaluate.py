@@ -19,7 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "are skipped on a re-run), OUT/summary.md and PNG plots. A model whose checkpoint is "
         "missing is reported as missing, not skipped.",
         epilog="examples: --model sam --model medsam --model fused:fused.pth "
-        "--model fused_ft=fused:runs/ft/best.pth --data npz:data/busi_256.npz,modality=US "
+        "--model fused_ft=fused:runs/ft/best.pth --data npz:data/kvasir_256.npz,modality=endoscopy "
         "--data pairs:data/kits,modality=CT --data phantom:all,count=2",
     )
     parser.add_argument(
@@ -38,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         required=True,
         metavar="SPEC",
         help="npz:FILE | pairs:FOLDER | phantom:SHAPE, then ,key=value options "
-        "(split, limit, modality, name, count, size); repeat for several",
+        "(split, limit, modality, name, labels, count, size); repeat for several",
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
     protocol = parser.add_argument_group("protocols")
@@ -49,7 +49,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         choices=(*PROJECTIONS, "all"),
         default=["all"],
-        help="3D propagation modes (default: all)",
+        metavar="MODE",
+        help=f"3D propagation modes: {', '.join(PROJECTIONS)} or all (default)",
     )
     protocol.add_argument(
         "--clicks", type=int, default=7, help="correction clicks after the first prompt"
@@ -131,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
             f"{result.computed} cells computed, {result.skipped} already done, "
             f"{result.failed} failed -> {result.csv_path}"
         )
+        _write_timings(args.out, result.times)
         for label in result.missing:
             print(f"model {label}: checkpoint missing (reported in the summary)", file=sys.stderr)
     files = write_report(args.out)
@@ -153,3 +155,24 @@ def _run_with_progress(models, cases, out: Path, options, quiet: bool):
             bar.refresh()
 
         return run_matrix(models, cases, out, options, progress=progress)
+
+
+def _write_timings(out: Path, times: dict) -> None:
+    """Per-model encoder / decoder call counts and seconds of this run (timings.json)."""
+    import json
+    import os
+
+    if not times:
+        return
+    path = out / "timings.json"
+    temporary = out / ".timings.json.tmp"
+    record = {label: t.to_dict() for label, t in times.items()}
+    temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+    for label, t in record.items():
+        per = [t[f"{part}_seconds_per_call"] for part in ("encoder", "decoder")]
+        text = ", ".join(
+            f"{part} {t[f'{part}_calls']} calls" + (f" at {s:.4f} s" if s is not None else "")
+            for part, s in zip(("encoder", "decoder"), per, strict=True)
+        )
+        print(f"timings {label}: {text}")

@@ -6,7 +6,9 @@ A data set is named by a spec string ``KIND:WHERE[,key=value...]``:
 - ``npz:PATH`` a MedSegBench file ``{name}_{size}.npz`` (``train_images``,
   ``train_label``, ``val_images``, ``val_label``, ``test_images``, ``test_label``;
   images ``NxHxW`` or ``NxHxWx3`` uint8, labels ``NxHxW`` int). Keys: ``split``
-  (test|val|train, default test), ``limit`` (images), ``modality``, ``name``.
+  (test|val|train, default test), ``limit`` (images), ``modality``, ``name``,
+  ``labels`` (``each``: one case per label value, the default; ``any``: every
+  non-zero value is one foreground, for files whose labels are instance ids).
 - ``pairs:FOLDER`` volumes in ``images/`` (or ``imagesTr``/``imagesTs``) and label
   maps of the same name in ``labels/`` (``labelsTr``/``labelsTs``); an nnU-Net
   channel suffix ``_0000`` is ignored. Keys: ``limit`` (volumes), ``modality``, ``name``.
@@ -104,7 +106,11 @@ def load_cases(spec: DataSpec | str) -> list[Case]:
     limit = _int_option(spec, "limit", None)
     if spec.kind == "npz":
         split = spec.options.get("split", "test")
-        return list(read_medsegbench(spec.where, split, limit, spec.label, _modality(spec)))
+        labels = spec.options.get("labels", "each")
+        if labels not in ("each", "any"):
+            raise InputError(f"data option labels={labels!r}: use each or any")
+        cases = read_medsegbench(spec.where, split, limit, spec.label, _modality(spec), labels)
+        return list(cases)
     if spec.kind == "pairs":
         return list(read_pairs(spec.where, limit, spec.label, _modality(spec)))
     count = _int_option(spec, "count", 1)
@@ -135,9 +141,11 @@ def read_medsegbench(
     limit: int | None = None,
     name: str | None = None,
     modality: str = "unknown",
+    labels: str = "each",
 ) -> Iterator[Case]:
-    """2D cases of one split of a MedSegBench ``.npz``: one per image and label value.
-    RGB images become grey (mean of the channels); the window is the full 0..255."""
+    """2D cases of one split of a MedSegBench ``.npz``: one per image and label value
+    (``labels="any"``: one per image, foreground = any non-zero label). RGB images
+    become grey (mean of the channels); the window is the full 0..255."""
     path = Path(path)
     if split not in NPZ_SPLITS:
         raise InputError(f"unknown split {split!r}: use one of {NPZ_SPLITS}")
@@ -148,19 +156,27 @@ def read_medsegbench(
         missing = [k for k in keys if k not in data.files]
         if missing:
             raise InputError(f"{path} lacks {missing}: is it a MedSegBench .npz file?")
-        images, labels = data[keys[0]], data[keys[1]]
-    if images.shape[:3] != labels.shape[:3] or images.ndim not in (3, 4):
-        raise InputError(f"{path}: images {images.shape} and labels {labels.shape} do not match")
+        images, label_maps = data[keys[0]], data[keys[1]]
+    if images.shape[:3] != label_maps.shape[:3] or images.ndim not in (3, 4):
+        raise InputError(
+            f"{path}: images {images.shape} and labels {label_maps.shape} do not match"
+        )
     name = name or _default_name("npz", str(path))
     count = len(images) if limit is None else min(limit, len(images))
     for i in range(count):
         image = images[i].astype(np.float32)
         image = image.mean(axis=-1) if image.ndim == 3 else image
-        for value in _label_values(labels[i]):
-            yield Case(
-                name, modality, f"{split}{i:05d}_l{value}", image, labels[i] == value,
-                np.eye(4), (1.0, 1.0), (0.0, 255.0),
-            )  # fmt: skip
+        label = label_maps[i]
+        if labels == "any":
+            masks = {"any": label != 0}
+        else:
+            masks = {v: label == v for v in _label_values(label)}
+        for value, mask in masks.items():
+            if mask.any():
+                yield Case(
+                    name, modality, f"{split}{i:05d}_l{value}", image, mask,
+                    np.eye(4), (1.0, 1.0), (0.0, 255.0),
+                )  # fmt: skip
 
 
 def _label_values(label: np.ndarray) -> list[int]:

@@ -17,6 +17,7 @@ import csv
 import io
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from RobustMedSAMLib.evaluation.interactive import (
     evaluate_interactive,
 )
 from RobustMedSAMLib.evaluation.models import ModelEntry
+from RobustMedSAMLib.evaluation.timing import CallTimes, TimedPredictor
 from RobustMedSAMLib.evaluation.volumetric import central_slice, evaluate_volume
 from RobustMedSAMLib.propagation import PROJECTIONS, PropagationOptions
 from RobustMedSAMLib.session import SegmentationSession
@@ -190,13 +192,15 @@ def _number(value: float) -> str:
 @dataclass
 class MatrixResult:
     """Counts of one run: cells computed, skipped (already in the CSV), failed, and
-    the labels of models whose checkpoint was missing."""
+    the labels of models whose checkpoint was missing; times: encoder / decoder calls
+    and seconds per model run here."""
 
     computed: int = 0
     skipped: int = 0
     failed: int = 0
     missing: list[str] = field(default_factory=list)
     csv_path: Path | None = None
+    times: dict[str, CallTimes] = field(default_factory=dict)
 
 
 def run_matrix(
@@ -205,13 +209,16 @@ def run_matrix(
     out_dir: str | Path,
     options: MatrixOptions | None = None,
     progress: Callable[[int, int], None] | None = None,
-    cancel: Callable[[], bool] | None = None,
+    cancel: Callable[[], bool] | threading.Event | None = None,
 ) -> MatrixResult:
     """Evaluate every model on every case and condition; append to ``out_dir/results.csv``.
 
     Cells already finished in that CSV are skipped. ``progress(done, total)`` counts
-    cells; ``cancel()`` is checked between cells (CancelledError; finished cells stay).
+    cells; ``cancel`` (a callable returning True, or a threading.Event) is checked
+    between cells: CancelledError, the finished cells stay in the CSV.
     """
+    if isinstance(cancel, threading.Event):
+        cancel = cancel.is_set
     options = options or MatrixOptions()
     options.validate()
     if not cases:
@@ -242,13 +249,14 @@ def run_matrix(
         if not todo:
             continue
         try:
-            predictor = model.load()
+            predictor = TimedPredictor(model.load())
         except CheckpointError as error:
             log.warning("model %s: %s", model.label, error)
             append_cell(path, [_status_row(model.label, f"missing: {error}")])
             result.missing.append(model.label)
             count += len(todo)
             continue
+        result.times[model.label] = predictor.times
         for computed in _run_model(model.label, predictor, todo, options, path, cancel):
             result.computed += computed
             result.failed += 1 - computed

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from RobustMedSAMLib.checkpoint import save_state_dict
-from RobustMedSAMLib.volume import default_file_mode
 from RobustMedSAMLib.errors import CheckpointError
 from RobustMedSAMLib.training.svd import DELTA_SUFFIX, SvdLinear, adapter_state
+from RobustMedSAMLib.volume import default_file_mode
 
 STATE_FILE = "state.pt"
 

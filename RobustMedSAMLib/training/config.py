@@ -178,23 +178,22 @@ class TrainingConfig:
         return "\n".join(lines)
 
     def resolve_paths(self, base: Path) -> TrainingConfig:
-        def fix(value: str) -> str:
-            if not value or (
-                self.model.init == "checkpoint" and "/" not in value and "." not in value
-            ):
-                return value  # empty, or a registry name such as "fused"
-            return str((base / Path(value).expanduser()).resolve())
+        """Relative file paths made absolute against ``base`` (registry names kept)."""
 
+        def fix(value: str) -> str:
+            return str((base / Path(value).expanduser()).resolve()) if value else value
+
+        checkpoint = self.model.checkpoint
+        if checkpoint and ("/" in checkpoint or "." in checkpoint):  # else a registry name
+            checkpoint = fix(checkpoint)
         model = dataclasses.replace(
             self.model,
-            checkpoint=fix(self.model.checkpoint),
+            checkpoint=checkpoint,
             encoder=fix(self.model.encoder),
             decoder=fix(self.model.decoder),
         )
         data = dataclasses.replace(
-            self.data,
-            paths=tuple(fix(p) for p in self.data.paths),
-            folder=fix(self.data.folder),
+            self.data, paths=tuple(fix(p) for p in self.data.paths), folder=fix(self.data.folder)
         )
         cache = dataclasses.replace(self.cache, dir=fix(self.cache.dir))
         return dataclasses.replace(self, model=model, data=data, cache=cache)

@@ -116,9 +116,13 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 def _add_labelled_images(
     target: SliceSet, images: np.ndarray, labels: np.ndarray, section: DataSection, name: str
 ) -> None:
-    """images ``N x H x W`` (or ``N x H x W x 1|3``), labels ``N x H x W`` (or ``x 1``)."""
-    if images.ndim == 4:
-        images = images.mean(axis=3) if images.shape[3] == 3 else images[..., 0]
+    """images ``N x H x W`` (or ``N x H x W x 1|3``, colour averaged to grey),
+    labels ``N x H x W`` (or ``x 1``)."""
+    if images.ndim == 4 and images.shape[3] == 3:  # colour (e.g. dermoscopy): grey levels
+        grey = images.mean(axis=3)
+        images = (grey + 0.5).astype(np.uint8) if images.dtype == np.uint8 else grey
+    elif images.ndim == 4 and images.shape[3] == 1:
+        images = images[..., 0]
     if labels.ndim == 4 and labels.shape[3] == 1:
         labels = labels[..., 0]
     if images.ndim != 3 or images.shape != labels.shape:

@@ -33,6 +33,12 @@ class Prompts:
             torch.cat([self.points, points], 1), torch.cat([self.labels, labels], 1), self.boxes
         )
 
+    def to(self, device: torch.device | str) -> Prompts:
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device)
+
+        return Prompts(move(self.points), move(self.labels), move(self.boxes))
+
     @property
     def point_pair(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None if self.points is None else (self.points, self.labels)

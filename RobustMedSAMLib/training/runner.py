@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from RobustMedSAMLib.errors import InputError
+from RobustMedSAMLib.errors import CancelledError, InputError
 from RobustMedSAMLib.model import SegmentAnythingModel
 from RobustMedSAMLib.preprocessing import Preprocessor
 from RobustMedSAMLib.training import checkpointing as ckpt
@@ -194,14 +194,6 @@ class TrainStep(nn.Module):
             terms["align"] = align
         total = sum(terms.values())
         return total, {k: float(v.detach()) for k, v in terms.items()}
-
-
-def _prompts_to(prompts: Prompts, device: torch.device) -> Prompts:
-    move = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return Prompts(move(prompts.points), move(prompts.labels), move(prompts.boxes))
-
-
-Prompts.to = _prompts_to  # type: ignore[attr-defined]
 
 
 def learning_rate(config: TrainingConfig, step: int) -> float:
@@ -401,6 +393,16 @@ class Trainer:
                 time.perf_counter() - started,
             )  # fmt: skip
 
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank when any rank says so (a signal may reach ranks a step apart)."""
+        if self.dist.world <= 1:
+            return flag
+        import torch.distributed as dist
+
+        value = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
     def _barrier(self) -> None:
         if self.dist.world > 1:
             import torch.distributed as dist
@@ -479,6 +481,9 @@ class Trainer:
         return path
 
     def restore(self) -> None:
+        if not (self.run_dir / ckpt.STATE_FILE).is_file():
+            log.info("%s: no saved step yet; starting at step 0", self.run_dir)
+            return
         state = ckpt.load_training_state(self.run_dir)
         self.model.load_state_dict(state["trained"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -526,7 +531,12 @@ class Trainer:
             }
         )
         log.info("run %s: mode %s, %d steps from step %d", self.run_dir, t.mode, t.steps, self.step)
-        self.prepare_caches()
+        try:
+            self.prepare_caches()
+        except CancelledError:
+            self.emit({"event": "stopped", "step": self.step, "best_val_dice": self.best})
+            log.info("stopped while building the embedding cache (finished parts are kept)")
+            return RunResult("stopped", self.step, list(self.losses), self.best, None)
         if self.step == 0 and self.dist.main:
             baseline = self.validate()
             if baseline:
@@ -557,8 +567,9 @@ class Trainer:
                     "step %d/%d loss %.4f (%s) lr %.2e", self.step, t.steps, loss,
                     ", ".join(f"{k} {v:.4f}" for k, v in terms.items()), record["lr"],
                 )  # fmt: skip
-            stopping = self.stop.event.is_set() or (
-                self.options.stop_after is not None and self.step >= self.options.stop_after
+            stopping = self._agree(
+                self.stop.event.is_set()
+                or (self.options.stop_after is not None and self.step >= self.options.stop_after)
             )
             if self.step % t.val_every == 0 or self.step == t.steps:
                 self._validate_and_save()

@@ -1,0 +1,110 @@
+"""Training data sources: MedSegBench files, volume folders, phantoms; bad data errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import SimpleITK as sitk  # noqa: N813 - the usual name
+
+from RobustMedSAMLib.errors import InputError
+from RobustMedSAMLib.training.config import CorruptionSection, DataSection
+from RobustMedSAMLib.training.data import find_volume_pairs, load_data, variant_spec
+
+
+def _medsegbench(path, n=4, size=32, classes=(1,), rgb=False, **override):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split in ("train", "val", "test"):
+        labels = np.zeros((n, size, size), np.uint8)
+        for i in range(n):
+            for c in classes:
+                labels[i, 4 * c : 4 * c + 8, 6 : 6 + 10 + i] = c
+        images = rng.integers(0, 256, (n, size, size, 3) if rgb else (n, size, size), np.uint8)
+        arrays[f"{split}_images"], arrays[f"{split}_label"] = images, labels
+    arrays.update(override)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+    return path
+
+
+def test_medsegbench_file_gives_one_sample_per_image_and_class(tmp_path):
+    path = _medsegbench(tmp_path / "demo_32.npz", classes=(1, 2), rgb=True)
+    train, val = load_data(DataSection(source="medsegbench", paths=(str(path),), min_foreground=5))
+    assert len(train) == 8 and len(val) == 8
+    image, mask = train[1]
+    assert image.dtype == np.uint8 and image.shape == (32, 32) and mask.dtype == bool
+    assert mask.sum() == 8 * 10 and train.names[1].endswith(":0:2")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"val_label": None}, r"missing \['val_label'\]"),
+        ({"train_label": np.zeros((4, 16, 16), np.uint8)}, "do not match"),
+        ({"train_label": np.zeros((4, 32, 32), np.uint8)}, "every label is empty"),
+    ],
+)
+def test_bad_medsegbench_files_raise_input_error(tmp_path, override, message):
+    path = _medsegbench(tmp_path / "bad_32.npz", **override)
+    with pytest.raises(InputError, match=message):
+        load_data(DataSection(source="medsegbench", paths=(str(path),)))
+
+
+def test_unreadable_or_missing_data_files_raise_input_error(tmp_path):
+    broken = tmp_path / "broken_32.npz"
+    broken.write_bytes(b"not a zip file")
+    with pytest.raises(InputError, match="not a readable .npz"):
+        load_data(DataSection(source="medsegbench", paths=(str(broken),)))
+    with pytest.raises(InputError, match="not found"):
+        load_data(DataSection(source="medsegbench", paths=(str(tmp_path / "nope.npz"),)))
+
+
+def _write(array, path):
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+
+
+def test_volume_folder_pairs_sample_foreground_slices_along_the_axis(tmp_path):
+    for name in ("a", "b"):
+        image = np.random.default_rng(1).normal(0, 100, (6, 20, 24)).astype(np.int16)
+        label = np.zeros((6, 20, 24), np.uint8)
+        label[2:5, 5:15, 6:18] = 1
+        _write(image, tmp_path / f"{name}.nrrd")
+        _write(label, tmp_path / f"{name}-label.nrrd")
+    assert [p.name for p, _ in find_volume_pairs(tmp_path)] == ["a.nrrd", "b.nrrd"]
+    section = DataSection(source="volumes", folder=str(tmp_path), val_fraction=0.5)
+    train, val = load_data(section)
+    assert len(train) == 3 and len(val) == 3  # slices 2..4 of each volume
+    assert train[0][0].shape == (20, 24) and train[0][1].sum() == 10 * 12
+    coronal, _ = load_data(dataclasses.replace(section, axis="coronal"))
+    assert len(coronal) == 10 and coronal[0][0].shape == (6, 24)
+
+
+def test_volume_folder_errors_name_the_problem(tmp_path):
+    with pytest.raises(InputError, match="no image/label pairs"):
+        find_volume_pairs(tmp_path)
+    _write(np.zeros((4, 8, 8), np.int16), tmp_path / "a.nrrd")
+    _write(np.zeros((4, 8, 9), np.uint8), tmp_path / "a-label.nrrd")
+    with pytest.raises(InputError, match="differs from image"):
+        load_data(DataSection(source="volumes", folder=str(tmp_path)))
+    _write(np.zeros((4, 8, 8), np.uint8), tmp_path / "a-label.nrrd")
+    with pytest.raises(InputError, match="empty"):
+        load_data(DataSection(source="volumes", folder=str(tmp_path)))
+
+
+def test_phantom_data_is_seeded_and_split_by_volume():
+    section = DataSection(phantom_volumes=3, phantom_shape=(8, 40, 40))
+    train, val = load_data(section, seed=1)
+    again, _ = load_data(section, seed=1)
+    assert len(train) > 0 and len(val) > 0
+    assert train.fingerprint() == again.fingerprint()
+    assert not {n.split(":")[0] for n in train.names} & {n.split(":")[0] for n in val.names}
+
+
+def test_corrupted_variants_are_fixed_per_image_and_variant():
+    section = CorruptionSection(names=("gaussian_noise", "motion_blur"), severities=(2, 3))
+    assert variant_spec(section, 0, 5, 0) is None
+    spec = variant_spec(section, 0, 5, 1)
+    assert spec == variant_spec(section, 0, 5, 1)
+    assert spec[0] in section.names and spec[1] in (2, 3)
+    assert {variant_spec(section, 0, i, 1) for i in range(10)} != {spec}
