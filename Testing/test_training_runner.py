@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -100,11 +101,14 @@ def test_run_folder_holds_loadable_models_config_and_log(decoder_run):
     assert steps[-1]["eta_s"] == 0 and records[-1]["event"] == "done"
 
 
-@pytest.mark.parametrize("mode", ["decoder", "full"])
-def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, micro_checkpoint, mode):
+@pytest.mark.parametrize(
+    ("mode", "blocks"), [("decoder", True), ("decoder", False), ("full", True)]
+)
+def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, micro_checkpoint, mode, blocks):
+    train_options = {"mode": mode, "steps": 8, "val_every": 100, "checkpoint_every": 100}
     values = micro_config(
         micro_checkpoint,
-        train={"mode": mode, "steps": 8, "val_every": 100, "checkpoint_every": 100},
+        train={**train_options, "robust_image_blocks": blocks},
         cache={"dir": str(tmp_path / "cache")},
     )
     config = TrainingConfig.from_dict(values)
@@ -185,3 +189,24 @@ def test_cli_streams_json_lines_stops_on_sigterm_and_resumes(tmp_path, micro_che
     records = [json.loads(line) for line in resumed.stdout.splitlines()]
     assert records[0]["step"] == stopped_at and records[-1]["event"] == "stopped"
     assert records[-1]["step"] == stopped_at + 1
+
+
+def test_trained_model_segments_through_the_cli(tmp_path, decoder_run):
+    from RobustMedSAMLib.cli import main
+    from RobustMedSAMLib.markups import write_points
+    from RobustMedSAMLib.phantoms import sphere
+    from RobustMedSAMLib.volume import Volume, write_volume
+
+    run_dir, _, _ = decoder_run
+    phantom = sphere((8, 40, 40), radius=8.0)
+    volume = Volume(phantom.image, phantom.ijk_to_ras, "ct")
+    write_volume(volume, tmp_path / "ct.nrrd")
+    centre = volume.ijk_to_ras_points(np.argwhere(phantom.mask).mean(axis=0)[::-1])
+    write_points(tmp_path / "p.mrk.json", centre)
+    out = tmp_path / "out.seg.nrrd"
+    code = main(
+        ["segment", str(tmp_path / "ct.nrrd"), "--points", str(tmp_path / "p.mrk.json"),
+         "--out", str(out), "--model", "fused", "--checkpoint",
+         str(run_dir / "best.safetensors"), "--device", "cpu"]
+    )  # fmt: skip
+    assert code == 0 and out.is_file()

@@ -1,4 +1,5 @@
-"""``robustmedsam segment``: a volume + Slicer markups prompts -> a segmentation file."""
+"""``robustmedsam segment``: a volume + Slicer markups prompts -> a segmentation file;
+or, with ``--cases``, many of them over worker processes and torchrun ranks."""
 
 from __future__ import annotations
 
@@ -6,6 +7,15 @@ import argparse
 from pathlib import Path
 
 MODELS = ("demo", "sam", "medsam", "robustsam", "medicosam", "fused")
+BATCH_HELP = (
+    "batch: --cases is a CSV (header: volume,points,negative,box,out; paths relative to the "
+    "CSV; out defaults to VOLUME-NAME.seg.nrrd) or a folder holding VOLUME + "
+    "VOLUME_points.mrk.json / VOLUME_negative.mrk.json / VOLUME_box.mrk.json. Each case "
+    "writes OUT-DIR/OUT and OUT.json (atomically; a re-run skips finished cases) or "
+    "OUT.error.json; OUT-DIR/batch_summary.json lists done, failed and pending cases. "
+    "Under torchrun each rank takes cases i with i % WORLD_SIZE == RANK. Exit code 1 "
+    "if a case failed."
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -15,9 +25,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Segment VOLUME (NRRD, NIfTI, MHA or a DICOM folder) from Slicer markups "
         "files (.mrk.json, LPS or RAS). Writes OUT (.seg.nrrd: a Slicer segmentation; "
         ".nii.gz: a label map) and OUT.json, a record of the run.",
+        epilog=BATCH_HELP,
     )
-    parser.add_argument("volume", type=Path, help="volume file or DICOM series folder")
-    parser.add_argument("--out", required=True, type=Path, help="output .seg.nrrd or .nii.gz")
+    parser.add_argument("volume", type=Path, nargs="?", help="volume file or DICOM series folder")
+    parser.add_argument("--out", type=Path, help="output .seg.nrrd or .nii.gz")
     prompts = parser.add_argument_group("prompts (Slicer markups JSON)")
     prompts.add_argument("--points", type=Path, help="include points (point list)")
     prompts.add_argument("--negative", type=Path, help="exclude points (point list)")
@@ -45,61 +56,70 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run_group.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"))
     run_group.add_argument("--segment-name", default="Segment_1")
     run_group.add_argument("--cache-dir", type=Path, help="disk cache for slice embeddings")
+    batch = parser.add_argument_group("batch (many cases; see below)")
+    batch.add_argument("--cases", type=Path, help="case list: a CSV file or a folder")
+    batch.add_argument("--out-dir", type=Path, help="output folder for --cases (created)")
+    batch.add_argument(
+        "--workers", type=int, default=1, help="processes on this machine (default: 1)"
+    )
+    batch.add_argument(
+        "--status", action="store_true", help="only write batch_summary.json; run nothing"
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
+    from RobustMedSAMLib.errors import InputError
 
+    if args.cases is not None:
+        if args.volume is not None or args.out is not None:
+            raise InputError("give either VOLUME --out OUT or --cases LIST --out-dir DIR")
+        return _run_batch(args)
+    if args.volume is None or args.out is None:
+        raise InputError("give VOLUME and --out OUT (or --cases LIST --out-dir DIR)")
+    return _run_single(args)
+
+
+def settings_from_args(args: argparse.Namespace):
+    """The SegmentSettings of the model, slicing and propagation flags."""
+    from RobustMedSAMLib.batch import SegmentSettings
+
+    return SegmentSettings(
+        model=args.model,
+        checkpoint=args.checkpoint,
+        encoder=args.encoder,
+        decoder=args.decoder,
+        device=args.device,
+        half=args.half,
+        fast_cpu=args.fast_cpu,
+        axis=args.axis,
+        propagate=args.propagate,
+        projection=args.projection,
+        iou_threshold=args.iou_threshold,
+        min_score=args.min_score,
+        bounds=tuple(args.bounds) if args.bounds else None,
+        window=tuple(args.window) if args.window else None,
+        segment_name=args.segment_name,
+        cache_dir=args.cache_dir,
+    )
+
+
+def _run_single(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from RobustMedSAMLib.download import sha256_of
+    from RobustMedSAMLib.batch import CaseSegmenter, read_prompts
     from RobustMedSAMLib.errors import InputError
-    from RobustMedSAMLib.loader import load_named_model
-    from RobustMedSAMLib.markups import read_points, read_roi
-    from RobustMedSAMLib.propagation import PropagationOptions
-    from RobustMedSAMLib.segment import SegmentOptions, VolumePrompts, run_record, segment_volume
-    from RobustMedSAMLib.segmentation_io import Segment, write_segmentation
-    from RobustMedSAMLib.session import SegmentationSession
-    from RobustMedSAMLib.volume import atomic_output, read_volume
+    from RobustMedSAMLib.volume import read_volume
 
     if not (args.points or args.box):
         raise InputError("no prompt: give --points and/or --box (Slicer markups files)")
     if not args.out.parent.is_dir():
         raise InputError(f"output folder does not exist: {args.out.parent}")
     volume = read_volume(args.volume)
-    prompts = VolumePrompts(
-        positive=read_points(args.points) if args.points else None,
-        negative=read_points(args.negative) if args.negative else None,
-        roi=read_roi(args.box) if args.box else None,
-    )
-    options = SegmentOptions(
-        propagate=args.propagate,
-        propagation=PropagationOptions(
-            projection=args.projection,
-            iou_threshold=args.iou_threshold,
-            min_score=args.min_score,
-            bounds=tuple(args.bounds) if args.bounds else None,
-        ),
-    )
-    options.propagation.validate()
-    loaded = load_named_model(
-        args.model,
-        args.checkpoint,
-        args.encoder,
-        args.decoder,
-        args.device,
-        args.half,
-        args.fast_cpu,
-    )
-    session = SegmentationSession(
-        volume,
-        loaded.predictor(),
-        args.axis,
-        tuple(args.window) if args.window else None,
-        disk_cache=args.cache_dir,
-        model_id=_model_id(loaded.checkpoints),
-    )
+    prompts = read_prompts(args.points, args.negative, args.box)
+    settings = settings_from_args(args)
+    settings.options()
+    segmenter = CaseSegmenter(settings)
     with tqdm(desc="propagating", unit="slice", disable=not args.propagate) as bar:
 
         def progress(done: int, total: int) -> None:
@@ -107,22 +127,8 @@ def run(args: argparse.Namespace) -> int:
             bar.n = done
             bar.refresh()
 
-        result = segment_volume(session, prompts, options, progress=progress)
-    segment = Segment(1, args.segment_name, (0.5, 0.68, 0.5))
-    write_segmentation(args.out, result.mask.astype("uint8"), volume, [segment])
-    model_info = {
-        "name": loaded.name,
-        "preprocessing": loaded.preprocessing,
-        "device": str(loaded.model.device),
-        "files": {
-            k: {"path": str(p), "sha256": sha256_of(p)} for k, p in loaded.checkpoints.items()
-        },
-    }
-    inputs = {"volume": str(args.volume), "axis": args.axis, "window": list(session.window)}
-    record = run_record(result, prompts, options, model_info, inputs)
-    record_path = args.out.with_name(args.out.name + ".json")
-    with atomic_output(record_path) as temporary:
-        temporary.write_text(json.dumps(record, indent=2) + "\n")
+        result, record, session = segmenter.segment(volume, prompts, args.volume, progress)
+    segmenter.write(args.out, result, volume, record)
     print(
         f"wrote {args.out}: {int(result.mask.sum())} voxels on {len(result.slices)} slices "
         f"in {result.seconds:.1f} s ({session.stats.encoder_calls} slices encoded)"
@@ -130,10 +136,50 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_id(files: dict[str, Path]) -> str:
-    """Cheap identity of the checkpoint files (path, size, mtime) for the disk cache key."""
-    parts = []
-    for key, path in sorted(files.items()):
-        stat = Path(path).stat()
-        parts.append(f"{key}={Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
-    return ";".join(parts)
+def _run_batch(args: argparse.Namespace) -> int:
+    import sys
+
+    from tqdm import tqdm
+
+    from RobustMedSAMLib import distributed
+    from RobustMedSAMLib.batch import read_cases, run_batch, write_status
+    from RobustMedSAMLib.errors import InputError
+
+    if args.out_dir is None:
+        raise InputError("--cases needs --out-dir DIR")
+    if args.points or args.negative or args.box:
+        raise InputError("with --cases, prompts come from the case list, not --points/--box")
+    cases = read_cases(args.cases)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.status:
+        return _print_status(write_status(args.out_dir, cases), args.out_dir)
+    info = distributed.dist_info()
+    with tqdm(desc="cases", unit="case", file=sys.stderr) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        summary = run_batch(cases, args.out_dir, settings_from_args(args), args.workers, info,
+                            progress)  # fmt: skip
+    print(summary.line())
+    for outcome in summary.failed:
+        print(f"failed {outcome.case}: {outcome.error}", file=sys.stderr)
+    if info.distributed:
+        if not distributed.init_process_group("cpu", distributed.BARRIER_TIMEOUT):
+            print(f"rank {info.rank}: share finished; once every rank has, "
+                  "`robustmedsam segment --cases ... --out-dir ... --status` sums up")  # fmt: skip
+            return 1 if summary.failed else 0
+        distributed.barrier()  # every rank's files are written
+        if not info.main:
+            return 0  # rank 0 reports for all; a non-zero exit would stop the job early
+    return _print_status(write_status(args.out_dir, cases), args.out_dir)
+
+
+def _print_status(status: dict, out_dir: Path) -> int:
+    print(
+        f"{len(status['done'])} of {status['cases']} cases done, {len(status['failed'])} "
+        f"failed, {len(status['pending'])} pending -> {out_dir / 'batch_summary.json'}"
+    )
+    return 1 if status["failed"] or status["pending"] else 0

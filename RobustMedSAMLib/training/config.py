@@ -35,9 +35,13 @@ class ModelSection:
 @dataclass(frozen=True)
 class TrainSection:
     """mode: decoder (encoders frozen), svd (singular values of encoder linears + decoder),
-    full (everything). ``steps`` sets the schedule (warm-up then cosine)."""
+    full (everything). ``steps`` sets the schedule (warm-up then cosine).
+    robust_image_blocks: train RobustSAM's feature blocks on the encoder outputs (as the
+    paper does); false freezes them, and decoder mode then caches their output (on ViT-B
+    most of a cached step's time is these blocks)."""
 
     mode: str = "decoder"
+    robust_image_blocks: bool = True
     steps: int = 100
     batch_size: int = 4
     lr: float = 1e-4

@@ -15,6 +15,10 @@ from RobustMedSAMLib.training.svd import DELTA_SUFFIX, apply_svd
 log = logging.getLogger(__name__)
 
 SIZES = {"tiny": TINY, "vit_b": VIT_B}
+IMAGE_BLOCKS = (
+    "mask_decoder.fourier_first_layer_features.",
+    "mask_decoder.fourier_last_layer_features.",
+)
 
 
 def build_model(section: ModelSection, seed: int = 0) -> SegmentAnythingModel:
@@ -62,6 +66,8 @@ def select_trained(model: SegmentAnythingModel, config: TrainingConfig) -> set[s
             )
         else:
             train = name.startswith("mask_decoder.")
+        if mode != "full" and not config.train.robust_image_blocks:
+            train = train and not name.startswith(IMAGE_BLOCKS)
         parameter.requires_grad_(train)
     return {name for name, p in model.named_parameters() if p.requires_grad}
 
@@ -77,3 +83,7 @@ def set_train_mode(model: SegmentAnythingModel, trained: set[str], training: boo
         model.train()
     elif any(name.startswith("mask_decoder.") for name in trained):
         model.mask_decoder.train()
+        for child_name, child in model.mask_decoder.named_children():
+            prefix = f"mask_decoder.{child_name}."
+            if not any(name.startswith(prefix) for name in trained):
+                child.eval()  # frozen blocks keep their BatchNorm statistics

@@ -40,6 +40,7 @@ from RobustMedSAMLib.training.embedding_cache import (
     build_cache,
     cache_key,
     encoder_digest,
+    module_digest,
 )
 from RobustMedSAMLib.training.losses import alignment_loss, dice_score, mask_losses
 from RobustMedSAMLib.training.model_setup import build_model, select_trained, set_train_mode
@@ -156,11 +157,12 @@ class TrainStep(nn.Module):
             with torch.set_grad_enabled(self.encoder_trains and torch.is_grad_enabled()):
                 embedding, early = model.image_encoder.forward_with_early(source["images"])
         else:
-            embedding, early = source["embedding"], source["early"]
-        robust = (
-            model.mask_decoder.robust_image_features(embedding, early) if model.robust else None
-        )
-        return embedding, robust
+            embedding, early = source["embedding"], source.get("early")
+        if not model.robust:
+            return embedding, None
+        if "robust" in source:  # cached output of frozen robust feature blocks
+            return embedding, source["robust"]
+        return embedding, model.mask_decoder.robust_image_features(embedding, early)
 
     def forward(
         self, source: dict, clean: dict | None, masks: torch.Tensor, corrupted: torch.Tensor, rng
@@ -238,11 +240,15 @@ class Trainer:
         self.dist = dist_info()
         self.emit_fn = options.emit or json_line
         self.stop = StopFlag()
-        _check_run_dir(self.run_dir, config, options.resume)
+        if self.dist.main or options.resume:  # rank 0 may already be writing a new run
+            _check_run_dir(self.run_dir, config, options.resume)
         t = config.train
         from RobustMedSAMLib.device import select_device
 
         self.device = select_device(t.device)
+        if self.dist.world > 1 and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
         train, val = load_data(config.data, t.seed)
         self.model = build_model(config.model, t.seed).to(self.device)
         self.trained = select_trained(self.model, config)
@@ -338,8 +344,7 @@ class Trainer:
 
         def source(variant_list: list[int]) -> dict:
             if split in self.caches:
-                embedding, early = self.caches[split].get(indices, variant_list, self.device)
-                return {"embedding": embedding, "early": early}
+                return self.caches[split].get(indices, variant_list, self.device)
             images = torch.cat(
                 [inputs.model_input(i, v) for i, v in zip(indices, variant_list, strict=True)]
             )
@@ -352,7 +357,23 @@ class Trainer:
         if not self.use_cache:
             return
         base = Path(self.config.cache.dir) if self.config.cache.dir else self.run_dir / "cache"
-        digest = encoder_digest(self.model.image_encoder)
+        model = self.model
+        frozen_blocks = model.robust and not self.config.train.robust_image_blocks
+        digest = encoder_digest(model.image_encoder)
+        if frozen_blocks:
+            digest += module_digest(model.mask_decoder.fourier_first_layer_features)
+            digest += module_digest(model.mask_decoder.fourier_last_layer_features)
+        set_train_mode(model, self.trained, False)
+
+        def encode(images: torch.Tensor) -> dict[str, torch.Tensor]:
+            embedding, early = model.image_encoder.forward_with_early(images.to(self.device))
+            if not model.robust:
+                return {"embedding": embedding}
+            if frozen_blocks:
+                robust = model.mask_decoder.robust_image_features(embedding, early)
+                return {"embedding": embedding, "robust": robust}
+            return {"embedding": embedding, "early": early}
+
         for split, inputs, variants in (
             ("train", self.train_inputs, self.config.corruption.variants),
             ("val", self.val_inputs, min(1, self.config.corruption.variants)),
@@ -361,7 +382,8 @@ class Trainer:
                 continue
             key = cache_key(
                 {
-                    "encoder": digest,
+                    "weights": digest,
+                    "frozen_blocks": frozen_blocks,
                     "data": inputs.data.fingerprint(),
                     "corruption": self.config.to_dict()["corruption"],
                     "seed": self.config.train.seed,
@@ -375,7 +397,7 @@ class Trainer:
                 self.caches[split] = build_cache(
                     folder,
                     key,
-                    self.model,
+                    encode,
                     len(inputs.data),
                     variants,
                     inputs.model_input,
@@ -386,7 +408,7 @@ class Trainer:
                 )
             self._barrier()
             if not self.dist.main:
-                self.caches[split] = EmbeddingCache(folder, self.model.robust, variants)
+                self.caches[split] = EmbeddingCache.open(folder)
             log.info(
                 "embedding cache %s: %d images x %d versions, %.1f MB, %.1f s",
                 split, len(inputs.data), variants + 1, self.caches[split].nbytes / 1e6,

@@ -5,6 +5,9 @@ backward, AdamW on the decoder) on random weights of the given size; the cached 
 reads ``embedding`` + ``early`` (fp16 -> fp32) as the embedding cache serves them, the
 other runs the frozen image encoder (no grad) on a ``B x 3 x S x S`` batch every step.
 The alignment term is off (it would run the encoder a second time on the clean image).
+Three decoders: robust with every block trained (the paper; the cache stores
+``embedding`` + ``early``), robust with the image-feature blocks frozen (their output
+is cached), and SAM's plain decoder (MedSAM ablation).
 
     .venv/bin/python Testing/benchmarks/bench_training.py [--size vit_b] [--steps 2]
         [--batch 1] [--device cpu] [--threads 2]
@@ -39,10 +42,13 @@ def steps_per_second(step, source_fn, steps: int, device: torch.device) -> float
     return steps / (time.perf_counter() - start)
 
 
-def bench(size: str, robust: bool, steps: int, batch: int, device: torch.device) -> dict:
+def bench(
+    size: str, robust: bool, blocks: bool, steps: int, batch: int, device: torch.device
+) -> dict:
     config = TrainingConfig.from_dict(
         {
             "model": {"init": "random", "size": size, "robust": robust},
+            "train": {"robust_image_blocks": blocks},
             "loss": {"align": 0.0},
             "prompts": {"corrections": 2, "box_probability": 1.0},
         }
@@ -66,9 +72,12 @@ def bench(size: str, robust: bool, steps: int, batch: int, device: torch.device)
         optimizer.step()
 
     def cached() -> dict:  # what EmbeddingCache.get returns (stored fp16)
-        embedding = torch.randn(batch, mc.prompt_embed_dim, grid, grid).half()
-        early = torch.randn(batch, grid, grid, mc.encoder_embed_dim).half()
-        return {"embedding": embedding.to(device).float(), "early": early.to(device).float()}
+        stored = {"embedding": torch.randn(batch, mc.prompt_embed_dim, grid, grid)}
+        if robust and blocks:
+            stored["early"] = torch.randn(batch, grid, grid, mc.encoder_embed_dim)
+        elif robust:
+            stored["robust"] = torch.randn(batch, mc.prompt_embed_dim // 8, low, low)
+        return {k: v.half().to(device).float() for k, v in stored.items()}
 
     def encoded() -> dict:
         return {"images": torch.randn(batch, 3, mc.image_size, mc.image_size, device=device)}
@@ -90,10 +99,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"size {args.size}, batch {args.batch}, {args.steps} timed steps, device {device}")
-    for robust, label in ((True, "robust decoder (fused)"), (False, "plain SAM decoder")):
-        r = bench(args.size, robust, args.steps, args.batch, device)
+    cases = (
+        (True, True, "robust decoder, all trained"),
+        (True, False, "robust, image blocks frozen"),
+        (False, False, "plain SAM decoder"),
+    )
+    for robust, blocks, label in cases:
+        r = bench(args.size, robust, blocks, args.steps, args.batch, device)
         print(
-            f"{label:24s} cached {r['cached']:8.3f} steps/s  encoder every step "
+            f"{label:29s} cached {r['cached']:8.3f} steps/s  encoder every step "
             f"{r['encoder']:8.3f} steps/s  ratio {r['ratio']:6.1f}x"
         )
 
