@@ -12,14 +12,17 @@ Shared by the command line, the Slicer module's Logic and scripts.
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.markups import Roi
 from RobustMedSAMLib.propagation import Cancel, Progress, PropagationOptions, propagate
 from RobustMedSAMLib.session import SegmentationSession, SessionStats
@@ -44,6 +47,28 @@ class VolumePrompts:
             "negative": None if self.negative is None else np.asarray(self.negative).tolist(),
             "roi": roi,
         }
+
+
+def read_record_prompts(path: str | Path) -> VolumePrompts:
+    """The RAS prompts stored in a run record (``OUT.json``) of an earlier run."""
+    try:
+        stored = json.loads(Path(path).read_text())["prompts"]
+        if stored.get("coordinate_system") != "RAS":
+            raise ValueError("prompts are not in RAS")
+        roi = stored.get("roi")
+        return VolumePrompts(
+            positive=_points(stored.get("positive")),
+            negative=_points(stored.get("negative")),
+            roi=Roi(**{k: np.asarray(v, float) for k, v in roi.items()}) if roi else None,
+        )
+    except FileNotFoundError:
+        raise InputError(f"run record not found: {path}") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise InputError(f"{path}: not a robustmedsam run record ({error})") from None
+
+
+def _points(values: Any) -> np.ndarray | None:
+    return None if values is None else np.asarray(values, float).reshape(-1, 3)
 
 
 @dataclass

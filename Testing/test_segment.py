@@ -185,3 +185,36 @@ def test_outputs_get_normal_file_permissions(tmp_path, case):
     os.umask(umask)
     for path in (out, tmp_path / "out.seg.nrrd.json"):
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_replay_a_record_gives_the_same_prompts_and_mask(tmp_path, case):
+    first = tmp_path / "first.seg.nrrd"
+    assert run_cli(case, first, "--propagate") == 0
+    replayed = tmp_path / "replayed.seg.nrrd"
+    code = main(
+        ["segment", str(case["volume"]), "--replay", str(tmp_path / "first.seg.nrrd.json"),
+         "--out", str(replayed), "--model", "robustsam", "--checkpoint", str(case["checkpoint"]),
+         "--device", "cpu", "--propagate"]
+    )  # fmt: skip
+    assert code == 0
+    np.testing.assert_array_equal(read_segmentation(replayed)[0], read_segmentation(first)[0])
+    records = [
+        json.loads((tmp_path / f"{n}.seg.nrrd.json").read_text()) for n in ("first", "replayed")
+    ]
+    assert records[0]["prompts"] == records[1]["prompts"]
+
+
+def test_replay_of_a_file_that_is_no_record(tmp_path, case, capsys):
+    bogus = tmp_path / "bogus.json"
+    bogus.write_text('{"hello": 1}')
+    code = main(
+        [
+            "segment",
+            str(case["volume"]),
+            "--replay",
+            str(bogus),
+            "--out",
+            str(tmp_path / "o.seg.nrrd"),
+        ]
+    )
+    assert code == 2 and "not a robustmedsam run record" in capsys.readouterr().err

@@ -33,6 +33,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     prompts.add_argument("--points", type=Path, help="include points (point list)")
     prompts.add_argument("--negative", type=Path, help="exclude points (point list)")
     prompts.add_argument("--box", type=Path, help="box (ROI)")
+    prompts.add_argument(
+        "--replay",
+        type=Path,
+        metavar="RECORD.json",
+        help="the prompts (RAS) of an earlier run's record, e.g. on another volume or model",
+    )
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="demo", choices=MODELS, help="default: demo")
     model.add_argument("--checkpoint", type=Path, help="checkpoint file (overrides the registry)")
@@ -111,12 +117,19 @@ def _run_single(args: argparse.Namespace) -> int:
     from RobustMedSAMLib.errors import InputError
     from RobustMedSAMLib.volume import read_volume
 
-    if not (args.points or args.box):
+    if args.replay and (args.points or args.negative or args.box):
+        raise InputError("give either --replay or --points/--negative/--box, not both")
+    if not (args.points or args.box or args.replay):
         raise InputError("no prompt: give --points and/or --box (Slicer markups files)")
     if not args.out.parent.is_dir():
         raise InputError(f"output folder does not exist: {args.out.parent}")
     volume = read_volume(args.volume)
-    prompts = read_prompts(args.points, args.negative, args.box)
+    if args.replay:
+        from RobustMedSAMLib.segment import read_record_prompts
+
+        prompts = read_record_prompts(args.replay)
+    else:
+        prompts = read_prompts(args.points, args.negative, args.box)
     settings = settings_from_args(args)
     settings.options()
     segmenter = CaseSegmenter(settings)
