@@ -169,15 +169,15 @@ def test_cli_streams_json_lines_stops_on_sigterm_and_resumes(tmp_path, micro_che
     command = [sys.executable, "-m", "RobustMedSAMLib", "finetune", str(config_path)]
     command += ["--out", str(tmp_path / "run")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
-    )
     lines = []
-    for line in process.stdout:
-        lines.append(json.loads(line))
-        if lines[-1]["event"] == "step" and lines[-1]["step"] == 2:
-            process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 0
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+    ) as process:
+        for line in process.stdout:
+            lines.append(json.loads(line))
+            if lines[-1]["event"] == "step" and lines[-1]["step"] == 2:
+                process.send_signal(signal.SIGTERM)
+    assert process.returncode == 0
     assert lines[0]["event"] == "start" and lines[-1]["event"] == "stopped"
     stopped_at = lines[-1]["step"]
     assert 2 <= stopped_at < 200
