@@ -175,6 +175,48 @@ def organ_scene(
     return Phantom(image, labels == target_value, _spacing(spacing), labels, label_names)
 
 
+def random_scene(
+    shape: Shape = (32, 128, 128),
+    spacing: Vec3 = (1.0, 1.0, 2.0),
+    texture: Texture = "ct",
+    n_objects: int | None = None,
+    seed: int = 0,
+) -> Phantom:
+    """Two to five random ellipsoids and at most one tube, at random places, sizes,
+    rotations and intensities (brighter or darker than the background), later ones
+    drawn over earlier ones; for training data that does not teach fixed positions.
+    ``mask`` is the largest object; ``labels`` numbers every object from 1."""
+    rng = np.random.default_rng(seed)
+    x, y, z = _grid_mm(shape, spacing)
+    size = np.array([shape[2], shape[1], shape[0]], np.float64) * np.asarray(spacing)
+    count = int(rng.integers(2, 6)) if n_objects is None else n_objects
+    labels = np.zeros(shape, np.uint8)
+    for value in range(1, count + 1):
+        centre = size * rng.uniform(0.2, 0.8, 3)
+        if value == count and rng.random() < 0.3:
+            radius = float(size[:2].min() * rng.uniform(0.04, 0.1))
+            inside = (x - centre[0]) ** 2 + (y - centre[1]) ** 2 <= radius**2
+            inside = np.broadcast_to(inside, shape) & (z >= 0.1 * size[2]) & (z <= 0.9 * size[2])
+        else:
+            axes = size * rng.uniform(0.06, 0.3, 3)
+            axes[2] = max(axes[2], 2.5 * spacing[2])
+            inside = _ellipsoid_mask(
+                (x, y, z), tuple(centre), tuple(axes), tuple(rng.uniform(-40, 40, 3))
+            )
+        labels[np.broadcast_to(inside, shape)] = value
+    background = CT_BACKGROUND_HU if texture == "ct" else MR_BACKGROUND
+    scale = 1.0 if texture == "ct" else 1.25
+    table = {}
+    for value in range(1, count + 1):
+        delta = rng.uniform(50, 220) if rng.random() < 0.75 else -rng.uniform(35, 90)
+        table[value] = background + scale * delta
+    image = _texture(labels, table, background, texture, None, seed)
+    values, areas = np.unique(labels[labels > 0], return_counts=True)
+    target = int(values[np.argmax(areas)]) if len(values) else 1
+    names = {v: f"object_{v}" for v in range(1, count + 1)}
+    return Phantom(image, labels == target, _spacing(spacing), labels, names)
+
+
 def _organ_shapes(points: tuple[np.ndarray, ...], size: np.ndarray) -> dict[str, np.ndarray]:
     """Boolean masks of the scene's objects; coordinates as fractions of ``size`` (mm)."""
     x, y, z = points

@@ -60,7 +60,9 @@ class TrainSection:
 @dataclass(frozen=True)
 class DataSection:
     """source: medsegbench (``paths`` to ``{name}_{size}.npz``), volumes (``folder`` of
-    image/label pairs), phantoms (synthetic). ``max_samples``: per split, 0 = all."""
+    image/label pairs), phantoms (synthetic). ``max_samples``: per split, 0 = all.
+    ``phantom_scenes``: "organs" (abdomen-like scenes only) or "mixed" (every third an
+    organ scene, the others random scenes)."""
 
     source: str = "phantoms"
     paths: tuple[str, ...] = ()
@@ -74,6 +76,7 @@ class DataSection:
     val_samples: int = 32
     phantom_volumes: int = 6
     phantom_shape: tuple[int, int, int] = (24, 64, 64)
+    phantom_scenes: str = "organs"
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,7 @@ class TrainingConfig:
         _choice("train.mode", t.mode, MODES)
         _choice("data.source", d.source, SOURCES)
         _choice("data.axis", d.axis, tuple(AXES))
+        _choice("data.phantom_scenes", d.phantom_scenes, ("organs", "mixed"))
         _choice("model.init", m.init, ("checkpoint", "random"))
         _choice("model.preprocessing", m.preprocessing, ("medsam", "sam"))
         _choice("train.export", t.export, ("safetensors", "pth"))

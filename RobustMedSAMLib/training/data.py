@@ -243,27 +243,30 @@ def _foreground_slices(image: np.ndarray, label: np.ndarray, section: DataSectio
 
 
 def _phantom_slices(section: DataSection, seed: int) -> list[SliceSet]:
-    from RobustMedSAMLib.phantoms import ORGAN_INTENSITIES, organ_scene
+    """Slices of synthetic CT/MR volumes: abdomen-like organ scenes, or ("mixed") every
+    third one and random scenes (objects at random places, sizes and contrasts, some
+    darker than the background); each slice's target is one object in it, in turn."""
+    from RobustMedSAMLib.phantoms import organ_scene, random_scene
     from RobustMedSAMLib.preprocessing import auto_window, window_to_uint8
 
-    targets = [n for n in ORGAN_INTENSITIES if n != "body"]
     sets = []
     for number in range(section.phantom_volumes):
-        phantom = organ_scene(
-            shape=tuple(section.phantom_shape),
-            texture="ct" if number % 2 == 0 else "mr",
-            seed=seed * 1000 + number,
+        texture = "ct" if number % 2 == 0 else "mr"
+        mixed = section.phantom_scenes == "mixed"
+        make = random_scene if mixed and number % 3 else organ_scene
+        phantom = make(
+            shape=tuple(section.phantom_shape), texture=texture, seed=seed * 1000 + number
         )
         window = auto_window(phantom.image)
         volume_set = SliceSet()
+        body = [v for v, n in phantom.label_names.items() if n == "body"]
         for index, image2d, label2d in _foreground_slices(phantom.image, phantom.labels, section):
-            target = targets[(number + index) % len(targets)]
-            value = next(v for v, n in phantom.label_names.items() if n == target)
-            mask = label2d == value
-            if mask.sum() < section.min_foreground:
-                mask = label2d == next(iter(np.unique(label2d[label2d > 0])[::-1]))
-            if mask.sum() >= section.min_foreground:
-                volume_set.add(window_to_uint8(image2d, window), mask, f"phantom{number}:{index}")
+            present = [v for v in np.unique(label2d[label2d > 0]) if v not in body]
+            sizeable = [v for v in present if (label2d == v).sum() >= section.min_foreground]
+            if not sizeable:
+                continue
+            mask = label2d == sizeable[(number + index) % len(sizeable)]
+            volume_set.add(window_to_uint8(image2d, window), mask, f"phantom{number}:{index}")
         sets.append(volume_set)
     return sets
 
