@@ -1,8 +1,8 @@
 """Load a model by name (registry) or from files, ready for a Predictor.
 
-    loaded = load_named_model("fused", encoder="medsam_vit_b.pth",
-                              decoder="robustsam_checkpoint_b.pth", device="auto")
-    predictor = loaded.predictor()
+loaded = load_named_model("fused", encoder="medsam_vit_b.pth",
+                          decoder="robustsam_checkpoint_b.pth", device="auto")
+predictor = loaded.predictor()
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from RobustMedSAMLib.checkpoint import (
     read_state_dict,
 )
 from RobustMedSAMLib.device import select_device
-from RobustMedSAMLib.errors import InputError
+from RobustMedSAMLib.errors import CheckpointError, InputError
 from RobustMedSAMLib.model import SegmentAnythingModel
 from RobustMedSAMLib.predictor import Predictor
 from RobustMedSAMLib.preprocessing import Style
@@ -71,6 +71,8 @@ def load_named_model(
         model, files = _fused_from_parts(Path(encoder), Path(decoder))
     else:
         path = resolve_checkpoint(name, checkpoint)
+        if checkpoint is None and source.architecture == "demo":
+            verify_bundled(path, source.sha256)
         model, files = load_model(path, robust=robust), {"checkpoint": path}
     if fast_cpu:
         if target.type != "cpu":
@@ -80,6 +82,20 @@ def load_named_model(
         quantize_encoder(model)
     log.info("loaded model %s on %s (%s preprocessing)", name, target, source.preprocessing)
     return LoadedModel(name, model.to(target), source.preprocessing, files, half)
+
+
+def verify_bundled(path: Path, expected: str | None) -> None:
+    """The bundled demo model must be the file this version shipped (SHA-256)."""
+    from RobustMedSAMLib.download import sha256_of
+
+    if expected is None:
+        return
+    actual = sha256_of(path)
+    if actual != expected:
+        raise CheckpointError(
+            f"{path}: the bundled demo model is damaged or was replaced (SHA-256 {actual[:12]}..."
+            f" instead of {expected[:12]}...); restore it from the release or a fresh clone"
+        )
 
 
 def _fused_from_parts(encoder: Path, decoder: Path) -> tuple[SegmentAnythingModel, dict]:
