@@ -127,6 +127,43 @@ def write_points(
     return path
 
 
+def write_roi(path: str | os.PathLike, roi: Roi, label: str = "R") -> Path:
+    """Write an ROI (box) as a Slicer markups ROI (``.mrk.json``, LPS as Slicer saves
+    it), atomically. (Slicer-core read a rotated ROI written in RAS with other axes
+    than it writes itself, so only LPS is offered.)"""
+    coordinate_system = "LPS"
+    flip = _TO_RAS[coordinate_system]
+    center = np.asarray(roi.center_ras, np.float64) * flip
+    axes = np.asarray(roi.axes_ras, np.float64) * flip[:, None]  # columns: ROI axes
+    markup = {
+        "type": "ROI",
+        "coordinateSystem": coordinate_system,
+        "coordinateUnits": "mm",
+        "roiType": "Box",
+        "center": center.tolist(),
+        "orientation": axes.ravel().tolist(),
+        "size": np.abs(np.asarray(roi.size, np.float64)).tolist(),
+        "insideOut": False,
+        "controlPoints": [
+            {
+                "id": "1",
+                "label": label,
+                "position": center.tolist(),
+                "orientation": axes.ravel().tolist(),
+                "selected": True,
+                "locked": False,
+                "visibility": True,
+                "positionStatus": "defined",
+            }
+        ],
+    }
+    path = Path(path)
+    with atomic_output(path) as temporary:
+        document = {"@schema": SCHEMA, "markups": [markup]}
+        temporary.write_text(json.dumps(document, indent=4) + "\n", encoding="utf-8")
+    return path
+
+
 def _read_markups(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():

@@ -16,7 +16,7 @@ import json
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.markups import Roi
 from RobustMedSAMLib.propagation import Cancel, Progress, PropagationOptions, propagate
 from RobustMedSAMLib.session import SegmentationSession, SessionStats
-from RobustMedSAMLib.slicing import prompts_for_slice, set_slice
+from RobustMedSAMLib.slicing import prompts_for_slice, roi_to_slice_box, set_slice
 
 
 @dataclass
@@ -133,7 +133,7 @@ def segment_volume(
         result = propagate(
             session,
             nonempty,
-            options.propagation,
+            _bounded_by_roi(options.propagation, session, prompts.roi),
             progress,
             cancel,
             seed_logits={i: logits[i] for i in nonempty},
@@ -154,6 +154,17 @@ def segment_volume(
     return SegmentationResult(
         mask, scores, stops, sorted(per_slice), time.perf_counter() - start, session.stats
     )
+
+
+def _bounded_by_roi(
+    options: PropagationOptions, session: SegmentationSession, roi: Roi | None
+) -> PropagationOptions:
+    """A 3D box given by the user bounds propagation to the slices it spans (unless
+    bounds were given explicitly): the user has said where the object ends."""
+    if roi is None or options.bounds is not None:
+        return options
+    (first, last), _ = roi_to_slice_box(session.volume, session.axis, roi)
+    return replace(options, bounds=(first, last))
 
 
 def _stop_dict(stop) -> dict[str, Any]:

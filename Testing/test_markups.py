@@ -9,7 +9,7 @@ import pytest
 from slicer_headless import slicer_scene_fixture
 
 from RobustMedSAMLib.errors import InputError
-from RobustMedSAMLib.markups import Roi, read_points, read_roi, write_points
+from RobustMedSAMLib.markups import Roi, read_points, read_roi, write_points, write_roi
 
 slicer_scene = pytest.fixture(slicer_scene_fixture)
 
@@ -91,6 +91,25 @@ def test_slicer_loads_written_points(tmp_path, slicer_scene, system):
         np.testing.assert_allclose(node.GetNthControlPointPosition(n), expected, atol=1e-9)
         assert node.GetNthControlPointLabel(n) == "abc"[n]
     np.testing.assert_allclose(read_points(path), POINTS_RAS)
+
+
+def test_slicer_loads_written_roi(tmp_path, slicer_scene):
+    """A rotated ROI we write loads in Slicer with the same centre, size and axes."""
+    node = rotated_roi(slicer_scene)
+    saved = tmp_path / "slicer.mrk.json"
+    save_node(slicer_scene, node, saved, "LPS")
+    roi = read_roi(saved)
+    path = write_roi(tmp_path / "ours.mrk.json", roi)
+    loaded = slicer_scene.scene.GetNodeByID(slicer_scene.markups.LoadMarkups(str(path)))
+    assert loaded is not None and loaded.IsA("vtkMRMLMarkupsROINode")
+    np.testing.assert_allclose(loaded.GetCenter(), roi.center_ras, atol=1e-6)
+    np.testing.assert_allclose(loaded.GetSize(), roi.size, atol=1e-6)
+    again = read_roi(path)
+    np.testing.assert_allclose(again.axes_ras, roi.axes_ras, atol=1e-9)
+    for corner in again.corners_ras():
+        centre = again.center_ras
+        assert loaded.IsPointInROIWorld(list(centre + 0.99 * (corner - centre)))
+        assert not loaded.IsPointInROIWorld(list(centre + 1.01 * (corner - centre)))
 
 
 def test_corners_of_axis_aligned_box():

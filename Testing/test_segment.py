@@ -218,3 +218,17 @@ def test_replay_of_a_file_that_is_no_record(tmp_path, case, capsys):
         ]
     )
     assert code == 2 and "not a robustmedsam run record" in capsys.readouterr().err
+
+
+def test_a_3d_box_bounds_propagation_to_its_slices():
+    from RobustMedSAMLib.markups import Roi
+
+    phantom = sphere((40, 48, 56), spacing=(0.8, 0.8, 2.0), radius=14.0)
+    volume = Volume(phantom.image, phantom.ijk_to_ras, "sphere")
+    low = volume.ijk_to_ras_points([[10, 10, 15]])[0]
+    high = volume.ijk_to_ras_points([[46, 38, 24]])[0]
+    roi = Roi(center_ras=(low + high) / 2, size=np.abs(high - low), axes_ras=np.eye(3))
+    session = SegmentationSession(volume, ThresholdPredictor(THRESHOLD))
+    result = segment_volume(session, VolumePrompts(roi=roi), SegmentOptions(propagate=True))
+    kept = np.flatnonzero(result.mask.any(axis=(1, 2)))
+    assert kept.min() == 15 and kept.max() == 24  # the object goes on; the box says stop
