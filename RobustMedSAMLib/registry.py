@@ -157,7 +157,8 @@ _SOURCES = (
         description="small demo model bundled with the extension (fast on CPU)",
         filename="robustmedsam_demo.pth",
         url=None,
-        sha256="307174ae02d42e07cbafb1cfe1437be21ffad288b297b0a68032cff45d8adcae",  # the file shipped in Resources/models
+        # the file shipped in Resources/models
+        sha256="307174ae02d42e07cbafb1cfe1437be21ffad288b297b0a68032cff45d8adcae",
         size_bytes=5254027,
         architecture="demo",
         preprocessing="medsam",
