@@ -46,9 +46,10 @@ def _library_on_path() -> None:
 
 _library_on_path()
 
+from RobustMedSAMLib.atomic_files import atomic_output, full_suffix  # noqa: E402
 from RobustMedSAMLib.errors import InputError  # noqa: E402
 from RobustMedSAMLib.markups import Roi  # noqa: E402
-from RobustMedSAMLib.volume import Volume, atomic_output, full_suffix  # noqa: E402
+from RobustMedSAMLib.volume import Volume  # noqa: E402
 
 if TYPE_CHECKING:  # torch-heavy modules are imported when a session starts
     from RobustMedSAMLib.segment import SegmentOptions, SliceScore, VolumePrompts

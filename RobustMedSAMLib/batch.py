@@ -34,9 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from RobustMedSAMLib.atomic_files import atomic_output, full_suffix
 from RobustMedSAMLib.distributed import DistInfo, dist_info, shard, threads_per_worker
 from RobustMedSAMLib.errors import CancelledError, InputError
-from RobustMedSAMLib.volume import atomic_output, full_suffix, volume_name
+from RobustMedSAMLib.volume import volume_name
 
 log = logging.getLogger(__name__)
 

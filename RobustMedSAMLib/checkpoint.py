@@ -8,19 +8,17 @@ error that names the file and says what it looks like instead.
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
+from RobustMedSAMLib.atomic_files import atomic_output
 from RobustMedSAMLib.config import KNOWN_ENCODERS, ModelConfig
 from RobustMedSAMLib.errors import CheckpointError
 from RobustMedSAMLib.model import SegmentAnythingModel
-from RobustMedSAMLib.volume import default_file_mode
 
 StateDict = dict[str, torch.Tensor]
 PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
@@ -242,22 +240,15 @@ def save_state_dict(state: StateDict, path: str | Path, config: ModelConfig | No
     plain ``.pth`` state dict in the published key layout (no prefix, tensors only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, default_file_mode())  # mkstemp makes 0600 files
-    try:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    with atomic_output(path) as temporary:
         if path.suffix == ".safetensors":
             import json
 
             from safetensors.torch import save_file
 
             meta = {CONFIG_METADATA_KEY: json.dumps(config.to_dict())} if config else None
-            save_file(tensors, tmp, metadata=meta)
+            save_file(tensors, str(temporary), metadata=meta)
         else:
-            torch.save(tensors, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            torch.save(tensors, temporary)
     return path

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from RobustMedSAMLib.atomic_files import atomic_output
 from RobustMedSAMLib.errors import InputError
-from RobustMedSAMLib.volume import atomic_output
 
 SCHEMA = (
     "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"

@@ -253,7 +253,7 @@ def write_contact_sheet(
     columns: int = 4,
 ) -> Path:
     """Draw ``contact_sheet`` and save it as PNG at ``path`` (atomically). Returns the path."""
-    from RobustMedSAMLib.volume import atomic_output  # SimpleITK: import only when writing
+    from RobustMedSAMLib.atomic_files import atomic_output
 
     path = Path(path)
     sheet = contact_sheet(previews, prompt, tile_size, columns)

@@ -21,12 +21,11 @@ import nrrd
 import numpy as np
 import SimpleITK as sitk  # noqa: N813 - the name every SimpleITK user knows
 
+from RobustMedSAMLib.atomic_files import atomic_output, full_suffix
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.volume import (
     LPS_TO_RAS,
     Volume,
-    atomic_output,
-    full_suffix,
     read_volume,
     to_sitk,
     write_volume,

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from RobustMedSAMLib.atomic_files import atomic_output
 from RobustMedSAMLib.errors import CancelledError, InputError
 from RobustMedSAMLib.model import ImageFeatures
 from RobustMedSAMLib.prediction import Prediction, SlicePrompt
@@ -221,6 +222,5 @@ class SegmentationSession:
         tensors = {"embedding": encoded.features.embedding.cpu().contiguous(), "frame": frame}
         if encoded.features.robust is not None:
             tensors["robust"] = encoded.features.robust.cpu().contiguous()
-        temporary = path.with_suffix(".tmp")
-        save_file(tensors, str(temporary))
-        temporary.replace(path)
+        with atomic_output(path) as temporary:
+            save_file(tensors, str(temporary))

@@ -11,15 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk  # noqa: N813 - the name every SimpleITK user knows
 
+from RobustMedSAMLib.atomic_files import atomic_output
 from RobustMedSAMLib.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -81,15 +79,6 @@ def volume_name(path: str | os.PathLike) -> str:
     """The file or folder name without its (possibly double) extension."""
     name = Path(path).name
     return re.sub(r"(\.seg)?\.(nii\.gz|nii|nrrd|nhdr|mha|mhd|dcm|img|hdr|gz)$", "", name) or name
-
-
-def full_suffix(path: str | os.PathLike) -> str:
-    """The extension SimpleITK and Slicer go by: ``.nii.gz``, ``.seg.nrrd``, ``.mrk.json``, ..."""
-    name = Path(path).name.lower()
-    for double in (".nii.gz", ".seg.nrrd", ".mrk.json"):
-        if name.endswith(double):
-            return double
-    return Path(name).suffix
 
 
 def read_volume(path: str | os.PathLike, series_id: str | None = None) -> Volume:
@@ -196,33 +185,3 @@ def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True)
         except RuntimeError as error:
             raise InputError(f"cannot write volume {path}: {_sitk_message(error)}") from None
     return path
-
-
-def default_file_mode() -> int:
-    """The permissions a newly created file gets under the current umask (e.g. 0644)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-@contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Give a temporary path beside ``path`` (same extension) to write to.
-
-    On success the temporary file replaces ``path``; on error it is removed and
-    ``path`` is left as it was.
-    """
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise InputError(f"output folder does not exist: {path.parent}")
-    handle, name = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=full_suffix(path), dir=path.parent
-    )
-    os.close(handle)
-    temporary = Path(name)
-    try:
-        yield temporary
-        os.chmod(temporary, default_file_mode())  # mkstemp makes 0600 files
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)

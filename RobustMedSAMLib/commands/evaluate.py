@@ -160,15 +160,14 @@ def _run_with_progress(models, cases, out: Path, options, quiet: bool):
 def _write_timings(out: Path, times: dict) -> None:
     """Per-model encoder / decoder call counts and seconds of this run (timings.json)."""
     import json
-    import os
+
+    from RobustMedSAMLib.atomic_files import atomic_output
 
     if not times:
         return
-    path = out / "timings.json"
-    temporary = out / ".timings.json.tmp"
     record = {label: t.to_dict() for label, t in times.items()}
-    temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    with atomic_output(out / "timings.json") as temporary:
+        temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     for label, t in record.items():
         per = [t[f"{part}_seconds_per_call"] for part in ("encoder", "decoder")]
         text = ", ".join(

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from RobustMedSAMLib.atomic_files import atomic_output
 from RobustMedSAMLib.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from RobustMedSAMLib.errors import (
     CancelledError,
@@ -160,12 +161,10 @@ def _row_ok(row: dict, count: int) -> bool:
 
 
 def _rewrite(path: Path, rows: list[dict]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", newline="") as handle:
+    with atomic_output(path) as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.DictWriter(handle, COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(temporary, path)
 
 
 def append_cell(path: Path, rows: list[dict]) -> None:

@@ -7,12 +7,13 @@ legend across the figure, and writes a PNG atomically.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from RobustMedSAMLib.atomic_files import atomic_output
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22", "#17becf")  # fmt: skip
@@ -58,9 +59,8 @@ def draw_panels(panels: Sequence[Panel], path: str | Path, title: str, columns: 
     for n, panel in enumerate(panels):
         origin = ((n % columns) * PANEL[0], top + (n // columns) * PANEL[1])
         _draw_panel(draw, panel, origin, colours)
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    image.save(temporary)
-    os.replace(temporary, path)
+    with atomic_output(path) as temporary:
+        image.save(temporary)
     return path
 
 

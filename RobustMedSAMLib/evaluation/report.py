@@ -12,7 +12,6 @@ corruption type (run with the first seed only) counts the same for every seed.
 from __future__ import annotations
 
 import csv
-import os
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from RobustMedSAMLib.atomic_files import atomic_output
 from RobustMedSAMLib.evaluation.matrix import CLEAN, CSV_NAME, KEY
 from RobustMedSAMLib.evaluation.metrics import mean_std
 from RobustMedSAMLib.evaluation.plot import Panel, draw_panels
@@ -279,9 +279,8 @@ def write_report(out_dir: str | Path) -> ReportFiles:
     out_dir = Path(out_dir)
     rows = read_rows(out_dir / CSV_NAME)
     summary = out_dir / "summary.md"
-    temporary = summary.with_name(".summary.md.tmp")
-    temporary.write_text(summary_markdown(rows), encoding="utf-8")
-    os.replace(temporary, summary)
+    with atomic_output(summary) as temporary:
+        temporary.write_text(summary_markdown(rows), encoding="utf-8")
     plots = []
     scores = headline_scores(rows)
     for setting in sorted({s.setting for s in scores}):

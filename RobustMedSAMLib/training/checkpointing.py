@@ -10,31 +10,22 @@ runs also write ``adapter_last/best.safetensors`` holding only the changed singu
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from RobustMedSAMLib.atomic_files import atomic_output
 from RobustMedSAMLib.checkpoint import save_state_dict
 from RobustMedSAMLib.errors import CheckpointError
 from RobustMedSAMLib.training.svd import DELTA_SUFFIX, SvdLinear, adapter_state
-from RobustMedSAMLib.volume import default_file_mode
 
 STATE_FILE = "state.pt"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_output(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
 
 
 def trained_state(model: torch.nn.Module, trained: set[str]) -> dict[str, torch.Tensor]:
@@ -50,15 +41,8 @@ def trained_state(model: torch.nn.Module, trained: set[str]) -> dict[str, torch.
 
 def save_training_state(run_dir: Path, payload: dict[str, Any]) -> Path:
     path = run_dir / STATE_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", dir=run_dir)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_output(path) as temporary:
+        torch.save(payload, temporary)
     return path
 
 
