@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import sys
 import threading
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DistributedSampler
 
+from RobustMedSAMLib.distributed import dist_info
 from RobustMedSAMLib.errors import CancelledError, InputError
 from RobustMedSAMLib.model import SegmentAnythingModel
 from RobustMedSAMLib.preprocessing import Preprocessor
@@ -79,20 +79,6 @@ class RunResult:
     losses: list[float] = field(default_factory=list)
     best_dice: float = float("nan")
     model_path: Path | None = None
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_info() -> DistInfo:
-    return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
 
 
 # Inputs -----------------------------------------------------------------------------
@@ -247,7 +233,7 @@ class Trainer:
 
         self.device = select_device(t.device)
         if self.dist.world > 1 and self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
         train, val = load_data(config.data, t.seed)
         self.model = build_model(config.model, t.seed).to(self.device)
