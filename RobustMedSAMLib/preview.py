@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from RobustMedSAMLib.corruptions import CORRUPTIONS, corrupt
 from RobustMedSAMLib.corruptions.intensity import robust_range
 from RobustMedSAMLib.errors import CancelledError, InputError
+from RobustMedSAMLib.evaluation.metrics import dice
 from RobustMedSAMLib.prediction import Prediction, SlicePrompt
 
 log = logging.getLogger(__name__)
@@ -60,13 +61,6 @@ class RobustnessPreview:
     clean_mask: np.ndarray
     corrupted_mask: np.ndarray
     dice: float
-
-
-def dice(first: np.ndarray, second: np.ndarray) -> float:
-    """Dice overlap of two bool masks of one shape; 1.0 when both are empty."""
-    first, second = np.asarray(first, bool), np.asarray(second, bool)
-    total = int(first.sum()) + int(second.sum())
-    return 1.0 if total == 0 else 2.0 * int((first & second).sum()) / total
 
 
 def _check_inputs(image: np.ndarray, prompt: SlicePrompt) -> np.ndarray:
