@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from RobustMedSAMLib.errors import InputError
+from RobustMedSAMLib.medsegbench import read_splits
 
 log = logging.getLogger(__name__)
-NPZ_SPLITS = ("test", "val", "train")
 PHANTOM_SHAPES = ("sphere", "ellipsoid", "tube", "organ")
 _IMAGE_DIRS = (("images", "labels"), ("imagesTs", "labelsTs"), ("imagesTr", "labelsTr"))
 
@@ -147,16 +147,7 @@ def read_medsegbench(
     (``labels="any"``: one per image, foreground = any non-zero label). RGB images
     become grey (mean of the channels); the window is the full 0..255."""
     path = Path(path)
-    if split not in NPZ_SPLITS:
-        raise InputError(f"unknown split {split!r}: use one of {NPZ_SPLITS}")
-    if not path.is_file():
-        raise InputError(f"MedSegBench file not found: {path}")
-    with np.load(path) as data:
-        keys = (f"{split}_images", f"{split}_label")
-        missing = [k for k in keys if k not in data.files]
-        if missing:
-            raise InputError(f"{path} lacks {missing}: is it a MedSegBench .npz file?")
-        images, label_maps = data[keys[0]], data[keys[1]]
+    images, label_maps = read_splits(path, (split,))[split]
     if images.shape[:3] != label_maps.shape[:3] or images.ndim not in (3, 4):
         raise InputError(
             f"{path}: images {images.shape} and labels {label_maps.shape} do not match"

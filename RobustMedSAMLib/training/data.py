@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from RobustMedSAMLib.errors import InputError
+from RobustMedSAMLib.medsegbench import read_splits
 from RobustMedSAMLib.training.config import AXES, CorruptionSection, DataSection
 
 log = logging.getLogger(__name__)
 
-SPLIT_KEYS = {split: (f"{split}_images", f"{split}_label") for split in ("train", "val", "test")}
 VOLUME_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha", ".mhd")
 LABEL_TAGS = ("-label", "_label", "-seg", "_seg", ".seg", "_mask", "-mask")
 
@@ -90,27 +89,11 @@ def load_data(section: DataSection, seed: int = 0) -> tuple[SliceSet, SliceSet]:
 def _medsegbench(section: DataSection) -> tuple[SliceSet, SliceSet]:
     train, val = SliceSet(), SliceSet()
     for path in map(Path, section.paths):
-        arrays = _read_npz(path)
+        arrays = read_splits(path, ("train", "val"))
         for split, target in (("train", train), ("val", val)):
-            images, labels = (arrays.get(key) for key in SPLIT_KEYS[split])
-            if images is None or labels is None:
-                missing = [k for k in SPLIT_KEYS[split] if k not in arrays]
-                raise InputError(
-                    f"{path}: missing {missing}; a MedSegBench file holds "
-                    f"{', '.join(k for pair in SPLIT_KEYS.values() for k in pair)}"
-                )
+            images, labels = arrays[split]
             _add_labelled_images(target, images, labels, section, f"{path.stem}:{split}")
     return train, val
-
-
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise InputError(f"data file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
-        raise InputError(f"{path}: not a readable .npz file ({error})") from None
 
 
 def _add_labelled_images(
