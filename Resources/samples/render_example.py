@@ -3,7 +3,7 @@
     .venv/bin/python Resources/samples/render_example.py VOLUME SEGMENTATION OUT.png [TRUTH]
 
 Green: the segmentation; magenta (optional): a reference mask. Each view passes
-through the segmentation's centre.
+through the reference's centre (the segmentation's without one).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def main(volume_path: str, seg_path: str, out_path: str, truth_path: str | None 
     image = window_to_uint8(volume.array, auto_window(volume.array[near], (1.0, 99.0)))
     if truth_path:
         masks.append((read_segmentation(truth_path)[0] > 0, MAGENTA))
-    k, j, i = np.round(np.argwhere(masks[0][0]).mean(axis=0)).astype(int)
+    k, j, i = np.round(np.argwhere(masks[-1][0]).mean(axis=0)).astype(int)
     sx, sy, sz = volume.spacing
     panels = [
         view(image[k][::-1], [(m[k][::-1], c) for m, c in masks], sy / sx),
