@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,3 +109,97 @@ def ijk_to_ras_of(volume_node) -> np.ndarray:
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
     return numpy_matrix(matrix)
+
+
+MODULE_FILE = Path(__file__).resolve().parents[1] / "RobustMedSAM" / "RobustMedSAM.py"
+
+
+class Choice:
+    """Stand-in for ``slicer.parameterNodeWrapper.Choice`` (keeps the choices)."""
+
+    def __init__(self, choices) -> None:
+        self.choices = tuple(choices)
+
+
+class WithinRange:
+    """Stand-in for ``slicer.parameterNodeWrapper.WithinRange``."""
+
+    def __init__(self, minimum, maximum) -> None:
+        self.minimum, self.maximum = minimum, maximum
+
+
+def _missing(name: str) -> bool:
+    """Whether module ``name`` is neither imported (a stub counts) nor importable."""
+    import importlib.util
+    import sys
+
+    if name in sys.modules:
+        return False
+    try:
+        return importlib.util.find_spec(name) is None
+    except (ImportError, ValueError):
+        return True
+
+
+def _stub_gui_modules() -> None:
+    """Stand-ins for the Qt-dependent parts of Slicer's Python package that the module
+    file imports: ``slicer.ScriptedLoadableModule`` (base classes) and
+    ``slicer.parameterNodeWrapper`` (an identity decorator: the class keeps its
+    annotations, which tests read). Real ones are left alone when present."""
+    import sys
+    import unittest
+
+    import slicer
+
+    if _missing("slicer.ScriptedLoadableModule"):
+        stub = types.ModuleType("slicer.ScriptedLoadableModule")
+
+        class ScriptedLoadableModule:
+            def __init__(self, parent) -> None:
+                self.parent = parent
+
+        class ScriptedLoadableModuleLogic:
+            def __init__(self, parent=None) -> None:
+                self.parent = parent
+
+        class ScriptedLoadableModuleWidget:
+            def __init__(self, parent=None) -> None:
+                self.parent = parent
+
+        class ScriptedLoadableModuleTest(unittest.TestCase):
+            def delayDisplay(self, message, msec=None) -> None:  # noqa: N802 (Slicer's name)
+                pass
+
+        for cls in (
+            ScriptedLoadableModule,
+            ScriptedLoadableModuleLogic,
+            ScriptedLoadableModuleWidget,
+            ScriptedLoadableModuleTest,
+        ):
+            setattr(stub, cls.__name__, cls)
+        sys.modules["slicer.ScriptedLoadableModule"] = stub
+        slicer.ScriptedLoadableModule = stub
+    if _missing("slicer.parameterNodeWrapper"):
+        wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+        wrapper.parameterNodeWrapper = lambda cls: cls
+        wrapper.Choice = Choice
+        wrapper.WithinRange = WithinRange
+        sys.modules["slicer.parameterNodeWrapper"] = wrapper
+        slicer.parameterNodeWrapper = wrapper
+
+
+def load_module_file() -> types.ModuleType:
+    """Import ``RobustMedSAM/RobustMedSAM.py`` as Slicer does (module name
+    ``RobustMedSAM``), with the GUI-only Slicer parts stubbed. Raises ImportError
+    without slicer-core."""
+    import importlib.util
+    import sys
+
+    _stub_gui_modules()
+    if "RobustMedSAM" in sys.modules and getattr(sys.modules["RobustMedSAM"], "__file__", None):
+        return sys.modules["RobustMedSAM"]
+    spec = importlib.util.spec_from_file_location("RobustMedSAM", MODULE_FILE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["RobustMedSAM"] = module
+    spec.loader.exec_module(module)
+    return module

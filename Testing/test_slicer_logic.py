@@ -1,15 +1,13 @@
 """The Slicer module's Logic on real MRML nodes (slicer-core, headless).
 
-slicer-core has no ``slicer.ScriptedLoadableModule`` (it needs Qt); minimal base classes
-stand in for it here, in this file only. Segmentation uses ``ThresholdPredictor``.
+slicer-core has no ``slicer.ScriptedLoadableModule`` nor ``slicer.parameterNodeWrapper``
+(they need Qt); ``slicer_headless.load_module_file`` stubs them. Segmentation uses
+``ThresholdPredictor``.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +16,12 @@ slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
 import vtk  # noqa: E402
 from doubles import ThresholdPredictor  # noqa: E402
 from scipy.spatial.transform import Rotation  # noqa: E402
-from slicer_headless import add_volume, slicer_scene_fixture, vtk_matrix  # noqa: E402
+from slicer_headless import (  # noqa: E402
+    add_volume,
+    load_module_file,
+    slicer_scene_fixture,
+    vtk_matrix,
+)
 from test_segmentation_io import segment_on_grid, segmentation_node_from_file  # noqa: E402
 
 from RobustMedSAMLib.errors import CancelledError, InputError  # noqa: E402
@@ -26,39 +29,10 @@ from RobustMedSAMLib.phantoms import sphere  # noqa: E402
 from RobustMedSAMLib.segment import SegmentOptions  # noqa: E402
 
 slicer_scene = pytest.fixture(slicer_scene_fixture)
-MODULE_FILE = Path(__file__).resolve().parents[1] / "RobustMedSAM" / "RobustMedSAM.py"
 THRESHOLD = 80.0  # HU between the phantom's background (40) and sphere (120)
 
 
-def _stub_scripted_module_bases() -> None:
-    """Stand-ins for the Qt-dependent ``slicer.ScriptedLoadableModule`` base classes."""
-    if importlib.util.find_spec("slicer.ScriptedLoadableModule") is None:
-        stub = types.ModuleType("slicer.ScriptedLoadableModule")
-
-        class ScriptedLoadableModule:
-            def __init__(self, parent) -> None:
-                self.parent = parent
-
-        class ScriptedLoadableModuleLogic:
-            def __init__(self, parent=None) -> None:
-                self.parent = parent
-
-        stub.ScriptedLoadableModule = ScriptedLoadableModule
-        stub.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
-        sys.modules["slicer.ScriptedLoadableModule"] = stub
-        slicer.ScriptedLoadableModule = stub
-
-
-def _load_module():
-    _stub_scripted_module_bases()
-    spec = importlib.util.spec_from_file_location("RobustMedSAM", MODULE_FILE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["RobustMedSAM"] = module  # as Slicer imports it
-    spec.loader.exec_module(module)
-    return module
-
-
-module = _load_module()
+module = load_module_file()
 
 
 def oblique_matrix() -> np.ndarray:
@@ -259,6 +233,75 @@ def test_editable_mask_limits_the_change(phantom_scene):
         run(ns, segment_id=segment_id, editable_mask=editable[1:])
 
 
+def editor_node(ns, **settings):
+    node = ns.scene.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    for name, value in settings.items():
+        getattr(node, f"Set{name}")(value)
+    return node
+
+
+def test_segment_editor_inside_a_segment_limits_the_editable_area(phantom_scene):
+    ns = phantom_scene
+    region = np.zeros(ns.phantom.mask.shape, bool)
+    region[:, :, :20] = True  # half the volume
+    region_id = add_segment(ns, "region", region)
+    editor = editor_node(ns, MaskMode=slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment)
+    editor.SetMaskSegmentID(region_id)
+
+    masking = ns.logic.editor_masking(editor, ns.segmentation, ns.volume_node)
+    np.testing.assert_array_equal(masking.editable_mask, region)
+    assert masking.overwrite_other_segments is True  # the editor's default: overwrite all
+    segment_id, _ = run(
+        ns,
+        editable_mask=masking.editable_mask,
+        overwrite_other_segments=masking.overwrite_other_segments,
+    )
+    written = on_grid(ns, segment_id)
+    assert not written[~region].any()
+    assert dice(written, ns.phantom.mask & region) >= 0.9
+
+
+def test_segment_editor_outside_segments_and_intensity_range(phantom_scene):
+    ns = phantom_scene
+    other = np.zeros(ns.phantom.mask.shape, bool)
+    other[:, 15:25, :] = True
+    other_id = add_segment(ns, "other", other)
+    editor = editor_node(
+        ns,
+        MaskMode=slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments,
+        SourceVolumeIntensityMask=True,
+        SourceVolumeIntensityMaskRange=(100.0, 1000.0),
+    )
+    masking = ns.logic.editor_masking(editor, ns.segmentation, ns.volume_node)
+    image = ns.phantom.image
+    np.testing.assert_array_equal(masking.editable_mask, ~other & (image >= 100) & (image <= 1000))
+    # the edited segment itself is always editable, even where it lies "inside" a segment
+    inside = ns.logic.editor_masking(editor, ns.segmentation, ns.volume_node, other_id)
+    assert inside.editable_mask[other & (image >= 100)].all()
+
+
+def test_segment_editor_overwrite_visible_segments_only(phantom_scene):
+    ns = phantom_scene
+    slab = np.zeros(ns.phantom.mask.shape, bool)
+    slab[:, 15:25, :] = True
+    shown_id, hidden_id = add_segment(ns, "shown", slab), add_segment(ns, "hidden", slab)
+    ns.segmentation.CreateDefaultDisplayNodes()
+    ns.segmentation.GetDisplayNode().SetSegmentVisibility(hidden_id, False)
+    editor = editor_node(ns, OverwriteMode=slicer.vtkMRMLSegmentEditorNode.OverwriteVisibleSegments)
+
+    masking = ns.logic.editor_masking(editor, ns.segmentation, ns.volume_node)
+    assert masking.editable_mask is None
+    assert masking.overwrite_other_segments == frozenset({shown_id})
+    segment_id, _ = run(ns, overwrite_other_segments=masking.overwrite_other_segments)
+    written = on_grid(ns, segment_id)
+    np.testing.assert_array_equal(on_grid(ns, hidden_id), slab)  # hidden: kept, not painted
+    np.testing.assert_array_equal(on_grid(ns, shown_id), slab & ~written)  # visible: overwritten
+    assert not (written & slab).any()  # the hidden segment's voxels stay out of the new mask
+    none = editor_node(ns, OverwriteMode=slicer.vtkMRMLSegmentEditorNode.OverwriteNone)
+    masking = ns.logic.editor_masking(none, ns.segmentation, ns.volume_node)
+    assert masking.overwrite_other_segments is False
+
+
 def test_save_writes_a_seg_nrrd_that_reads_back(phantom_scene, tmp_path):
     ns = phantom_scene
     segment_id, _ = run(ns, segment_name="sphere")
@@ -297,3 +340,222 @@ def test_segment_of_a_transformed_volume_lies_where_the_volume_is_shown(phantom_
     world = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
     expected = to_world @ oblique_matrix() @ np.array([11, 9, 7, 1.0])
     np.testing.assert_allclose(world @ np.r_[ijk, 1.0], expected, atol=1e-6)
+
+
+# --- additions for the panel: per-slice clicks, background work, confidence, preview ---
+
+
+def session_of(ns, axis="axial"):
+    return ns.logic.start_session(
+        ns.volume_node, predictor=ThresholdPredictor(THRESHOLD), axis=axis
+    )
+
+
+def test_a_click_segments_its_slice_only_and_undo_restores_it(phantom_scene):
+    ns = phantom_scene
+    previous = np.zeros(ns.phantom.mask.shape, bool)
+    previous[1:4, 2:8, 2:8] = True  # on other slices: must stay
+    segment_id = add_segment(ns, "target", previous)
+    session = session_of(ns)
+    prompts = ns.logic.prompts_from_nodes(ns.points)
+    index = ns.logic.slice_of_point(session, ns.points.GetNthControlPointPositionWorld(0))
+
+    result = ns.logic.compute_slice(session, prompts, index)
+    assert result.score > 0.5
+    ns.logic.write_slice(session, result, ns.segmentation, segment_id)
+    written = on_grid(ns, segment_id)
+    from RobustMedSAMLib.slicing import get_slice
+
+    truth = get_slice(ns.phantom.mask, session.axis, index)
+    assert dice(get_slice(written, session.axis, index), truth) >= 0.9
+    others = np.ones(written.shape, bool)
+    others[(slice(None),) * session.axis + (index,)] = False
+    np.testing.assert_array_equal(written[others], previous[others])
+
+    assert ns.logic.undo_last(ns.segmentation)
+    np.testing.assert_array_equal(on_grid(ns, segment_id), previous)
+
+
+def test_a_slice_without_an_include_point_is_refused_clearly(phantom_scene):
+    ns = phantom_scene
+    session = session_of(ns)
+    prompts = ns.logic.prompts_from_nodes(ns.points)
+    with pytest.raises(InputError, match="slice 0 has no include point"):
+        ns.logic.compute_slice(session, prompts, 0)
+
+
+@pytest.mark.parametrize("axis", ["axial", "coronal", "sagittal"])
+def test_slice_centre_lies_on_its_slice_in_every_view(phantom_scene, axis):
+    ns = phantom_scene
+    session = session_of(ns, axis)
+    for index in (0, session.n_slices // 2, session.n_slices - 1):
+        centre = ns.logic.slice_centre_ras(session, index)
+        assert ns.logic.slice_of_point(session, centre) == index
+
+
+def test_encoding_runs_nearest_first_within_the_cache_and_cancels(phantom_scene):
+    ns = phantom_scene
+    assert module.RobustMedSAMLogic.encoding_order(5, 1) == [1, 2, 0, 3, 4]
+    session = session_of(ns)
+    per_slice = session.predictor.encode(session.slice_image(0)).features.nbytes
+    session.cache_bytes = 5 * per_slice
+    seen = []
+    order = ns.logic.encode_ahead(session, 10, lambda done, total: seen.append((done, total)))
+    assert order == [10, 11, 9, 12, 8]
+    assert session.stats.encoded == order and seen[-1] == (5, 5)
+
+    calls = iter([False, False, True])
+    with pytest.raises(CancelledError):
+        ns.logic.encode_ahead(session_of(ns), 3, cancel=lambda: next(calls))
+
+
+def test_confidence_rows_flag_low_scores_and_low_overlaps():
+    from RobustMedSAMLib.segment import SliceScore
+
+    scores = [
+        SliceScore(7, 0.95, 0.9, 50, "propagated"),
+        SliceScore(5, 0.90, float("nan"), 60, "prompt"),
+        SliceScore(6, 0.40, 0.95, 55, "propagated"),
+        SliceScore(8, 0.92, 0.5, 20, "propagated"),
+    ]
+    rows = module.RobustMedSAMLogic.confidence_rows(scores, min_score=0.7, min_overlap=0.85)
+    assert [(r.index, r.flagged) for r in rows] == [(5, False), (6, True), (7, False), (8, True)]
+    next_unsure = module.RobustMedSAMLogic.next_unsure
+    assert [next_unsure(rows, None), next_unsure(rows, 6), next_unsure(rows, 8)] == [6, 8, 6]
+    assert next_unsure(rows[:1], None) is None
+
+
+def test_corrupted_copy_keeps_geometry_and_leaves_the_original_untouched(phantom_scene):
+    ns = phantom_scene
+    transform = ns.scene.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    ns.volume_node.SetAndObserveTransformNodeID(transform.GetID())
+    before = ns.scene.slicer.util.arrayFromVolume(ns.volume_node).copy()
+
+    copy = ns.logic.corrupted_copy(ns.volume_node, "gaussian_noise", 4, seed=3)
+    original, corrupted = ns.logic.volume_from_node(ns.volume_node), ns.logic.volume_from_node(copy)
+    np.testing.assert_array_equal(ns.scene.slicer.util.arrayFromVolume(ns.volume_node), before)
+    np.testing.assert_allclose(corrupted.ijk_to_ras, original.ijk_to_ras, atol=1e-9)
+    assert copy.GetTransformNodeID() == transform.GetID()
+    assert corrupted.array.shape == before.shape and corrupted.array.dtype == before.dtype
+    assert np.abs(corrupted.array.astype(float) - before).mean() > 1.0
+    assert copy.GetName() == "phantom gaussian_noise s4"
+    with pytest.raises(InputError, match="severity"):
+        ns.logic.corrupted_copy(ns.volume_node, "gaussian_noise", 9)
+
+
+def test_preview_compares_clean_and_corrupted_masks_and_writes_both(phantom_scene):
+    from RobustMedSAMLib.evaluation.metrics import dice as library_dice
+    from RobustMedSAMLib.segment import SegmentOptions
+
+    ns = phantom_scene
+    clean = session_of(ns)
+    prompts = ns.logic.prompts_from_nodes(ns.points)
+    copy = ns.logic.corrupted_copy(ns.volume_node, "gaussian_noise", 5, seed=1)
+    corrupted = ns.logic.preview_session(clean, copy)
+    assert corrupted.window == clean.window and corrupted.axis == clean.axis
+
+    seen = []
+    comparison = ns.logic.compare(
+        clean, corrupted, prompts, SegmentOptions(propagate=True), lambda d, t: seen.append(d)
+    )
+    assert seen[-1] == 200 and seen == sorted(seen)
+    assert comparison.dice == library_dice(comparison.clean_mask, comparison.corrupted_mask)
+    assert 0.0 < comparison.dice < 1.0  # heavy noise changes the threshold double's mask
+    assert dice(comparison.clean_mask, ns.phantom.mask) >= 0.9
+
+    clean_node, corrupted_node = ns.logic.write_preview(clean, corrupted, comparison)
+    for node, mask in (
+        (clean_node, comparison.clean_mask),
+        (corrupted_node, comparison.corrupted_mask),
+    ):
+        segment_id = node.GetSegmentation().GetSegmentIDs()[0]
+        np.testing.assert_array_equal(
+            segment_on_grid(ns.scene, node, segment_id, ns.volume_node), mask
+        )
+    again = ns.logic.write_preview(clean, corrupted, comparison)
+    assert again == (clean_node, corrupted_node)  # reused, not piled up
+    assert clean_node.GetSegmentation().GetNumberOfSegments() == 1
+
+
+def test_segment_mask_reads_the_segment_on_the_volume_grid(phantom_scene):
+    ns = phantom_scene
+    segment_id, _ = run(ns)
+    np.testing.assert_array_equal(
+        ns.logic.segment_mask(ns.segmentation, segment_id, ns.volume_node), on_grid(ns, segment_id)
+    )
+    with pytest.raises(InputError, match="no segment 'missing'"):
+        ns.logic.segment_mask(ns.segmentation, "missing", ns.volume_node)
+
+
+def test_background_task_reports_progress_result_cancel_and_errors():
+    import threading
+
+    def work(progress, cancel):
+        for step in range(1, 4):
+            progress(step, 3)
+        return "result"
+
+    def collect(task):
+        task.join(5)
+        return task.poll()
+
+    task = module.BackgroundTask("work", work).start()
+    assert collect(task) == [
+        ("progress", (1, 3)),
+        ("progress", (2, 3)),
+        ("progress", (3, 3)),
+        ("done", "result"),
+    ]
+    assert task.finished and not task.running
+
+    started = threading.Event()
+
+    def slow(progress, cancel):
+        started.set()
+        while not cancel():
+            pass
+        raise CancelledError("stopped")
+
+    task = module.BackgroundTask("slow", slow).start()
+    started.wait(5)
+    task.cancel()
+    assert collect(task) == [("cancelled", None)]
+
+    def broken(progress, cancel):
+        raise InputError("bad prompt")
+
+    ((kind, error),) = collect(module.BackgroundTask("broken", broken).start())
+    assert kind == "error" and str(error) == "bad prompt"
+
+
+def test_scene_segments_are_found_and_exported_for_fine_tuning(phantom_scene, tmp_path):
+    ns = phantom_scene
+    segment_id, _ = run(ns, segment_name="sphere")
+    pairs = ns.logic.training_pairs_in_scene()
+    assert [(v.GetID(), s.GetID(), i) for v, s, i in pairs] == [
+        (ns.volume_node.GetID(), ns.segmentation.GetID(), segment_id)
+    ]
+    pytest.importorskip("RobustMedSAMLib.training_export")
+    ((image_path, label_path),) = ns.logic.export_scene_training_data(tmp_path)
+    from RobustMedSAMLib.volume import read_volume
+
+    image, labels = read_volume(image_path), read_volume(label_path)
+    np.testing.assert_array_equal(image.array, ns.phantom.image)
+    np.testing.assert_array_equal(labels.array > 0, on_grid(ns, segment_id))
+    np.testing.assert_allclose(labels.ijk_to_ras, oblique_matrix(), atol=1e-4)
+
+
+def test_no_segment_in_the_scene_is_a_clear_error(slicer_scene, tmp_path):
+    with pytest.raises(InputError, match="no segmentation in the scene"):
+        module.RobustMedSAMLogic().export_scene_training_data(tmp_path)
+
+
+def test_finetune_config_reads_the_exported_data(slicer_scene, tmp_path):
+    import tomllib
+
+    pytest.importorskip("RobustMedSAMLib.training_export")
+    data = tmp_path / "data"
+    data.mkdir()
+    path = module.RobustMedSAMLogic.write_finetune_config(tmp_path / "run.toml", data, steps=7)
+    text = path.read_text()
+    assert str(data) in text and tomllib.loads(text)
