@@ -103,16 +103,30 @@ def worker_device(name: str, slot: int) -> str:
     return name
 
 
-def init_process_group(device_type: str = "cpu", timeout: datetime.timedelta | None = None) -> bool:
+def init_process_group(
+    device_type: str = "cpu", timeout: datetime.timedelta | None = None, required: bool = False
+) -> bool:
     """Join torchrun's process group: NCCL for ``device_type == "cuda"``, else gloo.
 
+    The one place a process group is formed (batch segmentation, evaluation, training).
     Returns True if a group exists afterwards (joined here or before), False for a
     single process or when no rendezvous address is set (ranks given by hand).
+    ``required``: several ranks without a rendezvous are an InputError instead (DDP
+    training cannot run that way). The rendezvous itself is torchrun's ``env://``.
     """
     import torch.distributed as dist
 
     info = dist_info()
-    if not info.distributed or not info.rendezvous or not dist.is_available():
+    if not info.distributed:
+        return False
+    if not info.rendezvous or not dist.is_available():
+        if required:
+            from RobustMedSAMLib.errors import InputError
+
+            raise InputError(
+                f"WORLD_SIZE={info.world} but no process group can be formed (MASTER_ADDR "
+                "unset or torch.distributed missing): launch with torchrun"
+            )
         return False
     if dist.is_initialized():
         return True
@@ -123,12 +137,21 @@ def init_process_group(device_type: str = "cpu", timeout: datetime.timedelta | N
     return True
 
 
-def barrier() -> None:
-    """Wait for every rank (no-op without a process group)."""
+def long_wait_group(timeout: datetime.timedelta = BARRIER_TIMEOUT):
+    """A gloo group of every rank for waits of hours (one rank building a cache or
+    finishing its share) while the main group keeps its short timeout, which is what
+    catches a hung collective. Every rank must call this, in the same order."""
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo", timeout=timeout)
+
+
+def barrier(group=None) -> None:
+    """Wait for every rank of ``group`` (default: the main group); no-op without one."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def destroy_process_group() -> None:

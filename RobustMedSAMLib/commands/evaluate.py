@@ -68,6 +68,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     conditions.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="N")
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default: auto)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes on this machine, each taking every N-th case (GPU k mod count); "
+        "under torchrun, per rank, and the cases are split over all ranks' processes",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--report-only", action="store_true", help="only rewrite summary and plots from the CSV"
@@ -75,11 +83,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _model_entries(args: argparse.Namespace) -> list:
+def _model_specs(args: argparse.Namespace) -> list:
     from dataclasses import replace
 
     from RobustMedSAMLib.errors import InputError
-    from RobustMedSAMLib.evaluation.models import model_entry, parse_model_spec
+    from RobustMedSAMLib.evaluation.models import parse_model_spec
 
     specs = [parse_model_spec(text) for text in args.models]
     if args.checkpoint is not None:
@@ -89,7 +97,7 @@ def _model_entries(args: argparse.Namespace) -> list:
                 "--model NAME:CHECKPOINT"
             )
         specs = [replace(specs[0], checkpoint=args.checkpoint)]
-    return [model_entry(spec, args.device) for spec in specs]
+    return specs
 
 
 def _options(args: argparse.Namespace):
@@ -114,27 +122,36 @@ def _options(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import sys
 
+    from RobustMedSAMLib import distributed
     from RobustMedSAMLib.errors import InputError
     from RobustMedSAMLib.evaluation.datasets import load_cases
     from RobustMedSAMLib.evaluation.matrix import CSV_NAME
     from RobustMedSAMLib.evaluation.report import write_report
+    from RobustMedSAMLib.evaluation.shards import merge_parts
 
     if args.report_only:
+        merge_parts(args.out)
         if not (args.out / CSV_NAME).is_file():
             raise InputError(f"no {CSV_NAME} in {args.out}: run the evaluation first")
     else:
         options = _options(args)
         options.validate()
-        models = _model_entries(args)
+        specs = _model_specs(args)
         cases = [case for spec in args.data for case in load_cases(spec)]
-        result = _run_with_progress(models, cases, args.out, options, args.no_progress)
+        info = distributed.dist_info()
+        result = _run_with_progress(specs, cases, args, options, info)
+        where = f"rank {info.rank} of {info.world}: " if info.distributed else ""
         print(
-            f"{result.computed} cells computed, {result.skipped} already done, "
+            f"{where}{result.computed} cells computed, {result.skipped} already done, "
             f"{result.failed} failed -> {result.csv_path}"
         )
-        _write_timings(args.out, result.times)
+        if not info.distributed:
+            _write_timings(args.out, result.times)
         for label in result.missing:
             print(f"model {label}: checkpoint missing (reported in the summary)", file=sys.stderr)
+        if info.distributed and not _all_ranks_done(info):
+            return 0
+        merge_parts(args.out)
     files = write_report(args.out)
     print(f"summary: {files.summary}")
     for plot in files.plots:
@@ -142,19 +159,38 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_with_progress(models, cases, out: Path, options, quiet: bool):
+def _all_ranks_done(info) -> bool:
+    """Under torchrun: wait for every rank (gloo, hours allowed); True on rank 0, which
+    then merges and reports for all. Ranks started by hand cannot meet: False."""
+    from RobustMedSAMLib import distributed
+
+    if not distributed.init_process_group("cpu", distributed.BARRIER_TIMEOUT):
+        print(f"rank {info.rank}: share finished; once every rank has, "
+              "`robustmedsam evaluate ... --report-only` merges and reports")  # fmt: skip
+        return False
+    distributed.barrier()  # every rank's part files are complete
+    main = info.main
+    distributed.destroy_process_group()
+    return main
+
+
+def _run_with_progress(specs, cases, args: argparse.Namespace, options, info):
     from tqdm import tqdm
 
-    from RobustMedSAMLib.evaluation.matrix import run_matrix
+    from RobustMedSAMLib.evaluation.parallel import run_parallel
 
-    with tqdm(total=0, unit="cell", disable=quiet, desc="evaluate") as bar:
+    quiet = args.no_progress
+    unit = "cell" if args.workers == 1 and not info.distributed else "worker"
+    with tqdm(total=0, unit=unit, disable=quiet, desc="evaluate") as bar:
 
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.n = done
             bar.refresh()
 
-        return run_matrix(models, cases, out, options, progress=progress)
+        return run_parallel(
+            specs, cases, args.out, options, args.device, args.workers, info, progress
+        )
 
 
 def _write_timings(out: Path, times: dict) -> None:

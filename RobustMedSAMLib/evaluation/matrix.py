@@ -4,6 +4,8 @@ seed) x protocol variants, one *cell* each, appended to a CSV as it finishes.
 Resumable: a cell's rows are appended in one write, each row carrying the cell's row
 count; on a new run, complete ``ok`` cells are kept and skipped, anything else
 (an interrupted cell, a missing model, an error) is dropped and tried again.
+Several processes (``evaluation.parallel``) each append to their own part file
+``parts/NAME.csv`` instead; ``evaluation.shards.merge_parts`` folds them into the CSV.
 
 CSV columns (``COLUMNS``), one row per number: ``metric`` is dice or iou (index:
 click step for interactive, empty for the 3D volume) or slice_dice (index: slice
@@ -209,12 +211,14 @@ def run_matrix(
     options: MatrixOptions | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | threading.Event | None = None,
+    part: str | None = None,
 ) -> MatrixResult:
-    """Evaluate every model on every case and condition; append to ``out_dir/results.csv``.
+    """Evaluate every model on every case and condition; append to ``out_dir/results.csv``
+    (or, with ``part``, to ``out_dir/parts/PART.csv``: one writer per part file).
 
-    Cells already finished in that CSV are skipped. ``progress(done, total)`` counts
-    cells; ``cancel`` (a callable returning True, or a threading.Event) is checked
-    between cells: CancelledError, the finished cells stay in the CSV.
+    Cells already finished in that CSV (or in any part file) are skipped.
+    ``progress(done, total)`` counts cells; ``cancel`` (a callable returning True, or a
+    threading.Event) is checked between cells: CancelledError, the finished cells stay.
     """
     if isinstance(cancel, threading.Event):
         cancel = cancel.is_set
@@ -227,8 +231,15 @@ def run_matrix(
         raise InputError(f"model labels must be unique, got {labels}: use LABEL=NAME:FILE")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / CSV_NAME
-    done = finished_cells(path)
+    from RobustMedSAMLib.evaluation import shards
+
+    if part is None:
+        shards.merge_parts(out_dir)  # parts an interrupted parallel run left
+        path = out_dir / CSV_NAME
+        done = finished_cells(path)
+    else:
+        path = shards.part_path(out_dir, part)
+        done = finished_cells(path) | shards.finished_elsewhere(out_dir, path)
     plan = [(c, conditions(options), variants(options, c)) for c in cases]
     per_model = sum(len(conds) * len(vars_) for _, conds, vars_ in plan)
     total, result = per_model * len(models), MatrixResult(csv_path=path)

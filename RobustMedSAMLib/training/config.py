@@ -38,7 +38,8 @@ class TrainSection:
     full (everything). ``steps`` sets the schedule (warm-up then cosine).
     robust_image_blocks: train RobustSAM's feature blocks on the encoder outputs (as the
     paper does); false freezes them, and decoder mode then caches their output (on ViT-B
-    most of a cached step's time is these blocks)."""
+    most of a cached step's time is these blocks). ``batch_size`` is the global batch:
+    under torchrun each of N processes takes about batch_size / N of it."""
 
     mode: str = "decoder"
     robust_image_blocks: bool = True

@@ -4,8 +4,13 @@ Reproducible by construction: the batch of step s (images, corrupted variants,
 prompts) is a function of (seed, s) only, and the learning rate a function of s, so
 a run stopped and resumed from its saved state computes the same losses as one never
 stopped. Progress goes out as JSON lines (``emit``) and into ``train.log``.
-Multi-process: ``WORLD_SIZE`` > 1 (torchrun) gives each rank its DistributedSampler
-shard, wraps the trained model in DDP and lets rank 0 alone write files and lines.
+Multi-process (``torchrun``, ``WORLD_SIZE`` > 1): ``train.batch_size`` is the global
+batch of a step. Every rank draws the same global batch (order, corrupted variants,
+prompt randomness per sample, all from (seed, step)) and computes its contiguous share;
+DDP averages the gradients, with the loss terms weighted so that the average is the
+global batch's mean. So N processes train (to float rounding) the same weights as one,
+and a run resumes with any number of processes. Rank 0 alone writes files and JSON
+lines; it builds the embedding cache while the others wait, then they all read it.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DistributedSampler
 
+from RobustMedSAMLib import distributed
 from RobustMedSAMLib.distributed import dist_info
 from RobustMedSAMLib.errors import CancelledError, InputError
 from RobustMedSAMLib.model import SegmentAnythingModel
@@ -49,6 +54,7 @@ from RobustMedSAMLib.training.prompts_sim import (
     boxes_from_masks,
     correction_points,
     initial_prompts,
+    points_in_masks,
 )
 
 log = logging.getLogger(__name__)
@@ -70,6 +76,21 @@ class RunOptions:
     stop_after: int | None = None
     emit: Emit | None = None
     handle_signals: bool = True
+
+
+@dataclass
+class StepBatch:
+    """This rank's part of a step's global batch: train-set ``indices``, ``variants``
+    (0 clean), the batch ``rng`` (same on every rank), one generator per sample,
+    ``weight`` and ``align_weight`` (see ``TrainStep.forward``)."""
+
+    indices: list[int]
+    variants: list[int]
+    rng: np.random.Generator
+    sample_rngs: list[np.random.Generator]
+    weight: float = 1.0
+    align_weight: float = 1.0
+    any_corrupted: bool = False
 
 
 @dataclass
@@ -151,12 +172,27 @@ class TrainStep(nn.Module):
         return embedding, model.mask_decoder.robust_image_features(embedding, early)
 
     def forward(
-        self, source: dict, clean: dict | None, masks: torch.Tensor, corrupted: torch.Tensor, rng
+        self,
+        source: dict,
+        clean: dict | None,
+        masks: torch.Tensor,
+        corrupted: torch.Tensor,
+        rng: np.random.Generator,
+        sample_rngs: list[np.random.Generator] | None = None,
+        weight: float = 1.0,
+        align_weight: float = 1.0,
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss, its terms) of a batch ``B``: masks ``B x L x L``, corrupted ``B`` bool.
+
+        rng draws the batch-wide choice (box or points); sample_rngs (one per sample,
+        default: rng for all) draw each sample's jitter, points and corrections, so a
+        sample gets the same prompts whichever process holds it. weight scales the mask
+        terms and align_weight the alignment term (a rank's share of the global mean).
+        """
         cfg = self.config
         scale = self.model.config.image_size / self.model.config.low_res_size
         embedding, robust = self.image_features(source)
-        prompts = initial_prompts(masks, rng, cfg.prompts, scale).to(masks.device)
+        prompts = _initial_prompts(masks, rng, sample_rngs, cfg.prompts, scale).to(masks.device)
         mask_input, terms, align = None, {}, None
         rounds = cfg.prompts.corrections + 1
         for round_ in range(rounds):
@@ -164,24 +200,51 @@ class TrainStep(nn.Module):
                 self.model, embedding, robust, prompts, mask_input
             )
             for name, value in mask_losses(logits, iou, masks, cfg.loss).items():
-                terms[name] = terms.get(name, 0.0) + value / rounds
-            if round_ == 0 and clean is not None and bool(corrupted.any()):
+                terms[name] = terms.get(name, 0.0) + value * (weight / rounds)
+            if round_ == 0 and clean is not None:
+                # every rank runs the clean pass when the global batch has a corrupted
+                # sample (BatchNorm statistics are taken over all ranks)
                 with torch.no_grad():
                     clean_embedding, clean_robust = self.image_features(clean)
                     _, _, clean_features = decode_paired(
                         self.model, clean_embedding, clean_robust, prompts
                     )
-                align = cfg.loss.align * alignment_loss(
-                    features[corrupted], clean_features[corrupted]
-                )
+                if bool(corrupted.any()):
+                    align = (cfg.loss.align * align_weight) * alignment_loss(
+                        features[corrupted], clean_features[corrupted]
+                    )
+                else:  # none in this rank's share: a zero term
+                    align = features.sum() * 0.0
             if round_ + 1 < rounds:
-                xy, labels = correction_points(logits.detach() > 0, masks, rng, scale)
+                xy, labels = _correction_points(logits.detach() > 0, masks, rng, sample_rngs, scale)
                 prompts = prompts.add_points(xy.to(masks.device), labels.to(masks.device))
                 mask_input = logits.detach()[:, None]
         if align is not None:
             terms["align"] = align
         total = sum(terms.values())
         return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def _initial_prompts(masks, rng, sample_rngs, section, scale) -> Prompts:
+    """``initial_prompts`` with each sample's draws from its own generator (when given)."""
+    if sample_rngs is None:
+        return initial_prompts(masks, rng, section, scale)
+    if rng.random() < section.box_probability:
+        boxes = [boxes_from_masks(masks[i : i + 1], r, section.box_jitter, scale)
+                 for i, r in enumerate(sample_rngs)]  # fmt: skip
+        return Prompts(None, None, torch.cat(boxes))
+    pairs = [points_in_masks(masks[i : i + 1], r, section.points, scale)
+             for i, r in enumerate(sample_rngs)]  # fmt: skip
+    return Prompts(torch.cat([p for p, _ in pairs]), torch.cat([q for _, q in pairs]), None)
+
+
+def _correction_points(predicted, masks, rng, sample_rngs, scale):
+    """``correction_points`` with each sample's draw from its own generator (when given)."""
+    if sample_rngs is None:
+        return correction_points(predicted, masks, rng, scale)
+    pairs = [correction_points(predicted[i : i + 1], masks[i : i + 1], r, scale)
+             for i, r in enumerate(sample_rngs)]  # fmt: skip
+    return torch.cat([p for p, _ in pairs]), torch.cat([q for _, q in pairs])
 
 
 def learning_rate(config: TrainingConfig, step: int) -> float:
@@ -198,8 +261,14 @@ def learning_rate(config: TrainingConfig, step: int) -> float:
 # The runner ---------------------------------------------------------------------------
 
 
+STOP_SIGNALS = tuple(
+    sig for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGBREAK", None)) if sig
+)
+
+
 class StopFlag:
-    """Set by SIGINT/SIGTERM (or ``stop_after``); the loop finishes its step, saves, exits."""
+    """Set by SIGINT/SIGTERM (SIGBREAK on Windows, where ``FinetuneProcess.stop`` sends
+    CTRL_BREAK_EVENT) or ``stop_after``; the loop finishes its step, saves, exits."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
@@ -208,7 +277,7 @@ class StopFlag:
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             self.previous[sig] = signal.signal(sig, lambda *_: self.event.set())
 
     def restore(self) -> None:
@@ -235,6 +304,11 @@ class Trainer:
         if self.dist.world > 1 and self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
+        if t.batch_size < self.dist.world:
+            raise InputError(
+                f"train.batch_size = {t.batch_size} is the batch of a step over all "
+                f"{self.dist.world} processes; make it at least {self.dist.world}"
+            )
         train, val = load_data(config.data, t.seed)
         self.model = build_model(config.model, t.seed).to(self.device)
         self.trained = select_trained(self.model, config)
@@ -260,25 +334,25 @@ class Trainer:
             ],
             lr=t.lr,
         )
-        self.sampler = DistributedSampler(
-            self.train_indices,
-            num_replicas=self.dist.world,
-            rank=self.dist.rank,
-            shuffle=True,
-            seed=t.seed,
-        )
-        self.steps_per_epoch = max(1, math.ceil(len(self.sampler) / t.batch_size))
+        self.steps_per_epoch = max(1, math.ceil(len(self.train_indices) / t.batch_size))
         self._orders: dict[int, list[int]] = {}
         self.caches: dict[str, EmbeddingCache] = {}
         self.step, self.best, self.losses = 0, -1.0, []
 
     def _wrap_ddp(self) -> nn.Module:
+        self._own_group, self._wait_group = False, None
         if self.dist.world <= 1:
             return self.step_module
         import torch.distributed as dist
 
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        from RobustMedSAMLib.training.sync_batchnorm import synchronise_batch_norm
+
+        self._own_group = not (dist.is_available() and dist.is_initialized())
+        distributed.init_process_group(self.device.type, required=True)
+        if synchronise_batch_norm(self.model, self.device.type):
+            log.info("BatchNorm statistics are taken over the global batch (all ranks)")
+        # rank 0 may build the embedding cache for hours: the others wait on this group
+        self._wait_group = distributed.long_wait_group()
         ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(
             self.step_module, device_ids=ids, find_unused_parameters=True
@@ -303,30 +377,42 @@ class Trainer:
 
     # --- data for a step ---
 
-    def batch_for(self, step: int) -> tuple[list[int], list[int], np.random.Generator]:
-        """(sample indices, variants, rng) of a step; depends only on (seed, step, rank)."""
+    def batch_for(self, step: int) -> StepBatch:
+        """This rank's share of step ``step``'s global batch; a function of (seed, step)
+        and the share only, whatever the number of processes."""
         t, c = self.config.train, self.config.corruption
         epoch, position = divmod(step, self.steps_per_epoch)
         if epoch not in self._orders:
-            self.sampler.set_epoch(epoch)
-            self._orders = {epoch: [self.train_indices[i] for i in self.sampler]}
-        order = self._orders[epoch]
-        indices = order[position * t.batch_size : (position + 1) * t.batch_size]
-        rng = np.random.default_rng([t.seed, step, self.dist.rank, 1])
+            self._orders = {epoch: epoch_order(len(self.train_indices), t.seed, epoch)}
+        order, count = self._orders[epoch], len(self.train_indices)
+        # the last batch of an epoch is filled from the epoch's start: every batch is full
+        batch = [self.train_indices[order[(position * t.batch_size + j) % count]]
+                 for j in range(t.batch_size)]  # fmt: skip
+        rng = np.random.default_rng([t.seed, step, 1])
         variants = [
             0
             if c.variants == 0 or rng.random() < c.clean_fraction
             else int(rng.integers(1, c.variants + 1))
-            for _ in indices
+            for _ in batch
         ]
-        return indices, variants, rng
+        mine = share(t.batch_size, self.dist.world, self.dist.rank)
+        corrupted = sum(v > 0 for v in variants)
+        return StepBatch(
+            [batch[j] for j in mine],
+            [variants[j] for j in mine],
+            rng,
+            [np.random.default_rng([t.seed, step, j, 2]) for j in mine],
+            weight=len(mine) * self.dist.world / t.batch_size,
+            align_weight=sum(variants[j] > 0 for j in mine) * self.dist.world / max(corrupted, 1),
+            any_corrupted=corrupted > 0,
+        )
 
     def sources(
-        self, split: str, indices: list[int], variants: list[int]
+        self, split: str, indices: list[int], variants: list[int], any_corrupted: bool = False
     ) -> tuple[dict, dict | None]:
         """Model inputs of the chosen variants and of the clean images (for alignment)."""
         inputs = self.train_inputs if split == "train" else self.val_inputs
-        need_clean = self.config.loss.align > 0 and any(variants)
+        need_clean = self.config.loss.align > 0 and (any_corrupted or any(variants))
 
         def source(variant_list: list[int]) -> dict:
             if split in self.caches:
@@ -392,9 +478,9 @@ class Trainer:
                     ),
                     cancel=self.stop.event.is_set,
                 )
-            self._barrier()
+            self._barrier(long=True)
             if not self.dist.main:
-                self.caches[split] = EmbeddingCache.open(folder)
+                self.caches[split] = _open_shared_cache(folder)
             log.info(
                 "embedding cache %s: %d images x %d versions, %.1f MB, %.1f s",
                 split, len(inputs.data), variants + 1, self.caches[split].nbytes / 1e6,
@@ -411,31 +497,47 @@ class Trainer:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
 
-    def _barrier(self) -> None:
+    def _barrier(self, long: bool = False) -> None:
+        """Wait for every rank; ``long``: on the group whose timeout allows hours."""
         if self.dist.world > 1:
-            import torch.distributed as dist
+            distributed.barrier(self._wait_group if long else None)
 
-            dist.barrier()
+    def _mean_over_ranks(self, total: float, terms: dict[str, float]) -> tuple[float, dict]:
+        """The global batch's loss and terms from every rank's weighted share."""
+        if self.dist.world <= 1:
+            return total, terms
+        import torch.distributed as dist
+
+        names = ("dice", "bce", "focal", "iou", "align")  # a rank may lack align
+        values = [total] + [terms.get(n, 0.0) for n in names] + [float(n in terms) for n in names]
+        value = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(value)
+        value = (value / self.dist.world).tolist()
+        present = value[1 + len(names) :]
+        out = {n: v for n, v, p in zip(names, value[1 : 1 + len(names)], present, strict=True) if p}
+        return value[0], out
 
     # --- training ---
 
     def train_step(self, step: int) -> tuple[float, dict[str, float]]:
-        indices, variants, rng = self.batch_for(step)
-        source, clean = self.sources("train", indices, variants)
+        batch = self.batch_for(step)
+        indices, variants = batch.indices, batch.variants
+        source, clean = self.sources("train", indices, variants, batch.any_corrupted)
         masks = self.train_inputs.targets(indices).to(self.device)
         corrupted = torch.tensor([v > 0 for v in variants], device=self.device)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.config, step)
         set_train_mode(self.model, self.trained, True)
         self.optimizer.zero_grad(set_to_none=True)
-        total, terms = self.ddp(source, clean, masks, corrupted, rng)
+        total, terms = self.ddp(source, clean, masks, corrupted, batch.rng, batch.sample_rngs,
+                                batch.weight, batch.align_weight)  # fmt: skip
         total.backward()
         if self.config.train.grad_clip > 0:
             nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad], self.config.train.grad_clip
             )
         self.optimizer.step()
-        return float(total.detach()), terms
+        return self._mean_over_ranks(float(total.detach()), terms)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -515,6 +617,8 @@ class Trainer:
             return self._loop()
         finally:
             self.stop.restore()
+            if self._own_group:
+                distributed.destroy_process_group()
             if handler is not None:
                 logger.removeHandler(handler)
                 logger.setLevel(old_level)
@@ -567,7 +671,7 @@ class Trainer:
                     "loss": loss,
                     "losses": terms,
                     "lr": learning_rate(self.config, self.step - 1),
-                    "samples_per_s": rate * t.batch_size * self.dist.world,
+                    "samples_per_s": rate * t.batch_size,
                     "eta_s": (t.steps - self.step) / max(rate, 1e-9),
                 }
                 self.emit(record)
@@ -606,6 +710,32 @@ class Trainer:
             self.emit({"event": "val", "step": self.step, **scores, "best": improved})
             log.info("validation at step %d: %s", self.step, scores)
         self.save(tag_best=improved or not scores)
+
+
+def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
+    """A permutation of ``range(count)`` for ``epoch`` (as torch's samplers shuffle)."""
+    generator = torch.Generator()
+    generator.manual_seed(seed + epoch)
+    return torch.randperm(count, generator=generator).tolist()
+
+
+def share(batch: int, world: int, rank: int) -> range:
+    """Positions of ``rank``'s contiguous share of a ``batch`` split over ``world``
+    processes (sizes differ by at most one; earlier ranks take the extra ones)."""
+    size, extra = divmod(batch, world)
+    start = rank * size + min(rank, extra)
+    return range(start, start + size + (rank < extra))
+
+
+def _open_shared_cache(folder: Path) -> EmbeddingCache:
+    """The cache rank 0 built; InputError when this machine cannot see it."""
+    try:
+        return EmbeddingCache.open(folder)
+    except FileNotFoundError:
+        raise InputError(
+            f"{folder}: rank 0 built the embedding cache but this process cannot read it; "
+            "on several machines set [cache] dir (or --out) to a shared file system"
+        ) from None
 
 
 def _check_run_dir(run_dir: Path, config: TrainingConfig, resume: bool) -> None:
