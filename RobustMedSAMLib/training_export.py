@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import re
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 from RobustMedSAMLib.atomic_files import atomic_output
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.segmentation_io import write_segmentation
-from RobustMedSAMLib.training.config import TrainingConfig
+from RobustMedSAMLib.training.config import TrainingConfig, read_toml
 from RobustMedSAMLib.volume import Volume, write_volume
 
 log = logging.getLogger(__name__)
@@ -167,12 +166,7 @@ def _base_values(base: Path | None) -> dict[str, dict[str, Any]]:
     if base is None:
         return {section: dict(keys) for section, keys in DECODER_ONLY.items()}
     base = Path(base)
-    try:
-        raw = tomllib.loads(base.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"base config not found: {base}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise InputError(f"{base}: not a valid TOML file ({error})") from None
+    raw = read_toml(base, "base config")
     if raw.get("data", {}).get("source", "") != "volumes":  # no data of its own to check
         raw.setdefault("data", {}).update(source="phantoms", paths=[], folder="")
     return TrainingConfig.from_dict(raw, base=base.parent.resolve()).to_dict()

@@ -162,13 +162,7 @@ class TrainingConfig:
     @classmethod
     def from_toml(cls, path: str | Path) -> TrainingConfig:
         path = Path(path)
-        try:
-            values = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise InputError(f"config file not found: {path}") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-            raise InputError(f"{path}: not a valid TOML file ({error})") from None
-        return cls.from_dict(values, base=path.parent.resolve())
+        return cls.from_dict(read_toml(path), base=path.parent.resolve())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -251,6 +245,16 @@ class TrainingConfig:
             raise InputError("data.source = 'medsegbench' needs paths = ['..._{size}.npz', ...]")
         if d.source == "volumes" and not d.folder:
             raise InputError("data.source = 'volumes' needs folder = '...'")
+
+
+def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
+    """A TOML file as a dict; InputError when it is missing or not TOML."""
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{what} not found: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not a valid TOML file ({error})") from None
 
 
 def _asdict(config: TrainingConfig, section: str) -> list[tuple[str, Any]]:
