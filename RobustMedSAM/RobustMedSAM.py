@@ -553,7 +553,7 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         segment_id: str | None = None,
         progress: Callable[[int, int], None] | None = None,
         cancel: Callable[[], bool] | None = None,
-        overwrite_other_segments: bool = False,
+        overwrite_other_segments: bool | frozenset[str] = False,
         editable_mask: np.ndarray | None = None,
         segment_name: str | None = None,
     ) -> list[SliceScore]:
@@ -585,7 +585,7 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         index: int,
         segmentation_node,
         segment_id: str | None = None,
-        overwrite_other_segments: bool = False,
+        overwrite_other_segments: bool | frozenset[str] = False,
         editable_mask: np.ndarray | None = None,
         segment_name: str | None = None,
     ) -> str:
@@ -608,7 +608,7 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         result: SliceResult,
         segmentation_node,
         segment_id: str | None = None,
-        overwrite_other_segments: bool = False,
+        overwrite_other_segments: bool | frozenset[str] = False,
         editable_mask: np.ndarray | None = None,
         segment_name: str | None = None,
     ) -> str:
@@ -637,7 +637,7 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         volume_node,
         mask: np.ndarray,
         segment_id: str | None = None,
-        overwrite_other_segments: bool = False,
+        overwrite_other_segments: bool | frozenset[str] = False,
         editable_mask: np.ndarray | None = None,
         segment_name: str | None = None,
         reference: Volume | None = None,
@@ -1121,6 +1121,9 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(
                 self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons
             )
+            self.removeObserver(
+                self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onMarkupsChanged
+            )
 
     def onSceneStartClose(self, caller, event) -> None:
         if self._task is not None:
@@ -1148,10 +1151,16 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(
                 self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons
             )
+            self.removeObserver(
+                self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onMarkupsChanged
+            )
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.addObserver(
+                self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onMarkupsChanged
+            )
             self._syncUnboundWidgets()
             self.onMarkupsChanged()
         self._updateButtons()
@@ -1177,6 +1186,10 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- parameter changes -----------------------------------------------------------
 
     def onVolumeChanged(self, node=None) -> None:
+        # Qt calls this slot before the parameter node's connector (connected later) has
+        # stored the new volume: store it first, or onEncode would use the old one.
+        if self._parameterNode is not None and self._parameterNode.input_volume is not node:
+            self._parameterNode.input_volume = node
         self._forgetSessions()
         self._updateButtons()
         ready = importlib.util.find_spec("torch") is not None
@@ -1210,16 +1223,18 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode.finetune_output = self.ui.finetuneOutputPathLineEdit.currentPath
 
     def onMarkupsChanged(self, *_args) -> None:
-        """Point the place widgets at the chosen nodes and observe their points."""
+        """Point the place widgets at the chosen nodes and observe their points. Also runs
+        on every parameter node change: a selector's own signal comes before its
+        connector has stored the new node."""
         node = self._parameterNode
         if node is None:
             return
         self.ui.positivePlaceWidget.setCurrentNode(node.positive_points)
         self.ui.negativePlaceWidget.setCurrentNode(node.negative_points)
         self.ui.roiPlaceWidget.setCurrentNode(node.roi)
-        self._observeMarkups(
-            [n for n in (node.positive_points, node.negative_points, node.roi) if n]
-        )
+        nodes = [n for n in (node.positive_points, node.negative_points, node.roi) if n]
+        if nodes != self._observed_markups:
+            self._observeMarkups(nodes)
 
     def _observeMarkups(self, nodes: list) -> None:
         events = (

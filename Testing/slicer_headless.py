@@ -128,6 +128,154 @@ class WithinRange:
         self.minimum, self.maximum = minimum, maximum
 
 
+class _Field:
+    """One typed field of a wrapped parameter node, stored on the
+    ``vtkMRMLScriptedModuleNode``: MRML nodes as node references, other values as JSON
+    text (``SetParameter``), so setting one fires the node's ModifiedEvent as in Slicer.
+    Reads give the declared default until set; read on the class, the default. Assignments
+    are checked like Slicer's wrapper does: the type (TypeError), ``Choice`` and
+    ``WithinRange`` (ValueError)."""
+
+    def __init__(self, name: str, annotation, default) -> None:
+        import typing
+
+        self.name = name
+        self.base = typing.get_args(annotation)[0] if typing.get_origin(annotation) else annotation
+        self.extras = typing.get_args(annotation)[1:] if typing.get_origin(annotation) else ()
+        self.is_node = isinstance(self.base, type) and self.base.__name__.startswith("vtkMRML")
+        empty = {bool: False, int: 0, float: 0.0, str: ""}
+        self.default = default if default is not _NO_DEFAULT else empty.get(self.base)
+
+    def __get__(self, wrapper, owner=None):
+        if wrapper is None:
+            return self.default
+        node = wrapper.parameterNode
+        if self.is_node:
+            return node.GetNodeReference(self.name)
+        if self.name not in node.GetParameterNames():
+            return self.default
+        import json
+
+        return self.base(json.loads(node.GetParameter(self.name)))
+
+    def __set__(self, wrapper, value) -> None:
+        import json
+
+        self.check(value)
+        node = wrapper.parameterNode
+        if self.is_node:
+            node.SetNodeReferenceID(self.name, value.GetID() if value is not None else None)
+        else:
+            node.SetParameter(self.name, json.dumps(self.base(value)))
+
+    def check(self, value) -> None:
+        base, name = self.base, self.name
+        if self.is_node:
+            if value is not None and not isinstance(value, base):
+                raise TypeError(f"{name}: expected {base.__name__} or None, got {value!r}")
+            return
+        ok = (
+            isinstance(value, bool)
+            if base is bool
+            else isinstance(value, (int, float) if base is float else base)
+            and not isinstance(value, bool)
+        )
+        if not ok:
+            raise TypeError(f"{name}: expected {base.__name__}, got {value!r}")
+        for extra in self.extras:
+            if isinstance(extra, Choice) and value not in extra.choices:
+                raise ValueError(f"{name}: {value!r} is not one of {extra.choices}")
+            if isinstance(extra, WithinRange) and not extra.minimum <= value <= extra.maximum:
+                raise ValueError(f"{name}: {value!r} is outside {extra.minimum}..{extra.maximum}")
+
+
+_NO_DEFAULT = object()
+
+
+class _WrappedParameterNode:
+    """Base of the classes :func:`parameter_node_wrapper` makes. ``connectGui`` binds only
+    the node combo boxes (see there); tags not yet disconnected are in ``gui_tags``."""
+
+    _fields = {}  # name -> _Field (no annotation: tests read the subclass hints)
+
+    def __init__(self, parameterNode) -> None:  # noqa: N803 (Slicer's name)
+        object.__setattr__(self, "parameterNode", parameterNode)
+        object.__setattr__(self, "gui_tags", [])
+
+    def __setattr__(self, name: str, value) -> None:
+        if name not in self._fields:
+            raise AttributeError(f"{type(self).__name__} has no parameter '{name}'")
+        object.__setattr__(self, name, value)
+
+    def connectGui(self, gui):  # noqa: N802 (Slicer's name)
+        """Bind the node combo boxes whose ``SlicerParameterName`` names a field, both ways,
+        as Slicer's connectors do: the widget's ``currentNodeChanged`` slot (connected
+        after the panel's own slots, so it runs after them) sets the field; a change of
+        the parameter node sets the widget. Other widget kinds are not bound."""
+        import vtk
+
+        combos = [
+            (w, w.SlicerParameterName)
+            for w in vars(gui).values()
+            if isinstance(w, FakeNodeComboBox) and w.SlicerParameterName in self._fields
+        ]
+
+        def to_node(field):
+            return lambda node: None if getattr(self, field) is node else setattr(self, field, node)
+
+        slots = []
+        for widget, field in combos:
+            slot = to_node(field)
+            widget.connect("currentNodeChanged(vtkMRMLNode*)", slot)
+            slots.append((widget, slot))
+
+        def to_widgets(*_args):
+            for widget, field in combos:
+                widget.setCurrentNode(getattr(self, field))
+
+        observer = self.parameterNode.AddObserver(vtk.vtkCommand.ModifiedEvent, to_widgets)
+        to_widgets()
+        tag = (observer, slots)
+        self.gui_tags.append(tag)
+        return tag
+
+    def disconnectGui(self, tag) -> None:  # noqa: N802 (Slicer's name)
+        if tag in self.gui_tags:
+            self.gui_tags.remove(tag)
+            observer, slots = tag
+            self.parameterNode.RemoveObserver(observer)
+            for widget, slot in slots:
+                widget.slots["currentNodeChanged(vtkMRMLNode*)"].remove(slot)
+
+    def AddObserver(self, event, callback, priority=0.0):  # noqa: N802 (VTK's name)
+        return self.parameterNode.AddObserver(event, callback, priority)
+
+    def RemoveObserver(self, tag) -> None:  # noqa: N802 (VTK's name)
+        self.parameterNode.RemoveObserver(tag)
+
+
+def parameter_node_wrapper(cls):
+    """Stand-in for ``slicer.parameterNodeWrapper.parameterNodeWrapper``: a class whose
+    annotated fields live on the ``vtkMRMLScriptedModuleNode`` it wraps (see ``_Field``).
+    The class keeps its annotations (tests read them) and its defaults as class values."""
+    import sys
+    import typing
+
+    hints = typing.get_type_hints(cls, vars(sys.modules[cls.__module__]), include_extras=True)
+    fields = {
+        name: _Field(name, hint, vars(cls).get(name, _NO_DEFAULT)) for name, hint in hints.items()
+    }
+    namespace = {
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__,
+        "__annotations__": dict(cls.__annotations__),
+        "_fields": fields,
+        **fields,
+    }
+    return type(cls.__name__, (_WrappedParameterNode,), namespace)
+
+
 def _missing(name: str) -> bool:
     """Whether module ``name`` is neither imported (a stub counts) nor importable."""
     import importlib.util
@@ -161,10 +309,30 @@ def _stub_gui_modules() -> None:
         class ScriptedLoadableModuleLogic:
             def __init__(self, parent=None) -> None:
                 self.parent = parent
+                self.moduleName = type(self).__name__.removesuffix("Logic")
+
+            def getParameterNode(self):  # noqa: N802 (Slicer's name)
+                """Slicer's singleton ``vtkMRMLScriptedModuleNode`` tagged with the module name."""
+                scene = slicer.mrmlScene
+                node = scene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
+                if node is None:
+                    node = slicer.vtkMRMLScriptedModuleNode()
+                    node.SetSingletonTag(self.moduleName)
+                    node.SetName(self.moduleName)
+                    node = scene.AddNode(node)
+                return node
 
         class ScriptedLoadableModuleWidget:
             def __init__(self, parent=None) -> None:
                 self.parent = parent
+                layout = getattr(parent, "layout", None)
+                self.layout = layout() if callable(layout) else None
+
+            def setup(self) -> None:  # Slicer adds its Reload & Test buttons here
+                pass
+
+            def resourcePath(self, filename: str) -> str:  # noqa: N802 (Slicer's name)
+                return str(MODULE_FILE.parent / "Resources" / filename)
 
         class ScriptedLoadableModuleTest(unittest.TestCase):
             def delayDisplay(self, message, msec=None) -> None:  # noqa: N802 (Slicer's name)
@@ -181,7 +349,7 @@ def _stub_gui_modules() -> None:
         slicer.ScriptedLoadableModule = stub
     if _missing("slicer.parameterNodeWrapper"):
         wrapper = types.ModuleType("slicer.parameterNodeWrapper")
-        wrapper.parameterNodeWrapper = lambda cls: cls
+        wrapper.parameterNodeWrapper = parameter_node_wrapper
         wrapper.Choice = Choice
         wrapper.WithinRange = WithinRange
         sys.modules["slicer.parameterNodeWrapper"] = wrapper
@@ -203,3 +371,550 @@ def load_module_file() -> types.ModuleType:
     sys.modules["RobustMedSAM"] = module
     spec.loader.exec_module(module)
     return module
+
+
+# --- GUI stand-in: a small, explicit fake of qt, the .ui tree and slicer.app ------------
+#
+# Enough of Qt for the Widget's Python code to run against real MRML. Widgets hold only
+# the properties and signals listed for their class: a wrong name raises AttributeError
+# (reading or writing) or ValueError (connecting an unknown signal; real Qt only warns,
+# leaving a dead control). Timers never fire on their own: tests pump them.
+
+
+def call_slot(slot, args: tuple):
+    """Call ``slot`` with as many of ``args`` as it takes (PythonQt does the same)."""
+    import inspect
+
+    try:
+        parameters = list(inspect.signature(slot).parameters.values())
+    except (TypeError, ValueError):
+        return slot(*args)
+    if any(p.kind == p.VAR_POSITIONAL for p in parameters):
+        return slot(*args)
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return slot(*args[: len(positional)])
+
+
+class FakeWidget:
+    """A widget of the .ui file: ``PROPERTIES`` (start values from the .ui), ``SIGNALS``
+    (``connect`` records slots, ``emit`` calls them) and the methods of its class."""
+
+    PROPERTIES = frozenset({"enabled", "visible", "toolTip", "objectName", "SlicerParameterName"})
+    SIGNALS: frozenset[str] = frozenset()
+
+    def __init__(self, name: str, properties: dict) -> None:
+        values = {"enabled": True, "visible": True, "toolTip": "", "objectName": name}
+        values.update({k: v for k, v in properties.items() if k in self.PROPERTIES})
+        object.__setattr__(self, "_values", values)
+        object.__setattr__(self, "slots", {})
+        object.__setattr__(self, "scene", None)
+
+    def __getattr__(self, name: str):
+        values = object.__getattribute__(self, "_values")
+        if name in type(self).PROPERTIES:
+            return values.get(name)
+        raise AttributeError(f"{type(self).__name__} '{values['objectName']}' has no '{name}'")
+
+    def __setattr__(self, name: str, value) -> None:
+        if name not in type(self).PROPERTIES:
+            raise AttributeError(f"{type(self).__name__} '{self.objectName}' has no '{name}'")
+        self._values[name] = value
+
+    def connect(self, signal: str, slot) -> bool:
+        if signal not in self.SIGNALS:
+            raise ValueError(f"{type(self).__name__} '{self.objectName}' has no signal {signal}")
+        self.slots.setdefault(signal, []).append(slot)
+        return True
+
+    def emit(self, signal: str, *args) -> None:
+        if signal not in self.SIGNALS:
+            raise ValueError(f"{type(self).__name__} has no signal {signal}")
+        for slot in list(self.slots.get(signal, [])):
+            call_slot(slot, args)
+
+    def setEnabled(self, on: bool) -> None:  # noqa: N802 (Qt's names)
+        self.enabled = bool(on)
+
+    def setToolTip(self, text: str) -> None:  # noqa: N802
+        self.toolTip = text
+
+
+class FakeMRMLWidget(FakeWidget):
+    SIGNALS = frozenset({"mrmlSceneChanged(vtkMRMLScene*)"})
+
+    def setMRMLScene(self, scene) -> None:  # noqa: N802
+        object.__setattr__(self, "scene", scene)
+
+
+class FakeLabel(FakeWidget):
+    PROPERTIES = FakeWidget.PROPERTIES | {"text", "wordWrap"}
+
+
+class FakeButton(FakeWidget):
+    PROPERTIES = FakeWidget.PROPERTIES | {"text", "checked", "checkable"}
+    SIGNALS = frozenset({"clicked(bool)", "clicked()", "toggled(bool)"})
+
+    def click(self) -> None:
+        self.emit("clicked(bool)", bool(self.checked))
+
+
+class FakeCheckBox(FakeButton):
+    SIGNALS = FakeButton.SIGNALS | {"stateChanged(int)"}
+
+
+class FakeComboBox(FakeWidget):
+    PROPERTIES = FakeWidget.PROPERTIES | {"currentText", "currentIndex"}
+    SIGNALS = frozenset({"currentIndexChanged(int)", "currentTextChanged(QString)"})
+
+
+class FakeSpinBox(FakeWidget):
+    PROPERTIES = FakeWidget.PROPERTIES | {"value", "minimum", "maximum", "singleStep", "decimals"}
+    SIGNALS = frozenset({"valueChanged(int)", "valueChanged(double)"})
+
+
+class FakeProgressBar(FakeWidget):
+    PROPERTIES = FakeWidget.PROPERTIES | {"value", "minimum", "maximum", "textVisible"}
+
+    def __init__(self, name: str, properties: dict) -> None:
+        super().__init__(name, {"value": 0, "minimum": 0, "maximum": 100, **properties})
+        object.__setattr__(self, "values", [])  # every value set, in order
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name == "value":
+            self.values.append(value)
+
+
+class FakeCollapsibleButton(FakeWidget):
+    PROPERTIES = FakeWidget.PROPERTIES | {"text", "collapsed"}
+    SIGNALS = frozenset({"contentsCollapsed(bool)"})
+
+
+class FakePathLineEdit(FakeWidget):
+    PROPERTIES = FakeWidget.PROPERTIES | {"currentPath", "filters", "settingKey"}
+    SIGNALS = frozenset({"currentPathChanged(QString)"})
+
+    def __init__(self, name: str, properties: dict) -> None:
+        super().__init__(name, {"currentPath": "", **properties})
+
+
+class FakeNodeComboBox(FakeMRMLWidget):
+    PROPERTIES = FakeWidget.PROPERTIES | {
+        "nodeTypes", "showChildNodeTypes", "noneEnabled", "addEnabled", "removeEnabled",
+        "renameEnabled",
+    }  # fmt: skip
+    SIGNALS = FakeMRMLWidget.SIGNALS | {
+        "currentNodeChanged(vtkMRMLNode*)", "currentNodeChanged(bool)",
+        "currentNodeIDChanged(QString)",
+    }  # fmt: skip
+
+    def __init__(self, name: str, properties: dict) -> None:
+        super().__init__(name, properties)
+        object.__setattr__(self, "_node", None)
+
+    def currentNode(self):  # noqa: N802
+        return self._node
+
+    def setCurrentNode(self, node) -> None:  # noqa: N802
+        if node is not self._node:
+            object.__setattr__(self, "_node", node)
+            self.emit("currentNodeChanged(vtkMRMLNode*)", node)
+
+
+class FakeSegmentSelector(FakeNodeComboBox):
+    PROPERTIES = FakeWidget.PROPERTIES | {"segmentationNodeSelectorVisible", "noneEnabled"}
+    SIGNALS = FakeNodeComboBox.SIGNALS | {"currentSegmentChanged(QString)"}
+
+    def __init__(self, name: str, properties: dict) -> None:
+        super().__init__(name, properties)
+        object.__setattr__(self, "_segment_id", "")
+
+    def currentSegmentID(self) -> str:  # noqa: N802
+        return self._segment_id
+
+    def setCurrentSegmentID(self, segment_id: str) -> None:  # noqa: N802
+        if segment_id != self._segment_id:
+            object.__setattr__(self, "_segment_id", segment_id)
+            self.emit("currentSegmentChanged(QString)", segment_id)
+
+
+class FakePlaceWidget(FakeMRMLWidget):
+    PROPERTIES = FakeWidget.PROPERTIES | {"placeMultipleMarkups"}
+    SIGNALS = FakeMRMLWidget.SIGNALS | {"activeMarkupsFiducialPlaceModeChanged(bool)"}
+
+    def __init__(self, name: str, properties: dict) -> None:
+        super().__init__(name, properties)
+        object.__setattr__(self, "_node", None)
+
+    def currentNode(self):  # noqa: N802
+        return self._node
+
+    def setCurrentNode(self, node) -> None:  # noqa: N802
+        object.__setattr__(self, "_node", node)
+
+
+class FakeTableWidget(FakeWidget):
+    """Rows of cells (``items[(row, column)]``); ``currentRow()`` follows ``selectRow``."""
+
+    SIGNALS = frozenset({"cellDoubleClicked(int,int)", "cellClicked(int,int)"})
+
+    def __init__(self, name: str, properties: dict) -> None:
+        super().__init__(name, properties)
+        for key, value in (("items", {}), ("rows", 0), ("columns", 0), ("headers", [])):
+            object.__setattr__(self, key, value)
+        object.__setattr__(self, "_current", -1)
+        object.__setattr__(self, "settings", {})
+
+    def setColumnCount(self, n: int) -> None:  # noqa: N802
+        object.__setattr__(self, "columns", int(n))
+
+    def setRowCount(self, n: int) -> None:  # noqa: N802
+        object.__setattr__(self, "rows", int(n))
+        for key in [k for k in self.items if k[0] >= n]:
+            del self.items[key]
+
+    def rowCount(self) -> int:  # noqa: N802
+        return self.rows
+
+    def setHorizontalHeaderLabels(self, labels) -> None:  # noqa: N802
+        object.__setattr__(self, "headers", list(labels))
+
+    def setEditTriggers(self, value) -> None:  # noqa: N802
+        self.settings["editTriggers"] = value
+
+    def setSelectionBehavior(self, value) -> None:  # noqa: N802
+        self.settings["selectionBehavior"] = value
+
+    def setItem(self, row: int, column: int, item) -> None:  # noqa: N802
+        if not (0 <= row < self.rows and 0 <= column < self.columns):
+            return  # Qt ignores cells outside the table
+        self.items[(row, column)] = item
+
+    def item(self, row: int, column: int):
+        return self.items.get((row, column))
+
+    def currentRow(self) -> int:  # noqa: N802
+        return self._current
+
+    def selectRow(self, row: int) -> None:  # noqa: N802
+        object.__setattr__(self, "_current", int(row))
+
+    def text_rows(self) -> list[list[str]]:
+        return [
+            [self.items[(r, c)].text() if (r, c) in self.items else "" for c in range(self.columns)]
+            for r in range(self.rows)
+        ]
+
+
+FAKE_WIDGET_CLASSES = {
+    "qMRMLWidget": FakeMRMLWidget,
+    "QWidget": FakeWidget,
+    "QLabel": FakeLabel,
+    "QPushButton": FakeButton,
+    "QCheckBox": FakeCheckBox,
+    "QComboBox": FakeComboBox,
+    "QSpinBox": FakeSpinBox,
+    "QDoubleSpinBox": FakeSpinBox,
+    "QProgressBar": FakeProgressBar,
+    "QTableWidget": FakeTableWidget,
+    "ctkCollapsibleButton": FakeCollapsibleButton,
+    "ctkPathLineEdit": FakePathLineEdit,
+    "qMRMLNodeComboBox": FakeNodeComboBox,
+    "qMRMLSegmentSelectorWidget": FakeSegmentSelector,
+    "qSlicerMarkupsPlaceWidget": FakePlaceWidget,
+}
+
+
+def _ui_value(prop):
+    """A Designer ``<property>``'s value as Python (bool, number, string; else None)."""
+    for child in prop:
+        text = child.text or ""
+        if child.tag == "bool":
+            return text == "true"
+        if child.tag == "number":
+            return int(text)
+        if child.tag == "double":
+            return float(text)
+        if child.tag == "string":
+            return text
+        if child.tag == "stringlist":
+            return [s.text or "" for s in child.findall("string")]
+    return None
+
+
+def load_fake_ui(path) -> FakeMRMLWidget:
+    """Parse a Designer file: the top widget, with ``children`` {objectName: fake widget}.
+    Unknown widget classes raise KeyError (add them to ``FAKE_WIDGET_CLASSES``)."""
+    import xml.etree.ElementTree as ElementTree
+
+    root = ElementTree.parse(path).getroot().find("widget")
+    children = {}
+    for element in root.iter("widget"):
+        properties = {p.get("name"): _ui_value(p) for p in element.findall("property")}
+        fake = FAKE_WIDGET_CLASSES[element.get("class")](element.get("name"), properties)
+        children[element.get("name")] = fake
+    top = children[root.get("name")]
+    object.__setattr__(top, "children", children)
+    return top
+
+
+def make_fake_qt() -> types.ModuleType:
+    """A ``qt`` module with the classes the Widget uses. State lives on the module
+    object: ``timers`` (every QTimer made), ``single_shots`` (pending
+    ``QTimer.singleShot`` calls), ``dialogs`` (every QProgressDialog), and ``pump()``
+    runs the pending single shots and fires every active timer once."""
+    qt = types.ModuleType("qt")
+    qt.timers, qt.single_shots, qt.dialogs = [], [], []
+
+    class QTimer:
+        def __init__(self, parent=None) -> None:
+            self.interval, self.single, self.active, self.starts = 0, False, False, 0
+            self.slots: list = []
+            qt.timers.append(self)
+
+        def setInterval(self, ms: int) -> None:  # noqa: N802
+            self.interval = int(ms)
+
+        def setSingleShot(self, on: bool) -> None:  # noqa: N802
+            self.single = bool(on)
+
+        def isActive(self) -> bool:  # noqa: N802
+            return self.active
+
+        def start(self, ms: int | None = None) -> None:
+            self.active, self.starts = True, self.starts + 1
+
+        def stop(self) -> None:
+            self.active = False
+
+        def connect(self, signal: str, slot) -> bool:
+            if signal != "timeout()":
+                raise ValueError(f"QTimer has no signal {signal}")
+            self.slots.append(slot)
+            return True
+
+        def fire(self) -> None:
+            if self.single:
+                self.active = False
+            for slot in list(self.slots):
+                call_slot(slot, ())
+
+        @staticmethod
+        def singleShot(ms: int, slot) -> None:  # noqa: N802
+            qt.single_shots.append(slot)
+
+    def pump() -> None:
+        shots, qt.single_shots[:] = list(qt.single_shots), []
+        for slot in shots:
+            call_slot(slot, ())
+        for timer in list(qt.timers):
+            if timer.active:
+                timer.fire()
+
+    class QKeySequence:
+        NoMatch, PartialMatch, ExactMatch = 0, 1, 2
+
+        def __init__(self, text: str = "") -> None:
+            self.text = str(text)
+
+        def toString(self) -> str:  # noqa: N802
+            return self.text
+
+        def isEmpty(self) -> bool:  # noqa: N802
+            return not self.text
+
+        def matches(self, other) -> int:
+            same = bool(self.text) and self.text == other.text
+            return self.ExactMatch if same else self.NoMatch
+
+        def __eq__(self, other) -> bool:
+            return isinstance(other, QKeySequence) and self.text == other.text
+
+        __hash__ = None
+
+    class QShortcut:
+        def __init__(self, keys, parent=None) -> None:
+            self.key, self.parent, self.enabled, self.slots = keys, parent, True, []
+
+        def connect(self, signal: str, slot) -> bool:
+            if signal != "activated()":
+                raise ValueError(f"QShortcut has no signal {signal}")
+            self.slots.append(slot)
+            return True
+
+        def setEnabled(self, on: bool) -> None:  # noqa: N802
+            self.enabled = bool(on)
+
+        def isEnabled(self) -> bool:  # noqa: N802
+            return self.enabled
+
+        def press(self) -> None:
+            """The user presses the keys: the slots run if the shortcut is enabled."""
+            if self.enabled:
+                for slot in list(self.slots):
+                    call_slot(slot, ())
+
+    class QAction:
+        def __init__(self, text: str = "", shortcut: str = "") -> None:
+            self.text, self.shortcut, self.enabled, self.triggered = (
+                text,
+                QKeySequence(shortcut),
+                True,
+                0,
+            )
+
+        def setShortcut(self, keys) -> None:  # noqa: N802
+            self.shortcut = keys
+
+        def trigger(self) -> None:
+            self.triggered += 1
+
+    class QProgressDialog:
+        def __init__(self, label="", cancel="", minimum=0, maximum=100, parent=None) -> None:
+            self.label, self.maximum, self.values, self.calls = label, maximum, [], []
+            self.closed = False
+            qt.dialogs.append(self)
+
+        def setWindowTitle(self, title) -> None:  # noqa: N802
+            self.calls.append(("setWindowTitle", title))
+
+        def setCancelButton(self, button) -> None:  # noqa: N802
+            self.calls.append(("setCancelButton", button))
+
+        def setMinimumDuration(self, ms) -> None:  # noqa: N802
+            self.calls.append(("setMinimumDuration", ms))
+
+        def setLabelText(self, text) -> None:  # noqa: N802
+            self.label = text
+
+        def setValue(self, value) -> None:  # noqa: N802
+            self.values.append(value)
+
+        def close(self) -> None:
+            self.closed = True
+
+    class QTableWidgetItem:
+        def __init__(self, text: str = "") -> None:
+            self._text, self.background = str(text), None
+
+        def text(self) -> str:
+            return self._text
+
+        def setBackground(self, brush) -> None:  # noqa: N802
+            self.background = brush
+
+    qt.QTimer, qt.QKeySequence, qt.QShortcut, qt.QAction = QTimer, QKeySequence, QShortcut, QAction
+    qt.QProgressDialog, qt.QTableWidgetItem, qt.pump = QProgressDialog, QTableWidgetItem, pump
+    qt.QAbstractItemView = types.SimpleNamespace(NoEditTriggers=0, SelectRows=1)
+    qt.QMessageBox = types.SimpleNamespace(Ok=0x400, Cancel=0x400000, Yes=0x4000, No=0x10000)
+    qt.QBrush = lambda color: types.SimpleNamespace(color=color)
+    qt.QColor = lambda *rgb: types.SimpleNamespace(rgb=rgb)
+    qt.Qt = types.SimpleNamespace(WaitCursor=3)
+    return qt
+
+
+class FakeLayoutManager:
+    """Slicer's layout manager over real ``vtkMRMLSliceNode`` / ``vtkMRMLSliceCompositeNode``
+    (Red axial, Yellow sagittal, Green coronal) in the scene; ``layouts`` records
+    ``setLayout``."""
+
+    ORIENTATIONS = {"Red": "Axial", "Yellow": "Sagittal", "Green": "Coronal"}
+
+    def __init__(self, scene) -> None:
+        self.layouts: list[int] = []
+        self.widgets = {}
+        for name, orientation in self.ORIENTATIONS.items():
+            node = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+            node.SetName(name)
+            node.SetLayoutName(name)
+            node.SetSingletonTag(name)
+            node.SetOrientation(orientation)
+            composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+            composite.SetLayoutName(name)
+            self.widgets[name] = types.SimpleNamespace(
+                mrmlSliceNode=lambda n=node: n, mrmlSliceCompositeNode=lambda c=composite: c
+            )
+
+    def setLayout(self, layout: int) -> None:  # noqa: N802
+        self.layouts.append(layout)
+
+    def sliceViewNames(self) -> list[str]:  # noqa: N802
+        return list(self.widgets)
+
+    def sliceWidget(self, name: str):  # noqa: N802
+        return self.widgets[name]
+
+
+class FakeApp:
+    """``slicer.app``: a temporary folder, a layout manager, counted ``processEvents`` and
+    override-cursor depth (``cursor_depth`` must come back to 0)."""
+
+    def __init__(self, scene, temporary: str) -> None:
+        self.temporaryPath = temporary
+        self._layout = FakeLayoutManager(scene)
+        self.processed, self.cursor_depth = 0, 0
+
+    def layoutManager(self):  # noqa: N802
+        return self._layout
+
+    def processEvents(self) -> None:  # noqa: N802
+        self.processed += 1
+
+    def testingEnabled(self) -> bool:  # noqa: N802
+        return False
+
+    def setOverrideCursor(self, cursor) -> None:  # noqa: N802
+        self.cursor_depth += 1
+
+    def restoreOverrideCursor(self) -> None:  # noqa: N802
+        self.cursor_depth -= 1
+
+
+def install_gui_stand_in(monkeypatch, module, temporary: str, confirm: bool = True):
+    """Put the stand-in in place for one test (``monkeypatch`` undoes it): ``qt`` (in
+    ``sys.modules`` and as ``module.qt``), ``slicer.app``, ``slicer.util`` loadUI /
+    childWidgetVariables / mainWindow, the message boxes (recorded in ``dialogs`` as
+    ``(kind, text)``; ``confirmOkCancelDisplay`` answers ``confirm``), ``pip_install``
+    (recorded in ``pip``) and ``slicer.qSlicerMarkupsPlaceWidget``. The main window holds
+    one "Edit > Undo" QAction on Ctrl+Z (``undo_action``)."""
+    import sys
+
+    import slicer
+
+    qt = make_fake_qt()
+    gui = types.SimpleNamespace(qt=qt, dialogs=[], pip=[], confirm=confirm, ui=None)
+    gui.app = FakeApp(slicer.mrmlScene, temporary)
+    gui.undo_action = qt.QAction("Undo", "Ctrl+Z")
+    gui.main_window = types.SimpleNamespace(
+        findChildren=lambda cls: [a for a in (gui.undo_action,) if isinstance(a, cls)]
+    )
+
+    def load_ui(path):
+        gui.ui = load_fake_ui(path)
+        return gui.ui
+
+    def record(kind):
+        def display(text, *args, **kwargs):
+            gui.dialogs.append((kind, str(text)))
+            return gui.confirm if kind == "confirm" else None
+
+        return display
+
+    monkeypatch.setitem(sys.modules, "qt", qt)
+    monkeypatch.setattr(module, "qt", qt)
+    monkeypatch.setattr(slicer, "app", gui.app, raising=False)
+    monkeypatch.setattr(
+        slicer, "qSlicerMarkupsPlaceWidget",
+        types.SimpleNamespace(ForcePlaceMultipleMarkups=2), raising=False,
+    )  # fmt: skip
+    util = slicer.util
+    monkeypatch.setattr(util, "loadUI", load_ui)
+    monkeypatch.setattr(
+        util, "childWidgetVariables", lambda top: types.SimpleNamespace(**top.children)
+    )
+    monkeypatch.setattr(util, "mainWindow", lambda: gui.main_window)
+    for kind in ("error", "warning", "info", "confirm"):
+        name = "confirmOkCancelDisplay" if kind == "confirm" else f"{kind}Display"
+        monkeypatch.setattr(util, name, record(kind))
+    monkeypatch.setattr(util, "pip_install", lambda args: gui.pip.append(args))
+    return gui
