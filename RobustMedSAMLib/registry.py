@@ -158,8 +158,8 @@ _SOURCES = (
         filename="robustmedsam_demo.pth",
         url=None,
         # the file shipped in Resources/models
-        sha256="307174ae02d42e07cbafb1cfe1437be21ffad288b297b0a68032cff45d8adcae",
-        size_bytes=5254027,
+        sha256="900e8cca36e1b6cd1e2c9c6d2e8121942c853b1c25a8fd450df22ff5cb2f2d71",
+        size_bytes=5256700,
         architecture="demo",
         preprocessing="medsam",
         license="Apache-2.0 (this project)",

@@ -9,8 +9,13 @@ import pytest
 import SimpleITK as sitk  # noqa: N813 - the usual name
 
 from RobustMedSAMLib.errors import InputError
-from RobustMedSAMLib.training.config import CorruptionSection, DataSection
-from RobustMedSAMLib.training.data import find_volume_pairs, load_data, variant_spec
+from RobustMedSAMLib.training.config import CorruptionSection, DataSection, TrainingConfig
+from RobustMedSAMLib.training.data import (
+    find_volume_pairs,
+    load_data,
+    region_masks,
+    variant_spec,
+)
 
 
 def _medsegbench(path, n=4, size=32, classes=(1,), rgb=False, **override):
@@ -108,3 +113,78 @@ def test_corrupted_variants_are_fixed_per_image_and_variant():
     assert spec == variant_spec(section, 0, 5, 1)
     assert spec[0] in section.names and spec[1] in (2, 3)
     assert {variant_spec(section, 0, i, 1) for i in range(10)} != {spec}
+
+
+# Automatic region masks -------------------------------------------------------------
+
+
+def _blobs_image(seed=0):
+    """A 128 x 128 scene: a grey body on a black background holding a bright disc and a
+    dark square; returns the image and the known (body filled, disc, square) masks."""
+    rows, cols = np.mgrid[:128, :128]
+    body = ((rows - 64) / 50) ** 2 + ((cols - 64) / 40) ** 2 <= 1
+    disc = (rows - 50) ** 2 + (cols - 70) ** 2 <= 12**2
+    square = (rows >= 80) & (rows < 96) & (cols >= 45) & (cols < 61)
+    image = np.full((128, 128), 10.0)
+    image[body], image[disc], image[square] = 120, 220, 50
+    image += np.random.default_rng(seed).normal(0, 4, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8), (body, disc, square)
+
+
+def _best_iou(masks, truth):
+    return max(float((m & truth).sum() / (m | truth).sum()) for m in masks)
+
+
+def test_region_masks_find_the_objects_of_an_unlabelled_image():
+    image, (body, disc, square) = _blobs_image()
+    masks = region_masks(image)
+    assert 3 <= len(masks) <= 8 and all(m.dtype == bool and m.shape == (128, 128) for m in masks)
+    assert _best_iou(masks, disc) > 0.9 and _best_iou(masks, square) > 0.9
+    assert _best_iou(masks, body) > 0.9  # the body with its holes filled
+    assert all(m.sum() <= 0.6 * m.size for m in masks)  # never the background
+    assert len(region_masks(image, limit=2)) == 2
+
+
+def test_regions_source_reads_a_folder_and_mixes_in_phantoms(tmp_path):
+    (tmp_path / "images").mkdir()
+    for seed in range(4):
+        _write(_blobs_image(seed)[0], tmp_path / "images" / f"scan{seed}.png")
+    (tmp_path / "images" / "notes.txt").write_text("not an image")
+    section = DataSection(source="regions", folder=str(tmp_path), val_fraction=0.25)
+    train, val = load_data(section)
+    assert len(train) >= 9 and len(val) >= 3
+    image, mask = train[0]
+    assert image.dtype == np.uint8 and image.shape == (128, 128) and mask.dtype == bool
+    assert all(":region" in name for name in train.names + val.names)
+    assert not {n.split(":")[0] for n in train.names} & {n.split(":")[0] for n in val.names}
+    mixed = dataclasses.replace(section, phantom_mix=4, phantom_shape=(8, 40, 40))
+    mixed_train, mixed_val = load_data(mixed)
+    assert train.names == mixed_train.names[: len(train)]
+    for split in (mixed_train, mixed_val):
+        assert any(n.startswith("phantom") for n in split.names)
+        assert any(":region" in n for n in split.names)
+
+
+def test_regions_source_errors_name_the_problem(tmp_path):
+    with pytest.raises(InputError, match="no images"):
+        load_data(DataSection(source="regions", folder=str(tmp_path)))
+    with pytest.raises(InputError, match="not found"):
+        load_data(DataSection(source="regions", folder=str(tmp_path / "nope")))
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(InputError, match="not a readable image"):
+        load_data(DataSection(source="regions", folder=str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"source": "regions"}, "needs folder"),
+        ({"source": "phantoms", "phantom_mix": 2}, "phantom_volumes instead"),
+        ({"source": "regions", "folder": "x", "phantom_mix": -1}, "phantom_mix must be >= 0"),
+        ({"source": "regions", "folder": "x", "regions_per_image": 0}, "regions_per_image"),
+    ],
+)
+def test_regions_and_phantom_mix_config_is_checked(data, message):
+    values = {"model": {"init": "random"}, "data": data}
+    with pytest.raises(InputError, match=message):
+        TrainingConfig.from_dict(values)

@@ -11,9 +11,10 @@ pinned SHA-256; only three files are taken from it. No project file depends on i
 Written to OUT_DIR:
 
 - ``mni152_t1.nii.gz``: the T1 volume.
-- ``ventricles_box.mrk.json``: an ROI around the lateral ventricles (a user's box).
+- ``brain_box.mrk.json``: an ROI around the whole brain (a user's box).
+- ``ventricles_box.mrk.json``: an ROI around the lateral ventricles.
 - ``ventricles_point.mrk.json``: one include point in the right lateral ventricle.
-- ``ventricles_reference.seg.nrrd``: reference lateral ventricles.
+- ``brain_reference.seg.nrrd``, ``ventricles_reference.seg.nrrd``: the references.
 - ``pairs/images`` + ``pairs/labels``: image/label pairs for ``robustmedsam evaluate
   --data pairs:OUT_DIR/pairs``: ``mni152_brain`` (whole brain) and
   ``mni152_ventricles``.
@@ -86,14 +87,19 @@ def references(t1: Volume, gm: np.ndarray, wm: np.ndarray) -> tuple[np.ndarray, 
     return brain, fluid == fluid[k, j, i]
 
 
-def write_prompts(t1: Volume, ventricles: np.ndarray, out: Path) -> None:
-    """A box around the ventricles (bounding box + margin) and a point deep inside one."""
-    kji = np.argwhere(ventricles)
+def write_box(t1: Volume, mask: np.ndarray, path: Path, label: str) -> None:
+    """An ROI around ``mask`` (its bounding box plus a margin), as a user would draw it."""
+    kji = np.argwhere(mask)
     margin = BOX_MARGIN_MM / np.asarray(t1.spacing)
     low = t1.ijk_to_ras_points([kji.min(0)[::-1] - margin])[0]
     high = t1.ijk_to_ras_points([kji.max(0)[::-1] + margin])[0]
     roi = Roi(center_ras=(low + high) / 2, size=np.abs(high - low), axes_ras=np.eye(3))
-    write_roi(out / "ventricles_box.mrk.json", roi, "ventricles")
+    write_roi(path, roi, label)
+
+
+def write_prompts(t1: Volume, ventricles: np.ndarray, out: Path) -> None:
+    """A box around the ventricles and a point deep inside the right one."""
+    write_box(t1, ventricles, out / "ventricles_box.mrk.json", "ventricles")
     k = int(np.argmax(ventricles.sum(axis=(1, 2))))
     jj, ii = np.nonzero(ventricles[k])
     x_ras = t1.ijk_to_ras_points(np.stack([ii, jj, np.full_like(ii, k)], axis=1))[:, 0]
@@ -128,10 +134,14 @@ def main() -> None:
         gm, wm = read_volume(maps["gm"]).array, read_volume(maps["wm"]).array
     brain, ventricles = references(t1, gm, wm)
     write_prompts(t1, ventricles, args.out)
-    segment = Segment(1, "lateral ventricles", (0.35, 0.6, 0.95))
-    write_segmentation(
-        args.out / "ventricles_reference.seg.nrrd", ventricles.astype(np.uint8), t1, [segment]
-    )
+    write_box(t1, brain, args.out / "brain_box.mrk.json", "brain")
+    for name, mask, colour in (
+        ("brain", brain, (0.9, 0.75, 0.6)),
+        ("ventricles", ventricles, (0.35, 0.6, 0.95)),
+    ):
+        segment = Segment(1, name, colour)
+        path = args.out / f"{name}_reference.seg.nrrd"
+        write_segmentation(path, mask.astype(np.uint8), t1, [segment])
     write_pairs(t1_file, {"brain": brain, "ventricles": ventricles}, t1, args.out)
     print(f"wrote {args.out}: brain {brain.sum()} voxels, ventricles {ventricles.sum()} voxels")
 

@@ -14,7 +14,7 @@ from typing import Any
 from RobustMedSAMLib.errors import InputError
 
 MODES = ("decoder", "svd", "full")
-SOURCES = ("medsegbench", "volumes", "phantoms")
+SOURCES = ("medsegbench", "volumes", "phantoms", "regions")
 AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
 
 
@@ -61,9 +61,11 @@ class TrainSection:
 @dataclass(frozen=True)
 class DataSection:
     """source: medsegbench (``paths`` to ``{name}_{size}.npz``), volumes (``folder`` of
-    image/label pairs), phantoms (synthetic). ``max_samples``: per split, 0 = all.
-    ``phantom_scenes``: "organs" (abdomen-like scenes only) or "mixed" (every third an
-    organ scene, the others random scenes)."""
+    image/label pairs), phantoms (synthetic), regions (``folder`` of unlabelled 2D
+    images; automatic region masks, at most ``regions_per_image`` per image).
+    ``max_samples``: per split, 0 = all. ``phantom_scenes``: "organs" (abdomen-like
+    scenes only) or "mixed" (every third an organ scene, the others random scenes).
+    ``phantom_mix``: phantom volumes added to a non-phantom source (both splits)."""
 
     source: str = "phantoms"
     paths: tuple[str, ...] = ()
@@ -78,6 +80,8 @@ class DataSection:
     phantom_volumes: int = 6
     phantom_shape: tuple[int, int, int] = (24, 64, 64)
     phantom_scenes: str = "organs"
+    phantom_mix: int = 0
+    regions_per_image: int = 8
 
 
 @dataclass(frozen=True)
@@ -243,8 +247,18 @@ class TrainingConfig:
                 raise InputError(f"unknown corruption(s) {unknown}; known: {sorted(CORRUPTIONS)}")
         if d.source == "medsegbench" and not d.paths:
             raise InputError("data.source = 'medsegbench' needs paths = ['..._{size}.npz', ...]")
-        if d.source == "volumes" and not d.folder:
-            raise InputError("data.source = 'volumes' needs folder = '...'")
+        if d.source in ("volumes", "regions") and not d.folder:
+            raise InputError(f"data.source = '{d.source}' needs folder = '...'")
+        if d.phantom_mix < 0 or d.regions_per_image < 1:
+            raise InputError(
+                f"data.phantom_mix must be >= 0 (got {d.phantom_mix}) and "
+                f"data.regions_per_image >= 1 (got {d.regions_per_image})"
+            )
+        if d.phantom_mix and d.source == "phantoms":
+            raise InputError(
+                "data.phantom_mix adds phantoms to another source; "
+                "with source = 'phantoms' set phantom_volumes instead"
+            )
 
 
 def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:

@@ -4,7 +4,11 @@
   ``train_label``, ``val_images``, ``val_label``, ``test_images``, ``test_label``);
 * a folder of image/label volume pairs (NRRD, NIfTI, ... as Slicer exports them),
   sampled into slices that contain foreground along a chosen axis;
-* synthetic phantoms (tests and the demo model).
+* synthetic phantoms (tests and the demo model);
+* a folder of unlabelled 2D images with automatic region masks (as SAM's data engine
+  made its fully automatic masks): intensity bands, connected components.
+
+Phantom volumes can be mixed into any other source (``phantom_mix``).
 
 Every sample is a ``(rows, cols)`` uint8 image (windowed) and a ``(rows, cols)`` bool
 mask in slice pixels. Corrupted variants are fixed per (image, variant), so the
@@ -13,6 +17,7 @@ encoder outputs of every variant can be cached.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -71,8 +76,14 @@ def load_data(section: DataSection, seed: int = 0) -> tuple[SliceSet, SliceSet]:
         train, val = _medsegbench(section)
     elif section.source == "volumes":
         train, val = _split_volumes(_volume_slices(section), section.val_fraction)
+    elif section.source == "regions":
+        train, val = _split_volumes(_region_slices(section, seed), section.val_fraction)
     else:
         train, val = _split_volumes(_phantom_slices(section, seed), section.val_fraction)
+    if section.phantom_mix and section.source != "phantoms":
+        mix = dataclasses.replace(section, phantom_volumes=section.phantom_mix)
+        more_train, more_val = _split_volumes(_phantom_slices(mix, seed), section.val_fraction)
+        train, val = _join([train, more_train]), _interleave(val, more_val)
     train = train.subset(section.max_samples)
     val = val.subset(section.val_samples)
     if len(train) == 0:
@@ -275,6 +286,143 @@ def _join(sets: list[SliceSet]) -> SliceSet:
         out.masks += s.masks
         out.names += s.names
     return out
+
+
+def _interleave(a: SliceSet, b: SliceSet) -> SliceSet:
+    """Samples of ``a`` and ``b`` alternately (so a validation subset holds both)."""
+    out = SliceSet()
+    for index in range(max(len(a), len(b))):
+        for part in (a, b):
+            if index < len(part):
+                out.add(part.images[index], part.masks[index], part.names[index])
+    return out
+
+
+# Automatic region masks -------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", *VOLUME_SUFFIXES)
+
+
+def region_masks(
+    image: np.ndarray,
+    min_area: float = 0.005,
+    max_area: float = 0.6,
+    max_border: float = 0.05,
+    limit: int = 8,
+) -> list[np.ndarray]:
+    """Automatic target masks in a ``(rows, cols)`` grey image, no labels needed.
+
+    The smoothed image is split into 2, 3 and 4 intensity bands (multi-level Otsu);
+    each band's connected components (after a one-pixel opening), holes filled, whose
+    area is between ``min_area`` and ``max_area`` of the image and of which at most
+    ``max_border`` of the image's border pixels lie on the border, are candidates.
+    Near-duplicates (IoU > 0.85) are dropped; at most ``limit`` are returned, spread
+    over the sizes found. Each is a ``(rows, cols)`` bool mask.
+    """
+    from scipy import ndimage
+
+    grey = ndimage.gaussian_filter(image.astype(np.float32), max(1.0, min(image.shape) / 128))
+    area = image.size
+    border = np.zeros(image.shape, bool)
+    border[[0, -1], :] = border[:, [0, -1]] = True
+    found: list[np.ndarray] = []
+    for bands in _intensity_bands(grey):
+        for band in bands:
+            band = ndimage.binary_opening(band, iterations=1)
+            labels, count = ndimage.label(band)
+            if count == 0:
+                continue
+            sizes = np.bincount(labels.ravel(), minlength=count + 1)
+            on_border = np.bincount(labels[border], minlength=count + 1)
+            for value in np.flatnonzero(sizes >= min_area * area):
+                if value == 0 or on_border[value] > max_border * border.sum():
+                    continue
+                mask = ndimage.binary_fill_holes(labels == value)
+                if mask.sum() <= max_area * area and not any(_iou(mask, m) > 0.85 for m in found):
+                    found.append(mask)
+    found.sort(key=lambda m: int(m.sum()))
+    if len(found) > limit:
+        found = [found[i] for i in np.linspace(0, len(found) - 1, limit).round().astype(int)]
+    return found
+
+
+def _intensity_bands(grey: np.ndarray) -> list[list[np.ndarray]]:
+    """Band masks of ``grey`` for 2, 3 and 4 intensity levels (multi-level Otsu)."""
+    out = []
+    for levels in (2, 3, 4):
+        cuts = _multi_otsu(grey, levels)
+        index = np.digitize(grey, cuts)
+        out.append([index == level for level in range(levels)])
+    return out
+
+
+def _multi_otsu(grey: np.ndarray, levels: int, bins: int = 64) -> np.ndarray:
+    """The ``levels - 1`` thresholds that maximise the between-class variance of a
+    ``bins``-bin histogram of ``grey`` (exhaustive search; Otsu for 2 levels)."""
+    counts, edges = np.histogram(grey, bins=bins)
+    weight = np.concatenate([[0.0], np.cumsum(counts, dtype=np.float64)])
+    mass = np.concatenate([[0.0], np.cumsum(counts * (edges[:-1] + edges[1:]) / 2)])
+    grids = np.meshgrid(*[np.arange(1, bins)] * (levels - 1), indexing="ij")
+    bounds = [np.zeros_like(grids[0]), *grids, np.full_like(grids[0], bins)]
+    score = np.zeros(grids[0].shape)
+    valid = np.ones(grids[0].shape, bool)
+    for low, high in zip(bounds[:-1], bounds[1:], strict=True):
+        w = weight[high] - weight[low]
+        valid &= (high > low) & (w > 0)
+        score += np.where(w > 0, (mass[high] - mass[low]) ** 2 / np.maximum(w, 1), 0.0)
+    best = np.unravel_index(int(np.argmax(np.where(valid, score, -np.inf))), score.shape)
+    return np.array([edges[i] for i in best])
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def _region_slices(section: DataSection, seed: int) -> list[SliceSet]:
+    """One SliceSet per image of ``section.folder`` (or its ``images/``), each sample an
+    automatic region of it; the images in an order fixed by ``seed`` (so the validation
+    images are a seeded draw)."""
+    folder = Path(section.folder)
+    if (folder / "images").is_dir():
+        folder = folder / "images"
+    if not folder.is_dir():
+        raise InputError(f"data folder not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise InputError(
+            f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}); data.source = 'regions' "
+            "needs a folder of 2D grey images"
+        )
+    sets = []
+    for path in files:
+        image = _read_grey(path)
+        found = region_masks(image, limit=section.regions_per_image)
+        volume_set = SliceSet()
+        for number, mask in enumerate(found):
+            if mask.sum() >= section.min_foreground:
+                volume_set.add(image, mask, f"{_stem(path)}:region{number}")
+        log.debug("%s: %d regions", path.name, len(volume_set))
+        sets.append(volume_set)
+    order = np.random.default_rng([seed, 11]).permutation(len(sets))
+    return [sets[i] for i in order]
+
+
+def _read_grey(path: Path) -> np.ndarray:
+    """A 2D image file as ``(rows, cols)`` uint8 (colour averaged, windowed if not uint8);
+    a volume gives its central slice."""
+    import SimpleITK as sitk  # noqa: N813 - the usual name
+
+    try:
+        array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    except RuntimeError as error:
+        raise InputError(f"{path}: not a readable image ({str(error).strip()[-120:]})") from None
+    if array.ndim == 3 and array.shape[-1] in (3, 4) and array.shape[0] > 4:
+        array = array[..., :3].mean(axis=-1)  # colour (rows, cols, channels)
+    if array.ndim == 3:
+        array = array[array.shape[0] // 2]
+    if array.ndim != 2:
+        raise InputError(f"{path}: expected a 2D grey image, got shape {array.shape}")
+    return _to_uint8(array, _window(array))
 
 
 # Corrupted variants -----------------------------------------------------------------
