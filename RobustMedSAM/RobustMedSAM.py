@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import queue
-import re
 import shutil
 import sys
 import threading
@@ -833,14 +832,14 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
     ) -> tuple[Path, Path]:
         """Write the volume and the segment (a 0/1 label map on its grid) as an
         image/label pair for fine-tuning. Returns ``(image_path, label_path)``."""
-        from RobustMedSAMLib.training_export import export_training_pair
+        from RobustMedSAMLib.training_export import export_training_pair, safe_name
 
         volume = self.volume_from_node(volume_node)
         labels = self.segment_mask(segmentation_node, segment_id, volume_node).astype(np.uint8)
         if not labels.any():
             raise InputError(f"segment '{segment_id}' is empty: nothing to train on")
         segment_name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
-        stem = name or _safe_name(f"{volume_node.GetName()}_{segment_name}")
+        stem = name or safe_name(f"{volume_node.GetName()}_{segment_name}")
         return export_training_pair(volume, labels, Path(folder), stem, overwrite=overwrite)
 
     def export_scene_training_data(
@@ -2226,8 +2225,3 @@ def _write(grid, segmentation_node, segment_id: str, mask: np.ndarray) -> None:
 def _slice_shape(shape: tuple[int, int, int], axis: int) -> tuple[int, int]:
     """``(rows, cols)`` of a slice along ``axis`` of a KJI grid."""
     return tuple(n for a, n in enumerate(shape) if a != axis)  # type: ignore[return-value]
-
-
-def _safe_name(text: str) -> str:
-    """A file-name stem: letters, digits, ``-`` and ``_`` only."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "case"
