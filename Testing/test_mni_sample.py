@@ -8,6 +8,7 @@ forged wheel.
 from __future__ import annotations
 
 import importlib.util
+import sys
 import zipfile
 from pathlib import Path
 
@@ -22,9 +23,13 @@ SCRIPT = Path(__file__).resolve().parents[1] / "Resources" / "samples" / "fetch_
 
 @pytest.fixture(scope="module")
 def sample():
-    spec = importlib.util.spec_from_file_location("fetch_mni_sample", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(SCRIPT.parent))  # as when run: its helper module beside it
+    try:
+        spec = importlib.util.spec_from_file_location("fetch_mni_sample", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
     return module
 
 

