@@ -140,20 +140,33 @@ def cell_key(model: str, case: Case, variant: Variant, condition: Condition) -> 
 # --- the CSV ----------------------------------------------------------------------------
 
 
-def finished_cells(path: Path) -> set[tuple]:
-    """Keys of complete ``ok`` cells in ``path``; rewrites the file (atomically) without
-    any other rows, so an interrupted cell, a missing model or an error is retried."""
+def read_cells(path: Path) -> dict[tuple, list[dict]]:
+    """Rows of ``path`` grouped by cell key (file order); a torn last line (a writer
+    killed mid-write, or one still writing) makes an incomplete cell, not an error."""
     if not path.is_file():
-        return set()
+        return {}
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
     cells: dict[tuple, list[dict]] = {}
     for row in rows:
         cells.setdefault(tuple(row.get(k) or "" for k in KEY), []).append(row)
-    done = {key for key, group in cells.items() if all(_row_ok(r, len(group)) for r in group)}
-    kept = [r for key, group in cells.items() if key in done for r in group]
-    if len(kept) != len(rows):
-        log.info("dropping %d rows of unfinished, missing or failed cells", len(rows) - len(kept))
+    return cells
+
+
+def complete(rows: list[dict]) -> bool:
+    """A finished cell: every row ``ok`` and as many rows as each row says."""
+    return all(_row_ok(r, len(rows)) for r in rows)
+
+
+def finished_cells(path: Path) -> set[tuple]:
+    """Keys of complete ``ok`` cells in ``path``; rewrites the file (atomically) without
+    any other rows, so an interrupted cell, a missing model or an error is retried."""
+    cells = read_cells(path)
+    done = {key for key, rows in cells.items() if complete(rows)}
+    kept = [r for key, rows in cells.items() if key in done for r in rows]
+    dropped = sum(map(len, cells.values())) - len(kept)
+    if dropped:
+        log.info("dropping %d rows of unfinished, missing or failed cells", dropped)
         _rewrite(path, kept)
     return done
 

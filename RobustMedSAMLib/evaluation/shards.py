@@ -12,11 +12,10 @@ deletion only leaves copies that the next merge drops.
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 
-from RobustMedSAMLib.evaluation.matrix import CSV_NAME, KEY, _rewrite, _row_ok
+from RobustMedSAMLib.evaluation.matrix import CSV_NAME, _rewrite, complete, read_cells
 
 log = logging.getLogger(__name__)
 
@@ -33,24 +32,6 @@ def part_path(out_dir: Path, name: str) -> Path:
 def part_files(out_dir: Path) -> list[Path]:
     folder = Path(out_dir) / PARTS_DIR
     return sorted(folder.glob("*.csv")) if folder.is_dir() else []
-
-
-def read_cells(path: Path) -> dict[tuple, list[dict]]:
-    """Rows of ``path`` grouped by cell key (file order); a torn last line (a writer
-    killed mid-write, or one still writing) makes an incomplete cell, not an error."""
-    if not path.is_file():
-        return {}
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    cells: dict[tuple, list[dict]] = {}
-    for row in rows:
-        cells.setdefault(tuple(row.get(k) or "" for k in KEY), []).append(row)
-    return cells
-
-
-def complete(rows: list[dict]) -> bool:
-    """A finished cell: every row ``ok`` and as many rows as each row says."""
-    return all(_row_ok(r, len(rows)) for r in rows)
 
 
 def finished_elsewhere(out_dir: Path, own: Path) -> set[tuple]:
