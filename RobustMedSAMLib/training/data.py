@@ -321,6 +321,8 @@ def region_masks(
     """
     from scipy import ndimage
 
+    from RobustMedSAMLib.evaluation.metrics import iou
+
     grey = ndimage.gaussian_filter(image.astype(np.float32), max(1.0, min(image.shape) / 128))
     area = image.size
     border = np.zeros(image.shape, bool)
@@ -338,7 +340,7 @@ def region_masks(
                 if value == 0 or on_border[value] > max_border * border.sum():
                     continue
                 mask = ndimage.binary_fill_holes(labels == value)
-                if mask.sum() <= max_area * area and not any(_iou(mask, m) > 0.85 for m in found):
+                if mask.sum() <= max_area * area and not any(iou(mask, m) > 0.85 for m in found):
                     found.append(mask)
     found.sort(key=lambda m: int(m.sum()))
     if len(found) > limit:
@@ -372,10 +374,6 @@ def _multi_otsu(grey: np.ndarray, levels: int, bins: int = 64) -> np.ndarray:
         score += np.where(w > 0, (mass[high] - mass[low]) ** 2 / np.maximum(w, 1), 0.0)
     best = np.unravel_index(int(np.argmax(np.where(valid, score, -np.inf))), score.shape)
     return np.array([edges[i] for i in best])
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max(1, (a | b).sum()))
 
 
 def _region_slices(section: DataSection, seed: int) -> list[SliceSet]:
