@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from RobustMedSAMLib.training.config import LossSection, PromptSection
-from RobustMedSAMLib.training.losses import dice_score, mask_losses
+from RobustMedSAMLib.training.losses import dice_score, mask_losses, multimask_losses
 from RobustMedSAMLib.training.prompts_sim import (
     boxes_from_masks,
     correction_points,
@@ -69,3 +69,23 @@ def test_losses_are_small_for_the_right_mask_and_large_for_the_wrong_one():
     for key in right:
         assert right[key] < 0.01 < wrong[key]
     assert dice_score(good, masks).tolist() == [1.0, 1.0]
+
+
+def test_a_lone_point_trains_the_best_of_three_candidates_and_scores_all():
+    masks = _masks()
+    good, bad = masks.float() * 20 - 10, -(masks.float() * 20 - 10)
+    # sample 0: candidate 2 is right; sample 1: candidate 0 is right
+    logits = torch.stack(
+        [torch.stack([bad[0], bad[0], good[0]]), torch.stack([good[1], bad[1], bad[1]])]
+    )
+    logits.requires_grad_(True)
+    iou = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]], requires_grad=True)
+    weights = LossSection()
+    terms, chosen = multimask_losses(logits, iou, masks, weights)
+    assert torch.equal(chosen.detach(), torch.stack([good[0], good[1]]))
+    assert terms["dice"] < 0.01 and terms["bce"] < 0.01
+    assert terms["iou"] < 1e-6  # every candidate's score equals its true IoU (1 or 0)
+    sum(terms.values()).backward()
+    assert logits.grad[0, 2].abs().sum() > 0 and logits.grad[0, :2].abs().sum() == 0
+    wrong_scores = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    assert multimask_losses(logits, wrong_scores, masks, weights)[0]["iou"] > 0.9

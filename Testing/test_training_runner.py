@@ -123,6 +123,28 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, micro_checkp
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("multimask", [True, False])
+def test_lone_point_runs_train_the_scores_that_pick_a_clicks_mask(
+    tmp_path, micro_checkpoint, multimask
+):
+    """A lone click is decoded into three candidates and the best-scored one is shown:
+    training on lone points must train those candidates' IoU scores (SAM's recipe);
+    with ``multimask = false`` only the single-mask output is trained."""
+    values = micro_config(
+        micro_checkpoint,
+        train={"steps": 4, "val_every": 100, "weight_decay": 0.0},
+        prompts={"box_probability": 0.0, "corrections": 0, "multimask": multimask},
+    )
+    train(TrainingConfig.from_dict(values), tmp_path / "run", RunOptions(emit=lambda r: None))
+    before = read_state_dict(micro_checkpoint)
+    after = load_file(str(tmp_path / "run" / "last.safetensors"))
+    head = "mask_decoder.iou_prediction_head.layers.2"
+    for part in ("weight", "bias"):
+        key = f"{head}.{part}"
+        changed = [not torch.equal(before[key][row], after[key][row]) for row in range(4)]
+        assert changed == [not multimask] + [multimask] * 3, key
+
+
 def test_existing_run_folder_is_refused_and_left_alone(tmp_path, micro_checkpoint):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -98,12 +98,15 @@ class CorruptionSection:
 @dataclass(frozen=True)
 class PromptSection:
     """MedicoSAM-style: a jittered box (probability ``box_probability``) or ``points``
-    positive points, then ``corrections`` iterative correction points."""
+    positive points, then ``corrections`` iterative correction points. ``multimask``: a
+    lone first point is trained as SAM and inference treat it, on the three candidate
+    masks (the best one's loss, every candidate's IoU score)."""
 
     box_probability: float = 0.5
     box_jitter: float = 0.1
     points: int = 1
     corrections: int = 2
+    multimask: bool = True
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,14 @@ def decode_paired(
     robust: torch.Tensor | None,
     prompts: Prompts,
     mask_input: torch.Tensor | None = None,
+    multimask: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Single-mask logits ``B x L x L``, predicted IoU ``B`` and the mask features
-    ``B x C/8 x L x L`` (robust: the fused robust features) for images ``B x C x h x w``."""
+    """Mask logits, predicted IoU and the mask features ``B x C/8 x L x L`` (robust: the
+    fused robust features) for images ``B x C x h x w``.
+
+    Single-mask (token 0): logits ``B x L x L``, IoU ``B``. ``multimask`` (tokens 1-3, what
+    inference uses for a lone point): logits ``B x 3 x L x L``, IoU ``B x 3``.
+    """
     sparse, dense = model.prompt_encoder(
         points=prompts.point_pair, boxes=prompts.boxes, masks=mask_input
     )
@@ -31,6 +36,8 @@ def decode_paired(
         masks, iou, features = decoder.predict_paired(embedding, image_pe, sparse, dense, robust)
     else:
         masks, iou, features = _plain_paired(decoder, embedding, image_pe, sparse, dense)
+    if multimask:
+        return masks[:, 1:], iou[:, 1:], features
     return masks[:, 0], iou[:, 0], features
 
 

@@ -3,6 +3,8 @@ clean-degraded feature alignment term. Masks and logits are ``B x L x L`` (low-r
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
@@ -56,6 +58,40 @@ def mask_losses(
     if weights.iou:
         terms["iou"] = weights.iou * F.mse_loss(iou_pred, hard_iou(logits, masks))
     return terms
+
+
+def multimask_losses(
+    logits: torch.Tensor, iou_pred: torch.Tensor, masks: torch.Tensor, weights: LossSection
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """SAM's training for an ambiguous prompt (a lone point): ``logits`` ``B x M x L x L``
+    candidates, ``iou_pred`` ``B x M``. The mask terms of each sample's best candidate
+    (lowest Dice + BCE/focal), the IoU term on every candidate, so that the score that
+    picks among them at inference is trained. Returns (terms, best logits ``B x L x L``)."""
+    batch, count = logits.shape[:2]
+    flat, repeated = logits.flatten(0, 1), masks.repeat_interleave(count, 0)
+    with torch.no_grad():
+        best = _sample_losses(flat, repeated, weights).view(batch, count).argmin(1)
+    rows = torch.arange(batch, device=logits.device)
+    chosen = logits[rows, best]
+    terms = mask_losses(chosen, iou_pred[rows, best], masks, replace(weights, iou=0.0))
+    if weights.iou:
+        terms["iou"] = weights.iou * F.mse_loss(iou_pred.flatten(), hard_iou(flat, repeated))
+    return terms, chosen
+
+
+def _sample_losses(logits: torch.Tensor, masks: torch.Tensor, w: LossSection) -> torch.Tensor:
+    """Weighted Dice + BCE + focal of each sample, ``B`` values (to rank candidates)."""
+    target = masks.float()
+    probs = torch.sigmoid(logits).flatten(1)
+    flat = target.flatten(1)
+    dice = 1 - (2 * (probs * flat).sum(1) + 1) / (probs.sum(1) + flat.sum(1) + 1)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1)
+    total = w.dice * dice + w.bce * bce.mean(1)
+    if w.focal:
+        p_t = torch.exp(-bce)
+        alpha = 0.25 * flat + 0.75 * (1 - flat)
+        total = total + w.focal * (alpha * (1 - p_t) ** 2 * bce).mean(1)
+    return total
 
 
 def alignment_loss(degraded: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:

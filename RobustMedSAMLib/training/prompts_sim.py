@@ -40,6 +40,11 @@ class Prompts:
         return Prompts(move(self.points), move(self.labels), move(self.boxes))
 
     @property
+    def is_lone_point(self) -> bool:
+        """One point per sample and no box: SAM's ambiguous prompt (multimask output)."""
+        return self.boxes is None and self.points is not None and self.points.shape[1] == 1
+
+    @property
     def point_pair(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None if self.points is None else (self.points, self.labels)
 

@@ -47,7 +47,12 @@ from RobustMedSAMLib.training.embedding_cache import (
     encoder_digest,
     module_digest,
 )
-from RobustMedSAMLib.training.losses import alignment_loss, dice_score, mask_losses
+from RobustMedSAMLib.training.losses import (
+    alignment_loss,
+    dice_score,
+    mask_losses,
+    multimask_losses,
+)
 from RobustMedSAMLib.training.model_setup import build_model, select_trained, set_train_mode
 from RobustMedSAMLib.training.prompts_sim import (
     Prompts,
@@ -196,10 +201,15 @@ class TrainStep(nn.Module):
         mask_input, terms, align = None, {}, None
         rounds = cfg.prompts.corrections + 1
         for round_ in range(rounds):
+            multimask = round_ == 0 and cfg.prompts.multimask and prompts.is_lone_point
             logits, iou, features = decode_paired(
-                self.model, embedding, robust, prompts, mask_input
+                self.model, embedding, robust, prompts, mask_input, multimask
             )
-            for name, value in mask_losses(logits, iou, masks, cfg.loss).items():
+            if multimask:
+                losses, logits = multimask_losses(logits, iou, masks, cfg.loss)
+            else:
+                losses = mask_losses(logits, iou, masks, cfg.loss)
+            for name, value in losses.items():
                 terms[name] = terms.get(name, 0.0) + value * (weight / rounds)
             if round_ == 0 and clean is not None:
                 # every rank runs the clean pass when the global batch has a corrupted
@@ -541,15 +551,18 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Mean Dice from the tight box prompt on clean and on corrupted validation images."""
+        """Mean Dice from the tight box prompt on clean and on corrupted validation images
+        (``val_dice_clean``, ``val_dice``; ``val_dice`` picks the best model), and from one
+        point inside the mask as inference decodes it (``val_point_dice_clean``,
+        ``val_point_dice``: three candidates, the best-scored one)."""
         inputs = self.val_inputs
         if len(inputs.data) == 0:
             return {}
         set_train_mode(self.model, self.trained, False)
         scale = self.model.config.image_size / self.model.config.low_res_size
-        scores: dict[str, list[float]] = {"val_dice_clean": [], "val_dice": []}
+        scores: dict[str, list[float]] = {}
         batch = self.config.train.batch_size
-        for variant, key in ((0, "val_dice_clean"), (1, "val_dice")):
+        for variant, key in ((0, "_clean"), (1, "")):
             if variant > self.config.corruption.variants:
                 continue
             for start in range(0, len(inputs.data), batch):
@@ -560,15 +573,27 @@ class Trainer:
                     continue
                 source, _ = self.sources("val", indices, [variant] * len(indices))
                 embedding, robust = self.step_module.image_features(source)
-                boxes = boxes_from_masks(masks[keep], np.random.default_rng(0), 0.0, scale)
-                prompts = Prompts(None, None, boxes.to(self.device))
                 robust = robust[keep] if robust is not None else None
-                logits, _, _ = decode_paired(self.model, embedding[keep], robust, prompts)
-                scores[key] += dice_score(logits, masks[keep]).tolist()
+                for name, dice in self._val_dice(embedding[keep], robust, masks[keep], scale):
+                    scores.setdefault(f"val_{name}dice{key}", []).extend(dice.tolist())
         result = {k: float(np.mean(v)) for k, v in scores.items() if v}
         if "val_dice" not in result:
             result["val_dice"] = result.get("val_dice_clean", float("nan"))
         return result
+
+    def _val_dice(self, embedding, robust, masks, scale):
+        """(name, ``B`` Dice) from the tight box and from one point drawn inside the mask
+        (decoded as the predictor decodes a lone point: the best-scored of three)."""
+        boxes = boxes_from_masks(masks, np.random.default_rng(0), 0.0, scale)
+        logits, _, _ = decode_paired(
+            self.model, embedding, robust, Prompts(None, None, boxes.to(self.device))
+        )
+        yield "", dice_score(logits, masks)
+        points = Prompts(*points_in_masks(masks, np.random.default_rng(0), 1, scale), None)
+        logits, iou, _ = decode_paired(
+            self.model, embedding, robust, points.to(self.device), multimask=True
+        )
+        yield "point_", dice_score(logits[torch.arange(len(logits)), iou.argmax(1)], masks)
 
     def save(self, tag_best: bool = False) -> Path:
         """State for resuming plus the exported ``last`` model (and ``best`` when asked)."""
