@@ -101,14 +101,15 @@ class CorruptionSection:
 class PromptSection:
     """MedicoSAM-style: a jittered box (probability ``box_probability``) or ``points``
     positive points, then ``corrections`` iterative correction points. ``multimask``: a
-    lone first point is trained as SAM and inference treat it, on the three candidate
-    masks (the best one's loss, every candidate's IoU score)."""
+    lone first point is trained as SAM trained it, on the three candidate masks that
+    inference decodes for it (the best one's loss, every candidate's IoU score); off:
+    on the single-mask output, as before (see the README for when each does better)."""
 
     box_probability: float = 0.5
     box_jitter: float = 0.1
     points: int = 1
     corrections: int = 2
-    multimask: bool = True
+    multimask: bool = False
 
 
 @dataclass(frozen=True)
