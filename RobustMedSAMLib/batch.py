@@ -207,6 +207,7 @@ class SegmentSettings:
     fast_cpu: bool = False
     axis: str = "axial"
     propagate: bool = False
+    zoom: bool = False
     projection: str = "mask"
     iou_threshold: float = 0.8
     min_score: float = 0.0
@@ -222,6 +223,7 @@ class SegmentSettings:
 
         options = SegmentOptions(
             propagate=self.propagate,
+            zoom=self.zoom,
             propagation=PropagationOptions(
                 projection=self.projection,
                 iou_threshold=self.iou_threshold,

@@ -27,6 +27,7 @@ from RobustMedSAMLib.markups import Roi
 from RobustMedSAMLib.propagation import Cancel, Progress, PropagationOptions, propagate
 from RobustMedSAMLib.session import SegmentationSession, SessionStats
 from RobustMedSAMLib.slicing import prompts_for_slice, roi_to_slice_box, set_slice
+from RobustMedSAMLib.zoom import crop_volume, zoom_region
 
 
 @dataclass
@@ -73,10 +74,13 @@ def _points(values: Any) -> np.ndarray | None:
 
 @dataclass
 class SegmentOptions:
-    """propagate: grow the prompted slices' masks into 3D (else only prompted slices)."""
+    """propagate: grow the prompted slices' masks into 3D (else only prompted slices).
+    zoom: with a box (ROI), segment on a crop around it (``zoom.py``): for structures
+    small against the slice; the mask is the same size as the volume either way."""
 
     propagate: bool = False
     propagation: PropagationOptions = field(default_factory=PropagationOptions)
+    zoom: bool = False
 
 
 @dataclass
@@ -116,6 +120,8 @@ def segment_volume(
     when cancelled (nothing is returned, the volume is untouched).
     """
     options = options or SegmentOptions()
+    if options.zoom and prompts.roi is not None:
+        return _zoomed(session, prompts, options, progress, cancel)
     start = time.perf_counter()
     volume, axis = session.volume, session.axis
     per_slice = prompts_for_slice(volume, axis, prompts.positive, prompts.negative, prompts.roi)
@@ -154,6 +160,32 @@ def segment_volume(
     return SegmentationResult(
         mask, scores, stops, sorted(per_slice), time.perf_counter() - start, session.stats
     )
+
+
+def _zoomed(
+    session: SegmentationSession,
+    prompts: VolumePrompts,
+    options: SegmentOptions,
+    progress: Progress | None,
+    cancel: Cancel | None,
+) -> SegmentationResult:
+    """``segment_volume`` on a crop around the box, its mask put back in place."""
+    volume = session.volume
+    region = zoom_region(volume, session.axis, prompts.roi, [prompts.positive, prompts.negative])
+    crop = SegmentationSession(
+        crop_volume(volume, region),
+        session.predictor,
+        session.axis,
+        window=session.window,
+        cache_bytes=session.cache_bytes,
+    )
+    try:
+        result = segment_volume(crop, prompts, replace(options, zoom=False), progress, cancel)
+    finally:
+        session.stats.add(crop.stats)
+    mask = np.zeros(volume.shape, dtype=bool)
+    mask[region] = result.mask
+    return replace(result, mask=mask, stats=session.stats)
 
 
 def _bounded_by_roi(
@@ -207,7 +239,11 @@ def run_record(
         "inputs": inputs,
         "model": model,
         "prompts": prompts.to_dict(),
-        "options": {"propagate": options.propagate, "propagation": asdict(options.propagation)},
+        "options": {
+            "propagate": options.propagate,
+            "zoom": options.zoom,
+            "propagation": asdict(options.propagation),
+        },
         "prompted_slices": result.prompted,
         "slices": [_clean(asdict(s)) for s in result.slices],
         "stops": result.stops,

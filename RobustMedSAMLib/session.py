@@ -45,6 +45,13 @@ class SessionStats:
     disk_hits: int = 0
     encoded: list[int] = field(default_factory=list)
 
+    def add(self, other: SessionStats) -> None:
+        """Count ``other``'s work too (a session run on a crop of this one's volume)."""
+        for name in ("encoder_calls", "encoder_seconds", "decoder_calls", "decoder_seconds",
+                     "cache_hits", "disk_hits"):  # fmt: skip
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.encoded += other.encoded
+
 
 @dataclass
 class _Clicks:

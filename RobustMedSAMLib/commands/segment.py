@@ -51,6 +51,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run_group.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"))
     run_group.add_argument("--propagate", action="store_true", help="propagate into 3D")
     run_group.add_argument(
+        "--zoom",
+        action="store_true",
+        help="with --box: segment on a crop around the box (for structures small against "
+        "the slice, e.g. lateral ventricles in a head scan)",
+    )
+    run_group.add_argument(
         "--projection",
         default="mask",
         choices=("mask", "box", "points", "points_and_mask", "single_point"),
@@ -100,6 +106,7 @@ def settings_from_args(args: argparse.Namespace):
         fast_cpu=args.fast_cpu,
         axis=args.axis,
         propagate=args.propagate,
+        zoom=args.zoom,
         projection=args.projection,
         iou_threshold=args.iou_threshold,
         min_score=args.min_score,
