@@ -145,24 +145,6 @@ def test_region_masks_find_the_objects_of_an_unlabelled_image():
     assert len(region_masks(image, limit=2)) == 2
 
 
-def test_region_pairs_add_paired_structures_as_one_target():
-    """Two mirrored dark pieces (as lateral ventricles or kidneys) become one two-piece
-    mask when pairs are asked for; unpaired objects never do."""
-    image, (body, disc, square) = _blobs_image()
-    rows, cols = np.mgrid[:128, :128]
-    left = ((rows - 40) / 14) ** 2 + ((cols - 44) / 6) ** 2 <= 1
-    right = ((rows - 41) / 13) ** 2 + ((cols - 84) / 6) ** 2 <= 1
-    image[left | right] = 40
-    single = region_masks(image)
-    paired = region_masks(image, pairs=2)
-    assert all(np.array_equal(a, b) for a, b in zip(single, paired[: len(single)], strict=True))
-    extra = paired[len(single) :]
-    assert 1 <= len(extra) <= 2
-    assert _best_iou(extra, left | right) > 0.9
-    assert _best_iou(single, left | right) < 0.6  # only the single pieces without pairs
-    assert all(_best_iou([m], disc | square) < 0.5 for m in extra)
-
-
 def test_regions_source_reads_a_folder_and_mixes_in_phantoms(tmp_path):
     (tmp_path / "images").mkdir()
     for seed in range(4):
@@ -200,7 +182,6 @@ def test_regions_source_errors_name_the_problem(tmp_path):
         ({"source": "phantoms", "phantom_mix": 2}, "phantom_volumes instead"),
         ({"source": "regions", "folder": "x", "phantom_mix": -1}, "phantom_mix must be >= 0"),
         ({"source": "regions", "folder": "x", "regions_per_image": 0}, "regions_per_image"),
-        ({"source": "regions", "folder": "x", "region_pairs": -1}, "region_pairs must be >= 0"),
     ],
 )
 def test_regions_and_phantom_mix_config_is_checked(data, message):

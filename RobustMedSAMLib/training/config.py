@@ -62,8 +62,7 @@ class TrainSection:
 class DataSection:
     """source: medsegbench (``paths`` to ``{name}_{size}.npz``), volumes (``folder`` of
     image/label pairs), phantoms (synthetic), regions (``folder`` of unlabelled 2D
-    images; automatic region masks, at most ``regions_per_image`` per image, plus up to
-    ``region_pairs`` two-piece masks of paired structures).
+    images; automatic region masks, at most ``regions_per_image`` per image).
     ``max_samples``: per split, 0 = all. ``phantom_scenes``: "organs" (abdomen-like
     scenes only) or "mixed" (every third an organ scene, the others random scenes).
     ``phantom_mix``: phantom volumes added to a non-phantom source (both splits)."""
@@ -83,7 +82,6 @@ class DataSection:
     phantom_scenes: str = "organs"
     phantom_mix: int = 0
     regions_per_image: int = 8
-    region_pairs: int = 0
 
 
 @dataclass(frozen=True)
@@ -255,9 +253,11 @@ class TrainingConfig:
             raise InputError("data.source = 'medsegbench' needs paths = ['..._{size}.npz', ...]")
         if d.source in ("volumes", "regions") and not d.folder:
             raise InputError(f"data.source = '{d.source}' needs folder = '...'")
-        for name, least in (("phantom_mix", 0), ("region_pairs", 0), ("regions_per_image", 1)):
-            if getattr(d, name) < least:
-                raise InputError(f"data.{name} must be >= {least} (got {getattr(d, name)})")
+        if d.phantom_mix < 0 or d.regions_per_image < 1:
+            raise InputError(
+                f"data.phantom_mix must be >= 0 (got {d.phantom_mix}) and "
+                f"data.regions_per_image >= 1 (got {d.regions_per_image})"
+            )
         if d.phantom_mix and d.source == "phantoms":
             raise InputError(
                 "data.phantom_mix adds phantoms to another source; "

@@ -309,7 +309,6 @@ def region_masks(
     max_area: float = 0.6,
     max_border: float = 0.05,
     limit: int = 8,
-    pairs: int = 0,
 ) -> list[np.ndarray]:
     """Automatic target masks in a ``(rows, cols)`` grey image, no labels needed.
 
@@ -318,19 +317,17 @@ def region_masks(
     area is between ``min_area`` and ``max_area`` of the image and of which at most
     ``max_border`` of the image's border pixels lie on the border, are candidates.
     Near-duplicates (IoU > 0.85) are dropped; at most ``limit`` are returned, spread
-    over the sizes found. ``pairs`` > 0 adds up to that many two-piece masks: two
-    pieces of one band side by side with similar area and height (as paired organs
-    are: lungs, kidneys, lateral ventricles), the closest pairs first. Each is a
-    ``(rows, cols)`` bool mask.
+    over the sizes found. Each is a ``(rows, cols)`` bool mask.
     """
     from scipy import ndimage
+
+    from RobustMedSAMLib.evaluation.metrics import iou
 
     grey = ndimage.gaussian_filter(image.astype(np.float32), max(1.0, min(image.shape) / 128))
     area = image.size
     border = np.zeros(image.shape, bool)
     border[[0, -1], :] = border[:, [0, -1]] = True
     found: list[np.ndarray] = []
-    twins: list[tuple[float, np.ndarray]] = []
     for bands in _intensity_bands(grey):
         for band in bands:
             band = ndimage.binary_opening(band, iterations=1)
@@ -339,58 +336,16 @@ def region_masks(
                 continue
             sizes = np.bincount(labels.ravel(), minlength=count + 1)
             on_border = np.bincount(labels[border], minlength=count + 1)
-            pieces = []
             for value in np.flatnonzero(sizes >= min_area * area):
                 if value == 0 or on_border[value] > max_border * border.sum():
                     continue
                 mask = ndimage.binary_fill_holes(labels == value)
-                if mask.sum() <= max_area * area:
-                    pieces.append(mask)
-                    _add_unless_duplicate(found, mask)
-            if pairs:
-                twins += _side_by_side(pieces, max_area * area)
+                if mask.sum() <= max_area * area and not any(iou(mask, m) > 0.85 for m in found):
+                    found.append(mask)
     found.sort(key=lambda m: int(m.sum()))
     if len(found) > limit:
         found = [found[i] for i in np.linspace(0, len(found) - 1, limit).round().astype(int)]
-    chosen: list[np.ndarray] = []
-    for _, mask in sorted(twins, key=lambda t: t[0]):
-        if len(chosen) < pairs:
-            _add_unless_duplicate(chosen, mask, found)
-    return found + chosen
-
-
-def _add_unless_duplicate(
-    masks: list[np.ndarray], mask: np.ndarray, others: list[np.ndarray] = ()
-) -> None:
-    """Append ``mask`` unless it overlaps one of ``masks`` or ``others`` at IoU > 0.85."""
-    from RobustMedSAMLib.evaluation.metrics import iou
-
-    if not any(iou(mask, m) > 0.85 for m in (*masks, *others)):
-        masks.append(mask)
-
-
-def _side_by_side(pieces: list[np.ndarray], max_pixels: float) -> list[tuple[float, np.ndarray]]:
-    """(mismatch, union) of piece pairs lying side by side: areas within 2x, centres
-    less than half the mean height apart vertically, boxes not overlapping in columns,
-    each piece filling at least 30 % of its box (no thin arcs such as a scanner table).
-    mismatch: area ratio - 1 + vertical offset / mean height (0 for mirror twins)."""
-    out = []
-    stats = []
-    for mask in pieces:
-        rows, cols = np.nonzero(mask)
-        height, width = np.ptp(rows) + 1, np.ptp(cols) + 1
-        fill = len(rows) / (height * width)
-        stats.append((len(rows), rows.mean(), height, cols.min(), cols.max(), fill))
-    for i, (n_a, row_a, h_a, left_a, right_a, fill_a) in enumerate(stats):
-        for j in range(i + 1, len(stats)):
-            n_b, row_b, h_b, left_b, right_b, fill_b = stats[j]
-            ratio = max(n_a, n_b) / min(n_a, n_b)
-            offset = abs(row_a - row_b) / ((h_a + h_b) / 2)
-            apart = right_a < left_b or right_b < left_a
-            solid = min(fill_a, fill_b) >= 0.3
-            if ratio <= 2 and offset < 0.5 and apart and solid and n_a + n_b <= max_pixels:
-                out.append((ratio - 1 + offset, pieces[i] | pieces[j]))
-    return out
+    return found
 
 
 def _intensity_bands(grey: np.ndarray) -> list[list[np.ndarray]]:
@@ -439,7 +394,7 @@ def _region_slices(section: DataSection, seed: int) -> list[SliceSet]:
     sets = []
     for path in files:
         image = _read_grey(path)
-        found = region_masks(image, limit=section.regions_per_image, pairs=section.region_pairs)
+        found = region_masks(image, limit=section.regions_per_image)
         volume_set = SliceSet()
         for number, mask in enumerate(found):
             if mask.sum() >= section.min_foreground:
