@@ -178,6 +178,7 @@ class RobustMedSAMParameterNode:
     min_area_ratio: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     box_extension: Annotated[float, WithinRange(0.0, 1.0)] = 0.1
     stop_between_seeds: bool = False
+    zoom_to_box: bool = False
     flag_score: Annotated[float, WithinRange(0.0, 1.0)] = 0.7
     flag_overlap: Annotated[float, WithinRange(0.0, 1.0)] = 0.85
     corruption: Annotated[str, Choice(CORRUPTION_NAMES)] = "gaussian_noise"
@@ -1581,7 +1582,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             stop_between_seeds=node.stop_between_seeds,
         )
         options.validate()
-        return SegmentOptions(propagate=propagate, propagation=options)
+        return SegmentOptions(propagate=propagate, propagation=options, zoom=node.zoom_to_box)
 
     def _ensureSegmentation(self) -> None:
         node = self._parameterNode

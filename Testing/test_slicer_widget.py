@@ -471,3 +471,11 @@ def test_points_of_a_newly_picked_include_list_segment(panel):
     assert panel.widget._debounceTimer.isActive()
     pump_until(panel, lambda: idle(panel))
     assert segment(panel).any() and not panel.gui.dialogs
+
+
+def test_zoom_to_box_reaches_the_segment_options(panel):
+    node = panel.widget._parameterNode
+    assert panel.widget._segmentOptions(propagate=True).zoom is False
+    node.zoom_to_box = True  # what ticking "Zoom to the box" sets
+    options = panel.widget._segmentOptions(propagate=True)
+    assert options.zoom is True and options.propagate is True
