@@ -76,6 +76,8 @@ def test_decoder_training_lowers_loss_and_raises_dice(decoder_run):
     dice = [r["val_dice"] for r in records if r["event"] == "val"]
     assert dice[0] < 0.25
     assert result.best_dice > dice[0] + 0.15
+    points = [r["val_point_dice_clean"] for r in records if r["event"] == "val"]
+    assert len(points) == len(dice) and points[-1] > points[0] + 0.1  # one click, too
 
 
 def test_decoder_training_keeps_encoders_byte_identical(decoder_run, micro_checkpoint):
