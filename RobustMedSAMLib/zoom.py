@@ -8,6 +8,8 @@ around the box, with a margin for context, lets the structure fill the input.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from RobustMedSAMLib.markups import Roi
@@ -20,7 +22,7 @@ def zoom_region(
     volume: Volume,
     axis: int,
     roi: Roi,
-    points: list[np.ndarray | None] = (),
+    points: Sequence[np.ndarray | None] = (),
     margin: float = ZOOM_MARGIN,
 ) -> tuple[slice, slice, slice]:
     """``(K, J, I)`` slices of the crop: in-plane, the box of ``roi`` and ``points``

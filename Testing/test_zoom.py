@@ -6,8 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from doubles import ThresholdPredictor
 
 from RobustMedSAMLib.cli import main
+from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.loader import load_named_model
 from RobustMedSAMLib.markups import Roi, write_roi
 from RobustMedSAMLib.segment import SegmentOptions, VolumePrompts, segment_volume
@@ -65,6 +67,14 @@ def test_crop_takes_in_points_outside_the_box_and_stops_at_the_volume_edge():
     region = zoom_region(volume, 0, roi, [outside, None], margin=0.5)
     assert region[1].start == 0 and region[2].start == 0  # clipped at the edge
     assert region[1].stop == 40 and region[2].stop == 30  # the point widened it to the end
+
+
+def test_a_box_outside_the_volume_is_a_clear_error_with_zoom_too():
+    volume, _ = _small_dark_disc()
+    roi = _roi(volume, (300, 300, 0), (320, 320, 2))  # beyond the 256 x 256 slices
+    session = SegmentationSession(volume, ThresholdPredictor(200.0), "axial")
+    with pytest.raises(InputError, match="does not overlap"):
+        segment_volume(session, VolumePrompts(roi=roi), SegmentOptions(zoom=True))
 
 
 @pytest.fixture(scope="module")
