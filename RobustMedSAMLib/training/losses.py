@@ -13,19 +13,29 @@ from RobustMedSAMLib.training.config import LossSection
 
 def dice_loss(logits: torch.Tensor, masks: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     """1 - soft Dice per sample, averaged over the batch."""
+    return _dice_losses(logits, masks, eps).mean()
+
+
+def _dice_losses(logits: torch.Tensor, masks: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice of each sample, ``B`` values."""
     probs = torch.sigmoid(logits).flatten(1)
     target = masks.float().flatten(1)
     dice = (2 * (probs * target).sum(1) + eps) / (probs.sum(1) + target.sum(1) + eps)
-    return (1 - dice).mean()
+    return 1 - dice
 
 
 def focal_loss(logits: torch.Tensor, masks: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
     """Sigmoid focal loss (alpha 0.25), as SAM was trained."""
+    return _focal_map(logits, masks, gamma).mean()
+
+
+def _focal_map(logits: torch.Tensor, masks: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """The focal loss of every pixel (alpha 0.25)."""
     target = masks.float()
     ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     p_t = torch.exp(-ce)
     alpha = 0.25 * target + 0.75 * (1 - target)
-    return (alpha * (1 - p_t) ** gamma * ce).mean()
+    return alpha * (1 - p_t) ** gamma * ce
 
 
 def hard_iou(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -81,16 +91,10 @@ def multimask_losses(
 
 def _sample_losses(logits: torch.Tensor, masks: torch.Tensor, w: LossSection) -> torch.Tensor:
     """Weighted Dice + BCE + focal of each sample, ``B`` values (to rank candidates)."""
-    target = masks.float()
-    probs = torch.sigmoid(logits).flatten(1)
-    flat = target.flatten(1)
-    dice = 1 - (2 * (probs * flat).sum(1) + 1) / (probs.sum(1) + flat.sum(1) + 1)
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1)
-    total = w.dice * dice + w.bce * bce.mean(1)
+    bce = F.binary_cross_entropy_with_logits(logits, masks.float(), reduction="none")
+    total = w.dice * _dice_losses(logits, masks) + w.bce * bce.flatten(1).mean(1)
     if w.focal:
-        p_t = torch.exp(-bce)
-        alpha = 0.25 * flat + 0.75 * (1 - flat)
-        total = total + w.focal * (alpha * (1 - p_t) ** 2 * bce).mean(1)
+        total = total + w.focal * _focal_map(logits, masks).flatten(1).mean(1)
     return total
 
 
