@@ -14,7 +14,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -47,10 +47,8 @@ class SessionStats:
 
     def add(self, other: SessionStats) -> None:
         """Count ``other``'s work too (a session run on a crop of this one's volume)."""
-        for name in ("encoder_calls", "encoder_seconds", "decoder_calls", "decoder_seconds",
-                     "cache_hits", "disk_hits"):  # fmt: skip
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.encoded += other.encoded
+        for counter in fields(self):  # numbers add up; the list of encoded slices extends
+            setattr(self, counter.name, getattr(self, counter.name) + getattr(other, counter.name))
 
 
 @dataclass
