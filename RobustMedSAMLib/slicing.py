@@ -103,6 +103,15 @@ def ras_to_slice_points(
     return indices, xy
 
 
+def ijk_box_roi(volume: Volume, low_ijk, high_ijk) -> Roi:
+    """The ROI between two ``(i, j, k)`` corners (continuous voxel coordinates), along
+    the volume's own axes: the box a user would draw around those voxels."""
+    low, high = np.asarray(low_ijk, float), np.asarray(high_ijk, float)
+    center = volume.ijk_to_ras_points([(low + high) / 2])[0]
+    axes = volume.ijk_to_ras[:3, :3] / volume.spacing
+    return Roi(center, np.abs(high - low) * volume.spacing, axes)
+
+
 def roi_to_slice_box(volume: Volume, axis: int, roi: Roi) -> tuple[tuple[int, int], np.ndarray]:
     """Project an ROI onto slices along ``axis``.
 

@@ -32,8 +32,9 @@ def zoom_region(
     kji = volume.ras_to_ijk_points(np.concatenate(ras))[:, ::-1]
     low, high = kji.min(axis=0), kji.max(axis=0)
     extent = high - low
-    low = np.floor(low - margin * extent).astype(int)
-    high = np.ceil(high + margin * extent).astype(int) + 1
+    # rounded first: a box edge on a voxel edge comes back from RAS as 19.000000000004
+    low = np.floor(np.round(low - margin * extent, 6)).astype(int)
+    high = np.ceil(np.round(high + margin * extent, 6)).astype(int) + 1
     region = []
     for dim, size in enumerate(volume.shape):
         if dim == axis:

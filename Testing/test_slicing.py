@@ -11,6 +11,7 @@ from RobustMedSAMLib.markups import Roi
 from RobustMedSAMLib.slicing import (
     axis_index,
     get_slice,
+    ijk_box_roi,
     prompts_for_slice,
     ras_to_slice_points,
     roi_to_slice_box,
@@ -105,9 +106,8 @@ def test_point_half_a_voxel_outside_is_clipped_further_is_refused():
 
 def axis_aligned_roi(volume: Volume, center_ijk, half_voxels) -> Roi:
     """An ROI along the volume's own axes, ``half_voxels`` (I, J, K) from its centre."""
-    directions = volume.ijk_to_ras[:3, :3] / volume.spacing
-    size = 2 * np.asarray(half_voxels, float) * volume.spacing
-    return Roi(ras_of(volume, center_ijk), size, directions)
+    center, half = np.asarray(center_ijk, float), np.asarray(half_voxels, float)
+    return ijk_box_roi(volume, center - half, center + half)
 
 
 @pytest.mark.parametrize("make", [oblique_axial, sagittal_acquired])

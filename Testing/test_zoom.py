@@ -11,10 +11,11 @@ from doubles import ThresholdPredictor
 from RobustMedSAMLib.cli import main
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.loader import load_named_model
-from RobustMedSAMLib.markups import Roi, write_roi
+from RobustMedSAMLib.markups import write_roi
 from RobustMedSAMLib.segment import SegmentOptions, VolumePrompts, segment_volume
 from RobustMedSAMLib.segmentation_io import read_segmentation
 from RobustMedSAMLib.session import SegmentationSession
+from RobustMedSAMLib.slicing import ijk_box_roi
 from RobustMedSAMLib.volume import Volume, write_volume
 from RobustMedSAMLib.zoom import crop_volume, zoom_region
 
@@ -25,14 +26,6 @@ ROTATED = np.array(
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
-
-
-def _roi(volume: Volume, low_ijk, high_ijk) -> Roi:
-    """An axis-aligned (in IJK) ROI between two voxel-edge corners."""
-    ras = volume.ijk_to_ras_points(np.array([low_ijk, high_ijk], float))
-    axes = volume.ijk_to_ras[:3, :3] / np.linalg.norm(volume.ijk_to_ras[:3, :3], axis=0)
-    size = np.abs(np.linalg.inv(axes) @ (ras[1] - ras[0]))
-    return Roi((ras[0] + ras[1]) / 2, size, axes)
 
 
 def _small_dark_disc(radius: int = 6) -> tuple[Volume, np.ndarray]:
@@ -49,7 +42,7 @@ def _small_dark_disc(radius: int = 6) -> tuple[Volume, np.ndarray]:
 
 def test_crop_keeps_every_voxel_at_its_place_in_ras():
     volume = Volume(np.arange(5 * 40 * 30, dtype=np.float32).reshape(5, 40, 30), ROTATED)
-    roi = _roi(volume, (10, 12, 1), (16, 20, 3))
+    roi = ijk_box_roi(volume, (10, 12, 1), (16, 20, 3))
     region = zoom_region(volume, 0, roi, margin=0.5)
     assert region[0] == slice(0, 5)  # every slice along the slicing axis
     assert region[1] == slice(8, 25) and region[2] == slice(7, 20)  # box 6 x 8, +3 / +4 each side
@@ -62,7 +55,7 @@ def test_crop_keeps_every_voxel_at_its_place_in_ras():
 
 def test_crop_takes_in_points_outside_the_box_and_stops_at_the_volume_edge():
     volume = Volume(np.zeros((5, 40, 30), np.float32), ROTATED)
-    roi = _roi(volume, (2, 2, 0), (8, 8, 1))
+    roi = ijk_box_roi(volume, (2, 2, 0), (8, 8, 1))
     outside = volume.ijk_to_ras_points(np.array([[25.0, 30.0, 2.0]]))
     region = zoom_region(volume, 0, roi, [outside, None], margin=0.5)
     assert region[1].start == 0 and region[2].start == 0  # clipped at the edge
@@ -71,7 +64,7 @@ def test_crop_takes_in_points_outside_the_box_and_stops_at_the_volume_edge():
 
 def test_a_box_outside_the_volume_is_a_clear_error_with_zoom_too():
     volume, _ = _small_dark_disc()
-    roi = _roi(volume, (300, 300, 0), (320, 320, 2))  # beyond the 256 x 256 slices
+    roi = ijk_box_roi(volume, (300, 300, 0), (320, 320, 2))  # beyond the 256 x 256 slices
     session = SegmentationSession(volume, ThresholdPredictor(200.0), "axial")
     with pytest.raises(InputError, match="does not overlap"):
         segment_volume(session, VolumePrompts(roi=roi), SegmentOptions(zoom=True))
@@ -84,7 +77,7 @@ def demo():
 
 def test_zoom_finds_a_small_structure_that_the_whole_slice_misses(demo):
     volume, truth = _small_dark_disc()
-    roi = _roi(volume, (143, 93, 0.6), (157, 107, 1.4))
+    roi = ijk_box_roi(volume, (143, 93, 0.6), (157, 107, 1.4))
     masks = {}
     for zoom in (False, True):
         session = SegmentationSession(volume, demo.predictor(), "axial")
@@ -103,7 +96,7 @@ def test_zoom_finds_a_small_structure_that_the_whole_slice_misses(demo):
 def test_cli_zoom_flag_segments_and_is_recorded(tmp_path, demo):
     volume, truth = _small_dark_disc()
     write_volume(volume, tmp_path / "disc.nrrd")
-    write_roi(tmp_path / "box.mrk.json", _roi(volume, (143, 93, 0.6), (157, 107, 1.4)))
+    write_roi(tmp_path / "box.mrk.json", ijk_box_roi(volume, (143, 93, 0.6), (157, 107, 1.4)))
     out = tmp_path / "disc.seg.nrrd"
     args = ["segment", str(tmp_path / "disc.nrrd"), "--box", str(tmp_path / "box.mrk.json")]
     assert main([*args, "--zoom", "--out", str(out)]) == 0

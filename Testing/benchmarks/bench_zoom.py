@@ -23,18 +23,15 @@ from RobustMedSAMLib.markups import Roi
 from RobustMedSAMLib.segment import SegmentOptions, VolumePrompts, segment_volume
 from RobustMedSAMLib.segmentation_io import read_segmentation
 from RobustMedSAMLib.session import SegmentationSession
+from RobustMedSAMLib.slicing import ijk_box_roi
 from RobustMedSAMLib.volume import Volume, read_volume
 
 
 def slice_box(volume: Volume, mask: np.ndarray, k: int) -> Roi:
-    """A one-slice ROI around ``mask[k]`` (voxel edges), axis-aligned in IJK."""
+    """A one-slice ROI around ``mask[k]`` (voxel edges), along the volume's axes."""
     rows, cols = np.nonzero(mask[k])
     low = [cols.min() - 0.5, rows.min() - 0.5, k - 0.4]
-    ijk = np.array([low, [cols.max() + 0.5, rows.max() + 0.5, k + 0.4]])
-    ras = volume.ijk_to_ras_points(ijk)
-    axes = volume.ijk_to_ras[:3, :3] / np.linalg.norm(volume.ijk_to_ras[:3, :3], axis=0)
-    size = np.abs(np.linalg.inv(axes) @ (ras[1] - ras[0]))
-    return Roi((ras[0] + ras[1]) / 2, size, axes)
+    return ijk_box_roi(volume, low, [cols.max() + 0.5, rows.max() + 0.5, k + 0.4])
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
