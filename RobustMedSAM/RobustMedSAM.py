@@ -69,19 +69,19 @@ def _library_on_path() -> None:
 
 _library_on_path()
 
-from RobustMedSAMLib.atomic_files import atomic_output, full_suffix  # noqa: E402
 from RobustMedSAMLib.errors import CancelledError, InputError  # noqa: E402
-from RobustMedSAMLib.markups import Roi  # noqa: E402
-from RobustMedSAMLib.volume import Volume  # noqa: E402
+from RobustMedSAMLib.formats.atomic import atomic_output, full_suffix  # noqa: E402
+from RobustMedSAMLib.formats.markups import Roi  # noqa: E402
+from RobustMedSAMLib.formats.volume import Volume  # noqa: E402
 
 if TYPE_CHECKING:  # torch-heavy modules are imported when a session starts
-    from RobustMedSAMLib.segment import (
+    from RobustMedSAMLib.inference.segment_volume import (
         SegmentationResult,
         SegmentOptions,
         SliceScore,
         VolumePrompts,
     )
-    from RobustMedSAMLib.session import SegmentationSession
+    from RobustMedSAMLib.inference.session import SegmentationSession
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
     ) -> VolumePrompts:
         """``VolumePrompts`` in world RAS: the defined control points of the point lists
         (``Nx3``) and the ROI's centre, size (mm) and axes. Any node may be None."""
-        from RobustMedSAMLib.segment import VolumePrompts
+        from RobustMedSAMLib.inference.segment_volume import VolumePrompts
 
         return VolumePrompts(
             positive=_defined_points_world(positive_points_node),
@@ -313,7 +313,7 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         Touches no MRML node: the panel calls it in a worker thread. An empty
         ``checkpoint`` means the model's default file.
         """
-        from RobustMedSAMLib.loader import load_named_model
+        from RobustMedSAMLib.weights.loader import load_named_model
 
         loaded = load_named_model(model_name, checkpoint or None, encoder, decoder, device)
         model_id = f"{model_name}:{sorted(str(p) for p in loaded.checkpoints.values())}"
@@ -339,7 +339,7 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         test double). ``axis`` is ``axial``, ``coronal``, ``sagittal`` or an array axis
         0..2 (KJI). ``window``: intensity window (default: from the volume).
         """
-        from RobustMedSAMLib.session import SegmentationSession
+        from RobustMedSAMLib.inference.session import SegmentationSession
 
         volume = self.volume_from_node(volume_node)
         if predictor is None:
@@ -406,14 +406,14 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         cancel: Callable[[], bool] | None = None,
     ) -> SegmentationResult:
         """Segment from ``prompts`` (``segment_volume``) without writing anything."""
-        from RobustMedSAMLib.segment import segment_volume
+        from RobustMedSAMLib.inference.segment_volume import segment_volume
 
         return segment_volume(session, prompts, options, progress, cancel)
 
     def slice_of_point(self, session: SegmentationSession, point_ras) -> int:
         """The slice (along the session's axis) holding a world RAS point; InputError
         when the point lies outside the volume."""
-        from RobustMedSAMLib.slicing import ras_to_slice_points
+        from RobustMedSAMLib.inference.slicing import ras_to_slice_points
 
         indices, _ = ras_to_slice_points(session.volume, session.axis, np.asarray(point_ras))
         return int(indices[0])
@@ -423,8 +423,8 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
     ) -> SliceResult:
         """Segment slice ``index`` from the points on it (and the ROI, when it spans the
         slice); points on other slices are ignored. InputError when nothing prompts it."""
-        from RobustMedSAMLib.segment import VolumePrompts
-        from RobustMedSAMLib.slicing import prompts_for_slice, roi_to_slice_box, set_slice
+        from RobustMedSAMLib.inference.segment_volume import VolumePrompts
+        from RobustMedSAMLib.inference.slicing import prompts_for_slice, roi_to_slice_box, set_slice
 
         volume, axis = session.volume, session.axis
         roi = prompts.roi
@@ -451,7 +451,7 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
     ) -> np.ndarray | None:
         if points is None or len(points) == 0:
             return None
-        from RobustMedSAMLib.slicing import ras_to_slice_points
+        from RobustMedSAMLib.inference.slicing import ras_to_slice_points
 
         indices, _ = ras_to_slice_points(session.volume, session.axis, points)
         kept = np.asarray(points)[indices == index]
@@ -613,7 +613,7 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         segment_name: str | None = None,
     ) -> str:
         """Write a :class:`SliceResult` into its slice of the segment (other slices kept)."""
-        from RobustMedSAMLib.slicing import set_slice
+        from RobustMedSAMLib.inference.slicing import set_slice
 
         shape = session.volume.shape
         plane = np.zeros(shape, dtype=bool)
@@ -833,7 +833,7 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
     ) -> tuple[Path, Path]:
         """Write the volume and the segment (a 0/1 label map on its grid) as an
         image/label pair for fine-tuning. Returns ``(image_path, label_path)``."""
-        from RobustMedSAMLib.training_export import export_training_pair, safe_name
+        from RobustMedSAMLib.training.export import export_training_pair, safe_name
 
         volume = self.volume_from_node(volume_node)
         labels = self.segment_mask(segmentation_node, segment_id, volume_node).astype(np.uint8)
@@ -874,7 +874,7 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
     ) -> Path:
         """A fine-tuning config (TOML) at ``path`` reading ``data_folder`` (``base``: a
         config whose other settings are kept)."""
-        from RobustMedSAMLib.training_export import write_finetune_config
+        from RobustMedSAMLib.training.export import write_finetune_config
 
         return write_finetune_config(
             Path(path),
@@ -899,7 +899,7 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         self, config: str | os.PathLike, out_dir: str | os.PathLike, resume: bool = False
     ):
         """Launch fine-tuning as a subprocess (``FinetuneProcess``); returns it started."""
-        from RobustMedSAMLib.finetune_process import FinetuneProcess
+        from RobustMedSAMLib.training.process import FinetuneProcess
 
         process = FinetuneProcess(
             Path(config), Path(out_dir), python=self.finetune_python(), resume=resume
@@ -1568,8 +1568,8 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._withSession(axis, propagate)
 
     def _segmentOptions(self, propagate: bool):
-        from RobustMedSAMLib.propagation import PropagationOptions
-        from RobustMedSAMLib.segment import SegmentOptions
+        from RobustMedSAMLib.inference.propagation import PropagationOptions
+        from RobustMedSAMLib.inference.segment_volume import SegmentOptions
 
         node = self._parameterNode
         options = PropagationOptions(
@@ -1794,7 +1794,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def _pollFinetune(self) -> None:
-        from RobustMedSAMLib.finetune_process import progress_of
+        from RobustMedSAMLib.training.process import progress_of
 
         process = self._finetune
         if process is None:
@@ -1969,8 +1969,8 @@ class RobustMedSAMTest(ScriptedLoadableModuleTest):
         restores the empty segment -> save .seg.nrrd -> reload gives the same mask."""
         import tempfile
 
-        from RobustMedSAMLib.phantoms import sphere
-        from RobustMedSAMLib.segment import SegmentOptions
+        from RobustMedSAMLib.datasets.phantoms import sphere
+        from RobustMedSAMLib.inference.segment_volume import SegmentOptions
 
         self.delayDisplay("Starting the RobustMedSAM end-to-end test")
         phantom = sphere((40, 96, 96), (1.0, 1.0, 2.0), radius=22.0, seed=101)

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from reference_models import random_state_dict  # noqa: E402
 
-from RobustMedSAMLib.config import TINY  # noqa: E402
+from RobustMedSAMLib.model.config import TINY  # noqa: E402
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 

@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from RobustMedSAMLib.model import ImageFeatures
-from RobustMedSAMLib.prediction import Prediction, SlicePrompt
-from RobustMedSAMLib.predictor import EncodedSlice
-from RobustMedSAMLib.preprocessing import Frame
+from RobustMedSAMLib.inference.predictor import EncodedSlice
+from RobustMedSAMLib.inference.preprocessing import Frame
+from RobustMedSAMLib.inference.types import Prediction, SlicePrompt
+from RobustMedSAMLib.model.sam import ImageFeatures
 
 
 class _Style:

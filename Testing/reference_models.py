@@ -10,8 +10,8 @@ from functools import partial
 
 import torch
 
-from RobustMedSAMLib.config import ModelConfig
-from RobustMedSAMLib.model import SegmentAnythingModel
+from RobustMedSAMLib.model.config import ModelConfig
+from RobustMedSAMLib.model.sam import SegmentAnythingModel
 
 
 def random_state_dict(config: ModelConfig, robust: bool, seed: int = 0) -> dict:

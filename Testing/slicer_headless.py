@@ -918,3 +918,29 @@ def install_gui_stand_in(monkeypatch, module, temporary: str, confirm: bool = Tr
         monkeypatch.setattr(util, name, record(kind))
     monkeypatch.setattr(util, "pip_install", lambda args: gui.pip.append(args))
     return gui
+
+
+def segmentation_node_from_file(scene, path):
+    storage = scene.slicer.vtkMRMLSegmentationStorageNode()
+    scene.scene.AddNode(storage)
+    node = scene.scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    return node
+
+
+def segment_on_grid(scene, node, segment_id, reference_node) -> np.ndarray:
+    """One segment as a KJI bool mask on the reference volume's grid, via Slicer's export."""
+    import vtk
+
+    labelmap_node = scene.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segment_id)
+    assert scene.segmentations.ExportSegmentsToLabelmapNode(
+        node, ids, labelmap_node, reference_node
+    )
+    np.testing.assert_allclose(
+        ijk_to_ras_of(labelmap_node), ijk_to_ras_of(reference_node), atol=1e-9
+    )
+    return scene.slicer.util.arrayFromVolume(labelmap_node) > 0

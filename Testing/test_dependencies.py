@@ -31,7 +31,7 @@ def test_check_works_without_packaging_and_imports_nothing_heavy():
         "        if name.split('.')[0] == 'packaging':\n"
         "            raise ImportError(name)\n"
         "sys.meta_path.insert(0, NoPackaging())\n"
-        "import RobustMedSAMLib.dependencies as d, RobustMedSAMLib.finetune_process\n"
+        "import RobustMedSAMLib.dependencies as d, RobustMedSAMLib.training.process\n"
         "checked = d.check()\n"
         "d.install_plan(checked, slicer_provides={'numpy'})\n"
         "heavy = {'torch', 'numpy', 'SimpleITK', 'scipy', 'nrrd', 'PIL', 'packaging'}\n"

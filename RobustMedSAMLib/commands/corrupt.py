@@ -35,7 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from RobustMedSAMLib.corruptions import corrupt, get_corruption
     from RobustMedSAMLib.errors import InputError
-    from RobustMedSAMLib.volume import Volume, read_volume, write_volume
+    from RobustMedSAMLib.formats.volume import Volume, read_volume, write_volume
 
     spec = get_corruption(args.corruption)  # fail fast, before reading the volume
     spec.level(args.severity)

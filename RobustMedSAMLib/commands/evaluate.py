@@ -197,7 +197,7 @@ def _write_timings(out: Path, times: dict) -> None:
     """Per-model encoder / decoder call counts and seconds of this run (timings.json)."""
     import json
 
-    from RobustMedSAMLib.atomic_files import atomic_output
+    from RobustMedSAMLib.formats.atomic import atomic_output
 
     if not times:
         return

@@ -77,7 +77,7 @@ def _table(rows: list[list[str]]) -> str:
 def _list(verify: bool, as_json: bool) -> int:
     import json
 
-    from RobustMedSAMLib import registry
+    from RobustMedSAMLib.weights import registry
 
     statuses = registry.model_status(verify=verify)
     folder = registry.default_models_dir()
@@ -98,8 +98,8 @@ def _list(verify: bool, as_json: bool) -> int:
 
 
 def _download(name: str, dest: Path | None, allow_unverified: bool) -> int:
-    from RobustMedSAMLib import registry
-    from RobustMedSAMLib.download import download, sha256_of
+    from RobustMedSAMLib.weights import registry
+    from RobustMedSAMLib.weights.download import download, sha256_of
 
     source = registry.get_source(name)
     folder = dest.expanduser() if dest is not None else registry.default_models_dir()

@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
 def settings_from_args(args: argparse.Namespace):
     """The SegmentSettings of the model, slicing and propagation flags."""
-    from RobustMedSAMLib.batch import SegmentSettings
+    from RobustMedSAMLib.inference.batch import SegmentSettings
 
     return SegmentSettings(
         model=args.model,
@@ -120,9 +120,9 @@ def settings_from_args(args: argparse.Namespace):
 def _run_single(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from RobustMedSAMLib.batch import CaseSegmenter, read_prompts
     from RobustMedSAMLib.errors import InputError
-    from RobustMedSAMLib.volume import read_volume
+    from RobustMedSAMLib.formats.volume import read_volume
+    from RobustMedSAMLib.inference.batch import CaseSegmenter, read_prompts
 
     if args.replay and (args.points or args.negative or args.box):
         raise InputError("give either --replay or --points/--negative/--box, not both")
@@ -132,7 +132,7 @@ def _run_single(args: argparse.Namespace) -> int:
         raise InputError(f"output folder does not exist: {args.out.parent}")
     volume = read_volume(args.volume)
     if args.replay:
-        from RobustMedSAMLib.segment import read_record_prompts
+        from RobustMedSAMLib.inference.segment_volume import read_record_prompts
 
         prompts = read_record_prompts(args.replay)
     else:
@@ -162,8 +162,8 @@ def _run_batch(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from RobustMedSAMLib import distributed
-    from RobustMedSAMLib.batch import read_cases, run_batch, write_status
     from RobustMedSAMLib.errors import InputError
+    from RobustMedSAMLib.inference.batch import read_cases, run_batch, write_status
 
     if args.out_dir is None:
         raise InputError("--cases needs --out-dir DIR")

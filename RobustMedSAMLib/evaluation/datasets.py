@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from RobustMedSAMLib.datasets.medsegbench import read_splits
 from RobustMedSAMLib.errors import InputError
-from RobustMedSAMLib.medsegbench import read_splits
 
 log = logging.getLogger(__name__)
 PHANTOM_SHAPES = ("sphere", "ellipsoid", "tube", "organ")
@@ -178,7 +178,7 @@ def read_pairs(
     folder: str | Path, limit: int | None = None, name: str | None = None, modality: str = "unknown"
 ) -> Iterator[Case]:
     """3D cases from a folder of image / label volume pairs (see the module docstring)."""
-    from RobustMedSAMLib.volume import read_volume
+    from RobustMedSAMLib.formats.volume import read_volume
 
     folder = Path(folder)
     pairs = _find_pairs(folder)
@@ -249,7 +249,7 @@ def phantom_cases(
 
 
 def _make_phantom(kind: str, grid: tuple[int, int, int], size: int, texture: str, seed: int):
-    from RobustMedSAMLib import phantoms
+    from RobustMedSAMLib.datasets import phantoms
 
     mm = size * 0.25
     if kind == "organ":

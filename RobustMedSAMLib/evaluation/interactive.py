@@ -17,8 +17,12 @@ import numpy as np
 
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.evaluation.metrics import dice, iou
-from RobustMedSAMLib.evaluation.prompts import bounding_box, correction_point, interior_point
-from RobustMedSAMLib.prediction import Prediction, SlicePrompt
+from RobustMedSAMLib.evaluation.simulated_clicks import (
+    bounding_box,
+    correction_point,
+    interior_point,
+)
+from RobustMedSAMLib.inference.types import Prediction, SlicePrompt
 
 FIRST_PROMPTS = ("point", "box")
 

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-from RobustMedSAMLib.atomic_files import atomic_output
 from RobustMedSAMLib.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from RobustMedSAMLib.errors import (
     CancelledError,
@@ -43,9 +42,10 @@ from RobustMedSAMLib.evaluation.interactive import (
 from RobustMedSAMLib.evaluation.models import ModelEntry
 from RobustMedSAMLib.evaluation.timing import CallTimes, TimedPredictor
 from RobustMedSAMLib.evaluation.volumetric import central_slice, evaluate_volume
-from RobustMedSAMLib.propagation import PROJECTIONS, PropagationOptions
-from RobustMedSAMLib.session import SegmentationSession
-from RobustMedSAMLib.volume import Volume
+from RobustMedSAMLib.formats.atomic import atomic_output
+from RobustMedSAMLib.formats.volume import Volume
+from RobustMedSAMLib.inference.propagation import PROJECTIONS, PropagationOptions
+from RobustMedSAMLib.inference.session import SegmentationSession
 
 log = logging.getLogger(__name__)
 

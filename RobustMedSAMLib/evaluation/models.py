@@ -40,7 +40,7 @@ class ModelSpec:
 
 def parse_model_spec(text: str) -> ModelSpec:
     """Parse ``[LABEL=]NAME[:CHECKPOINT]`` or ``[LABEL=]fused:ENCODER+DECODER``."""
-    from RobustMedSAMLib.registry import model_names
+    from RobustMedSAMLib.weights.registry import model_names
 
     label, eq, rest = text.partition("=")
     if not eq:
@@ -66,7 +66,7 @@ def model_entry(spec: ModelSpec, device: str = "auto") -> ModelEntry:
     """A ModelEntry that loads ``spec`` with ``load_named_model`` when first used."""
 
     def load() -> SlicePredictor:
-        from RobustMedSAMLib.loader import load_named_model
+        from RobustMedSAMLib.weights.loader import load_named_model
 
         loaded = load_named_model(spec.name, spec.checkpoint, spec.encoder, spec.decoder, device)
         return loaded.predictor()

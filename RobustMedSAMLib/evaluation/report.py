@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from RobustMedSAMLib.atomic_files import atomic_output
 from RobustMedSAMLib.evaluation.matrix import CLEAN, CSV_NAME, KEY
 from RobustMedSAMLib.evaluation.metrics import mean_std
 from RobustMedSAMLib.evaluation.plot import Panel, draw_panels
+from RobustMedSAMLib.formats.atomic import atomic_output
 
 ALL = "all"
 

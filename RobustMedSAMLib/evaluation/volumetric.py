@@ -14,10 +14,10 @@ import numpy as np
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.evaluation.interactive import SlicePredictor, first_prompt
 from RobustMedSAMLib.evaluation.metrics import dice, iou, per_slice_dice
-from RobustMedSAMLib.propagation import PropagationOptions, propagate
-from RobustMedSAMLib.session import SegmentationSession
-from RobustMedSAMLib.slicing import get_slice, set_slice
-from RobustMedSAMLib.volume import Volume
+from RobustMedSAMLib.formats.volume import Volume
+from RobustMedSAMLib.inference.propagation import PropagationOptions, propagate
+from RobustMedSAMLib.inference.session import SegmentationSession
+from RobustMedSAMLib.inference.slicing import get_slice, set_slice
 
 
 @dataclass

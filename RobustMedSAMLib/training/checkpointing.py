@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from RobustMedSAMLib.atomic_files import atomic_output
-from RobustMedSAMLib.checkpoint import save_state_dict
 from RobustMedSAMLib.errors import CheckpointError
+from RobustMedSAMLib.formats.atomic import atomic_output
 from RobustMedSAMLib.training.svd import DELTA_SUFFIX, SvdLinear, adapter_state
+from RobustMedSAMLib.weights.checkpoint import save_state_dict
 
 STATE_FILE = "state.pt"
 

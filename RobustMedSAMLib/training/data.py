@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from RobustMedSAMLib.datasets.medsegbench import read_splits
 from RobustMedSAMLib.errors import InputError
-from RobustMedSAMLib.medsegbench import read_splits
 from RobustMedSAMLib.training.config import AXES, CorruptionSection, DataSection
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def _add_masks(
 def _window(images: np.ndarray) -> tuple[float, float]:
     if images.dtype == np.uint8:
         return 0.0, 255.0
-    from RobustMedSAMLib.preprocessing import auto_window
+    from RobustMedSAMLib.inference.preprocessing import auto_window
 
     return auto_window(images)
 
@@ -153,7 +153,7 @@ def _window(images: np.ndarray) -> tuple[float, float]:
 def _to_uint8(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     if image.dtype == np.uint8:
         return np.ascontiguousarray(image)
-    from RobustMedSAMLib.preprocessing import window_to_uint8
+    from RobustMedSAMLib.inference.preprocessing import window_to_uint8
 
     return window_to_uint8(image, window)
 
@@ -200,8 +200,8 @@ def _stem(path: Path) -> str:
 
 
 def _volume_slices(section: DataSection) -> list[SliceSet]:
-    from RobustMedSAMLib.preprocessing import auto_window, window_to_uint8
-    from RobustMedSAMLib.volume import read_volume
+    from RobustMedSAMLib.formats.volume import read_volume
+    from RobustMedSAMLib.inference.preprocessing import auto_window, window_to_uint8
 
     sets = []
     for image_path, label_path in find_volume_pairs(Path(section.folder)):
@@ -240,8 +240,8 @@ def _phantom_slices(section: DataSection, seed: int) -> list[SliceSet]:
     """Slices of synthetic CT/MR volumes: abdomen-like organ scenes, or ("mixed") every
     third one and random scenes (objects at random places, sizes and contrasts, some
     darker than the background); each slice's target is one object in it, in turn."""
-    from RobustMedSAMLib.phantoms import organ_scene, random_scene
-    from RobustMedSAMLib.preprocessing import auto_window, window_to_uint8
+    from RobustMedSAMLib.datasets.phantoms import organ_scene, random_scene
+    from RobustMedSAMLib.inference.preprocessing import auto_window, window_to_uint8
 
     sets = []
     for number in range(section.phantom_volumes):

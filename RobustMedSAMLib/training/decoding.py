@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from RobustMedSAMLib.model import SegmentAnythingModel
-from RobustMedSAMLib.training.prompts_sim import Prompts
+from RobustMedSAMLib.model.sam import SegmentAnythingModel
+from RobustMedSAMLib.training.simulated_prompts import Prompts
 
 
 def decode_paired(

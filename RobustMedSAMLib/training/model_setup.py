@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from RobustMedSAMLib.config import TINY, VIT_B
-from RobustMedSAMLib.model import SegmentAnythingModel
+from RobustMedSAMLib.model.config import TINY, VIT_B
+from RobustMedSAMLib.model.sam import SegmentAnythingModel
 from RobustMedSAMLib.training.config import ModelSection, TrainingConfig
 from RobustMedSAMLib.training.svd import DELTA_SUFFIX, apply_svd
 
@@ -24,7 +24,7 @@ IMAGE_BLOCKS = (
 def build_model(section: ModelSection, seed: int = 0) -> SegmentAnythingModel:
     """From a checkpoint (file or registry name), a fused encoder + decoder pair, or
     random weights (``torch.manual_seed(seed)``: the same seed gives the same model)."""
-    from RobustMedSAMLib import checkpoint as ckpt
+    from RobustMedSAMLib.weights import checkpoint as ckpt
 
     if section.init == "random":
         torch.manual_seed(seed)
@@ -39,7 +39,7 @@ def build_model(section: ModelSection, seed: int = 0) -> SegmentAnythingModel:
         model = SegmentAnythingModel(ckpt.infer_config(fused), robust=True)
         model.load_state_dict(fused, strict=False)  # checked part by part when fusing
         return model
-    from RobustMedSAMLib.registry import resolve_checkpoint
+    from RobustMedSAMLib.weights.registry import resolve_checkpoint
 
     path = (
         resolve_checkpoint(section.checkpoint)

@@ -34,8 +34,8 @@ from torch import nn
 from RobustMedSAMLib import distributed
 from RobustMedSAMLib.distributed import dist_info
 from RobustMedSAMLib.errors import CancelledError, InputError
-from RobustMedSAMLib.model import SegmentAnythingModel
-from RobustMedSAMLib.preprocessing import Preprocessor
+from RobustMedSAMLib.inference.preprocessing import Preprocessor
+from RobustMedSAMLib.model.sam import SegmentAnythingModel
 from RobustMedSAMLib.training import checkpointing as ckpt
 from RobustMedSAMLib.training.config import TrainingConfig
 from RobustMedSAMLib.training.data import SliceSet, load_data, variant_image, variant_spec
@@ -54,7 +54,7 @@ from RobustMedSAMLib.training.losses import (
     multimask_losses,
 )
 from RobustMedSAMLib.training.model_setup import build_model, select_trained, set_train_mode
-from RobustMedSAMLib.training.prompts_sim import (
+from RobustMedSAMLib.training.simulated_prompts import (
     Prompts,
     boxes_from_masks,
     correction_points,

@@ -15,7 +15,7 @@ import sys
 import time
 
 from RobustMedSAMLib.corruptions import CORRUPTIONS, corrupt
-from RobustMedSAMLib.phantoms import organ_scene
+from RobustMedSAMLib.datasets.phantoms import organ_scene
 
 
 def seconds(volume, name: str, severity: int, repeats: int) -> float:

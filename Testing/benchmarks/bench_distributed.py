@@ -121,7 +121,7 @@ def main() -> None:
         import torch
         from reference_models import random_state_dict
 
-        from RobustMedSAMLib.config import TINY
+        from RobustMedSAMLib.model.config import TINY
 
         checkpoint = folder / "robust.pth"
         torch.save(random_state_dict(TINY, robust=True, seed=2), checkpoint)

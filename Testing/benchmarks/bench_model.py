@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from reference_models import random_state_dict, reference_robust_sam, reference_sam  # noqa: E402
 
-from RobustMedSAMLib.config import VIT_B  # noqa: E402
-from RobustMedSAMLib.model import SegmentAnythingModel  # noqa: E402
-from RobustMedSAMLib.quantization import quantize_encoder  # noqa: E402
+from RobustMedSAMLib.model.config import VIT_B  # noqa: E402
+from RobustMedSAMLib.model.quantization import quantize_encoder  # noqa: E402
+from RobustMedSAMLib.model.sam import SegmentAnythingModel  # noqa: E402
 
 
 def timed(fn, device: torch.device) -> tuple[float, object]:
@@ -94,7 +94,7 @@ def mask_agreement(state: dict, fp32: torch.Tensor, int8: torch.Tensor, device) 
     model.load_state_dict(state)
     rng = np.random.default_rng(0)
     scores = []
-    from RobustMedSAMLib.model import ImageFeatures
+    from RobustMedSAMLib.model.sam import ImageFeatures
 
     with torch.inference_mode():
         for _ in range(20):
@@ -123,7 +123,7 @@ def bench_decoder(args, device: torch.device) -> None:
     early = torch.randn(1, 64, 64, 768, generator=g).to(device)
     point = (torch.tensor([[[500.0, 400.0]]], device=device), torch.tensor([[1]], device=device))
     with torch.inference_mode():
-        from RobustMedSAMLib.model import ImageFeatures
+        from RobustMedSAMLib.model.sam import ImageFeatures
 
         features = ImageFeatures(
             embedding, ours.mask_decoder.robust_image_features(embedding, early)

@@ -22,16 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from reference_models import random_state_dict  # noqa: E402
 
-from RobustMedSAMLib.config import TINY, VIT_B  # noqa: E402
-from RobustMedSAMLib.model import SegmentAnythingModel  # noqa: E402
-from RobustMedSAMLib.phantoms import ellipsoid  # noqa: E402
-from RobustMedSAMLib.predictor import Predictor  # noqa: E402
-from RobustMedSAMLib.propagation import PropagationOptions, propagate  # noqa: E402
-from RobustMedSAMLib.session import SegmentationSession  # noqa: E402
-from RobustMedSAMLib.volume import Volume  # noqa: E402
+from RobustMedSAMLib.datasets.phantoms import ellipsoid  # noqa: E402
+from RobustMedSAMLib.formats.volume import Volume  # noqa: E402
+from RobustMedSAMLib.inference.predictor import Predictor  # noqa: E402
+from RobustMedSAMLib.inference.propagation import PropagationOptions, propagate  # noqa: E402
+from RobustMedSAMLib.inference.session import SegmentationSession  # noqa: E402
+from RobustMedSAMLib.model.config import TINY, VIT_B  # noqa: E402
+from RobustMedSAMLib.model.sam import SegmentAnythingModel  # noqa: E402
 
 
 def peak_rss_gib() -> float:
@@ -49,7 +49,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     if args.demo:
-        from RobustMedSAMLib.loader import load_named_model
+        from RobustMedSAMLib.weights.loader import load_named_model
 
         model = load_named_model("demo", device="cpu").model
     else:
@@ -102,7 +102,11 @@ def main() -> None:
 
 def demo_run(session: SegmentationSession, phantom) -> None:
     """One include point at the object's centre, propagated: wall time and Dice."""
-    from RobustMedSAMLib.segment import SegmentOptions, VolumePrompts, segment_volume
+    from RobustMedSAMLib.inference.segment_volume import (
+        SegmentOptions,
+        VolumePrompts,
+        segment_volume,
+    )
 
     volume = session.volume
     centre = volume.ijk_to_ras_points(np.argwhere(phantom.mask).mean(axis=0)[::-1])

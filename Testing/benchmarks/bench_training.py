@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from RobustMedSAMLib.model import SegmentAnythingModel
+from RobustMedSAMLib.model.sam import SegmentAnythingModel
 from RobustMedSAMLib.training.config import TrainingConfig
 from RobustMedSAMLib.training.model_setup import SIZES, select_trained, set_train_mode
 from RobustMedSAMLib.training.runner import TrainStep

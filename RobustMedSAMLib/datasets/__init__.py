@@ -1,0 +1,1 @@
+"""Sample and benchmark data: synthetic phantoms with true masks, MedSegBench files."""

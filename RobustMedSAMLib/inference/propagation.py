@@ -1,0 +1,523 @@
+"""Propagate slice masks through a volume: masks on one or more seed slices
+become a 3D mask, one model call per slice.
+
+Frame: a segmenter's slices ``0..n_slices-1`` along its axis. 2D masks are
+``(rows, cols)`` bool in slice pixels; points are ``(x, y) = (col, row)``; boxes
+``(x0, y0, x1, y1)`` with inclusive corners; mask inputs are the model's own
+low-resolution logits (``1x256x256`` for SAM-size models), fed back unchanged.
+The 3D result is ``(n_slices, rows, cols)`` bool in the segmenter's slice order.
+
+From each seed a *front* walks outward in both directions; the prompt for slice
+``z ± 1`` is derived from the mask kept on ``z`` (the *projection*). Between two
+seeds the two fronts fill the gap from both sides and meet in the middle; a slice
+whose both neighbours are known is prompted from their union. Fronts advance
+nearest first (distance from their seed, then slice index), which is the order
+:func:`plan_order` returns, so a caller can encode slices ahead of time; no slice
+is requested twice, and none that propagation will not use.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from RobustMedSAMLib.errors import CancelledError, InputError
+from RobustMedSAMLib.inference.mask_prompts import (
+    exterior_points,
+    interior_points,
+    mask_box,
+)
+from RobustMedSAMLib.inference.types import SlicePrompt, SliceSegmenter
+
+logger = logging.getLogger(__name__)
+
+PROJECTIONS = ("mask", "box", "points", "points_and_mask", "single_point")
+OVERLAP_MEASURES = ("iou", "containment")
+STOP_REASONS = (
+    "empty",  # the model returned an empty mask (never kept)
+    "score",  # predicted IoU under min_score
+    "overlap",  # overlap with the previous slice under iou_threshold
+    "area",  # area jumped against its trend (min_area_ratio)
+    "met",  # reached a seed or a slice another front already took
+    "bounds",  # reached the user's bounds
+    "volume_end",  # reached the first or last slice of the volume
+    "max_slices",  # the budget of model calls is spent
+)
+_TREND_CLIP = (0.5, 2.0)
+
+Cancel = Callable[[], bool] | threading.Event
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class PropagationOptions:
+    """How the prompt for the next slice is derived, and when a direction stops.
+
+    projection: ``"mask"`` (default; as micro-sam's ``"mask"``): the box of the
+    mask plus the model's low-res logits for it as ``mask_input`` (left out on
+    the first step from a seed given without logits); ``"box"``: the box alone
+    (MedSAM's training prompt); ``"points"``: ``n_positive`` interior and
+    ``n_negative`` exterior points; ``"points_and_mask"``: those points plus
+    ``mask_input``; ``"single_point"``: the deepest interior point alone.
+    box_extension: each side of the box moves out by this fraction of the box's
+    width / height (at least 1 px when > 0). Default 0.1 leaves the object room
+    to grow from one slice to the next (micro-sam's default is 0).
+    n_positive: the deepest point of each sizeable component, then points spread
+    over the interior core (distance to the edge >= half its maximum).
+    n_negative: points spread around a ring outside the mask, at
+    ``max(3, r / 4)`` px from it (``r`` = radius of a disc of the mask's area).
+    iou_threshold: stop a direction when the overlap of the new mask with the
+    previous slice's mask is under it (default 0.8, as micro-sam; 0 disables).
+    overlap: how that overlap is measured. ``"containment"`` (default):
+    intersection over the smaller mask; it lets an object shrink towards its
+    ends and tolerates a model drawing a little wider than the user's seed,
+    yet catches a jump to another place; ``min_area_ratio`` catches leaks.
+    ``"iou"``: micro-sam's rule; it cuts the caps of round objects (IoU of
+    concentric discs is their area ratio) and often stops at once on small ones.
+    min_score: stop when the model's predicted IoU is under it (default 0: off;
+    SAM-like models usually score a wrong mask under about 0.5).
+    min_area_ratio: stop when area / expected area is under it or over its
+    inverse; expected = previous area x the previous slice-to-slice area ratio
+    (clipped to [0.5, 2]; 1 after the seed). Default 0.5; 0 disables.
+    stop_between_seeds: apply the score / overlap / area rules between two seeds
+    too. Default False (as micro-sam): the user has said the object spans the
+    gap. An empty mask always stops a direction and is never kept.
+    bounds: ``(first, last)`` slices, inclusive; None = the whole volume.
+    max_slices: at most this many model calls in all; None = no limit.
+    """
+
+    projection: str = "mask"
+    box_extension: float = 0.1
+    n_positive: int = 3
+    n_negative: int = 2
+    iou_threshold: float = 0.8
+    overlap: str = "containment"
+    min_score: float = 0.0
+    min_area_ratio: float = 0.5
+    stop_between_seeds: bool = False
+    bounds: tuple[int, int] | None = None
+    max_slices: int | None = None
+
+    def validate(self) -> None:
+        """Raise InputError naming the first unusable option."""
+        if self.projection not in PROJECTIONS:
+            raise InputError(f"unknown projection {self.projection!r}: use one of {PROJECTIONS}")
+        if self.overlap not in OVERLAP_MEASURES:
+            raise InputError(f"unknown overlap {self.overlap!r}: use one of {OVERLAP_MEASURES}")
+        for name in ("iou_threshold", "min_score", "min_area_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise InputError(f"{name}={getattr(self, name)} must lie in [0, 1]")
+        if self.box_extension < 0:
+            raise InputError(f"box_extension={self.box_extension} must be >= 0 (a fraction)")
+        if self.n_positive < 1 or self.n_negative < 0:
+            raise InputError("use n_positive >= 1 and n_negative >= 0 points")
+        if self.max_slices is not None and self.max_slices < 0:
+            raise InputError(f"max_slices={self.max_slices} must be >= 0 or None")
+
+
+@dataclass
+class SliceRecord:
+    """One slice the model answered (or a seed: direction 0, score and overlap NaN).
+
+    overlap: IoU (or containment) with the slice it was derived from.
+    """
+
+    index: int
+    seed: int
+    direction: int
+    score: float
+    overlap: float
+    area: int
+
+
+@dataclass
+class DirectionStop:
+    """Where and why one direction from one seed ended.
+
+    last_index: the last slice kept in that direction (the seed if none);
+    rejected: the slice that tripped a rule (not kept), None for limits.
+    """
+
+    seed: int
+    direction: int
+    last_index: int
+    reason: str
+    rejected: SliceRecord | None = None
+
+
+@dataclass
+class PropagationResult:
+    """mask: ``(n_slices, rows, cols)`` bool; records: kept slices (seeds included)
+    by index; stops: one per seed and direction; requested: slices asked of the
+    model, in order."""
+
+    mask: np.ndarray
+    records: list[SliceRecord]
+    stops: list[DirectionStop]
+    requested: list[int]
+
+    @property
+    def kept_slices(self) -> list[int]:
+        """Indices of the non-empty slices of ``mask``."""
+        return [r.index for r in self.records]
+
+
+@dataclass
+class _Front:
+    """One seed walking in one direction; ``last`` is its last kept slice."""
+
+    seed: int
+    direction: int
+    last: int
+    toward_seed: bool
+    logits: np.ndarray | None = None
+    areas: list[int] = field(default_factory=list)
+    stop: DirectionStop | None = None
+
+    @property
+    def next(self) -> int:
+        return self.last + self.direction
+
+    def key(self) -> tuple[int, int]:
+        return abs(self.next - self.seed), self.next
+
+
+class _Schedule:
+    """Which front moves next: nearest first, never onto a taken slice."""
+
+    def __init__(
+        self, seeds: list[int], n_slices: int, bounds: tuple[int, int], max_slices: int | None
+    ) -> None:
+        self.n_slices, self.bounds, self.max_slices = n_slices, bounds, max_slices
+        self.taken = np.zeros(n_slices, bool)
+        self.taken[seeds] = True
+        self.requested: list[int] = []
+        self.fronts = [
+            _Front(s, d, s, toward_seed=any((t - s) * d > 0 for t in seeds))
+            for s in seeds
+            for d in (-1, 1)
+        ]
+
+    def active(self) -> list[_Front]:
+        return [f for f in self.fronts if f.stop is None]
+
+    def next_front(self) -> _Front | None:
+        """The front to advance now, after stopping those that cannot move."""
+        for front in self.active():
+            reason = self._blocked(front.next)
+            if reason is not None:
+                front.stop = DirectionStop(front.seed, front.direction, front.last, reason)
+        active = self.active()
+        return min(active, key=_Front.key) if active else None
+
+    def take(self, index: int) -> None:
+        self.taken[index] = True
+        self.requested.append(index)
+
+    def remaining(self) -> int:
+        """Slices the active fronts could still reach (an upper estimate)."""
+        first, last = self.bounds
+        free = ~self.taken
+        reach = np.zeros(self.n_slices, bool)
+        for front in self.active():
+            z = front.next
+            while first <= z <= last and free[z] and not reach[z]:
+                reach[z] = True
+                z += front.direction
+        count = int(reach.sum())
+        if self.max_slices is not None:
+            count = min(count, self.max_slices - len(self.requested))
+        return count
+
+    def _blocked(self, index: int) -> str | None:
+        if not 0 <= index < self.n_slices:
+            return "volume_end"
+        if not self.bounds[0] <= index <= self.bounds[1]:
+            return "bounds"
+        if self.taken[index]:
+            return "met"
+        if self.max_slices is not None and len(self.requested) >= self.max_slices:
+            return "max_slices"
+        return None
+
+
+def propagate(
+    segmenter: SliceSegmenter,
+    seeds: Mapping[int, np.ndarray],
+    options: PropagationOptions | None = None,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+    seed_logits: Mapping[int, np.ndarray] | None = None,
+) -> PropagationResult:
+    """Grow seed masks ``{slice index: (rows, cols) mask}`` into a 3D mask.
+
+    Each direction from each seed goes on until a stop rule fires, or it reaches
+    the volume's end, the bounds, or a slice already taken (another seed or the
+    front coming the other way). ``progress(done, total)`` is called after each
+    model call (``total`` is an estimate that shrinks as directions stop).
+    ``cancel`` (a callable returning True, or a threading.Event) is checked
+    before each call; then CancelledError is raised and nothing is returned.
+    ``seed_logits`` ``{slice index: the model's low-res logits}`` for seeds the
+    model drew (an interactive session has them) are used as the first mask
+    input from those seeds. The seeds are copied, never modified.
+    """
+    options = options or PropagationOptions()
+    options.validate()
+    n_slices = int(segmenter.n_slices)
+    bounds = _resolve_bounds(options.bounds, n_slices)
+    masks = _check_seeds(seeds, n_slices, bounds)
+    shape = next(iter(masks.values())).shape
+    volume = np.zeros((n_slices, *shape), bool)
+    for index, mask in masks.items():
+        volume[index] = mask
+    schedule = _Schedule(sorted(masks), n_slices, bounds, options.max_slices)
+    logits = _check_seed_logits(seed_logits, masks)
+    for front in schedule.fronts:
+        front.areas.append(int(masks[front.seed].sum()))
+        front.logits = logits.get(front.seed)
+    records = [SliceRecord(z, z, 0, math.nan, math.nan, int(m.sum())) for z, m in masks.items()]
+    is_cancelled = _cancel_check(cancel)
+    if progress is not None:
+        progress(0, schedule.remaining())
+    while (front := schedule.next_front()) is not None:
+        if is_cancelled():
+            raise CancelledError("propagation cancelled; no mask was changed")
+        record = _advance(segmenter, front, schedule, volume, options)
+        if record is not None:
+            records.append(record)
+        if progress is not None:
+            done = len(schedule.requested)
+            progress(done, done + schedule.remaining())
+    stops = [f.stop for f in schedule.fronts if f.stop is not None]
+    for stop in stops:
+        logger.info("seed %d direction %+d stopped after slice %d: %s", *_stop_fields(stop))
+    records.sort(key=lambda r: r.index)
+    return PropagationResult(volume, records, stops, list(schedule.requested))
+
+
+def plan_order(
+    seeds: Iterable[int],
+    n_slices: int,
+    bounds: tuple[int, int] | None = None,
+    max_slices: int | None = None,
+) -> list[int]:
+    """Slices :func:`propagate` asks for, in its order, if no direction stops early:
+    nearest a seed first, outward; within ``bounds``; seeds excluded. Use it to
+    encode slices ahead of propagation."""
+    resolved = _resolve_bounds(bounds, n_slices)
+    indices = sorted({_check_index(z, n_slices, resolved) for z in seeds})
+    if not indices:
+        raise InputError("give at least one seed slice")
+    schedule = _Schedule(indices, n_slices, resolved, max_slices)
+    while (front := schedule.next_front()) is not None:
+        schedule.take(front.next)
+        front.last = front.next
+    return schedule.requested
+
+
+def project_prompt(
+    mask: np.ndarray, options: PropagationOptions, logits: np.ndarray | None = None
+) -> SlicePrompt:
+    """The prompt for a neighbouring slice from ``mask`` ``(rows, cols)`` on this one.
+
+    ``logits`` (the model's low-res output for ``mask``) is the mask input when
+    the projection uses one; without it there is no mask input (SAM-type
+    decoders are trained to take back their own logits, not a converted mask).
+    """
+    mode = options.projection
+    points = np.zeros((0, 2), np.float32)
+    labels = np.zeros(0, np.int64)
+    if mode in ("points", "points_and_mask"):
+        positive = interior_points(mask, options.n_positive)
+        negative = exterior_points(mask, options.n_negative)
+        points = np.concatenate([positive, negative])
+        labels = np.array([1] * len(positive) + [0] * len(negative), np.int64)
+    elif mode == "single_point":
+        points, labels = interior_points(mask, 1), np.ones(1, np.int64)
+    box = mask_box(mask, options.box_extension) if mode in ("mask", "box") else None
+    mask_input = None
+    if mode in ("mask", "points_and_mask"):
+        mask_input = logits
+    return SlicePrompt(points, labels, box, mask_input)
+
+
+def _advance(
+    segmenter: SliceSegmenter,
+    front: _Front,
+    schedule: _Schedule,
+    volume: np.ndarray,
+    options: PropagationOptions,
+) -> SliceRecord | None:
+    """Ask the model for ``front.next``; keep it or stop the front. Returns the kept record."""
+    index = front.next
+    source, logits = _prompt_source(front, schedule, volume, options)
+    prompt = project_prompt(source, options, logits)
+    schedule.take(index)
+    prediction = segmenter.segment_slice(index, prompt)
+    mask = np.asarray(prediction.mask, bool)
+    if mask.shape != volume.shape[1:]:
+        raise InputError(
+            f"the model's slice {index} is {mask.shape} but the seeds are {volume.shape[1:]}: "
+            "draw seeds on slices along the propagation axis"
+        )
+    previous = volume[front.last]
+    record = SliceRecord(
+        index,
+        front.seed,
+        front.direction,
+        float(prediction.score),
+        _overlap(previous, mask, options.overlap),
+        int(mask.sum()),
+    )
+    reason = _stop_reason(record, front, options)
+    logger.debug(
+        "slice %d: score %.3f overlap %.3f area %d",
+        index,
+        record.score,
+        record.overlap,
+        record.area,
+    )
+    if reason is not None:
+        front.stop = DirectionStop(front.seed, front.direction, front.last, reason, record)
+        return None
+    volume[index] = mask
+    front.last = index
+    front.logits = np.asarray(prediction.low_res_logits, np.float32)
+    front.areas = [*front.areas[-1:], record.area]
+    return record
+
+
+def _prompt_source(
+    front: _Front, schedule: _Schedule, volume: np.ndarray, options: PropagationOptions
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Mask (and logits, when the projection uses them) to prompt ``front.next``
+    from: the front's last slice, united with the slice beyond when that is kept."""
+    source = volume[front.last]
+    logits = [_logits_of(front.last, schedule)]
+    beyond = front.next + front.direction
+    if 0 <= beyond < len(volume) and volume[beyond].any():
+        source = source | volume[beyond]
+        logits.append(_logits_of(beyond, schedule))
+    known = [item for item in logits if item is not None]
+    if options.projection not in ("mask", "points_and_mask") or not known:
+        return source, None
+    return source, np.maximum.reduce(known) if len(known) > 1 else known[0]
+
+
+def _logits_of(index: int, schedule: _Schedule) -> np.ndarray | None:
+    """The model's logits for kept slice ``index`` when a front holds them."""
+    for front in schedule.fronts:
+        if front.last == index and front.logits is not None:
+            return front.logits
+    return None
+
+
+def _stop_reason(record: SliceRecord, front: _Front, options: PropagationOptions) -> str | None:
+    """The first stop rule ``record`` trips, or None to keep the slice."""
+    if record.area == 0:
+        return "empty"
+    if front.toward_seed and not options.stop_between_seeds:
+        return None
+    if options.min_score > 0 and record.score < options.min_score:
+        return "score"
+    if record.overlap < options.iou_threshold:
+        return "overlap"
+    if options.min_area_ratio > 0:
+        ratio = record.area / _expected_area(front.areas)
+        if ratio < options.min_area_ratio or ratio > 1 / options.min_area_ratio:
+            return "area"
+    return None
+
+
+def _expected_area(areas: list[int]) -> float:
+    """Next area on the trend of the last two kept areas (the last one alone: no trend)."""
+    if len(areas) < 2 or areas[-2] == 0:
+        return float(areas[-1])
+    return areas[-1] * float(np.clip(areas[-1] / areas[-2], *_TREND_CLIP))
+
+
+def _overlap(a: np.ndarray, b: np.ndarray, measure: str) -> float:
+    """IoU, or intersection over the smaller mask (``"containment"``); 0 if one is empty."""
+    intersection = int(np.count_nonzero(a & b))
+    if measure == "iou":
+        denominator = int(np.count_nonzero(a | b))
+    else:
+        denominator = min(int(np.count_nonzero(a)), int(np.count_nonzero(b)))
+    return intersection / denominator if denominator else 0.0
+
+
+def _resolve_bounds(bounds: tuple[int, int] | None, n_slices: int) -> tuple[int, int]:
+    if n_slices < 1:
+        raise InputError("the volume has no slices along the propagation axis")
+    if bounds is None:
+        return 0, n_slices - 1
+    first, last = (int(b) for b in bounds)
+    if not 0 <= first <= last < n_slices:
+        raise InputError(
+            f"bounds {tuple(bounds)} must be (first, last), 0 <= first <= last <= {n_slices - 1}"
+        )
+    return first, last
+
+
+def _check_index(index: int, n_slices: int, bounds: tuple[int, int]) -> int:
+    if not isinstance(index, int | np.integer) or not 0 <= index < n_slices:
+        raise InputError(f"seed slice {index!r} is not a slice index in 0..{n_slices - 1}")
+    if not bounds[0] <= index <= bounds[1]:
+        raise InputError(f"seed slice {index} lies outside the bounds {bounds}: widen the bounds")
+    return int(index)
+
+
+def _check_seeds(
+    seeds: Mapping[int, np.ndarray], n_slices: int, bounds: tuple[int, int]
+) -> dict[int, np.ndarray]:
+    """Validated bool copies of the seed masks, all of one 2D shape, none empty."""
+    if not seeds:
+        raise InputError("give at least one seed slice with a mask to propagate from")
+    masks: dict[int, np.ndarray] = {}
+    for index, mask in seeds.items():
+        z = _check_index(index, n_slices, bounds)
+        array = np.array(mask, dtype=bool, copy=True)
+        if array.ndim != 2:
+            raise InputError(
+                f"seed mask on slice {z} has shape {array.shape}: give a 2D slice mask"
+            )
+        if not array.any():
+            raise InputError(
+                f"seed mask on slice {z} is empty: draw the object or leave the slice out"
+            )
+        masks[z] = array
+    shapes = {m.shape for m in masks.values()}
+    if len(shapes) > 1:
+        raise InputError(
+            f"seed masks differ in shape {sorted(shapes)}: all must be slices of one axis"
+        )
+    return masks
+
+
+def _check_seed_logits(
+    seed_logits: Mapping[int, np.ndarray] | None, masks: dict[int, np.ndarray]
+) -> dict[int, np.ndarray]:
+    """Float32 copies of the seeds' logits; each must belong to a seed."""
+    logits = {}
+    for index, value in (seed_logits or {}).items():
+        if index not in masks:
+            raise InputError(f"seed_logits for slice {index}, which has no seed mask")
+        logits[int(index)] = np.array(value, dtype=np.float32, copy=True)
+    return logits
+
+
+def _cancel_check(cancel: Cancel | None) -> Callable[[], bool]:
+    if cancel is None:
+        return lambda: False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set
+    return cancel
+
+
+def _stop_fields(stop: DirectionStop) -> tuple[int, int, int, str]:
+    return stop.seed, stop.direction, stop.last_index, stop.reason

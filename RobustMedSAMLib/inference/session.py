@@ -1,0 +1,231 @@
+"""An interactive segmentation session: one volume, one model, an embedding cache.
+
+The image encoder is the expensive part (seconds per slice for ViT-B on a CPU), so a
+slice is encoded once, on first use, and kept in a memory-bounded LRU cache (and,
+optionally, a disk cache keyed by the volume's content, the axis, the window and the
+model). Clicks on an encoded slice cost only the decoder. The session is the
+``SliceSegmenter`` that 3D propagation drives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from RobustMedSAMLib.errors import CancelledError, InputError
+from RobustMedSAMLib.formats.atomic import atomic_output
+from RobustMedSAMLib.formats.volume import Volume
+from RobustMedSAMLib.inference.predictor import EncodedSlice, Predictor
+from RobustMedSAMLib.inference.preprocessing import Frame, auto_window
+from RobustMedSAMLib.inference.slicing import AXIS_NAMES, axis_index, get_slice
+from RobustMedSAMLib.inference.types import Prediction, SlicePrompt
+from RobustMedSAMLib.model.sam import ImageFeatures
+
+log = logging.getLogger(__name__)
+DEFAULT_CACHE_BYTES = 1024**3  # ~85 ViT-B slices (embedding + robust features, fp32)
+
+
+@dataclass
+class SessionStats:
+    """Counters for benchmarks and the run record."""
+
+    encoder_calls: int = 0
+    encoder_seconds: float = 0.0
+    decoder_calls: int = 0
+    decoder_seconds: float = 0.0
+    cache_hits: int = 0
+    disk_hits: int = 0
+    encoded: list[int] = field(default_factory=list)
+
+    def add(self, other: SessionStats) -> None:
+        """Count ``other``'s work too (a session run on a crop of this one's volume)."""
+        for counter in fields(self):  # numbers add up; the list of encoded slices extends
+            setattr(self, counter.name, getattr(self, counter.name) + getattr(other, counter.name))
+
+
+@dataclass
+class _Clicks:
+    """The points placed so far on one slice, and the last mask's logits."""
+
+    points: list[tuple[float, float]] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    logits: np.ndarray | None = None
+
+
+class SegmentationSession:
+    """Segment slices of ``volume`` along ``axis`` with a predictor, caching embeddings."""
+
+    def __init__(
+        self,
+        volume: Volume,
+        predictor: Predictor,
+        axis: str | int = "axial",
+        window: tuple[float, float] | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        disk_cache: str | Path | None = None,
+        model_id: str = "",
+    ) -> None:
+        self.volume = volume
+        self.predictor = predictor
+        self.axis = axis if isinstance(axis, int) else axis_index(volume, axis)
+        if self.axis not in (0, 1, 2):
+            raise InputError(f"axis must be one of {AXIS_NAMES} or 0, 1, 2; got {axis!r}")
+        self.window = window or auto_window(volume.array)
+        self.cache_bytes = cache_bytes
+        self.disk_cache = Path(disk_cache) if disk_cache else None
+        self.model_id = model_id
+        self.stats = SessionStats()
+        self._cache: OrderedDict[int, EncodedSlice] = OrderedDict()
+        self._clicks: dict[int, _Clicks] = {}
+        self._key: str | None = None
+
+    @property
+    def n_slices(self) -> int:
+        return self.volume.shape[self.axis]
+
+    @property
+    def style(self) -> str:
+        """The predictor's preprocessing (``"sam"`` or ``"medsam"``): the low-res frame."""
+        return self.predictor.preprocessor.style
+
+    def slice_image(self, index: int) -> np.ndarray:
+        """Slice ``index`` along the session's axis, ``(rows, cols)`` raw intensities."""
+        if not 0 <= index < self.n_slices:
+            raise InputError(f"slice {index} is outside 0..{self.n_slices - 1}")
+        return get_slice(self.volume.array, self.axis, index)
+
+    def encoded(self, index: int) -> EncodedSlice:
+        """Features of slice ``index``: from memory, from disk, or by running the encoder."""
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            self.stats.cache_hits += 1
+            return self._cache[index]
+        encoded = self._load_from_disk(index)
+        if encoded is None:
+            start = time.perf_counter()
+            encoded = self.predictor.encode(self.slice_image(index), self.window)
+            self.stats.encoder_seconds += time.perf_counter() - start
+            self.stats.encoder_calls += 1
+            self.stats.encoded.append(index)
+            self._save_to_disk(index, encoded)
+        self._remember(index, encoded)
+        return encoded
+
+    def encode_slices(
+        self,
+        indices: Iterable[int],
+        progress: Callable[[int, int], None] | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> None:
+        """Encode slices ahead of use, in the given order (nearest the prompt first)."""
+        order = list(indices)
+        for done, index in enumerate(order, start=1):
+            if cancel is not None and cancel():
+                raise CancelledError("encoding cancelled")
+            self.encoded(index)
+            if progress is not None:
+                progress(done, len(order))
+
+    def segment_slice(self, index: int, prompt: SlicePrompt) -> Prediction:
+        """The model's mask for slice ``index`` (the ``SliceSegmenter`` protocol)."""
+        self.predictor.set_encoded(self.encoded(index))
+        start = time.perf_counter()
+        prediction = self.predictor.predict(prompt)
+        self.stats.decoder_seconds += time.perf_counter() - start
+        self.stats.decoder_calls += 1
+        return prediction
+
+    def click(self, index: int, xy: tuple[float, float], positive: bool = True) -> Prediction:
+        """Add an include/exclude point on slice ``index`` and refine that slice's mask:
+        all points so far plus the previous mask's logits, as SAM tools do."""
+        clicks = self._clicks.setdefault(index, _Clicks())
+        clicks.points.append((float(xy[0]), float(xy[1])))
+        clicks.labels.append(1 if positive else 0)
+        prompt = SlicePrompt(clicks.points, clicks.labels, mask_input=clicks.logits)
+        prediction = self.segment_slice(index, prompt)
+        clicks.logits = prediction.low_res_logits
+        return prediction
+
+    def undo_click(self, index: int) -> Prediction | None:
+        """Remove the last point on slice ``index``; re-predict from the points left
+        (None when none is left)."""
+        clicks = self._clicks.get(index)
+        if not clicks or not clicks.points:
+            return None
+        clicks.points.pop()
+        clicks.labels.pop()
+        clicks.logits = None
+        if not clicks.points:
+            return None
+        prediction = self.segment_slice(index, SlicePrompt(clicks.points, clicks.labels))
+        clicks.logits = prediction.low_res_logits
+        return prediction
+
+    def clear_clicks(self, index: int | None = None) -> None:
+        """Forget the points of one slice (or of all)."""
+        if index is None:
+            self._clicks.clear()
+        else:
+            self._clicks.pop(index, None)
+
+    def _remember(self, index: int, encoded: EncodedSlice) -> None:
+        self._cache[index] = encoded
+        total = sum(e.features.nbytes for e in self._cache.values())
+        while total > self.cache_bytes and len(self._cache) > 1:
+            _, dropped = self._cache.popitem(last=False)
+            total -= dropped.features.nbytes
+
+    def cache_key(self) -> str:
+        """Content key of this volume + axis + window + model (for the disk cache)."""
+        if self._key is None:
+            digest = hashlib.sha256()
+            array = np.ascontiguousarray(self.volume.array)
+            digest.update(f"{array.shape}{array.dtype}{self.axis}{self.window}".encode())
+            digest.update(f"{self.model_id}{self.style}".encode())
+            digest.update(array.tobytes())
+            self._key = digest.hexdigest()[:32]
+        return self._key
+
+    def _disk_path(self, index: int) -> Path | None:
+        if self.disk_cache is None:
+            return None
+        return self.disk_cache / self.cache_key() / f"slice_{index:05d}.safetensors"
+
+    def _load_from_disk(self, index: int) -> EncodedSlice | None:
+        path = self._disk_path(index)
+        if path is None or not path.is_file():
+            return None
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as error:
+            log.warning("ignoring unreadable cache file %s: %s", path, error)
+            return None
+        frame = tensors.pop("frame").tolist()
+        features = ImageFeatures(tensors["embedding"], tensors.get("robust"))
+        self.stats.disk_hits += 1
+        return EncodedSlice(features, Frame(tuple(frame[:2]), tuple(frame[2:])))
+
+    def _save_to_disk(self, index: int, encoded: EncodedSlice) -> None:
+        path = self._disk_path(index)
+        if path is None:
+            return
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame = torch.tensor([*encoded.frame.original_size, *encoded.frame.input_size])
+        tensors = {"embedding": encoded.features.embedding.cpu().contiguous(), "frame": frame}
+        if encoded.features.robust is not None:
+            tensors["robust"] = encoded.features.robust.cpu().contiguous()
+        with atomic_output(path) as temporary:
+            save_file(tensors, str(temporary))

@@ -1,0 +1,203 @@
+"""Slices of a volume along one of its own voxel axes, and prompts mapped onto them.
+
+Frames: the volume array is KJI; ``axis`` is a numpy axis of it (0 = K,
+1 = J, 2 = I). A slice is 2D ``(rows, cols)``:
+
+- axis 0: ``array[k]``        rows = J, cols = I
+- axis 1: ``array[:, j, :]``  rows = K, cols = I
+- axis 2: ``array[:, :, i]``  rows = K, cols = J
+
+A point in a slice is ``(x, y) = (col, row)`` pixels, a box ``(x0, y0, x1, y1)``.
+Prompts arrive in RAS mm and are mapped through the volume's geometry.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from RobustMedSAMLib.errors import InputError
+from RobustMedSAMLib.formats.markups import Roi
+from RobustMedSAMLib.formats.volume import Volume
+from RobustMedSAMLib.inference.types import SlicePrompt
+
+AXIS_NAMES = ("axial", "coronal", "sagittal")
+_NORMAL_RAS = {"sagittal": 0, "coronal": 1, "axial": 2}  # R, A, S component of the normal
+_IN_PLANE = {0: (2, 1), 1: (2, 0), 2: (1, 0)}  # numpy axis -> numpy axes of (x, y)
+HALF_VOXEL = 0.5
+
+
+def anatomical_axes(volume: Volume) -> dict[str, int]:
+    """Map each of axial, coronal, sagittal to a distinct numpy axis of ``volume``.
+
+    The voxel axes (I, J, K directions of ``ijk_to_ras``) are matched to the
+    R, A, S normals so that the summed ``|cos|`` of the three pairs is largest;
+    for an oblique or sagittally acquired volume this picks the voxel axis
+    closest to each anatomical normal.
+    """
+    directions = volume.ijk_to_ras[:3, :3] / volume.spacing  # columns: unit I, J, K in RAS
+    alignment = np.abs(directions)  # [ras component, ijk axis]
+    best = max(
+        itertools.permutations(range(3)),
+        key=lambda ijk_of_ras: sum(alignment[ras, ijk] for ras, ijk in enumerate(ijk_of_ras)),
+    )
+    return {name: 2 - best[ras] for name, ras in _NORMAL_RAS.items()}
+
+
+def axis_index(volume: Volume, name: str) -> int:
+    """The numpy axis (0=K, 1=J, 2=I) to slice ``volume`` along for view ``name``."""
+    if name not in AXIS_NAMES:
+        raise InputError(f"axis must be one of {', '.join(AXIS_NAMES)}, not {name!r}")
+    return anatomical_axes(volume)[name]
+
+
+def get_slice(array: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """The 2D slice ``index`` along ``axis`` of a KJI array: a view, ``(rows, cols)``."""
+    return array[_slicer(array, axis, index)]
+
+
+def set_slice(array: np.ndarray, axis: int, index: int, values: np.ndarray) -> None:
+    """Write ``values`` ``(rows, cols)`` into slice ``index`` along ``axis`` of ``array``."""
+    key = _slicer(array, axis, index)
+    target = array[key]
+    if np.shape(values) != target.shape:
+        raise InputError(
+            f"slice values have shape {np.shape(values)}, slice {index} along axis {axis} "
+            f"is {target.shape}"
+        )
+    array[key] = values
+
+
+def n_slices(volume: Volume, axis: int) -> int:
+    """Number of slices along ``axis``."""
+    _check_axis(axis)
+    return volume.shape[axis]
+
+
+def ras_to_slice_points(
+    volume: Volume, axis: int, points_ras: np.ndarray, kind: str = "point"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Map ``Nx3`` RAS points to slices along ``axis``.
+
+    Returns ``(slice_indices, xy)``: ``N`` ints (the through-plane index,
+    rounded) and ``Nx2`` float ``(x, y)`` slice pixels (the in-plane position,
+    clipped to the slice). A point more than half a voxel outside the volume
+    raises InputError naming it (``kind`` words the message, e.g. "negative point").
+    """
+    _check_axis(axis)
+    points = np.asarray(points_ras, dtype=np.float64).reshape(-1, 3)
+    kji = volume.ras_to_ijk_points(points)[:, ::-1]
+    upper = np.array(volume.shape) - 1
+    for n, (position, ras) in enumerate(zip(kji, points, strict=True)):
+        if ((position < -HALF_VOXEL) | (position > upper + HALF_VOXEL)).any():
+            ijk = ", ".join(f"{v:.1f}" for v in position[::-1])
+            raise InputError(
+                f"{kind} {n + 1} at RAS ({', '.join(f'{v:.1f}' for v in ras)}) lies outside "
+                f"volume '{volume.name}' (IJK {ijk}; size {'x'.join(map(str, volume.shape[::-1]))}"
+                " voxels): place it inside the volume"
+            )
+    kji = np.clip(kji, 0, upper)
+    indices = np.floor(kji[:, axis] + 0.5).astype(np.int64)
+    xy = kji[:, list(_IN_PLANE[axis])]
+    return indices, xy
+
+
+def ijk_box_roi(volume: Volume, low_ijk, high_ijk) -> Roi:
+    """The ROI between two ``(i, j, k)`` corners (continuous voxel coordinates), along
+    the volume's own axes: the box a user would draw around those voxels."""
+    low, high = np.asarray(low_ijk, float), np.asarray(high_ijk, float)
+    center = volume.ijk_to_ras_points([(low + high) / 2])[0]
+    axes = volume.ijk_to_ras[:3, :3] / volume.spacing
+    return Roi(center, np.abs(high - low) * volume.spacing, axes)
+
+
+def roi_to_slice_box(volume: Volume, axis: int, roi: Roi) -> tuple[tuple[int, int], np.ndarray]:
+    """Project an ROI onto slices along ``axis``.
+
+    Returns ``((first, last), box)``: the inclusive range of slice indices the
+    ROI spans (at least the nearest slice, for a flat ROI) and ``box`` =
+    ``(x0, y0, x1, y1)`` float slice pixels, the bounding box of its corners
+    clipped to the slice. Raises InputError when the ROI misses the volume.
+    """
+    _check_axis(axis)
+    kji = volume.ras_to_ijk_points(roi.corners_ras())[:, ::-1]
+    low, high = kji.min(axis=0), kji.max(axis=0)
+    upper = np.array(volume.shape) - 1
+    if ((high < -HALF_VOXEL) | (low > upper + HALF_VOXEL)).any():
+        raise InputError(
+            f"the ROI (centre RAS {np.round(roi.center_ras, 1).tolist()}, size "
+            f"{np.round(roi.size, 1).tolist()} mm) does not overlap volume '{volume.name}'"
+        )
+    low, high = np.clip(low, 0, upper), np.clip(high, 0, upper)
+    first = int(np.floor(low[axis] + 0.5))
+    last = int(np.floor(high[axis] + 0.5))
+    x_axis, y_axis = _IN_PLANE[axis]
+    box = np.array([low[x_axis], low[y_axis], high[x_axis], high[y_axis]], dtype=np.float32)
+    return (first, last), box
+
+
+def prompts_for_slice(
+    volume: Volume,
+    axis: int,
+    positive: np.ndarray | None = None,
+    negative: np.ndarray | None = None,
+    roi: Roi | None = None,
+    box_slice: int | None = None,
+) -> dict[int, SlicePrompt]:
+    """Group RAS prompts into one :class:`SlicePrompt` per slice along ``axis``.
+
+    positive / negative: ``Nx3`` RAS points (labels 1 / 0); each lands on its
+    nearest slice. roi: a box; it goes to ``box_slice`` (default: the slice of
+    the ROI centre) and to every slice with points that the ROI spans.
+    Returns ``{slice_index: SlicePrompt}`` sorted by index.
+    """
+    groups: dict[int, tuple[list, list]] = {}
+    for points, label, kind in ((positive, 1, "positive point"), (negative, 0, "negative point")):
+        if points is None or len(points) == 0:
+            continue
+        indices, xy = ras_to_slice_points(volume, axis, points, kind)
+        for index, position in zip(indices.tolist(), xy, strict=True):
+            coords, labels = groups.setdefault(index, ([], []))
+            coords.append(position)
+            labels.append(label)
+    boxes: dict[int, np.ndarray] = {}
+    if roi is not None:
+        (first, last), box = roi_to_slice_box(volume, axis, roi)
+        central = box_slice if box_slice is not None else _centre_slice(volume, axis, roi)
+        if not first <= central <= last:
+            raise InputError(
+                f"slice {central} is outside the ROI, which spans slices {first}..{last}"
+            )
+        boxes = {index: box for index in {central, *groups} if first <= index <= last}
+    if not boxes and (positive is None or len(positive) == 0):
+        raise InputError("no prompt: give at least one positive point or a box (ROI)")
+    prompts = {}
+    for index in sorted({*groups, *boxes}):
+        coords, labels = groups.get(index, ([], []))
+        prompts[index] = SlicePrompt(
+            points=np.array(coords, np.float32).reshape(-1, 2), labels=labels, box=boxes.get(index)
+        )
+    return prompts
+
+
+def _centre_slice(volume: Volume, axis: int, roi: Roi) -> int:
+    kji = volume.ras_to_ijk_points(roi.center_ras)[0, ::-1]
+    return int(np.clip(np.floor(kji[axis] + 0.5), 0, volume.shape[axis] - 1))
+
+
+def _check_axis(axis: int) -> None:
+    if axis not in (0, 1, 2):
+        raise InputError(f"slice axis must be 0 (K), 1 (J) or 2 (I), not {axis!r}")
+
+
+def _slicer(array: np.ndarray, axis: int, index: int) -> tuple:
+    """The index tuple selecting slice ``index`` along ``axis`` of a 3D array."""
+    _check_axis(axis)
+    if array.ndim != 3:
+        raise InputError(f"a 3D (K, J, I) array is needed, not shape {array.shape}")
+    if not 0 <= index < array.shape[axis]:
+        raise InputError(f"slice {index} is outside 0..{array.shape[axis] - 1} along axis {axis}")
+    key: list[slice | int] = [slice(None)] * 3
+    key[axis] = int(index)
+    return tuple(key)

@@ -1,0 +1,53 @@
+"""Zoom to the box: segment a small structure on a crop around its box (ROI).
+
+The model sees each slice resized to its input size (256 px for the demo, 1024 for
+ViT-B) and encodes it in 16-pixel patches, so a structure a few patches wide (lateral
+ventricles in a whole-head slice) is below what it can resolve. Cropping every slice
+around the box, with a margin for context, lets the structure fill the input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from RobustMedSAMLib.formats.markups import Roi
+from RobustMedSAMLib.formats.volume import Volume
+
+ZOOM_MARGIN = 0.5  # context on each side, as a fraction of the box's size
+
+
+def zoom_region(
+    volume: Volume,
+    axis: int,
+    roi: Roi,
+    points: Sequence[np.ndarray | None] = (),
+    margin: float = ZOOM_MARGIN,
+) -> tuple[slice, slice, slice]:
+    """``(K, J, I)`` slices of the crop: in-plane, the box of ``roi`` and ``points``
+    (``Nx3`` RAS, so that no prompt falls outside) widened by ``margin`` x its size on
+    each side and clipped to the volume; along ``axis``, every slice."""
+    ras = [roi.corners_ras(), *(p for p in points if p is not None and len(p))]
+    kji = volume.ras_to_ijk_points(np.concatenate(ras))[:, ::-1]
+    low, high = kji.min(axis=0), kji.max(axis=0)
+    extent = high - low
+    # rounded first: a box edge on a voxel edge comes back from RAS as 19.000000000004
+    low = np.floor(np.round(low - margin * extent, 6)).astype(int)
+    high = np.ceil(np.round(high + margin * extent, 6)).astype(int) + 1
+    region = []
+    for dim, size in enumerate(volume.shape):
+        if dim == axis:
+            region.append(slice(0, size))
+        else:
+            region.append(
+                slice(int(np.clip(low[dim], 0, size - 1)), int(np.clip(high[dim], 1, size)))
+            )
+    return tuple(region)
+
+
+def crop_volume(volume: Volume, region: tuple[slice, slice, slice]) -> Volume:
+    """The part of ``volume`` in ``region`` (``K, J, I`` slices), at its place in RAS."""
+    offset = np.eye(4)
+    offset[:3, 3] = [region[2].start, region[1].start, region[0].start]  # i, j, k
+    return Volume(volume.array[region], volume.ijk_to_ras @ offset, volume.name)

@@ -1,0 +1,254 @@
+"""Reading, checking, fusing and writing SAM-family checkpoints, strictly.
+
+Checkpoints are untrusted input: ``.pth`` files load with ``weights_only=True``,
+``.safetensors`` through safetensors. Unlike the reference loaders (which use
+``strict=False``), every missing or unexpected key and every wrong shape is an
+error that names the file and says what it looks like instead.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+
+from RobustMedSAMLib.errors import CheckpointError
+from RobustMedSAMLib.formats.atomic import atomic_output
+from RobustMedSAMLib.model.config import KNOWN_ENCODERS, ModelConfig
+from RobustMedSAMLib.model.sam import SegmentAnythingModel
+
+StateDict = dict[str, torch.Tensor]
+PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
+ROBUST_MARKER = "mask_decoder.custom_robust_token.weight"
+WRAPPER_KEYS = ("model", "state_dict", "model_state", "module")
+CONFIG_METADATA_KEY = "robustmedsam.config"
+
+
+def read_state_dict(path: str | Path) -> StateDict:
+    """All tensors of a checkpoint file, with ``module.`` prefixes removed."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        state = _read_safetensors(path)
+    else:
+        state = _read_torch(path)
+    return {re.sub(r"^module\.", "", key): value for key, value in state.items()}
+
+
+def _read_safetensors(path: Path) -> StateDict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+
+
+def _read_torch(path: Path) -> StateDict:
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path}: refused to load: it holds Python objects other than tensors "
+            f"(weights_only=True): {str(error).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+        raise CheckpointError(
+            f"{path}: corrupt or truncated checkpoint ({str(error).splitlines()[0]}); "
+            "download it again"
+        ) from None
+    for key in WRAPPER_KEYS:
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+    if not isinstance(loaded, dict) or not all(
+        isinstance(v, torch.Tensor) for v in loaded.values()
+    ):
+        raise CheckpointError(f"{path}: not a model state dict (a mapping of names to tensors)")
+    return loaded
+
+
+def is_robust(state: StateDict) -> bool:
+    """True when the state dict carries RobustSAM's robust decoder modules."""
+    return ROBUST_MARKER in state
+
+
+def infer_config(state: StateDict, path: str | Path = "checkpoint") -> ModelConfig:
+    """The model shape implied by a checkpoint's image encoder and decoder tensors."""
+    try:
+        patch = state["image_encoder.patch_embed.proj.weight"]
+        grid = state["image_encoder.pos_embed"].shape[1]
+        blocks = sorted(
+            {
+                int(m.group(1))
+                for k in state
+                if (m := re.match(r"image_encoder\.blocks\.(\d+)\.", k))
+            }
+        )
+        rel = [state[f"image_encoder.blocks.{i}.attn.rel_pos_h"] for i in blocks]
+        dim = patch.shape[0]
+        layers = {
+            int(m.group(1))
+            for k in state
+            if (m := re.match(r"mask_decoder\.transformer\.layers\.(\d+)\.", k))
+        }
+    except KeyError as error:
+        raise CheckpointError(
+            f"{path}: no SAM-family image encoder ({error.args[0]} missing)"
+        ) from None
+    windowed = [r.shape[0] for r in rel if r.shape[0] != 2 * grid - 1]
+    known = KNOWN_ENCODERS.get(dim)
+    return ModelConfig(
+        image_size=grid * patch.shape[2],
+        patch_size=patch.shape[2],
+        encoder_embed_dim=dim,
+        encoder_depth=len(blocks),
+        encoder_num_heads=dim // rel[0].shape[1],
+        encoder_global_attn_indexes=tuple(
+            i for i, r in zip(blocks, rel, strict=True) if r.shape[0] == 2 * grid - 1
+        ),
+        window_size=(windowed[0] + 1) // 2 if windowed else 14,
+        prompt_embed_dim=state["image_encoder.neck.0.weight"].shape[0],
+        decoder_depth=len(layers) or 2,
+        decoder_mlp_dim=_shape(state, "mask_decoder.transformer.layers.0.mlp.lin1.weight", 0, 2048),
+        decoder_num_heads=known.decoder_num_heads if known else 8,
+        iou_head_hidden_dim=_shape(
+            state, "mask_decoder.iou_prediction_head.layers.0.weight", 0, 256
+        ),
+        mask_in_chans=_shape(state, "prompt_encoder.mask_downscaling.3.weight", 0, 16),
+    )
+
+
+def _shape(state: StateDict, key: str, axis: int, default: int) -> int:
+    return state[key].shape[axis] if key in state else default
+
+
+def check_state_dict(
+    expected: StateDict, state: StateDict, path: str | Path, parts: tuple[str, ...] = PARTS
+) -> None:
+    """Raise CheckpointError unless ``state`` has exactly the keys and shapes of ``expected``
+    within ``parts`` (BatchNorm's unused ``num_batches_tracked`` counters may be absent)."""
+    want = {k: v for k, v in expected.items() if k.split(".")[0] in parts}
+    have = {k: v for k, v in state.items() if k.split(".")[0] in parts}
+    missing = [k for k in want if k not in have and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in have if k not in want]
+    wrong = [
+        f"{k} {tuple(have[k].shape)} (expected {tuple(want[k].shape)})"
+        for k in want
+        if k in have and have[k].shape != want[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys ({_few(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys ({_few(unexpected)})")
+    if wrong:
+        problems.append(f"{len(wrong)} wrong shapes ({_few(wrong)})")
+    if problems:
+        raise CheckpointError(f"{path}: does not fit the model: " + "; ".join(problems))
+
+
+def _few(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f", ... (+{len(items) - n})" if len(items) > n else "")
+
+
+def _describe(state: StateDict) -> str:
+    if not any(k.startswith("image_encoder.") for k in state):
+        return "it has no image encoder"
+    return (
+        "it is a RobustSAM-layout checkpoint"
+        if is_robust(state)
+        else ("it is a SAM-layout checkpoint (SAM, MedSAM or MedicoSAM)")
+    )
+
+
+def expect_layout(state: StateDict, path: str | Path, robust: bool) -> None:
+    """Check that a checkpoint is of the layout the caller asked for, else say what it is."""
+    if robust and not is_robust(state):
+        raise CheckpointError(
+            f"{path}: expected RobustSAM's robust mask decoder (mask_decoder.custom_robust_token"
+            f" and its modules) but {_describe(state)}; give RobustSAM's checkpoint"
+        )
+    if not robust and is_robust(state):
+        raise CheckpointError(
+            f"{path}: expected a SAM-layout checkpoint but {_describe(state)}; "
+            "use --model robustsam or fused for it"
+        )
+
+
+def load_model(
+    path: str | Path,
+    robust: bool | None = None,
+    config: ModelConfig | None = None,
+    device: torch.device | str = "cpu",
+) -> SegmentAnythingModel:
+    """Build the model a checkpoint describes and load it strictly.
+
+    robust: None accepts either layout; True/False insists on one. config: None infers the
+    shape from the tensors (ViT-B/L/H and smaller sizes).
+    """
+    state = read_state_dict(path)
+    if robust is None:
+        robust = is_robust(state)
+    expect_layout(state, path, robust)
+    config = config or infer_config(state, path)
+    model = SegmentAnythingModel(config, robust=robust)
+    check_state_dict(model.state_dict(), state, path)
+    model.load_state_dict(state, strict=False)  # keys checked above
+    return model.to(device)
+
+
+def fuse_state_dicts(
+    encoder_state: StateDict,
+    decoder_state: StateDict,
+    encoder_path: str | Path = "encoder",
+    decoder_path: str | Path = "decoder",
+) -> StateDict:
+    """The fused model: ``image_encoder.*`` of one checkpoint (MedSAM), prompt encoder and
+    robust ``mask_decoder.*`` of another (RobustSAM); checked part by part."""
+    expect_layout(decoder_state, decoder_path, robust=True)
+    enc_config = infer_config(encoder_state, encoder_path)
+    dec_config = infer_config(decoder_state, decoder_path)
+    if enc_config != dec_config:
+        raise CheckpointError(
+            f"{encoder_path} and {decoder_path} are of different sizes "
+            f"(encoder width {enc_config.encoder_embed_dim} vs {dec_config.encoder_embed_dim}); "
+            "fuse checkpoints of the same ViT size"
+        )
+    expected = SegmentAnythingModel(enc_config, robust=True).state_dict()
+    check_state_dict(expected, encoder_state, encoder_path, parts=("image_encoder",))
+    check_state_dict(
+        expected, decoder_state, decoder_path, parts=("prompt_encoder", "mask_decoder")
+    )
+    fused = {k: v for k, v in encoder_state.items() if k.startswith("image_encoder.")}
+    fused.update(
+        {
+            k: v
+            for k, v in decoder_state.items()
+            if k.split(".")[0] in ("prompt_encoder", "mask_decoder")
+        }
+    )
+    return fused
+
+
+def save_state_dict(state: StateDict, path: str | Path, config: ModelConfig | None = None) -> Path:
+    """Write a checkpoint atomically: ``.safetensors`` (with the config as metadata) or a
+    plain ``.pth`` state dict in the published key layout (no prefix, tensors only)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    with atomic_output(path) as temporary:
+        if path.suffix == ".safetensors":
+            import json
+
+            from safetensors.torch import save_file
+
+            meta = {CONFIG_METADATA_KEY: json.dumps(config.to_dict())} if config else None
+            save_file(tensors, str(temporary), metadata=meta)
+        else:
+            torch.save(tensors, temporary)
+    return path

@@ -1,0 +1,110 @@
+"""Load a model by name (registry) or from files, ready for a Predictor.
+
+loaded = load_named_model("fused", encoder="medsam_vit_b.pth",
+                          decoder="robustsam_checkpoint_b.pth", device="auto")
+predictor = loaded.predictor()
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from RobustMedSAMLib.device import select_device
+from RobustMedSAMLib.errors import CheckpointError, InputError
+from RobustMedSAMLib.inference.predictor import Predictor
+from RobustMedSAMLib.inference.preprocessing import Style
+from RobustMedSAMLib.model.sam import SegmentAnythingModel
+from RobustMedSAMLib.weights.checkpoint import (
+    expect_layout,
+    fuse_state_dicts,
+    load_model,
+    read_state_dict,
+)
+from RobustMedSAMLib.weights.registry import get_source, resolve_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A model, the preprocessing its encoder was trained with, and where it came from."""
+
+    name: str
+    model: SegmentAnythingModel
+    preprocessing: Style
+    checkpoints: dict[str, Path] = field(default_factory=dict)
+    half: bool = False
+
+    def predictor(self) -> Predictor:
+        return Predictor(self.model, preprocessing=self.preprocessing, half=self.half)
+
+
+def load_named_model(
+    name: str = "demo",
+    checkpoint: str | Path | None = None,
+    encoder: str | Path | None = None,
+    decoder: str | Path | None = None,
+    device: str = "auto",
+    half: bool = False,
+    fast_cpu: bool = False,
+) -> LoadedModel:
+    """Load model ``name`` (sam, medsam, robustsam, medicosam, fused, demo).
+
+    ``checkpoint`` overrides the registry's file. For ``fused``, ``encoder`` (a MedSAM
+    checkpoint) and ``decoder`` (a RobustSAM checkpoint) build it in memory instead of a
+    fused file. ``fast_cpu`` quantises the encoder's linear layers to int8 (CPU only).
+    """
+    source = get_source(name)
+    robust = source.architecture != "sam"
+    target = select_device(device)
+    if (encoder is None) != (decoder is None):
+        raise InputError("give both --encoder and --decoder (or neither)")
+    if encoder is not None:
+        if checkpoint is not None:
+            raise InputError("give either --checkpoint or --encoder/--decoder, not both")
+        if not robust:
+            raise InputError(f"--encoder/--decoder build a fused model; model {name!r} is not one")
+        model, files = _fused_from_parts(Path(encoder), Path(decoder))
+    else:
+        path = resolve_checkpoint(name, checkpoint)
+        if checkpoint is None and source.architecture == "demo":
+            verify_bundled(path, source.sha256)
+        model, files = load_model(path, robust=robust), {"checkpoint": path}
+    if fast_cpu:
+        if target.type != "cpu":
+            raise InputError("--fast-cpu (int8 encoder) runs on the CPU only; use --device cpu")
+        from RobustMedSAMLib.model.quantization import quantize_encoder
+
+        quantize_encoder(model)
+    log.info("loaded model %s on %s (%s preprocessing)", name, target, source.preprocessing)
+    return LoadedModel(name, model.to(target), source.preprocessing, files, half)
+
+
+def verify_bundled(path: Path, expected: str | None) -> None:
+    """The bundled demo model must be the file this version shipped (SHA-256)."""
+    from RobustMedSAMLib.weights.download import sha256_of
+
+    if expected is None:
+        return
+    actual = sha256_of(path)
+    if actual != expected:
+        raise CheckpointError(
+            f"{path}: the bundled demo model is damaged or was replaced (SHA-256 {actual[:12]}..."
+            f" instead of {expected[:12]}...); restore it from the release or a fresh clone"
+        )
+
+
+def _fused_from_parts(encoder: Path, decoder: Path) -> tuple[SegmentAnythingModel, dict]:
+    decoder_state = read_state_dict(decoder)
+    expect_layout(decoder_state, decoder, robust=True)
+    fused = fuse_state_dicts(read_state_dict(encoder), decoder_state, encoder, decoder)
+    from RobustMedSAMLib.weights.checkpoint import infer_config
+
+    model = SegmentAnythingModel(infer_config(fused), robust=True)
+    with torch.no_grad():
+        model.load_state_dict(fused, strict=False)  # checked part by part in fuse_state_dicts
+    return model, {"encoder": encoder, "decoder": decoder}

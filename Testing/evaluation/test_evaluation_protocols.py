@@ -1,0 +1,140 @@
+"""The 2D click protocol and the 3D propagation protocol, through the library API.
+
+``PaintPredictor`` (below) paints discs at clicks so that corrections visibly help;
+``ThresholdPredictor`` (doubles.py) gives a meaningful Dice on phantoms.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from doubles import ThresholdPredictor
+
+from RobustMedSAMLib.errors import CancelledError, InputError
+from RobustMedSAMLib.evaluation.datasets import load_cases
+from RobustMedSAMLib.evaluation.interactive import evaluate_interactive
+from RobustMedSAMLib.evaluation.matrix import MatrixOptions, run_matrix
+from RobustMedSAMLib.evaluation.models import ModelEntry
+from RobustMedSAMLib.evaluation.report import degraded_summary, headline_scores, read_rows
+from RobustMedSAMLib.evaluation.volumetric import evaluate_volume
+from RobustMedSAMLib.formats.volume import Volume
+from RobustMedSAMLib.inference.propagation import PROJECTIONS, PropagationOptions
+from RobustMedSAMLib.inference.types import Prediction, SlicePrompt
+
+THRESHOLD = 80.0  # HU between the phantoms' background (40) and objects (120)
+
+
+class PaintPredictor:
+    """Paints a disc of ``radius`` px at each positive point and erases one at each
+    negative point, over the box and the fed-back mask; records every prompt."""
+
+    def __init__(self, radius: int = 4) -> None:
+        self.radius, self.shape, self.prompts = radius, None, []
+
+    def encode(self, image, window=None):
+        return np.shape(image)
+
+    def set_encoded(self, encoded) -> None:
+        self.shape = encoded
+
+    def predict(self, prompt: SlicePrompt) -> Prediction:
+        self.prompts.append(prompt)
+        rows, cols = np.indices(self.shape)
+        mask = np.zeros(self.shape, bool)
+        if prompt.mask_input is not None:
+            mask |= prompt.mask_input[0] > 0
+        if prompt.box is not None:
+            x0, y0, x1, y1 = prompt.box.astype(int)
+            mask[y0 : y1 + 1, x0 : x1 + 1] = True
+        for (x, y), label in zip(prompt.points, prompt.labels, strict=True):
+            disc = (cols - x) ** 2 + (rows - y) ** 2 <= self.radius**2
+            mask = mask | disc if label else mask & ~disc
+        return Prediction(mask, 0.9, np.where(mask, 5.0, -5.0)[None].astype(np.float32))
+
+
+def two_blobs() -> np.ndarray:
+    truth = np.zeros((48, 48), bool)
+    truth[6:22, 6:22] = True
+    truth[28:42, 26:44] = True
+    return truth
+
+
+def test_corrections_improve_dice_and_feed_back_the_mask():
+    truth = two_blobs()
+    predictor = PaintPredictor()
+    result = evaluate_interactive(predictor, truth * 100.0, truth, "point", n_corrections=7)
+    assert len(result.dice) == len(result.iou) == 8
+    assert np.all(np.diff(result.dice) > 0)  # every click lands in a miss and helps
+    assert result.dice[0] < 0.25 and result.dice[-1] > 0.75
+    assert result.clicks[0][:2] == (32.0, 34.0)  # second blob: the largest miss
+    first, *corrections = predictor.prompts
+    assert first.mask_input is None and len(first.points) == 1
+    for step, prompt in enumerate(corrections, start=2):
+        assert prompt.mask_input is not None and len(prompt.points) == step
+
+
+def test_box_first_prompt_and_perfect_mask_carries_on():
+    truth = np.zeros((32, 32), bool)
+    truth[8:20, 10:25] = True
+    predictor = PaintPredictor()
+    result = evaluate_interactive(predictor, truth * 1.0, truth, "box", n_corrections=3)
+    assert result.dice == [1.0] * 4 and result.clicks == []
+    assert predictor.prompts[0].box.tolist() == [10, 8, 24, 19]
+    with pytest.raises(InputError, match="differ in shape"):
+        evaluate_interactive(predictor, np.zeros((4, 4)), truth)
+
+
+@pytest.mark.parametrize("projection", PROJECTIONS)
+def test_volumetric_dice_on_phantoms_with_threshold_double(projection):
+    for case in load_cases("phantom:all,size=40"):
+        volume = Volume(case.image, case.ijk_to_ras)
+        options = PropagationOptions(projection=projection)
+        result = evaluate_volume(ThresholdPredictor(THRESHOLD), volume, case.mask, "box", options)
+        # the organ scene's liver touches a lesion and neighbours: harder for a threshold
+        assert result.dice > (0.8 if case.case.startswith("organ") else 0.95), case.case
+        offsets = [offset for offset, _ in result.per_slice]
+        assert 0 in offsets and min(offsets) < -5 and max(offsets) > 5
+        assert result.model_calls >= len(offsets) - 2
+
+
+def test_matrix_with_threshold_double_degrades_with_severity(tmp_path):
+    cases = load_cases("phantom:sphere,size=32,count=2") + load_cases("phantom:tube,size=32")
+    options = MatrixOptions(
+        projections=("mask",),
+        corruptions=("clean", "gaussian_noise", "gaussian_blur"),
+        severities=(1, 5),
+        seeds=(0, 1, 2),
+        n_corrections=2,
+    )
+    entry = ModelEntry("threshold", lambda: ThresholdPredictor(THRESHOLD))
+    result = run_matrix([entry], cases, tmp_path, options)
+    # per case: clean + noise 2 severities x 3 seeds + blur 2 severities x 1 seed = 9 conditions,
+    # each with 2 interactive and 2 volumetric variants
+    assert (result.computed, result.skipped, result.failed) == (3 * 9 * 4, 0, 0)
+    scores = headline_scores(read_rows(tmp_path / "results.csv"))
+    volumetric = [s for s in scores if s.setting == "3D box/mask"]
+    clean = np.mean([s.value for s in volumetric if s.corruption == "clean"])
+    heavy = np.mean([s.value for s in volumetric if s.severity == 5])
+    assert clean > 0.9 and heavy < clean
+    degraded = degraded_summary(volumetric)
+    assert degraded.seeds == 3 and degraded.std > 0 and degraded.mean < clean
+
+
+def test_cancel_keeps_finished_cells(tmp_path):
+    cases = load_cases("phantom:sphere,size=24")
+    options = MatrixOptions(protocols=("interactive",), corruptions=("clean",), n_corrections=1)
+    stop = threading.Event()
+    entry = ModelEntry("threshold", lambda: ThresholdPredictor(THRESHOLD))
+
+    def progress(done: int, total: int) -> None:
+        if done == 1:
+            stop.set()
+
+    with pytest.raises(CancelledError):
+        run_matrix([entry], cases, tmp_path, options, progress=progress, cancel=stop)
+    rows = read_rows(tmp_path / "results.csv")
+    assert {r["prompt"] for r in rows} == {"point"} and len(rows) == 4  # 2 steps x dice, iou
+    stop.clear()
+    assert run_matrix([entry], cases, tmp_path, options).computed == 1

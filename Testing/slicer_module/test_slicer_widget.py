@@ -1,0 +1,482 @@
+"""The panel (``RobustMedSAMWidget``) run headless: its Python code paths execute against
+real MRML (slicer-core) with the small Qt stand-in of ``slicer_headless``.
+
+What is real: the module file, the Logic, MRML nodes and their events (placing a control
+point fires the events the Widget observes), the parameter node's storage (a
+``vtkMRMLScriptedModuleNode``), ``BackgroundTask`` threads, the library. What is a
+stand-in: Qt (timers fire only when a test pumps them; widgets are recording objects
+built from the real .ui file), ``slicer.app`` and its layout manager (over real slice
+nodes), message boxes, pip, and the model (``ThresholdPredictor``). The parameter node's
+GUI connectors are not run: a test sets a field and emits the widget's signal, as the
+connector would.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import types
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
+from doubles import ThresholdPredictor  # noqa: E402
+from slicer_headless import (  # noqa: E402
+    add_volume,
+    install_gui_stand_in,
+    load_module_file,
+    numpy_matrix,
+    slicer_scene_fixture,
+)
+
+from RobustMedSAMLib import dependencies  # noqa: E402
+from RobustMedSAMLib.datasets.phantoms import sphere  # noqa: E402
+from RobustMedSAMLib.dependencies import Requirement  # noqa: E402
+from RobustMedSAMLib.training import process as finetune_process  # noqa: E402
+
+module = load_module_file()
+slicer_scene = pytest.fixture(slicer_scene_fixture)
+THRESHOLD = 80.0  # HU between the phantom's background and its sphere
+MATRIX = np.array(
+    [[0.9, 0, 0, -12.0], [0, 0.8, 0, 7.0], [0, 0, 2.0, 30.0], [0, 0, 0, 1]]
+)  # IJK -> RAS: K is the axial axis
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
+
+
+class SlowPredictor(ThresholdPredictor):
+    """``ThresholdPredictor`` whose encoder takes ``delay`` seconds a slice."""
+
+    def __init__(self, threshold: float, delay: float) -> None:
+        super().__init__(threshold)
+        self.delay = delay
+
+    def encode(self, image, window=None):
+        time.sleep(self.delay)
+        return super().encode(image, window)
+
+
+@pytest.fixture
+def panel(slicer_scene, monkeypatch, tmp_path):
+    """The Widget set up (not entered) on a scene with a sphere phantom volume, a
+    crosshair in the Red (axial) view, all dependencies reported installed and the
+    model replaced by a slow ``ThresholdPredictor`` (``ns.predictor``)."""
+    gui = install_gui_stand_in(monkeypatch, module, str(tmp_path))
+    ok = [Requirement("torch", "torch>=2.0", "torch", "2.4.0", True)]
+    monkeypatch.setattr(dependencies, "check", lambda requirements=None: list(ok))
+    monkeypatch.setattr(dependencies, "pytorch_extension_available", lambda: False)
+    predictor = SlowPredictor(THRESHOLD, delay=0.03)
+    loads = []
+
+    def load_model(self, model_name="demo", checkpoint=None, device="auto", *more):
+        loads.append((model_name, checkpoint, device))
+        return predictor, f"threshold:{model_name}:{checkpoint}"
+
+    monkeypatch.setattr(module.RobustMedSAMLogic, "load_model", load_model)
+    layout = types.SimpleNamespace(widgets=[])
+    layout.addWidget = layout.widgets.append
+    parent = types.SimpleNamespace(isEntered=False, layout=lambda: layout)
+    widget = module.RobustMedSAMWidget(parent)
+    statuses: list[str] = []
+    show_status = widget._status
+    widget._status = lambda text: (statuses.append(text), show_status(text))[1]
+    widget.setup()
+    phantom = sphere((24, 40, 40), spacing=(0.9, 0.8, 2.0), radius=11.0)
+    crosshair = slicer_scene.scene.AddNewNodeByClass("vtkMRMLCrosshairNode")
+    red = gui.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
+    crosshair.SetCursorPositionXYZ([10.0, 10.0, 0.0], red)
+    ns = types.SimpleNamespace(
+        gui=gui,
+        ui=widget.ui,
+        qt=gui.qt,
+        widget=widget,
+        parent=parent,
+        layout=layout,
+        scene=slicer_scene.scene,
+        slicer_scene=slicer_scene,
+        predictor=predictor,
+        loads=loads,
+        statuses=statuses,
+        phantom=phantom,
+        requirements=ok,
+    )
+    try:
+        yield ns
+    finally:
+        widget.cleanup()
+        if widget._task is not None:
+            widget._task.join(5.0)
+        assert gui.app.cursor_depth == 0, "an override cursor was not restored"
+
+
+def enter(ns) -> None:
+    ns.parent.isEntered = True
+    ns.widget.enter()
+    ns.qt.pump()  # the dependency check is a singleShot(0)
+
+
+def add_phantom(ns):
+    return add_volume(ns.slicer_scene, ns.phantom.image, MATRIX, "phantom")
+
+
+def choose_volume(ns, volume) -> None:
+    """The user picks a volume in the selector (the connector then sets the parameter)."""
+    ns.ui.inputVolumeSelector.setCurrentNode(volume)
+    assert ns.widget._parameterNode.input_volume is volume
+
+
+def idle(ns) -> bool:
+    w = ns.widget
+    return (
+        w._task is None
+        and w._pending is None
+        and not ns.qt.single_shots
+        and not w._debounceTimer.isActive()
+    )
+
+
+def pump_until(ns, predicate, timeout: float = 20.0) -> None:
+    """Fire the timers (as Qt's event loop would) until ``predicate()`` holds."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            task = ns.widget._task
+            raise TimeoutError(f"still waiting; task {task and task.name}, {ns.statuses[-3:]}")
+        ns.qt.pump()
+        time.sleep(0.005)
+
+
+def centre_ras(ns, k: int | None = None) -> list[float]:
+    centre = np.argwhere(ns.phantom.mask).mean(axis=0)
+    if k is not None:
+        centre[0] = k
+    return list(map(float, (MATRIX @ np.r_[centre[::-1], 1.0])[:3]))
+
+
+def place_include_point(ns, ras) -> None:
+    """A point placed in the include list: MRML fires PointPositionDefinedEvent."""
+    ns.widget._parameterNode.positive_points.AddControlPoint(*ras)
+
+
+def segment(ns) -> np.ndarray:
+    node = ns.widget._parameterNode
+    volume = node.input_volume
+    return ns.widget.logic.segment_mask(node.segmentation, node.segment_id, volume)
+
+
+def test_setup_connects_every_control_and_enter_checks_dependencies(panel):
+    ui, widget = panel.ui, panel.widget
+    assert panel.layout.widgets == [panel.gui.ui] and ui.RobustMedSAM is panel.gui.ui
+    for name in ("encodeButton", "propagateButton", "cancelButton", "undoButton", "previewButton"):
+        assert getattr(ui, name).slots["clicked(bool)"], name
+    assert ui.confidenceTable.headers == ["Slice", "Score", "Overlap", "Unsure"]
+    assert ui.positivePlaceWidget.placeMultipleMarkups == 2
+    node = widget._parameterNode
+    assert node.positive_points.GetName() == "include" and node.model_name == "demo"
+    assert node.parameterNode.GetSingletonTag() == "RobustMedSAM"
+    assert ui.encodeButton.enabled is False  # no volume yet
+    enter(panel)
+    assert ui.dependencyLabel.text == "All dependencies are installed."
+    assert ui.installButton.enabled is False and not panel.gui.dialogs
+    assert panel.gui.undo_action.shortcut.isEmpty() and widget._undoShortcut.enabled
+
+
+def test_click_propagate_jump_undo_exit(panel):
+    ui, widget, phantom = panel.ui, panel.widget, panel.phantom
+    enter(panel)
+    volume = add_phantom(panel)
+    choose_volume(panel, volume)  # starts loading the model, then encoding around the view
+    pump_until(panel, lambda: widget._task is not None and widget._task.name.startswith("Enc"))
+    assert ui.cancelButton.enabled and not ui.propagateButton.enabled
+
+    k = int(np.argwhere(phantom.mask).mean(axis=0)[0])
+    place_include_point(panel, centre_ras(panel, k))  # a click while encoding
+    assert widget._debounceTimer.isActive()
+    pump_until(panel, lambda: idle(panel))
+    node = widget._parameterNode
+    assert node.segmentation is not None and node.segment_id
+    mask = segment(panel)
+    assert dice(mask[k], phantom.mask[k]) >= 0.95
+    assert not np.delete(mask, k, axis=0).any(), "only the clicked slice is written"
+    assert any(s.endswith("cancelled.") for s in panel.statuses), panel.statuses
+    assert f"Slice {k} segmented (score 0.90)." in panel.statuses
+    assert panel.statuses[-1] == "Slices encoded.", "encoding resumes after the click"
+    assert ui.undoButton.enabled and ui.propagateButton.enabled and not ui.cancelButton.enabled
+    assert panel.loads == [("demo", "", "auto")]
+
+    ui.propagateButton.click()
+    pump_until(panel, lambda: idle(panel))
+    mask3d = segment(panel)
+    assert dice(mask3d, phantom.mask) >= 0.8
+    table = ui.confidenceTable
+    rows = table.text_rows()
+    assert len(rows) == len(widget._rows) >= 10
+    assert [int(r[0]) for r in rows] == sorted(int(r[0]) for r in rows)
+    assert re.fullmatch(r"\d+ slices, \d+ unsure", ui.confidenceSummaryLabel.text)
+    assert max(ui.progressBar.values) > 0 and ui.progressBar.visible is False
+    assert panel.statuses[-1].startswith("Propagated: ")
+
+    row = len(rows) - 1
+    table.emit("cellDoubleClicked(int,int)", row, 1)
+    red = panel.gui.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
+    origin = numpy_matrix(red.GetSliceToRAS())[:3, 3]
+    k_in_view = (np.linalg.inv(MATRIX) @ np.r_[origin, 1.0])[2]
+    assert round(k_in_view) == widget._rows[row].index == int(rows[row][0])
+
+    shortcut = widget._undoShortcut
+    shortcut.press()  # Ctrl+Z: back to the one-slice segment
+    assert np.array_equal(segment(panel), mask)
+    shortcut.press()  # the first write created the segment: it goes
+    assert node.segmentation.GetSegmentation().GetNumberOfSegments() == 0
+    assert not ui.undoButton.enabled
+    assert panel.gui.undo_action.triggered == 0
+    shortcut.press()  # nothing of ours to undo: Slicer's Edit > Undo gets it
+    assert panel.gui.undo_action.triggered == 1
+
+    widget.exit()
+    assert panel.gui.undo_action.shortcut == panel.qt.QKeySequence("Ctrl+Z")
+    assert not shortcut.enabled
+    assert not node.gui_tags, "exit disconnects the GUI from the parameter node"
+
+
+def test_next_unsure_selects_a_flagged_row_and_jumps(panel):
+    ui, widget = panel.ui, panel.widget
+    enter(panel)
+    choose_volume(panel, add_phantom(panel))
+    pump_until(panel, lambda: idle(panel))
+    node = widget._parameterNode
+    node.flag_score = 0.95  # every slice (score 0.9) is unsure
+    place_include_point(panel, centre_ras(panel))
+    pump_until(panel, lambda: idle(panel))
+    ui.propagateButton.click()
+    pump_until(panel, lambda: idle(panel))
+    assert ui.nextUnsureButton.enabled
+    ui.nextUnsureButton.click()
+    first = ui.confidenceTable.currentRow()
+    ui.nextUnsureButton.click()
+    assert ui.confidenceTable.currentRow() == first + 1
+    assert ui.confidenceTable.text_rows()[first][3] == "yes"
+
+
+def test_cancel_during_slow_encoding_and_propagation_writes_nothing(panel):
+    ui, widget = panel.ui, panel.widget
+    panel.predictor.delay = 0.2
+    enter(panel)
+    choose_volume(panel, add_phantom(panel))
+    pump_until(panel, lambda: widget._task is not None and widget._task.name.startswith("Enc"))
+    ui.cancelButton.click()
+    pump_until(panel, lambda: idle(panel))
+    assert panel.statuses[-1].endswith(": cancelled.")
+    assert len(panel.predictor.encoded_images) < panel.phantom.image.shape[0]
+
+    node = widget._parameterNode
+    node.auto_update = False
+    place_include_point(panel, centre_ras(panel))
+    assert not widget._debounceTimer.isActive()
+    before = panel.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    ui.propagateButton.click()
+    pump_until(panel, lambda: widget._task is not None and widget._task.name == "Propagating")
+    ui.cancelButton.click()
+    pump_until(panel, lambda: idle(panel))
+    assert panel.statuses[-1] == "Propagating: cancelled."
+    assert node.segmentation is None
+    assert panel.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == before
+    assert not panel.gui.dialogs
+
+
+def test_corruption_preview_adds_a_volume_and_reports_dice(panel):
+    ui, widget = panel.ui, panel.widget
+    enter(panel)
+    volume = add_phantom(panel)
+    choose_volume(panel, volume)
+    pump_until(panel, lambda: idle(panel))
+    node = widget._parameterNode
+    node.auto_update = False
+    node.corruption, node.severity = "gaussian_noise", 2
+    place_include_point(panel, centre_ras(panel))
+    ui.previewButton.click()
+    pump_until(panel, lambda: idle(panel))
+    copy = panel.scene.GetFirstNodeByName("phantom gaussian_noise s2")
+    assert copy is not None and copy.IsA("vtkMRMLScalarVolumeNode")
+    assert not np.array_equal(
+        slicer.util.arrayFromVolume(copy), slicer.util.arrayFromVolume(volume)
+    )
+    found = re.match(r"Dice clean vs corrupted: (\d\.\d{3}) ", ui.previewDiceLabel.text)
+    assert found and 0.5 <= float(found.group(1)) <= 1.0, ui.previewDiceLabel.text
+    assert panel.statuses[-1] == f"Preview ready: Dice {found.group(1)}."
+    layout = panel.gui.app.layoutManager()
+    assert layout.layouts == [slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView]
+    yellow = layout.sliceWidget("Yellow")
+    assert yellow.mrmlSliceCompositeNode().GetBackgroundVolumeID() == copy.GetID()
+    assert yellow.mrmlSliceNode().GetOrientation() == "Axial"
+    assert not panel.gui.dialogs
+
+
+class FakeFinetuneProcess:
+    """Stands in for ``FinetuneProcess``: each ``poll`` gives the next batch of events;
+    after the last one it has exited 0 with a model in its run folder."""
+
+    made: list = []
+
+    def __init__(self, config, out_dir, *, python="", resume=False, **kwargs) -> None:
+        self.config, self.out_dir, self.resume = config, out_dir, resume
+        self.batches = [
+            [{"event": "start", "step": 0, "total_steps": 4}],
+            [{"event": "step", "step": 2, "total_steps": 4, "loss": 0.5}],
+            [{"event": "step", "step": 4, "total_steps": 4}, {"event": "done", "step": 4}],
+        ]
+        self.started, self.running, self.returncode, self.last_error = False, False, None, None
+        FakeFinetuneProcess.made.append(self)
+
+    def start(self) -> None:
+        self.started = self.running = True
+
+    def poll(self) -> list[dict]:
+        events = self.batches.pop(0) if self.batches else []
+        if not self.batches:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "last.safetensors").write_bytes(b"weights")
+            self.running, self.returncode = False, 0
+        return events
+
+    def model_path(self, best: bool = False):
+        return self.out_dir / "last.safetensors" if self.returncode == 0 else None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.running = False
+
+
+def test_finetuning_reports_progress_and_selects_the_new_model(panel, monkeypatch, tmp_path):
+    ui, widget = panel.ui, panel.widget
+    monkeypatch.setattr(finetune_process, "FinetuneProcess", FakeFinetuneProcess)
+    FakeFinetuneProcess.made = []
+    enter(panel)
+    volume = add_phantom(panel)
+    segmentation = panel.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "truth")
+    widget.logic.write_mask(segmentation, volume, panel.phantom.mask, segment_name="sphere")
+    out = tmp_path / "finetune"
+    ui.finetuneOutputPathLineEdit.currentPath = str(out)
+    ui.finetuneOutputPathLineEdit.emit("currentPathChanged(QString)", str(out))
+    node = widget._parameterNode
+    assert node.finetune_output == str(out)
+
+    ui.finetuneStartButton.click()
+    (process,) = FakeFinetuneProcess.made
+    assert process.started and process.config.is_file()
+    assert "data" in process.config.read_text() and list((out / "data").iterdir())
+    assert ui.finetuneStopButton.enabled and not ui.finetuneStartButton.enabled
+    pump_until(panel, lambda: not widget._finetuneTimer.isActive(), timeout=5)
+    assert ui.finetuneProgressBar.values == [0, 0, 2, 4, 4]
+    assert ui.finetuneProgressBar.maximum == 4
+    model = process.out_dir / "last.safetensors"
+    assert ui.finetuneStatusLabel.text == f"Finished: {model}"
+    assert (node.model_name, node.checkpoint_path) == ("fused", str(model))
+    assert ui.checkpointPathLineEdit.currentPath == str(model)
+    assert ui.finetuneStartButton.enabled and not ui.finetuneStopButton.enabled
+    assert not panel.gui.dialogs
+
+
+def test_finetuning_without_an_output_folder_says_so(panel):
+    enter(panel)
+    with pytest.raises(module.InputError, match="output folder"):
+        panel.ui.finetuneStartButton.click()
+    assert panel.gui.dialogs and "output folder" in panel.gui.dialogs[0][1]
+    assert not panel.widget._finetuneTimer.isActive()
+
+
+def test_missing_torch_is_offered_and_declining_installs_nothing(panel, monkeypatch):
+    missing = [Requirement("torch", "torch>=2.0", "torch", None, False, "not installed")]
+    monkeypatch.setattr(dependencies, "check", lambda requirements=None: list(missing))
+    real_find_spec = module.importlib.util.find_spec
+    monkeypatch.setattr(
+        module.importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "torch" else real_find_spec(name, *args),
+    )
+    panel.gui.confirm = False
+    enter(panel)
+    assert panel.ui.dependencyLabel.text == "Missing: torch>=2.0 (not installed)"
+    (kind, text), *_ = panel.gui.dialogs
+    assert kind == "confirm" and "torch>=2.0" in text
+    assert panel.ui.installButton.enabled
+    assert panel.statuses[-1] == "Dependencies not installed: segmentation is unavailable."
+
+    choose_volume(panel, add_phantom(panel))  # no encoding without torch
+    panel.ui.propagateButton.click()  # asks again; declined again
+    assert panel.widget._task is None and not panel.loads
+    assert [k for k, _ in panel.gui.dialogs] == ["confirm", "confirm"]
+    assert not panel.gui.pip and not panel.qt.dialogs
+
+
+def test_accepting_the_install_runs_pip_with_a_progress_dialog(panel, monkeypatch):
+    missing = [
+        Requirement("torch", "torch>=2.0", "torch", None, False, "not installed"),
+        Requirement("tqdm", "tqdm>=4", "tqdm", None, False, "not installed"),
+    ]
+    monkeypatch.setattr(dependencies, "check", lambda requirements=None: list(missing))
+    panel.ui.installButton.click()
+    assert panel.gui.pip[0].startswith('"torch>=2.0"') and panel.gui.pip[1].startswith('"tqdm>=4"')
+    (dialog,) = panel.qt.dialogs
+    assert dialog.closed and dialog.values[-1] == 2
+
+
+def test_editor_masking_scene_close_and_model_change(panel):
+    ui, widget, phantom = panel.ui, panel.widget, panel.phantom
+    enter(panel)
+    choose_volume(panel, add_phantom(panel))
+    pump_until(panel, lambda: idle(panel))
+    editor = panel.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere)
+    editor.SetSourceVolumeIntensityMask(True)
+    editor.SetSourceVolumeIntensityMaskRange(-1000.0, 100.0)  # the sphere's core is above
+    k = int(np.argwhere(phantom.mask).mean(axis=0)[0])
+    place_include_point(panel, centre_ras(panel, k))
+    pump_until(panel, lambda: idle(panel))
+    mask = segment(panel)
+    assert mask[k].any() and not (mask[k] & (phantom.image[k] > 100)).any()
+
+    panel.scene.Clear(0)  # File > Close scene
+    pump_until(panel, lambda: idle(panel))
+    node = widget._parameterNode
+    assert node is not None and node.input_volume is None and node.segmentation is None
+    assert node.positive_points is not None and node.positive_points.GetScene() is panel.scene
+    panel.gui.app._layout = type(panel.gui.app._layout)(panel.scene)  # views come back
+    volume = add_phantom(panel)
+    choose_volume(panel, volume)
+    pump_until(panel, lambda: idle(panel))
+    ui.modelComboBox.emit("currentIndexChanged(int)", 1)  # same model: kept
+    assert widget._predictor is not None and len(panel.loads) == 1  # the model outlives scenes
+    node.model_name = "medsam"
+    ui.modelComboBox.emit("currentIndexChanged(int)", 2)
+    assert widget._predictor is None and not widget._sessions
+    place_include_point(panel, centre_ras(panel, k))
+    pump_until(panel, lambda: idle(panel))
+    assert panel.loads[-1] == ("medsam", "", "auto")
+    assert dice(segment(panel)[k], phantom.mask[k]) >= 0.95
+    assert not panel.gui.dialogs
+
+
+def test_points_of_a_newly_picked_include_list_segment(panel):
+    """Picking another include list in its selector: its points are observed."""
+    enter(panel)
+    choose_volume(panel, add_phantom(panel))
+    pump_until(panel, lambda: idle(panel))
+    other = panel.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "other")
+    panel.ui.positiveSelector.setCurrentNode(other)
+    assert panel.widget._parameterNode.positive_points is other
+    assert panel.ui.positivePlaceWidget.currentNode() is other
+    other.AddControlPoint(*centre_ras(panel))
+    assert panel.widget._debounceTimer.isActive()
+    pump_until(panel, lambda: idle(panel))
+    assert segment(panel).any() and not panel.gui.dialogs
+
+
+def test_zoom_to_box_reaches_the_segment_options(panel):
+    node = panel.widget._parameterNode
+    assert panel.widget._segmentOptions(propagate=True).zoom is False
+    node.zoom_to_box = True  # what ticking "Zoom to the box" sets
+    options = panel.widget._segmentOptions(propagate=True)
+    assert options.zoom is True and options.propagate is True
