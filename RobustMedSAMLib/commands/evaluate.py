@@ -124,8 +124,8 @@ def run(args: argparse.Namespace) -> int:
     from RobustMedSAMLib import distributed
     from RobustMedSAMLib.errors import InputError
     from RobustMedSAMLib.evaluation.datasets import load_cases
-    from RobustMedSAMLib.evaluation.matrix import CSV_NAME
     from RobustMedSAMLib.evaluation.report import write_report
+    from RobustMedSAMLib.evaluation.results_csv import CSV_NAME
     from RobustMedSAMLib.evaluation.shards import merge_parts
 
     if args.report_only:

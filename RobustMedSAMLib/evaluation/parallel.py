@@ -115,7 +115,7 @@ def _run_slot(
 
 
 def _combine(results: list[MatrixResult], out_dir: Path) -> MatrixResult:
-    from RobustMedSAMLib.evaluation.matrix import CSV_NAME
+    from RobustMedSAMLib.evaluation.results_csv import CSV_NAME
 
     total = MatrixResult(csv_path=out_dir / CSV_NAME)
     for result in results:

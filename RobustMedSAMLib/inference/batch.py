@@ -266,7 +266,7 @@ class CaseSegmenter:
     """A model loaded once, segmenting volumes into files with ``SegmentSettings``."""
 
     def __init__(self, settings: SegmentSettings, device: str | None = None) -> None:
-        from RobustMedSAMLib.weights.loader import load_named_model
+        from RobustMedSAMLib.inference.loader import load_named_model
 
         self.settings, self.options = settings, settings.options()
         s = settings
@@ -296,7 +296,7 @@ class CaseSegmenter:
     def model_info(self) -> dict[str, Any]:
         """Name, preprocessing, device and checkpoint files with SHA-256 (hashed once)."""
         if self._model_info is None:
-            from RobustMedSAMLib.weights.download import sha256_of
+            from RobustMedSAMLib.formats.atomic import sha256_of
 
             files = self.loaded.checkpoints
             self._model_info = {

@@ -28,17 +28,6 @@ CHUNK_BYTES = 1 << 20
 Progress = Callable[[int, int], None]
 
 
-def sha256_of(path: str | Path, chunk_bytes: int = CHUNK_BYTES) -> str:
-    """Hex SHA-256 of a file, read in chunks (constant memory)."""
-    digest = hashlib.sha256()
-    buffer = bytearray(chunk_bytes)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as stream:
-        while count := stream.readinto(buffer):
-            digest.update(view[:count])
-    return digest.hexdigest()
-
-
 def _tqdm_progress(desc: str) -> tuple[Progress, Callable[[], None]]:
     """A (done, total) callback drawing a tqdm bar on stderr, and its closer."""
     from tqdm import tqdm
