@@ -37,14 +37,13 @@ from typing import Any
 from RobustMedSAMLib.distributed import DistInfo, dist_info, shard, threads_per_worker
 from RobustMedSAMLib.errors import CancelledError, InputError
 from RobustMedSAMLib.formats.atomic import atomic_output, full_suffix
-from RobustMedSAMLib.formats.volume import volume_name
+from RobustMedSAMLib.formats.volume import VOLUME_SUFFIXES, volume_name
 
 log = logging.getLogger(__name__)
 
 CASE_COLUMNS = ("volume", "points", "negative", "box", "out")
 SIDE_FILES = {"points": "_points.mrk.json", "negative": "_negative.mrk.json",
               "box": "_box.mrk.json"}  # fmt: skip
-VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii.gz", ".nii", ".mha", ".mhd")
 OUT_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
 SUMMARY_NAME = "batch_summary.json"
 
