@@ -13,7 +13,7 @@ PACKAGE = "RobustMedSAMLib"
 
 # Bottom to top; a module may import its own layer or any layer below it.
 LAYERS = (
-    ("errors", "names", "__init__", "dependencies"),
+    ("errors", "names", "progress", "__init__", "dependencies"),
     ("formats", "device", "distributed"),
     ("datasets", "corruptions", "model"),
     ("weights",),

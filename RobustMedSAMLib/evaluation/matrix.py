@@ -16,7 +16,6 @@ with status ``missing: <what to do>``; a failed cell one row ``error: <message>`
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ from RobustMedSAMLib.formats.volume import Volume
 from RobustMedSAMLib.inference.propagation import PROJECTIONS, PropagationOptions
 from RobustMedSAMLib.inference.session import SegmentationSession
 from RobustMedSAMLib.names import PROTOCOLS
+from RobustMedSAMLib.progress import Cancel, Progress, cancel_check
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +157,8 @@ def run_matrix(
     cases: Sequence[Case],
     out_dir: str | Path,
     options: MatrixOptions | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    cancel: Callable[[], bool] | threading.Event | None = None,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
     part: str | None = None,
 ) -> MatrixResult:
     """Evaluate every model on every case and condition; append to ``out_dir/results.csv``
@@ -168,8 +168,7 @@ def run_matrix(
     ``progress(done, total)`` counts cells; ``cancel`` (a callable returning True, or a
     threading.Event) is checked between cells: CancelledError, the finished cells stay.
     """
-    if isinstance(cancel, threading.Event):
-        cancel = cancel.is_set
+    cancel = cancel_check(cancel)
     options = options or MatrixOptions()
     options.validate()
     if not cases:
@@ -234,7 +233,7 @@ def _run_model(
     todo: list[tuple[Case, Condition, Variant]],
     options: MatrixOptions,
     path: Path,
-    cancel: Callable[[], bool] | None,
+    cancel: Callable[[], bool],
 ) -> Iterator[int]:
     """Run the cells of one model, grouped by (case, condition) so that a corrupted
     image and its slice embeddings are made once per group. Yields 1 per finished
@@ -242,7 +241,7 @@ def _run_model(
     group: tuple | None = None
     context: _GroupContext | None = None
     for case, condition, variant in todo:
-        if cancel is not None and cancel():
+        if cancel():
             raise CancelledError("evaluation cancelled; finished cells are in the CSV")
         if group != (id(case), condition):
             group, context = (id(case), condition), _GroupContext(case, condition, predictor)

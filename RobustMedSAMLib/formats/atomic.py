@@ -8,6 +8,7 @@ records, reports) goes through ``atomic_output``; JSON through ``write_json``.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -54,6 +55,19 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
+    path = Path(path)
+    with atomic_output(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_json(path: str | os.PathLike, value: object, indent: int = 2) -> Path:
+    """Write ``value`` as JSON (one trailing newline) to ``path`` atomically."""
+    return write_text(path, json.dumps(value, indent=indent) + "\n")
 
 
 CHUNK_BYTES = 1 << 20

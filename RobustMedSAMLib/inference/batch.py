@@ -36,8 +36,9 @@ from typing import Any
 
 from RobustMedSAMLib.distributed import DistInfo, dist_info, shard, threads_per_worker
 from RobustMedSAMLib.errors import CancelledError, InputError
-from RobustMedSAMLib.formats.atomic import atomic_output, full_suffix
+from RobustMedSAMLib.formats.atomic import full_suffix, write_json
 from RobustMedSAMLib.formats.volume import VOLUME_SUFFIXES, volume_name
+from RobustMedSAMLib.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,6 @@ SIDE_FILES = {"points": "_points.mrk.json", "negative": "_negative.mrk.json",
               "box": "_box.mrk.json"}  # fmt: skip
 OUT_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
 SUMMARY_NAME = "batch_summary.json"
-
-Progress = Callable[[int, int], None]
 
 
 # --- cases ------------------------------------------------------------------------------
@@ -184,11 +183,6 @@ def remove_temporaries(out_dir: Path, case: BatchCase) -> int:
     return len(stale)
 
 
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    with atomic_output(path) as temporary:
-        temporary.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-
-
 # --- segmenting one case ----------------------------------------------------------------
 
 
@@ -318,7 +312,7 @@ class CaseSegmenter:
 
         segment = Segment(1, self.settings.segment_name, (0.5, 0.68, 0.5))
         write_segmentation(out, result.mask.astype("uint8"), volume, [segment])
-        _write_json(out.with_name(out.name + ".json"), record)
+        write_json(out.with_name(out.name + ".json"), record)
 
 
 def _model_id(files: dict[str, Path]) -> str:
@@ -389,7 +383,7 @@ def case_status(out_dir: Path, cases: Sequence[BatchCase]) -> dict[str, Any]:
 def write_status(out_dir: str | os.PathLike, cases: Sequence[BatchCase]) -> dict[str, Any]:
     """Write ``batch_summary.json`` (``case_status``) atomically and return it."""
     status = case_status(Path(out_dir), cases)
-    _write_json(Path(out_dir) / SUMMARY_NAME, status)
+    write_json(Path(out_dir) / SUMMARY_NAME, status)
     return status
 
 
@@ -548,6 +542,6 @@ def _record_failure(out_dir: Path, case: BatchCase, error: BaseException, info: 
     value = {"case": case.name, "volume": str(case.volume), "error": str(error),
              "type": type(error).__name__, **_where(info), "time": time.time()}  # fmt: skip
     try:
-        _write_json(path, value)
+        write_json(path, value)
     except OSError as write_error:
         log.error("cannot record the failure of %s: %s", case.name, write_error)

@@ -20,12 +20,12 @@ from pathlib import Path
 
 from RobustMedSAMLib import __version__
 from RobustMedSAMLib.errors import CancelledError, CheckpointError
+from RobustMedSAMLib.progress import Progress
 from RobustMedSAMLib.weights.registry import ModelSource, default_models_dir, how_to_get
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
-Progress = Callable[[int, int], None]
 
 
 def _tqdm_progress(desc: str) -> tuple[Progress, Callable[[], None]]:
