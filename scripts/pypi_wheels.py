@@ -12,7 +12,7 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-from RobustMedSAMLib.weights.download import sha256_of
+from RobustMedSAMLib.formats.atomic import sha256_of
 
 
 def download(requirement: str, folder: Path, options: tuple[str, ...] = ()) -> Path:
