@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,7 +188,7 @@ def write_case(spec: CaseSpec, image: Volume, mask: np.ndarray, out: Path) -> di
 
 
 def link_by_modality(specs: list[CaseSpec], out: Path) -> None:
-    """``out/CT`` and ``out/MR``: relative links to each modality's pairs."""
+    """``out/CT`` and ``out/MR``: relative links to (or copies of) each modality's pairs."""
     for spec in specs:
         for sub in ("images", "labels"):
             folder = out / spec.modality / sub
@@ -195,7 +196,10 @@ def link_by_modality(specs: list[CaseSpec], out: Path) -> None:
             link = folder / f"{spec.name}.nii.gz"
             if link.is_symlink() or link.exists():
                 link.unlink()
-            link.symlink_to(os.path.join("..", "..", sub, f"{spec.name}.nii.gz"))
+            try:
+                link.symlink_to(os.path.join("..", "..", sub, f"{spec.name}.nii.gz"))
+            except OSError:  # no symbolic links (Windows without the privilege): copy
+                shutil.copyfile(out / sub / f"{spec.name}.nii.gz", link)
 
 
 def readme(rows: list[tuple[CaseSpec, dict]], sources: dict[str, Source]) -> str:

@@ -183,3 +183,16 @@ def test_the_case_table_is_consistent(fetch):
     for spec in fetch.CASES:
         assert spec.source in fetch.SOURCES and spec.modality in ("CT", "MR")
         assert spec.value >= 1
+
+
+def test_without_symbolic_links_the_modality_views_are_copies(
+    fetch, standins, tmp_path, monkeypatch
+):
+    def refuse(self, target):
+        raise OSError("symbolic links not permitted")
+
+    monkeypatch.setattr(Path, "symlink_to", refuse)
+    out = _prepare(fetch, standins, tmp_path)
+    copy = out / "CT" / "labels" / "lung1_nodule.nii.gz"
+    assert not copy.is_symlink()
+    assert copy.read_bytes() == (out / "labels" / "lung1_nodule.nii.gz").read_bytes()
