@@ -91,7 +91,7 @@ PREVIEW_SEGMENTATION_NAME = "RobustMedSAM corruption preview"
 
 # Choices shown in the panel. They mirror the library's registries (a headless test
 # keeps them equal) so that importing this file loads neither torch nor Pillow.
-MODEL_NAMES = ("demo", "fused", "medsam", "robustsam", "sam", "medicosam")
+MODEL_NAMES = ("demo", "litemedsam", "fused", "medsam", "robustsam", "sam", "medicosam")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 AXES = ("view", "axial", "coronal", "sagittal")  # "view": the slice view the point is in
 PROJECTIONS = ("mask", "box", "points", "points_and_mask", "single_point")

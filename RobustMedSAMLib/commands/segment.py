@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-MODELS = ("demo", "sam", "medsam", "robustsam", "medicosam", "fused")
+MODELS = ("demo", "litemedsam", "sam", "medsam", "robustsam", "medicosam", "fused")
 BATCH_HELP = (
     "batch: --cases is a CSV (header: volume,points,negative,box,out; paths relative to the "
     "CSV; out defaults to VOLUME-NAME.seg.nrrd) or a folder holding VOLUME + "

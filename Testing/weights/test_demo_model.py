@@ -18,7 +18,7 @@ from RobustMedSAMLib.formats.volume import Volume, read_volume
 from RobustMedSAMLib.inference.segment_volume import SegmentOptions, VolumePrompts, segment_volume
 from RobustMedSAMLib.inference.session import SegmentationSession
 from RobustMedSAMLib.inference.types import SlicePrompt
-from RobustMedSAMLib.weights.loader import load_named_model, verify_bundled
+from RobustMedSAMLib.weights.loader import load_named_model, verify_shipped
 from RobustMedSAMLib.weights.registry import get_source, resolve_checkpoint
 
 SAMPLES = __import__("pathlib").Path(__file__).resolve().parents[2] / "Resources" / "samples"
@@ -56,7 +56,7 @@ def central_box_and_point(mask2d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def test_bundled_file_is_verified():
     path = resolve_checkpoint("demo")
-    verify_bundled(path, get_source("demo").sha256)
+    verify_shipped(path, get_source("demo"))
     assert path.stat().st_size < 25 * 1024**2
 
 
@@ -67,7 +67,7 @@ def test_a_damaged_demo_file_is_refused(tmp_path):
     data[len(data) // 2] ^= 0xFF
     copy.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="damaged or was replaced"):
-        verify_bundled(copy, get_source("demo").sha256)
+        verify_shipped(copy, get_source("demo"))
 
 
 @pytest.mark.parametrize("prompt", ["box", "point"])
