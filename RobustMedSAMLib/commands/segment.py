@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-MODELS = ("demo", "litemedsam", "sam", "medsam", "robustsam", "medicosam", "fused")
+MODELS = ("litemedsam", "sam", "medsam", "robustsam", "medicosam", "fused")
 BATCH_HELP = (
     "batch: --cases is a CSV (header: volume,points,negative,box,out; paths relative to the "
     "CSV; out defaults to VOLUME-NAME.seg.nrrd) or a folder holding VOLUME + "
@@ -40,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="the prompts (RAS) of an earlier run's record, e.g. on another volume or model",
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="demo", choices=MODELS, help="default: demo")
+    model.add_argument("--model", default="litemedsam", choices=MODELS, help="default: litemedsam")
     model.add_argument("--checkpoint", type=Path, help="checkpoint file (overrides the registry)")
     model.add_argument("--encoder", type=Path, help="fused: MedSAM checkpoint for the encoder")
     model.add_argument("--decoder", type=Path, help="fused: RobustSAM checkpoint for the decoder")

@@ -4,8 +4,8 @@ Three published conventions (choose the one the image encoder was trained with):
 
 * ``"sam"`` (SAM, RobustSAM, MedicoSAM): resize the longest side to S (1024), keep
   the aspect ratio, normalise with ImageNet pixel mean/std, pad bottom-right to S x S.
-* ``"medsam"`` (MedSAM, and so the fused model and the demo model, whose encoder is
-  MedSAM's): resize to S x S (aspect not kept), min-max scale to [0, 1], no mean/std.
+* ``"medsam"`` (MedSAM, and so the fused model, whose encoder is MedSAM's): resize to
+  S x S (aspect not kept), min-max scale to [0, 1], no mean/std.
 * ``"litemedsam"`` (LiteMedSAM, as its authors' inference script runs it): resize the
   longest side to S (256, bilinear, rounded to 0..255 as their uint8 resize does), min-max
   scale the resized image to [0, 1], zero-pad bottom-right to S x S. Prompts are scaled by

