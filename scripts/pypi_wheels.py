@@ -11,7 +11,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from RobustMedSAMLib.weights.download import sha256_of
+from RobustMedSAMLib.formats.atomic import sha256_of
 
 
 def download(requirement: str, folder: Path, options: tuple[str, ...] = ()) -> Path:

@@ -52,7 +52,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     if args.litemedsam:
-        from RobustMedSAMLib.weights.loader import load_named_model
+        from RobustMedSAMLib.inference.loader import load_named_model
 
         predictor = load_named_model("litemedsam", device="cpu").predictor()
     else:

