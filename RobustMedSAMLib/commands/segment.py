@@ -42,7 +42,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="the prompts (RAS) of an earlier run's record, e.g. on another volume or model",
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="demo", choices=MODEL_NAMES, help="default: demo")
+    model.add_argument(
+        "--model", default="litemedsam", choices=MODEL_NAMES, help="default: litemedsam"
+    )
     model.add_argument("--checkpoint", type=Path, help="checkpoint file (overrides the registry)")
     model.add_argument("--encoder", type=Path, help="fused: MedSAM checkpoint for the encoder")
     model.add_argument("--decoder", type=Path, help="fused: RobustSAM checkpoint for the decoder")

@@ -94,7 +94,7 @@ class SegmentationSession:
 
     @property
     def style(self) -> str:
-        """The predictor's preprocessing (``"sam"`` or ``"medsam"``): the low-res frame."""
+        """The predictor's preprocessing (``"sam"``, ``"medsam"``, ``"litemedsam"``)."""
         return self.predictor.preprocessor.style
 
     def slice_image(self, index: int) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Zoom to the box: segment a small structure on a crop around its box (ROI).
 
-The model sees each slice resized to its input size (256 px for the demo, 1024 for
+The model sees each slice resized to its input size (256 px for LiteMedSAM, 1024 for
 ViT-B) and encodes it in 16-pixel patches, so a structure a few patches wide (lateral
 ventricles in a whole-head slice) is below what it can resolve. Cropping every slice
 around the box, with a margin for context, lets the structure fill the input.

@@ -5,7 +5,7 @@
 * a folder of image/label volume pairs (NRRD, NIfTI, ... as Slicer exports them;
   ``datasets.volume_pairs`` says which layouts),
   sampled into slices that contain foreground along a chosen axis;
-* synthetic phantoms (tests and the demo model);
+* synthetic phantoms (tests and training examples);
 * a folder of unlabelled 2D images with automatic region masks (as SAM's data engine
   made its fully automatic masks): intensity bands, connected components.
 
