@@ -18,10 +18,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk  # noqa: N813
 from scipy.spatial.transform import Rotation
+from slicer_headless import ijk_to_ras_of, slicer_scene_fixture
 
 from RobustMedSAMLib.cli import main
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.formats.volume import Volume, read_volume
+
+slicer_scene = pytest.fixture(slicer_scene_fixture)
 
 SHAPE = (24, 16, 16)  # K, J, I
 SLICE_MM = 2.0
@@ -259,3 +262,21 @@ def test_gzip_helper_counts_decompressed_bytes(tmp_path):
     path.write_bytes(gzip.compress(bytes(5000)))
     assert _gzip_length(path, 10_000) == 5000
     assert _gzip_length(path, 100) == 100
+
+
+@pytest.mark.parametrize(("codes", "rotate"), [((1, 2), False), ((1, 1), True), ((2, 1), False)])
+def test_slicer_places_a_qform_sform_pair_where_we_do(tmp_path, slicer_scene, codes, rotate):
+    """Slicer's own volume storage node (ITK's NIfTI reader) is the rule we follow."""
+    path = tmp_path / "pair.nii.gz"
+    qform = nifti_image().affine
+    sform = shifted(qform, [0, 20, 0])
+    if rotate:
+        sform[:3, :3] = Rotation.from_euler("z", 30, degrees=True).as_matrix() @ qform[:3, :3]
+    two_placements(path, qform, sform, codes)
+    slicer = slicer_scene.slicer
+    node = slicer_scene.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    slicer_scene.scene.AddNode(storage)
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    np.testing.assert_allclose(read_volume(path).ijk_to_ras, ijk_to_ras_of(node), atol=1e-4)
