@@ -33,6 +33,7 @@ RUNTIME_REQUIREMENTS = (
     "tqdm>=4.60",
     "platformdirs>=3",
     "safetensors>=0.4",
+    "nibabel>=5.2",
 )
 """pyproject.toml's ``[project] dependencies`` (a test keeps the two equal)."""
 

@@ -237,7 +237,14 @@ def _read_dicom_folder(path: Path, series_id: str | None):
         if reader.HasMetaDataKey(k, "0020|0032")
     ]
     if len(positions) == len(files) > 1:
-        check_dicom_grid(path, image, np.array([_numbers(p) for p in positions]))
+        try:
+            numbers = np.array([_numbers(p) for p in positions], dtype=np.float64).reshape(-1, 3)
+        except ValueError:
+            raise InputError(
+                f"DICOM series in {path} has an unreadable ImagePositionPatient "
+                f"({positions[0]!r}, ...): fix or re-export the series"
+            ) from None
+        check_dicom_grid(path, image, numbers)
     return image
 
 
@@ -270,8 +277,11 @@ def check_dicom_grid(path: Path, image, positions_lps: np.ndarray) -> None:
         f"slice {worst + 1} of {len(positions_lps)} would lie {error.max():.2f} mm "
         "from its file's position"
     )
-    if np.median(across) > tolerance:
-        tilt = np.degrees(np.arctan2(np.median(across), np.abs(np.median(along))))
+    drift = positions_lps[-1] - positions_lps[0]  # sideways drift adds up over the series
+    drift_along = drift @ direction[:, 2]
+    drift_across = np.linalg.norm(drift - drift_along * direction[:, 2])
+    if drift_across > tolerance:
+        tilt = np.degrees(np.arctan2(drift_across, abs(drift_along)))
         raise InputError(
             f"DICOM series in {path} is sheared (gantry tilt of {tilt:.1f} deg: slices step "
             f"{np.median(across):.2f} mm sideways per {np.abs(np.median(along)):.2f} mm); read as "

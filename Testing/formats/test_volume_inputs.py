@@ -78,6 +78,13 @@ def test_tilted_dicom_series_is_refused_with_the_angle(tmp_path):
     assert str(tmp_path / "tilt") in str(error.value)
 
 
+def test_a_slight_tilt_is_named_as_a_tilt_not_as_uneven_spacing(tmp_path):
+    # 0.5 deg: 0.017 mm sideways per slice, 0.4 mm over the series (0.1 voxel tolerated)
+    write_series(tmp_path / "tilt", stack_positions(sideways_per_slice=SLICE_MM * np.tan(0.0087)))
+    with pytest.raises(InputError, match=r"gantry tilt of 0\.5 deg"):
+        read_volume(tmp_path / "tilt")
+
+
 def test_dicom_series_with_a_missing_slice_is_refused_naming_the_gap(tmp_path):
     positions = np.delete(stack_positions(), 5, axis=0)  # slice 6 of 24 lost
     write_series(tmp_path / "gap", positions)
