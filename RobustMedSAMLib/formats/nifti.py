@@ -90,9 +90,9 @@ def _gzip_length(path: Path, needed: int) -> int:
     return count
 
 
-def placements(path: str | os.PathLike) -> dict[str, tuple[int, np.ndarray]]:
-    """``{"qform": (code, 4x4), "sform": (code, 4x4)}`` of a NIfTI header (IJK to RAS)."""
-    header = _load_header(Path(path))
+def placements(header) -> dict[str, tuple[int, np.ndarray]]:
+    """``{"qform": (code, 4x4), "sform": (code, 4x4)}`` of a nibabel NIfTI header
+    (voxel IJK to RAS mm)."""
     return {
         "qform": (int(header["qform_code"]), header.get_qform()),
         "sform": (int(header["sform_code"]), header.get_sform()),
@@ -113,7 +113,7 @@ def placement_warning(path: str | os.PathLike, ijk_to_ras: np.ndarray) -> str | 
     file has one placement, or both agree within ``AGREEMENT_VOXELS`` of a voxel.
     """
     header = _load_header(Path(path))
-    found = placements(path)
+    found = placements(header)
     (qcode, qform), (scode, sform) = found["qform"], found["sform"]
     if qcode == 0 or scode == 0:
         return None

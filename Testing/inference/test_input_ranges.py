@@ -6,10 +6,14 @@ import numpy as np
 import pytest
 
 from RobustMedSAMLib.cli import main
+from RobustMedSAMLib.datasets.phantoms import sphere
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.formats.markups import Roi
 from RobustMedSAMLib.formats.volume import Volume, write_volume
+from RobustMedSAMLib.inference.loader import load_named_model
 from RobustMedSAMLib.inference.preprocessing import auto_window, window_to_uint8
+from RobustMedSAMLib.inference.segment_volume import VolumePrompts, segment_volume
+from RobustMedSAMLib.inference.session import SegmentationSession
 from RobustMedSAMLib.inference.slicing import MIN_SLICE_SIDE, check_slice_size
 from RobustMedSAMLib.inference.zoom import zoom_region
 
@@ -40,6 +44,36 @@ def test_window_of_an_affine_copy_is_the_same_picture(low, high, dtype):
     assert got.max() - got.min() >= 250  # not blank
     # off by one grey level at most: float64 rounding of a + b x, or int16 quantisation
     assert np.abs(got.astype(int) - expected).max() <= 1 + 255 * (dtype == np.int16) / 3000
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_named_model("demo", device="cpu")
+
+
+def test_the_model_segments_a_sphere_alike_whatever_its_intensity_range(demo):
+    """Before: float32 +-3e38 and 1e-30 ranges (and 1e300, 1e-12) gave empty masks."""
+    phantom = sphere((24, 64, 64), spacing=(1.0, 1.0, 2.0), radius=12.0)
+    image = phantom.image.astype(np.float64)
+    unit = (image - image.min()) / (image.max() - image.min())
+    centre = np.argwhere(phantom.mask).mean(axis=0)[::-1]  # i, j, k
+    masks = {}
+    for name, array in {
+        "int16": phantom.image,
+        "float32 +-3e38": ((unit - 0.5) * 6e38).astype(np.float32),
+        "1e-30": unit * 1e-30,  # the other ranges: test_window_of_an_affine_copy_...
+    }.items():
+        volume = Volume(array, phantom.ijk_to_ras, name)
+        prompts = VolumePrompts(positive=volume.ijk_to_ras_points(centre))
+        masks[name] = segment_volume(SegmentationSession(volume, demo.predictor()), prompts).mask
+    k = int(round(centre[2]))
+    assert dice(masks["int16"][k], phantom.mask[k]) > 0.8
+    for name, mask in masks.items():
+        assert dice(mask, masks["int16"]) > 0.95, name
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
 
 
 def test_window_width_floor_is_relative():
