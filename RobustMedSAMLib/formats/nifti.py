@@ -76,18 +76,26 @@ def check_complete(path: str | os.PathLike) -> None:
 
 
 def _gzip_length(path: Path, needed: int) -> int:
-    """Decompressed bytes of ``path``, counting no further than ``needed``."""
+    """Decompressed bytes of gzip file ``path`` up to where it ends or is cut, counting
+    no further than ``needed`` (and never holding more than a chunk in memory)."""
     count = 0
-    try:
-        with gzip.open(path, "rb") as stream:
-            while count < needed:
-                chunk = stream.read(min(_CHUNK, needed - count))
-                if not chunk:
-                    break
-                count += len(chunk)
-    except (EOFError, OSError, zlib.error):
-        pass  # a cut stream: what was decompressed before the cut is what there is
-    return count
+    inflater = zlib.decompressobj(wbits=31)  # gzip header and trailer
+    with open(path, "rb") as raw:
+        while count < needed:
+            pending = raw.read(_CHUNK)
+            if not pending:
+                break  # the file ends here, cut or whole
+            while pending and count < needed:
+                try:
+                    count += len(inflater.decompress(pending, _CHUNK))
+                except zlib.error:
+                    return count  # damaged from here on
+                if inflater.eof:  # a member ended: another may follow
+                    pending = inflater.unused_data
+                    inflater = zlib.decompressobj(wbits=31)
+                else:
+                    pending = inflater.unconsumed_tail
+    return min(count, needed)
 
 
 def placements(header) -> dict[str, tuple[int, np.ndarray]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -120,8 +121,12 @@ def test_truncated_nifti_is_refused(tmp_path, suffix, kept):
     nib.save(nifti_image(), path)
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * kept)])
-    with pytest.raises(InputError, match=r"cut\.nii(\.gz)? is truncated: .*ends after \d+ of"):
+    with pytest.raises(InputError, match=r"cut\.nii(\.gz)? is truncated: .*ends after") as error:
         read_volume(path)
+    present, needed = map(
+        int, re.search(r"after (\d+) of the (\d+) bytes", str(error.value)).groups()
+    )
+    assert 0.3 * needed < present < 0.8 * needed  # what is there before the cut is counted
 
 
 def test_cli_refuses_truncated_nifti_with_exit_2(tmp_path, capsys):
@@ -269,6 +274,11 @@ def test_gzip_helper_counts_decompressed_bytes(tmp_path):
     path.write_bytes(gzip.compress(bytes(5000)))
     assert _gzip_length(path, 10_000) == 5000
     assert _gzip_length(path, 100) == 100
+    two_members = gzip.compress(bytes(3000)) + gzip.compress(bytes(4000))
+    path.write_bytes(two_members)
+    assert _gzip_length(path, 10_000) == 7000
+    path.write_bytes(two_members[:-30])  # cut inside the second member
+    assert 3000 <= _gzip_length(path, 10_000) < 7000
 
 
 @pytest.mark.parametrize(("codes", "rotate"), [((1, 2), False), ((1, 1), True), ((2, 1), False)])
