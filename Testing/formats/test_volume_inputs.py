@@ -20,6 +20,7 @@ import pytest
 import SimpleITK as sitk  # noqa: N813
 from scipy.spatial.transform import Rotation
 from slicer_headless import ijk_to_ras_of, slicer_scene_fixture
+from volumes import keeping_locale
 
 from RobustMedSAMLib.cli import main
 from RobustMedSAMLib.errors import InputError
@@ -54,7 +55,8 @@ def write_series(folder: Path, positions_lps: np.ndarray, pixel_mm: float = 1.0)
         writer = sitk.ImageFileWriter()
         writer.KeepOriginalImageUIDOn()
         writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
-        writer.Execute(image)
+        with keeping_locale():
+            writer.Execute(image)
 
 
 def stack_positions(count: int = SHAPE[0], sideways_per_slice: float = 0.0) -> np.ndarray:
