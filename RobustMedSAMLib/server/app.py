@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -235,6 +236,14 @@ def create_app(config: ServerConfig, served: ServedModel) -> FastAPI:
         status, body = error_body(error)
         return JSONResponse(body, status)
 
+    @app.exception_handler(torch.OutOfMemoryError)
+    @app.exception_handler(MemoryError)
+    async def out_of_memory(request: Request, error: Exception):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        status, body = error_body(error)
+        return JSONResponse(body, status)
+
     @app.exception_handler(RequestValidationError)
     async def malformed(request: Request, error: RequestValidationError):
         first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid"}
@@ -254,6 +263,7 @@ def create_app(config: ServerConfig, served: ServedModel) -> FastAPI:
             "model": served.name,
             "device": served.info.get("device"),
             "sessions": len(store),
+            "max_upload_bytes": config.max_upload_bytes,
         }
 
     @app.get("/v1/models")
@@ -385,8 +395,12 @@ def create_app(config: ServerConfig, served: ServedModel) -> FastAPI:
         session = session_of(request, session_id)
         if session.job is None:
             raise InputError("no job was started in this session")
-        session.job.wait(min(max(wait, 0.0), config.max_wait_seconds))
-        session.touch()
+        session.waiting += 1
+        try:
+            session.job.wait(min(max(wait, 0.0), config.max_wait_seconds))
+        finally:
+            session.waiting -= 1
+            session.touch()
         return session.job.view()
 
     @app.post("/v1/sessions/{session_id}/cancel", status_code=202)

@@ -152,6 +152,12 @@ class ServerClient:
             name,
         )
         body = pack_volume(np.asarray(array), header)
+        limit = self.health().get("max_upload_bytes")
+        if limit is not None and len(body) > limit:  # refused before sending it all
+            raise InputError(
+                f"volume '{name}' is {len(body) / 2**20:.1f} MB compressed; the server at "
+                f"{self.url} takes at most {limit / 2**20:.1f} MB (serve --max-upload-mb)"
+            )
         answer = self.request("POST", "/v1/sessions", body, VOLUME_MEDIA_TYPE)
         return RemoteSession(self, answer)
 
@@ -178,7 +184,11 @@ class RemoteSession:
         points so far, as the in-process session's ``click``. Returns a SliceAnswer."""
         answer = self._post(
             "click",
-            {"point": [float(v) for v in point], "frame": frame, "positive": bool(positive)},
+            {
+                "point": np.asarray(point, float).reshape(3).tolist(),
+                "frame": frame,
+                "positive": bool(positive),
+            },
         )
         apply_patch(self.mask, answer["patch"])
         return SliceAnswer(answer["slice"], answer["score"])

@@ -109,6 +109,7 @@ class ServerSession:
         self.lock = threading.RLock()
         self.last_seen = time.monotonic()
         self.job: Job | None = None
+        self.waiting = 0  # requests long-polling the job now: the client is there
         self._undo: list[_Undo] = []
         self._encode_stop = threading.Event()
 
@@ -319,7 +320,7 @@ class SessionStore:
         """Drop sessions idle for longer than ``idle_seconds``; the count dropped."""
         limit = time.monotonic() - self.idle_seconds
         with self._lock:
-            idle = [s for s in self._sessions.values() if s.last_seen < limit]
+            idle = [s for s in self._sessions.values() if s.last_seen < limit and not s.waiting]
             for session in idle:
                 why = f"expired after {self.idle_seconds:g} s without a request"
                 self._drop(session, why)
