@@ -46,8 +46,9 @@ class SlowPredictor(ThresholdPredictor):
 def served(make_predictor, name: str = "demo", input_size: int | None = None) -> ServedModel:
     """A ServedModel around a predictor factory (named as a registry model)."""
     info = {"name": name, "preprocessing": "medsam", "device": "cpu", "files": {}}
-    return ServedModel(name, make_predictor, info, input_size, name,
-                       model_catalogue(name, input_size))  # fmt: skip
+    return ServedModel(
+        name, make_predictor, info, input_size, name, model_catalogue(name, input_size)
+    )
 
 
 def threshold_model(delay: float = 0.0) -> ServedModel:

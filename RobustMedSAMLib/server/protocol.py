@@ -142,5 +142,6 @@ def _inflate(data: bytes, expected: int, what: str) -> bytes:
     except zlib.error as error:
         raise InputError(f"{what} are not zlib data: {error}") from None
     if len(out) != expected or inflater.unconsumed_tail:
-        raise InputError(f"{what}: {len(out)}+ bytes for {expected} expected (wrong shape/dtype)")
+        got = f"more than {expected}" if len(out) > expected else str(len(out))
+        raise InputError(f"{what}: {got} bytes where {expected} were expected (wrong shape/dtype)")
     return out

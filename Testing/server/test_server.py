@@ -117,16 +117,22 @@ def test_box_and_propagation_equal_in_process_ras_and_ijk(demo_server, demo, pha
     local = segment_volume(SegmentationSession(volume, demo.predictor()), prompts, options)
     client = ServerClient(demo_server.url, TOKEN)
     with client.open_session(volume.array, volume.ijk_to_ras) as remote:
-        record = remote.segment(centre[None], box=roi, propagate=True,
-                                options={"projection": "box"})  # fmt: skip
+        record = remote.segment(
+            centre[None], box=roi, propagate=True, options={"projection": "box"}
+        )
         np.testing.assert_array_equal(remote.mask, local.mask)
     assert local.mask.any(axis=(1, 2)).sum() > 3  # it did propagate
     assert record["voxels"] == int(local.mask.sum())
     assert [s["index"] for s in record["slices"]] == [s.index for s in local.slices]
     with client.open_session(volume.array, volume.ijk_to_ras) as remote:
         centre_ijk = volume.ras_to_ijk_points(centre[None])
-        remote.segment(centre_ijk, box={"low": low, "high": high}, propagate=True,
-                       options={"projection": "box"}, frame="ijk")  # fmt: skip
+        remote.segment(
+            centre_ijk,
+            box={"low": low, "high": high},
+            propagate=True,
+            options={"projection": "box"},
+            frame="ijk",
+        )
         np.testing.assert_array_equal(remote.mask, local.mask)
 
 
@@ -167,8 +173,9 @@ def test_cancel_leaves_the_mask_as_it_was():
         before = remote.mask.copy()
         seen = []
         with pytest.raises(CancelledError, match="cancelled"):
-            remote.propagate([answer.slice], progress=lambda d, t: seen.append(d),
-                             cancel=lambda: bool(seen))  # fmt: skip
+            remote.propagate(
+                [answer.slice], progress=lambda d, t: seen.append(d), cancel=lambda: bool(seen)
+            )
         np.testing.assert_array_equal(remote.mask, before)
         np.testing.assert_array_equal(remote.fetch_mask(), before)
         remote.click(centre_ras(volume, truth.mask)[0])  # the session goes on
@@ -304,8 +311,20 @@ def case(tmp_path):
 
 
 def cli(case, out, *extra) -> int:
-    return main(["segment", str(case["volume"]), "--points", str(case["points"]), "--box",
-                 str(case["box"]), "--out", str(out), "--propagate", *extra])  # fmt: skip
+    return main(
+        [
+            "segment",
+            str(case["volume"]),
+            "--points",
+            str(case["points"]),
+            "--box",
+            str(case["box"]),
+            "--out",
+            str(out),
+            "--propagate",
+            *extra,
+        ]
+    )
 
 
 def test_cli_through_the_server_writes_the_in_process_files(demo_server, case, tmp_path):
@@ -336,8 +355,9 @@ def test_cli_server_flags_are_checked(case, tmp_path, capsys):
 
 def start_harness(*args: str) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "Testing")])}
-    process = subprocess.Popen([sys.executable, str(HARNESS), *args], stdout=subprocess.PIPE,
-                               text=True, env=env)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, str(HARNESS), *args], stdout=subprocess.PIPE, text=True, env=env
+    )
     line = process.stdout.readline()
     if not line:
         process.kill()
@@ -359,8 +379,12 @@ def test_server_killed_during_propagation_one_error_nothing_written(case, tmp_pa
     assert process.returncode == -signal.SIGKILL
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert code == 2 and len(errors) == 1 and "stopped answering" in errors[0]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.mrk.json", "ct.nrrd", "p.mrk.json",
-                                                          "token"]  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "b.mrk.json",
+        "ct.nrrd",
+        "p.mrk.json",
+        "token",
+    ]
 
 
 CLIENT = """
