@@ -416,3 +416,25 @@ def test_client_killed_mid_request_frees_its_session():
             time.sleep(0.1)
         assert len(server.store) == 0 and session.job.cancel.is_set()
         assert ServerClient(server.url, TOKEN).health()["sessions"] == 0
+
+
+def test_batch_through_the_server_equals_in_process(demo_server, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        truth = sphere((6, 32, 32), spacing=(1.0, 1.0, 2.0), radius=7.0 + i)
+        volume = oblique(truth)
+        write_volume(volume, data / f"case{i}.nrrd")
+        write_points(data / f"case{i}_points.mrk.json", centre_ras(volume, truth.mask))
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    base = ["segment", "--cases", str(data), "--propagate", "--out-dir"]
+    assert main([*base, str(tmp_path / "local")]) == 0
+    remote = ("--server", demo_server.url, "--token-file", str(token))
+    assert main([*base, str(tmp_path / "remote"), *remote]) == 0
+    for i in range(3):
+        local, _ = read_segmentation(tmp_path / "local" / f"case{i}.seg.nrrd")
+        served_mask, _ = read_segmentation(tmp_path / "remote" / f"case{i}.seg.nrrd")
+        np.testing.assert_array_equal(served_mask, local)
+        assert served_mask.any()
+    assert len(demo_server.store) == 0  # every case closed its session
