@@ -41,6 +41,7 @@ from RobustMedSAMLib.server.protocol import (
 
 TOKEN_ENV = "ROBUSTMEDSAM_TOKEN"
 _IDLE_RECONNECT_S = 4.0  # reopen a keep-alive connection idle longer than the server keeps it
+POLL_SECONDS = 0.5  # a job's progress is reported this often; its end at once
 Progress = Callable[[int, int], None]
 
 
@@ -284,7 +285,7 @@ class RemoteSession:
             if cancel is not None and not cancelled and cancel():
                 self.cancel()
                 cancelled = True
-            state = self.client.request("GET", f"{self._path}/job?wait=1.0")
+            state = self.client.request("GET", f"{self._path}/job?wait={POLL_SECONDS}")
         if state["state"] == "done":
             if progress is not None and state["total"]:
                 progress(state["done"], state["total"])

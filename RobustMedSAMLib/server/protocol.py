@@ -47,6 +47,22 @@ class VolumeHeader:
     name: str = "volume"
 
 
+def _check_fields(header: VolumeHeader) -> None:
+    """ValueError naming the first header field of the wrong type or shape."""
+    matrix = np.asarray(header.ijk_to_ras, dtype=float)
+    if matrix.shape != (4, 4) or not np.isfinite(matrix).all():
+        raise ValueError("ijk_to_ras is not a finite 4x4 matrix")
+    if not isinstance(header.axis, str | int) or isinstance(header.axis, bool):
+        raise ValueError(f"axis {header.axis!r} is not a name or 0, 1, 2")
+    if header.window is not None:
+        window = np.asarray(header.window, dtype=float)
+        if window.shape != (2,) or not window[0] < window[1]:
+            raise ValueError(f"window {header.window!r} is not [low, high] with low < high")
+    if header.model is not None and not isinstance(header.model, str):
+        raise ValueError(f"model {header.model!r} is not a name")
+    header.name = str(header.name)[:200]
+
+
 def pack_volume(array: np.ndarray, header: VolumeHeader, level: int = 1) -> bytes:
     """The upload body for a ``(K, J, I)`` array (see the module docstring)."""
     array = np.ascontiguousarray(array)
@@ -70,6 +86,7 @@ def unpack_volume(body: bytes, max_voxels: int) -> tuple[VolumeHeader, np.ndarra
             raise ValueError(f"shape {list(shape)} is not 3 positive sizes (K, J, I)")
         if header.dtype not in VOXEL_DTYPES:
             raise ValueError(f"dtype {header.dtype!r} is not one of {VOXEL_DTYPES}")
+        _check_fields(header)
     except (struct.error, ValueError, TypeError, UnicodeDecodeError) as error:
         raise InputError(f"malformed volume upload: {error}") from None
     count = int(np.prod(shape, dtype=np.int64))

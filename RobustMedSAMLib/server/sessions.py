@@ -63,9 +63,9 @@ class Job:
     updated: threading.Condition = field(default_factory=threading.Condition)
 
     def progress(self, done: int, total: int) -> None:
+        """Count slices; waiters are not woken (a poll per slice would slow the job)."""
         with self.updated:
             self.done, self.total = done, total
-            self.updated.notify_all()
 
     def finish(self, state: str, result=None, error=None) -> None:
         with self.updated:
@@ -73,7 +73,7 @@ class Job:
             self.updated.notify_all()
 
     def wait(self, seconds: float) -> None:
-        """Return when the job changes or after ``seconds``."""
+        """Return when the job ends or after ``seconds``."""
         with self.updated:
             if self.state == "running":
                 self.updated.wait(seconds)
@@ -107,6 +107,7 @@ class ServerSession:
         self.id, self.owner, self.segmentation = session_id, owner, segmentation
         self.mask = np.zeros(segmentation.volume.shape, dtype=bool)
         self.lock = threading.RLock()
+        self._job_lock = threading.Lock()
         self.last_seen = time.monotonic()
         self.job: Job | None = None
         self.waiting = 0  # requests long-polling the job now: the client is there
@@ -133,7 +134,15 @@ class ServerSession:
         if extent is None:
             return None
         self.mask[extent] = new_mask[extent]
+        if click_slice is None:
+            self._forget_clicks(extent[self.segmentation.axis])
         return encode_patch(self.mask, extent)
+
+    def _forget_clicks(self, indices: slice) -> None:
+        """Slices changed by anything but a click lose their points and logits: the
+        next click there starts afresh, and propagation takes no stale logits."""
+        for index in range(indices.start, indices.stop):
+            self.segmentation.clear_clicks(index)
 
     def change_slice(self, index: int, slice_mask: np.ndarray, click: bool = False) -> dict | None:
         """Replace one slice (along the session's axis) of the mask."""
@@ -166,13 +175,11 @@ class ServerSession:
 
     def start_job(self, kind: str, work: Callable[[Job], dict[str, Any]]) -> Job:
         """Run ``work(job)`` on a thread (under the session lock); BusyError if one runs."""
-        if self.busy:
-            raise BusyError(
-                f"a {self.job.kind} is already running in this session: cancel it first"
-            )
+        with self._job_lock:  # two requests must not both start one
+            if self.busy:
+                raise BusyError(f"a {self.job.kind} is already running in this session: cancel it")
+            job = self.job = Job(kind)
         self.stop_encoding()
-        job = Job(kind)
-        self.job = job
         threading.Thread(target=self._run_job, args=(job, work), daemon=True).start()
         return job
 

@@ -36,6 +36,7 @@ def test_volume_round_trip(dtype):
 
 
 def frame(meta: dict, payload: bytes) -> bytes:
+    meta = {"ijk_to_ras": np.eye(4).tolist(), **meta}
     text = json.dumps(meta).encode()
     return struct.pack(">I", len(text)) + text + payload
 
@@ -44,14 +45,15 @@ def frame(meta: dict, payload: bytes) -> bytes:
     "body, message",
     [
         (b"\x00\x00", "malformed volume upload"),
-        (frame({"shape": [2, 2], "dtype": "int16", "ijk_to_ras": []}, b""), "3 positive sizes"),
-        (frame({"shape": [1, 1, 1], "dtype": "complex64", "ijk_to_ras": []}, b""), "dtype"),
-        (frame({"shape": [1, 1, 1], "dtype": "int16", "ijk_to_ras": [], "x": 1}, b""), "x"),
-        (frame({"shape": [2, 2, 2], "dtype": "uint8", "ijk_to_ras": []}, b"raw"), "not zlib"),
+        (frame({"shape": [2, 2], "dtype": "int16"}, b""), "3 positive sizes"),
+        (frame({"shape": [1, 1, 1], "dtype": "complex64"}, b""), "dtype"),
+        (frame({"shape": [1, 1, 1], "dtype": "int16", "x": 1}, b""), "x"),
+        (frame({"shape": [2, 2, 2], "dtype": "uint8"}, b"raw"), "not zlib"),
+        (frame({"shape": [1, 1, 1], "dtype": "uint8", "ijk_to_ras": [[1]]}, b""), "4x4"),
+        (frame({"shape": [1, 1, 1], "dtype": "uint8", "axis": [0]}, b""), "axis"),
+        (frame({"shape": [1, 1, 1], "dtype": "uint8", "window": [5, 1]}, b""), "low < high"),
         (
-            frame(
-                {"shape": [2, 2, 2], "dtype": "uint8", "ijk_to_ras": []}, zlib.compress(bytes(7))
-            ),
+            frame({"shape": [2, 2, 2], "dtype": "uint8"}, zlib.compress(bytes(7))),
             "7 bytes where 8 were expected",
         ),
     ],
@@ -63,10 +65,10 @@ def test_malformed_volume_bodies(body, message):
 
 def test_a_zip_bomb_stops_at_the_declared_size():
     bomb = zlib.compress(bytes(50 * 2**20))  # 50 MB of zeros in ~50 kB
-    body = frame({"shape": [1, 8, 8], "dtype": "uint8", "ijk_to_ras": []}, bomb)
+    body = frame({"shape": [1, 8, 8], "dtype": "uint8"}, bomb)
     with pytest.raises(InputError, match="wrong shape/dtype"):
         unpack_volume(body, 10**6)
-    too_many = frame({"shape": [1000, 1000, 1000], "dtype": "uint8", "ijk_to_ras": []}, bomb)
+    too_many = frame({"shape": [1000, 1000, 1000], "dtype": "uint8"}, bomb)
     with pytest.raises(InputError, match="exceeds this server's limit"):
         unpack_volume(too_many, 10**6)
 
