@@ -425,9 +425,7 @@ def create_app(config: ServerConfig, served: ServedModel) -> FastAPI:
             raise_busy(session)
         extent, block = decode_patch(body.patch, session.mask.shape)
         with session.lock:
-            new = session.mask.copy()
-            new[extent] = block
-            return {"patch": session.change(new)}
+            return {"patch": session.change_region(extent, block)}
 
     @app.get("/v1/sessions/{session_id}/mask")
     def get_mask(request: Request, session_id: str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import numpy as np
 from RobustMedSAMLib.errors import CancelledError, InputError, RobustMedSAMError
 from RobustMedSAMLib.inference.propagation import plan_order
 from RobustMedSAMLib.inference.session import SegmentationSession
-from RobustMedSAMLib.inference.slicing import get_slice, set_slice
+from RobustMedSAMLib.inference.slicing import get_slice
 from RobustMedSAMLib.server.protocol import changed_extent, encode_patch
 
 log = logging.getLogger(__name__)
@@ -126,29 +126,46 @@ class ServerSession:
     def touch(self) -> None:
         self.last_seen = time.monotonic()
 
-    def change(self, new_mask: np.ndarray, click_slice: int | None = None) -> dict | None:
+    def change(self, new_mask: np.ndarray) -> dict | None:
         """Make ``new_mask`` ``(K, J, I)`` current; push the undo step; the changed patch."""
-        extent = changed_extent(self.mask, new_mask)
-        before = None if extent is None else self.mask[extent].copy()
-        self._undo = [*self._undo[-(UNDO_STEPS - 1) :], _Undo(extent, before, click_slice)]
-        if extent is None:
+        return self.change_region(tuple(slice(0, n) for n in self.mask.shape), new_mask)
+
+    def change_region(
+        self, extent: tuple[slice, ...], block: np.ndarray, click_slice: int | None = None
+    ) -> dict | None:
+        """Write ``block`` into ``mask[extent]`` (KJI box); only what differs is patched and
+        saved for undo, so a click costs its slice, not a copy of the volume."""
+        inner = changed_extent(self.mask[extent], block)
+        if inner is None:
+            self._push_undo(_Undo(None, None, click_slice))
             return None
-        self.mask[extent] = new_mask[extent]
+        changed = tuple(slice(o.start + i.start, o.start + i.stop)
+                        for o, i in zip(extent, inner, strict=True))  # fmt: skip
+        self._push_undo(_Undo(changed, self.mask[changed].copy(), click_slice))
+        self.mask[changed] = block[inner]
         if click_slice is None:
-            self._forget_clicks(extent[self.segmentation.axis])
-        return encode_patch(self.mask, extent)
+            self._forget_clicks(changed[self.segmentation.axis])
+        return encode_patch(self.mask, changed)
+
+    def change_slice(self, index: int, slice_mask: np.ndarray, click: bool = False) -> dict | None:
+        """Replace slice ``index`` (along the session's axis) with ``(rows, cols)`` mask."""
+        extent, block = self._slice_region(index, slice_mask)
+        return self.change_region(extent, block, index if click else None)
+
+    def _slice_region(self, index: int, slice_mask: np.ndarray) -> tuple[tuple, np.ndarray]:
+        axis = self.segmentation.axis
+        extent = [slice(0, n) for n in self.mask.shape]
+        extent[axis] = slice(index, index + 1)
+        return tuple(extent), np.expand_dims(np.asarray(slice_mask, bool), axis)
+
+    def _push_undo(self, step: _Undo) -> None:
+        self._undo = [*self._undo[-(UNDO_STEPS - 1) :], step]
 
     def _forget_clicks(self, indices: slice) -> None:
         """Slices changed by anything but a click lose their points and logits: the
         next click there starts afresh, and propagation takes no stale logits."""
         for index in range(indices.start, indices.stop):
             self.segmentation.clear_clicks(index)
-
-    def change_slice(self, index: int, slice_mask: np.ndarray, click: bool = False) -> dict | None:
-        """Replace one slice (along the session's axis) of the mask."""
-        new = self.mask.copy()
-        set_slice(new, self.segmentation.axis, index, slice_mask)
-        return self.change(new, index if click else None)
 
     def undo(self) -> tuple[bool, dict | None]:
         """Undo the last interaction: ``(undone, patch)``. A click is undone as the
@@ -158,20 +175,20 @@ class ServerSession:
         step = self._undo.pop()
         if step.click_slice is not None:
             prediction = self.segmentation.undo_click(step.click_slice)
-            new = self.mask.copy()
-            shape = get_slice(new, self.segmentation.axis, step.click_slice).shape
+            shape = get_slice(self.mask, self.segmentation.axis, step.click_slice).shape
             slice_mask = np.zeros(shape, bool) if prediction is None else prediction.mask
-            set_slice(new, self.segmentation.axis, step.click_slice, slice_mask)
+            extent, block = self._slice_region(step.click_slice, slice_mask)
         elif step.extent is not None:
-            new = self.mask.copy()
-            new[step.extent] = step.before
+            extent, block = step.extent, step.before
         else:
             return True, None
-        extent = changed_extent(self.mask, new)
-        if extent is None:
+        inner = changed_extent(self.mask[extent], block)
+        if inner is None:
             return True, None
-        self.mask = new
-        return True, encode_patch(self.mask, extent)
+        changed = tuple(slice(o.start + i.start, o.start + i.stop)
+                        for o, i in zip(extent, inner, strict=True))  # fmt: skip
+        self.mask[changed] = block[inner]
+        return True, encode_patch(self.mask, changed)
 
     def start_job(self, kind: str, work: Callable[[Job], dict[str, Any]]) -> Job:
         """Run ``work(job)`` on a thread (under the session lock); BusyError if one runs."""

@@ -181,6 +181,25 @@ def test_cancel_leaves_the_mask_as_it_was():
         remote.click(centre_ras(volume, truth.mask)[0])  # the session goes on
 
 
+def test_one_job_at_a_time_and_no_click_while_it_runs():
+    truth = sphere((40, 32, 32), radius=14.0)
+    volume = oblique(truth)
+    with LiveServer(threshold_model(delay=0.05)) as server:
+        client = ServerClient(server.url, TOKEN)
+        remote = client.open_session(volume.array, volume.ijk_to_ras)
+        answer = remote.click(centre_ras(volume, truth.mask)[0])
+        path = f"/v1/sessions/{remote.id}"
+        assert client.request("POST", f"{path}/propagate", {"seeds": [answer.slice]})["state"]
+        with pytest.raises(ServerError, match=r"HTTP 409.*propagate is already running"):
+            client.request("POST", f"{path}/propagate", {"seeds": [answer.slice]})
+        with pytest.raises(ServerError, match=r"HTTP 409.*cancel it"):
+            remote.click(centre_ras(volume, truth.mask)[0])
+        remote.cancel()
+        state = client.request("GET", f"{path}/job?wait=5")
+        assert state["state"] == "cancelled"
+        np.testing.assert_array_equal(remote.fetch_mask(), remote.mask)
+
+
 # --- refusals: one clear line, nothing changed ---------------------------------------------
 
 
