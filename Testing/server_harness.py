@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import threading
 import time
@@ -19,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from doubles import ThresholdPredictor  # noqa: E402
 
+from RobustMedSAMLib.commands.serve import listening_socket  # noqa: E402
 from RobustMedSAMLib.server.app import (  # noqa: E402
     ServedModel,
     ServerConfig,
@@ -64,8 +64,7 @@ class LiveServer:
         limits.setdefault("tokens", [TOKEN, OTHER_TOKEN])
         self.config = ServerConfig(**limits)
         self.app = create_app(self.config, model)
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock = listening_socket("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         config = uvicorn.Config(self.app, log_level="warning", timeout_keep_alive=30)
         self.server = uvicorn.Server(config)
@@ -98,8 +97,7 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--idle", type=float, default=900.0)
     args = parser.parse_args()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock = listening_socket("127.0.0.1", 0)
     app = create_app(ServerConfig([TOKEN], idle_seconds=args.idle), threshold_model(args.delay))
     line = json.dumps({"url": f"http://127.0.0.1:{sock.getsockname()[1]}", "pid": os.getpid()})
 

@@ -255,7 +255,7 @@ def create_app(config: ServerConfig, served: ServedModel) -> FastAPI:
         return store.get(session_id, request.state.owner)
 
     @app.get("/health")
-    def health() -> dict[str, Any]:
+    async def health() -> dict[str, Any]:
         return {
             "status": "ok",
             "protocol": PROTOCOL_VERSION,
@@ -267,7 +267,7 @@ def create_app(config: ServerConfig, served: ServedModel) -> FastAPI:
         }
 
     @app.get("/v1/models")
-    def models() -> dict[str, Any]:
+    async def models() -> dict[str, Any]:
         return {"served": served.name, "models": served.catalogue}
 
     @app.post("/v1/sessions", status_code=201)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import stat
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,13 @@ def test_local_mode_token_goes_to_the_file_only(tmp_path):
         assert demo["input_size"] == 256 and demo["prompts"] == ["point", "box", "mask"]
         with pytest.raises(ServerError, match="401"):
             ServerClient(ready["url"], "x" * 32).health()
+        round_trips = []
+        for _ in range(21):
+            began = time.perf_counter()
+            client.health()
+            round_trips.append(time.perf_counter() - began)
+        # a response waiting for the client's delayed ACK costs >= 40 ms (Linux's minimum)
+        assert statistics.median(round_trips) < 0.020
     finally:
         stop(process)
 
