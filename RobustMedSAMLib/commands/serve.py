@@ -195,6 +195,7 @@ def serve(app, args: argparse.Namespace, ready: dict) -> None:
         app,
         log_level="warning",
         timeout_keep_alive=30,
+        timeout_graceful_shutdown=5,  # a vanished client must not hold up a stop
         access_log=False,
         ssl_keyfile=args.ssl_keyfile,
         ssl_certfile=args.ssl_certfile,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 import threading
 import time
 import urllib.parse
@@ -56,11 +57,16 @@ class SliceAnswer:
 class ServerClient:
     """Talks to one server. ``timeout``: seconds to wait for any single answer."""
 
-    def __init__(self, url: str, token: str, timeout: float = 120.0) -> None:
+    def __init__(
+        self, url: str, token: str, timeout: float = 120.0, cafile: str | None = None
+    ) -> None:
+        """``cafile``: PEM certificates to trust for ``https`` besides the system's (a
+        hospital CA, or a self-signed server certificate)."""
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InputError(f"server URL {url!r} is not http://HOST:PORT or https://HOST:PORT")
         self.url, self.token, self.timeout = url.rstrip("/"), token.strip(), timeout
+        self.cafile = None if cafile is None else str(cafile)
         self._parts = parts
         self._prefix = parts.path.rstrip("/")
         self._local = threading.local()
@@ -73,12 +79,13 @@ class ServerClient:
         if conn is None or time.monotonic() - local.used > _IDLE_RECONNECT_S:
             if conn is not None:
                 conn.close()
-            kind = (
-                http.client.HTTPSConnection
-                if self._parts.scheme == "https"
-                else http.client.HTTPConnection
-            )
-            conn = kind(self._parts.hostname, self._parts.port, timeout=self.timeout)
+            host, port = self._parts.hostname, self._parts.port
+            if self._parts.scheme == "https":
+                context = ssl.create_default_context(cafile=self.cafile)
+                conn = http.client.HTTPSConnection(host, port, timeout=self.timeout,
+                                                   context=context)  # fmt: skip
+            else:
+                conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
             local.conn = conn
         return conn
 
@@ -106,6 +113,13 @@ class ServerClient:
             conn.request(method, self._prefix + path, body=data, headers=headers)
             response = conn.getresponse()
             payload = response.read()
+        except ssl.SSLError as error:
+            conn.close()
+            self._local.conn = None
+            raise ServerError(
+                f"TLS with {self.url} failed ({error}); if the server's certificate is from "
+                "your own CA or self-signed, give that certificate (cafile)"
+            ) from None
         except (OSError, http.client.HTTPException) as error:
             conn.close()
             self._local.conn = None

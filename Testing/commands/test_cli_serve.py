@@ -130,3 +130,20 @@ def test_the_client_imports_no_torch():
         check=True,
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_tls_with_the_servers_own_key_and_certificate(tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)  # fmt: skip
+    process, ready = start("--ssl-keyfile", str(key), "--ssl-certfile", str(cert))
+    try:
+        assert ready["url"].startswith("https://127.0.0.1:")
+        client = ServerClient(ready["url"], ready["token"], cafile=str(cert))
+        assert client.health()["status"] == "ok"
+        with pytest.raises(ServerError, match="CERTIFICATE_VERIFY_FAILED"):
+            ServerClient(ready["url"], ready["token"]).health()  # not a trusted certificate
+    finally:
+        stop(process)
