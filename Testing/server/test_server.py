@@ -134,6 +134,12 @@ def test_box_and_propagation_equal_in_process_ras_and_ijk(demo_server, demo, pha
             frame="ijk",
         )
         np.testing.assert_array_equal(remote.mask, local.mask)
+    zoom = SegmentOptions(zoom=True)
+    local = segment_volume(SegmentationSession(volume, demo.predictor()), prompts, zoom)
+    with client.open_session(volume.array, volume.ijk_to_ras) as remote:
+        remote.segment(centre[None], box=roi, options={"zoom": True})
+        np.testing.assert_array_equal(remote.mask, local.mask)
+    assert local.mask.any()
 
 
 def test_propagation_from_clicks_finds_the_sphere_and_undo_restores(threshold_server, phantom):
@@ -385,17 +391,25 @@ def start_harness(*args: str) -> tuple[subprocess.Popen, str]:
 
 
 def test_server_killed_during_propagation_one_error_nothing_written(case, tmp_path, capsys):
-    process, url = start_harness("--delay", "0.1")
+    process, url = start_harness("--delay", "0.3")  # >= 12 slices: several seconds
     out = tmp_path / "o.seg.nrrd"
-    killer = threading.Timer(1.5, lambda: os.kill(process.pid, signal.SIGKILL))
-    killer.start()
+    killed = threading.Event()
+
+    def kill_once_the_job_runs() -> None:
+        watcher = ServerClient(url, TOKEN)
+        while not watcher.health()["sessions"]:
+            time.sleep(0.02)
+        time.sleep(0.5)  # the segment job has started: the upload takes milliseconds
+        os.kill(process.pid, signal.SIGKILL)
+        killed.set()
+
+    threading.Thread(target=kill_once_the_job_runs, daemon=True).start()
     try:
         code = cli(case, out, "--server", url, "--token-file", str(case["token"]))
     finally:
-        killer.cancel()
         process.kill()
         process.wait()
-    assert process.returncode == -signal.SIGKILL
+    assert killed.is_set() and process.returncode == -signal.SIGKILL
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert code == 2 and len(errors) == 1 and "stopped answering" in errors[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
