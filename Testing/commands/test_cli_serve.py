@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from RobustMedSAMLib.cli import main
+from RobustMedSAMLib.commands.serve import server_tokens
 from RobustMedSAMLib.errors import ServerError
 from RobustMedSAMLib.server.client import ServerClient
 
@@ -78,21 +79,17 @@ def test_without_a_file_the_parent_reads_the_token_from_the_ready_line():
         stop(process)
 
 
-def test_remote_mode_tokens_from_environment_or_an_existing_file(tmp_path):
-    process, ready = start(ROBUSTMEDSAM_TOKEN="env-token-0123456789abcdef")
-    try:
-        assert "token" not in ready
-        assert ServerClient(ready["url"], "env-token-0123456789abcdef").health()
-    finally:
-        stop(process)
+def test_remote_mode_tokens_from_environment_or_an_existing_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROBUSTMEDSAM_TOKEN", " env-token-0123456789abcdef\n")
+    assert server_tokens(tmp_path / "absent") == (["env-token-0123456789abcdef"], False)
+    assert not (tmp_path / "absent").exists()
+    monkeypatch.delenv("ROBUSTMEDSAM_TOKEN")
     tokens = tmp_path / "tokens"
-    tokens.write_text("# one per user\nalice-0123456789abcdef\nbob-0123456789abcdefgh\n")
-    process, ready = start("--token-file", str(tokens))
-    try:
-        for token in ("alice-0123456789abcdef", "bob-0123456789abcdefgh"):
-            assert ServerClient(ready["url"], token).health()["status"] == "ok"
-    finally:
-        stop(process)
+    tokens.write_text("# one per user\nalice-0123456789abcdef\n\nbob-0123456789abcdefgh\n")
+    assert server_tokens(tokens) == (["alice-0123456789abcdef", "bob-0123456789abcdefgh"], False)
+    made, is_new = server_tokens(tmp_path / "new")
+    assert is_new and (tmp_path / "new").read_text() == made[0] + "\n" and len(made[0]) >= 32
+    assert server_tokens(None)[0] != made  # a new token per start
 
 
 @pytest.mark.parametrize(
@@ -132,6 +129,7 @@ def test_the_client_imports_no_torch():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow  # a second server start (~3 s idle, 15 s on a loaded CI machine)
 def test_tls_with_the_servers_own_key_and_certificate(tmp_path):
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
