@@ -10,10 +10,9 @@ or code on the server. The endpoints are listed in ``docs/server.md``.
 
 from __future__ import annotations
 
-import hmac
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,13 +20,12 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
 
 from RobustMedSAMLib import __version__
 from RobustMedSAMLib.errors import InputError, RobustMedSAMError
 from RobustMedSAMLib.formats.markups import Roi
 from RobustMedSAMLib.formats.volume import Volume
-from RobustMedSAMLib.inference.propagation import PropagationOptions, propagate
+from RobustMedSAMLib.inference.propagation import propagate
 from RobustMedSAMLib.inference.segment_volume import (
     SegmentOptions,
     VolumePrompts,
@@ -36,6 +34,14 @@ from RobustMedSAMLib.inference.segment_volume import (
 )
 from RobustMedSAMLib.inference.session import SegmentationSession
 from RobustMedSAMLib.inference.slicing import get_slice, ijk_box_roi, ras_to_slice_points, set_slice
+from RobustMedSAMLib.server.bodies import (
+    ClickRequest,
+    EncodeRequest,
+    MaskRequest,
+    PropagateRequest,
+    SegmentRequest,
+)
+from RobustMedSAMLib.server.guard import Guard, MiB
 from RobustMedSAMLib.server.protocol import (
     PROTOCOL_VERSION,
     VOLUME_MEDIA_TYPE,
@@ -49,12 +55,9 @@ from RobustMedSAMLib.server.sessions import (
     SessionStore,
     check_slice,
     error_body,
-    owner_of,
 )
 
 log = logging.getLogger(__name__)
-MiB = 2**20
-Vector3 = tuple[float, float, float]
 
 
 @dataclass
@@ -83,135 +86,6 @@ class ServedModel:
     input_size: int | None
     model_id: str = ""
     catalogue: list[dict[str, Any]] = field(default_factory=list)
-
-
-# --- request bodies (pydantic: a malformed body is a 422) --------------------------------
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ClickRequest(_Body):
-    point: Vector3
-    frame: Literal["ras", "ijk"] = "ras"
-    positive: bool = True
-
-
-class Box(_Body):
-    """RAS: ``center``, ``size`` (mm along the box axes), ``axes`` (3x3, unit axes as
-    columns; default the RAS axes). IJK: ``low`` and ``high`` corners (voxel indices)."""
-
-    center: Vector3 | None = None
-    size: Vector3 | None = None
-    axes: tuple[Vector3, Vector3, Vector3] | None = None
-    low: Vector3 | None = None
-    high: Vector3 | None = None
-
-
-class Options(_Body):
-    projection: Literal["mask", "box", "points", "points_and_mask", "single_point"] = "mask"
-    iou_threshold: float = Field(0.8, ge=0, le=1)
-    min_score: float = Field(0.0, ge=0, le=1)
-    min_area_ratio: float = Field(0.5, ge=0, le=1)
-    overlap: Literal["iou", "containment"] = "containment"
-    bounds: tuple[int, int] | None = None
-    max_slices: int | None = Field(None, ge=0)
-    zoom: bool = False
-
-    def propagation(self) -> PropagationOptions:
-        values = self.model_dump(exclude={"zoom"})
-        return PropagationOptions(**values)
-
-
-class SegmentRequest(_Body):
-    frame: Literal["ras", "ijk"] = "ras"
-    positive: list[Vector3] | None = None
-    negative: list[Vector3] | None = None
-    box: Box | None = None
-    propagate: bool = False
-    options: Options = Options()
-
-
-class PropagateRequest(_Body):
-    seeds: list[int] = Field(min_length=1)
-    options: Options = Options()
-
-
-class EncodeRequest(_Body):
-    seeds: list[int] = Field(min_length=1)
-    bounds: tuple[int, int] | None = None
-
-
-class MaskRequest(_Body):
-    patch: dict[str, Any]
-
-
-# --- the guard: token and size before anything else ----------------------------------------
-
-
-class Guard:
-    """ASGI middleware: 401 without a valid bearer token, 411 for a body of unknown
-    length, 413 for a body over the limit (the volume upload has its own)."""
-
-    def __init__(self, app, config: ServerConfig) -> None:
-        self.app, self.config = app, config
-        self.tokens = [t.encode() for t in config.tokens]
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        owner = self._owner(headers.get(b"authorization", b""))
-        if owner is None:
-            return await _refuse(
-                scope,
-                receive,
-                send,
-                401,
-                "auth",
-                "missing or wrong bearer token (Authorization: Bearer TOKEN)",
-            )
-        if scope["method"] in ("POST", "PUT", "PATCH"):
-            length = headers.get(b"content-length")
-            upload = scope["path"] == "/v1/sessions"
-            limit = self.config.max_upload_bytes if upload else self.config.max_request_bytes
-            if length is None or not length.isdigit():
-                return await _refuse(
-                    scope,
-                    receive,
-                    send,
-                    411,
-                    "length",
-                    "send a Content-Length header (no chunked bodies)",
-                )
-            if int(length) > limit:
-                what = "volume upload" if upload else "request"
-                return await _refuse(
-                    scope,
-                    receive,
-                    send,
-                    413,
-                    "too_large",
-                    f"{what} of {int(length) // MiB} MB exceeds this server's "
-                    f"limit of {limit // MiB} MB",
-                )
-        scope.setdefault("state", {})["owner"] = owner
-        await self.app(scope, receive, send)
-
-    def _owner(self, header: bytes) -> str | None:
-        scheme, _, given = header.partition(b" ")
-        found = None
-        for token in self.tokens:  # every token compared, in constant time each
-            if hmac.compare_digest(given.strip(), token) and scheme.lower() == b"bearer":
-                found = token
-        return None if found is None else owner_of(found.decode())
-
-
-async def _refuse(scope, receive, send, status: int, kind: str, detail: str) -> None:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    response = JSONResponse({"error": kind, "detail": detail}, status, headers=headers)
-    await response(scope, receive, send)
 
 
 # --- the application -------------------------------------------------------------------
