@@ -10,10 +10,12 @@ import pytest
 from doubles import ThresholdPredictor
 
 from RobustMedSAMLib.formats.volume import Volume
+from RobustMedSAMLib.inference.propagation import plan_order
 from RobustMedSAMLib.inference.session import SegmentationSession
 from RobustMedSAMLib.server.sessions import (
     Job,
     ServerFullError,
+    ServerSession,
     SessionGoneError,
     SessionStore,
     owner_of,
@@ -23,8 +25,8 @@ from RobustMedSAMLib.server.sessions import (
 ALICE, BOB = owner_of("alice-token"), owner_of("bob-token")
 
 
-def segmentation(cache_bytes: int = 1000) -> SegmentationSession:
-    volume = Volume(np.zeros((4, 10, 10), np.int16), np.eye(4))
+def segmentation(cache_bytes: int = 1000, slices: int = 4) -> SegmentationSession:
+    volume = Volume(np.zeros((slices, 10, 10), np.int16), np.eye(4))
     return SegmentationSession(volume, ThresholdPredictor(80.0), cache_bytes=cache_bytes)
 
 
@@ -76,3 +78,16 @@ def test_session_ids_are_long_and_random():
     store = SessionStore(max_sessions=100, max_bytes=10**9, idle_seconds=60)
     ids = {store.add(ALICE, segmentation()).id for _ in range(50)}
     assert len(ids) == 50 and min(len(i) for i in ids) >= 32
+
+
+@pytest.mark.parametrize("cache_slices", [20, 3])
+def test_encode_ahead_follows_propagation_order_as_far_as_the_cache_holds(cache_slices):
+    slice_bytes = 10 * 10 * 4  # the double's float32 features of a 10 x 10 slice
+    session = ServerSession("id", ALICE, segmentation(cache_slices * slice_bytes, slices=12))
+    expected = ([5] + plan_order([5], 12))[:cache_slices]
+    session.encode_ahead([5])
+    deadline = time.monotonic() + 10
+    while len(session.segmentation.stats.encoded) < len(expected) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # it must stop there
+    assert session.segmentation.stats.encoded == expected
