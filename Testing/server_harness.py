@@ -43,7 +43,7 @@ class SlowPredictor(ThresholdPredictor):
         return super().predict(prompt)
 
 
-def served(make_predictor, name: str = "demo", input_size: int | None = None) -> ServedModel:
+def served(make_predictor, name: str = "litemedsam", input_size: int | None = None) -> ServedModel:
     """A ServedModel around a predictor factory (named as a registry model)."""
     info = {"name": name, "preprocessing": "medsam", "device": "cpu", "files": {}}
     return ServedModel(

@@ -1,8 +1,8 @@
 """The inference server, over real HTTP on 127.0.0.1: masks equal the in-process API's,
 undo and cancel, refusals, and faults (a killed server, a vanished client).
 
-Equality uses a real network (RobustSAM layout, tiny size, random weights); stop rules and timing use the
-ThresholdPredictor double (optionally slowed) behind the same server code.
+Equality uses the default model, LiteMedSAM (a real network, on few slices); stop rules
+and timing use the ThresholdPredictor double (optionally slowed) behind the same server code.
 """
 
 from __future__ import annotations
@@ -55,14 +55,14 @@ HARNESS = REPO / "Testing" / "server_harness.py"
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_checkpoints):
-    """A real network (RobustSAM layout, tiny size, random weights): fast on the CPU."""
-    return load_named_model("robustsam", tiny_checkpoints["robust"], device="cpu")
+def lite():
+    """The default model, LiteMedSAM (a real network, 256 px input)."""
+    return load_named_model("litemedsam", device="cpu")
 
 
 @pytest.fixture(scope="module")
-def tiny_server(tiny):
-    with LiveServer(served(tiny.predictor, "robustsam", tiny.model.config.image_size)) as server:
+def lite_server(lite):
+    with LiveServer(served(lite.predictor, "litemedsam", lite.model.config.image_size)) as server:
         yield server
 
 
@@ -74,7 +74,7 @@ def threshold_server():
 
 @pytest.fixture(scope="module")
 def phantom():
-    phantom = sphere((24, 40, 40), spacing=(1.0, 1.0, 1.5), radius=9.0)
+    phantom = sphere((10, 40, 40), spacing=(1.0, 1.0, 3.0), radius=9.0)  # 7 slices: quick
     return phantom, oblique(phantom)
 
 
@@ -85,14 +85,14 @@ def dice(a, b) -> float:
 # --- equality with the in-process API -------------------------------------------------------
 
 
-def test_clicks_and_undo_equal_in_process(tiny_server, tiny, phantom):
+def test_clicks_and_undo_equal_in_process(lite_server, lite, phantom):
     _, volume = phantom
     centre = centre_ras(volume, phantom[0].mask)[0]
-    local = SegmentationSession(volume, tiny.predictor())
+    local = SegmentationSession(volume, lite.predictor())
     expected = np.zeros(volume.shape, bool)
     clicks = [(centre, True), (centre + [2.0, 1.0, 0.0], True), (centre + [0.0, 7.0, 0.0], False)]
-    client = ServerClient(tiny_server.url, TOKEN)
-    with client.open_session(volume.array, volume.ijk_to_ras, model="robustsam") as remote:
+    client = ServerClient(lite_server.url, TOKEN)
+    with client.open_session(volume.array, volume.ijk_to_ras, model="litemedsam") as remote:
         for point, positive in clicks:
             answer = remote.click(point, positive)
             index, xy = ras_to_slice_points(volume, 0, point[None])
@@ -108,15 +108,15 @@ def test_clicks_and_undo_equal_in_process(tiny_server, tiny, phantom):
         np.testing.assert_array_equal(remote.fetch_mask(), expected)
 
 
-def test_box_and_propagation_equal_in_process_ras_and_ijk(tiny_server, tiny, phantom):
+def test_box_and_propagation_equal_in_process_ras_and_ijk(lite_server, lite, phantom):
     truth, volume = phantom
     centre = centre_ras(volume, truth.mask)[0]
     low, high = (9.0, 9.0, 4.0), (31.0, 31.0, 20.0)  # IJK corners around the sphere
     roi = ijk_box_roi(volume, low, high)
     prompts = VolumePrompts(positive=centre[None], roi=roi)
     options = SegmentOptions(propagate=True, propagation=PropagationOptions(projection="box"))
-    local = segment_volume(SegmentationSession(volume, tiny.predictor()), prompts, options)
-    client = ServerClient(tiny_server.url, TOKEN)
+    local = segment_volume(SegmentationSession(volume, lite.predictor()), prompts, options)
+    client = ServerClient(lite_server.url, TOKEN)
     with client.open_session(volume.array, volume.ijk_to_ras) as remote:
         record = remote.segment(
             centre[None], box=roi, propagate=True, options={"projection": "box"}
@@ -136,7 +136,7 @@ def test_box_and_propagation_equal_in_process_ras_and_ijk(tiny_server, tiny, pha
         )
         np.testing.assert_array_equal(remote.mask, local.mask)
     zoom = SegmentOptions(zoom=True)
-    local = segment_volume(SegmentationSession(volume, tiny.predictor()), prompts, zoom)
+    local = segment_volume(SegmentationSession(volume, lite.predictor()), prompts, zoom)
     with client.open_session(volume.array, volume.ijk_to_ras) as remote:
         remote.segment(centre[None], box=roi, options={"zoom": True})
         np.testing.assert_array_equal(remote.mask, local.mask)
@@ -164,10 +164,11 @@ def test_mask_prompt_seeds_propagation(threshold_server, phantom):
     client = ServerClient(threshold_server.url, TOKEN)
     with client.open_session(volume.array, volume.ijk_to_ras) as remote:
         painted = np.zeros(volume.shape, bool)
-        painted[12] = truth.mask[12]
+        middle = volume.shape[0] // 2
+        painted[middle] = truth.mask[middle]
         remote.set_mask(painted)
         np.testing.assert_array_equal(remote.fetch_mask(), painted)
-        remote.propagate([12])
+        remote.propagate([middle])
         assert dice(remote.mask, truth.mask) > 0.9
 
 
@@ -265,8 +266,8 @@ def test_unknown_or_unserved_model_is_refused(threshold_server, phantom):
         client.open_session(volume.array, volume.ijk_to_ras, model="sam")
     assert len(threshold_server.store) == open_before
     models = client.models()
-    assert models["served"] == "robustsam"
-    assert {m["name"] for m in models["models"] if m["served"]} == {"robustsam"}
+    assert models["served"] == "litemedsam"
+    assert {m["name"] for m in models["models"] if m["served"]} == {"litemedsam"}
 
 
 def test_oversize_upload_is_413_and_opens_nothing():
@@ -353,21 +354,18 @@ def cli(case, out, *extra) -> int:
     )
 
 
-def test_cli_through_the_server_writes_the_in_process_files(
-    tiny_server, case, tmp_path, tiny_checkpoints
-):
-    model = ("--model", "robustsam", "--checkpoint", str(tiny_checkpoints["robust"]))
-    assert cli(case, tmp_path / "local.seg.nrrd", *model, "--device", "cpu") == 0
-    extra = ("--server", tiny_server.url, "--token-file", str(case["token"]))
+def test_cli_through_the_server_writes_the_in_process_files(lite_server, case, tmp_path):
+    assert cli(case, tmp_path / "local.seg.nrrd", "--device", "cpu") == 0
+    extra = ("--server", lite_server.url, "--token-file", str(case["token"]))
     assert cli(case, tmp_path / "remote.seg.nrrd", *extra) == 0
     local, _ = read_segmentation(tmp_path / "local.seg.nrrd")
     remote, segments = read_segmentation(tmp_path / "remote.seg.nrrd")
     np.testing.assert_array_equal(remote, local)
     assert remote.any() and segments[0].name == "Segment_1"
     record = json.loads((tmp_path / "remote.seg.nrrd.json").read_text())
-    assert record["inputs"]["server"] == tiny_server.url
+    assert record["inputs"]["server"] == lite_server.url
     assert record["inputs"]["volume"] == str(case["volume"])
-    assert record["model"]["name"] == "robustsam"
+    assert record["model"]["name"] == "litemedsam"
 
 
 def test_cli_server_flags_are_checked(case, tmp_path, capsys):
@@ -455,7 +453,7 @@ def test_client_killed_mid_request_frees_its_session():
         assert ServerClient(server.url, TOKEN).health()["sessions"] == 0
 
 
-def test_batch_through_the_server_equals_in_process(tiny_server, tmp_path):
+def test_batch_through_the_server_equals_in_process(lite_server, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     for i in range(3):
@@ -463,15 +461,23 @@ def test_batch_through_the_server_equals_in_process(tiny_server, tmp_path):
         volume = oblique(truth)
         write_volume(volume, data / f"case{i}.nrrd")
         write_points(data / f"case{i}_points.mrk.json", centre_ras(volume, truth.mask))
+        write_roi(data / f"case{i}_box.mrk.json", _box_around(volume, truth.mask))
     token = tmp_path / "token"
     token.write_text(TOKEN)
     base = ["segment", "--cases", str(data), "--propagate", "--out-dir"]
     assert main([*base, str(tmp_path / "local")]) == 0
-    remote = ("--server", tiny_server.url, "--token-file", str(token))
+    remote = ("--server", lite_server.url, "--token-file", str(token))
     assert main([*base, str(tmp_path / "remote"), *remote]) == 0
     for i in range(3):
         local, _ = read_segmentation(tmp_path / "local" / f"case{i}.seg.nrrd")
         served_mask, _ = read_segmentation(tmp_path / "remote" / f"case{i}.seg.nrrd")
         np.testing.assert_array_equal(served_mask, local)
         assert served_mask.any()
-    assert len(tiny_server.store) == 0  # every case closed its session
+    assert len(lite_server.store) == 0  # every case closed its session
+
+
+def _box_around(volume, mask, margin: float = 2.0):
+    """A 3D ROI around ``mask`` (KJI) with ``margin`` pixels in-plane (LiteMedSAM's prompt)."""
+    k, j, i = np.nonzero(mask)
+    low = (i.min() - margin, j.min() - margin, k.min() - 0.4)
+    return ijk_box_roi(volume, low, (i.max() + margin, j.max() + margin, k.max() + 0.4))
