@@ -37,6 +37,7 @@ from typing import Any
 from RobustMedSAMLib.distributed import DistInfo, dist_info, shard, threads_per_worker
 from RobustMedSAMLib.errors import CancelledError, InputError
 from RobustMedSAMLib.formats.atomic import full_suffix, write_json
+from RobustMedSAMLib.formats.segmentation import write_case
 from RobustMedSAMLib.formats.volume import VOLUME_SUFFIXES, volume_name
 from RobustMedSAMLib.progress import Progress
 
@@ -324,15 +325,6 @@ def make_segmenter(settings: SegmentSettings, device: str | None = None):
 
         return RemoteCaseSegmenter(settings)
     return CaseSegmenter(settings, device)
-
-
-def write_case(out: Path, mask, volume, record: dict[str, Any], segment_name: str) -> None:
-    """Write the ``(K, J, I)`` mask as a one-segment segmentation, then ``OUT.json``."""
-    from RobustMedSAMLib.formats.segmentation import Segment, write_segmentation
-
-    segment = Segment(1, segment_name, (0.5, 0.68, 0.5))
-    write_segmentation(out, mask.astype("uint8"), volume, [segment])
-    write_json(out.with_name(out.name + ".json"), record)
 
 
 def _model_id(files: dict[str, Path]) -> str:

@@ -56,6 +56,6 @@ class RemoteCaseSegmenter:
         return RemoteResult(mask, record), record, None
 
     def write(self, out: Path, result, volume, record: dict[str, Any]) -> None:
-        from RobustMedSAMLib.inference.batch import write_case
+        from RobustMedSAMLib.formats.segmentation import write_case
 
         write_case(out, result.mask, volume, record, self.settings.segment_name)
