@@ -14,6 +14,7 @@ import sys
 
 from RobustMedSAMLib import __version__
 from RobustMedSAMLib.errors import RobustMedSAMError
+from RobustMedSAMLib.formats.atomic import WRITE_ERRNOS
 
 COMMANDS = ("segment", "corrupt", "corruptions", "models", "fuse", "evaluate", "finetune")
 
@@ -41,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except RobustMedSAMError as error:
         print(f"robustmedsam {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno not in WRITE_ERRNOS:
+            raise
+        where = error.filename or "an output"  # e.g. a folder made in a read-only place
+        print(f"robustmedsam {args.command}: error: cannot write {where}: {error.strerror}",
+              file=sys.stderr)  # fmt: skip
         return 2
     except KeyboardInterrupt:
         print(f"robustmedsam {args.command}: cancelled", file=sys.stderr)

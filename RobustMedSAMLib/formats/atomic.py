@@ -6,13 +6,21 @@ records, reports) goes through ``atomic_output``.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from RobustMedSAMLib.errors import InputError
+from RobustMedSAMLib.errors import InputError, RobustMedSAMError
+
+#: errno values that mean "this place cannot take the file" (not a bug in the writer).
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+#: Below this much free space a writer's failure (torch and SimpleITK raise RuntimeError
+#: without an errno) is reported as a full disk.
+FULL_DISK_BYTES = 1 << 20
 
 
 def full_suffix(path: str | os.PathLike) -> str:
@@ -41,14 +49,44 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     if not path.parent.is_dir():
         raise InputError(f"output folder does not exist: {path.parent}")
-    handle, name = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=full_suffix(path), dir=path.parent
-    )
+    if path.is_dir():
+        raise InputError(f"output {path} is a folder: give a file name")
+    try:
+        handle, name = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=full_suffix(path), dir=path.parent
+        )
+    except OSError as error:
+        raise InputError(f"cannot write {path}: {error.strerror} (choose another folder)") from None
     os.close(handle)
     temporary = Path(name)
     try:
         yield temporary
         os.chmod(temporary, default_file_mode())  # mkstemp makes 0600 files
         os.replace(temporary, path)
+    except RobustMedSAMError:
+        raise
+    except Exception as error:
+        refusal = write_refusal(error, path, temporary)
+        if refusal is None:
+            raise
+        raise refusal from None
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_refusal(error: BaseException, path: Path, temporary: Path) -> InputError | None:
+    """An InputError naming ``path`` when ``error`` means the place cannot take the file
+    (full disk, read-only or forbidden folder); None for any other failure."""
+    if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+        other = error.filename and Path(error.filename) not in (path, temporary)
+        target = error.filename if other else path
+        return InputError(f"cannot write {target}: {error.strerror}")
+    if "os error 28" in str(error) or "No space left" in str(error):
+        return InputError(f"cannot write {path}: No space left on device")
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return None
+    if free < FULL_DISK_BYTES:
+        return InputError(f"cannot write {path}: No space left on device")
+    return None

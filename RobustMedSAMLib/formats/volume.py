@@ -107,6 +107,24 @@ def read_volume(path: str | os.PathLike, series_id: str | None = None) -> Volume
     return from_sitk(image, volume_name(path))
 
 
+def check_image_file(path: str | os.PathLike) -> None:
+    """Raise InputError unless ``path`` (an existing file) is an image SimpleITK can read;
+    reads only the header. A folder (DICOM series) and a missing path are left to
+    :func:`read_volume`."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise InputError(
+            f"{path} is not an image ({_sitk_message(error)}): give a NRRD, NIfTI or MHA "
+            "file, or a folder holding one DICOM series"
+        ) from None
+
+
 def _sitk_message(error: Exception) -> str:
     """The ``sitk::ERROR`` line of a SimpleITK exception, without the C++ location."""
     text = str(error)

@@ -37,7 +37,7 @@ from typing import Any
 from RobustMedSAMLib.distributed import DistInfo, dist_info, shard, threads_per_worker
 from RobustMedSAMLib.errors import CancelledError, InputError
 from RobustMedSAMLib.formats.atomic import atomic_output, full_suffix
-from RobustMedSAMLib.formats.volume import volume_name
+from RobustMedSAMLib.formats.volume import check_image_file, volume_name
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,10 @@ def read_cases(source: str | os.PathLike) -> list[BatchCase]:
 
     CSV: a header with ``volume`` and any of ``points``, ``negative``, ``box``, ``out``;
     relative paths are relative to the CSV's folder; ``out`` defaults to the volume's
-    name + ``.seg.nrrd``. Raises InputError for a malformed list (missing column, a case
-    without prompt, duplicate output names); a missing volume only fails that case.
+    name + ``.seg.nrrd``. Raises InputError for a malformed list (not a text CSV, a
+    missing column, a case without prompt, an output name that is not a plain file name,
+    duplicate output names, a volume file that is not an image); a missing volume only
+    fails that case.
     """
     source = Path(source)
     if source.is_dir():
@@ -88,20 +90,36 @@ def read_cases(source: str | os.PathLike) -> list[BatchCase]:
     if not cases:
         raise InputError(f"no cases in {source}: see `robustmedsam segment --help` for the layout")
     _check_outputs(cases)
+    for case in cases:
+        check_image_file(case.volume)
     return cases
 
 
 def _cases_from_csv(path: Path) -> list[BatchCase]:
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        unknown = sorted(set(columns) - set(CASE_COLUMNS))
-        if "volume" not in columns or unknown:
-            raise InputError(
-                f"{path}: the header must name a 'volume' column and only these: "
-                f"{', '.join(CASE_COLUMNS)} (got {', '.join(columns) or 'nothing'})"
-            )
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            return _cases_from_rows(path, handle)
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise InputError(f"{path} is not a CSV case list ({error})") from None
+    except OSError as error:
+        raise InputError(f"cannot read case list {path}: {error.strerror}") from None
+
+
+def _cases_from_rows(path: Path, handle) -> list[BatchCase]:
+    reader = csv.DictReader(handle)
+    columns = [c.strip() for c in reader.fieldnames or []]
+    unknown = sorted(set(columns) - set(CASE_COLUMNS))
+    if "volume" not in columns or unknown or len(set(columns)) != len(columns):
+        raise InputError(
+            f"{path}: the header must name a 'volume' column and only these, once each: "
+            f"{', '.join(CASE_COLUMNS)} (got {_shorten(', '.join(columns)) or 'nothing'})"
+        )
+    rows = []
+    for row in reader:
+        extra = row.pop(None, None)  # values beyond the header's columns
+        if extra and any(v.strip() for v in extra):
+            raise InputError(f"{path} line {reader.line_num}: more values than columns")
+        rows.append({k.strip(): (v or "").strip() for k, v in row.items() if k})
 
     def where(text: str) -> Path | None:
         return None if not text else (path.parent / text).expanduser()
@@ -118,6 +136,11 @@ def _cases_from_csv(path: Path) -> list[BatchCase]:
             raise InputError(f"{path} line {line}: no prompt (give points and/or box)")
         cases.append(case)
     return cases
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _cases_from_folder(folder: Path) -> list[BatchCase]:
@@ -152,13 +175,28 @@ def _find_volume(folder: Path, stem: str) -> Path:
 def _check_outputs(cases: Sequence[BatchCase]) -> None:
     seen: set[str] = set()
     for case in cases:
-        if Path(case.out).name != case.out or case.out.startswith("."):
-            raise InputError(f"output name {case.out!r}: give a plain file name, no folder")
+        if not _plain_name(case.out):
+            raise InputError(
+                f"output name {_shorten(case.out)!r}: give a plain file name (letters, digits, "
+                "'-', '_', '.', spaces; no folder, not starting with '.')"
+            )
         if full_suffix(case.out) not in OUT_SUFFIXES:
             raise InputError(f"output name {case.out!r}: end it in {', '.join(OUT_SUFFIXES)}")
         if case.out in seen:
             raise InputError(f"two cases write {case.out}: give each a distinct out name")
         seen.add(case.out)
+
+
+def _plain_name(name: str) -> bool:
+    """A file name that stays inside the output folder on any system."""
+    forbidden = set('/\\:*?"<>|')
+    return (
+        bool(name)
+        and not name.startswith(".")
+        and name == name.strip()
+        and len(name.encode("utf-8", "surrogatepass")) <= 200
+        and all(c.isprintable() and c not in forbidden for c in name)
+    )
 
 
 # --- files of a case --------------------------------------------------------------------
@@ -314,12 +352,14 @@ class CaseSegmenter:
         volume,
         record: dict[str, Any],
     ) -> None:
-        """Write the segmentation, then its record ``OUT.json`` (each atomically)."""
+        """Write the segmentation and its record ``OUT.json``: the record's temporary first,
+        so when either cannot be written neither is (the record is renamed last)."""
         from RobustMedSAMLib.formats.segmentation import Segment, write_segmentation
 
         segment = Segment(1, self.settings.segment_name, (0.5, 0.68, 0.5))
-        write_segmentation(out, result.mask.astype("uint8"), volume, [segment])
-        _write_json(out.with_name(out.name + ".json"), record)
+        with atomic_output(out.with_name(out.name + ".json")) as temporary:
+            temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+            write_segmentation(out, result.mask.astype("uint8"), volume, [segment])
 
 
 def _model_id(files: dict[str, Path]) -> str:
