@@ -73,6 +73,14 @@ from RobustMedSAMLib.errors import CancelledError, InputError  # noqa: E402
 from RobustMedSAMLib.formats.atomic import atomic_output, full_suffix  # noqa: E402
 from RobustMedSAMLib.formats.markups import Roi  # noqa: E402
 from RobustMedSAMLib.formats.volume import Volume  # noqa: E402
+from RobustMedSAMLib.names import (  # noqa: E402
+    AXIS_NAMES,
+    CORRUPTION_NAMES,
+    DEVICES,
+    MODEL_NAMES,
+    OVERLAP_MEASURES,
+    PROJECTIONS,
+)
 
 if TYPE_CHECKING:  # torch-heavy modules are imported when a session starts
     from RobustMedSAMLib.inference.segment_volume import (
@@ -89,27 +97,10 @@ DEFAULT_SEGMENT_NAME = "RobustMedSAM"
 UNDO_KEYS = "Ctrl+Z"
 PREVIEW_SEGMENTATION_NAME = "RobustMedSAM corruption preview"
 
-# Choices shown in the panel. They mirror the library's registries (a headless test
-# keeps them equal) so that importing this file loads neither torch nor Pillow.
-MODEL_NAMES = ("demo", "fused", "medsam", "robustsam", "sam", "medicosam")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-AXES = ("view", "axial", "coronal", "sagittal")  # "view": the slice view the point is in
-PROJECTIONS = ("mask", "box", "points", "points_and_mask", "single_point")
-OVERLAPS = ("containment", "iou")
-CORRUPTION_NAMES = (
-    "gaussian_noise",
-    "rician_noise",
-    "poisson_noise",
-    "speckle_noise",
-    "gaussian_blur",
-    "motion_blur",
-    "low_resolution",
-    "motion_ghosting",
-    "kspace_spike",
-    "bias_field",
-    "gamma_contrast",
-    "jpeg_compression",
-)
+# Choices shown in the panel, from the library's stdlib-only vocabularies (importing
+# this file loads neither torch nor Pillow).
+AXES = ("view", *AXIS_NAMES)  # "view": the slice view the point is in
+OVERLAPS = OVERLAP_MEASURES
 FINETUNE_SOURCES = ("scene", "medsegbench")
 ORIENTATION_AXES = {"Axial": "axial", "Coronal": "coronal", "Sagittal": "sagittal"}
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-PROTOCOLS = ("interactive", "volumetric")
-PROMPTS = ("point", "box")
-PROJECTIONS = ("mask", "box", "points", "points_and_mask", "single_point")
+from RobustMedSAMLib.names import FIRST_PROMPTS as PROMPTS
+from RobustMedSAMLib.names import PROJECTIONS, PROTOCOLS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

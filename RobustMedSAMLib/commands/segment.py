@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-MODELS = ("demo", "sam", "medsam", "robustsam", "medicosam", "fused")
+from RobustMedSAMLib.names import AXIS_NAMES, MODEL_NAMES, PROJECTIONS
+
 BATCH_HELP = (
     "batch: --cases is a CSV (header: volume,points,negative,box,out; paths relative to the "
     "CSV; out defaults to VOLUME-NAME.seg.nrrd) or a folder holding VOLUME + "
@@ -40,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="the prompts (RAS) of an earlier run's record, e.g. on another volume or model",
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="demo", choices=MODELS, help="default: demo")
+    model.add_argument("--model", default="demo", choices=MODEL_NAMES, help="default: demo")
     model.add_argument("--checkpoint", type=Path, help="checkpoint file (overrides the registry)")
     model.add_argument("--encoder", type=Path, help="fused: MedSAM checkpoint for the encoder")
     model.add_argument("--decoder", type=Path, help="fused: RobustSAM checkpoint for the decoder")
@@ -48,7 +49,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--half", action="store_true", help="CUDA: bf16/fp16 image encoder")
     model.add_argument("--fast-cpu", action="store_true", help="CPU: int8 image encoder")
     run_group = parser.add_argument_group("slicing and propagation")
-    run_group.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"))
+    run_group.add_argument("--axis", default="axial", choices=AXIS_NAMES)
     run_group.add_argument("--propagate", action="store_true", help="propagate into 3D")
     run_group.add_argument(
         "--zoom",
@@ -59,7 +60,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run_group.add_argument(
         "--projection",
         default="mask",
-        choices=("mask", "box", "points", "points_and_mask", "single_point"),
+        choices=PROJECTIONS,
         help="prompt derived for the next slice (default: mask)",
     )
     run_group.add_argument("--iou-threshold", type=float, default=0.8, help="stop rule (0..1)")

@@ -23,8 +23,7 @@ from RobustMedSAMLib.evaluation.simulated_clicks import (
     interior_point,
 )
 from RobustMedSAMLib.inference.types import Prediction, SlicePrompt
-
-FIRST_PROMPTS = ("point", "box")
+from RobustMedSAMLib.names import FIRST_PROMPTS
 
 
 class SlicePredictor(Protocol):

@@ -46,11 +46,11 @@ from RobustMedSAMLib.formats.atomic import atomic_output
 from RobustMedSAMLib.formats.volume import Volume
 from RobustMedSAMLib.inference.propagation import PROJECTIONS, PropagationOptions
 from RobustMedSAMLib.inference.session import SegmentationSession
+from RobustMedSAMLib.names import PROTOCOLS
 
 log = logging.getLogger(__name__)
 
 CLEAN = "clean"
-PROTOCOLS = ("interactive", "volumetric")
 KEY = ("model", "dataset", "modality", "case", "protocol", "prompt", "projection",
        "corruption", "severity", "seed")  # fmt: skip
 COLUMNS = (*KEY, "metric", "index", "value", "cell_rows", "status")

@@ -33,11 +33,10 @@ from RobustMedSAMLib.inference.mask_prompts import (
     mask_box,
 )
 from RobustMedSAMLib.inference.types import SlicePrompt, SliceSegmenter
+from RobustMedSAMLib.names import OVERLAP_MEASURES, PROJECTIONS
 
 logger = logging.getLogger(__name__)
 
-PROJECTIONS = ("mask", "box", "points", "points_and_mask", "single_point")
-OVERLAP_MEASURES = ("iou", "containment")
 STOP_REASONS = (
     "empty",  # the model returned an empty mask (never kept)
     "score",  # predicted IoU under min_score
