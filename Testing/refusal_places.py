@@ -58,7 +58,7 @@ def full_dir(tmp_path) -> Iterator[Path]:
     _unmount(folder)
 
 
-def fill(folder: Path, leave: int = 16 * 1024) -> None:
+def fill(folder: Path, leave: int = 0) -> None:
     """Fill ``folder``'s file system up to ``leave`` bytes."""
     free = os.statvfs(folder)
     size = max(0, free.f_bavail * free.f_frsize - leave)

@@ -246,6 +246,11 @@ class SegmentationSession:
             if not tensor.is_floating_point() or tensor.ndim != 4 or not tensor.isfinite().all():
                 return f"{name} is not finite 4-D features"
         shapes = {k: tuple(v.shape) for k, v in features.items()}
+        config = getattr(getattr(self.predictor, "model", None), "config", None)
+        if config is not None:  # a SAM-family model: 1 x C x E x E embeddings
+            size = config.embedding_size
+            if shapes["embedding"] != (1, config.prompt_embed_dim, size, size):
+                return f"embedding of shape {shapes['embedding']} is not this model's"
         if self._shapes is not None and shapes != self._shapes:
             return f"shapes {shapes} differ from {self._shapes}"
         self._shapes = shapes

@@ -15,6 +15,7 @@ from typing import Any
 from RobustMedSAMLib.errors import InputError
 
 MODES = ("decoder", "svd", "full")
+OPTIMIZERS = ("adamw", "sgd")
 SOURCES = ("medsegbench", "volumes", "phantoms", "regions")
 AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
 
@@ -40,11 +41,14 @@ class TrainSection:
     robust_image_blocks: train RobustSAM's feature blocks on the encoder outputs (as the
     paper does); false freezes them, and decoder mode then caches their output (on ViT-B
     most of a cached step's time is these blocks). ``batch_size`` is the global batch:
-    under torchrun each of N processes takes about batch_size / N of it."""
+    under torchrun each of N processes takes about batch_size / N of it. optimizer:
+    adamw, or sgd (momentum 0.9): SGD's weights move smoothly with float rounding, where
+    Adam's first steps follow the sign of each gradient, tiny ones included."""
 
     mode: str = "decoder"
     robust_image_blocks: bool = True
     steps: int = 100
+    optimizer: str = "adamw"
     batch_size: int = 4
     lr: float = 1e-4
     min_lr_fraction: float = 0.1
@@ -217,6 +221,7 @@ class TrainingConfig:
         """Raise InputError for values that cannot work, naming the key."""
         t, m, d, c, p = self.train, self.model, self.data, self.corruption, self.prompts
         _choice("train.mode", t.mode, MODES)
+        _choice("train.optimizer", t.optimizer, OPTIMIZERS)
         _choice("data.source", d.source, SOURCES)
         _choice("data.axis", d.axis, tuple(AXES))
         _choice("data.phantom_scenes", d.phantom_scenes, ("organs", "mixed"))

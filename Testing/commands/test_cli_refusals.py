@@ -1,0 +1,208 @@
+"""Every bad input of docs/refusals.md, on the command line: one line on stderr naming
+the input, exit status 2, nothing written, the inputs untouched."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from refusal_places import fill, full_dir, listing, readonly_dir  # noqa: F401 - fixtures
+from volumes import centre_ras, oblique
+
+from RobustMedSAMLib.cli import main
+from RobustMedSAMLib.datasets.phantoms import sphere
+from RobustMedSAMLib.formats.markups import Roi, write_points, write_roi
+from RobustMedSAMLib.formats.segmentation import read_segmentation
+from RobustMedSAMLib.formats.volume import Volume, write_volume
+
+
+@pytest.fixture
+def case(tmp_path, tiny_checkpoints) -> dict[str, Path]:
+    """A small volume, a point list and a tiny robust checkpoint in ``tmp_path/in``."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    phantom = sphere((8, 32, 32), spacing=(1.0, 1.0, 2.0), radius=7.0)
+    volume = oblique(phantom)
+    return {
+        "volume": write_volume(volume, folder / "ct.nrrd"),
+        "points": write_points(folder / "p.mrk.json", centre_ras(volume, phantom.mask)),
+        "checkpoint": tiny_checkpoints["robust"],
+    }
+
+
+def segment(case: dict, out: Path, *extra: str, points: Path | None = None) -> int:
+    return main(
+        ["segment", str(case["volume"]), "--points", str(points or case["points"]),
+         "--out", str(out), "--model", "robustsam", "--checkpoint", str(case["checkpoint"]),
+         "--device", "cpu", *extra]
+    )  # fmt: skip
+
+
+def refused(code: int, capsys, *words: str) -> str:
+    """Assert the contract's message part: exit 2 and one stderr line with ``words``."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1, err
+    assert err[0].startswith("robustmedsam ") and ": error: " in err[0]
+    for word in words:
+        assert word in err[0], err[0]
+    return err[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# --- segment -----------------------------------------------------------------------------
+
+
+def test_out_is_a_folder(tmp_path, case, capsys):
+    out = tmp_path / "out.seg.nrrd"
+    out.mkdir()
+    refused(segment(case, out), capsys, str(out), "folder")
+    assert listing(out) == [] and not (tmp_path / "out.seg.nrrd.json").exists()
+
+
+MARKUPS = {
+    "controlPoints an int": {"type": "Fiducial", "controlPoints": 3},
+    "controlPoints a string": {"type": "Fiducial", "controlPoints": "abc"},
+    "controlPoints a dict": {"type": "Fiducial", "controlPoints": {"position": [0, 0, 0]}},
+    "coordinateSystem a list": {
+        "type": "Fiducial",
+        "coordinateSystem": ["LPS"],
+        "controlPoints": [{"position": [0, 0, 0]}],
+    },
+    "position too large": {"type": "Fiducial", "controlPoints": [{"position": [10**400, 0, 0]}]},
+}
+
+
+@pytest.mark.parametrize("markup", list(MARKUPS.values()), ids=list(MARKUPS))
+def test_malformed_markups(tmp_path, case, capsys, markup):
+    text = json.dumps({"markups": [markup]})
+    if "10000000000" in text:
+        text = text.replace(str(10**400), "1" + "0" * 400)
+    bad = case["points"].with_name("bad.mrk.json")
+    bad.write_text(text)
+    out = tmp_path / "out.seg.nrrd"
+    refused(segment(case, out, points=bad), capsys, str(bad))
+    assert not out.exists() and bad.read_text() == text
+
+
+def test_markups_nested_very_deeply(tmp_path, case, capsys):
+    bad = case["points"].with_name("deep.mrk.json")
+    bad.write_text('{"markups": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    refused(segment(case, tmp_path / "o.seg.nrrd", points=bad), capsys, str(bad), "nested")
+
+
+def test_readonly_output_folder(case, capsys, readonly_dir):  # noqa: F811
+    out = readonly_dir / "out.seg.nrrd"
+    refused(segment(case, out), capsys, "cannot write", str(out))
+    assert listing(readonly_dir) == []
+
+
+def test_full_disk(case, capsys, full_dir):  # noqa: F811
+    fill(full_dir)
+    before = listing(full_dir)
+    refused(segment(case, full_dir / "out.seg.nrrd"), capsys, "cannot write", "No space")
+    assert listing(full_dir) == before
+
+
+def test_record_that_cannot_be_written_leaves_no_segmentation(tmp_path, case, capsys):
+    out = tmp_path / "out.seg.nrrd"
+    (tmp_path / "out.seg.nrrd.json").mkdir()  # the record's name is taken by a folder
+    refused(segment(case, out), capsys, "out.seg.nrrd.json")
+    assert listing(tmp_path / "out.seg.nrrd.json") == [] and not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_inputs_untouched_by_a_refusal(tmp_path, case, capsys):
+    before = snapshot(case["volume"].parent)
+    out = tmp_path / "o.seg.nrrd"
+    out.mkdir()
+    refused(segment(case, out), capsys)
+    assert snapshot(case["volume"].parent) == before
+
+
+def record_with_roi(tmp_path, case, roi: dict) -> Path:
+    out = tmp_path / "first.seg.nrrd"
+    assert segment(case, out) == 0
+    record_path = tmp_path / "first.seg.nrrd.json"
+    record = json.loads(record_path.read_text())
+    record["prompts"]["roi"] = roi
+    record_path.write_text(json.dumps(record))
+    return record_path
+
+
+@pytest.mark.parametrize(
+    "roi",
+    [
+        {"center_ras": [float("nan"), 0, 0], "size": [5, 5, 5], "axes_ras": np.eye(3).tolist()},
+        {"center_ras": [0, 0, 0], "size": [5], "axes_ras": np.eye(3).tolist()},
+        {"center_ras": [0, 0, 0], "size": [5, 5, 5], "axes_ras": [[1, 0], [0, 1]]},
+        {"center_ras": [0, 0, 0], "size": [5, 5, 5], "axes_ras": np.zeros((3, 3)).tolist()},
+    ],
+    ids=["nan centre", "one size", "2x2 axes", "zero axes"],
+)
+def test_replay_with_a_bad_roi(tmp_path, case, capsys, roi):
+    record = record_with_roi(tmp_path, case, roi)
+    capsys.readouterr()
+    out = tmp_path / "again.seg.nrrd"
+    code = main(["segment", str(case["volume"]), "--replay", str(record), "--out", str(out),
+                 "--model", "robustsam", "--checkpoint", str(case["checkpoint"])])  # fmt: skip
+    refused(code, capsys, str(record))
+    assert not out.exists()
+
+
+def test_box_outside_a_volume_with_huge_spacing(tmp_path, case, capsys):
+    array = np.zeros((4, 16, 16), np.int16)
+    far = write_volume(Volume(array, np.diag([1e6, 1e6, 1e6, 1.0])), tmp_path / "far.nrrd")
+    box = write_roi(tmp_path / "box.mrk.json", Roi(np.zeros(3) - 5e7, np.ones(3), np.eye(3)))
+    out = tmp_path / "o.seg.nrrd"
+    code = main(["segment", str(far), "--box", str(box), "--out", str(out), "--model",
+                 "robustsam", "--checkpoint", str(case["checkpoint"])])  # fmt: skip
+    refused(code, capsys, "does not overlap")
+    assert not out.exists()
+
+
+# --- embedding cache ---------------------------------------------------------------------
+
+
+def test_cache_folder_that_is_a_file(tmp_path, case, capsys):
+    cache = tmp_path / "cache"
+    cache.write_text("not a folder")
+    refused(segment(case, tmp_path / "o.seg.nrrd", "--cache-dir", str(cache)), capsys, str(cache))
+    assert cache.read_text() == "not a folder" and not (tmp_path / "o.seg.nrrd").exists()
+
+
+def test_readonly_cache_folder(tmp_path, case, capsys, readonly_dir):  # noqa: F811
+    out = tmp_path / "o.seg.nrrd"
+    refused(segment(case, out, "--cache-dir", str(readonly_dir)), capsys, "cannot write")
+    assert listing(readonly_dir) == [] and not out.exists()
+
+
+@pytest.mark.parametrize("damage", ["shape", "nan", "frame", "names", "junk"])
+def test_damaged_cache_files_are_encoded_again(tmp_path, case, damage):
+    from safetensors.torch import load_file, save_file
+
+    cache = tmp_path / "cache"
+    first = tmp_path / "first.seg.nrrd"
+    assert segment(case, first, "--cache-dir", str(cache)) == 0
+    for path in cache.rglob("*.safetensors"):
+        tensors = load_file(str(path))
+        if damage == "shape":
+            tensors["embedding"] = tensors["embedding"][:, :, :2].contiguous()
+        elif damage == "nan":
+            tensors["embedding"][0, 0, 0, 0] = float("nan")
+        elif damage == "frame":
+            tensors["frame"] = torch.tensor([1, 1, 1, 1])
+        elif damage == "names":
+            tensors = {"payload": tensors["embedding"]}
+        save_file(tensors, str(path))
+        if damage == "junk":
+            path.write_bytes(b"\xff" * 64)
+    again = tmp_path / "again.seg.nrrd"
+    assert segment(case, again, "--cache-dir", str(cache)) == 0
+    np.testing.assert_array_equal(read_segmentation(first)[0], read_segmentation(again)[0])
