@@ -206,3 +206,65 @@ def test_damaged_cache_files_are_encoded_again(tmp_path, case, damage):
     again = tmp_path / "again.seg.nrrd"
     assert segment(case, again, "--cache-dir", str(cache)) == 0
     np.testing.assert_array_equal(read_segmentation(first)[0], read_segmentation(again)[0])
+
+
+# --- checkpoints -------------------------------------------------------------------------
+
+
+def forged(state: dict, change: str) -> dict:
+    state = dict(state)
+    if change == "1-D patch_embed":
+        state["image_encoder.patch_embed.proj.weight"] = torch.zeros(64)
+    elif change == "no encoder blocks":
+        state = {k: v for k, v in state.items() if ".blocks." not in k}
+    elif change == "huge pos_embed":  # 8 bytes in the file; a 50000-pixel grid to build
+        state["image_encoder.pos_embed"] = torch.zeros(1, 1, 1, 64).expand(1, 50000, 50000, 64)
+    elif change == "a block missing":
+        state = {k: v for k, v in state.items() if ".blocks.1." not in k}
+    return state
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ("empty file", ("empty",)),
+        ("1-D patch_embed", ("patch_embed",)),
+        ("no encoder blocks", ("blocks",)),
+        ("a block missing", ("blocks",)),
+        ("huge pos_embed", ("pos_embed",)),
+    ],
+)
+def test_bad_checkpoint(tmp_path, case, capsys, tiny_robust_state, change, words):
+    bad = tmp_path / "bad.pth"
+    if change == "empty file":
+        bad.write_bytes(b"")
+    else:
+        torch.save(forged(tiny_robust_state, change), bad)
+    case["checkpoint"] = bad
+    out = tmp_path / "o.seg.nrrd"
+    refused(segment(case, out), capsys, str(bad), *words)
+    assert not out.exists()
+
+
+def fuse(tiny_checkpoints, out: Path) -> int:
+    return main(["fuse", "--encoder", str(tiny_checkpoints["sam"]),
+                 "--decoder", str(tiny_checkpoints["robust"]), "--out", str(out)])  # fmt: skip
+
+
+def test_fuse_into_a_readonly_folder(capsys, tiny_checkpoints, readonly_dir):  # noqa: F811
+    refused(fuse(tiny_checkpoints, readonly_dir / "f.pth"), capsys, "cannot write")
+    assert listing(readonly_dir) == []
+
+
+def test_fuse_on_a_full_disk(capsys, tiny_checkpoints, full_dir):  # noqa: F811
+    fill(full_dir, leave=64 * 1024)  # room for the record, not for the checkpoint
+    before = listing(full_dir)
+    refused(fuse(tiny_checkpoints, full_dir / "f.pth"), capsys, "cannot write", "No space")
+    assert listing(full_dir) == before
+
+
+def test_fuse_out_is_a_folder(tmp_path, capsys, tiny_checkpoints):
+    out = tmp_path / "f.pth"
+    out.mkdir()
+    refused(fuse(tiny_checkpoints, out), capsys, "folder")
+    assert listing(tmp_path) == ["f.pth"]

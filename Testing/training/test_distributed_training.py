@@ -135,7 +135,6 @@ def test_two_processes_train_the_weights_of_one(one, two, setup):
     (run1, done1), (run2, done2) = one, two
     moved = max_difference(weights(run1), start_weights(setup))
     assert moved > 1e-3  # it did train
-    print("relative drift", max_difference(weights(run1), weights(run2)) / moved)
     assert max_difference(weights(run1), weights(run2)) < RELATIVE_TOLERANCE * moved
     loss1 = [r["loss"] for r in records(done1) if r["event"] == "step"]
     loss2 = [r["loss"] for r in records(done2) if r["event"] == "step"]
@@ -175,7 +174,6 @@ def test_resume_with_another_number_of_processes(setup, one, tmp_path):
     assert records(stopped)[-1]["event"] == "stopped"
     finetune(setup, out, 1, "--resume")
     moved = max_difference(weights(run1), start_weights(setup))
-    print("relative drift", max_difference(weights(out), weights(run1)) / moved)
     assert max_difference(weights(out), weights(run1)) < RELATIVE_TOLERANCE * moved
 
 
