@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from RobustMedSAMLib.errors import InputError, RobustMedSAMError
+from RobustMedSAMLib.errors import InputError, OutputError, RobustMedSAMError
 
 #: errno values that mean "this place cannot take the file" (not a bug in the writer).
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
@@ -56,7 +56,9 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
             prefix=f".{path.name}.", suffix=full_suffix(path), dir=path.parent
         )
     except OSError as error:
-        raise InputError(f"cannot write {path}: {error.strerror} (choose another folder)") from None
+        raise OutputError(
+            f"cannot write {path}: {error.strerror} (choose another folder)"
+        ) from None
     os.close(handle)
     temporary = Path(name)
     try:
@@ -74,19 +76,28 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
-def write_refusal(error: BaseException, path: Path, temporary: Path) -> InputError | None:
-    """An InputError naming ``path`` when ``error`` means the place cannot take the file
+def write_refusal(error: BaseException, path: Path, temporary: Path) -> OutputError | None:
+    """An OutputError naming ``path`` when ``error`` means the place cannot take the file
     (full disk, read-only or forbidden folder); None for any other failure."""
     if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
         other = error.filename and Path(error.filename) not in (path, temporary)
         target = error.filename if other else path
-        return InputError(f"cannot write {target}: {error.strerror}")
+        return OutputError(f"cannot write {target}: {error.strerror}")
     if "os error 28" in str(error) or "No space left" in str(error):
-        return InputError(f"cannot write {path}: No space left on device")
+        return OutputError(f"cannot write {path}: No space left on device")
     try:
         free = shutil.disk_usage(path.parent).free
     except OSError:
         return None
     if free < FULL_DISK_BYTES:
-        return InputError(f"cannot write {path}: No space left on device")
+        return OutputError(f"cannot write {path}: No space left on device")
     return None
+
+
+def check_writable(folder: Path) -> None:
+    """Raise OutputError unless a file can be created in ``folder`` (tried and removed)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise OutputError(f"cannot write to the output folder {folder}: {error.strerror}") from None

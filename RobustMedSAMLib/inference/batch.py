@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from RobustMedSAMLib.distributed import DistInfo, dist_info, shard, threads_per_worker
-from RobustMedSAMLib.errors import CancelledError, InputError
-from RobustMedSAMLib.formats.atomic import atomic_output, full_suffix
+from RobustMedSAMLib.errors import CancelledError, InputError, OutputError, RobustMedSAMError
+from RobustMedSAMLib.formats.atomic import atomic_output, check_writable, full_suffix
 from RobustMedSAMLib.formats.volume import check_image_file, volume_name
 
 log = logging.getLogger(__name__)
@@ -352,14 +352,18 @@ class CaseSegmenter:
         volume,
         record: dict[str, Any],
     ) -> None:
-        """Write the segmentation and its record ``OUT.json``: the record's temporary first,
-        so when either cannot be written neither is (the record is renamed last)."""
+        """Write the segmentation, then its record ``OUT.json`` (each atomically); when the
+        record cannot be written the segmentation is removed again (a case is finished
+        only with both, see ``is_finished``)."""
         from RobustMedSAMLib.formats.segmentation import Segment, write_segmentation
 
         segment = Segment(1, self.settings.segment_name, (0.5, 0.68, 0.5))
-        with atomic_output(out.with_name(out.name + ".json")) as temporary:
-            temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-            write_segmentation(out, result.mask.astype("uint8"), volume, [segment])
+        write_segmentation(out, result.mask.astype("uint8"), volume, [segment])
+        try:
+            _write_json(out.with_name(out.name + ".json"), record)
+        except Exception:
+            out.unlink(missing_ok=True)
+            raise
 
 
 def _model_id(files: dict[str, Path]) -> str:
@@ -460,6 +464,7 @@ def run_batch(
         raise InputError(f"output folder does not exist: {out_dir}")
     if workers < 1:
         raise InputError("--workers must be >= 1")
+    check_writable(out_dir)
     settings.options()
     settings.check_model_files()
     mine = shard(cases, info.rank, info.world)
@@ -524,6 +529,8 @@ def _run_pool(todo, out_dir, settings, workers, info, report) -> None:
                 report(future.result())
             except BrokenProcessPool:
                 report(CaseOutcome(case.name, "failed", error="a worker process died"))
+            except OutputError:
+                raise  # the output folder takes no more files: the other cases would fail too
             except Exception as error:  # noqa: BLE001 - a failed case must not stop the rest
                 report(CaseOutcome(case.name, "failed", error=f"{type(error).__name__}: {error}"))
 
@@ -569,8 +576,8 @@ def process_case(
         result, record, _ = segmenter.segment(volume, prompts, case.volume)
         record["batch"] = _where(info)
         segmenter.write(out, result, volume, record)
-    except (CancelledError, KeyboardInterrupt):
-        raise
+    except (CancelledError, KeyboardInterrupt, OutputError):
+        raise  # OutputError: the folder takes no more files; finished cases are kept
     except Exception as error:  # noqa: BLE001 - a failed case must not stop the rest
         log.warning("case %s failed: %s", case.name, error)
         _record_failure(out_dir, case, error, info)
@@ -590,5 +597,7 @@ def _record_failure(out_dir: Path, case: BatchCase, error: BaseException, info: 
              "type": type(error).__name__, **_where(info), "time": time.time()}  # fmt: skip
     try:
         _write_json(path, value)
-    except OSError as write_error:
+    except OutputError:
+        raise
+    except (OSError, RobustMedSAMError) as write_error:
         log.error("cannot record the failure of %s: %s", case.name, write_error)

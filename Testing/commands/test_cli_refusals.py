@@ -4,6 +4,7 @@ the input, exit status 2, nothing written, the inputs untouched."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +42,13 @@ def segment(case: dict, out: Path, *extra: str, points: Path | None = None) -> i
     )  # fmt: skip
 
 
+PROGRESS = re.compile(r"^\w+: .*(\d+\w*|\?\w+)/s\]$")  # a tqdm progress bar's line
+
+
 def refused(code: int, capsys, *words: str) -> str:
     """Assert the contract's message part: exit 2 and one stderr line with ``words``."""
-    err = capsys.readouterr().err.strip().splitlines()
+    lines = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in lines if not PROGRESS.match(line)]
     assert code == 2, err
     assert len(err) == 1, err
     assert err[0].startswith("robustmedsam ") and ": error: " in err[0]
@@ -268,3 +273,57 @@ def test_fuse_out_is_a_folder(tmp_path, capsys, tiny_checkpoints):
     out.mkdir()
     refused(fuse(tiny_checkpoints, out), capsys, "folder")
     assert listing(tmp_path) == ["f.pth"]
+
+
+# --- batch -------------------------------------------------------------------------------
+
+
+def batch(case: dict, cases: Path, out_dir: Path) -> int:
+    return main(["segment", "--cases", str(cases), "--out-dir", str(out_dir), "--model",
+                 "robustsam", "--checkpoint", str(case["checkpoint"])])  # fmt: skip
+
+
+def case_list(case: dict, *rows: str) -> Path:
+    path = case["volume"].parent / "cases.csv"
+    path.write_text("volume,points,out\n" + "".join(f"{r}\n" for r in rows))
+    return path
+
+
+def test_binary_case_list(tmp_path, case, capsys):
+    cases = case["volume"].parent / "cases.csv"
+    cases.write_bytes(bytes(range(256)) * 8)
+    refused(batch(case, cases, tmp_path / "out"), capsys, str(cases), "not a CSV")
+    assert not (tmp_path / "out").exists()
+
+
+def test_case_volume_that_is_not_an_image(tmp_path, case, capsys):
+    up = "../" * 40  # from any folder, up to the root
+    cases = case_list(case, "ct.nrrd,p.mrk.json,", f"{up}etc/passwd,p.mrk.json,")
+    if not Path("/etc/passwd").is_file():
+        (case["volume"].parent / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+        cases = case_list(case, "ct.nrrd,p.mrk.json,", "passwd,p.mrk.json,")
+    refused(batch(case, cases, tmp_path / "out"), capsys, "passwd", "not an image")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "name", ["../x.seg.nrrd", ".hidden.seg.nrrd", "a\tb.seg.nrrd", "c:x.seg.nrrd", "a\\b.nii"]
+)
+def test_case_output_names_stay_in_the_folder(tmp_path, case, capsys, name):
+    cases = case_list(case, f'ct.nrrd,p.mrk.json,"{name}"')
+    refused(batch(case, cases, tmp_path / "out"), capsys, "plain file name")
+    assert not (tmp_path / "out").exists()
+
+
+def test_batch_into_a_readonly_folder(case, capsys, readonly_dir):  # noqa: F811
+    cases = case_list(case, "ct.nrrd,p.mrk.json,")
+    refused(batch(case, cases, readonly_dir), capsys, "cannot write", str(readonly_dir))
+    assert listing(readonly_dir) == []
+
+
+def test_batch_on_a_full_disk(case, capsys, full_dir):  # noqa: F811
+    cases = case_list(case, "ct.nrrd,p.mrk.json,", "ct.nrrd,p.mrk.json,second.nii.gz")
+    fill(full_dir)
+    before = listing(full_dir)
+    refused(batch(case, cases, full_dir), capsys, "cannot write", "No space")
+    assert listing(full_dir) == before
