@@ -13,6 +13,7 @@ blocks that consume it are trained) or, when those blocks are frozen,
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -25,7 +26,8 @@ import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 
-from RobustMedSAMLib.errors import CancelledError, InputError
+from RobustMedSAMLib.errors import CancelledError, InputError, OutputError
+from RobustMedSAMLib.formats.atomic import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +129,26 @@ def build_cache(
         (folder / f".kinds_v{variant}").write_text(json.dumps(kinds))
         marker.write_text(key)
         done += count
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps({"key": key, "count": count, "variants": variants, "kinds": kinds}))
-    os.replace(tmp, manifest)
+    with atomic_output(manifest) as temporary:
+        values = {"key": key, "count": count, "variants": variants, "kinds": kinds}
+        temporary.write_text(json.dumps(values))
     return EmbeddingCache.open(folder)
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the disk blocks of a new memory-mapped file now: a full disk is then an
+    OutputError here, not a SIGBUS when a page of the map is first written."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows: the map's writes find out
+        return
+    with open(path, "r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, path.stat().st_size)
+        except OSError as error:
+            if error.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                return  # a file system without fallocate
+            raise OutputError(
+                f"cannot write the embedding cache in {path.parent}: {error.strerror}"
+            ) from None
 
 
 def _build_variant(folder, variant, encode, count, model_input, batch_size, cancel, report):
@@ -151,6 +169,7 @@ def _build_variant(folder, variant, encode, count, model_input, batch_size, canc
                     os.close(fd)
                     shape = (count, *array.shape[1:])
                     writers[kind] = open_memmap(temporaries[kind], "w+", np.float16, shape)
+                    _reserve(Path(temporaries[kind]))
                 writers[kind][start : start + len(indices)] = array
             if report is not None:
                 report(start + len(indices))

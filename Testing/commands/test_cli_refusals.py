@@ -3,6 +3,7 @@ the input, exit status 2, nothing written, the inputs untouched."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -18,6 +19,9 @@ from RobustMedSAMLib.datasets.phantoms import sphere
 from RobustMedSAMLib.formats.markups import Roi, write_points, write_roi
 from RobustMedSAMLib.formats.segmentation import read_segmentation
 from RobustMedSAMLib.formats.volume import Volume, write_volume
+from RobustMedSAMLib.model.config import TINY
+from RobustMedSAMLib.model.sam import SegmentAnythingModel
+from RobustMedSAMLib.weights.checkpoint import save_state_dict
 
 
 @pytest.fixture
@@ -327,3 +331,71 @@ def test_batch_on_a_full_disk(case, capsys, full_dir):  # noqa: F811
     before = listing(full_dir)
     refused(batch(case, cases, full_dir), capsys, "cannot write", "No space")
     assert listing(full_dir) == before
+
+
+# --- finetune ----------------------------------------------------------------------------
+
+MICRO = dataclasses.replace(
+    TINY, image_size=128, window_size=4, encoder_depth=2, encoder_global_attn_indexes=(1,)
+)
+
+
+@pytest.fixture(scope="module")
+def micro_checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("micro") / "micro.safetensors"
+    return save_state_dict(SegmentAnythingModel(MICRO, robust=True).state_dict(), path, MICRO)
+
+
+def finetune_config(folder: Path, checkpoint: Path, **train) -> Path:
+    """A two-step decoder run on a few phantom slices, with ``train`` overrides as TOML."""
+    values = {"steps": 2, "batch_size": 2, "lr": 0.001, "val_every": 2, "checkpoint_every": 2,
+              **train}  # fmt: skip
+    text = "\n".join(f"{k} = {v}" for k, v in values.items())
+    path = folder / "config.toml"
+    path.write_text(
+        f'[model]\ncheckpoint = "{checkpoint}"\n[train]\n{text}\n'
+        "[data]\nphantom_volumes = 2\nphantom_shape = [6, 48, 48]\nval_samples = 2\n"
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    "train, words",
+    [
+        ({"lr": "nan"}, ("train.lr", "finite")),
+        ({"lr": "inf"}, ("train.lr", "finite")),
+        ({"val_every": 0}, ("train.val_every",)),
+        ({"log_every": 0}, ("train.log_every",)),
+        ({"checkpoint_every": 0}, ("train.checkpoint_every",)),
+        ({"seed": -1}, ("train.seed",)),
+        ({"grad_clip": "nan", "weight_decay": -5.0}, ("train.",)),
+        ({"device": 5}, ("train.device", "text")),
+        ({"batch_size": 5000}, ("train.batch_size", "training samples")),
+    ],
+)
+def test_finetune_bad_config(tmp_path, capsys, micro_checkpoint, train, words):
+    config = finetune_config(tmp_path, micro_checkpoint, **train)
+    text = config.read_text()
+    out = tmp_path / "run"
+    refused(main(["finetune", str(config), "--out", str(out)]), capsys, *words)
+    assert listing(out) == [] if out.exists() else True
+    assert config.read_text() == text
+
+
+def test_finetune_into_a_readonly_folder(tmp_path, capsys, micro_checkpoint, readonly_dir):  # noqa: F811
+    config = finetune_config(tmp_path, micro_checkpoint)
+    refused(main(["finetune", str(config), "--out", str(readonly_dir / "run")]), capsys,
+            "cannot write")  # fmt: skip
+    assert listing(readonly_dir) == []
+
+
+def test_finetune_on_a_full_disk(tmp_path, capsys, micro_checkpoint, full_dir):  # noqa: F811
+    config = finetune_config(tmp_path, micro_checkpoint)
+    fill(full_dir, leave=256 * 1024)  # room for the config and log, not the checkpoints
+    before = listing(full_dir)
+    refused(main(["finetune", str(config), "--out", str(full_dir / "run")]), capsys,
+            "cannot write", "No space")  # fmt: skip
+    hidden = [Path(n).name for n in listing(full_dir) if Path(n).name.startswith(".")]
+    assert all(re.match(r"\.(key|kinds)_v\d+$", n) for n in hidden), hidden  # no temporary
+    assert set(before) <= set(listing(full_dir))
