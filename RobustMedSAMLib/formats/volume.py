@@ -18,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk  # noqa: N813 - the name every SimpleITK user knows
 
 from RobustMedSAMLib.errors import InputError
-from RobustMedSAMLib.formats.atomic import atomic_output
+from RobustMedSAMLib.formats.atomic import atomic_output, write_refusal
 
 log = logging.getLogger(__name__)
 
@@ -201,5 +201,8 @@ def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True)
         try:
             sitk.WriteImage(to_sitk(volume), str(temporary), compress)
         except RuntimeError as error:
+            refusal = write_refusal(error, path, temporary)  # a full disk, named as such
+            if refusal is not None:
+                raise refusal from None
             raise InputError(f"cannot write volume {path}: {_sitk_message(error)}") from None
     return path

@@ -399,3 +399,43 @@ def test_finetune_on_a_full_disk(tmp_path, capsys, micro_checkpoint, full_dir): 
     hidden = [Path(n).name for n in listing(full_dir) if Path(n).name.startswith(".")]
     assert all(re.match(r"\.(key|kinds)_v\d+$", n) for n in hidden), hidden  # no temporary
     assert set(before) <= set(listing(full_dir))
+
+
+# --- evaluate and corrupt ----------------------------------------------------------------
+
+EVALUATE = ["--data", "phantom:sphere,size=24", "--corruptions", "clean", "--severities", "1",
+            "--seeds", "0", "--prompt", "box", "--projection", "mask", "--clicks", "1",
+            "--device", "cpu", "--no-progress", "--protocol", "volumetric"]  # fmt: skip
+
+
+def evaluate(tiny_checkpoints, out: Path) -> int:
+    return main(["evaluate", "--model", "robustsam", "--checkpoint",
+                 str(tiny_checkpoints["robust"]), "--out", str(out), *EVALUATE])  # fmt: skip
+
+
+def test_evaluate_out_is_a_file(tmp_path, capsys, tiny_checkpoints):
+    out = tmp_path / "report.csv"
+    out.write_text("mine")
+    refused(evaluate(tiny_checkpoints, out), capsys, str(out), "is a file")
+    assert out.read_text() == "mine" and listing(tmp_path) == ["report.csv"]
+
+
+def test_evaluate_into_a_readonly_folder(capsys, tiny_checkpoints, readonly_dir):  # noqa: F811
+    refused(evaluate(tiny_checkpoints, readonly_dir), capsys, "cannot write")
+    assert listing(readonly_dir) == []
+
+
+def test_evaluate_on_a_full_disk(capsys, tiny_checkpoints, full_dir):  # noqa: F811
+    fill(full_dir)
+    before = listing(full_dir)
+    refused(evaluate(tiny_checkpoints, full_dir), capsys, "cannot write", "No space")
+    assert listing(full_dir) == before
+
+
+def test_corrupt_on_a_full_disk(case, capsys, full_dir):  # noqa: F811
+    fill(full_dir)
+    before = listing(full_dir)
+    code = main(["corrupt", str(case["volume"]), "--type", "gaussian_noise", "--severity", "2",
+                 "--out", str(full_dir / "noisy.nrrd")])  # fmt: skip
+    refused(code, capsys, "cannot write", "No space")
+    assert listing(full_dir) == before
