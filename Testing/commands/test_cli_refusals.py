@@ -439,3 +439,20 @@ def test_corrupt_on_a_full_disk(case, capsys, full_dir):  # noqa: F811
                  "--out", str(full_dir / "noisy.nrrd")])  # fmt: skip
     refused(code, capsys, "cannot write", "No space")
     assert listing(full_dir) == before
+
+
+# --- the page that lists all of the above ---------------------------------------------------
+
+
+def test_every_documented_test_exists():
+    root = Path(__file__).resolve().parents[2]
+    page = (root / "docs" / "refusals.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`(test_\w+)`", page))
+    defined = {
+        name
+        for path in (root / "Testing").rglob("test_*.py")
+        for name in re.findall(r"^def (test_\w+)\(", path.read_text(encoding="utf-8"), re.M)
+    }
+    assert len(named) > 30 and named <= defined, sorted(named - defined)
+    here = set(re.findall(r"^def (test_\w+)\(", Path(__file__).read_text(), re.M))
+    assert here - {"test_every_documented_test_exists"} <= named, sorted(here - named)
