@@ -304,7 +304,7 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         Touches no MRML node: the panel calls it in a worker thread. An empty
         ``checkpoint`` means the model's default file.
         """
-        from RobustMedSAMLib.weights.loader import load_named_model
+        from RobustMedSAMLib.inference.loader import load_named_model
 
         loaded = load_named_model(model_name, checkpoint or None, encoder, decoder, device)
         model_id = f"{model_name}:{sorted(str(p) for p in loaded.checkpoints.values())}"

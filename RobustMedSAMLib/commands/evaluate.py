@@ -124,8 +124,8 @@ def run(args: argparse.Namespace) -> int:
     from RobustMedSAMLib import distributed
     from RobustMedSAMLib.errors import InputError
     from RobustMedSAMLib.evaluation.datasets import load_cases
-    from RobustMedSAMLib.evaluation.matrix import CSV_NAME
     from RobustMedSAMLib.evaluation.report import write_report
+    from RobustMedSAMLib.evaluation.results_csv import CSV_NAME
     from RobustMedSAMLib.evaluation.shards import merge_parts
 
     if args.report_only:
@@ -209,15 +209,13 @@ def _run_with_progress(specs, cases, args: argparse.Namespace, options, info):
 
 def _write_timings(out: Path, times: dict) -> None:
     """Per-model encoder / decoder call counts and seconds of this run (timings.json)."""
-    import json
 
-    from RobustMedSAMLib.formats.atomic import atomic_output
+    from RobustMedSAMLib.formats.atomic import write_json
 
     if not times:
         return
     record = {label: t.to_dict() for label, t in times.items()}
-    with atomic_output(out / "timings.json") as temporary:
-        temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_json(out / "timings.json", record)
     for label, t in record.items():
         per = [t[f"{part}_seconds_per_call"] for part in ("encoder", "decoder")]
         text = ", ".join(

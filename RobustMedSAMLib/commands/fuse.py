@@ -24,13 +24,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from RobustMedSAMLib.errors import InputError
-    from RobustMedSAMLib.formats.atomic import atomic_output
+    from RobustMedSAMLib.formats.atomic import atomic_output, sha256_of
     from RobustMedSAMLib.weights.checkpoint import (
         fuse_state_dicts,
         read_state_dict,
         save_state_dict,
     )
-    from RobustMedSAMLib.weights.download import sha256_of
 
     fused = fuse_state_dicts(
         read_state_dict(args.encoder), read_state_dict(args.decoder), args.encoder, args.decoder

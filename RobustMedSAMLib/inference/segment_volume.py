@@ -24,10 +24,11 @@ import numpy as np
 
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.formats.markups import Roi
-from RobustMedSAMLib.inference.propagation import Cancel, Progress, PropagationOptions, propagate
+from RobustMedSAMLib.inference.propagation import PropagationOptions, propagate
 from RobustMedSAMLib.inference.session import SegmentationSession, SessionStats
 from RobustMedSAMLib.inference.slicing import prompts_for_slice, roi_to_slice_box, set_slice
 from RobustMedSAMLib.inference.zoom import crop_volume, zoom_region
+from RobustMedSAMLib.progress import Cancel, Progress
 
 
 @dataclass

@@ -28,6 +28,7 @@ from numpy.lib.format import open_memmap
 
 from RobustMedSAMLib.errors import CancelledError, InputError, OutputError
 from RobustMedSAMLib.formats.atomic import atomic_output
+from RobustMedSAMLib.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def build_cache(
     variants: int,
     model_input: Callable[[int, int], torch.Tensor],
     batch_size: int = 4,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> EmbeddingCache:
     """Compute (or reuse) the cache for ``count`` images x ``variants + 1`` versions.

@@ -35,6 +35,7 @@ from torch import nn
 
 from RobustMedSAMLib.distributed import dist_info
 from RobustMedSAMLib.errors import CancelledError, InputError
+from RobustMedSAMLib.formats.atomic import write_text
 from RobustMedSAMLib.training import checkpointing as ckpt
 from RobustMedSAMLib.training.batches import BatchPlan
 from RobustMedSAMLib.training.config import TrainingConfig
@@ -177,7 +178,7 @@ class Trainer:
             return None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not self.options.resume:
-            ckpt.atomic_write_text(self.run_dir / "config.toml", self.config.to_toml())
+            write_text(self.run_dir / "config.toml", self.config.to_toml())
         handler = logging.FileHandler(self.run_dir / "train.log", encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         handler.setLevel(logging.INFO)
