@@ -28,7 +28,8 @@ def _mount(folder: Path, options: str) -> bool:
 
 
 def _unmount(folder: Path) -> None:
-    subprocess.run(["umount", str(folder)], capture_output=True, check=False)
+    # lazy: a writer that failed may hold a file open until garbage collection
+    subprocess.run(["umount", "-l", str(folder)], capture_output=True, check=False)
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import locale
+
 import numpy as np
 import pytest
 import SimpleITK as sitk  # noqa: N813
@@ -69,7 +71,17 @@ def test_write_then_read_is_identical(tmp_path, suffix):
 
 
 def write_dicom_series(folder, image: sitk.Image, series_uid="1.2.826.0.1.3680043.2.1125.1"):
-    """One DICOM file per slice, with the position/orientation tags of an oblique series."""
+    """One DICOM file per slice, with the position/orientation tags of an oblique series.
+    GDCM's writer sets the process locale to "C" (Python's default text encoding would be
+    ASCII for every later test): the locale is restored."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_dicom_series(folder, image, series_uid)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_series(folder, image: sitk.Image, series_uid: str) -> None:
     folder.mkdir(exist_ok=True)
     direction = np.array(image.GetDirection()).reshape(3, 3)
     spacing = np.array(image.GetSpacing())
