@@ -47,7 +47,8 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Give a temporary path beside ``path`` (same extension) to write to.
 
     On success the temporary file replaces ``path`` (with the umask's usual permissions);
-    on error it is removed and ``path`` is left as it was.
+    on error it is removed and ``path`` is left as it was. A place that cannot take the
+    file (read-only or forbidden folder, full disk) raises OutputError naming ``path``.
     """
     path = Path(path)
     if not path.parent.is_dir():
@@ -88,6 +89,8 @@ def write_refusal(error: BaseException, path: Path, temporary: Path) -> OutputEr
         return OutputError(f"cannot write {target}: {error.strerror}")
     if "os error 28" in str(error) or "No space left" in str(error):
         return OutputError(f"cannot write {path}: No space left on device")
+    if not isinstance(error, (OSError, RuntimeError)):
+        return None  # a writer's bug stays a bug, however full the disk
     try:
         free = shutil.disk_usage(path.parent).free
     except OSError:
