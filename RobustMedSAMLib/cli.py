@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         if error.errno not in WRITE_ERRNOS:
             raise
-        where = error.filename or "an output"  # e.g. a folder made in a read-only place
-        print(f"robustmedsam {args.command}: error: cannot write {where}: {error.strerror}",
-              file=sys.stderr)  # fmt: skip
+        # e.g. a folder made in a read-only place, a file without read permission
+        where = error.filename or "a file"
+        print(f"robustmedsam {args.command}: error: {where}: {error.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"robustmedsam {args.command}: cancelled", file=sys.stderr)
