@@ -241,10 +241,6 @@ class TrainingConfig:
             raise InputError(
                 "data.val_fraction must be in [0, 1) and corruption.clean_fraction in [0, 1]"
             )
-        if c.variants < 0 or p.points < 0 or p.corrections < 0:
-            raise InputError(
-                "corruption.variants, prompts.points and prompts.corrections must be >= 0"
-            )
         if p.points == 0 and p.box_probability < 1:
             raise InputError(
                 "prompts.points = 0 needs prompts.box_probability = 1 (a box every time)"
@@ -261,11 +257,6 @@ class TrainingConfig:
             raise InputError("data.source = 'medsegbench' needs paths = ['..._{size}.npz', ...]")
         if d.source in ("volumes", "regions") and not d.folder:
             raise InputError(f"data.source = '{d.source}' needs folder = '...'")
-        if d.phantom_mix < 0 or d.regions_per_image < 1:
-            raise InputError(
-                f"data.phantom_mix must be >= 0 (got {d.phantom_mix}) and "
-                f"data.regions_per_image >= 1 (got {d.regions_per_image})"
-            )
         if d.phantom_mix and d.source == "phantoms":
             raise InputError(
                 "data.phantom_mix adds phantoms to another source; "
