@@ -2,7 +2,7 @@
 
 Slicer's four classes: ``RobustMedSAM`` (metadata), ``RobustMedSAMWidget`` (the panel,
 built from ``Resources/UI/RobustMedSAM.ui``), ``RobustMedSAMLogic`` (no GUI, no
-algorithm) and ``RobustMedSAMTest`` (an end-to-end self-test with the demo model).
+algorithm) and ``RobustMedSAMTest`` (an end-to-end self-test with the default model).
 
 The Logic turns a volume node into a library ``Volume`` (KJI array + IJK->RAS in world
 RAS), markups nodes into ``VolumePrompts`` (world RAS), runs the library and writes
@@ -140,13 +140,15 @@ class RobustMedSAM(ScriptedLoadableModule):
 class RobustMedSAMParameterNode:
     """The panel's state, saved with the scene.
 
-    input_volume: the volume to segment; segmentation / segmentId: where masks go;
-    positivePoints / negativePoints: include / exclude points; roi: an optional box;
-    modelName, checkpointPath (a file overriding the model's default), device;
+    input_volume: the volume to segment; segmentation / segment_id: where masks go;
+    positive_points / negative_points: include / exclude points; roi: an optional box;
+    model_name, checkpoint_path (a file overriding the model's default), device;
     axis: slicing axis ("view" = the orientation of the view a point is placed in);
-    propagation options (see ``PropagationOptions``); flagScore / flagOverlap: a
-    slice is flagged unsure under either; corruption preview type / severity / seed;
-    fine-tuning data source, folder, config and output folder.
+    auto_update, overwrite_other_segments, use_editor_masking: how results are written;
+    projection ... zoom_to_box: propagation options (see ``PropagationOptions``);
+    flag_score / flag_overlap: a slice is flagged unsure under either; corruption /
+    severity / corruption_seed: the preview; finetune_source, finetune_data_folder,
+    finetune_config, finetune_output: fine-tuning.
     """
 
     input_volume: slicer.vtkMRMLScalarVolumeNode
@@ -155,7 +157,7 @@ class RobustMedSAMParameterNode:
     positive_points: slicer.vtkMRMLMarkupsFiducialNode
     negative_points: slicer.vtkMRMLMarkupsFiducialNode
     roi: slicer.vtkMRMLMarkupsROINode
-    model_name: Annotated[str, Choice(MODEL_NAMES)] = "demo"
+    model_name: Annotated[str, Choice(MODEL_NAMES)] = "litemedsam"
     checkpoint_path: str = ""
     device: Annotated[str, Choice(DEVICES)] = "auto"
     axis: Annotated[str, Choice(AXES)] = "view"
@@ -293,7 +295,7 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
 
     def load_model(
         self,
-        model_name: str = "demo",
+        model_name: str = "litemedsam",
         checkpoint: str | os.PathLike | None = None,
         device: str = "auto",
         encoder: str | os.PathLike | None = None,
@@ -313,7 +315,7 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
     def start_session(
         self,
         volume_node,
-        model_name: str = "demo",
+        model_name: str = "litemedsam",
         checkpoint: str | os.PathLike | None = None,
         device: str = "auto",
         axis: str | int = "axial",
@@ -753,11 +755,12 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
             node.CreateDefaultDisplayNodes()
         return node
 
-    def corrupted_copy(self, volume_node, name: str, severity: int, seed: int = 0):
+    def corrupted_copy(self, volume_node, name: str, severity: int, seed: int = 0, array=None):
         """A new volume node: a corrupted copy of ``volume_node`` (the original is left
-        untouched). Named ``<volume> <corruption> s<severity>``."""
-        volume = self.volume_from_node(volume_node)
-        array = self.corrupted_array(volume, name, severity, seed)
+        untouched), named ``<volume> <corruption> s<severity>``. ``array``: the corrupted
+        voxels when already computed (the panel computes them in the background)."""
+        if array is None:
+            array = self.corrupted_array(self.volume_from_node(volume_node), name, severity, seed)
         return self.add_volume_like(
             volume_node, array, f"{volume_node.GetName()} {name} s{int(severity)}"
         )
@@ -1008,7 +1011,6 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._observed_markups: list = []
         self._dependencies_checked = False
         self._finetune = None
-        self._finetune_out: Path | None = None
 
     # --- set-up ----------------------------------------------------------------------
 
@@ -1705,11 +1707,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 name, severity, seed = node.corruption, node.severity, node.corruption_seed
 
                 def corrupted(array) -> None:
-                    copy = self.logic.add_volume_like(
-                        node.input_volume,
-                        array,
-                        f"{node.input_volume.GetName()} {name} s{severity}",
-                    )
+                    copy = self.logic.corrupted_copy(node.input_volume, name, severity, array=array)
                     other = self.logic.preview_session(session, copy)
                     self._run(
                         "Segmenting clean and corrupted",
@@ -1778,26 +1776,25 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 run.with_suffix(".toml"), data, node.finetune_config or None
             )
             self._finetune = self.logic.start_finetune(config, run)
-            self._finetune_out = run
             self.ui.finetuneProgressBar.value = 0
             self.ui.finetuneStatusLabel.text = "Fine-tuning started."
             self._finetuneTimer.start()
         self._updateButtons()
 
     def _pollFinetune(self) -> None:
-        from RobustMedSAMLib.training.process import progress_of
+        from RobustMedSAMLib.training.process import describe, progress_of
 
         process = self._finetune
         if process is None:
             self._finetuneTimer.stop()
             return
         for event in process.poll():
+            self.ui.finetuneStatusLabel.text = describe(event)
             done_total = progress_of(event)
             if done_total is not None:
                 done, total = done_total
                 self.ui.finetuneProgressBar.maximum = max(1, total)
                 self.ui.finetuneProgressBar.value = done
-                self.ui.finetuneStatusLabel.text = f"Step {done} / {total}"
         if process.running:
             return
         self._finetuneTimer.stop()
@@ -1941,7 +1938,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class RobustMedSAMTest(ScriptedLoadableModuleTest):
-    """End-to-end self-test in Slicer with the bundled demo model (Developer mode >
+    """End-to-end self-test in Slicer with the default model, LiteMedSAM (Developer mode >
     Reload and Test). The same steps run headless in Testing/test_slicer_module_ui.py."""
 
     def setUp(self) -> None:
@@ -1949,14 +1946,14 @@ class RobustMedSAMTest(ScriptedLoadableModuleTest):
 
     def runTest(self) -> None:
         self.setUp()
-        self.test_end_to_end_with_demo_model()
+        self.test_end_to_end_with_the_default_model()
 
     def reload_segmentation(self, path: Path):
         """Load a .seg.nrrd as a new segmentation node (Slicer's loader)."""
         return slicer.util.loadSegmentation(str(path))
 
-    def test_end_to_end_with_demo_model(self) -> None:
-        """Phantom volume -> point at its centre -> propagate -> Dice >= 0.8 -> undo
+    def test_end_to_end_with_the_default_model(self) -> None:
+        """Phantom volume -> ROI around the ball -> propagate -> Dice >= 0.8 -> undo
         restores the empty segment -> save .seg.nrrd -> reload gives the same mask."""
         import tempfile
 
@@ -1964,13 +1961,16 @@ class RobustMedSAMTest(ScriptedLoadableModuleTest):
         from RobustMedSAMLib.inference.segment_volume import SegmentOptions
 
         self.delayDisplay("Starting the RobustMedSAM end-to-end test")
-        phantom = sphere((40, 96, 96), (1.0, 1.0, 2.0), radius=22.0, seed=101)
+        # 4 mm slices: the ball spans 11 of them (LiteMedSAM encodes each in about 1.5 s)
+        phantom = sphere((14, 96, 96), (1.0, 1.0, 4.0), radius=22.0, seed=101)
         volume_node = slicer.util.addVolumeFromArray(phantom.image, name="phantom")
         volume_node.SetIJKToRASMatrix(_vtk_matrix(phantom.ijk_to_ras))
-        centre_kji = np.argwhere(phantom.mask).mean(axis=0)
-        centre_ras = phantom.ijk_to_ras @ np.r_[centre_kji[::-1], 1.0]
-        points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "include")
-        points.AddControlPoint(*map(float, centre_ras[:3]))
+        kji = np.argwhere(phantom.mask)
+        corners_ijk = np.c_[[kji.min(axis=0)[::-1] - 1.0, kji.max(axis=0)[::-1] + 1.0], [1, 1]]
+        corners = (phantom.ijk_to_ras @ corners_ijk.T)[:3]
+        roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+        roi.SetCenter(*map(float, corners.mean(axis=1)))
+        roi.SetSize(*map(float, np.abs(corners[:, 1] - corners[:, 0])))
         segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
         segmentation.CreateDefaultDisplayNodes()
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
@@ -1978,8 +1978,8 @@ class RobustMedSAMTest(ScriptedLoadableModuleTest):
         self.assertEqual(segment_id, "sphere")
 
         logic = RobustMedSAMLogic()
-        session = logic.start_session(volume_node, "demo", device="cpu", axis="axial")
-        prompts = logic.prompts_from_nodes(points, None, None)
+        session = logic.start_session(volume_node, "litemedsam", device="cpu", axis="axial")
+        prompts = logic.prompts_from_nodes(None, None, roi)
         scores = logic.segment(
             session, prompts, SegmentOptions(propagate=True), segmentation, segment_id
         )

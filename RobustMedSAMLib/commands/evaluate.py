@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from RobustMedSAMLib.commands._progress import meet_all_ranks, progress_bar
 from RobustMedSAMLib.names import FIRST_PROMPTS as PROMPTS
 from RobustMedSAMLib.names import PROJECTIONS, PROTOCOLS
 
@@ -27,8 +28,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         required=True,
         metavar="SPEC",
-        help="[LABEL=]NAME[:CHECKPOINT] or [LABEL=]fused:ENCODER+DECODER; NAME: sam, medsam, "
-        "robustsam, medicosam, fused, demo (repeat to compare)",
+        help="[LABEL=]NAME[:CHECKPOINT] or [LABEL=]fused:ENCODER+DECODER; NAME: litemedsam, sam, "
+        "medsam, robustsam, medicosam, fused (repeat to compare)",
     )
     parser.add_argument("--checkpoint", type=Path, help="checkpoint for a single --model NAME")
     parser.add_argument(
@@ -149,8 +150,9 @@ def run(args: argparse.Namespace) -> int:
             _write_timings(args.out, result.times)
         for label in result.missing:
             print(f"model {label}: checkpoint missing (reported in the summary)", file=sys.stderr)
-        if info.distributed and not _all_ranks_done(info):
-            return 0
+        later = "robustmedsam evaluate ... --report-only"
+        if info.distributed and not (meet_all_ranks(info, later) and info.main):
+            return 0  # rank 0 merges and reports for all
         merge_parts(args.out)
     files = write_report(args.out)
     print(f"summary: {files.summary}")
@@ -173,35 +175,12 @@ def _prepare_out(out: Path) -> None:
     check_writable(out)
 
 
-def _all_ranks_done(info) -> bool:
-    """Under torchrun: wait for every rank (gloo, hours allowed); True on rank 0, which
-    then merges and reports for all. Ranks started by hand cannot meet: False."""
-    from RobustMedSAMLib import distributed
-
-    if not distributed.init_process_group("cpu", distributed.BARRIER_TIMEOUT):
-        print(f"rank {info.rank}: share finished; once every rank has, "
-              "`robustmedsam evaluate ... --report-only` merges and reports")  # fmt: skip
-        return False
-    distributed.barrier()  # every rank's part files are complete
-    main = info.main
-    distributed.destroy_process_group()
-    return main
-
-
 def _run_with_progress(specs, cases, args: argparse.Namespace, options, info):
-    from tqdm import tqdm
-
     from RobustMedSAMLib.evaluation.parallel import run_parallel
 
     quiet = args.no_progress
     unit = "cell" if args.workers == 1 and not info.distributed else "worker"
-    with tqdm(total=0, unit=unit, disable=quiet, desc="evaluate") as bar:
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
+    with progress_bar("evaluate", unit, disable=quiet) as progress:
         return run_parallel(
             specs, cases, args.out, options, args.device, args.workers, info, progress
         )

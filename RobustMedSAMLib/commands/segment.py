@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from RobustMedSAMLib.commands._progress import meet_all_ranks, progress_bar
 from RobustMedSAMLib.names import AXIS_NAMES, MODEL_NAMES, PROJECTIONS
 
 BATCH_HELP = (
@@ -41,7 +42,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="the prompts (RAS) of an earlier run's record, e.g. on another volume or model",
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="demo", choices=MODEL_NAMES, help="default: demo")
+    model.add_argument(
+        "--model", default="litemedsam", choices=MODEL_NAMES, help="default: litemedsam"
+    )
     model.add_argument("--checkpoint", type=Path, help="checkpoint file (overrides the registry)")
     model.add_argument("--encoder", type=Path, help="fused: MedSAM checkpoint for the encoder")
     model.add_argument("--decoder", type=Path, help="fused: RobustSAM checkpoint for the decoder")
@@ -119,11 +122,10 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def _run_single(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from RobustMedSAMLib.errors import InputError
     from RobustMedSAMLib.formats.volume import read_volume
     from RobustMedSAMLib.inference.batch import CaseSegmenter, read_prompts
+    from RobustMedSAMLib.inference.slicing import axis_index, check_slice_size
 
     if args.replay and (args.points or args.negative or args.box):
         raise InputError("give either --replay or --points/--negative/--box, not both")
@@ -132,6 +134,7 @@ def _run_single(args: argparse.Namespace) -> int:
     if not args.out.parent.is_dir():
         raise InputError(f"output folder does not exist: {args.out.parent}")
     volume = read_volume(args.volume)
+    check_slice_size(volume, axis_index(volume, args.axis))  # before the model loads
     if args.replay:
         from RobustMedSAMLib.inference.segment_volume import read_record_prompts
 
@@ -141,13 +144,7 @@ def _run_single(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     settings.options()
     segmenter = CaseSegmenter(settings)
-    with tqdm(desc="propagating", unit="slice", disable=not args.propagate) as bar:
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
+    with progress_bar("propagating", "slice", disable=not args.propagate) as progress:
         result, record, session = segmenter.segment(volume, prompts, args.volume, progress)
     segmenter.write(args.out, result, volume, record)
     print(
@@ -159,8 +156,6 @@ def _run_single(args: argparse.Namespace) -> int:
 
 def _run_batch(args: argparse.Namespace) -> int:
     import sys
-
-    from tqdm import tqdm
 
     from RobustMedSAMLib import distributed
     from RobustMedSAMLib.errors import InputError
@@ -182,24 +177,15 @@ def _run_batch(args: argparse.Namespace) -> int:
     if args.status:
         return _print_status(write_status(args.out_dir, cases), args.out_dir)
     info = distributed.dist_info()
-    with tqdm(desc="cases", unit="case", file=sys.stderr) as bar:
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
+    with progress_bar("cases", "case") as progress:
         summary = run_batch(cases, args.out_dir, settings_from_args(args), args.workers, info,
                             progress)  # fmt: skip
     print(summary.line())
     for outcome in summary.failed:
         print(f"failed {outcome.case}: {outcome.error}", file=sys.stderr)
     if info.distributed:
-        if not distributed.init_process_group("cpu", distributed.BARRIER_TIMEOUT):
-            print(f"rank {info.rank}: share finished; once every rank has, "
-                  "`robustmedsam segment --cases ... --out-dir ... --status` sums up")  # fmt: skip
+        if not meet_all_ranks(info, "robustmedsam segment --cases ... --out-dir ... --status"):
             return 1 if summary.failed else 0
-        distributed.barrier()  # every rank's files are written
         if not info.main:
             return 0  # rank 0 reports for all; a non-zero exit would stop the job early
     return _print_status(write_status(args.out_dir, cases), args.out_dir)

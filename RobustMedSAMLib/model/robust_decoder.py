@@ -125,7 +125,6 @@ class FourierModulation(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv_layer = nn.Conv2d(2 * channels, 2 * channels, kernel_size=1)
-        self.softmax = nn.Softmax(dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -183,8 +182,6 @@ class TokenBlock(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(mlp_dim, mlp_dim), nn.ReLU(), nn.Linear(mlp_dim, mlp_dim * num_tokens)
         )
-        self.IN_layer_I = nn.InstanceNorm1d(num_tokens)
-        self.IN_layer_II = nn.InstanceNorm1d(num_tokens)
 
     def forward(self, token: torch.Tensor) -> torch.Tensor:
         """token: ``B x C`` -> ``B x C``: twice normalised, first quarter through the MLP."""

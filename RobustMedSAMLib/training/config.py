@@ -106,7 +106,7 @@ class PromptSection:
     positive points, then ``corrections`` iterative correction points. ``multimask``: a
     lone first point is trained as SAM trained it, on the three candidate masks that
     inference decodes for it (the best one's loss, every candidate's IoU score); off:
-    on the single-mask output, as before (see the README for when each does better)."""
+    on the single-mask output only (docs/fine-tuning.md says when each does better)."""
 
     box_probability: float = 0.5
     box_jitter: float = 0.1
@@ -226,7 +226,7 @@ class TrainingConfig:
         _choice("data.axis", d.axis, tuple(AXES))
         _choice("data.phantom_scenes", d.phantom_scenes, ("organs", "mixed"))
         _choice("model.init", m.init, ("checkpoint", "random"))
-        _choice("model.preprocessing", m.preprocessing, ("medsam", "sam"))
+        _choice("model.preprocessing", m.preprocessing, ("medsam", "sam", "litemedsam"))
         _choice("train.export", t.export, ("safetensors", "pth"))
         if m.init == "random":
             _choice("model.size", m.size, ("tiny", "vit_b"))

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import locale
-
 import numpy as np
 import pytest
 import SimpleITK as sitk  # noqa: N813
 from scipy.spatial.transform import Rotation
 from slicer_headless import add_volume, ijk_to_ras_of, slicer_scene_fixture
+from volumes import keeping_locale
 
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.formats.volume import Volume, read_volume, write_volume
@@ -71,17 +70,7 @@ def test_write_then_read_is_identical(tmp_path, suffix):
 
 
 def write_dicom_series(folder, image: sitk.Image, series_uid="1.2.826.0.1.3680043.2.1125.1"):
-    """One DICOM file per slice, with the position/orientation tags of an oblique series.
-    GDCM's writer sets the process locale to "C" (Python's default text encoding would be
-    ASCII for every later test): the locale is restored."""
-    saved = locale.setlocale(locale.LC_ALL)
-    try:
-        _write_dicom_series(folder, image, series_uid)
-    finally:
-        locale.setlocale(locale.LC_ALL, saved)
-
-
-def _write_dicom_series(folder, image: sitk.Image, series_uid: str) -> None:
+    """One DICOM file per slice, with the position/orientation tags of an oblique series."""
     folder.mkdir(exist_ok=True)
     direction = np.array(image.GetDirection()).reshape(3, 3)
     spacing = np.array(image.GetSpacing())
@@ -103,7 +92,8 @@ def _write_dicom_series(folder, image: sitk.Image, series_uid: str) -> None:
         writer = sitk.ImageFileWriter()
         writer.KeepOriginalImageUIDOn()
         writer.SetFileName(str(folder / f"{series_uid[-3:]}_{k:03d}.dcm"))
-        writer.Execute(slice_)
+        with keeping_locale():  # GDCM's writer sets the locale to "C"
+            writer.Execute(slice_)
 
 
 def test_dicom_series_folder(tmp_path):
