@@ -16,7 +16,16 @@ from RobustMedSAMLib import __version__
 from RobustMedSAMLib.errors import RobustMedSAMError
 from RobustMedSAMLib.formats.atomic import WRITE_ERRNOS
 
-COMMANDS = ("segment", "corrupt", "corruptions", "models", "fuse", "evaluate", "finetune")
+COMMANDS = (
+    "segment",
+    "corrupt",
+    "corruptions",
+    "models",
+    "fuse",
+    "evaluate",
+    "finetune",
+    "serve",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
