@@ -309,7 +309,13 @@ def _merge_layers(
 
 
 def write_case(out: Path, mask, volume, record: dict[str, Any], segment_name: str) -> None:
-    """Write the ``(K, J, I)`` mask as a one-segment segmentation, then ``OUT.json``."""
+    """Write the ``(K, J, I)`` mask as a one-segment segmentation, then ``OUT.json``
+    (each atomically); when the record cannot be written the segmentation is removed
+    again (a batch case is finished only with both)."""
     segment = Segment(1, segment_name, (0.5, 0.68, 0.5))
     write_segmentation(out, mask.astype("uint8"), volume, [segment])
-    write_json(Path(out).with_name(out.name + ".json"), record)
+    try:
+        write_json(Path(out).with_name(Path(out).name + ".json"), record)
+    except Exception:
+        Path(out).unlink(missing_ok=True)
+        raise

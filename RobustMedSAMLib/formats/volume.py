@@ -18,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk  # noqa: N813 - the name every SimpleITK user knows
 
 from RobustMedSAMLib.errors import InputError
-from RobustMedSAMLib.formats.atomic import atomic_output
+from RobustMedSAMLib.formats.atomic import atomic_output, write_refusal
 from RobustMedSAMLib.formats.nifti import (
     check_complete,
     copy_placements,
@@ -182,6 +182,24 @@ def sitk_path(path: str | os.PathLike) -> str:
         ) from None
 
 
+def check_image_file(path: str | os.PathLike) -> None:
+    """Raise InputError unless ``path`` (an existing file) is an image SimpleITK can read;
+    reads only the header. A folder (DICOM series) and a missing path are left to
+    :func:`read_volume`."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise InputError(
+            f"{path} is not an image ({_sitk_message(error)}): give a NRRD, NIfTI or MHA "
+            "file, or a folder holding one DICOM series"
+        ) from None
+
+
 def _sitk_message(error: Exception) -> str:
     """The ``sitk::ERROR`` line of a SimpleITK exception, without the C++ location."""
     text = str(error)
@@ -337,6 +355,9 @@ def write_volume(
         try:
             sitk.WriteImage(to_sitk(volume), sitk_path(temporary), compress)
         except RuntimeError as error:
+            refusal = write_refusal(error, path, temporary)  # a full disk, named as such
+            if refusal is not None:
+                raise refusal from None
             raise InputError(f"cannot write volume {path}: {_sitk_message(error)}") from None
         if placements_from is not None and is_nifti(path) and is_nifti(placements_from):
             copy_placements(placements_from, temporary)

@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from RobustMedSAMLib.distributed import DistInfo, dist_info, shard, threads_per_worker
-from RobustMedSAMLib.errors import CancelledError, InputError
-from RobustMedSAMLib.formats.atomic import full_suffix, write_json
+from RobustMedSAMLib.errors import CancelledError, InputError, OutputError, RobustMedSAMError
+from RobustMedSAMLib.formats.atomic import check_writable, full_suffix, write_json
 from RobustMedSAMLib.formats.segmentation import write_case
-from RobustMedSAMLib.formats.volume import VOLUME_SUFFIXES, volume_name
+from RobustMedSAMLib.formats.volume import VOLUME_SUFFIXES, check_image_file, volume_name
 from RobustMedSAMLib.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,10 @@ def read_cases(source: str | os.PathLike) -> list[BatchCase]:
 
     CSV: a header with ``volume`` and any of ``points``, ``negative``, ``box``, ``out``;
     relative paths are relative to the CSV's folder; ``out`` defaults to the volume's
-    name + ``.seg.nrrd``. Raises InputError for a malformed list (missing column, a case
-    without prompt, duplicate output names); a missing volume only fails that case.
+    name + ``.seg.nrrd``. Raises InputError for a malformed list (not a text CSV, a
+    missing column, a case without prompt, an output name that is not a plain file name,
+    duplicate output names, a volume file that is not an image); a missing volume only
+    fails that case.
     """
     source = Path(source)
     if source.is_dir():
@@ -87,20 +89,36 @@ def read_cases(source: str | os.PathLike) -> list[BatchCase]:
     if not cases:
         raise InputError(f"no cases in {source}: see `robustmedsam segment --help` for the layout")
     _check_outputs(cases)
+    for case in cases:
+        check_image_file(case.volume)
     return cases
 
 
 def _cases_from_csv(path: Path) -> list[BatchCase]:
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        unknown = sorted(set(columns) - set(CASE_COLUMNS))
-        if "volume" not in columns or unknown:
-            raise InputError(
-                f"{path}: the header must name a 'volume' column and only these: "
-                f"{', '.join(CASE_COLUMNS)} (got {', '.join(columns) or 'nothing'})"
-            )
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            return _cases_from_rows(path, handle)
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise InputError(f"{path} is not a CSV case list ({error})") from None
+    except OSError as error:
+        raise InputError(f"cannot read case list {path}: {error.strerror}") from None
+
+
+def _cases_from_rows(path: Path, handle) -> list[BatchCase]:
+    reader = csv.DictReader(handle)
+    columns = [c.strip() for c in reader.fieldnames or []]
+    unknown = sorted(set(columns) - set(CASE_COLUMNS))
+    if "volume" not in columns or unknown or len(set(columns)) != len(columns):
+        raise InputError(
+            f"{path}: the header must name a 'volume' column and only these, once each: "
+            f"{', '.join(CASE_COLUMNS)} (got {_shorten(', '.join(columns)) or 'nothing'})"
+        )
+    rows = []
+    for row in reader:
+        extra = row.pop(None, None)  # values beyond the header's columns
+        if extra and any(v.strip() for v in extra):
+            raise InputError(f"{path} line {reader.line_num}: more values than columns")
+        rows.append({k.strip(): (v or "").strip() for k, v in row.items() if k})
 
     def where(text: str) -> Path | None:
         return None if not text else (path.parent / text).expanduser()
@@ -117,6 +135,11 @@ def _cases_from_csv(path: Path) -> list[BatchCase]:
             raise InputError(f"{path} line {line}: no prompt (give points and/or box)")
         cases.append(case)
     return cases
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _cases_from_folder(folder: Path) -> list[BatchCase]:
@@ -151,13 +174,28 @@ def _find_volume(folder: Path, stem: str) -> Path:
 def _check_outputs(cases: Sequence[BatchCase]) -> None:
     seen: set[str] = set()
     for case in cases:
-        if Path(case.out).name != case.out or case.out.startswith("."):
-            raise InputError(f"output name {case.out!r}: give a plain file name, no folder")
+        if not _plain_name(case.out):
+            raise InputError(
+                f"output name {_shorten(case.out)!r}: give a plain file name (letters, digits, "
+                "'-', '_', '.', spaces; no folder, not starting with '.')"
+            )
         if full_suffix(case.out) not in OUT_SUFFIXES:
             raise InputError(f"output name {case.out!r}: end it in {', '.join(OUT_SUFFIXES)}")
         if case.out in seen:
             raise InputError(f"two cases write {case.out}: give each a distinct out name")
         seen.add(case.out)
+
+
+def _plain_name(name: str) -> bool:
+    """A file name that stays inside the output folder on any system."""
+    forbidden = set('/\\:*?"<>|')
+    return (
+        bool(name)
+        and not name.startswith(".")
+        and name == name.strip()
+        and len(name.encode("utf-8", "surrogatepass")) <= 200
+        and all(c.isprintable() and c not in forbidden for c in name)
+    )
 
 
 # --- files of a case --------------------------------------------------------------------
@@ -425,6 +463,7 @@ def run_batch(
         raise InputError(f"output folder does not exist: {out_dir}")
     if workers < 1:
         raise InputError("--workers must be >= 1")
+    check_writable(out_dir)
     settings.options()
     settings.check_model_files()
     mine = shard(cases, info.rank, info.world)
@@ -489,6 +528,8 @@ def _run_pool(todo, out_dir, settings, workers, info, report) -> None:
                 report(future.result())
             except BrokenProcessPool:
                 report(CaseOutcome(case.name, "failed", error="a worker process died"))
+            except OutputError:
+                raise  # the output folder takes no more files: the other cases would fail too
             except Exception as error:  # noqa: BLE001 - a failed case must not stop the rest
                 report(CaseOutcome(case.name, "failed", error=f"{type(error).__name__}: {error}"))
 
@@ -534,8 +575,8 @@ def process_case(
         result, record, _ = segmenter.segment(volume, prompts, case.volume)
         record["batch"] = _where(info)
         segmenter.write(out, result, volume, record)
-    except (CancelledError, KeyboardInterrupt):
-        raise
+    except (CancelledError, KeyboardInterrupt, OutputError):
+        raise  # OutputError: the folder takes no more files; finished cases are kept
     except Exception as error:  # noqa: BLE001 - a failed case must not stop the rest
         log.warning("case %s failed: %s", case.name, error)
         _record_failure(out_dir, case, error, info)
@@ -555,5 +596,7 @@ def _record_failure(out_dir: Path, case: BatchCase, error: BaseException, info: 
              "type": type(error).__name__, **_where(info), "time": time.time()}  # fmt: skip
     try:
         write_json(path, value)
-    except OSError as write_error:
+    except OutputError:
+        raise
+    except (OSError, RobustMedSAMError) as write_error:
         log.error("cannot record the failure of %s: %s", case.name, write_error)

@@ -61,16 +61,36 @@ def read_record_prompts(path: str | Path) -> VolumePrompts:
         return VolumePrompts(
             positive=_points(stored.get("positive")),
             negative=_points(stored.get("negative")),
-            roi=Roi(**{k: np.asarray(v, float) for k, v in roi.items()}) if roi else None,
+            roi=_roi(roi) if roi else None,
         )
     except FileNotFoundError:
         raise InputError(f"run record not found: {path}") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
         raise InputError(f"{path}: not a robustmedsam run record ({error})") from None
 
 
+def _roi(stored: dict[str, Any]) -> Roi:
+    """A record's ROI: ``center_ras`` 3 numbers, ``size`` 3 mm >= 0, ``axes_ras`` a 3x3
+    rotation (unit columns, orthogonal); ValueError naming what is wrong."""
+    center = np.asarray(stored["center_ras"], float).reshape(3)
+    size = np.asarray(stored["size"], float).reshape(3)
+    axes = np.asarray(stored["axes_ras"], float).reshape(3, 3)
+    if not (np.isfinite(center).all() and np.isfinite(size).all() and np.isfinite(axes).all()):
+        raise ValueError("the ROI has non-finite numbers")
+    if (size < 0).any():
+        raise ValueError(f"the ROI size {size.tolist()} is negative")
+    if not np.allclose(axes.T @ axes, np.eye(3), atol=1e-4):
+        raise ValueError("the ROI axes_ras are not orthogonal unit vectors")
+    return Roi(center_ras=center, size=size, axes_ras=axes)
+
+
 def _points(values: Any) -> np.ndarray | None:
-    return None if values is None else np.asarray(values, float).reshape(-1, 3)
+    if values is None:
+        return None
+    points = np.asarray(values, float).reshape(-1, 3)
+    if not np.isfinite(points).all():
+        raise ValueError("a point has non-finite coordinates")
+    return points
 
 
 @dataclass

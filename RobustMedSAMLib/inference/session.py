@@ -88,7 +88,11 @@ class SegmentationSession:
         self.window = window or auto_window(volume.array)
         self.cache_bytes = cache_bytes
         self.disk_cache = Path(disk_cache) if disk_cache else None
+        if self.disk_cache is not None and self.disk_cache.exists():
+            if not self.disk_cache.is_dir():
+                raise InputError(f"embedding cache {self.disk_cache} is a file: give a folder")
         self.model_id = model_id
+        self._shapes: dict[str, tuple[int, ...]] | None = None  # of the features seen
         self.stats = SessionStats()
         self._cache: OrderedDict[int, EncodedSlice] = OrderedDict()
         self._clicks: dict[int, _Clicks] = {}
@@ -122,6 +126,9 @@ class SegmentationSession:
             self.stats.encoder_seconds += time.perf_counter() - start
             self.stats.encoder_calls += 1
             self.stats.encoded.append(index)
+            self._shapes = {"embedding": tuple(encoded.features.embedding.shape)}
+            if encoded.features.robust is not None:
+                self._shapes["robust"] = tuple(encoded.features.robust.shape)
             self._save_to_disk(index, encoded)
         self._remember(index, encoded)
         return encoded
@@ -224,10 +231,43 @@ class SegmentationSession:
         except (SafetensorError, OSError) as error:
             log.warning("ignoring unreadable cache file %s: %s", path, error)
             return None
+        problem = self._cache_file_problem(index, tensors)
+        if problem:
+            log.warning("ignoring cache file %s (%s); encoding the slice again", path, problem)
+            return None
         frame = tensors.pop("frame").tolist()
         features = ImageFeatures(tensors["embedding"], tensors.get("robust"))
         self.stats.disk_hits += 1
         return EncodedSlice(features, Frame(tuple(frame[:2]), tuple(frame[2:])))
+
+    def _cache_file_problem(self, index: int, tensors: dict[str, torch.Tensor]) -> str:
+        """What makes a cache file unusable for slice ``index`` ('' when nothing): the
+        names, a frame ``(rows, cols, input rows, input cols)`` of this slice, finite
+        float features of the shapes this session has seen."""
+        if not {"embedding", "frame"} <= set(tensors) <= {"embedding", "frame", "robust"}:
+            return f"tensors {sorted(tensors)}"
+        frame = tensors["frame"]
+        rows_cols = tuple(self.slice_image(index).shape)
+        if (
+            frame.shape != (4,)
+            or frame.is_floating_point()
+            or tuple(frame[:2].tolist()) != (rows_cols)
+        ):
+            return f"frame {frame.tolist()} is not that of a {rows_cols} slice"
+        features = {k: v for k, v in tensors.items() if k != "frame"}
+        for name, tensor in features.items():
+            if not tensor.is_floating_point() or tensor.ndim != 4 or not tensor.isfinite().all():
+                return f"{name} is not finite 4-D features"
+        shapes = {k: tuple(v.shape) for k, v in features.items()}
+        config = getattr(getattr(self.predictor, "model", None), "config", None)
+        if config is not None:  # a SAM-family model: 1 x C x E x E embeddings
+            size = config.embedding_size
+            if shapes["embedding"] != (1, config.prompt_embed_dim, size, size):
+                return f"embedding of shape {shapes['embedding']} is not this model's"
+        if self._shapes is not None and shapes != self._shapes:
+            return f"shapes {shapes} differ from {self._shapes}"
+        self._shapes = shapes
+        return ""
 
     def _save_to_disk(self, index: int, encoded: EncodedSlice) -> None:
         path = self._disk_path(index)
@@ -235,7 +275,12 @@ class SegmentationSession:
             return
         from safetensors.torch import save_file
 
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise InputError(
+                f"cannot write the embedding cache {self.disk_cache}: {error.strerror}"
+            ) from None
         frame = torch.tensor([*encoded.frame.original_size, *encoded.frame.input_size])
         tensors = {"embedding": encoded.features.embedding.cpu().contiguous(), "frame": frame}
         if encoded.features.robust is not None:

@@ -546,6 +546,23 @@ def test_scene_segments_are_found_and_exported_for_fine_tuning(phantom_scene, tm
     np.testing.assert_allclose(labels.ijk_to_ras, oblique_matrix(), atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["../../x", "..", "a/../../b", "C:\\evil", ".hidden"])
+def test_a_segment_name_cannot_lead_an_export_out_of_its_folder(phantom_scene, tmp_path, name):
+    ns = phantom_scene
+    segment_id, _ = run(ns, segment_name=name)
+    ns.volume_node.SetName("")
+    folder = tmp_path / "a" / "b" / "data"
+    pytest.importorskip("RobustMedSAMLib.training.export")
+    try:
+        ns.logic.export_training_pair(ns.volume_node, ns.segmentation, segment_id, folder)
+    except InputError as error:  # a name with nothing usable in it
+        assert "file name" in str(error)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert all(folder in p.parents for p in written), written
+    with pytest.raises(InputError, match="file name"):  # given as the file name itself
+        ns.logic.export_training_pair(ns.volume_node, ns.segmentation, segment_id, folder, name)
+
+
 def test_no_segment_in_the_scene_is_a_clear_error(slicer_scene, tmp_path):
     with pytest.raises(InputError, match="no segmentation in the scene"):
         module.RobustMedSAMLogic().export_scene_training_data(tmp_path)
