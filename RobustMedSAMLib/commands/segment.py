@@ -65,7 +65,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run_group.add_argument("--iou-threshold", type=float, default=0.8, help="stop rule (0..1)")
     run_group.add_argument("--min-score", type=float, default=0.0, help="stop on predicted IoU")
     run_group.add_argument("--bounds", type=int, nargs=2, metavar=("FIRST", "LAST"))
-    run_group.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"))
+    run_group.add_argument(
+        "--window",
+        nargs="+",
+        metavar="PRESET|LO,HI",
+        help="intensity window: soft_tissue (40/400 HU), lung, bone, brain, mr (0.5..99.5 "
+        "percentiles), auto (default: soft_tissue for CT, mr otherwise) or LO,HI "
+        "(also LO HI; write --window=-160,240 when LO is negative)",
+    )
     run_group.add_argument("--segment-name", default="Segment_1")
     run_group.add_argument("--cache-dir", type=Path, help="disk cache for slice embeddings")
     batch = parser.add_argument_group("batch (many cases; see below)")
@@ -111,10 +118,22 @@ def settings_from_args(args: argparse.Namespace):
         iou_threshold=args.iou_threshold,
         min_score=args.min_score,
         bounds=tuple(args.bounds) if args.bounds else None,
-        window=tuple(args.window) if args.window else None,
+        window=window_arg(args.window),
         segment_name=args.segment_name,
         cache_dir=args.cache_dir,
     )
+
+
+def window_arg(values: list[str] | None):
+    """``--window`` tokens -> a preset name or ``(low, high)`` (InputError when unusable)."""
+    from RobustMedSAMLib.errors import InputError
+    from RobustMedSAMLib.inference.preprocessing import parse_window
+
+    if not values:
+        return None
+    if len(values) > 2:
+        raise InputError(f"--window {' '.join(values)}: give one PRESET, LO,HI or LO HI")
+    return parse_window(values[0] if len(values) == 1 else values)
 
 
 def _run_single(args: argparse.Namespace) -> int:
