@@ -1586,7 +1586,9 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             stop_between_seeds=node.stop_between_seeds,
         )
         options.validate()
-        return SegmentOptions(propagate=propagate, propagation=options, zoom=node.zoom_to_box)
+        return SegmentOptions(
+            propagate=propagate, propagation=options, zoom=node.zoom_to_box or "auto"
+        )
 
     def _ensureSegmentation(self) -> None:
         node = self._parameterNode

@@ -50,11 +50,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run_group = parser.add_argument_group("slicing and propagation")
     run_group.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"))
     run_group.add_argument("--propagate", action="store_true", help="propagate into 3D")
-    run_group.add_argument(
+    zoom = run_group.add_mutually_exclusive_group()
+    zoom.add_argument(
         "--zoom",
-        action="store_true",
-        help="with --box: segment on a crop around the box (for structures small against "
-        "the slice, e.g. lateral ventricles in a head scan)",
+        action="store_const",
+        const=True,
+        default="auto",
+        help="with --box: always segment on a crop around the box (default: only when the "
+        "box is under a quarter of the slice, e.g. a lung nodule or the lateral ventricles)",
+    )
+    zoom.add_argument(
+        "--no-zoom", dest="zoom", action="store_const", const=False, help="never zoom"
     )
     run_group.add_argument(
         "--projection",

@@ -207,7 +207,7 @@ class SegmentSettings:
     fast_cpu: bool = False
     axis: str = "axial"
     propagate: bool = False
-    zoom: bool = False
+    zoom: bool | str = "auto"  # True: always with a box; False: never; "auto": small boxes
     projection: str = "mask"
     iou_threshold: float = 0.8
     min_score: float = 0.0
@@ -232,7 +232,7 @@ class SegmentSettings:
                 bounds=tuple(self.bounds) if self.bounds else None,
             ),
         )
-        options.propagation.validate()
+        options.validate()
         if self.window is not None:
             parse_window(self.window)
         return options

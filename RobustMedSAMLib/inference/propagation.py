@@ -42,7 +42,8 @@ STOP_REASONS = (
     "empty",  # the model returned an empty mask (never kept)
     "score",  # predicted IoU under min_score
     "overlap",  # overlap with the previous slice under iou_threshold
-    "area",  # area jumped against its trend (min_area_ratio)
+    "area",  # area grew far beyond its trend: a leak (min_area_ratio)
+    "roi",  # the carried box has left the 3D ROI's footprint on the next slice
     "met",  # reached a seed or a slice another front already took
     "bounds",  # reached the user's bounds
     "volume_end",  # reached the first or last slice of the volume
@@ -81,9 +82,11 @@ class PropagationOptions:
     concentric discs is their area ratio) and often stops at once on small ones.
     min_score: stop when the model's predicted IoU is under it (default 0: off;
     SAM-like models usually score a wrong mask under about 0.5).
-    min_area_ratio: stop when area / expected area is under it or over its
-    inverse; expected = previous area x the previous slice-to-slice area ratio
-    (clipped to [0.5, 2]; 1 after the seed). Default 0.5; 0 disables.
+    min_area_ratio: stop when area / expected area is over its inverse (a leak);
+    expected = previous area x the previous slice-to-slice area ratio (clipped to
+    [0.5, 2]; 1 after the seed). Default 0.5; 0 disables. A shrinking mask is not
+    stopped by it: the caps of a round structure shrink faster than any trend, and
+    a jump elsewhere is caught by the overlap rule, the end by an empty mask.
     stop_between_seeds: apply the score / overlap / area rules between two seeds
     too. Default False (as micro-sam): the user has said the object spans the
     gap. An empty mask always stops a direction and is never kept.
@@ -188,12 +191,19 @@ class _Front:
 
 
 class _Schedule:
-    """Which front moves next: nearest first, never onto a taken slice."""
+    """Which front moves next: nearest first, never onto a taken slice. ``allowed``:
+    ``(n_slices, rows, cols)`` bool, where a mask may lie (None: anywhere)."""
 
     def __init__(
-        self, seeds: list[int], n_slices: int, bounds: tuple[int, int], max_slices: int | None
+        self,
+        seeds: list[int],
+        n_slices: int,
+        bounds: tuple[int, int],
+        max_slices: int | None,
+        allowed: np.ndarray | None = None,
     ) -> None:
         self.n_slices, self.bounds, self.max_slices = n_slices, bounds, max_slices
+        self.allowed = allowed
         self.taken = np.zeros(n_slices, bool)
         self.taken[seeds] = True
         self.requested: list[int] = []
@@ -253,6 +263,7 @@ def propagate(
     progress: Progress | None = None,
     cancel: Cancel | None = None,
     seed_logits: Mapping[int, np.ndarray] | None = None,
+    allowed: np.ndarray | None = None,
 ) -> PropagationResult:
     """Grow seed masks ``{slice index: (rows, cols) mask}`` into a 3D mask.
 
@@ -265,6 +276,9 @@ def propagate(
     ``seed_logits`` ``{slice index: the model's low-res logits}`` for seeds the
     model drew (an interactive session has them) are used as the first mask
     input from those seeds. The seeds are copied, never modified.
+    ``allowed`` ``(n_slices, rows, cols)`` bool (a 3D ROI's voxels in slice order): each
+    new mask is clipped to it, and each carried box is cut to its footprint on the
+    next slice (the box of its pixels there).
     """
     options = options or PropagationOptions()
     options.validate()
@@ -275,7 +289,9 @@ def propagate(
     volume = np.zeros((n_slices, *shape), bool)
     for index, mask in masks.items():
         volume[index] = mask
-    schedule = _Schedule(sorted(masks), n_slices, bounds, options.max_slices)
+    if allowed is not None and np.shape(allowed) != volume.shape:
+        raise InputError(f"allowed region {np.shape(allowed)} is not the volume {volume.shape}")
+    schedule = _Schedule(sorted(masks), n_slices, bounds, options.max_slices, allowed)
     logits = _check_seed_logits(seed_logits, masks)
     for front in schedule.fronts:
         front.areas.append(int(masks[front.seed].sum()))
@@ -346,6 +362,19 @@ def project_prompt(
     return SlicePrompt(points, labels, box, mask_input)
 
 
+def cut_box(box: np.ndarray, allowed: np.ndarray) -> np.ndarray | None:
+    """``box`` ``(x0, y0, x1, y1)`` cut to the bounding box of ``allowed`` ``(rows, cols)``;
+    None when they do not overlap (or nothing is allowed)."""
+    if not allowed.any():
+        return None
+    footprint = mask_box(allowed)
+    low = np.maximum(box[:2], footprint[:2])
+    high = np.minimum(box[2:], footprint[2:])
+    if (high < low).any():
+        return None
+    return np.concatenate([low, high]).astype(np.float32)
+
+
 def _advance(
     segmenter: SliceSegmenter,
     front: _Front,
@@ -357,6 +386,11 @@ def _advance(
     index = front.next
     source, logits = _prompt_source(front, schedule, volume, options)
     prompt = project_prompt(source, options, logits)
+    if schedule.allowed is not None and prompt.box is not None:
+        prompt.box = cut_box(prompt.box, schedule.allowed[index])
+        if prompt.box is None:
+            front.stop = DirectionStop(front.seed, front.direction, front.last, "roi")
+            return None
     schedule.take(index)
     prediction = segmenter.segment_slice(index, prompt)
     mask = np.asarray(prediction.mask, bool)
@@ -365,6 +399,8 @@ def _advance(
             f"the model's slice {index} is {mask.shape} but the seeds are {volume.shape[1:]}: "
             "draw seeds on slices along the propagation axis"
         )
+    if schedule.allowed is not None:
+        mask = mask & schedule.allowed[index]
     previous = volume[front.last]
     record = SliceRecord(
         index,
@@ -429,7 +465,7 @@ def _stop_reason(record: SliceRecord, front: _Front, options: PropagationOptions
         return "overlap"
     if options.min_area_ratio > 0:
         ratio = record.area / _expected_area(front.areas)
-        if ratio < options.min_area_ratio or ratio > 1 / options.min_area_ratio:
+        if ratio > 1 / options.min_area_ratio:
             return "area"
     return None
 

@@ -16,6 +16,16 @@ from RobustMedSAMLib.formats.markups import Roi
 from RobustMedSAMLib.formats.volume import Volume
 
 ZOOM_MARGIN = 0.5  # context on each side, as a fraction of the box's size
+AUTO_ZOOM_FRACTION = 0.25  # zoom when the box's longest side is under this x the slice's
+
+
+def box_is_small(box: np.ndarray, slice_shape: tuple[int, int]) -> bool:
+    """True when ``box`` ``(x0, y0, x1, y1)`` slice pixels is small against a slice of
+    ``(rows, cols)``: its longest side under ``AUTO_ZOOM_FRACTION`` x the slice's
+    shortest side. The model sees the slice at 256 or 1024 px in 16 px patches; at a
+    quarter of a 256 px input a structure is about four patches wide."""
+    x0, y0, x1, y1 = np.asarray(box, float)
+    return max(x1 - x0, y1 - y0) < AUTO_ZOOM_FRACTION * min(slice_shape)
 
 
 def zoom_region(

@@ -413,3 +413,14 @@ def test_projected_points_fall_inside_and_outside_the_mask() -> None:
     boxed = project_prompt(mask, options, logits)
     assert boxed.mask_input is logits
     assert boxed.box.tolist() == [12.0, 21.0, 54.0, 39.0]
+
+
+def test_a_shrinking_cap_is_kept_to_the_structure_end() -> None:
+    # a sphere's caps: 0.47 of the trend on the last slice; the area rule stopped there before
+    radii = [0.0] * 10 + [6.2, 10.9, 13.3] + [14.0] * 5 + [13.3, 10.9, 6.2] + [0.0] * 10
+    labels = discs([(32.0, 32.0)] * len(radii), radii)
+    labels[np.array(radii) == 0] = False
+    segmenter = OracleThresholdSegmenter(image_from_labels(labels))
+    result = propagate(segmenter, {15: labels[15]})
+    assert result.kept_slices == list(range(10, 21))
+    assert {s.reason for s in result.stops} == {"empty"}
