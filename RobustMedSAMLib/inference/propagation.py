@@ -136,6 +136,7 @@ class SliceRecord:
     score: float
     overlap: float
     area: int
+    stability: float = math.nan
 
 
 @dataclass
@@ -409,6 +410,7 @@ def _advance(
         float(prediction.score),
         _overlap(previous, mask, options.overlap),
         int(mask.sum()),
+        float(getattr(prediction, "stability", math.nan)),
     )
     reason = _stop_reason(record, front, options)
     logger.debug(

@@ -128,6 +128,7 @@ class SliceScore:
     overlap: float
     area: int
     source: str  # "prompt" or "propagated"
+    stability: float = math.nan  # the model's stability score (see predictor.py)
 
 
 @dataclass
@@ -172,7 +173,11 @@ def segment_volume(
         prediction = session.segment_slice(index, prompt)
         mask = prediction.mask if allowed is None else prediction.mask & allowed[index]
         seeds[index], logits[index] = mask, prediction.low_res_logits
-        scores.append(SliceScore(index, prediction.score, math.nan, int(mask.sum()), "prompt"))
+        scores.append(
+            SliceScore(
+                index, prediction.score, math.nan, int(mask.sum()), "prompt", prediction.stability
+            )
+        )
     stops: list[dict[str, Any]] = []
     slice_masks = {index: mask for index, mask in seeds.items()}
     if options.propagate and any(mask.any() for mask in seeds.values()):
@@ -191,7 +196,12 @@ def segment_volume(
                 slice_masks[record.index] = result.mask[record.index]
                 scores.append(
                     SliceScore(
-                        record.index, record.score, record.overlap, record.area, "propagated"
+                        record.index,
+                        record.score,
+                        record.overlap,
+                        record.area,
+                        "propagated",
+                        record.stability,
                     )
                 )
         stops = [_stop_dict(stop) for stop in result.stops]

@@ -104,3 +104,23 @@ def test_cli_zoom_flag_segments_and_is_recorded(tmp_path, demo):
     assert record["options"]["zoom"] is True
     mask = read_segmentation(out)[0] > 0
     assert _dice(mask[1], truth[1]) > 0.7
+
+
+def test_a_small_box_zooms_by_default_and_the_record_says_so(demo):
+    # before: no zoom unless asked, Dice 0.00 on this disc
+    volume, truth = _small_dark_disc()
+    roi = ijk_box_roi(volume, (143, 93, 0.6), (157, 107, 1.4))
+    session = SegmentationSession(volume, demo.predictor(), "axial")
+    result = segment_volume(session, VolumePrompts(roi=roi), SegmentOptions())
+    assert result.decisions.zoom and result.decisions.zoom_reason.startswith("auto")
+    assert result.decisions.zoom_region[0] == [0, 3]  # every slice, cropped in-plane
+    assert _dice(result.mask[1], truth[1]) > 0.7
+
+
+def test_a_large_box_does_not_zoom():
+    volume, _ = _small_dark_disc()
+    roi = ijk_box_roi(volume, (40, 20, 0.6), (220, 236, 1.4))  # the whole body
+    session = SegmentationSession(volume, ThresholdPredictor(150.0), "axial")
+    result = segment_volume(session, VolumePrompts(roi=roi), SegmentOptions())
+    assert not result.decisions.zoom and result.decisions.zoom_reason == "auto: box large enough"
+    assert session.stats.encoded == [1]
