@@ -61,6 +61,13 @@ def phantom_cases() -> dict[str, tuple[Volume, np.ndarray]]:
         ),
         "tube": phantoms.tube((48, 96, 96), (1.0, 1.0, 1.5)),
         "liver_scene": phantoms.organ_scene(target="liver"),
+        # harder: neighbours of similar intensity, MR texture, noise, low contrast
+        "spleen_scene": phantoms.organ_scene(target="spleen", noise=40.0),
+        "kidney_scene_mr": phantoms.organ_scene(target="kidney_left", texture="mr"),
+        "lesion_scene": phantoms.organ_scene(target="lesion", noise=30.0, seed=1),
+        "faint_sphere": phantoms.sphere(
+            (32, 96, 96), spacing=(0.8, 0.8, 2.5), radius=12.0, contrast=25.0, noise=20.0
+        ),
     }
     return {
         name: (Volume(p.image.astype(np.float32), p.ijk_to_ras, name), p.mask)
@@ -174,13 +181,17 @@ def sweep_options() -> list[tuple[str, PropagationOptions]]:
     """Stop-rule settings tried on phantoms (``--sweep``)."""
     settings = []
     for overlap in ("containment", "iou"):
-        for threshold in (0.5, 0.7, 0.8, 0.9):
+        for threshold in (0.5, 0.8):
             for min_score in (0.0, 0.5):
-                name = f"{overlap}>={threshold},score>={min_score}"
-                options = PropagationOptions(
-                    overlap=overlap, iou_threshold=threshold, min_score=min_score
-                )
-                settings.append((name, options))
+                for area in (0.5, 0.0):
+                    name = f"{overlap}>={threshold},score>={min_score},area>={area}"
+                    options = PropagationOptions(
+                        overlap=overlap,
+                        iou_threshold=threshold,
+                        min_score=min_score,
+                        min_area_ratio=area,
+                    )
+                    settings.append((name, options))
     return settings
 
 
@@ -193,9 +204,11 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--sweep", action="store_true", help="stop rules on phantoms only")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cases: dict[str, tuple[Volume, np.ndarray]] = {}
     if "phantoms" in args.cases:
         cases.update(phantom_cases())
