@@ -173,7 +173,7 @@ class RobustMedSAMParameterNode:
     use_editor_masking: bool = True
     projection: Annotated[str, Choice(PROJECTIONS)] = "mask"
     overlap_measure: Annotated[str, Choice(OVERLAPS)] = "containment"
-    stop_iou: Annotated[float, WithinRange(0.0, 1.0)] = 0.8
+    stop_iou: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     min_score: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
     min_area_ratio: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     box_extension: Annotated[float, WithinRange(0.0, 1.0)] = 0.1

@@ -68,7 +68,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         choices=("mask", "box", "points", "points_and_mask", "single_point"),
         help="prompt derived for the next slice (default: mask)",
     )
-    run_group.add_argument("--iou-threshold", type=float, default=0.8, help="stop rule (0..1)")
+    run_group.add_argument(
+        "--iou-threshold",
+        type=float,
+        default=0.5,
+        help="stop a direction when the overlap with the previous slice is under it "
+        "(0..1, default 0.5)",
+    )
     run_group.add_argument("--min-score", type=float, default=0.0, help="stop on predicted IoU")
     run_group.add_argument("--bounds", type=int, nargs=2, metavar=("FIRST", "LAST"))
     run_group.add_argument(

@@ -209,7 +209,7 @@ class SegmentSettings:
     propagate: bool = False
     zoom: bool | str = "auto"  # True: always with a box; False: never; "auto": small boxes
     projection: str = "mask"
-    iou_threshold: float = 0.8
+    iou_threshold: float = 0.5  # propagation.DEFAULT_OVERLAP
     min_score: float = 0.0
     bounds: tuple[int, int] | None = None
     window: tuple[float, float] | str | None = None  # None: chosen from each volume

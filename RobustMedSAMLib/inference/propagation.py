@@ -50,6 +50,7 @@ STOP_REASONS = (
     "max_slices",  # the budget of model calls is spent
 )
 _TREND_CLIP = (0.5, 2.0)
+DEFAULT_OVERLAP = 0.5  # measured on phantoms (bench_pipeline.py --sweep)
 
 Cancel = Callable[[], bool] | threading.Event
 Progress = Callable[[int, int], None]
@@ -73,7 +74,8 @@ class PropagationOptions:
     n_negative: points spread around a ring outside the mask, at
     ``max(3, r / 4)`` px from it (``r`` = radius of a disc of the mask's area).
     iou_threshold: stop a direction when the overlap of the new mask with the
-    previous slice's mask is under it (default 0.8, as micro-sam; 0 disables).
+    previous slice's mask is under it (default 0.5; micro-sam's 0.8 stopped after one
+    slice on noisy and faint phantoms: see docs/propagation.md; 0 disables).
     overlap: how that overlap is measured. ``"containment"`` (default):
     intersection over the smaller mask; it lets an object shrink towards its
     ends and tolerates a model drawing a little wider than the user's seed,
@@ -98,7 +100,7 @@ class PropagationOptions:
     box_extension: float = 0.1
     n_positive: int = 3
     n_negative: int = 2
-    iou_threshold: float = 0.8
+    iou_threshold: float = DEFAULT_OVERLAP
     overlap: str = "containment"
     min_score: float = 0.0
     min_area_ratio: float = 0.5
