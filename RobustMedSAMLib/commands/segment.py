@@ -57,7 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         const=True,
         default="auto",
         help="with --box: always segment on a crop around the box (default: only when the "
-        "box is under a quarter of the slice, e.g. a lung nodule or the lateral ventricles)",
+        "box is under 32 px at the model's input, e.g. a lung nodule)",
     )
     zoom.add_argument(
         "--no-zoom", dest="zoom", action="store_const", const=False, help="never zoom"

@@ -83,7 +83,7 @@ def _points(values: Any) -> np.ndarray | None:
 class SegmentOptions:
     """propagate: grow the prompted slices' masks into 3D (else only prompted slices).
     zoom: with a box (ROI), segment on a crop around it (``zoom.py``): ``True`` always,
-    ``False`` never, ``"auto"`` (default) when the box is small against the slice
+    ``False`` never, ``"auto"`` (default) when the box is small at the model's input
     (:func:`zoom.box_is_small`); the mask is the same size as the volume either way."""
 
     propagate: bool = False
@@ -235,8 +235,9 @@ def _zoom_decision(
         return False, "not asked"
     _, box = roi_to_slice_box(session.volume, session.axis, prompts.roi)
     rows, cols = session.slice_image(0).shape
-    if box_is_small(box, (rows, cols)):
-        return True, "auto: box small against the slice"
+    input_size = getattr(session.predictor.preprocessor, "image_size", 256)
+    if box_is_small(box, (rows, cols), input_size):
+        return True, "auto: box small at the model's input"
     return False, "auto: box large enough"
 
 

@@ -192,6 +192,9 @@ def sweep_options() -> list[tuple[str, PropagationOptions]]:
                         min_area_ratio=area,
                     )
                     settings.append((name, options))
+    for threshold in (0.5, 0.8):  # the box alone carried (MedSAM's training prompt)
+        options = PropagationOptions(projection="box", iou_threshold=threshold)
+        settings.append((f"projection=box,containment>={threshold}", options))
     return settings
 
 
@@ -204,6 +207,7 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--sweep", action="store_true", help="stop rules on phantoms only")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--rules", default="", help="--sweep: only rules containing these (;)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
@@ -223,6 +227,8 @@ def main() -> None:
             session = SegmentationSession(volume, loaded.predictor(), "axial")
             if args.sweep:
                 for label, propagation in sweep_options():
+                    if args.rules and not any(r in label for r in args.rules.split(";")):
+                        continue
                     for mode in ("box", "point"):
                         options = SegmentOptions(propagate=True, propagation=propagation)
                         row = run_mode(session, truth, mode, options)
