@@ -73,6 +73,14 @@ from RobustMedSAMLib.errors import CancelledError, InputError  # noqa: E402
 from RobustMedSAMLib.formats.atomic import atomic_output, full_suffix  # noqa: E402
 from RobustMedSAMLib.formats.markups import Roi  # noqa: E402
 from RobustMedSAMLib.formats.volume import Volume  # noqa: E402
+from RobustMedSAMLib.names import (  # noqa: E402
+    AXIS_NAMES,
+    CORRUPTION_NAMES,
+    DEVICES,
+    MODEL_NAMES,
+    OVERLAP_MEASURES,
+    PROJECTIONS,
+)
 
 if TYPE_CHECKING:  # torch-heavy modules are imported when a session starts
     from RobustMedSAMLib.inference.segment_volume import (
@@ -89,27 +97,10 @@ DEFAULT_SEGMENT_NAME = "RobustMedSAM"
 UNDO_KEYS = "Ctrl+Z"
 PREVIEW_SEGMENTATION_NAME = "RobustMedSAM corruption preview"
 
-# Choices shown in the panel. They mirror the library's registries (a headless test
-# keeps them equal) so that importing this file loads neither torch nor Pillow.
-MODEL_NAMES = ("demo", "fused", "medsam", "robustsam", "sam", "medicosam")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-AXES = ("view", "axial", "coronal", "sagittal")  # "view": the slice view the point is in
-PROJECTIONS = ("mask", "box", "points", "points_and_mask", "single_point")
-OVERLAPS = ("containment", "iou")
-CORRUPTION_NAMES = (
-    "gaussian_noise",
-    "rician_noise",
-    "poisson_noise",
-    "speckle_noise",
-    "gaussian_blur",
-    "motion_blur",
-    "low_resolution",
-    "motion_ghosting",
-    "kspace_spike",
-    "bias_field",
-    "gamma_contrast",
-    "jpeg_compression",
-)
+# Choices shown in the panel, from the library's stdlib-only vocabularies (importing
+# this file loads neither torch nor Pillow).
+AXES = ("view", *AXIS_NAMES)  # "view": the slice view the point is in
+OVERLAPS = OVERLAP_MEASURES
 FINETUNE_SOURCES = ("scene", "medsegbench")
 ORIENTATION_AXES = {"Axial": "axial", "Coronal": "coronal", "Sagittal": "sagittal"}
 
@@ -149,13 +140,15 @@ class RobustMedSAM(ScriptedLoadableModule):
 class RobustMedSAMParameterNode:
     """The panel's state, saved with the scene.
 
-    input_volume: the volume to segment; segmentation / segmentId: where masks go;
-    positivePoints / negativePoints: include / exclude points; roi: an optional box;
-    modelName, checkpointPath (a file overriding the model's default), device;
+    input_volume: the volume to segment; segmentation / segment_id: where masks go;
+    positive_points / negative_points: include / exclude points; roi: an optional box;
+    model_name, checkpoint_path (a file overriding the model's default), device;
     axis: slicing axis ("view" = the orientation of the view a point is placed in);
-    propagation options (see ``PropagationOptions``); flagScore / flagOverlap: a
-    slice is flagged unsure under either; corruption preview type / severity / seed;
-    fine-tuning data source, folder, config and output folder.
+    auto_update, overwrite_other_segments, use_editor_masking: how results are written;
+    projection ... zoom_to_box: propagation options (see ``PropagationOptions``);
+    flag_score / flag_overlap: a slice is flagged unsure under either; corruption /
+    severity / corruption_seed: the preview; finetune_source, finetune_data_folder,
+    finetune_config, finetune_output: fine-tuning.
     """
 
     input_volume: slicer.vtkMRMLScalarVolumeNode
@@ -313,7 +306,7 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         Touches no MRML node: the panel calls it in a worker thread. An empty
         ``checkpoint`` means the model's default file.
         """
-        from RobustMedSAMLib.weights.loader import load_named_model
+        from RobustMedSAMLib.inference.loader import load_named_model
 
         loaded = load_named_model(model_name, checkpoint or None, encoder, decoder, device)
         model_id = f"{model_name}:{sorted(str(p) for p in loaded.checkpoints.values())}"
@@ -766,11 +759,12 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
             node.CreateDefaultDisplayNodes()
         return node
 
-    def corrupted_copy(self, volume_node, name: str, severity: int, seed: int = 0):
+    def corrupted_copy(self, volume_node, name: str, severity: int, seed: int = 0, array=None):
         """A new volume node: a corrupted copy of ``volume_node`` (the original is left
-        untouched). Named ``<volume> <corruption> s<severity>``."""
-        volume = self.volume_from_node(volume_node)
-        array = self.corrupted_array(volume, name, severity, seed)
+        untouched), named ``<volume> <corruption> s<severity>``. ``array``: the corrupted
+        voxels when already computed (the panel computes them in the background)."""
+        if array is None:
+            array = self.corrupted_array(self.volume_from_node(volume_node), name, severity, seed)
         return self.add_volume_like(
             volume_node, array, f"{volume_node.GetName()} {name} s{int(severity)}"
         )
@@ -1021,7 +1015,6 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._observed_markups: list = []
         self._dependencies_checked = False
         self._finetune = None
-        self._finetune_out: Path | None = None
 
     # --- set-up ----------------------------------------------------------------------
 
@@ -1720,11 +1713,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 name, severity, seed = node.corruption, node.severity, node.corruption_seed
 
                 def corrupted(array) -> None:
-                    copy = self.logic.add_volume_like(
-                        node.input_volume,
-                        array,
-                        f"{node.input_volume.GetName()} {name} s{severity}",
-                    )
+                    copy = self.logic.corrupted_copy(node.input_volume, name, severity, array=array)
                     other = self.logic.preview_session(session, copy)
                     self._run(
                         "Segmenting clean and corrupted",
@@ -1793,26 +1782,25 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 run.with_suffix(".toml"), data, node.finetune_config or None
             )
             self._finetune = self.logic.start_finetune(config, run)
-            self._finetune_out = run
             self.ui.finetuneProgressBar.value = 0
             self.ui.finetuneStatusLabel.text = "Fine-tuning started."
             self._finetuneTimer.start()
         self._updateButtons()
 
     def _pollFinetune(self) -> None:
-        from RobustMedSAMLib.training.process import progress_of
+        from RobustMedSAMLib.training.process import describe, progress_of
 
         process = self._finetune
         if process is None:
             self._finetuneTimer.stop()
             return
         for event in process.poll():
+            self.ui.finetuneStatusLabel.text = describe(event)
             done_total = progress_of(event)
             if done_total is not None:
                 done, total = done_total
                 self.ui.finetuneProgressBar.maximum = max(1, total)
                 self.ui.finetuneProgressBar.value = done
-                self.ui.finetuneStatusLabel.text = f"Step {done} / {total}"
         if process.running:
             return
         self._finetuneTimer.stop()

@@ -41,7 +41,7 @@ MOVED_MODULES = {
     "download": "weights.download",
     "finetune_process": "training.process",
     "image_encoder": "model.image_encoder",
-    "loader": "weights.loader",
+    "loader": "inference.loader",
     "markups": "formats.markups",
     "mask_prompts": "inference.mask_prompts",
     "medsegbench": "datasets.medsegbench",

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from RobustMedSAMLib.errors import InputError
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
+from RobustMedSAMLib.names import DEVICES
 
 
 def select_device(name: str = "auto") -> torch.device:

@@ -1,8 +1,8 @@
 """A headless slicer-core scene with the module logics, for tests.
 
 ``slicer-core`` gives Slicer's MRML, logic and segmentation classes without Qt
-or ``slicer.app``. :func:`make_scene` does the set-up they need (see
-``/work/shared/notes/slicer-core-headless.md``): a scene assigned to
+or ``slicer.app``. :func:`make_scene` does the set-up they need (docs/slicer.md,
+*Testing without the application*): a scene assigned to
 ``slicer.mrmlScene``, an application logic (it creates the selection node), and
 the colors, volumes, segmentations and markups logics registered on it, which
 in turn register the segmentation converter rules and the markups JSON storage

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-PROTOCOLS = ("interactive", "volumetric")
-PROMPTS = ("point", "box")
-PROJECTIONS = ("mask", "box", "points", "points_and_mask", "single_point")
+from RobustMedSAMLib.commands._progress import meet_all_ranks, progress_bar
+from RobustMedSAMLib.names import FIRST_PROMPTS as PROMPTS
+from RobustMedSAMLib.names import PROJECTIONS, PROTOCOLS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -125,8 +125,8 @@ def run(args: argparse.Namespace) -> int:
     from RobustMedSAMLib import distributed
     from RobustMedSAMLib.errors import InputError
     from RobustMedSAMLib.evaluation.datasets import load_cases
-    from RobustMedSAMLib.evaluation.matrix import CSV_NAME
     from RobustMedSAMLib.evaluation.report import write_report
+    from RobustMedSAMLib.evaluation.results_csv import CSV_NAME
     from RobustMedSAMLib.evaluation.shards import merge_parts
 
     if args.report_only:
@@ -149,8 +149,9 @@ def run(args: argparse.Namespace) -> int:
             _write_timings(args.out, result.times)
         for label in result.missing:
             print(f"model {label}: checkpoint missing (reported in the summary)", file=sys.stderr)
-        if info.distributed and not _all_ranks_done(info):
-            return 0
+        later = "robustmedsam evaluate ... --report-only"
+        if info.distributed and not (meet_all_ranks(info, later) and info.main):
+            return 0  # rank 0 merges and reports for all
         merge_parts(args.out)
     files = write_report(args.out)
     print(f"summary: {files.summary}")
@@ -159,35 +160,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _all_ranks_done(info) -> bool:
-    """Under torchrun: wait for every rank (gloo, hours allowed); True on rank 0, which
-    then merges and reports for all. Ranks started by hand cannot meet: False."""
-    from RobustMedSAMLib import distributed
-
-    if not distributed.init_process_group("cpu", distributed.BARRIER_TIMEOUT):
-        print(f"rank {info.rank}: share finished; once every rank has, "
-              "`robustmedsam evaluate ... --report-only` merges and reports")  # fmt: skip
-        return False
-    distributed.barrier()  # every rank's part files are complete
-    main = info.main
-    distributed.destroy_process_group()
-    return main
-
-
 def _run_with_progress(specs, cases, args: argparse.Namespace, options, info):
-    from tqdm import tqdm
-
     from RobustMedSAMLib.evaluation.parallel import run_parallel
 
     quiet = args.no_progress
     unit = "cell" if args.workers == 1 and not info.distributed else "worker"
-    with tqdm(total=0, unit=unit, disable=quiet, desc="evaluate") as bar:
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
+    with progress_bar("evaluate", unit, disable=quiet) as progress:
         return run_parallel(
             specs, cases, args.out, options, args.device, args.workers, info, progress
         )
@@ -195,15 +173,13 @@ def _run_with_progress(specs, cases, args: argparse.Namespace, options, info):
 
 def _write_timings(out: Path, times: dict) -> None:
     """Per-model encoder / decoder call counts and seconds of this run (timings.json)."""
-    import json
 
-    from RobustMedSAMLib.formats.atomic import atomic_output
+    from RobustMedSAMLib.formats.atomic import write_json
 
     if not times:
         return
     record = {label: t.to_dict() for label, t in times.items()}
-    with atomic_output(out / "timings.json") as temporary:
-        temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_json(out / "timings.json", record)
     for label, t in record.items():
         per = [t[f"{part}_seconds_per_call"] for part in ("encoder", "decoder")]
         text = ", ".join(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -23,12 +22,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from RobustMedSAMLib.formats.atomic import sha256_of, write_json
     from RobustMedSAMLib.weights.checkpoint import (
         fuse_state_dicts,
         read_state_dict,
         save_state_dict,
     )
-    from RobustMedSAMLib.weights.download import sha256_of
 
     fused = fuse_state_dicts(
         read_state_dict(args.encoder), read_state_dict(args.decoder), args.encoder, args.decoder
@@ -43,6 +42,6 @@ def run(args: argparse.Namespace) -> int:
             "sha256": sha256_of(args.decoder),
         },
     }
-    path.with_name(path.name + ".json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json(path.with_name(path.name + ".json"), record)
     print(f"wrote {path} ({len(fused)} tensors, sha256 {record['sha256'][:12]}...)")
     return 0

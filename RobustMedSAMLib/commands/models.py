@@ -98,8 +98,9 @@ def _list(verify: bool, as_json: bool) -> int:
 
 
 def _download(name: str, dest: Path | None, allow_unverified: bool) -> int:
+    from RobustMedSAMLib.formats.atomic import sha256_of
     from RobustMedSAMLib.weights import registry
-    from RobustMedSAMLib.weights.download import download, sha256_of
+    from RobustMedSAMLib.weights.download import download
 
     source = registry.get_source(name)
     folder = dest.expanduser() if dest is not None else registry.default_models_dir()

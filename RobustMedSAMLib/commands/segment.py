@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-MODELS = ("demo", "sam", "medsam", "robustsam", "medicosam", "fused")
+from RobustMedSAMLib.commands._progress import meet_all_ranks, progress_bar
+from RobustMedSAMLib.names import AXIS_NAMES, MODEL_NAMES, PROJECTIONS
+
 BATCH_HELP = (
     "batch: --cases is a CSV (header: volume,points,negative,box,out; paths relative to the "
     "CSV; out defaults to VOLUME-NAME.seg.nrrd) or a folder holding VOLUME + "
@@ -40,7 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="the prompts (RAS) of an earlier run's record, e.g. on another volume or model",
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="demo", choices=MODELS, help="default: demo")
+    model.add_argument("--model", default="demo", choices=MODEL_NAMES, help="default: demo")
     model.add_argument("--checkpoint", type=Path, help="checkpoint file (overrides the registry)")
     model.add_argument("--encoder", type=Path, help="fused: MedSAM checkpoint for the encoder")
     model.add_argument("--decoder", type=Path, help="fused: RobustSAM checkpoint for the decoder")
@@ -48,7 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--half", action="store_true", help="CUDA: bf16/fp16 image encoder")
     model.add_argument("--fast-cpu", action="store_true", help="CPU: int8 image encoder")
     run_group = parser.add_argument_group("slicing and propagation")
-    run_group.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"))
+    run_group.add_argument("--axis", default="axial", choices=AXIS_NAMES)
     run_group.add_argument("--propagate", action="store_true", help="propagate into 3D")
     zoom = run_group.add_mutually_exclusive_group()
     zoom.add_argument(
@@ -65,7 +67,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run_group.add_argument(
         "--projection",
         default="mask",
-        choices=("mask", "box", "points", "points_and_mask", "single_point"),
+        choices=PROJECTIONS,
         help="prompt derived for the next slice (default: mask)",
     )
     run_group.add_argument(
@@ -149,8 +151,6 @@ def window_arg(values: list[str] | None):
 
 
 def _run_single(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from RobustMedSAMLib.errors import InputError
     from RobustMedSAMLib.formats.volume import read_volume
     from RobustMedSAMLib.inference.batch import CaseSegmenter, read_prompts
@@ -171,13 +171,7 @@ def _run_single(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     settings.options()
     segmenter = CaseSegmenter(settings)
-    with tqdm(desc="propagating", unit="slice", disable=not args.propagate) as bar:
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
+    with progress_bar("propagating", "slice", disable=not args.propagate) as progress:
         result, record, session = segmenter.segment(volume, prompts, args.volume, progress)
     segmenter.write(args.out, result, volume, record)
     print(
@@ -189,8 +183,6 @@ def _run_single(args: argparse.Namespace) -> int:
 
 def _run_batch(args: argparse.Namespace) -> int:
     import sys
-
-    from tqdm import tqdm
 
     from RobustMedSAMLib import distributed
     from RobustMedSAMLib.errors import InputError
@@ -205,24 +197,15 @@ def _run_batch(args: argparse.Namespace) -> int:
     if args.status:
         return _print_status(write_status(args.out_dir, cases), args.out_dir)
     info = distributed.dist_info()
-    with tqdm(desc="cases", unit="case", file=sys.stderr) as bar:
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
+    with progress_bar("cases", "case") as progress:
         summary = run_batch(cases, args.out_dir, settings_from_args(args), args.workers, info,
                             progress)  # fmt: skip
     print(summary.line())
     for outcome in summary.failed:
         print(f"failed {outcome.case}: {outcome.error}", file=sys.stderr)
     if info.distributed:
-        if not distributed.init_process_group("cpu", distributed.BARRIER_TIMEOUT):
-            print(f"rank {info.rank}: share finished; once every rank has, "
-                  "`robustmedsam segment --cases ... --out-dir ... --status` sums up")  # fmt: skip
+        if not meet_all_ranks(info, "robustmedsam segment --cases ... --out-dir ... --status"):
             return 1 if summary.failed else 0
-        distributed.barrier()  # every rank's files are written
         if not info.main:
             return 0  # rank 0 reports for all; a non-zero exit would stop the job early
     return _print_status(write_status(args.out_dir, cases), args.out_dir)

@@ -9,15 +9,15 @@ A data set is named by a spec string ``KIND:WHERE[,key=value...]``:
   (test|val|train, default test), ``limit`` (images), ``modality``, ``name``,
   ``labels`` (``each``: one case per label value, the default; ``any``: every
   non-zero value is one foreground, for files whose labels are instance ids).
-- ``pairs:FOLDER`` volumes in ``images/`` (or ``imagesTr``/``imagesTs``) and label
-  maps of the same name in ``labels/`` (``labelsTr``/``labelsTs``); an nnU-Net
-  channel suffix ``_0000`` is ignored. Keys: ``limit`` (volumes), ``modality``, ``name``.
+- ``pairs:FOLDER`` image volumes and label maps as ``datasets.volume_pairs`` finds
+  them (``images/`` + ``labels/``, nnU-Net's ``imagesTr``/``labelsTr``, or
+  ``NAME-label`` beside ``NAME``). Keys: ``limit`` (volumes), ``modality``, ``name``.
 - ``phantom:SHAPE`` SHAPE in sphere, ellipsoid, tube, organ, all. Keys: ``count``
   (seeds per shape, default 1), ``modality`` (CT or MR texture, default CT), ``size``
   (voxels per side, default 48).
 
-Each label value present becomes its own binary case. The MedSegBench reader here is
-the evaluation's own small one (the training package may grow a shared one later).
+Each label value present becomes its own binary case. MedSegBench files are read by
+``datasets.medsegbench``, shared with training.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from RobustMedSAMLib.datasets.medsegbench import read_splits
+from RobustMedSAMLib.datasets.volume_pairs import find_pairs
 from RobustMedSAMLib.errors import InputError
 
 log = logging.getLogger(__name__)
 PHANTOM_SHAPES = ("sphere", "ellipsoid", "tube", "organ")
-_IMAGE_DIRS = (("images", "labels"), ("imagesTs", "labelsTs"), ("imagesTr", "labelsTr"))
 
 
 @dataclass
@@ -178,47 +178,21 @@ def read_pairs(
     folder: str | Path, limit: int | None = None, name: str | None = None, modality: str = "unknown"
 ) -> Iterator[Case]:
     """3D cases from a folder of image / label volume pairs (see the module docstring)."""
-    from RobustMedSAMLib.formats.volume import read_volume
+    from RobustMedSAMLib.formats.volume import read_volume, volume_name
 
     folder = Path(folder)
-    pairs = _find_pairs(folder)
+    pairs = find_pairs(folder)
     name = name or folder.name
     for image_path, label_path in pairs[:limit]:
         volume, labels = read_volume(image_path), read_volume(label_path)
         if volume.shape != labels.shape:
             raise InputError(f"{label_path} {labels.shape} is not on the grid of {image_path}")
         spacing = tuple(float(s) for s in volume.spacing[::-1])
-        stem = _stem(label_path)
+        stem = volume_name(label_path)
         for value in _label_values(labels.array.astype(np.int64)):
             mask = labels.array == value
             yield Case(name, modality, f"{stem}_l{value}", volume.array, mask,
                        volume.ijk_to_ras, spacing)  # fmt: skip
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".seg.nrrd", ".nrrd", ".nii", ".mha", ".mhd"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
-def _find_pairs(folder: Path) -> list[tuple[Path, Path]]:
-    for image_dir, label_dir in _IMAGE_DIRS:
-        images, labels = folder / image_dir, folder / label_dir
-        if images.is_dir() and labels.is_dir():
-            by_stem = {_stem(p): p for p in sorted(labels.iterdir()) if p.is_file()}
-            pairs = []
-            for image in sorted(p for p in images.iterdir() if p.is_file()):
-                stem = _stem(image).removesuffix("_0000")
-                if stem in by_stem:
-                    pairs.append((image, by_stem[stem]))
-                else:
-                    log.warning("no label for %s in %s; skipped", image.name, labels)
-            if not pairs:
-                raise InputError(f"no image/label pairs with matching names in {folder}")
-            return pairs
-    raise InputError(f"{folder} has no images/ and labels/ (or imagesTr/labelsTr) folders")
 
 
 def phantom_cases(

@@ -18,13 +18,11 @@ import numpy as np
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.evaluation.metrics import dice, iou
 from RobustMedSAMLib.evaluation.simulated_clicks import (
-    bounding_box,
     correction_point,
-    interior_point,
 )
+from RobustMedSAMLib.inference.mask_prompts import deepest_point, mask_box
 from RobustMedSAMLib.inference.types import Prediction, SlicePrompt
-
-FIRST_PROMPTS = ("point", "box")
+from RobustMedSAMLib.names import FIRST_PROMPTS
 
 
 class SlicePredictor(Protocol):
@@ -51,9 +49,9 @@ class InteractiveResult:
 def first_prompt(truth: np.ndarray, kind: str) -> SlicePrompt:
     """The protocol's first prompt from a non-empty ``(rows, cols)`` truth mask."""
     if kind == "point":
-        return SlicePrompt(points=[interior_point(truth)], labels=[1])
+        return SlicePrompt(points=[deepest_point(truth)], labels=[1])
     if kind == "box":
-        return SlicePrompt(box=bounding_box(truth))
+        return SlicePrompt(box=tuple(float(v) for v in mask_box(truth)))
     raise InputError(f"unknown first prompt {kind!r}: use one of {FIRST_PROMPTS}")
 
 

@@ -7,7 +7,7 @@ count; on a new run, complete ``ok`` cells are kept and skipped, anything else
 Several processes (``evaluation.parallel``) each append to their own part file
 ``parts/NAME.csv`` instead; ``evaluation.shards.merge_parts`` folds them into the CSV.
 
-CSV columns (``COLUMNS``), one row per number: ``metric`` is dice or iou (index:
+CSV columns (``results_csv.COLUMNS``), one row per number: ``metric`` is dice or iou (index:
 click step for interactive, empty for the 3D volume) or slice_dice (index: slice
 offset from the prompted slice). A model whose checkpoint is missing gets one row
 with status ``missing: <what to do>``; a failed cell one row ``error: <message>``.
@@ -15,11 +15,7 @@ with status ``missing: <what to do>``; a failed cell one row ``error: <message>`
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
-import os
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +29,7 @@ from RobustMedSAMLib.errors import (
     InputError,
     RobustMedSAMError,
 )
+from RobustMedSAMLib.evaluation import shards
 from RobustMedSAMLib.evaluation.datasets import Case
 from RobustMedSAMLib.evaluation.interactive import (
     FIRST_PROMPTS,
@@ -40,21 +37,18 @@ from RobustMedSAMLib.evaluation.interactive import (
     evaluate_interactive,
 )
 from RobustMedSAMLib.evaluation.models import ModelEntry
+from RobustMedSAMLib.evaluation.results_csv import CSV_NAME, KEY, append_cell, finished_cells
 from RobustMedSAMLib.evaluation.timing import CallTimes, TimedPredictor
 from RobustMedSAMLib.evaluation.volumetric import central_slice, evaluate_volume
-from RobustMedSAMLib.formats.atomic import atomic_output
 from RobustMedSAMLib.formats.volume import Volume
 from RobustMedSAMLib.inference.propagation import PROJECTIONS, PropagationOptions
 from RobustMedSAMLib.inference.session import SegmentationSession
+from RobustMedSAMLib.names import PROTOCOLS
+from RobustMedSAMLib.progress import Cancel, Progress, cancel_check
 
 log = logging.getLogger(__name__)
 
 CLEAN = "clean"
-PROTOCOLS = ("interactive", "volumetric")
-KEY = ("model", "dataset", "modality", "case", "protocol", "prompt", "projection",
-       "corruption", "severity", "seed")  # fmt: skip
-COLUMNS = (*KEY, "metric", "index", "value", "cell_rows", "status")
-CSV_NAME = "results.csv"
 
 
 @dataclass
@@ -137,65 +131,6 @@ def cell_key(model: str, case: Case, variant: Variant, condition: Condition) -> 
             str(condition.seed))  # fmt: skip
 
 
-# --- the CSV ----------------------------------------------------------------------------
-
-
-def read_cells(path: Path) -> dict[tuple, list[dict]]:
-    """Rows of ``path`` grouped by cell key (file order); a torn last line (a writer
-    killed mid-write, or one still writing) makes an incomplete cell, not an error."""
-    if not path.is_file():
-        return {}
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    cells: dict[tuple, list[dict]] = {}
-    for row in rows:
-        cells.setdefault(tuple(row.get(k) or "" for k in KEY), []).append(row)
-    return cells
-
-
-def complete(rows: list[dict]) -> bool:
-    """A finished cell: every row ``ok`` and as many rows as each row says."""
-    return all(_row_ok(r, len(rows)) for r in rows)
-
-
-def finished_cells(path: Path) -> set[tuple]:
-    """Keys of complete ``ok`` cells in ``path``; rewrites the file (atomically) without
-    any other rows, so an interrupted cell, a missing model or an error is retried."""
-    cells = read_cells(path)
-    done = {key for key, rows in cells.items() if complete(rows)}
-    kept = [r for key, rows in cells.items() if key in done for r in rows]
-    dropped = sum(map(len, cells.values())) - len(kept)
-    if dropped:
-        log.info("dropping %d rows of unfinished, missing or failed cells", dropped)
-        _rewrite(path, kept)
-    return done
-
-
-def _row_ok(row: dict, count: int) -> bool:
-    return row.get("status") == "ok" and row.get("cell_rows") == str(count)
-
-
-def _rewrite(path: Path, rows: list[dict]) -> None:
-    with atomic_output(path) as temporary, open(temporary, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def append_cell(path: Path, rows: list[dict]) -> None:
-    """Append one cell's rows in a single write (header first when the file is new)."""
-    if not path.is_file():
-        _rewrite(path, [])
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, COLUMNS)
-    for row in rows:
-        writer.writerow({**row, "cell_rows": len(rows)})
-    with open(path, "a", newline="") as handle:
-        handle.write(buffer.getvalue())
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def _number(value: float) -> str:
     return f"{value:.6f}"
 
@@ -222,8 +157,8 @@ def run_matrix(
     cases: Sequence[Case],
     out_dir: str | Path,
     options: MatrixOptions | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    cancel: Callable[[], bool] | threading.Event | None = None,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
     part: str | None = None,
 ) -> MatrixResult:
     """Evaluate every model on every case and condition; append to ``out_dir/results.csv``
@@ -233,8 +168,7 @@ def run_matrix(
     ``progress(done, total)`` counts cells; ``cancel`` (a callable returning True, or a
     threading.Event) is checked between cells: CancelledError, the finished cells stay.
     """
-    if isinstance(cancel, threading.Event):
-        cancel = cancel.is_set
+    cancel = cancel_check(cancel)
     options = options or MatrixOptions()
     options.validate()
     if not cases:
@@ -244,8 +178,6 @@ def run_matrix(
         raise InputError(f"model labels must be unique, got {labels}: use LABEL=NAME:FILE")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from RobustMedSAMLib.evaluation import shards
-
     if part is None:
         shards.merge_parts(out_dir)  # parts an interrupted parallel run left
         path = out_dir / CSV_NAME
@@ -301,7 +233,7 @@ def _run_model(
     todo: list[tuple[Case, Condition, Variant]],
     options: MatrixOptions,
     path: Path,
-    cancel: Callable[[], bool] | None,
+    cancel: Callable[[], bool],
 ) -> Iterator[int]:
     """Run the cells of one model, grouped by (case, condition) so that a corrupted
     image and its slice embeddings are made once per group. Yields 1 per finished
@@ -309,7 +241,7 @@ def _run_model(
     group: tuple | None = None
     context: _GroupContext | None = None
     for case, condition, variant in todo:
-        if cancel is not None and cancel():
+        if cancel():
             raise CancelledError("evaluation cancelled; finished cells are in the CSV")
         if group != (id(case), condition):
             group, context = (id(case), condition), _GroupContext(case, condition, predictor)

@@ -66,7 +66,7 @@ def model_entry(spec: ModelSpec, device: str = "auto") -> ModelEntry:
     """A ModelEntry that loads ``spec`` with ``load_named_model`` when first used."""
 
     def load() -> SlicePredictor:
-        from RobustMedSAMLib.weights.loader import load_named_model
+        from RobustMedSAMLib.inference.loader import load_named_model
 
         loaded = load_named_model(spec.name, spec.checkpoint, spec.encoder, spec.decoder, device)
         return loaded.predictor()

@@ -16,7 +16,7 @@ this one for a single rank, rank 0 after a barrier under torchrun (``commands/ev
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from RobustMedSAMLib.evaluation.datasets import Case
 from RobustMedSAMLib.evaluation.matrix import MatrixOptions, MatrixResult, run_matrix
 from RobustMedSAMLib.evaluation.models import ModelSpec, model_entry
 from RobustMedSAMLib.evaluation.timing import CallTimes
+from RobustMedSAMLib.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def run_parallel(
     device: str = "auto",
     workers: int = 1,
     info: DistInfo | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> MatrixResult:
     """Evaluate this rank's share of ``cases`` with ``workers`` processes.
 
@@ -115,7 +116,7 @@ def _run_slot(
 
 
 def _combine(results: list[MatrixResult], out_dir: Path) -> MatrixResult:
-    from RobustMedSAMLib.evaluation.matrix import CSV_NAME
+    from RobustMedSAMLib.evaluation.results_csv import CSV_NAME
 
     total = MatrixResult(csv_path=out_dir / CSV_NAME)
     for result in results:

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from RobustMedSAMLib.evaluation.matrix import CLEAN, CSV_NAME, KEY
+from RobustMedSAMLib.evaluation.matrix import CLEAN
 from RobustMedSAMLib.evaluation.metrics import mean_std
 from RobustMedSAMLib.evaluation.plot import Panel, draw_panels
+from RobustMedSAMLib.evaluation.results_csv import CSV_NAME, KEY
 from RobustMedSAMLib.formats.atomic import atomic_output
 
 ALL = "all"

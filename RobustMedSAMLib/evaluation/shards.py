@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from RobustMedSAMLib.evaluation.matrix import CSV_NAME, _rewrite, complete, read_cells
+from RobustMedSAMLib.evaluation.results_csv import CSV_NAME, complete, read_cells, rewrite
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def merge_parts(out_dir: str | Path) -> int:
             elif path != main and all(_failure(r) for r in rows):
                 failed[key] = rows  # the latest report of a failure (or a missing model)
     merged = {**{k: v for k, v in failed.items() if k not in ok}, **ok}
-    _rewrite(main, [row for key in sorted(merged) for row in merged[key]])
+    rewrite(main, [row for key in sorted(merged) for row in merged[key]])
     for path in parts:
         path.unlink(missing_ok=True)
     try:

@@ -1,4 +1,5 @@
-"""Prompts derived from a true mask, as an evaluation protocol simulates a user.
+"""Correction clicks derived from a true mask, as an evaluation protocol simulates a
+user (the first prompt's box and point come from ``inference.mask_prompts``).
 
 Frame: slice pixels. Masks are ``(rows, cols)`` bool; a point is ``(x, y) =
 (col, row)``; a box is ``(x0, y0, x1, y1)`` with inclusive corners.
@@ -12,26 +13,7 @@ import numpy as np
 from scipy import ndimage
 
 from RobustMedSAMLib.errors import InputError
-
-
-def interior_point(mask: np.ndarray) -> tuple[float, float]:
-    """The pixel deepest inside ``mask`` (largest distance to the background or the
-    image edge), as ``(x, y)``; ties go to the first in row-major order."""
-    mask = np.asarray(mask, bool)
-    if mask.ndim != 2 or not mask.any():
-        raise InputError("an interior point needs a non-empty 2D mask")
-    distance = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-    row, col = np.unravel_index(int(np.argmax(distance)), distance.shape)
-    return float(col), float(row)
-
-
-def bounding_box(mask: np.ndarray) -> tuple[float, float, float, float]:
-    """The tight box ``(x0, y0, x1, y1)`` of a non-empty 2D mask (inclusive corners)."""
-    mask = np.asarray(mask, bool)
-    if mask.ndim != 2 or not mask.any():
-        raise InputError("a bounding box needs a non-empty 2D mask")
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    return float(cols[0]), float(rows[0]), float(cols[-1]), float(rows[-1])
+from RobustMedSAMLib.inference.mask_prompts import deepest_point
 
 
 @dataclass(frozen=True)
@@ -65,5 +47,5 @@ def correction_point(prediction: np.ndarray, truth: np.ndarray) -> Correction | 
     if best is None:
         return None
     area, label, region = best
-    x, y = interior_point(region)
+    x, y = deepest_point(region)
     return Correction(x, y, label, area)

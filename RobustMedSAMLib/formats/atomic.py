@@ -1,11 +1,14 @@
-"""Writing files so that a crash never leaves a half-written or clobbered one.
+"""Files written so that a crash never leaves a half-written or clobbered one, and
+the SHA-256 that identifies a file in run records and model checks.
 
 No heavy imports: every writer in the library (volumes, segmentations, checkpoints,
-records, reports) goes through ``atomic_output``.
+records, reports) goes through ``atomic_output``; JSON through ``write_json``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -52,3 +55,30 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
+    path = Path(path)
+    with atomic_output(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_json(path: str | os.PathLike, value: object, indent: int = 2) -> Path:
+    """Write ``value`` as JSON (one trailing newline) to ``path`` atomically."""
+    return write_text(path, json.dumps(value, indent=indent) + "\n")
+
+
+CHUNK_BYTES = 1 << 20
+
+
+def sha256_of(path: str | Path, chunk_bytes: int = CHUNK_BYTES) -> str:
+    """Hex SHA-256 of a file, read in chunks (constant memory)."""
+    digest = hashlib.sha256()
+    buffer = bytearray(chunk_bytes)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as stream:
+        while count := stream.readinto(buffer):
+            digest.update(view[:count])
+    return digest.hexdigest()

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from RobustMedSAMLib.errors import InputError
-from RobustMedSAMLib.formats.atomic import atomic_output
+from RobustMedSAMLib.formats.atomic import write_json
 
 SCHEMA = (
     "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"
@@ -121,10 +121,7 @@ def write_points(
             }
         ],
     }
-    path = Path(path)
-    with atomic_output(path) as temporary:
-        temporary.write_text(json.dumps(document, indent=4) + "\n", encoding="utf-8")
-    return path
+    return write_json(path, document, indent=4)  # as Slicer writes markups
 
 
 def write_roi(path: str | os.PathLike, roi: Roi, label: str = "R") -> Path:
@@ -157,11 +154,7 @@ def write_roi(path: str | os.PathLike, roi: Roi, label: str = "R") -> Path:
             }
         ],
     }
-    path = Path(path)
-    with atomic_output(path) as temporary:
-        document = {"@schema": SCHEMA, "markups": [markup]}
-        temporary.write_text(json.dumps(document, indent=4) + "\n", encoding="utf-8")
-    return path
+    return write_json(path, {"@schema": SCHEMA, "markups": [markup]}, indent=4)
 
 
 def _read_markups(path: str | os.PathLike) -> list[dict[str, Any]]:

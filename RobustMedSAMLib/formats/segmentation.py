@@ -25,6 +25,7 @@ from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.formats.atomic import atomic_output, full_suffix
 from RobustMedSAMLib.formats.volume import (
     LPS_TO_RAS,
+    VOLUME_SUFFIXES,
     Volume,
     read_volume,
     to_sitk,
@@ -33,7 +34,7 @@ from RobustMedSAMLib.formats.volume import (
 
 log = logging.getLogger(__name__)
 
-LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+LABELMAP_SUFFIXES = VOLUME_SUFFIXES
 PALETTE = (
     (0.945, 0.839, 0.569),
     (0.502, 0.682, 0.502),

@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 """4x4 that flips L/P to R/A; it is its own inverse."""
 
+# Volume files by extension (what the batch, data and pair finders look for), longest
+# first so that ``.nii.gz`` wins over ``.gz``; DICOM series are folders.
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+_OTHER_SUFFIXES = (".dcm", ".img", ".hdr", ".gz")
+
 
 @dataclass
 class Volume:
@@ -78,7 +83,8 @@ class Volume:
 def volume_name(path: str | os.PathLike) -> str:
     """The file or folder name without its (possibly double) extension."""
     name = Path(path).name
-    return re.sub(r"(\.seg)?\.(nii\.gz|nii|nrrd|nhdr|mha|mhd|dcm|img|hdr|gz)$", "", name) or name
+    suffixes = "|".join(re.escape(s) for s in (*VOLUME_SUFFIXES, *_OTHER_SUFFIXES))
+    return re.sub(rf"(\.seg)?({suffixes})$", "", name, flags=re.IGNORECASE) or name
 
 
 def read_volume(path: str | os.PathLike, series_id: str | None = None) -> Volume:

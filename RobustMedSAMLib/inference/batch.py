@@ -36,19 +36,17 @@ from typing import Any
 
 from RobustMedSAMLib.distributed import DistInfo, dist_info, shard, threads_per_worker
 from RobustMedSAMLib.errors import CancelledError, InputError
-from RobustMedSAMLib.formats.atomic import atomic_output, full_suffix
-from RobustMedSAMLib.formats.volume import volume_name
+from RobustMedSAMLib.formats.atomic import full_suffix, write_json
+from RobustMedSAMLib.formats.volume import VOLUME_SUFFIXES, volume_name
+from RobustMedSAMLib.progress import Progress
 
 log = logging.getLogger(__name__)
 
 CASE_COLUMNS = ("volume", "points", "negative", "box", "out")
 SIDE_FILES = {"points": "_points.mrk.json", "negative": "_negative.mrk.json",
               "box": "_box.mrk.json"}  # fmt: skip
-VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii.gz", ".nii", ".mha", ".mhd")
 OUT_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
 SUMMARY_NAME = "batch_summary.json"
-
-Progress = Callable[[int, int], None]
 
 
 # --- cases ------------------------------------------------------------------------------
@@ -185,11 +183,6 @@ def remove_temporaries(out_dir: Path, case: BatchCase) -> int:
     return len(stale)
 
 
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    with atomic_output(path) as temporary:
-        temporary.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-
-
 # --- segmenting one case ----------------------------------------------------------------
 
 
@@ -269,7 +262,7 @@ class CaseSegmenter:
     """A model loaded once, segmenting volumes into files with ``SegmentSettings``."""
 
     def __init__(self, settings: SegmentSettings, device: str | None = None) -> None:
-        from RobustMedSAMLib.weights.loader import load_named_model
+        from RobustMedSAMLib.inference.loader import load_named_model
 
         self.settings, self.options = settings, settings.options()
         s = settings
@@ -304,7 +297,7 @@ class CaseSegmenter:
     def model_info(self) -> dict[str, Any]:
         """Name, preprocessing, device and checkpoint files with SHA-256 (hashed once)."""
         if self._model_info is None:
-            from RobustMedSAMLib.weights.download import sha256_of
+            from RobustMedSAMLib.formats.atomic import sha256_of
 
             files = self.loaded.checkpoints
             self._model_info = {
@@ -327,7 +320,7 @@ class CaseSegmenter:
 
         segment = Segment(1, self.settings.segment_name, (0.5, 0.68, 0.5))
         write_segmentation(out, result.mask.astype("uint8"), volume, [segment])
-        _write_json(out.with_name(out.name + ".json"), record)
+        write_json(out.with_name(out.name + ".json"), record)
 
 
 def _model_id(files: dict[str, Path]) -> str:
@@ -398,7 +391,7 @@ def case_status(out_dir: Path, cases: Sequence[BatchCase]) -> dict[str, Any]:
 def write_status(out_dir: str | os.PathLike, cases: Sequence[BatchCase]) -> dict[str, Any]:
     """Write ``batch_summary.json`` (``case_status``) atomically and return it."""
     status = case_status(Path(out_dir), cases)
-    _write_json(Path(out_dir) / SUMMARY_NAME, status)
+    write_json(Path(out_dir) / SUMMARY_NAME, status)
     return status
 
 
@@ -557,6 +550,6 @@ def _record_failure(out_dir: Path, case: BatchCase, error: BaseException, info: 
     value = {"case": case.name, "volume": str(case.volume), "error": str(error),
              "type": type(error).__name__, **_where(info), "time": time.time()}  # fmt: skip
     try:
-        _write_json(path, value)
+        write_json(path, value)
     except OSError as write_error:
         log.error("cannot record the failure of %s: %s", case.name, write_error)

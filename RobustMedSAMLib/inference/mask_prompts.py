@@ -18,17 +18,39 @@ LOW_RES = 256
 _LOGIT_EPS = 1e-3
 
 
-def mask_box(mask: np.ndarray, extension: float = 0.0) -> np.ndarray:
-    """Bounding box ``(x0, y0, x1, y1)`` (inclusive, slice pixels) of ``mask``, each
-    side moved out by ``extension`` x its width / height (at least 1 px if > 0),
-    clipped to the slice."""
+def mask_box(mask: np.ndarray, extension: float = 0.0, corners: str = "inclusive") -> np.ndarray:
+    """Bounding box ``(x0, y0, x1, y1)`` (slice pixels, float32) of a non-empty 2D mask,
+    each side moved out by ``extension`` x its width / height (at least 1 px if > 0),
+    clipped to the slice. ``corners``: ``"inclusive"`` (the last pixel's index, as
+    prompts take it) or ``"edges"`` (``x1``/``y1`` one past it: pixel-edge coordinates)."""
+    mask = np.asarray(mask, bool)
+    if mask.ndim != 2 or not mask.any():
+        raise InputError("a bounding box needs a non-empty 2D mask")
+    if corners not in ("inclusive", "edges"):
+        raise InputError(f"corners must be 'inclusive' or 'edges', not {corners!r}")
     rows, cols = np.nonzero(mask)
     x0, x1, y0, y1 = cols.min(), cols.max(), rows.min(), rows.max()
     ex = math.ceil(extension * (x1 - x0 + 1)) if extension > 0 else 0
     ey = math.ceil(extension * (y1 - y0 + 1)) if extension > 0 else 0
     height, width = mask.shape
-    box = (max(x0 - ex, 0), max(y0 - ey, 0), min(x1 + ex, width - 1), min(y1 + ey, height - 1))
-    return np.array(box, np.float32)
+    box = np.array(
+        (max(x0 - ex, 0), max(y0 - ey, 0), min(x1 + ex, width - 1), min(y1 + ey, height - 1)),
+        np.float32,
+    )
+    if corners == "edges":
+        box[2:] += 1
+    return box
+
+
+def deepest_point(mask: np.ndarray) -> tuple[float, float]:
+    """The pixel deepest inside ``mask`` (largest distance to the background or the
+    image edge), as ``(x, y)``; ties go to the first in row-major order."""
+    mask = np.asarray(mask, bool)
+    if mask.ndim != 2 or not mask.any():
+        raise InputError("an interior point needs a non-empty 2D mask")
+    distance = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    row, col = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    return float(col), float(row)
 
 
 def interior_points(mask: np.ndarray, n: int) -> np.ndarray:

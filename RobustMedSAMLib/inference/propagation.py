@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,11 +32,11 @@ from RobustMedSAMLib.inference.mask_prompts import (
     mask_box,
 )
 from RobustMedSAMLib.inference.types import SlicePrompt, SliceSegmenter
+from RobustMedSAMLib.names import OVERLAP_MEASURES, PROJECTIONS
+from RobustMedSAMLib.progress import Cancel, Progress, cancel_check
 
 logger = logging.getLogger(__name__)
 
-PROJECTIONS = ("mask", "box", "points", "points_and_mask", "single_point")
-OVERLAP_MEASURES = ("iou", "containment")
 STOP_REASONS = (
     "empty",  # the model returned an empty mask (never kept)
     "score",  # predicted IoU under min_score
@@ -51,9 +50,6 @@ STOP_REASONS = (
 )
 _TREND_CLIP = (0.5, 2.0)
 DEFAULT_OVERLAP = 0.5  # measured on phantoms (bench_pipeline.py --sweep)
-
-Cancel = Callable[[], bool] | threading.Event
-Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -300,7 +296,7 @@ def propagate(
         front.areas.append(int(masks[front.seed].sum()))
         front.logits = logits.get(front.seed)
     records = [SliceRecord(z, z, 0, math.nan, math.nan, int(m.sum())) for z, m in masks.items()]
-    is_cancelled = _cancel_check(cancel)
+    is_cancelled = cancel_check(cancel)
     if progress is not None:
         progress(0, schedule.remaining())
     while (front := schedule.next_front()) is not None:
@@ -549,14 +545,6 @@ def _check_seed_logits(
             raise InputError(f"seed_logits for slice {index}, which has no seed mask")
         logits[int(index)] = np.array(value, dtype=np.float32, copy=True)
     return logits
-
-
-def _cancel_check(cancel: Cancel | None) -> Callable[[], bool]:
-    if cancel is None:
-        return lambda: False
-    if isinstance(cancel, threading.Event):
-        return cancel.is_set
-    return cancel
 
 
 def _stop_fields(stop: DirectionStop) -> tuple[int, int, int, str]:

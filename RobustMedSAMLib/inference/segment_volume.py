@@ -24,7 +24,7 @@ import numpy as np
 
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.formats.markups import Roi
-from RobustMedSAMLib.inference.propagation import Cancel, Progress, PropagationOptions, propagate
+from RobustMedSAMLib.inference.propagation import PropagationOptions, propagate
 from RobustMedSAMLib.inference.session import SegmentationSession, SessionStats
 from RobustMedSAMLib.inference.slicing import (
     FLAT_ROI_SLICES,
@@ -35,6 +35,7 @@ from RobustMedSAMLib.inference.slicing import (
     set_slice,
 )
 from RobustMedSAMLib.inference.zoom import box_is_small, crop_volume, zoom_region
+from RobustMedSAMLib.progress import Cancel, Progress
 
 
 @dataclass

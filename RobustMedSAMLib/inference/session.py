@@ -28,6 +28,7 @@ from RobustMedSAMLib.inference.preprocessing import Frame, resolve_window
 from RobustMedSAMLib.inference.slicing import AXIS_NAMES, axis_index, get_slice
 from RobustMedSAMLib.inference.types import Prediction, SlicePrompt
 from RobustMedSAMLib.model.sam import ImageFeatures
+from RobustMedSAMLib.progress import Progress
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE_BYTES = 1024**3  # ~85 ViT-B slices (embedding + robust features, fp32)
@@ -123,7 +124,7 @@ class SegmentationSession:
     def encode_slices(
         self,
         indices: Iterable[int],
-        progress: Callable[[int, int], None] | None = None,
+        progress: Progress | None = None,
         cancel: Callable[[], bool] | None = None,
     ) -> None:
         """Encode slices ahead of use, in the given order (nearest the prompt first)."""

@@ -21,8 +21,8 @@ from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.formats.markups import Roi
 from RobustMedSAMLib.formats.volume import Volume
 from RobustMedSAMLib.inference.types import SlicePrompt
+from RobustMedSAMLib.names import AXIS_NAMES
 
-AXIS_NAMES = ("axial", "coronal", "sagittal")
 _NORMAL_RAS = {"sagittal": 0, "coronal": 1, "axial": 2}  # R, A, S component of the normal
 _IN_PLANE = {0: (2, 1), 1: (2, 0), 2: (1, 0)}  # numpy axis -> numpy axes of (x, y)
 HALF_VOXEL = 0.5

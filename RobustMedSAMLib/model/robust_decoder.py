@@ -27,6 +27,7 @@ from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import nn
 
 from RobustMedSAMLib.model.config import ModelConfig
+from RobustMedSAMLib.model.paired_decoding import masks_from, paired_tokens
 
 
 class ChannelAttention(nn.Module):
@@ -124,7 +125,6 @@ class FourierModulation(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv_layer = nn.Conv2d(2 * channels, 2 * channels, kernel_size=1)
-        self.softmax = nn.Softmax(dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -182,8 +182,6 @@ class TokenBlock(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(mlp_dim, mlp_dim), nn.ReLU(), nn.Linear(mlp_dim, mlp_dim * num_tokens)
         )
-        self.IN_layer_I = nn.InstanceNorm1d(num_tokens)
-        self.IN_layer_II = nn.InstanceNorm1d(num_tokens)
 
     def forward(self, token: torch.Tensor) -> torch.Tensor:
         """token: ``B x C`` -> ``B x C``: twice normalised, first quarter through the MLP."""
@@ -283,16 +281,12 @@ class RobustMaskDecoder(MaskDecoder):
         ``B x 4 x 4h x 4w``, IoUs ``B x 4`` and the fused robust mask features
         ``B x C/8 x 4h x 4w`` (what the clean-degraded alignment loss compares).
         """
-        batch = sparse_prompt_embeddings.size(0)
-        tokens = torch.cat([self.iou_token.weight, self.custom_robust_token.weight], dim=0)
-        tokens = torch.cat([tokens.unsqueeze(0).expand(batch, -1, -1), sparse_prompt_embeddings], 1)
-        src = image_embeddings + dense_prompt_embeddings
-        pos_src = image_pe.expand(batch, -1, -1, -1)
-        b, c, h, w = src.shape
-        hs, src = self.transformer(src, pos_src, tokens)
-        iou_token_out = hs[:, 0, :]
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
-        upscaled = self.output_upscaling(src.transpose(1, 2).view(b, c, h, w))
+        weights = torch.cat([self.iou_token.weight, self.custom_robust_token.weight], dim=0)
+        iou_token_out, mask_tokens_out, upscaled = paired_tokens(
+            self, weights, image_embeddings, image_pe, sparse_prompt_embeddings,
+            dense_prompt_embeddings,
+        )  # fmt: skip
+        b = upscaled.shape[0]
         upscaled = self.fourier_mask_features(upscaled) + robust_features.expand(b, -1, -1, -1)
         hyper_in = torch.stack(
             [
@@ -301,6 +295,5 @@ class RobustMaskDecoder(MaskDecoder):
             ],
             dim=1,
         )
-        b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+        masks = masks_from(hyper_in, upscaled)
         return masks, self.iou_prediction_head(iou_token_out), upscaled

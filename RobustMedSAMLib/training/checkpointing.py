@@ -23,11 +23,6 @@ from RobustMedSAMLib.weights.checkpoint import save_state_dict
 STATE_FILE = "state.pt"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_output(path) as temporary:
-        temporary.write_text(text, encoding="utf-8")
-
-
 def trained_state(model: torch.nn.Module, trained: set[str]) -> dict[str, torch.Tensor]:
     """Tensors a resume needs: the trained parameters and every persistent buffer
     (BatchNorm running statistics; small)."""

@@ -101,7 +101,7 @@ class PromptSection:
     positive points, then ``corrections`` iterative correction points. ``multimask``: a
     lone first point is trained as SAM trained it, on the three candidate masks that
     inference decodes for it (the best one's loss, every candidate's IoU score); off:
-    on the single-mask output, as before (see the README for when each does better)."""
+    on the single-mask output only (docs/fine-tuning.md says when each does better)."""
 
     box_probability: float = 0.5
     box_jitter: float = 0.1

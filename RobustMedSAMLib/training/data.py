@@ -1,8 +1,9 @@
-"""Training data: 2D slices with a binary target mask, from three kinds of source.
+"""Training data: 2D slices with a binary target mask, from four kinds of source.
 
 * MedSegBench files as published (``{name}_{size}.npz`` holding ``train_images``,
   ``train_label``, ``val_images``, ``val_label``, ``test_images``, ``test_label``);
-* a folder of image/label volume pairs (NRRD, NIfTI, ... as Slicer exports them),
+* a folder of image/label volume pairs (NRRD, NIfTI, ... as Slicer exports them;
+  ``datasets.volume_pairs`` says which layouts),
   sampled into slices that contain foreground along a chosen axis;
 * synthetic phantoms (tests and the demo model);
 * a folder of unlabelled 2D images with automatic region masks (as SAM's data engine
@@ -26,13 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from RobustMedSAMLib.datasets.medsegbench import read_splits
+from RobustMedSAMLib.datasets.volume_pairs import file_stem, find_pairs
 from RobustMedSAMLib.errors import InputError
+from RobustMedSAMLib.formats.volume import VOLUME_SUFFIXES
 from RobustMedSAMLib.training.config import AXES, CorruptionSection, DataSection
 
 log = logging.getLogger(__name__)
-
-VOLUME_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha", ".mhd")
-LABEL_TAGS = ("-label", "_label", "-seg", "_seg", ".seg", "_mask", "-mask")
 
 
 @dataclass
@@ -161,50 +161,12 @@ def _to_uint8(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
 # Volumes ----------------------------------------------------------------------------
 
 
-def find_volume_pairs(folder: Path) -> list[tuple[Path, Path]]:
-    """(image, label) files: ``images/`` + ``labels/`` subfolders with equal names, or
-    pairs in one folder where the label is the image name plus a tag such as ``-label``."""
-    if not folder.is_dir():
-        raise InputError(f"data folder not found: {folder}")
-    if (folder / "images").is_dir() and (folder / "labels").is_dir():
-        labels = {_stem(p): p for p in _volume_files(folder / "labels")}
-        pairs = [
-            (p, labels[_stem(p)]) for p in _volume_files(folder / "images") if _stem(p) in labels
-        ]
-    else:
-        files = {_stem(p): p for p in _volume_files(folder)}
-        pairs = []
-        for stem, path in sorted(files.items()):
-            for tag in LABEL_TAGS:
-                if stem + tag in files:
-                    pairs.append((path, files[stem + tag]))
-                    break
-    if not pairs:
-        raise InputError(
-            f"{folder}: no image/label pairs; use images/ and labels/ subfolders with equal "
-            f"file names, or NAME.nrrd beside NAME-label.nrrd ({', '.join(LABEL_TAGS)})"
-        )
-    return pairs
-
-
-def _volume_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(VOLUME_SUFFIXES))
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in VOLUME_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
 def _volume_slices(section: DataSection) -> list[SliceSet]:
     from RobustMedSAMLib.formats.volume import read_volume
     from RobustMedSAMLib.inference.preprocessing import auto_window, window_to_uint8
 
     sets = []
-    for image_path, label_path in find_volume_pairs(Path(section.folder)):
+    for image_path, label_path in find_pairs(section.folder):
         image, label = read_volume(image_path).array, read_volume(label_path).array
         if label.ndim == 4:  # a multi-layer .seg.nrrd read as a vector image
             label = label.max(axis=-1)
@@ -218,7 +180,7 @@ def _volume_slices(section: DataSection) -> list[SliceSet]:
         window = auto_window(image)
         volume_set = SliceSet()
         for index, image2d, label2d in _foreground_slices(image, label, section):
-            name = f"{_stem(image_path)}:{section.axis}{index}"
+            name = f"{file_stem(image_path)}:{section.axis}{index}"
             _add_masks(volume_set, window_to_uint8(image2d, window), label2d, section, name)
         sets.append(volume_set)
     return sets
@@ -398,7 +360,7 @@ def _region_slices(section: DataSection, seed: int) -> list[SliceSet]:
         volume_set = SliceSet()
         for number, mask in enumerate(found):
             if mask.sum() >= section.min_foreground:
-                volume_set.add(image, mask, f"{_stem(path)}:region{number}")
+                volume_set.add(image, mask, f"{file_stem(path)}:region{number}")
         log.debug("%s: %d regions", path.name, len(volume_set))
         sets.append(volume_set)
     order = np.random.default_rng([seed, 11]).permutation(len(sets))

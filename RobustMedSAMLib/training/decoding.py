@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from RobustMedSAMLib.model.paired_decoding import plain_paired
 from RobustMedSAMLib.model.sam import SegmentAnythingModel
 from RobustMedSAMLib.training.simulated_prompts import Prompts
 
@@ -35,26 +36,7 @@ def decode_paired(
     if model.robust:
         masks, iou, features = decoder.predict_paired(embedding, image_pe, sparse, dense, robust)
     else:
-        masks, iou, features = _plain_paired(decoder, embedding, image_pe, sparse, dense)
+        masks, iou, features = plain_paired(decoder, embedding, image_pe, sparse, dense)
     if multimask:
         return masks[:, 1:], iou[:, 1:], features
     return masks[:, 0], iou[:, 0], features
-
-
-def _plain_paired(decoder, embedding, image_pe, sparse, dense):
-    """SAM's ``MaskDecoder.predict_masks`` with one image per prompt."""
-    batch = sparse.size(0)
-    tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    tokens = torch.cat([tokens.unsqueeze(0).expand(batch, -1, -1), sparse], dim=1)
-    src = embedding + dense
-    b, c, h, w = src.shape
-    hs, src = decoder.transformer(src, image_pe.expand(b, -1, -1, -1), tokens)
-    mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
-    upscaled = decoder.output_upscaling(src.transpose(1, 2).view(b, c, h, w))
-    hyper_in = torch.stack(
-        [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
-        dim=1,
-    )
-    b, c, h, w = upscaled.shape
-    masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
-    return masks, decoder.iou_prediction_head(hs[:, 0, :]), upscaled

@@ -26,6 +26,7 @@ import torch
 from numpy.lib.format import open_memmap
 
 from RobustMedSAMLib.errors import CancelledError, InputError
+from RobustMedSAMLib.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def build_cache(
     variants: int,
     model_input: Callable[[int, int], torch.Tensor],
     batch_size: int = 4,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> EmbeddingCache:
     """Compute (or reuse) the cache for ``count`` images x ``variants + 1`` versions.

@@ -1,6 +1,6 @@
 """Training data from Slicer: image/label volume pairs and a fine-tuning config for them.
 
-Layout (what ``training.data.find_volume_pairs`` reads)::
+Layout (what ``datasets.volume_pairs.find_pairs`` reads)::
 
     FOLDER/images/NAME.nii.gz   the image, with the volume's geometry (LPS NIfTI)
     FOLDER/labels/NAME.nii.gz   its label map on the same grid (0 background)

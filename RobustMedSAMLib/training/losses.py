@@ -10,6 +10,9 @@ import torch.nn.functional as F
 
 from RobustMedSAMLib.training.config import LossSection
 
+# every term a step can report: the mask terms, then the clean/corrupted alignment
+LOSS_TERMS = ("dice", "bce", "focal", "iou", "align")
+
 
 def dice_loss(logits: torch.Tensor, masks: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     """1 - soft Dice per sample, averaged over the batch."""

@@ -11,13 +11,16 @@ DDP averages the gradients, with the loss terms weighted so that the average is 
 global batch's mean. So N processes train (to float rounding) the same weights as one,
 and a run resumes with any number of processes. Rank 0 alone writes files and JSON
 lines; it builds the embedding cache while the others wait, then they all read it.
+
+The parts: ``step`` (inputs, targets and the forward that gives the losses),
+``batches`` (which samples each step and rank train on), ``ddp`` (the process group),
+and here the loop, validation, caches and saving.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import signal
 import sys
 import threading
@@ -28,17 +31,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from RobustMedSAMLib import distributed
 from RobustMedSAMLib.distributed import dist_info
 from RobustMedSAMLib.errors import CancelledError, InputError
-from RobustMedSAMLib.inference.preprocessing import Preprocessor
-from RobustMedSAMLib.model.sam import SegmentAnythingModel
+from RobustMedSAMLib.formats.atomic import write_text
 from RobustMedSAMLib.training import checkpointing as ckpt
+from RobustMedSAMLib.training.batches import BatchPlan
 from RobustMedSAMLib.training.config import TrainingConfig
-from RobustMedSAMLib.training.data import SliceSet, load_data, variant_image, variant_spec
+from RobustMedSAMLib.training.data import load_data
+from RobustMedSAMLib.training.ddp import RankGroup
 from RobustMedSAMLib.training.decoding import decode_paired
 from RobustMedSAMLib.training.embedding_cache import (
     EmbeddingCache,
@@ -47,20 +49,10 @@ from RobustMedSAMLib.training.embedding_cache import (
     encoder_digest,
     module_digest,
 )
-from RobustMedSAMLib.training.losses import (
-    alignment_loss,
-    dice_score,
-    mask_losses,
-    multimask_losses,
-)
+from RobustMedSAMLib.training.losses import dice_score
 from RobustMedSAMLib.training.model_setup import build_model, select_trained, set_train_mode
-from RobustMedSAMLib.training.simulated_prompts import (
-    Prompts,
-    boxes_from_masks,
-    correction_points,
-    initial_prompts,
-    points_in_masks,
-)
+from RobustMedSAMLib.training.simulated_prompts import Prompts, boxes_from_masks, points_in_masks
+from RobustMedSAMLib.training.step import Inputs, TrainStep, learning_rate
 
 log = logging.getLogger(__name__)
 Emit = Callable[[dict], None]
@@ -84,188 +76,12 @@ class RunOptions:
 
 
 @dataclass
-class StepBatch:
-    """This rank's part of a step's global batch: train-set ``indices``, ``variants``
-    (0 clean), the batch ``rng`` (same on every rank), one generator per sample,
-    ``weight`` and ``align_weight`` (see ``TrainStep.forward``)."""
-
-    indices: list[int]
-    variants: list[int]
-    rng: np.random.Generator
-    sample_rngs: list[np.random.Generator]
-    weight: float = 1.0
-    align_weight: float = 1.0
-    any_corrupted: bool = False
-
-
-@dataclass
 class RunResult:
     status: str  # "done" or "stopped"
     step: int
     losses: list[float] = field(default_factory=list)
     best_dice: float = float("nan")
     model_path: Path | None = None
-
-
-# Inputs -----------------------------------------------------------------------------
-
-
-class Inputs:
-    """Model inputs and low-res targets for one split (images, corrupted variants)."""
-
-    def __init__(self, data: SliceSet, config: TrainingConfig, model: SegmentAnythingModel):
-        self.data = data
-        self.config = config
-        mc = model.config
-        self.size, self.low = mc.image_size, mc.low_res_size
-        self.pre = Preprocessor(
-            config.model.preprocessing, mc.image_size, mc.pixel_mean, mc.pixel_std
-        )
-
-    def model_input(self, index: int, variant: int) -> torch.Tensor:
-        """``1 x 3 x S x S`` input of image ``index``, variant 0 clean or 1.. corrupted."""
-        spec = variant_spec(self.config.corruption, self.config.train.seed, index, variant)
-        return self.pre.image(variant_image(self.data.images[index], spec))[0]
-
-    def target(self, index: int) -> torch.Tensor:
-        """``L x L`` bool mask on the decoder's low-res grid (model-input frame / 4)."""
-        mask = self.data.masks[index]
-        rows, cols = mask.shape
-        if self.config.model.preprocessing == "sam":
-            scale = self.size / max(rows, cols)
-            inner = (
-                round(rows * scale * self.low / self.size),
-                round(cols * scale * self.low / self.size),
-            )
-        else:
-            inner = (self.low, self.low)
-        resized = F.interpolate(torch.from_numpy(mask)[None, None].float(), inner, mode="area")[
-            0, 0
-        ]
-        return F.pad(resized >= 0.5, (0, self.low - inner[1], 0, self.low - inner[0]))
-
-    def targets(self, indices: list[int]) -> torch.Tensor:
-        return torch.stack([self.target(i) for i in indices])
-
-
-# The training step -------------------------------------------------------------------
-
-
-class TrainStep(nn.Module):
-    """One forward: features (cached or from the encoder), iterative prompting, losses.
-    A module so that DDP can wrap it."""
-
-    def __init__(self, model: SegmentAnythingModel, config: TrainingConfig, encoder_trains: bool):
-        super().__init__()
-        self.model = model
-        self.config = config
-        self.encoder_trains = encoder_trains
-
-    def image_features(self, source: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(embedding ``B x C x h x w``, robust features or None) from ``images`` or the
-        cached ``embedding`` + ``early``."""
-        model = self.model
-        if "images" in source:
-            with torch.set_grad_enabled(self.encoder_trains and torch.is_grad_enabled()):
-                embedding, early = model.image_encoder.forward_with_early(source["images"])
-        else:
-            embedding, early = source["embedding"], source.get("early")
-        if not model.robust:
-            return embedding, None
-        if "robust" in source:  # cached output of frozen robust feature blocks
-            return embedding, source["robust"]
-        return embedding, model.mask_decoder.robust_image_features(embedding, early)
-
-    def forward(
-        self,
-        source: dict,
-        clean: dict | None,
-        masks: torch.Tensor,
-        corrupted: torch.Tensor,
-        rng: np.random.Generator,
-        sample_rngs: list[np.random.Generator] | None = None,
-        weight: float = 1.0,
-        align_weight: float = 1.0,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """(loss, its terms) of a batch ``B``: masks ``B x L x L``, corrupted ``B`` bool.
-
-        rng draws the batch-wide choice (box or points); sample_rngs (one per sample,
-        default: rng for all) draw each sample's jitter, points and corrections, so a
-        sample gets the same prompts whichever process holds it. weight scales the mask
-        terms and align_weight the alignment term (a rank's share of the global mean).
-        """
-        cfg = self.config
-        scale = self.model.config.image_size / self.model.config.low_res_size
-        embedding, robust = self.image_features(source)
-        prompts = _initial_prompts(masks, rng, sample_rngs, cfg.prompts, scale).to(masks.device)
-        mask_input, terms, align = None, {}, None
-        rounds = cfg.prompts.corrections + 1
-        for round_ in range(rounds):
-            multimask = round_ == 0 and cfg.prompts.multimask and prompts.is_lone_point
-            logits, iou, features = decode_paired(
-                self.model, embedding, robust, prompts, mask_input, multimask
-            )
-            if multimask:
-                losses, logits = multimask_losses(logits, iou, masks, cfg.loss)
-            else:
-                losses = mask_losses(logits, iou, masks, cfg.loss)
-            for name, value in losses.items():
-                terms[name] = terms.get(name, 0.0) + value * (weight / rounds)
-            if round_ == 0 and clean is not None:
-                # every rank runs the clean pass when the global batch has a corrupted
-                # sample (BatchNorm statistics are taken over all ranks)
-                with torch.no_grad():
-                    clean_embedding, clean_robust = self.image_features(clean)
-                    _, _, clean_features = decode_paired(
-                        self.model, clean_embedding, clean_robust, prompts
-                    )
-                if bool(corrupted.any()):
-                    align = (cfg.loss.align * align_weight) * alignment_loss(
-                        features[corrupted], clean_features[corrupted]
-                    )
-                else:  # none in this rank's share: a zero term
-                    align = features.sum() * 0.0
-            if round_ + 1 < rounds:
-                xy, labels = _correction_points(logits.detach() > 0, masks, rng, sample_rngs, scale)
-                prompts = prompts.add_points(xy.to(masks.device), labels.to(masks.device))
-                mask_input = logits.detach()[:, None]
-        if align is not None:
-            terms["align"] = align
-        total = sum(terms.values())
-        return total, {k: float(v.detach()) for k, v in terms.items()}
-
-
-def _initial_prompts(masks, rng, sample_rngs, section, scale) -> Prompts:
-    """``initial_prompts`` with each sample's draws from its own generator (when given)."""
-    if sample_rngs is None:
-        return initial_prompts(masks, rng, section, scale)
-    if rng.random() < section.box_probability:
-        boxes = [boxes_from_masks(masks[i : i + 1], r, section.box_jitter, scale)
-                 for i, r in enumerate(sample_rngs)]  # fmt: skip
-        return Prompts(None, None, torch.cat(boxes))
-    pairs = [points_in_masks(masks[i : i + 1], r, section.points, scale)
-             for i, r in enumerate(sample_rngs)]  # fmt: skip
-    return Prompts(torch.cat([p for p, _ in pairs]), torch.cat([q for _, q in pairs]), None)
-
-
-def _correction_points(predicted, masks, rng, sample_rngs, scale):
-    """``correction_points`` with each sample's draw from its own generator (when given)."""
-    if sample_rngs is None:
-        return correction_points(predicted, masks, rng, scale)
-    pairs = [correction_points(predicted[i : i + 1], masks[i : i + 1], r, scale)
-             for i, r in enumerate(sample_rngs)]  # fmt: skip
-    return torch.cat([p for p, _ in pairs]), torch.cat([q for _, q in pairs])
-
-
-def learning_rate(config: TrainingConfig, step: int) -> float:
-    """Linear warm-up, then cosine decay to ``min_lr_fraction`` x lr at the last step."""
-    t = config.train
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    span = max(1, t.steps - t.warmup_steps)
-    progress = min(1.0, (step - t.warmup_steps) / span)
-    floor = t.min_lr_fraction
-    return t.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 # The runner ---------------------------------------------------------------------------
@@ -333,7 +149,8 @@ class Trainer:
         self.use_cache = t.mode == "decoder" and config.cache.enabled
         encoder_trains = any(n.startswith("image_encoder.") for n in self.trained)
         self.step_module = TrainStep(self.model, config, encoder_trains)
-        self.ddp = self._wrap_ddp()
+        self.ranks = RankGroup(self.dist, self.device)
+        self.ddp = self.ranks.wrap(self.step_module, self.model)
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in parameters if p.ndim > 1]
         no_decay = [p for p in parameters if p.ndim <= 1]
@@ -344,29 +161,10 @@ class Trainer:
             ],
             lr=t.lr,
         )
-        self.steps_per_epoch = max(1, math.ceil(len(self.train_indices) / t.batch_size))
-        self._orders: dict[int, list[int]] = {}
+        self.plan = BatchPlan(config, self.train_indices, self.dist.world, self.dist.rank)
+        self.steps_per_epoch = self.plan.steps_per_epoch
         self.caches: dict[str, EmbeddingCache] = {}
         self.step, self.best, self.losses = 0, -1.0, []
-
-    def _wrap_ddp(self) -> nn.Module:
-        self._own_group, self._wait_group = False, None
-        if self.dist.world <= 1:
-            return self.step_module
-        import torch.distributed as dist
-
-        from RobustMedSAMLib.training.sync_batchnorm import synchronise_batch_norm
-
-        self._own_group = not (dist.is_available() and dist.is_initialized())
-        distributed.init_process_group(self.device.type, required=True)
-        if synchronise_batch_norm(self.model, self.device.type):
-            log.info("BatchNorm statistics are taken over the global batch (all ranks)")
-        # rank 0 may build the embedding cache for hours: the others wait on this group
-        self._wait_group = distributed.long_wait_group()
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(
-            self.step_module, device_ids=ids, find_unused_parameters=True
-        )
 
     # --- files and records ---
 
@@ -379,43 +177,13 @@ class Trainer:
             return None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not self.options.resume:
-            ckpt.atomic_write_text(self.run_dir / "config.toml", self.config.to_toml())
+            write_text(self.run_dir / "config.toml", self.config.to_toml())
         handler = logging.FileHandler(self.run_dir / "train.log", encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         handler.setLevel(logging.INFO)
         return handler
 
     # --- data for a step ---
-
-    def batch_for(self, step: int) -> StepBatch:
-        """This rank's share of step ``step``'s global batch; a function of (seed, step)
-        and the share only, whatever the number of processes."""
-        t, c = self.config.train, self.config.corruption
-        epoch, position = divmod(step, self.steps_per_epoch)
-        if epoch not in self._orders:
-            self._orders = {epoch: epoch_order(len(self.train_indices), t.seed, epoch)}
-        order, count = self._orders[epoch], len(self.train_indices)
-        # the last batch of an epoch is filled from the epoch's start: every batch is full
-        batch = [self.train_indices[order[(position * t.batch_size + j) % count]]
-                 for j in range(t.batch_size)]  # fmt: skip
-        rng = np.random.default_rng([t.seed, step, 1])
-        variants = [
-            0
-            if c.variants == 0 or rng.random() < c.clean_fraction
-            else int(rng.integers(1, c.variants + 1))
-            for _ in batch
-        ]
-        mine = share(t.batch_size, self.dist.world, self.dist.rank)
-        corrupted = sum(v > 0 for v in variants)
-        return StepBatch(
-            [batch[j] for j in mine],
-            [variants[j] for j in mine],
-            rng,
-            [np.random.default_rng([t.seed, step, j, 2]) for j in mine],
-            weight=len(mine) * self.dist.world / t.batch_size,
-            align_weight=sum(variants[j] > 0 for j in mine) * self.dist.world / max(corrupted, 1),
-            any_corrupted=corrupted > 0,
-        )
 
     def sources(
         self, split: str, indices: list[int], variants: list[int], any_corrupted: bool = False
@@ -488,7 +256,7 @@ class Trainer:
                     ),
                     cancel=self.stop.event.is_set,
                 )
-            self._barrier(long=True)
+            self.ranks.barrier(long=True)
             if not self.dist.main:
                 self.caches[split] = _open_shared_cache(folder)
             log.info(
@@ -497,40 +265,10 @@ class Trainer:
                 time.perf_counter() - started,
             )  # fmt: skip
 
-    def _agree(self, flag: bool) -> bool:
-        """True on every rank when any rank says so (a signal may reach ranks a step apart)."""
-        if self.dist.world <= 1:
-            return flag
-        import torch.distributed as dist
-
-        value = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
-
-    def _barrier(self, long: bool = False) -> None:
-        """Wait for every rank; ``long``: on the group whose timeout allows hours."""
-        if self.dist.world > 1:
-            distributed.barrier(self._wait_group if long else None)
-
-    def _mean_over_ranks(self, total: float, terms: dict[str, float]) -> tuple[float, dict]:
-        """The global batch's loss and terms from every rank's weighted share."""
-        if self.dist.world <= 1:
-            return total, terms
-        import torch.distributed as dist
-
-        names = ("dice", "bce", "focal", "iou", "align")  # a rank may lack align
-        values = [total] + [terms.get(n, 0.0) for n in names] + [float(n in terms) for n in names]
-        value = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(value)
-        value = (value / self.dist.world).tolist()
-        present = value[1 + len(names) :]
-        out = {n: v for n, v, p in zip(names, value[1 : 1 + len(names)], present, strict=True) if p}
-        return value[0], out
-
     # --- training ---
 
     def train_step(self, step: int) -> tuple[float, dict[str, float]]:
-        batch = self.batch_for(step)
+        batch = self.plan.batch_for(step)
         indices, variants = batch.indices, batch.variants
         source, clean = self.sources("train", indices, variants, batch.any_corrupted)
         masks = self.train_inputs.targets(indices).to(self.device)
@@ -547,7 +285,7 @@ class Trainer:
                 [p for p in self.model.parameters() if p.requires_grad], self.config.train.grad_clip
             )
         self.optimizer.step()
-        return self._mean_over_ranks(float(total.detach()), terms)
+        return self.ranks.mean_over_ranks(float(total.detach()), terms)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -642,8 +380,7 @@ class Trainer:
             return self._loop()
         finally:
             self.stop.restore()
-            if self._own_group:
-                distributed.destroy_process_group()
+            self.ranks.close()
             if handler is not None:
                 logger.removeHandler(handler)
                 logger.setLevel(old_level)
@@ -704,7 +441,7 @@ class Trainer:
                     "step %d/%d loss %.4f (%s) lr %.2e", self.step, t.steps, loss,
                     ", ".join(f"{k} {v:.4f}" for k, v in terms.items()), record["lr"],
                 )  # fmt: skip
-            stopping = self._agree(
+            stopping = self.ranks.agree(
                 self.stop.event.is_set()
                 or (self.options.stop_after is not None and self.step >= self.options.stop_after)
             )
@@ -722,7 +459,7 @@ class Trainer:
             {"event": status, "step": self.step, "best_val_dice": self.best, "model": str(path)}
         )
         log.info("%s at step %d; model %s", status, self.step, path)
-        self._barrier()
+        self.ranks.barrier()
         return RunResult(status, self.step, list(self.losses), self.best, path)
 
     def _validate_and_save(self) -> None:
@@ -735,21 +472,6 @@ class Trainer:
             self.emit({"event": "val", "step": self.step, **scores, "best": improved})
             log.info("validation at step %d: %s", self.step, scores)
         self.save(tag_best=improved or not scores)
-
-
-def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
-    """A permutation of ``range(count)`` for ``epoch`` (as torch's samplers shuffle)."""
-    generator = torch.Generator()
-    generator.manual_seed(seed + epoch)
-    return torch.randperm(count, generator=generator).tolist()
-
-
-def share(batch: int, world: int, rank: int) -> range:
-    """Positions of ``rank``'s contiguous share of a ``batch`` split over ``world``
-    processes (sizes differ by at most one; earlier ranks take the extra ones)."""
-    size, extra = divmod(batch, world)
-    start = rank * size + min(rank, extra)
-    return range(start, start + size + (rank < extra))
 
 
 def _open_shared_cache(folder: Path) -> EmbeddingCache:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from RobustMedSAMLib.inference.mask_prompts import mask_box
 from RobustMedSAMLib.training.config import PromptSection
 
 
@@ -49,12 +50,6 @@ class Prompts:
         return None if self.points is None else (self.points, self.labels)
 
 
-def box_of(mask: np.ndarray) -> np.ndarray:
-    """Tight box (x0, y0, x1, y1) of a ``(rows, cols)`` mask in pixel-edge coordinates."""
-    rows, cols = np.nonzero(mask)
-    return np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], dtype=np.float64)
-
-
 def initial_prompts(
     masks: torch.Tensor, rng: np.random.Generator, section: PromptSection, scale: float
 ) -> Prompts:
@@ -72,7 +67,7 @@ def boxes_from_masks(
     size = masks.shape[-1]
     boxes = []
     for mask in masks.cpu().numpy():
-        box = box_of(mask)
+        box = mask_box(mask, corners="edges").astype(np.float64)
         extent = np.repeat(box[2:] - box[:2], 2)[[0, 2, 1, 3]]
         box = box + rng.uniform(-jitter, jitter, 4) * extent
         box = np.clip(box, 0, size)

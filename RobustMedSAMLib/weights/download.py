@@ -20,23 +20,12 @@ from pathlib import Path
 
 from RobustMedSAMLib import __version__
 from RobustMedSAMLib.errors import CancelledError, CheckpointError
+from RobustMedSAMLib.progress import Progress
 from RobustMedSAMLib.weights.registry import ModelSource, default_models_dir, how_to_get
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
-Progress = Callable[[int, int], None]
-
-
-def sha256_of(path: str | Path, chunk_bytes: int = CHUNK_BYTES) -> str:
-    """Hex SHA-256 of a file, read in chunks (constant memory)."""
-    digest = hashlib.sha256()
-    buffer = bytearray(chunk_bytes)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as stream:
-        while count := stream.readinto(buffer):
-            digest.update(view[:count])
-    return digest.hexdigest()
 
 
 def _tqdm_progress(desc: str) -> tuple[Progress, Callable[[], None]]:

@@ -326,7 +326,7 @@ def _check(source: ModelSource, path: Path, verify: bool) -> tuple[str | None, b
         return None, False, f"size {size} B, expected {source.size_bytes} B"
     if not verify:
         return None, None, "present (not verified)"
-    from RobustMedSAMLib.weights.download import sha256_of
+    from RobustMedSAMLib.formats.atomic import sha256_of
 
     digest = sha256_of(path)
     if source.sha256 is None:

@@ -49,7 +49,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     if args.demo:
-        from RobustMedSAMLib.weights.loader import load_named_model
+        from RobustMedSAMLib.inference.loader import load_named_model
 
         model = load_named_model("demo", device="cpu").model
     else:

@@ -24,7 +24,7 @@ import torch
 from RobustMedSAMLib.model.sam import SegmentAnythingModel
 from RobustMedSAMLib.training.config import TrainingConfig
 from RobustMedSAMLib.training.model_setup import SIZES, select_trained, set_train_mode
-from RobustMedSAMLib.training.runner import TrainStep
+from RobustMedSAMLib.training.step import TrainStep
 
 
 def _sync(device: torch.device) -> None:

@@ -21,10 +21,10 @@ import numpy as np
 from RobustMedSAMLib.formats.markups import Roi
 from RobustMedSAMLib.formats.segmentation import read_segmentation
 from RobustMedSAMLib.formats.volume import Volume, read_volume
+from RobustMedSAMLib.inference.loader import load_named_model
 from RobustMedSAMLib.inference.segment_volume import SegmentOptions, VolumePrompts, segment_volume
 from RobustMedSAMLib.inference.session import SegmentationSession
 from RobustMedSAMLib.inference.slicing import ijk_box_roi
-from RobustMedSAMLib.weights.loader import load_named_model
 
 
 def slice_box(volume: Volume, mask: np.ndarray, k: int) -> Roi:

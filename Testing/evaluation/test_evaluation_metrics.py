@@ -8,10 +8,9 @@ import pytest
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.evaluation.metrics import dice, iou, mean_std, per_slice_dice
 from RobustMedSAMLib.evaluation.simulated_clicks import (
-    bounding_box,
     correction_point,
-    interior_point,
 )
+from RobustMedSAMLib.inference.mask_prompts import deepest_point, mask_box
 
 
 def test_dice_and_iou_hand_computed():
@@ -52,19 +51,19 @@ def test_interior_point_is_the_deepest_pixel():
     mask = np.zeros((20, 30), bool)
     mask[2:9, 3:10] = True  # 7x7 square, centre (x=6, y=5)
     mask[10:19, 12:29] = True  # 9x17 block: deeper, centre row 14
-    x, y = interior_point(mask)
+    x, y = deepest_point(mask)
     assert y == 14 and 16 <= x <= 24
     edge = np.zeros((5, 5), bool)
     edge[:, :2] = True  # touches the image border: the border counts as outside
-    assert interior_point(edge)[0] in (0.0, 1.0)
+    assert deepest_point(edge)[0] in (0.0, 1.0)
     with pytest.raises(InputError):
-        interior_point(np.zeros((4, 4), bool))
+        deepest_point(np.zeros((4, 4), bool))
 
 
 def test_bounding_box_is_inclusive_xyxy():
     mask = np.zeros((10, 12), bool)
     mask[2:5, 7:11] = True
-    assert bounding_box(mask) == (7.0, 2.0, 10.0, 4.0)
+    assert _inclusive_box(mask) == (7.0, 2.0, 10.0, 4.0)
 
 
 def test_correction_in_the_largest_miss_is_positive_at_its_centre():
@@ -93,3 +92,7 @@ def test_no_correction_when_the_mask_is_perfect():
     truth = np.zeros((8, 8), bool)
     truth[2:5, 2:5] = True
     assert correction_point(truth, truth) is None
+
+
+def _inclusive_box(mask):
+    return tuple(float(v) for v in mask_box(mask))

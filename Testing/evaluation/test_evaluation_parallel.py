@@ -15,9 +15,10 @@ import pytest
 
 from RobustMedSAMLib.distributed import DistInfo
 from RobustMedSAMLib.evaluation.datasets import load_cases
-from RobustMedSAMLib.evaluation.matrix import CSV_NAME, KEY, MatrixOptions
+from RobustMedSAMLib.evaluation.matrix import MatrixOptions
 from RobustMedSAMLib.evaluation.models import parse_model_spec
 from RobustMedSAMLib.evaluation.parallel import run_parallel
+from RobustMedSAMLib.evaluation.results_csv import CSV_NAME, KEY
 from RobustMedSAMLib.evaluation.shards import merge_parts, part_path
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -57,12 +57,12 @@ KILL_DRIVER = """
 import os, signal, sys
 import RobustMedSAMLib.inference.batch as batch
 from RobustMedSAMLib.cli import main
-write_json, kill_at = batch._write_json, os.environ["KILL_AT"]
+write_json, kill_at = batch.write_json, os.environ["KILL_AT"]
 def crash_before_record(path, value):
     if str(path).endswith(kill_at + ".json"):
         os.kill(os.getpid(), signal.SIGKILL)
     write_json(path, value)
-batch._write_json = crash_before_record
+batch.write_json = crash_before_record
 sys.exit(main(sys.argv[1:]))
 """
 

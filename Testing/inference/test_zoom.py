@@ -13,11 +13,11 @@ from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.formats.markups import write_roi
 from RobustMedSAMLib.formats.segmentation import read_segmentation
 from RobustMedSAMLib.formats.volume import Volume, write_volume
+from RobustMedSAMLib.inference.loader import load_named_model
 from RobustMedSAMLib.inference.segment_volume import SegmentOptions, VolumePrompts, segment_volume
 from RobustMedSAMLib.inference.session import SegmentationSession
 from RobustMedSAMLib.inference.slicing import ijk_box_roi
 from RobustMedSAMLib.inference.zoom import crop_volume, zoom_region
-from RobustMedSAMLib.weights.loader import load_named_model
 
 ROTATED = np.array(
     [[0.0, -0.8, 0.0, 30.0], [0.9, 0.0, 0.0, -12.0], [0.0, 0.0, 2.5, 7.0], [0, 0, 0, 1]]

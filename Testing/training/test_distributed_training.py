@@ -23,8 +23,8 @@ from RobustMedSAMLib import distributed
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.model.config import TINY
 from RobustMedSAMLib.model.sam import SegmentAnythingModel
+from RobustMedSAMLib.training.batches import share
 from RobustMedSAMLib.training.config import TrainingConfig
-from RobustMedSAMLib.training.runner import share
 from RobustMedSAMLib.weights.checkpoint import save_state_dict
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk  # noqa: N813 - the usual name
 
+from RobustMedSAMLib.datasets.volume_pairs import find_pairs
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.training.config import CorruptionSection, DataSection, TrainingConfig
 from RobustMedSAMLib.training.data import (
-    find_volume_pairs,
     load_data,
     region_masks,
     variant_spec,
@@ -76,7 +76,7 @@ def test_volume_folder_pairs_sample_foreground_slices_along_the_axis(tmp_path):
         label[2:5, 5:15, 6:18] = 1
         _write(image, tmp_path / f"{name}.nrrd")
         _write(label, tmp_path / f"{name}-label.nrrd")
-    assert [p.name for p, _ in find_volume_pairs(tmp_path)] == ["a.nrrd", "b.nrrd"]
+    assert [p.name for p, _ in find_pairs(tmp_path)] == ["a.nrrd", "b.nrrd"]
     section = DataSection(source="volumes", folder=str(tmp_path), val_fraction=0.5)
     train, val = load_data(section)
     assert len(train) == 3 and len(val) == 3  # slices 2..4 of each volume
@@ -87,7 +87,7 @@ def test_volume_folder_pairs_sample_foreground_slices_along_the_axis(tmp_path):
 
 def test_volume_folder_errors_name_the_problem(tmp_path):
     with pytest.raises(InputError, match="no image/label pairs"):
-        find_volume_pairs(tmp_path)
+        find_pairs(tmp_path)
     _write(np.zeros((4, 8, 8), np.int16), tmp_path / "a.nrrd")
     _write(np.zeros((4, 8, 9), np.uint8), tmp_path / "a-label.nrrd")
     with pytest.raises(InputError, match="differs from image"):

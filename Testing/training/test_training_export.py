@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from RobustMedSAMLib.datasets.phantoms import sphere
+from RobustMedSAMLib.datasets.volume_pairs import find_pairs
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.formats.segmentation import read_segmentation
 from RobustMedSAMLib.formats.volume import Volume, read_volume
 from RobustMedSAMLib.training.config import TrainingConfig
-from RobustMedSAMLib.training.data import find_volume_pairs, load_data
+from RobustMedSAMLib.training.data import load_data
 from RobustMedSAMLib.training.export import (
     DECODER_ONLY,
     export_training_pair,
@@ -49,7 +50,7 @@ def test_exported_pair_reads_back_with_geometry_and_feeds_the_loader(tmp_path):
     labels_back = read_volume(label_path)
     np.testing.assert_array_equal(labels_back.array, labels)
     np.testing.assert_allclose(labels_back.ijk_to_ras, volume.ijk_to_ras, atol=1e-4)
-    assert find_volume_pairs(tmp_path / "data") == [(image_path, label_path)]
+    assert find_pairs(tmp_path / "data") == [(image_path, label_path)]
 
     config_path = write_finetune_config(
         tmp_path / "runs" / "finetune.toml", data_folder=tmp_path / "data", steps=20

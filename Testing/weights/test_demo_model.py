@@ -15,10 +15,10 @@ from RobustMedSAMLib.datasets.phantoms import ellipsoid, sphere, tube
 from RobustMedSAMLib.errors import CheckpointError
 from RobustMedSAMLib.formats.segmentation import read_segmentation
 from RobustMedSAMLib.formats.volume import Volume, read_volume
+from RobustMedSAMLib.inference.loader import load_named_model, verify_bundled
 from RobustMedSAMLib.inference.segment_volume import SegmentOptions, VolumePrompts, segment_volume
 from RobustMedSAMLib.inference.session import SegmentationSession
 from RobustMedSAMLib.inference.types import SlicePrompt
-from RobustMedSAMLib.weights.loader import load_named_model, verify_bundled
 from RobustMedSAMLib.weights.registry import get_source, resolve_checkpoint
 
 SAMPLES = __import__("pathlib").Path(__file__).resolve().parents[2] / "Resources" / "samples"

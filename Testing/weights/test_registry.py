@@ -19,8 +19,9 @@ import pytest
 
 from RobustMedSAMLib import cli
 from RobustMedSAMLib.errors import CancelledError, CheckpointError, InputError
+from RobustMedSAMLib.formats.atomic import sha256_of
 from RobustMedSAMLib.weights import registry
-from RobustMedSAMLib.weights.download import download, sha256_of
+from RobustMedSAMLib.weights.download import download
 from RobustMedSAMLib.weights.registry import ModelSource
 
 PAYLOAD = os.urandom(3 * 1024 * 1024 + 123)  # several download chunks, not a multiple

@@ -86,7 +86,7 @@ def load_named_model(
 
 def verify_bundled(path: Path, expected: str | None) -> None:
     """The bundled demo model must be the file this version shipped (SHA-256)."""
-    from RobustMedSAMLib.weights.download import sha256_of
+    from RobustMedSAMLib.formats.atomic import sha256_of
 
     if expected is None:
         return

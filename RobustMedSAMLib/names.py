@@ -1,0 +1,29 @@
+"""The choice vocabularies every layer shares, standard library only.
+
+The command line, the Slicer panel (which must import without torch) and the library's
+own checks all take their choices from here, so a new model, projection or corruption
+is named in one place. ``weights.registry`` and ``corruptions.registry`` hold what each
+name means; tests keep those registries' keys equal to these tuples.
+"""
+
+MODEL_NAMES = ("demo", "sam", "medsam", "robustsam", "medicosam", "fused")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+AXIS_NAMES = ("axial", "coronal", "sagittal")
+PROJECTIONS = ("mask", "box", "points", "points_and_mask", "single_point")
+OVERLAP_MEASURES = ("iou", "containment")
+CORRUPTION_NAMES = (
+    "gaussian_noise",
+    "rician_noise",
+    "poisson_noise",
+    "speckle_noise",
+    "gaussian_blur",
+    "motion_blur",
+    "low_resolution",
+    "motion_ghosting",
+    "kspace_spike",
+    "bias_field",
+    "gamma_contrast",
+    "jpeg_compression",
+)
+PROTOCOLS = ("interactive", "volumetric")
+FIRST_PROMPTS = ("point", "box")

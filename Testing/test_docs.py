@@ -1,0 +1,81 @@
+"""The README's layout matches the tree, and every relative link in the docs resolves."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+LIBRARY = ROOT / "RobustMedSAMLib"
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+def layout_block() -> list[str]:
+    text = README.read_text()
+    section = text[text.index("## Layout") :]
+    return section.split("```")[1].splitlines()
+
+
+def library_entries() -> set[str]:
+    """Names the layout gives under ``RobustMedSAMLib/`` (``formats/``, ``cli.py``, ...):
+    the indented lines' first column, before the three-space gap of the description."""
+    lines = layout_block()
+    start = next(i for i, line in enumerate(lines) if line.startswith("RobustMedSAMLib/"))
+    names = set()
+    for line in lines[start + 1 :]:
+        if not line.startswith("  "):
+            break
+        names |= set(re.findall(r"\b\w+(?:\.py|/)", line.split("   ")[0]))  # before the notes
+    return names
+
+
+def test_layout_lists_every_package_and_top_level_module():
+    listed = library_entries()
+    packages = {f"{p.name}/" for p in LIBRARY.iterdir() if (p / "__init__.py").is_file()}
+    modules = {p.name for p in LIBRARY.glob("*.py")} - {"__init__.py"}
+    assert packages | modules <= listed, (
+        f"missing from README Layout: {(packages | modules) - listed}"
+    )
+    assert listed <= packages | modules, (
+        f"in README Layout but not in the tree: {listed - packages - modules}"
+    )
+
+
+def test_top_level_folders_in_the_layout_exist():
+    for line in layout_block():
+        if line and not line.startswith(" "):
+            name = line.split()[0]
+            assert (ROOT / name).exists(), name
+
+
+def doc_files() -> list[Path]:
+    return [README, *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_every_relative_link_resolves():
+    broken = []
+    for doc in doc_files():
+        for target in LINK.findall(doc.read_text()):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            if not (doc.parent / target).exists():
+                broken.append(f"{doc.relative_to(ROOT)} -> {target}")
+    assert broken == []
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    linked = {Path(t).name for t in LINK.findall(README.read_text()) if t.startswith("docs/")}
+    pages = {p.name for p in (ROOT / "docs").glob("*.md")}
+    assert pages <= linked, f"not in the README tour: {pages - linked}"
+
+
+def test_every_repository_path_named_in_the_docs_exists():
+    pattern = re.compile(r"`((?:RobustMedSAMLib|Testing|scripts|configs|Resources)/[\w./-]+)`")
+    missing = [
+        f"{doc.relative_to(ROOT)}: {name}"
+        for doc in doc_files()
+        for name in pattern.findall(doc.read_text())
+        if not (ROOT / name.rstrip("/")).exists()
+    ]
+    assert missing == []
