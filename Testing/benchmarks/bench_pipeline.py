@@ -41,7 +41,7 @@ from RobustMedSAMLib.inference.segment_volume import SegmentOptions, VolumePromp
 from RobustMedSAMLib.inference.session import SegmentationSession
 from RobustMedSAMLib.inference.slicing import get_slice, ijk_box_roi, set_slice
 from RobustMedSAMLib.inference.types import SlicePrompt
-from RobustMedSAMLib.weights.loader import load_named_model
+from RobustMedSAMLib.inference.loader import load_named_model
 
 MODES = ("oracle", "box", "roi3d", "point")
 ROI_MARGIN_MM = 3.0

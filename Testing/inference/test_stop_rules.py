@@ -10,7 +10,7 @@ from RobustMedSAMLib.datasets import phantoms
 from RobustMedSAMLib.formats.volume import Volume
 from RobustMedSAMLib.inference.segment_volume import SegmentOptions, VolumePrompts, segment_volume
 from RobustMedSAMLib.inference.session import SegmentationSession
-from RobustMedSAMLib.weights.loader import load_named_model
+from RobustMedSAMLib.inference.loader import load_named_model
 
 
 @pytest.mark.slow
