@@ -35,13 +35,13 @@ from scipy import ndimage
 
 from RobustMedSAMLib.datasets import phantoms
 from RobustMedSAMLib.formats.volume import Volume, read_volume
+from RobustMedSAMLib.inference.loader import load_named_model
 from RobustMedSAMLib.inference.mask_prompts import mask_box
 from RobustMedSAMLib.inference.propagation import PropagationOptions
 from RobustMedSAMLib.inference.segment_volume import SegmentOptions, VolumePrompts, segment_volume
 from RobustMedSAMLib.inference.session import SegmentationSession
 from RobustMedSAMLib.inference.slicing import get_slice, ijk_box_roi, set_slice
 from RobustMedSAMLib.inference.types import SlicePrompt
-from RobustMedSAMLib.inference.loader import load_named_model
 
 MODES = ("oracle", "box", "roi3d", "point")
 ROI_MARGIN_MM = 3.0

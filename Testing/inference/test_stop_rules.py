@@ -8,9 +8,9 @@ import pytest
 
 from RobustMedSAMLib.datasets import phantoms
 from RobustMedSAMLib.formats.volume import Volume
+from RobustMedSAMLib.inference.loader import load_named_model
 from RobustMedSAMLib.inference.segment_volume import SegmentOptions, VolumePrompts, segment_volume
 from RobustMedSAMLib.inference.session import SegmentationSession
-from RobustMedSAMLib.inference.loader import load_named_model
 
 
 @pytest.mark.slow
