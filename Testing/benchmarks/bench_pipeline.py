@@ -40,7 +40,7 @@ from RobustMedSAMLib.inference.mask_prompts import mask_box
 from RobustMedSAMLib.inference.propagation import PropagationOptions
 from RobustMedSAMLib.inference.segment_volume import SegmentOptions, VolumePrompts, segment_volume
 from RobustMedSAMLib.inference.session import SegmentationSession
-from RobustMedSAMLib.inference.slicing import get_slice, ijk_box_roi, set_slice
+from RobustMedSAMLib.inference.slicing import get_slice, ijk_box_roi, roi_voxels, set_slice
 from RobustMedSAMLib.inference.types import SlicePrompt
 
 MODES = ("oracle", "box", "roi3d", "point")
@@ -157,6 +157,8 @@ def run_mode(session, truth, mode: str, options: SegmentOptions) -> dict:
             prompts = VolumePrompts(positive=deepest_point(session.volume, truth, axis, index))
         result = segment_volume(session, prompts, options)
         mask, decisions = result.mask, result.decisions
+        if mode == "roi3d":
+            outside = int((mask & ~roi_voxels(session.volume, prompts.roi)).sum())
     covered = np.flatnonzero(np.moveaxis(mask, axis, 0).any(axis=(1, 2)))
     truth_slices = np.flatnonzero(np.moveaxis(truth, axis, 0).any(axis=(1, 2)))
     row = {
@@ -167,6 +169,8 @@ def run_mode(session, truth, mode: str, options: SegmentOptions) -> dict:
         "outside_truth_slices": int(len(np.setdiff1d(covered, truth_slices))),
         "seconds": round(time.perf_counter() - start, 2),
     }
+    if mode == "roi3d":
+        row["voxels_outside_roi"] = outside
     if decisions is not None:
         row.update(
             roi=decisions.roi,
