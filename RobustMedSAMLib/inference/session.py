@@ -80,7 +80,9 @@ class SegmentationSession:
         if self.axis not in (0, 1, 2):
             raise InputError(f"axis must be one of {AXIS_NAMES} or 0, 1, 2; got {axis!r}")
         # window: (low, high), a preset name or "LO,HI"; None: chosen from the volume
-        self.window, self.window_source = resolve_window(volume.array, window)
+        self.window, self.window_source = resolve_window(
+            volume.array, window, getattr(volume, "modality", None)
+        )
         self.cache_bytes = cache_bytes
         self.disk_cache = Path(disk_cache) if disk_cache else None
         self.model_id = model_id

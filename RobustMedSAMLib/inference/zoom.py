@@ -63,4 +63,4 @@ def crop_volume(volume: Volume, region: tuple[slice, slice, slice]) -> Volume:
     """The part of ``volume`` in ``region`` (``K, J, I`` slices), at its place in RAS."""
     offset = np.eye(4)
     offset[:3, 3] = [region[2].start, region[1].start, region[0].start]  # i, j, k
-    return Volume(volume.array[region], volume.ijk_to_ras @ offset, volume.name)
+    return Volume(volume.array[region], volume.ijk_to_ras @ offset, volume.name, volume.modality)

@@ -113,3 +113,13 @@ def test_cli_bad_window_exits_2_with_one_line_and_no_output(tmp_path, cli_case, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "window" in err[0]
     assert not out.exists() and not (tmp_path / "out.seg.nrrd.json").exists()
+
+
+def test_a_volume_stating_ct_gets_the_soft_tissue_window_without_air():
+    # a cropped CT (no air in view): the intensities alone would call it MR
+    body = np.random.default_rng(2).normal(40, 30, (4, 30, 30))
+    stated = Volume(body, np.eye(4), "ct crop", modality="CT")
+    session = SegmentationSession(stated, ThresholdPredictor(0.0))
+    assert session.window == (-160.0, 240.0)
+    unstated = SegmentationSession(Volume(body, np.eye(4)), ThresholdPredictor(0.0))
+    assert unstated.window_source == "percentile:0.5..99.5"
