@@ -2,7 +2,7 @@
 
 Slicer's four classes: ``RobustMedSAM`` (metadata), ``RobustMedSAMWidget`` (the panel,
 built from ``Resources/UI/RobustMedSAM.ui``), ``RobustMedSAMLogic`` (no GUI, no
-algorithm) and ``RobustMedSAMTest`` (an end-to-end self-test with the demo model).
+algorithm) and ``RobustMedSAMTest`` (an end-to-end self-test with the default model).
 
 The Logic turns a volume node into a library ``Volume`` (KJI array + IJK->RAS in world
 RAS), markups nodes into ``VolumePrompts`` (world RAS), runs the library and writes
@@ -157,7 +157,7 @@ class RobustMedSAMParameterNode:
     positive_points: slicer.vtkMRMLMarkupsFiducialNode
     negative_points: slicer.vtkMRMLMarkupsFiducialNode
     roi: slicer.vtkMRMLMarkupsROINode
-    model_name: Annotated[str, Choice(MODEL_NAMES)] = "demo"
+    model_name: Annotated[str, Choice(MODEL_NAMES)] = "litemedsam"
     checkpoint_path: str = ""
     device: Annotated[str, Choice(DEVICES)] = "auto"
     axis: Annotated[str, Choice(AXES)] = "view"
@@ -295,7 +295,7 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
 
     def load_model(
         self,
-        model_name: str = "demo",
+        model_name: str = "litemedsam",
         checkpoint: str | os.PathLike | None = None,
         device: str = "auto",
         encoder: str | os.PathLike | None = None,
@@ -315,7 +315,7 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
     def start_session(
         self,
         volume_node,
-        model_name: str = "demo",
+        model_name: str = "litemedsam",
         checkpoint: str | os.PathLike | None = None,
         device: str = "auto",
         axis: str | int = "axial",
@@ -1944,7 +1944,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class RobustMedSAMTest(ScriptedLoadableModuleTest):
-    """End-to-end self-test in Slicer with the bundled demo model (Developer mode >
+    """End-to-end self-test in Slicer with the default model, LiteMedSAM (Developer mode >
     Reload and Test). The same steps run headless in Testing/test_slicer_module_ui.py."""
 
     def setUp(self) -> None:
@@ -1952,14 +1952,14 @@ class RobustMedSAMTest(ScriptedLoadableModuleTest):
 
     def runTest(self) -> None:
         self.setUp()
-        self.test_end_to_end_with_demo_model()
+        self.test_end_to_end_with_the_default_model()
 
     def reload_segmentation(self, path: Path):
         """Load a .seg.nrrd as a new segmentation node (Slicer's loader)."""
         return slicer.util.loadSegmentation(str(path))
 
-    def test_end_to_end_with_demo_model(self) -> None:
-        """Phantom volume -> point at its centre -> propagate -> Dice >= 0.8 -> undo
+    def test_end_to_end_with_the_default_model(self) -> None:
+        """Phantom volume -> ROI around the ball -> propagate -> Dice >= 0.8 -> undo
         restores the empty segment -> save .seg.nrrd -> reload gives the same mask."""
         import tempfile
 
@@ -1967,13 +1967,16 @@ class RobustMedSAMTest(ScriptedLoadableModuleTest):
         from RobustMedSAMLib.inference.segment_volume import SegmentOptions
 
         self.delayDisplay("Starting the RobustMedSAM end-to-end test")
-        phantom = sphere((40, 96, 96), (1.0, 1.0, 2.0), radius=22.0, seed=101)
+        # 4 mm slices: the ball spans 11 of them (LiteMedSAM encodes each in about 1.5 s)
+        phantom = sphere((14, 96, 96), (1.0, 1.0, 4.0), radius=22.0, seed=101)
         volume_node = slicer.util.addVolumeFromArray(phantom.image, name="phantom")
         volume_node.SetIJKToRASMatrix(_vtk_matrix(phantom.ijk_to_ras))
-        centre_kji = np.argwhere(phantom.mask).mean(axis=0)
-        centre_ras = phantom.ijk_to_ras @ np.r_[centre_kji[::-1], 1.0]
-        points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "include")
-        points.AddControlPoint(*map(float, centre_ras[:3]))
+        kji = np.argwhere(phantom.mask)
+        corners_ijk = np.c_[[kji.min(axis=0)[::-1] - 1.0, kji.max(axis=0)[::-1] + 1.0], [1, 1]]
+        corners = (phantom.ijk_to_ras @ corners_ijk.T)[:3]
+        roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+        roi.SetCenter(*map(float, corners.mean(axis=1)))
+        roi.SetSize(*map(float, np.abs(corners[:, 1] - corners[:, 0])))
         segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
         segmentation.CreateDefaultDisplayNodes()
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
@@ -1981,8 +1984,8 @@ class RobustMedSAMTest(ScriptedLoadableModuleTest):
         self.assertEqual(segment_id, "sphere")
 
         logic = RobustMedSAMLogic()
-        session = logic.start_session(volume_node, "demo", device="cpu", axis="axial")
-        prompts = logic.prompts_from_nodes(points, None, None)
+        session = logic.start_session(volume_node, "litemedsam", device="cpu", axis="axial")
+        prompts = logic.prompts_from_nodes(None, None, roi)
         scores = logic.segment(
             session, prompts, SegmentOptions(propagate=True), segmentation, segment_id
         )

@@ -25,6 +25,15 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def prepare_device(device: torch.device) -> torch.device:
+    """Set up ``device`` for model work and return it. On the CPU, subnormal floats are
+    flushed to zero: LiteMedSAM's activations reach them, and without flushing its encoder
+    ran 3.7x and its decoder 7.8x slower (2 cores); results change below float tolerance."""
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+    return device
+
+
 def autocast_dtype(device: torch.device, half: bool) -> torch.dtype | None:
     """The reduced precision used for the image encoder with ``half=True``: bfloat16 on
     CUDA GPUs that support it, else float16 on CUDA; None (full precision) elsewhere."""

@@ -6,7 +6,7 @@ is named in one place. ``weights.registry`` and ``corruptions.registry`` hold wh
 name means; tests keep those registries' keys equal to these tuples.
 """
 
-MODEL_NAMES = ("demo", "sam", "medsam", "robustsam", "medicosam", "fused")
+MODEL_NAMES = ("litemedsam", "sam", "medsam", "robustsam", "medicosam", "fused")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 AXIS_NAMES = ("axial", "coronal", "sagittal")
 PROJECTIONS = ("mask", "box", "points", "points_and_mask", "single_point")

@@ -2,7 +2,7 @@
 
     Slicer --no-main-window --python-script scripts/batch_segment.py -- \\
         VOLUME --points P.mrk.json --out OUT.seg.nrrd [--negative N.mrk.json] \\
-        [--box ROI.mrk.json] [--model demo] [--checkpoint FILE] [--device auto] \\
+        [--box ROI.mrk.json] [--model litemedsam] [--checkpoint FILE] [--device auto] \\
         [--axis axial] [--no-propagate]
 
 Loads the files as Slicer nodes (``slicer.util.loadVolume`` / ``loadMarkups``), runs
@@ -25,7 +25,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--points", type=Path, help="include points (.mrk.json)")
     parser.add_argument("--negative", type=Path, help="exclude points (.mrk.json)")
     parser.add_argument("--box", type=Path, help="ROI (.mrk.json)")
-    parser.add_argument("--model", default="demo")
+    parser.add_argument("--model", default="litemedsam")
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"))

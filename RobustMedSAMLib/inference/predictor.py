@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from RobustMedSAMLib.device import autocast_dtype
+from RobustMedSAMLib.device import autocast_dtype, prepare_device
 from RobustMedSAMLib.errors import InputError, ModelOutOfMemoryError
 from RobustMedSAMLib.inference.preprocessing import (
     Frame,
@@ -47,6 +47,7 @@ class Predictor:
         half: bool = False,
     ) -> None:
         self.model = model.eval()
+        prepare_device(model.device)
         config = model.config
         self.preprocessor = Preprocessor(
             preprocessing, config.image_size, config.pixel_mean, config.pixel_std

@@ -1,11 +1,16 @@
 """Turning a 2D medical slice into model input, and model output back into a mask.
 
-Two published conventions (choose the one the image encoder was trained with):
+Three published conventions (choose the one the image encoder was trained with):
 
 * ``"sam"`` (SAM, RobustSAM, MedicoSAM): resize the longest side to S (1024), keep
   the aspect ratio, normalise with ImageNet pixel mean/std, pad bottom-right to S x S.
-* ``"medsam"`` (MedSAM, and so the fused model and the demo model, whose encoder is
-  MedSAM's): resize to S x S (aspect not kept), min-max scale to [0, 1], no mean/std.
+* ``"medsam"`` (MedSAM, and so the fused model, whose encoder is MedSAM's): resize to
+  S x S (aspect not kept), min-max scale to [0, 1], no mean/std.
+* ``"litemedsam"`` (LiteMedSAM, as its authors' inference script runs it): resize the
+  longest side to S (256, bilinear, rounded to 0..255 as their uint8 resize does), min-max
+  scale the resized image to [0, 1], zero-pad bottom-right to S x S. Prompts are scaled by
+  the one factor S / longest side; the low-res logits (S x S) are cropped to the resized
+  image and resized back to the slice (bilinear).
 
 Before either, a CT/MR slice is windowed to 0..255 (intensity window ``(low, high)``;
 by default the 0.5-99.5 percentiles of the whole volume, so slices are consistent).
@@ -25,8 +30,13 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from RobustMedSAMLib.errors import InputError
 
-Style = Literal["sam", "medsam"]
-STYLES: tuple[str, ...] = ("sam", "medsam")
+Style = Literal["sam", "medsam", "litemedsam"]
+STYLES: tuple[str, ...] = ("sam", "medsam", "litemedsam")
+LONGEST_SIDE_STYLES = ("sam", "litemedsam")
+"""Styles that keep the aspect ratio and pad: their logits are cropped before resizing."""
+WINDOW_FLOOR_ULPS = 16
+"""Narrowest window width, in float64 steps (ulps) at the window's magnitude: a
+narrower one cannot tell its own ends apart from rounding."""
 
 
 def auto_window(image: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5)) -> tuple:
@@ -36,7 +46,10 @@ def auto_window(image: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5
     if finite.size == 0:
         raise InputError("the image has no finite intensities to window")
     sample = finite if finite.size <= 2_000_000 else finite[:: finite.size // 2_000_000]
-    low, high = np.percentile(sample, percentiles)
+    with np.errstate(over="ignore", invalid="ignore"):
+        low, high = np.percentile(sample, percentiles)
+    if not (np.isfinite(low) and np.isfinite(high)):  # interpolation overflowed near 1.8e308
+        low, high = np.percentile(sample, percentiles, method="nearest")
     if high <= low:
         high = low + 1.0
     return float(low), float(high)
@@ -121,9 +134,19 @@ def resolve_window(
 
 
 def window_to_uint8(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    """Clip a slice to ``window`` and scale it to 0..255 (uint8), NaN to 0."""
-    low, high = window
-    scaled = (np.asarray(image, dtype=np.float32) - low) / max(high - low, 1e-6)
+    """Clip a slice to ``window`` and scale it to 0..255 (uint8), NaN to 0.
+
+    In float64, whatever the voxel type: a width that overflows float64 (a window
+    near +-1.8e308) is halved with the values, and the width's floor is relative
+    (WINDOW_FLOOR_ULPS float64 steps at the window's magnitude), so windows 1e-12
+    or 1e-30 wide still spread over 0..255.
+    """
+    low, high = float(window[0]), float(window[1])
+    factor = 1.0 if np.isfinite(high - low) else 0.5
+    low, high = low * factor, high * factor
+    floor = WINDOW_FLOOR_ULPS * np.spacing(max(abs(low), abs(high)))
+    width = max(high - low, floor, np.finfo(np.float64).tiny)
+    scaled = (np.asarray(image, dtype=np.float64) * factor - low) / width
     return (np.nan_to_num(np.clip(scaled, 0.0, 1.0)) * 255.0 + 0.5).astype(np.uint8)
 
 
@@ -160,6 +183,8 @@ class Preprocessor:
             raise InputError(f"a slice must be a 2D image of at least 2x2, got {slice_u8.shape}")
         rgb = np.repeat(slice_u8[:, :, None], 3, axis=2)
         original = (int(slice_u8.shape[0]), int(slice_u8.shape[1]))
+        if self.style == "litemedsam":
+            return self._lite_image(rgb, original)
         if self.style == "sam":
             resized = torch.as_tensor(self._resize.apply_image(rgb)).permute(2, 0, 1).float()
             frame = Frame(original, (resized.shape[1], resized.shape[2]))
@@ -178,20 +203,35 @@ class Preprocessor:
         low, high = resized.min(), resized.max()
         return (resized - low) / (high - low).clamp(min=1e-8), Frame(original, size)
 
+    def _lite_image(self, rgb: np.ndarray, original: tuple[int, int]) -> tuple[torch.Tensor, Frame]:
+        """LiteMedSAM: longest side to S (bilinear), min-max to [0, 1], zero pad."""
+        scale = self.image_size / max(original)
+        size = (int(original[0] * scale + 0.5), int(original[1] * scale + 0.5))
+        tensor = torch.as_tensor(rgb).permute(2, 0, 1)[None].float()
+        resized = F.interpolate(tensor, size, mode="bilinear", align_corners=False)
+        resized = resized.clamp(0, 255).round()
+        low, high = resized.min(), resized.max()
+        scaled = (resized - low) / (high - low).clamp(min=1e-8)
+        pad = (0, self.image_size - size[1], 0, self.image_size - size[0])
+        return F.pad(scaled, pad), Frame(original, size)
+
     def coords(self, xy: np.ndarray, frame: Frame) -> np.ndarray:
         """``N x 2`` (x, y) slice pixels -> model-input pixels (works for box corners too)."""
         xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
         rows, cols = frame.original_size
         in_rows, in_cols = frame.input_size
         # Slice pixel centres are integers; SAM's convention maps pixel edges (x * scale).
+        if self.style == "litemedsam":  # one factor, as its authors scale boxes
+            return (xy * (self.image_size / max(rows, cols))).astype(np.float32)
         return (xy * np.array([in_cols / cols, in_rows / rows])).astype(np.float32)
 
     def mask_logits(self, low_res: torch.Tensor, frame: Frame) -> torch.Tensor:
         """``B x M x L x L`` low-res logits -> ``B x M x rows x cols`` logits on the slice."""
-        if self.style == "sam":
-            full = F.interpolate(
-                low_res, (self.image_size, self.image_size), mode="bilinear", align_corners=False
-            )
+        if self.style in LONGEST_SIDE_STYLES:
+            full = low_res
+            if low_res.shape[-1] != self.image_size:
+                size = (self.image_size, self.image_size)
+                full = F.interpolate(low_res, size, mode="bilinear", align_corners=False)
             full = full[..., : frame.input_size[0], : frame.input_size[1]]
         else:
             full = low_res

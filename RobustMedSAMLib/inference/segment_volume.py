@@ -1,7 +1,7 @@
 """The main job: segment a volume from RAS prompts, on one slice or propagated into 3D.
 
     volume = read_volume("ct.nrrd")
-    loaded = load_named_model("demo")
+    loaded = load_named_model("litemedsam")
     session = SegmentationSession(volume, loaded.predictor(), axis="axial")
     prompts = VolumePrompts(positive=read_points("tumour.mrk.json"))
     result = segment_volume(session, prompts, SegmentOptions(propagate=True))

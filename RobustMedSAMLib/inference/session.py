@@ -25,7 +25,12 @@ from RobustMedSAMLib.formats.atomic import atomic_output
 from RobustMedSAMLib.formats.volume import Volume
 from RobustMedSAMLib.inference.predictor import EncodedSlice, Predictor
 from RobustMedSAMLib.inference.preprocessing import Frame, resolve_window
-from RobustMedSAMLib.inference.slicing import AXIS_NAMES, axis_index, get_slice
+from RobustMedSAMLib.inference.slicing import (
+    AXIS_NAMES,
+    axis_index,
+    check_slice_size,
+    get_slice,
+)
 from RobustMedSAMLib.inference.types import Prediction, SlicePrompt
 from RobustMedSAMLib.model.sam import ImageFeatures
 from RobustMedSAMLib.progress import Progress
@@ -79,6 +84,7 @@ class SegmentationSession:
         self.axis = axis if isinstance(axis, int) else axis_index(volume, axis)
         if self.axis not in (0, 1, 2):
             raise InputError(f"axis must be one of {AXIS_NAMES} or 0, 1, 2; got {axis!r}")
+        check_slice_size(volume, self.axis)
         # window: (low, high), a preset name or "LO,HI"; None: chosen from the volume
         self.window, self.window_source = resolve_window(
             volume.array, window, getattr(volume, "modality", None)
@@ -97,7 +103,7 @@ class SegmentationSession:
 
     @property
     def style(self) -> str:
-        """The predictor's preprocessing (``"sam"`` or ``"medsam"``): the low-res frame."""
+        """The predictor's preprocessing (``"sam"``, ``"medsam"``, ``"litemedsam"``)."""
         return self.predictor.preprocessor.style
 
     def slice_image(self, index: int) -> np.ndarray:

@@ -1,8 +1,9 @@
-"""Model configurations: one dataclass builds ViT-B and the small test/demo sizes."""
+"""Model configurations: one dataclass builds ViT-B, LiteMedSAM and a small test size."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -11,6 +12,8 @@ class ModelConfig:
 
     The robust decoder modules of RobustSAM scale with ``encoder_embed_dim`` (the
     early encoder features they consume) and ``prompt_embed_dim`` (the decoder width).
+    ``encoder_kind`` "vit" is SAM's ViT (the ``encoder_*`` fields shape it); "tiny_vit" is
+    LiteMedSAM's TinyViT (fixed shape; ``patch_size`` 4 gives its S/4 embedding grid).
     """
 
     image_size: int = 1024
@@ -28,6 +31,7 @@ class ModelConfig:
     mask_in_chans: int = 16
     pixel_mean: tuple[float, float, float] = field(default=(123.675, 116.28, 103.53))
     pixel_std: tuple[float, float, float] = field(default=(58.395, 57.12, 57.375))
+    encoder_kind: Literal["vit", "tiny_vit"] = "vit"
 
     @property
     def embedding_size(self) -> int:
@@ -69,7 +73,7 @@ VIT_H = ModelConfig(
     encoder_num_heads=16,
     encoder_global_attn_indexes=(7, 15, 23, 31),
 )
-# A few-second-per-volume size for tests (and the shape family of the demo model).
+# A few-second-per-volume size for tests and training examples.
 TINY = ModelConfig(
     image_size=256,
     patch_size=16,
@@ -82,6 +86,12 @@ TINY = ModelConfig(
     decoder_mlp_dim=256,
     decoder_num_heads=8,
     iou_head_hidden_dim=64,
+)
+
+# LiteMedSAM: TinyViT encoder at 256 x 256 (64 x 64 embedding), SAM's ViT-B-sized decoder.
+# encoder_embed_dim: the width of its early features (see TinyViTEncoder.forward_with_early).
+LITE_MEDSAM = ModelConfig(
+    image_size=256, patch_size=4, encoder_embed_dim=160, encoder_kind="tiny_vit"
 )
 
 # Published SAM-family sizes, recognised from a checkpoint's encoder width.

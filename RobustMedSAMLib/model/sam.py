@@ -1,7 +1,8 @@
 """The SAM-family model: image encoder, prompt encoder, plain or robust mask decoder.
 
-One class covers SAM ViT-B, MedSAM and MedicoSAM (plain decoder) and RobustSAM and
-the fused MedSAM+RobustSAM model (robust decoder); parameter names are those of the
+One class covers SAM ViT-B, MedSAM, MedicoSAM and LiteMedSAM (TinyViT encoder) with the
+plain decoder, and RobustSAM and the fused MedSAM+RobustSAM model (robust decoder);
+parameter names are those of the
 published checkpoints (``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``).
 Frames: images enter as ``B x 3 x S x S`` normalised model input; points and boxes
 are in model-input pixels (x, y); masks leave as low-res logits (``4h x 4w``).
@@ -20,6 +21,7 @@ from torch import nn
 from RobustMedSAMLib.model.config import ModelConfig
 from RobustMedSAMLib.model.image_encoder import ImageEncoder
 from RobustMedSAMLib.model.robust_decoder import RobustMaskDecoder
+from RobustMedSAMLib.model.tiny_vit import TinyViTEncoder
 
 
 @dataclass
@@ -58,6 +60,14 @@ def _plain_decoder(config: ModelConfig) -> MaskDecoder:
     )
 
 
+def _image_encoder(config: ModelConfig, robust: bool) -> nn.Module:
+    if config.encoder_kind == "vit":
+        return ImageEncoder(config)
+    if robust:
+        raise ValueError("the robust decoder needs a ViT encoder's early features")
+    return TinyViTEncoder()
+
+
 class SegmentAnythingModel(nn.Module):
     """Encoder + prompt encoder + (robust) decoder, with SAM's parameter names."""
 
@@ -65,7 +75,7 @@ class SegmentAnythingModel(nn.Module):
         super().__init__()
         self.config = config
         self.robust = robust
-        self.image_encoder = ImageEncoder(config)
+        self.image_encoder = _image_encoder(config, robust)
         self.prompt_encoder = PromptEncoder(
             embed_dim=config.prompt_embed_dim,
             image_embedding_size=(config.embedding_size, config.embedding_size),

@@ -216,7 +216,7 @@ class TrainingConfig:
         _choice("data.axis", d.axis, tuple(AXES))
         _choice("data.phantom_scenes", d.phantom_scenes, ("organs", "mixed"))
         _choice("model.init", m.init, ("checkpoint", "random"))
-        _choice("model.preprocessing", m.preprocessing, ("medsam", "sam"))
+        _choice("model.preprocessing", m.preprocessing, ("medsam", "sam", "litemedsam"))
         _choice("train.export", t.export, ("safetensors", "pth"))
         if m.init == "random":
             _choice("model.size", m.size, ("tiny", "vit_b"))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from RobustMedSAMLib.inference.preprocessing import Preprocessor
+from RobustMedSAMLib.inference.preprocessing import LONGEST_SIDE_STYLES, Preprocessor
 from RobustMedSAMLib.model.sam import SegmentAnythingModel
 from RobustMedSAMLib.training.config import TrainingConfig
 from RobustMedSAMLib.training.data import SliceSet, variant_image, variant_spec
@@ -50,7 +50,7 @@ class Inputs:
         """``L x L`` bool mask on the decoder's low-res grid (model-input frame / 4)."""
         mask = self.data.masks[index]
         rows, cols = mask.shape
-        if self.config.model.preprocessing == "sam":
+        if self.config.model.preprocessing in LONGEST_SIDE_STYLES:
             scale = self.size / max(rows, cols)
             inner = (
                 round(rows * scale * self.low / self.size),

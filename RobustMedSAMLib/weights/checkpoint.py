@@ -17,12 +17,13 @@ import torch
 
 from RobustMedSAMLib.errors import CheckpointError
 from RobustMedSAMLib.formats.atomic import atomic_output
-from RobustMedSAMLib.model.config import KNOWN_ENCODERS, ModelConfig
+from RobustMedSAMLib.model.config import KNOWN_ENCODERS, LITE_MEDSAM, ModelConfig
 from RobustMedSAMLib.model.sam import SegmentAnythingModel
 
 StateDict = dict[str, torch.Tensor]
 PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
 ROBUST_MARKER = "mask_decoder.custom_robust_token.weight"
+TINY_VIT_MARKER = "image_encoder.patch_embed.seq.0.c.weight"
 WRAPPER_KEYS = ("model", "state_dict", "model_state", "module")
 CONFIG_METADATA_KEY = "robustmedsam.config"
 
@@ -78,7 +79,10 @@ def is_robust(state: StateDict) -> bool:
 
 
 def infer_config(state: StateDict, path: str | Path = "checkpoint") -> ModelConfig:
-    """The model shape implied by a checkpoint's image encoder and decoder tensors."""
+    """The model shape implied by a checkpoint's image encoder and decoder tensors
+    (LiteMedSAM's TinyViT is recognised by its stem and has one shape)."""
+    if TINY_VIT_MARKER in state:
+        return LITE_MEDSAM
     try:
         patch = state["image_encoder.patch_embed.proj.weight"]
         grid = state["image_encoder.pos_embed"].shape[1]
@@ -159,6 +163,8 @@ def _few(items: list[str], n: int = 3) -> str:
 def _describe(state: StateDict) -> str:
     if not any(k.startswith("image_encoder.") for k in state):
         return "it has no image encoder"
+    if TINY_VIT_MARKER in state:
+        return "it is a LiteMedSAM checkpoint (TinyViT encoder, plain decoder)"
     return (
         "it is a RobustSAM-layout checkpoint"
         if is_robust(state)

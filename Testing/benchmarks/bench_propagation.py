@@ -30,6 +30,7 @@ from RobustMedSAMLib.formats.volume import Volume  # noqa: E402
 from RobustMedSAMLib.inference.predictor import Predictor  # noqa: E402
 from RobustMedSAMLib.inference.propagation import PropagationOptions, propagate  # noqa: E402
 from RobustMedSAMLib.inference.session import SegmentationSession  # noqa: E402
+from RobustMedSAMLib.inference.slicing import ijk_box_roi  # noqa: E402
 from RobustMedSAMLib.model.config import TINY, VIT_B  # noqa: E402
 from RobustMedSAMLib.model.sam import SegmentAnythingModel  # noqa: E402
 
@@ -44,29 +45,32 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=(300, 512, 512))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="tiny model (quick check)")
-    parser.add_argument("--demo", action="store_true", help="the bundled demo model")
+    parser.add_argument(
+        "--litemedsam", action="store_true", help="the default model: one box, propagated"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    if args.demo:
+    if args.litemedsam:
         from RobustMedSAMLib.inference.loader import load_named_model
 
-        model = load_named_model("demo", device="cpu").model
+        predictor = load_named_model("litemedsam", device="cpu").predictor()
     else:
         config = TINY if args.tiny else VIT_B
         model = SegmentAnythingModel(config, robust=True)
         model.load_state_dict(random_state_dict(config, robust=True, seed=0))
-    label = "demo" if args.demo else ("TINY" if args.tiny else "ViT-B")
+        predictor = Predictor(model, "medsam")
+    label = "litemedsam" if args.litemedsam else ("TINY" if args.tiny else "ViT-B")
     phantom = ellipsoid(tuple(args.shape), (0.8, 0.8, 1.0), (90.0, 70.0, 120.0))
     volume = Volume(phantom.image, phantom.ijk_to_ras, "bench")
     print(
         f"volume {volume.shape} {volume.array.dtype}, model {label}"
-        f" robust, {torch.get_num_threads()} threads;"
+        f", {torch.get_num_threads()} threads;"
         f" peak RSS after set-up {peak_rss_gib():.2f} GiB"
     )
-    session = SegmentationSession(volume, Predictor(model, "medsam"), "axial")
-    if args.demo:
-        return demo_run(session, phantom)
+    session = SegmentationSession(volume, predictor, "axial")
+    if args.litemedsam:
+        return box_run(session, phantom)
     middle = volume.shape[0] // 2
     first, last = middle - args.span // 2, middle + (args.span - args.span // 2)
     seeds = {first: phantom.mask[first], last: phantom.mask[last]}
@@ -100,8 +104,8 @@ def main() -> None:
     )
 
 
-def demo_run(session: SegmentationSession, phantom) -> None:
-    """One include point at the object's centre, propagated: wall time and Dice."""
+def box_run(session: SegmentationSession, phantom) -> None:
+    """One 3D box around the object (its extent + 1 voxel), propagated: wall time, Dice."""
     from RobustMedSAMLib.inference.segment_volume import (
         SegmentOptions,
         VolumePrompts,
@@ -109,14 +113,15 @@ def demo_run(session: SegmentationSession, phantom) -> None:
     )
 
     volume = session.volume
-    centre = volume.ijk_to_ras_points(np.argwhere(phantom.mask).mean(axis=0)[::-1])
+    kji = np.argwhere(phantom.mask)
+    roi = ijk_box_roi(volume, kji.min(axis=0)[::-1] - 1.0, kji.max(axis=0)[::-1] + 1.0)
     start = time.perf_counter()
-    result = segment_volume(session, VolumePrompts(positive=centre), SegmentOptions(propagate=True))
+    result = segment_volume(session, VolumePrompts(roi=roi), SegmentOptions(propagate=True))
     wall = time.perf_counter() - start
     truth = phantom.mask
     dice = 2 * (result.mask & truth).sum() / (result.mask.sum() + truth.sum())
     print(
-        f"one point, propagated over {len(result.slices)} slices in {wall:.2f} s "
+        f"one box, propagated over {len(result.slices)} slices in {wall:.2f} s "
         f"(encoder {session.stats.encoder_seconds:.2f} s, {session.stats.encoder_calls} calls);"
         f" Dice against the truth {dice:.3f}"
     )

@@ -41,7 +41,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mni", type=Path, help="folder written by fetch_mni_sample.py")
-    parser.add_argument("--model", default="demo")
+    parser.add_argument("--model", default="litemedsam")
     parser.add_argument("--checkpoint", type=Path)
     args = parser.parse_args()
     model = load_named_model(args.model, checkpoint=args.checkpoint, device="cpu")

@@ -71,16 +71,16 @@ def test_a_box_outside_the_volume_is_a_clear_error_with_zoom_too():
 
 
 @pytest.fixture(scope="module")
-def demo():
-    return load_named_model("demo", device="cpu")
+def lite():
+    return load_named_model("litemedsam", device="cpu")
 
 
-def test_zoom_finds_a_small_structure_that_the_whole_slice_misses(demo):
+def test_zoom_finds_a_small_structure_that_the_whole_slice_misses(lite):
     volume, truth = _small_dark_disc()
     roi = ijk_box_roi(volume, (143, 93, 0.6), (157, 107, 1.4))
     masks = {}
     for zoom in (False, True):
-        session = SegmentationSession(volume, demo.predictor(), "axial")
+        session = SegmentationSession(volume, lite.predictor(), "axial")
         result = segment_volume(session, VolumePrompts(roi=roi), SegmentOptions(zoom=zoom))
         assert result.mask.shape == volume.shape and result.prompted == [1]
         assert session.stats.encoder_calls == 1  # the crop's work counts as the session's
@@ -93,7 +93,7 @@ def test_zoom_finds_a_small_structure_that_the_whole_slice_misses(demo):
     assert not outside.any()  # nothing written outside the crop
 
 
-def test_cli_zoom_flag_segments_and_is_recorded(tmp_path, demo):
+def test_cli_zoom_flag_segments_and_is_recorded(tmp_path, lite):
     volume, truth = _small_dark_disc()
     write_volume(volume, tmp_path / "disc.nrrd")
     write_roi(tmp_path / "box.mrk.json", ijk_box_roi(volume, (143, 93, 0.6), (157, 107, 1.4)))

@@ -1,5 +1,5 @@
 """The panel's wiring, checked without Qt: the Designer file, the parameter node, the
-choice lists, and the module's self-test run headless with the demo model.
+choice lists, and the module's self-test run headless with the default model.
 
 What needs Slicer's GUI (signals firing, the parameter node's GUI connectors, dialogs,
 slice views) is not exercised here; see the README.
@@ -192,7 +192,7 @@ def test_finetune_python_is_an_interpreter():
     assert python.name.startswith("PythonSlicer") or python == Path(sys.executable)
 
 
-def test_the_self_test_passes_headless_with_the_demo_model(slicer_scene):
+def test_the_self_test_passes_headless_with_the_default_model(slicer_scene):
     """``RobustMedSAMTest`` as Slicer runs it, with slicer-core: the reload goes through
     the segmentation storage node instead of ``slicer.util.loadSegmentation``."""
 

