@@ -87,7 +87,7 @@ def cli_case(tmp_path):
 
 def run_window(case, out, *window) -> int:
     return main(["segment", str(case["volume"]), "--points", str(case["points"]),
-                 "--out", str(out), "--model", "demo", "--device", "cpu", *window])  # fmt: skip
+                 "--out", str(out), "--device", "cpu", *window])  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -106,11 +106,11 @@ def test_cli_zoom_flag_segments_and_is_recorded(tmp_path, lite):
     assert _dice(mask[1], truth[1]) > 0.7
 
 
-def test_a_small_box_zooms_by_default_and_the_record_says_so(demo):
-    # before: no zoom unless asked, Dice 0.00 on this disc
+def test_a_small_box_zooms_by_default_and_the_record_says_so(lite):
+    # before: no zoom unless asked, Dice 0.00 on this disc (LiteMedSAM)
     volume, truth = _small_dark_disc()
     roi = ijk_box_roi(volume, (143, 93, 0.6), (157, 107, 1.4))
-    session = SegmentationSession(volume, demo.predictor(), "axial")
+    session = SegmentationSession(volume, lite.predictor(), "axial")
     result = segment_volume(session, VolumePrompts(roi=roi), SegmentOptions())
     assert result.decisions.zoom and result.decisions.zoom_reason.startswith("auto")
     assert result.decisions.zoom_region[0] == [0, 3]  # every slice, cropped in-plane
