@@ -166,7 +166,7 @@ class RobustMedSAMParameterNode:
     use_editor_masking: bool = True
     projection: Annotated[str, Choice(PROJECTIONS)] = "mask"
     overlap_measure: Annotated[str, Choice(OVERLAPS)] = "containment"
-    stop_iou: Annotated[float, WithinRange(0.0, 1.0)] = 0.8
+    stop_iou: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     min_score: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
     min_area_ratio: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     box_extension: Annotated[float, WithinRange(0.0, 1.0)] = 0.1
@@ -330,16 +330,20 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         Loads ``model_name`` (see ``robustmedsam models``) unless ``predictor`` is given
         (one from :meth:`load_model`, or anything behind the Predictor interface, e.g. a
         test double). ``axis`` is ``axial``, ``coronal``, ``sagittal`` or an array axis
-        0..2 (KJI). ``window``: intensity window (default: from the volume).
+        0..2 (KJI). ``window``: ``(low, high)``, a preset name or ``"LO,HI"``; default:
+        the node's display window (the user segments what they see), else from the volume.
         """
         from RobustMedSAMLib.inference.session import SegmentationSession
 
         volume = self.volume_from_node(volume_node)
         if predictor is None:
             predictor, model_id = self.load_model(model_name, checkpoint, device, encoder, decoder)
+        shown = display_window(volume_node) if window is None else None
         session = SegmentationSession(
-            volume, predictor, axis, window=window, model_id=model_id or model_name
+            volume, predictor, axis, window=shown or window, model_id=model_id or model_name
         )
+        if shown is not None:
+            session.window_source = "display"
         self._volume_nodes[session] = volume_node
         return session
 
@@ -1575,7 +1579,9 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             stop_between_seeds=node.stop_between_seeds,
         )
         options.validate()
-        return SegmentOptions(propagate=propagate, propagation=options, zoom=node.zoom_to_box)
+        return SegmentOptions(
+            propagate=propagate, propagation=options, zoom=node.zoom_to_box or "auto"
+        )
 
     def _ensureSegmentation(self) -> None:
         node = self._parameterNode
@@ -2004,6 +2010,18 @@ class RobustMedSAMTest(ScriptedLoadableModuleTest):
 
 
 # --- helpers ----------------------------------------------------------------------------
+
+
+def display_window(volume_node) -> tuple[float, float] | None:
+    """``(low, high)`` of the window/level the node is displayed with; None when it has
+    no scalar display node or a zero width."""
+    display = volume_node.GetDisplayNode()
+    if display is None or not hasattr(display, "GetWindow"):
+        return None
+    width, level = float(display.GetWindow()), float(display.GetLevel())
+    if not width > 0:
+        return None
+    return level - width / 2, level + width / 2
 
 
 def _numpy_matrix(matrix) -> np.ndarray:

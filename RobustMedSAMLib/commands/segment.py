@@ -56,11 +56,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run_group = parser.add_argument_group("slicing and propagation")
     run_group.add_argument("--axis", default="axial", choices=AXIS_NAMES)
     run_group.add_argument("--propagate", action="store_true", help="propagate into 3D")
-    run_group.add_argument(
+    zoom = run_group.add_mutually_exclusive_group()
+    zoom.add_argument(
         "--zoom",
-        action="store_true",
-        help="with --box: segment on a crop around the box (for structures small against "
-        "the slice, e.g. lateral ventricles in a head scan)",
+        action="store_const",
+        const=True,
+        default="auto",
+        help="with --box: always segment on a crop around the box (default: only when the "
+        "box is under 32 px at the model's input, e.g. a lung nodule)",
+    )
+    zoom.add_argument(
+        "--no-zoom", dest="zoom", action="store_const", const=False, help="never zoom"
     )
     run_group.add_argument(
         "--projection",
@@ -68,10 +74,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         choices=PROJECTIONS,
         help="prompt derived for the next slice (default: mask)",
     )
-    run_group.add_argument("--iou-threshold", type=float, default=0.8, help="stop rule (0..1)")
+    run_group.add_argument(
+        "--iou-threshold",
+        type=float,
+        default=0.5,
+        help="stop a direction when the overlap with the previous slice is under it "
+        "(0..1, default 0.5)",
+    )
     run_group.add_argument("--min-score", type=float, default=0.0, help="stop on predicted IoU")
     run_group.add_argument("--bounds", type=int, nargs=2, metavar=("FIRST", "LAST"))
-    run_group.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"))
+    run_group.add_argument(
+        "--window",
+        nargs="+",
+        metavar="PRESET|LO,HI",
+        help="intensity window: soft_tissue (40/400 HU), lung, bone, brain, mr (0.5..99.5 "
+        "percentiles), auto (default: soft_tissue for CT, mr otherwise) or LO,HI "
+        "(also LO HI; write --window=-160,240 when LO is negative)",
+    )
     run_group.add_argument("--segment-name", default="Segment_1")
     run_group.add_argument("--cache-dir", type=Path, help="disk cache for slice embeddings")
     remote = parser.add_argument_group("inference server (docs/server.md)")
@@ -139,12 +158,24 @@ def settings_from_args(args: argparse.Namespace):
         iou_threshold=args.iou_threshold,
         min_score=args.min_score,
         bounds=tuple(args.bounds) if args.bounds else None,
-        window=tuple(args.window) if args.window else None,
+        window=window_arg(args.window),
         segment_name=args.segment_name,
         cache_dir=args.cache_dir,
         server=args.server,
         token_file=args.token_file,
     )
+
+
+def window_arg(values: list[str] | None):
+    """``--window`` tokens -> a preset name or ``(low, high)`` (InputError when unusable)."""
+    from RobustMedSAMLib.errors import InputError
+    from RobustMedSAMLib.inference.preprocessing import parse_window
+
+    if not values:
+        return None
+    if len(values) > 2:
+        raise InputError(f"--window {' '.join(values)}: give one PRESET, LO,HI or LO HI")
+    return parse_window(values[0] if len(values) == 1 else values)
 
 
 def _run_single(args: argparse.Namespace) -> int:

@@ -49,12 +49,14 @@ class Volume:
     """A voxel array and where it lies in the patient.
 
     array: ``(K, J, I)`` voxels; ijk_to_ras: ``4x4`` float matrix, IJK index to
-    RAS mm; name: a label for messages and output nodes.
+    RAS mm; name: a label for messages and output nodes; modality: what the file
+    says it is (DICOM ``(0008,0060)``, e.g. ``"CT"``, ``"MR"``), None when it does not.
     """
 
     array: np.ndarray
     ijk_to_ras: np.ndarray
     name: str = "volume"
+    modality: str | None = None
 
     def __post_init__(self) -> None:
         self.array = np.asarray(self.array)
@@ -249,6 +251,8 @@ def _read_dicom_folder(path: Path, series_id: str | None):
         raise InputError(f"cannot read DICOM series in {path}: {_sitk_message(error)}") from None
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
+    if reader.HasMetaDataKey(0, MODALITY_TAG):
+        image.SetMetaData(MODALITY_TAG, reader.GetMetaData(0, MODALITY_TAG))
     positions = [
         reader.GetMetaData(k, "0020|0032")
         for k in range(len(files))
@@ -316,13 +320,26 @@ def check_dicom_grid(path: Path, image, positions_lps: np.ndarray) -> None:
     )
 
 
+MODALITY_TAG = "0008|0060"
+
+
+def _modality(image) -> str | None:
+    """The DICOM modality the image's metadata states (also a NRRD ``modality`` key)."""
+    for key in (MODALITY_TAG, "modality", "Modality"):
+        if image.HasMetaDataKey(key) and image.GetMetaData(key).strip():
+            return image.GetMetaData(key).strip().upper()
+    return None
+
+
 def from_sitk(image, name: str = "volume") -> Volume:
-    """A Volume from a 3D SimpleITK image (LPS geometry converted to RAS)."""
+    """A Volume from a 3D SimpleITK image (LPS geometry converted to RAS; the
+    modality from its metadata when stated)."""
     direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     ijk_to_lps = np.eye(4)
     ijk_to_lps[:3, :3] = direction * np.array(image.GetSpacing())
     ijk_to_lps[:3, 3] = image.GetOrigin()
-    return Volume(sitk.GetArrayFromImage(image), LPS_TO_RAS @ ijk_to_lps, name)
+    array = sitk.GetArrayFromImage(image)
+    return Volume(array, LPS_TO_RAS @ ijk_to_lps, name, _modality(image))
 
 
 def to_sitk(volume: Volume):

@@ -239,12 +239,12 @@ class SegmentSettings:
     fast_cpu: bool = False
     axis: str = "axial"
     propagate: bool = False
-    zoom: bool = False
+    zoom: bool | str = "auto"  # True: always with a box; False: never; "auto": small boxes
     projection: str = "mask"
-    iou_threshold: float = 0.8
+    iou_threshold: float = 0.5  # propagation.DEFAULT_OVERLAP
     min_score: float = 0.0
     bounds: tuple[int, int] | None = None
-    window: tuple[float, float] | None = None
+    window: tuple[float, float] | str | None = None  # None: chosen from each volume
     segment_name: str = "Segment_1"
     cache_dir: Path | None = None
     server: str | None = None
@@ -253,6 +253,7 @@ class SegmentSettings:
 
     def options(self):
         """The SegmentOptions (validated)."""
+        from RobustMedSAMLib.inference.preprocessing import parse_window
         from RobustMedSAMLib.inference.propagation import PropagationOptions
         from RobustMedSAMLib.inference.segment_volume import SegmentOptions
 
@@ -266,7 +267,9 @@ class SegmentSettings:
                 bounds=tuple(self.bounds) if self.bounds else None,
             ),
         )
-        options.propagation.validate()
+        options.validate()
+        if self.window is not None:
+            parse_window(self.window)
         return options
 
     def check_model_files(self) -> None:
@@ -322,12 +325,17 @@ class CaseSegmenter:
             volume,
             self.loaded.predictor(),
             s.axis,
-            tuple(s.window) if s.window else None,
+            s.window if isinstance(s.window, str | None) else tuple(s.window),
             disk_cache=s.cache_dir,
             model_id=_model_id(self.loaded.checkpoints),
         )
         result = segment_volume(session, prompts, self.options, progress=progress)
-        inputs = {"volume": str(volume_path), "axis": s.axis, "window": list(session.window)}
+        inputs = {
+            "volume": str(volume_path),
+            "axis": s.axis,
+            "window": list(session.window),
+            "window_source": session.window_source,
+        }
         record = run_record(result, prompts, self.options, self.model_info(), inputs)
         return result, record, session
 

@@ -24,7 +24,7 @@ from RobustMedSAMLib.errors import CancelledError, InputError
 from RobustMedSAMLib.formats.atomic import atomic_output
 from RobustMedSAMLib.formats.volume import Volume
 from RobustMedSAMLib.inference.predictor import EncodedSlice, Predictor
-from RobustMedSAMLib.inference.preprocessing import Frame, auto_window
+from RobustMedSAMLib.inference.preprocessing import Frame, resolve_window
 from RobustMedSAMLib.inference.slicing import (
     AXIS_NAMES,
     axis_index,
@@ -74,7 +74,7 @@ class SegmentationSession:
         volume: Volume,
         predictor: Predictor,
         axis: str | int = "axial",
-        window: tuple[float, float] | None = None,
+        window: tuple[float, float] | str | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         disk_cache: str | Path | None = None,
         model_id: str = "",
@@ -85,7 +85,10 @@ class SegmentationSession:
         if self.axis not in (0, 1, 2):
             raise InputError(f"axis must be one of {AXIS_NAMES} or 0, 1, 2; got {axis!r}")
         check_slice_size(volume, self.axis)
-        self.window = window or auto_window(volume.array)
+        # window: (low, high), a preset name or "LO,HI"; None: chosen from the volume
+        self.window, self.window_source = resolve_window(
+            volume.array, window, getattr(volume, "modality", None)
+        )
         self.cache_bytes = cache_bytes
         self.disk_cache = Path(disk_cache) if disk_cache else None
         if self.disk_cache is not None and self.disk_cache.exists():

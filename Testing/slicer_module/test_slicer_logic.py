@@ -577,3 +577,17 @@ def test_finetune_config_reads_the_exported_data(slicer_scene, tmp_path):
     path = module.RobustMedSAMLogic.write_finetune_config(tmp_path / "run.toml", data, steps=7)
     text = path.read_text()
     assert str(data) in text and tomllib.loads(text)
+
+
+def test_session_uses_the_window_the_volume_is_displayed_with(phantom_scene):
+    ns = phantom_scene
+    ns.volume_node.CreateDefaultDisplayNodes()
+    display = ns.volume_node.GetDisplayNode()
+    display.AutoWindowLevelOff()
+    display.SetWindowLevel(300.0, 50.0)  # width, level: -100..200
+    session = ns.logic.start_session(ns.volume_node, predictor=ThresholdPredictor(THRESHOLD))
+    assert session.window == (-100.0, 200.0) and session.window_source == "display"
+    explicit = ns.logic.start_session(
+        ns.volume_node, predictor=ThresholdPredictor(THRESHOLD), window="brain"
+    )
+    assert explicit.window == (0.0, 80.0)

@@ -476,7 +476,7 @@ def test_points_of_a_newly_picked_include_list_segment(panel):
 
 def test_zoom_to_box_reaches_the_segment_options(panel):
     node = panel.widget._parameterNode
-    assert panel.widget._segmentOptions(propagate=True).zoom is False
+    assert panel.widget._segmentOptions(propagate=True).zoom == "auto"  # small boxes zoom
     node.zoom_to_box = True  # what ticking "Zoom to the box" sets
     options = panel.widget._segmentOptions(propagate=True)
     assert options.zoom is True and options.propagate is True
