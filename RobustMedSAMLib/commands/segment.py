@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from RobustMedSAMLib.names import AXIS_NAMES, MODEL_NAMES, PROJECTIONS
+from RobustMedSAMLib.names import AXIS_NAMES, DEFAULT_MODEL, MODEL_NAMES, PROJECTIONS
 
 BATCH_HELP = (
     "batch: --cases is a CSV (header: volume,points,negative,box,out; paths relative to the "
@@ -42,7 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     model = parser.add_argument_group("model")
     model.add_argument(
-        "--model", default="litemedsam", choices=MODEL_NAMES, help="default: litemedsam"
+        "--model", default=DEFAULT_MODEL, choices=MODEL_NAMES, help=f"default: {DEFAULT_MODEL}"
     )
     model.add_argument("--checkpoint", type=Path, help="checkpoint file (overrides the registry)")
     model.add_argument("--encoder", type=Path, help="fused: MedSAM checkpoint for the encoder")

@@ -38,6 +38,7 @@ from RobustMedSAMLib.distributed import DistInfo, dist_info, shard, threads_per_
 from RobustMedSAMLib.errors import CancelledError, InputError
 from RobustMedSAMLib.formats.atomic import full_suffix, write_json
 from RobustMedSAMLib.formats.volume import VOLUME_SUFFIXES, volume_name
+from RobustMedSAMLib.names import DEFAULT_MODEL
 from RobustMedSAMLib.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ class SegmentSettings:
     """Everything but the case: model, device, slicing and propagation options (the
     ``robustmedsam segment`` flags). Picklable, so worker processes get a copy."""
 
-    model: str = "litemedsam"
+    model: str = DEFAULT_MODEL
     checkpoint: Path | None = None
     encoder: Path | None = None
     decoder: Path | None = None
