@@ -76,6 +76,7 @@ from RobustMedSAMLib.formats.volume import Volume  # noqa: E402
 from RobustMedSAMLib.names import (  # noqa: E402
     AXIS_NAMES,
     CORRUPTION_NAMES,
+    DEFAULT_MODEL,
     DEVICES,
     MODEL_NAMES,
     OVERLAP_MEASURES,
@@ -157,7 +158,7 @@ class RobustMedSAMParameterNode:
     positive_points: slicer.vtkMRMLMarkupsFiducialNode
     negative_points: slicer.vtkMRMLMarkupsFiducialNode
     roi: slicer.vtkMRMLMarkupsROINode
-    model_name: Annotated[str, Choice(MODEL_NAMES)] = "litemedsam"
+    model_name: Annotated[str, Choice(MODEL_NAMES)] = DEFAULT_MODEL
     checkpoint_path: str = ""
     device: Annotated[str, Choice(DEVICES)] = "auto"
     axis: Annotated[str, Choice(AXES)] = "view"
@@ -295,7 +296,7 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
 
     def load_model(
         self,
-        model_name: str = "litemedsam",
+        model_name: str = DEFAULT_MODEL,
         checkpoint: str | os.PathLike | None = None,
         device: str = "auto",
         encoder: str | os.PathLike | None = None,
@@ -315,7 +316,7 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
     def start_session(
         self,
         volume_node,
-        model_name: str = "litemedsam",
+        model_name: str = DEFAULT_MODEL,
         checkpoint: str | os.PathLike | None = None,
         device: str = "auto",
         axis: str | int = "axial",
@@ -1984,7 +1985,7 @@ class RobustMedSAMTest(ScriptedLoadableModuleTest):
         self.assertEqual(segment_id, "sphere")
 
         logic = RobustMedSAMLogic()
-        session = logic.start_session(volume_node, "litemedsam", device="cpu", axis="axial")
+        session = logic.start_session(volume_node, DEFAULT_MODEL, device="cpu", axis="axial")
         prompts = logic.prompts_from_nodes(None, None, roi)
         scores = logic.segment(
             session, prompts, SegmentOptions(propagate=True), segmentation, segment_id

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from RobustMedSAMLib.commands._progress import meet_all_ranks, progress_bar
-from RobustMedSAMLib.names import AXIS_NAMES, MODEL_NAMES, PROJECTIONS
+from RobustMedSAMLib.names import AXIS_NAMES, DEFAULT_MODEL, MODEL_NAMES, PROJECTIONS
 
 BATCH_HELP = (
     "batch: --cases is a CSV (header: volume,points,negative,box,out; paths relative to the "
@@ -45,7 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument(
         "--model",
         choices=MODEL_NAMES,
-        help="default: litemedsam (with --server: the server's model)",
+        help=f"default: {DEFAULT_MODEL} (with --server: the server's model)",
     )
     model.add_argument("--checkpoint", type=Path, help="checkpoint file (overrides the registry)")
     model.add_argument("--encoder", type=Path, help="fused: MedSAM checkpoint for the encoder")
@@ -144,7 +144,7 @@ def settings_from_args(args: argparse.Namespace):
 
     _check_server_flags(args)
     return SegmentSettings(
-        model=args.model if args.model or args.server else "litemedsam",
+        model=args.model if args.model or args.server else DEFAULT_MODEL,
         checkpoint=args.checkpoint,
         encoder=args.encoder,
         decoder=args.decoder,

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from RobustMedSAMLib.names import MODEL_NAMES
+from RobustMedSAMLib.names import DEFAULT_MODEL, MODEL_NAMES
 
 MiB = 2**20
 
@@ -37,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     net.add_argument("--ssl-certfile", type=Path, help="TLS certificate chain (PEM)")
     model = parser.add_argument_group("model")
     model.add_argument(
-        "--model", default="litemedsam", choices=MODEL_NAMES, help="default: litemedsam"
+        "--model", default=DEFAULT_MODEL, choices=MODEL_NAMES, help=f"default: {DEFAULT_MODEL}"
     )
     model.add_argument("--checkpoint", type=Path, help="checkpoint file (overrides the registry)")
     model.add_argument("--encoder", type=Path, help="fused: MedSAM checkpoint for the encoder")

@@ -39,6 +39,7 @@ from RobustMedSAMLib.errors import CancelledError, InputError, OutputError, Robu
 from RobustMedSAMLib.formats.atomic import check_writable, full_suffix, write_json
 from RobustMedSAMLib.formats.segmentation import write_case
 from RobustMedSAMLib.formats.volume import VOLUME_SUFFIXES, check_image_file, volume_name
+from RobustMedSAMLib.names import DEFAULT_MODEL
 from RobustMedSAMLib.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -230,7 +231,7 @@ class SegmentSettings:
     """Everything but the case: model, device, slicing and propagation options (the
     ``robustmedsam segment`` flags). Picklable, so worker processes get a copy."""
 
-    model: str = "litemedsam"
+    model: str = DEFAULT_MODEL
     checkpoint: Path | None = None
     encoder: Path | None = None
     decoder: Path | None = None

@@ -18,6 +18,7 @@ from RobustMedSAMLib.errors import CheckpointError, InputError
 from RobustMedSAMLib.inference.predictor import Predictor
 from RobustMedSAMLib.inference.preprocessing import Style
 from RobustMedSAMLib.model.sam import SegmentAnythingModel
+from RobustMedSAMLib.names import DEFAULT_MODEL
 from RobustMedSAMLib.weights.checkpoint import (
     expect_layout,
     fuse_state_dicts,
@@ -49,7 +50,7 @@ class LoadedModel:
 
 
 def load_named_model(
-    name: str = "litemedsam",
+    name: str = DEFAULT_MODEL,
     checkpoint: str | Path | None = None,
     encoder: str | Path | None = None,
     decoder: str | Path | None = None,
