@@ -185,12 +185,18 @@ class RobustMedSAMParameterNode:
 
 @dataclass
 class _Snapshot:
-    """What one write changed: each segment's previous mask (KJI bool on the volume grid,
-    None for a segment the write created) and the world geometry it lies on."""
+    """What one write changed, on the changed box only: each segment's previous voxels
+    (KJI bool array of the box's shape; None for a segment the write created), the box
+    (KJI slices of the volume grid) and the grid's IJK->world RAS."""
 
     segments: dict[str, np.ndarray | None]
+    box: tuple[slice, slice, slice]
     shape: tuple[int, int, int]
     ijk_to_ras: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return sum(0 if m is None else m.nbytes for m in self.segments.values())
 
 
 @dataclass
@@ -233,25 +239,34 @@ class PreviewComparison:
 @dataclass(frozen=True)
 class EditorMasking:
     """The Segment Editor's masking choices as :meth:`RobustMedSAMLogic.write_mask`
-    arguments: ``editable_mask`` (``(K, J, I)`` bool, None = everywhere) and
-    ``overwrite_other_segments`` (True: all, False: none, or the IDs of the segments
-    the new voxels may be taken from, e.g. the visible ones)."""
+    arguments: ``editable_mask`` (KJI bool on ``box`` of the volume grid, the whole grid
+    when ``box`` is None; None = editable everywhere) and ``overwrite_other_segments``
+    (True: all, False: none, i.e. Slicer's "Allow overlap", or the IDs of the segments
+    the new voxels are taken from, e.g. the visible ones)."""
 
     editable_mask: np.ndarray | None
     overwrite_other_segments: bool | frozenset[str]
+    box: tuple[slice, slice, slice] | None = None
 
 
 class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
     """MRML <-> library conversions and segment writing; no GUI, no algorithm.
 
     State: the volume node of each session it started (weakly held) and, per
-    segmentation node ID, a stack of undo snapshots.
+    segmentation node (the object: MRML reuses IDs after a scene clear), a stack of
+    undo snapshots cropped to what each write changed, capped at ``UNDO_STEPS`` writes
+    and ``UNDO_BYTES`` bytes, and dropped when the node is removed or the scene closes.
     """
+
+    UNDO_STEPS = 10
+    UNDO_BYTES = 256 * 2**20
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._volume_nodes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._undo: dict[str, list[_Snapshot]] = {}
+        self._undo: dict[Any, list[_Snapshot]] = {}
+        self._observed_scene = None
+        self._scene_observers: list[int] = []
 
     def getParameterNode(self) -> RobustMedSAMParameterNode:
         """The module's typed parameter node (Slicer's convention; needs the app)."""
@@ -605,23 +620,23 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         editable_mask: np.ndarray | None = None,
         segment_name: str | None = None,
     ) -> str:
-        """Write a :class:`SliceResult` into its slice of the segment (other slices kept)."""
-        from RobustMedSAMLib.inference.slicing import set_slice
+        """Write a :class:`SliceResult` into its slice of the segment (other slices kept).
 
+        Only that slice is read and written, whatever the number of other segments.
+        ``editable_mask``: KJI bool on the whole grid or on the slice (shape with 1 along
+        the axis), e.g. :meth:`editor_masking` with ``box=slice_box(...)``."""
         shape = session.volume.shape
-        plane = np.zeros(shape, dtype=bool)
-        set_slice(plane, result.axis, result.index, np.ones(_slice_shape(shape, result.axis), bool))
-        if editable_mask is not None:
-            plane &= _checked_mask(editable_mask, shape, "editable_mask")
-        return self.write_mask(
+        box = slice_box(shape, result.axis, result.index)
+        return self._write_box(
             segmentation_node,
             self.volume_node_of(session),
-            result.mask,
+            session.volume,
+            box,
+            _checked_mask(result.mask, shape, "mask")[box],
             segment_id,
             overwrite_other_segments,
-            plane,
+            _crop_editable(editable_mask, shape, box),
             segment_name,
-            reference=session.volume,
         )
 
     def write_mask(
@@ -637,95 +652,168 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
     ) -> str:
         """Replace the segment's voxels with ``mask`` (KJI bool on the volume grid).
 
-        editable_mask (KJI bool): only these voxels may change; the segment keeps its
-        previous voxels elsewhere. overwrite_other_segments: True removes the new
-        voxels from every other segment; False keeps other segments' voxels out of
-        the new mask; a set of segment IDs overwrites those and keeps the others
-        (:meth:`editor_masking` gives both as the Segment Editor sets them). The
-        previous state is kept for :meth:`undo_last`. Returns the segment ID (created
-        when needed).
+        Slicer's Segment Editor semantics ("Set" of ``vtkSlicerSegmentEditorLogic::
+        ModifySegmentByLabelmap``): editable_mask (KJI bool) limits the change, the
+        segment keeps its previous voxels elsewhere; overwrite_other_segments True
+        removes the written voxels from every other segment, a set of segment IDs from
+        those only, False leaves other segments untouched (overlap allowed). The
+        previous state of what changed is kept for :meth:`undo_last`. Returns the
+        segment ID (created when needed).
         """
         volume = reference or self.volume_from_node(volume_node)
-        new = _checked_mask(mask, volume.shape, "mask")
+        box = (slice(None),) * 3
+        return self._write_box(
+            segmentation_node,
+            volume_node,
+            volume,
+            box,
+            _checked_mask(mask, volume.shape, "mask"),
+            segment_id,
+            overwrite_other_segments,
+            _crop_editable(editable_mask, volume.shape, box),
+            segment_name,
+        )
+
+    def _write_box(
+        self,
+        segmentation_node,
+        volume_node,
+        volume: Volume,
+        box: tuple[slice, slice, slice],
+        new: np.ndarray,
+        segment_id: str | None,
+        overwrite: bool | frozenset[str],
+        editable: np.ndarray | None,
+        segment_name: str | None,
+    ) -> str:
+        """Set the segment to ``new`` (KJI bool, ``box``'s shape) inside ``box`` of the
+        volume grid through ``vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment``
+        restricted to the box; other segments are read and changed only where they
+        overlap the written voxels."""
         _prepare_segmentation(segmentation_node, volume_node)
-        segmentation = segmentation_node.GetSegmentation()
-        with _grid_labelmap(volume.shape, volume.ijk_to_ras) as grid:
-            segment_id, created = _ensure_segment(segmentation_node, segment_id, segment_name)
-            previous = (
-                np.zeros(volume.shape, bool)
-                if created
-                else _read(grid, segmentation_node, segment_id)
-            )
-            if editable_mask is not None:
-                editable = _checked_mask(editable_mask, volume.shape, "editable_mask")
-                new = np.where(editable, new, previous)
-            others = {
-                other: _read(grid, segmentation_node, other)
-                for other in segmentation.GetSegmentIDs()
-                if other != segment_id
-            }
-            changed: dict[str, np.ndarray | None] = {segment_id: None if created else previous}
-            for other, other_mask in others.items():  # protected segments first
-                if not _overwrites(overwrite_other_segments, other):
-                    new &= ~other_mask
-            for other, other_mask in others.items():
-                if _overwrites(overwrite_other_segments, other) and (other_mask & new).any():
-                    changed[other] = other_mask.copy()
-                    _write(grid, segmentation_node, other, other_mask & ~new)
-            _write(grid, segmentation_node, segment_id, new)
-        snapshot = _Snapshot(changed, volume.shape, volume.ijk_to_ras.copy())
-        self._undo.setdefault(segmentation_node.GetID(), []).append(snapshot)
+        segment_id, created = _ensure_segment(segmentation_node, segment_id, segment_name)
+        previous = _read_box(segmentation_node, segment_id, volume, box)
+        if editable is not None:
+            new = np.where(editable, new, previous)
+        written = new if editable is None else new & editable
+        changed: dict[str, np.ndarray | None] = {segment_id: None if created else previous}
+        targets = _overwritten(segmentation_node, segment_id, overwrite)
+        for other in targets:
+            before = _read_box(segmentation_node, other, volume, box)
+            if (before & written).any():
+                changed[other] = before
+        _set_box(segmentation_node, segment_id, volume, box, new, list(targets))
+        for other, before in changed.items():
+            if other != segment_id and not _shares_layer(segmentation_node, other, segment_id):
+                _set_box(segmentation_node, other, volume, box, before & ~written, [])
+        snapshot = _Snapshot(changed, box, volume.shape, volume.ijk_to_ras.copy())
+        self._remember(segmentation_node, snapshot)
         return segment_id
 
+    def _remember(self, segmentation_node, snapshot: _Snapshot) -> None:
+        """Push an undo step; drop the oldest beyond the caps."""
+        self._observe_scene()
+        stack = self._undo.setdefault(segmentation_node, [])
+        stack.append(snapshot)
+        while len(stack) > 1 and (
+            len(stack) > self.UNDO_STEPS or sum(s.nbytes for s in stack) > self.UNDO_BYTES
+        ):
+            stack.pop(0)
+
+    def _observe_scene(self) -> None:
+        """Forget undo steps of removed nodes and of a closed scene (IDs are reused)."""
+        scene = slicer.mrmlScene
+        if scene is self._observed_scene:
+            return
+        self.forget_undo()
+        if self._observed_scene is not None:
+            for tag in self._scene_observers:
+                self._observed_scene.RemoveObserver(tag)
+        self._observed_scene = scene
+        me = weakref.ref(self)  # the scene must not keep the logic alive
+
+        def on_close(*_args) -> None:
+            if (logic := me()) is not None:
+                logic.forget_undo()
+
+        def on_removed(*_args) -> None:
+            if (logic := me()) is not None:
+                logic._prune_undo()
+
+        self._scene_observers = [
+            scene.AddObserver(scene.StartCloseEvent, on_close),
+            scene.AddObserver(scene.NodeRemovedEvent, on_removed),
+        ]
+
+    def forget_undo(self) -> None:
+        """Drop every undo step (a scene closes)."""
+        self._undo.clear()
+
+    def _prune_undo(self) -> None:
+        scene = self._observed_scene
+        for node in [n for n in self._undo if scene is None or not scene.IsNodePresent(n)]:
+            del self._undo[node]
+
     def editor_masking(
-        self, editor_node, segmentation_node, volume_node, segment_id: str | None = None
+        self,
+        editor_node,
+        segmentation_node,
+        volume_node,
+        segment_id: str | None = None,
+        box: tuple[slice, slice, slice] | None = None,
     ) -> EditorMasking:
         """The masking a Segment Editor effect would apply, from a ``vtkMRMLSegmentEditorNode``:
         its editable area (everywhere, inside/outside all or visible segments, inside one
         segment; computed by Slicer's own ``GenerateEditMask``, the edited segment always
-        editable), its editable intensity range on ``volume_node`` and its overwrite mode
-        (all, visible or no other segments)."""
+        editable), its editable intensity range on the editor's source volume (this
+        volume when it has none; it must lie on the same grid) and its overwrite mode
+        (all, visible or no other segments: Slicer's "Allow overlap"). ``box``: compute
+        on that part of the grid only (e.g. :func:`slice_box`), None for all of it."""
         volume = self.volume_from_node(volume_node)
+        region = box or (slice(None),) * 3
         mode = editor_node.GetMaskMode()
         editable = None
         if mode != slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere:
-            editable = _edit_mask(segmentation_node, volume, mode, segment_id or "", editor_node)
+            editable = _edit_mask(
+                segmentation_node, volume, region, mode, segment_id or "", editor_node
+            )
         if editor_node.GetSourceVolumeIntensityMask():
             low, high = editor_node.GetSourceVolumeIntensityMaskRange()
-            in_range = (volume.array >= low) & (volume.array <= high)
+            source = _source_array(editor_node, volume)[region]
+            in_range = (source >= low) & (source <= high)
             editable = in_range if editable is None else editable & in_range
         overwrite = editor_node.GetOverwriteMode()
         if overwrite == slicer.vtkMRMLSegmentEditorNode.OverwriteAllSegments:
-            return EditorMasking(editable, True)
+            return EditorMasking(editable, True, box)
         if overwrite == slicer.vtkMRMLSegmentEditorNode.OverwriteNone:
-            return EditorMasking(editable, False)
-        return EditorMasking(editable, frozenset(_visible_segments(segmentation_node)))
+            return EditorMasking(editable, False, box)
+        visible = frozenset(_visible_segments(segmentation_node))
+        return EditorMasking(editable, visible, box)
 
     def segment_mask(self, segmentation_node, segment_id: str, volume_node) -> np.ndarray:
         """The segment as ``(K, J, I)`` bool on the volume node's grid (world geometry)."""
         volume = self.volume_from_node(volume_node)
         if segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
             raise InputError(f"'{segmentation_node.GetName()}' has no segment '{segment_id}'")
-        with _grid_labelmap(volume.shape, volume.ijk_to_ras) as grid:
-            return _read(grid, segmentation_node, segment_id)
+        return _read_box(segmentation_node, segment_id, volume, (slice(None),) * 3)
 
     def can_undo(self, segmentation_node) -> bool:
-        return bool(self._undo.get(segmentation_node.GetID()))
+        self._prune_undo()
+        return bool(self._undo.get(segmentation_node))
 
     def undo_last(self, segmentation_node) -> bool:
-        """Restore the segments the last write changed (removing one it created).
-        Returns False when there is nothing to undo."""
-        stack = self._undo.get(segmentation_node.GetID())
-        if not stack:
+        """Restore what the last write changed (removing a segment it created), on the
+        changed box only. Returns False when there is nothing to undo."""
+        if not self.can_undo(segmentation_node):
             return False
-        snapshot = stack.pop()
+        snapshot = self._undo[segmentation_node].pop()
         segmentation = segmentation_node.GetSegmentation()
-        with _grid_labelmap(snapshot.shape, snapshot.ijk_to_ras) as grid:
-            for segment_id, previous in snapshot.segments.items():
-                if previous is None:
-                    segmentation.RemoveSegment(segment_id)
-                elif segmentation.GetSegment(segment_id) is not None:
-                    _write(grid, segmentation_node, segment_id, previous)
+        grid = Volume(np.zeros(snapshot.shape, np.uint8), snapshot.ijk_to_ras)
+        for segment_id, previous in snapshot.segments.items():  # clear first: no overlap clash
+            if previous is None:
+                segmentation.RemoveSegment(segment_id)
+            elif segmentation.GetSegment(segment_id) is not None:
+                _set_box(segmentation_node, segment_id, grid, snapshot.box, previous, [])
         return True
 
     def save_segmentation(self, segmentation_node, path: str | os.PathLike) -> Path:
@@ -1482,7 +1570,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
             def write(result: SliceResult) -> None:
                 self._ensureSegmentation()
-                masking = self._masking()
+                masking = self._masking(slice_box(session.volume.shape, result.axis, index))
                 segment_id = self.logic.write_slice(
                     session,
                     result,
@@ -1587,15 +1675,16 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             segmentation.SetReferenceImageGeometryParameterFromVolumeNode(node.input_volume)
             node.segmentation = segmentation
 
-    def _masking(self) -> EditorMasking:
-        """The Segment Editor's masking settings when asked for and the editor has a node
-        in the scene; otherwise this panel's "overwrite other segments" choice."""
+    def _masking(self, box: tuple[slice, slice, slice] | None = None) -> EditorMasking:
+        """The Segment Editor's masking settings (on ``box`` of the grid, all of it when
+        None) when asked for and the editor has a node in the scene; otherwise this
+        panel's "overwrite other segments" choice (unchecked: overlap allowed)."""
         node = self._parameterNode
         editor = _segment_editor_node() if node.use_editor_masking else None
         if editor is None:
-            return EditorMasking(None, node.overwrite_other_segments)
+            return EditorMasking(None, node.overwrite_other_segments, box)
         return self.logic.editor_masking(
-            editor, node.segmentation, node.input_volume, node.segment_id or None
+            editor, node.segmentation, node.input_volume, node.segment_id or None, box
         )
 
     def _rememberSegment(self, segment_id: str) -> None:
@@ -2131,15 +2220,9 @@ def _segments_logic():
 
 
 def _segment_editor_node():
-    """The Segment Editor module's parameter node, or None before it was ever opened."""
-    scene = slicer.mrmlScene
-    return scene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode") or (
-        scene.GetFirstNodeByClass("vtkMRMLSegmentEditorNode")
-    )
-
-
-def _overwrites(overwrite: bool | frozenset[str], segment_id: str) -> bool:
-    return overwrite if isinstance(overwrite, bool) else segment_id in overwrite
+    """The Segment Editor module's parameter node (its singleton, never another module's
+    private editor node), or None before the Segment Editor was ever opened."""
+    return slicer.mrmlScene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
 
 
 def _visible_segments(segmentation_node) -> list[str]:
@@ -2148,30 +2231,180 @@ def _visible_segments(segmentation_node) -> list[str]:
     return [i for i in ids if display is None or display.GetSegmentVisibility(i)]
 
 
-def _edit_mask(segmentation_node, volume: Volume, mode: int, edited: str, editor) -> np.ndarray:
-    """Slicer's editable area (``GenerateEditMask``) as ``(K, J, I)`` bool on the volume grid."""
+def _edit_mask(
+    segmentation_node, volume: Volume, box: tuple[slice, ...], mode: int, edited: str, editor
+) -> np.ndarray:
+    """Slicer's editable area (``GenerateEditMask``) as KJI bool on ``box`` of the grid."""
     from vtk.util.numpy_support import vtk_to_numpy
 
-    with _grid_labelmap(volume.shape, volume.ijk_to_ras) as grid:
-        reference = _segments_logic().CreateOrientedImageDataFromVolumeNode(grid)
-        blocked = slicer.vtkOrientedImageData()
-        ok = segmentation_node.GenerateEditMask(
-            blocked,
-            mode,
-            reference,
-            edited,
-            editor.GetMaskSegmentID() or "",
-            None,
-            None,
-            segmentation_node.GetDisplayNode(),
+    shape = _box_shape(volume.shape, box)
+    reference = _oriented_box(volume, box, np.zeros(shape, bool))
+    blocked = slicer.vtkOrientedImageData()
+    ok = segmentation_node.GenerateEditMask(
+        blocked,
+        mode,
+        reference,
+        edited,
+        editor.GetMaskSegmentID() or "",
+        None,
+        None,
+        segmentation_node.GetDisplayNode(),
+    )
+    scalars = blocked.GetPointData().GetScalars()
+    if not ok or scalars is None or blocked.GetExtent() != reference.GetExtent():
+        raise InputError(
+            "could not compute the Segment Editor's editable area; check its masking "
+            "settings (the mask segment must exist in this segmentation)"
         )
-        scalars = blocked.GetPointData().GetScalars()
-        if not ok or scalars is None or blocked.GetExtent() != reference.GetExtent():
-            raise InputError(
-                "could not compute the Segment Editor's editable area; check its masking "
-                "settings (the mask segment must exist in this segmentation)"
-            )
-        return vtk_to_numpy(scalars).reshape(volume.shape) == 0  # non-zero: not editable
+    return vtk_to_numpy(scalars).reshape(shape) == 0  # non-zero: not editable
+
+
+def _source_array(editor_node, volume: Volume) -> np.ndarray:
+    """The Segment Editor's source volume (KJI) where its intensity range applies; this
+    volume when the editor has none. InputError when it lies on another grid."""
+    source = editor_node.GetSourceVolumeNode()
+    if source is None:
+        return volume.array
+    matrix = vtk.vtkMatrix4x4()
+    source.GetIJKToRASMatrix(matrix)
+    array = slicer.util.arrayFromVolume(source)
+    same = array.shape == volume.shape and np.allclose(
+        _to_world(source) @ _numpy_matrix(matrix), volume.ijk_to_ras, atol=1e-4
+    )
+    if not same:
+        raise InputError(
+            f"the Segment Editor's source volume '{source.GetName()}' is not on the grid of "
+            f"'{volume.name}': choose that volume as its source, or turn off its "
+            "editable intensity range"
+        )
+    return array
+
+
+LABELMAP = "Binary labelmap"  # vtkSegmentationConverter's binary labelmap representation
+
+
+def slice_box(shape: tuple[int, int, int], axis: int, index: int) -> tuple[slice, slice, slice]:
+    """The KJI slices selecting slice ``index`` along numpy ``axis`` of a grid."""
+    box = [slice(None)] * 3
+    box[axis] = slice(int(index), int(index) + 1)
+    return tuple(box)  # type: ignore[return-value]
+
+
+def _box_bounds(shape: tuple[int, int, int], box: tuple[slice, ...]) -> list[tuple[int, int]]:
+    """``[(start, stop)]`` per KJI axis of ``box`` on a grid of ``shape``."""
+    return [b.indices(n)[:2] for b, n in zip(box, shape, strict=True)]
+
+
+def _box_shape(shape: tuple[int, int, int], box: tuple[slice, ...]) -> tuple[int, int, int]:
+    return tuple(stop - start for start, stop in _box_bounds(shape, box))  # type: ignore[return-value]
+
+
+def _crop_editable(editable, shape: tuple[int, int, int], box) -> np.ndarray | None:
+    """An editable mask given on the whole grid or on ``box`` only, as ``box``'s shape."""
+    if editable is None:
+        return None
+    editable = np.asarray(editable, dtype=bool)
+    if editable.shape == tuple(shape):
+        return editable[box]
+    return _checked_mask(editable, _box_shape(shape, box), "editable_mask")
+
+
+def _oriented_box(volume: Volume, box: tuple[slice, ...], values: np.ndarray):
+    """A ``vtkOrientedImageData`` (uint8 0/1) holding ``values`` (KJI) at ``box`` of the
+    volume grid: its IJK are the volume's, its image-to-world the volume's IJK->RAS."""
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    (k0, k1), (j0, j1), (i0, i1) = _box_bounds(volume.shape, box)
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(i0, i1 - 1, j0, j1 - 1, k0, k1 - 1)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    vtk_to_numpy(image.GetPointData().GetScalars())[:] = np.asarray(values, np.uint8).ravel()
+    image.SetImageToWorldMatrix(_vtk_matrix(volume.ijk_to_ras))
+    return image
+
+
+def _read_box(segmentation_node, segment_id: str, volume: Volume, box) -> np.ndarray:
+    """The segment inside ``box`` of the volume grid as KJI bool (``box``'s shape).
+
+    Reads the segment's own labelmap directly when it lies on the volume's lattice (the
+    usual case, cost proportional to the box); otherwise exports it through Slicer."""
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    shape = _box_shape(volume.shape, box)
+    out = np.zeros(shape, bool)
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    image = None if segment is None else segment.GetRepresentation(LABELMAP)
+    if image is None or image.GetPointData().GetScalars() is None:
+        return out if segment is None or not segment.GetNumberOfRepresentations() else (
+            _read_exported(segmentation_node, segment_id, volume, box)
+        )
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    if not np.allclose(_numpy_matrix(matrix), volume.ijk_to_ras, atol=1e-4):
+        return _read_exported(segmentation_node, segment_id, volume, box)
+    i0, i1, j0, j1, k0, k1 = image.GetExtent()
+    if i0 > i1 or j0 > j1 or k0 > k1:
+        return out
+    layer = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(
+        k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1
+    )
+    wanted = _box_bounds(volume.shape, box)
+    lows, highs = (k0, j0, i0), (k1 + 1, j1 + 1, i1 + 1)
+    lo = [max(w[0], low) for w, low in zip(wanted, lows, strict=True)]
+    hi = [min(w[1], high) for w, high in zip(wanted, highs, strict=True)]
+    if any(a >= b for a, b in zip(lo, hi, strict=True)):
+        return out
+    target = tuple(slice(a - w[0], b - w[0]) for a, b, w in zip(lo, hi, wanted, strict=True))
+    source = tuple(slice(a - low, b - low) for a, b, low in zip(lo, hi, lows, strict=True))
+    out[target] = layer[source] == segment.GetLabelValue()
+    return out
+
+
+def _read_exported(segmentation_node, segment_id: str, volume: Volume, box) -> np.ndarray:
+    """The segment on ``box`` through ``ExportSegmentsToLabelmapNode`` (any lattice or
+    source representation; slower)."""
+    (k0, _), (j0, _), (i0, _) = _box_bounds(volume.shape, box)
+    shift = np.eye(4)
+    shift[:3, 3] = (i0, j0, k0)
+    with _grid_labelmap(_box_shape(volume.shape, box), volume.ijk_to_ras @ shift) as grid:
+        return _read(grid, segmentation_node, segment_id)
+
+
+def _set_box(
+    segmentation_node, segment_id: str, volume: Volume, box, values: np.ndarray, overwrite
+) -> None:
+    """Make the segment equal ``values`` (KJI bool) inside ``box``, unchanged elsewhere,
+    with ``SetBinaryLabelmapToSegment`` restricted to the box: a minimum clears the
+    segment where ``values`` is 0, a mask merge sets it where 1, taking the voxels from
+    the segments in ``overwrite`` (IDs) that share its layer; Slicer moves the segment
+    to its own layer where it would overlap any other one."""
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    image = _oriented_box(volume, box, values)
+    extent = image.GetExtent()
+    everyone = list(segmentation_node.GetSegmentation().GetSegmentIDs())
+    ok = logic.SetBinaryLabelmapToSegment(
+        image, segmentation_node, segment_id, logic.MODE_MERGE_MIN, extent, False, everyone
+    )
+    if values.any():
+        ok = ok and logic.SetBinaryLabelmapToSegment(
+            image, segmentation_node, segment_id, logic.MODE_MERGE_MASK, extent, False, overwrite
+        )
+    if not ok:
+        raise InputError(f"could not write segment '{segment_id}'")
+
+
+def _overwritten(segmentation_node, segment_id: str, overwrite) -> tuple[str, ...]:
+    """The other segments whose voxels a write takes: all (True), none (False), or the
+    given IDs that exist."""
+    others = [i for i in segmentation_node.GetSegmentation().GetSegmentIDs() if i != segment_id]
+    if isinstance(overwrite, bool):
+        return tuple(others) if overwrite else ()
+    return tuple(i for i in others if i in overwrite)
+
+
+def _shares_layer(segmentation_node, a: str, b: str) -> bool:
+    segmentation = segmentation_node.GetSegmentation()
+    return segmentation.GetLayerIndex(a) == segmentation.GetLayerIndex(b)
 
 
 def _ids(segment_id: str):
@@ -2200,20 +2433,3 @@ def _read(grid, segmentation_node, segment_id: str) -> np.ndarray:
         if display is not None and display.GetColorNode() is not None:
             slicer.mrmlScene.RemoveNode(display.GetColorNode())
         slicer.mrmlScene.RemoveNode(out)
-
-
-def _write(grid, segmentation_node, segment_id: str, mask: np.ndarray) -> None:
-    """Replace the segment's voxels by ``mask`` (KJI bool on ``grid``)."""
-    if not mask.any():
-        _segments_logic().ClearSegment(segmentation_node, segment_id)
-        return
-    slicer.util.updateVolumeFromArray(grid, mask.astype(np.uint8))
-    if not _segments_logic().ImportLabelmapToSegmentationNode(
-        grid, segmentation_node, _ids(segment_id)
-    ):
-        raise InputError(f"could not write segment '{segment_id}'")
-
-
-def _slice_shape(shape: tuple[int, int, int], axis: int) -> tuple[int, int]:
-    """``(rows, cols)`` of a slice along ``axis`` of a KJI grid."""
-    return tuple(n for a, n in enumerate(shape) if a != axis)  # type: ignore[return-value]

@@ -428,7 +428,13 @@ def test_editor_masking_scene_close_and_model_change(panel):
     enter(panel)
     choose_volume(panel, add_phantom(panel))
     pump_until(panel, lambda: idle(panel))
-    editor = panel.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    # another module's private editor node (NNInteractive keeps one) is not the editor's
+    private = panel.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    private.SetSourceVolumeIntensityMask(True)
+    private.SetSourceVolumeIntensityMaskRange(1000.0, 2000.0)  # would block everything
+    editor = slicer.vtkMRMLSegmentEditorNode()
+    editor.SetSingletonTag("SegmentEditor")  # the Segment Editor module's own node
+    panel.scene.AddNode(editor)
     editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere)
     editor.SetSourceVolumeIntensityMask(True)
     editor.SetSourceVolumeIntensityMaskRange(-1000.0, 100.0)  # the sphere's core is above
