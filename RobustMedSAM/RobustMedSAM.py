@@ -697,15 +697,13 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
             new = np.where(editable, new, previous)
         written = new if editable is None else new & editable
         changed: dict[str, np.ndarray | None] = {segment_id: None if created else previous}
-        targets = _overwritten(segmentation_node, segment_id, overwrite)
-        for other in targets:
+        for other in _overwritten(segmentation_node, segment_id, overwrite):
             before = _read_box(segmentation_node, other, volume, box)
             if (before & written).any():
                 changed[other] = before
-        _set_box(segmentation_node, segment_id, volume, box, new, list(targets))
-        for other, before in changed.items():
-            if other != segment_id and not _shares_layer(segmentation_node, other, segment_id):
-                _set_box(segmentation_node, other, volume, box, before & ~written, [])
+                _erase_box(segmentation_node, other, volume, box, before, written)
+        _own_layer(segmentation_node, segment_id)
+        _set_box(segmentation_node, segment_id, volume, box, new)
         snapshot = _Snapshot(changed, box, volume.shape, volume.ijk_to_ras.copy())
         self._remember(segmentation_node, snapshot)
         return segment_id
@@ -813,7 +811,7 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
             if previous is None:
                 segmentation.RemoveSegment(segment_id)
             elif segmentation.GetSegment(segment_id) is not None:
-                _set_box(segmentation_node, segment_id, grid, snapshot.box, previous, [])
+                _set_box(segmentation_node, segment_id, grid, snapshot.box, previous)
         return True
 
     def save_segmentation(self, segmentation_node, path: str | os.PathLike) -> Path:
@@ -2323,41 +2321,84 @@ def _oriented_box(volume: Volume, box: tuple[slice, ...], values: np.ndarray):
     return image
 
 
-def _read_box(segmentation_node, segment_id: str, volume: Volume, box) -> np.ndarray:
-    """The segment inside ``box`` of the volume grid as KJI bool (``box``'s shape).
-
-    Reads the segment's own labelmap directly when it lies on the volume's lattice (the
-    usual case, cost proportional to the box); otherwise exports it through Slicer."""
+def _layer_view(segment, volume: Volume, box) -> tuple[np.ndarray, tuple] | None:
+    """``(view, where)``: the part of the segment's internal labelmap (its layer, shared
+    with other segments, KJI; writable, as ``slicer.util.arrayFromSegmentInternalBinaryLabelmap``)
+    inside ``box``, and where that part lies in an array of ``box``'s shape. None when the
+    layer is not on the volume's lattice; ``(empty, ())`` when it misses the box."""
     from vtk.util.numpy_support import vtk_to_numpy
 
-    shape = _box_shape(volume.shape, box)
-    out = np.zeros(shape, bool)
-    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
-    image = None if segment is None else segment.GetRepresentation(LABELMAP)
-    if image is None or image.GetPointData().GetScalars() is None:
-        return out if segment is None or not segment.GetNumberOfRepresentations() else (
-            _read_exported(segmentation_node, segment_id, volume, box)
-        )
+    empty = np.zeros((0, 0, 0), np.uint8), ()
+    image = segment.GetRepresentation(LABELMAP)
+    if image is None:
+        return None  # another source representation (closed surface)
+    if image.GetPointData().GetScalars() is None:
+        return empty
     matrix = vtk.vtkMatrix4x4()
     image.GetImageToWorldMatrix(matrix)
     if not np.allclose(_numpy_matrix(matrix), volume.ijk_to_ras, atol=1e-4):
-        return _read_exported(segmentation_node, segment_id, volume, box)
+        return None
     i0, i1, j0, j1, k0, k1 = image.GetExtent()
-    if i0 > i1 or j0 > j1 or k0 > k1:
-        return out
-    layer = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(
-        k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1
-    )
     wanted = _box_bounds(volume.shape, box)
     lows, highs = (k0, j0, i0), (k1 + 1, j1 + 1, i1 + 1)
     lo = [max(w[0], low) for w, low in zip(wanted, lows, strict=True)]
     hi = [min(w[1], high) for w, high in zip(wanted, highs, strict=True)]
     if any(a >= b for a, b in zip(lo, hi, strict=True)):
+        return empty
+    layer = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(
+        k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1
+    )
+    where = tuple(slice(a - w[0], b - w[0]) for a, b, w in zip(lo, hi, wanted, strict=True))
+    view = layer[tuple(slice(a - low, b - low) for a, b, low in zip(lo, hi, lows, strict=True))]
+    return view, where
+
+
+def _read_box(segmentation_node, segment_id: str, volume: Volume, box) -> np.ndarray:
+    """The segment inside ``box`` of the volume grid as KJI bool (``box``'s shape).
+
+    Reads the segment's own labelmap directly when it lies on the volume's lattice (the
+    usual case, cost proportional to the box); otherwise exports it through Slicer."""
+    out = np.zeros(_box_shape(volume.shape, box), bool)
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    if segment is None:
         return out
-    target = tuple(slice(a - w[0], b - w[0]) for a, b, w in zip(lo, hi, wanted, strict=True))
-    source = tuple(slice(a - low, b - low) for a, b, low in zip(lo, hi, lows, strict=True))
-    out[target] = layer[source] == segment.GetLabelValue()
+    found = _layer_view(segment, volume, box)
+    if found is None:
+        labelmaps = segmentation_node.GetSegmentation().GetSourceRepresentationName() == LABELMAP
+        if labelmaps and segment.GetRepresentation(LABELMAP) is None:
+            return out  # a segment added empty
+        return _read_exported(segmentation_node, segment_id, volume, box)
+    view, where = found
+    if where:
+        out[where] = view == segment.GetLabelValue()
     return out
+
+
+def _erase_box(segmentation_node, segment_id: str, volume: Volume, box, before, erase) -> None:
+    """Remove ``erase`` (KJI bool, ``box``'s shape) from the segment: in place in its
+    internal labelmap (Slicer's documented way: edit the array, then ``Modified()``),
+    cost proportional to the box; through ``_set_box`` when not on the volume lattice."""
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    found = _layer_view(segment, volume, box)
+    if found is None:
+        _set_box(segmentation_node, segment_id, volume, box, before & ~erase)
+        return
+    view, where = found
+    if not where:
+        return
+    hit = (view == segment.GetLabelValue()) & erase[where]
+    if hit.any():
+        view[hit] = 0
+        segment.GetRepresentation(LABELMAP).Modified()
+        segment.Modified()
+
+
+def _own_layer(segmentation_node, segment_id: str) -> None:
+    """Move the segment out of a shared layer (Slicer's ``SeparateSegmentLabelmap``), so
+    that writing it costs in proportion to its own extent, not to the layer's."""
+    segmentation = segmentation_node.GetSegmentation()
+    if len(segmentation.GetSegmentIDsForLayer(segmentation.GetLayerIndex(segment_id))) > 1:
+        segmentation.SeparateSegmentLabelmap(segment_id)
 
 
 def _read_exported(segmentation_node, segment_id: str, volume: Volume, box) -> np.ndarray:
@@ -2370,24 +2411,21 @@ def _read_exported(segmentation_node, segment_id: str, volume: Volume, box) -> n
         return _read(grid, segmentation_node, segment_id)
 
 
-def _set_box(
-    segmentation_node, segment_id: str, volume: Volume, box, values: np.ndarray, overwrite
-) -> None:
+def _set_box(segmentation_node, segment_id: str, volume: Volume, box, values: np.ndarray) -> None:
     """Make the segment equal ``values`` (KJI bool) inside ``box``, unchanged elsewhere,
     with ``SetBinaryLabelmapToSegment`` restricted to the box: a minimum clears the
-    segment where ``values`` is 0, a mask merge sets it where 1, taking the voxels from
-    the segments in ``overwrite`` (IDs) that share its layer; Slicer moves the segment
-    to its own layer where it would overlap any other one."""
+    segment where ``values`` is 0, a mask merge sets it where 1. No other segment loses
+    voxels; Slicer moves the segment to its own layer where it would overlap one."""
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     image = _oriented_box(volume, box, values)
     extent = image.GetExtent()
-    everyone = list(segmentation_node.GetSegmentation().GetSegmentIDs())
+    everyone = list(segmentation_node.GetSegmentation().GetSegmentIDs())  # MIN spares them
     ok = logic.SetBinaryLabelmapToSegment(
         image, segmentation_node, segment_id, logic.MODE_MERGE_MIN, extent, False, everyone
     )
     if values.any():
         ok = ok and logic.SetBinaryLabelmapToSegment(
-            image, segmentation_node, segment_id, logic.MODE_MERGE_MASK, extent, False, overwrite
+            image, segmentation_node, segment_id, logic.MODE_MERGE_MASK, extent, False, []
         )
     if not ok:
         raise InputError(f"could not write segment '{segment_id}'")
@@ -2400,11 +2438,6 @@ def _overwritten(segmentation_node, segment_id: str, overwrite) -> tuple[str, ..
     if isinstance(overwrite, bool):
         return tuple(others) if overwrite else ()
     return tuple(i for i in others if i in overwrite)
-
-
-def _shares_layer(segmentation_node, a: str, b: str) -> bool:
-    segmentation = segmentation_node.GetSegmentation()
-    return segmentation.GetLayerIndex(a) == segmentation.GetLayerIndex(b)
 
 
 def _ids(segment_id: str):

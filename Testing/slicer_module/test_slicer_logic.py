@@ -564,3 +564,95 @@ def test_finetune_config_reads_the_exported_data(slicer_scene, tmp_path):
     path = module.RobustMedSAMLogic.write_finetune_config(tmp_path / "run.toml", data, steps=7)
     text = path.read_text()
     assert str(data) in text and tomllib.loads(text)
+
+
+def slice_result(ns, index: int, mask2d: np.ndarray, axis: int = 0):
+    mask = np.zeros(ns.phantom.mask.shape, bool)
+    mask[(slice(None),) * axis + (index,)] = mask2d
+    return module.SliceResult(index, axis, mask, 1.0)
+
+
+def test_undo_is_forgotten_when_the_scene_closes_and_ids_are_reused(phantom_scene):
+    """MRML reuses node IDs after Clear(): a new scene's node must not inherit undo."""
+    ns = phantom_scene
+    run(ns)
+    old_id = ns.segmentation.GetID()
+    assert ns.logic.can_undo(ns.segmentation)
+    ns.scene.scene.Clear(0)
+    fresh = ns.scene.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    assert fresh.GetID() == old_id  # the reuse that made an ID-keyed stack wrong
+    assert not ns.logic.can_undo(fresh) and not ns.logic.undo_last(fresh)
+
+
+def test_undo_is_forgotten_when_the_node_is_removed(phantom_scene):
+    ns = phantom_scene
+    run(ns)
+    ns.scene.scene.RemoveNode(ns.segmentation)
+    assert not ns.logic._undo  # no snapshot (nor node) kept alive
+
+
+def test_slice_writes_keep_capped_undo_cropped_to_the_slice(phantom_scene):
+    ns = phantom_scene
+    session = session_of(ns)
+    shape = ns.phantom.mask.shape
+    square = np.zeros(shape[1:], bool)
+    square[10:20, 10:20] = True
+    steps = ns.logic.UNDO_STEPS
+    segment_id = None
+    for index in range(steps + 3):
+        segment_id = ns.logic.write_slice(
+            session, slice_result(ns, index, square), ns.segmentation, segment_id
+        )
+    stack = ns.logic._undo[ns.segmentation]
+    assert len(stack) == steps
+    assert all(s.nbytes <= shape[1] * shape[2] for s in stack)  # one slice each, at most
+    for _ in range(steps):
+        assert ns.logic.undo_last(ns.segmentation)
+    assert not ns.logic.undo_last(ns.segmentation)
+    written = on_grid(ns, segment_id)
+    assert written[:3].any() and not written[3:].any()  # the 3 oldest writes were dropped
+
+
+def test_slice_write_overwrites_other_layers_on_that_slice_only_and_undo_restores(phantom_scene):
+    ns = phantom_scene
+    shape = ns.phantom.mask.shape
+    slab = np.zeros(shape, bool)
+    slab[:, 15:25, :] = True
+    block = np.zeros(shape, bool)
+    block[:, :, 0:12] = True
+    slab_id, block_id = add_segment(ns, "slab", slab), add_segment(ns, "block", block)
+    ns.segmentation.GetSegmentation().SeparateSegmentLabelmap(block_id)  # another layer
+    session = session_of(ns)
+    square = np.zeros(shape[1:], bool)
+    square[5:30, 5:30] = True
+    segment_id = ns.logic.write_slice(
+        session, slice_result(ns, 7, square), ns.segmentation, None, True
+    )
+    expected_slab, expected_block = slab.copy(), block.copy()
+    expected_slab[7] &= ~square
+    expected_block[7] &= ~square
+    np.testing.assert_array_equal(on_grid(ns, slab_id), expected_slab)
+    np.testing.assert_array_equal(on_grid(ns, block_id), expected_block)
+    np.testing.assert_array_equal(on_grid(ns, segment_id)[7], square)
+    assert ns.logic.undo_last(ns.segmentation)
+    np.testing.assert_array_equal(on_grid(ns, slab_id), slab)
+    np.testing.assert_array_equal(on_grid(ns, block_id), block)
+    assert ns.segmentation.GetSegmentation().GetSegment(segment_id) is None
+
+
+def test_editor_intensity_range_applies_to_the_editors_source_volume(phantom_scene):
+    ns = phantom_scene
+    editor = editor_node(ns, SourceVolumeIntensityMask=True)
+    editor.SetSourceVolumeIntensityMaskRange(100.0, 1000.0)
+    inverted = add_volume(ns.scene, (200 - ns.phantom.image).astype(np.int16), oblique_matrix())
+    editor.SetAndObserveSourceVolumeNode(inverted)
+    masking = ns.logic.editor_masking(editor, ns.segmentation, ns.volume_node)
+    source = 200 - ns.phantom.image
+    np.testing.assert_array_equal(masking.editable_mask, (source >= 100) & (source <= 1000))
+    box = module.slice_box(ns.phantom.mask.shape, 0, 5)
+    on_slice = ns.logic.editor_masking(editor, ns.segmentation, ns.volume_node, box=box)
+    np.testing.assert_array_equal(on_slice.editable_mask, masking.editable_mask[box])
+    elsewhere = add_volume(ns.scene, np.zeros((3, 4, 5), np.int16), np.eye(4), "small")
+    editor.SetAndObserveSourceVolumeNode(elsewhere)
+    with pytest.raises(InputError, match="source volume 'small'"):
+        ns.logic.editor_masking(editor, ns.segmentation, ns.volume_node)
