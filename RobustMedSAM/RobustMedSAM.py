@@ -1245,15 +1245,22 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def _syncUnboundWidgets(self) -> None:
-        """Widgets without a parameter-node connector: path edits and the segment."""
+        """Widgets without a parameter-node connector: path edits and the segment. Their
+        signals are blocked meanwhile: ctkPathLineEdit emits currentPathChanged on every
+        set (whose slot would store the other, not yet synced, paths) and the segment
+        selector picks a segment of its own (see :meth:`_showSegment`)."""
         node = self._parameterNode
-        self.ui.checkpointPathLineEdit.currentPath = node.checkpoint_path
-        self.ui.finetuneDataPathLineEdit.currentPath = node.finetune_data_folder
-        self.ui.finetuneConfigPathLineEdit.currentPath = node.finetune_config
-        self.ui.finetuneOutputPathLineEdit.currentPath = node.finetune_output
-        self.ui.segmentSelector.setCurrentNode(node.segmentation)
-        if node.segment_id:
-            self.ui.segmentSelector.setCurrentSegmentID(node.segment_id)
+        widgets = (
+            (self.ui.checkpointPathLineEdit, node.checkpoint_path),
+            (self.ui.finetuneDataPathLineEdit, node.finetune_data_folder),
+            (self.ui.finetuneConfigPathLineEdit, node.finetune_config),
+            (self.ui.finetuneOutputPathLineEdit, node.finetune_output),
+        )
+        for widget, path in widgets:
+            blocked = widget.blockSignals(True)
+            widget.currentPath = path
+            widget.blockSignals(blocked)
+        self._showSegment(node.segmentation, node.segment_id)
 
     def _newPointList(self, name: str, color: tuple[float, float, float]):
         points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
@@ -1276,8 +1283,26 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.onEncode()
 
     def onSegmentationChanged(self, node=None) -> None:
-        self.ui.segmentSelector.setCurrentNode(node)
+        """Another segmentation: keep the chosen segment only if it is in it; otherwise
+        "None" (a new segment is created), never the first existing segment."""
+        segment_id = self._parameterNode.segment_id if self._parameterNode else ""
+        ids = node.GetSegmentation().GetSegmentIDs() if node is not None else ()
+        segment_id = segment_id if segment_id in ids else ""
+        self._showSegment(node, segment_id)
+        if self._parameterNode is not None:
+            self._parameterNode.segment_id = segment_id
         self._updateButtons()
+
+    def _showSegment(self, segmentation, segment_id: str) -> None:
+        """Show ``segment_id`` of ``segmentation`` ("" = None) in the segment selector.
+        ``qMRMLSegmentSelectorWidget`` selects a new segmentation's first segment when its
+        current ID is not in it (``populateSegmentCombobox``): signals are blocked while
+        the node changes, then the wanted ID is set explicitly."""
+        selector = self.ui.segmentSelector
+        blocked = selector.blockSignals(True)
+        selector.setCurrentNode(segmentation)
+        selector.setCurrentSegmentID(segment_id or "")
+        selector.blockSignals(blocked)
 
     def onSegmentChanged(self, segment_id: str) -> None:
         if self._parameterNode is not None:
@@ -1404,7 +1429,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
             return
         if axis not in self._sessions:
-            with slicer.util.tryWithErrorDisplay("Could not start a session.", waitCursor=True):
+            with self._showingErrors("Starting a session"):
                 self._sessions[axis] = self.logic.start_session(
                     volume_node, predictor=self._predictor, axis=axis, model_id=self._model_id
                 )
@@ -1439,14 +1464,16 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._on_done = None
             self._pollTimer.stop()
             self._setBusy(None)
-            if kind == "done":
-                with slicer.util.tryWithErrorDisplay(f"{task.name} failed.", waitCursor=True):
-                    on_done(value)
-            elif kind == "cancelled":
-                self._status(f"{task.name}: cancelled.")
-            else:
-                self._showError(task.name, value)
-            self._startPending()
+            try:
+                if kind == "done":
+                    with self._showingErrors(task.name):
+                        on_done(value)
+                elif kind == "cancelled":
+                    self._status(f"{task.name}: cancelled.")
+                else:
+                    self._showError(task.name, value)
+            finally:
+                self._startPending()  # a queued click or resumed encoding is never dropped
             return
 
     def _startPending(self) -> None:
@@ -1464,6 +1491,16 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _status(self, text: str) -> None:
         self.ui.statusLabel.text = text
         log.info(text)
+
+    @contextmanager
+    def _showingErrors(self, what: str) -> Iterator[None]:
+        """Run the block; an error is shown once (:meth:`_showError`) and goes no further.
+        ``slicer.util.tryWithErrorDisplay`` re-raises (``Base/Python/slicer/util.py``):
+        nested uses show two dialogs and the exception escapes the Qt slot."""
+        try:
+            yield
+        except Exception as error:
+            self._showError(what, error)
 
     def _showError(self, what: str, error: Exception) -> None:
         if isinstance(error, InputError):
@@ -1556,7 +1593,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _segmentSliceAt(self, session, point_ras) -> None:
         node = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Could not read the prompts."):
+        with self._showingErrors("Segmenting slice: reading the prompts"):
             prompts = self.logic.prompts_from_nodes(
                 node.positive_points, node.negative_points, node.roi
             )
@@ -1610,7 +1647,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         axis = self._axisForEvent()
 
         def propagate(session) -> None:
-            with slicer.util.tryWithErrorDisplay("Could not read the prompts."):
+            with self._showingErrors("Propagating"):
                 prompts = self.logic.prompts_from_nodes(
                     node.positive_points, node.negative_points, node.roi
                 )
@@ -1687,8 +1724,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _rememberSegment(self, segment_id: str) -> None:
         self._parameterNode.segment_id = segment_id
-        self.ui.segmentSelector.setCurrentNode(self._parameterNode.segmentation)
-        self.ui.segmentSelector.setCurrentSegmentID(segment_id)
+        self._showSegment(self._parameterNode.segmentation, segment_id)
         self._updateButtons()
 
     def _takeUndoShortcut(self) -> None:
@@ -1786,7 +1822,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         axis = self._axisForEvent()
 
         def preview(session) -> None:
-            with slicer.util.tryWithErrorDisplay("Could not prepare the preview."):
+            with self._showingErrors("Preparing the preview"):
                 prompts = self.logic.prompts_from_nodes(
                     node.positive_points, node.negative_points, node.roi
                 )
@@ -1845,7 +1881,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._dependenciesReady():
             return
         node = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Could not start fine-tuning.", waitCursor=True):
+        with self._showingErrors("Starting fine-tuning"):
             if not node.finetune_output:
                 raise InputError("choose an output folder for the fine-tuning run")
             out_dir = Path(node.finetune_output)

@@ -379,12 +379,40 @@ def test_finetuning_reports_progress_and_selects_the_new_model(panel, monkeypatc
     assert not panel.gui.dialogs
 
 
-def test_finetuning_without_an_output_folder_says_so(panel):
+def test_finetuning_without_an_output_folder_says_so_once(panel):
+    """The error is shown once and stays in the slot (tryWithErrorDisplay re-raised it)."""
     enter(panel)
-    with pytest.raises(module.InputError, match="output folder"):
-        panel.ui.finetuneStartButton.click()
-    assert panel.gui.dialogs and "output folder" in panel.gui.dialogs[0][1]
+    panel.ui.finetuneStartButton.click()  # no exception out of the Qt slot
+    assert len(panel.gui.dialogs) == 1 and "output folder" in panel.gui.dialogs[0][1]
     assert not panel.widget._finetuneTimer.isActive()
+    assert panel.ui.finetuneStartButton.enabled
+
+
+def test_a_point_outside_the_volume_goes_to_the_status_line_only(panel):
+    enter(panel)
+    choose_volume(panel, add_phantom(panel))
+    pump_until(panel, lambda: idle(panel))
+    place_include_point(panel, [5000.0, 5000.0, 5000.0])
+    pump_until(panel, lambda: idle(panel))
+    assert not panel.gui.dialogs
+    assert panel.ui.statusLabel.text.startswith("Segmenting slice")
+
+
+def test_an_error_while_writing_is_shown_once_and_queued_work_still_runs(panel, monkeypatch):
+    enter(panel)
+    choose_volume(panel, add_phantom(panel))
+    pump_until(panel, lambda: idle(panel))
+    ran = []
+
+    def broken_write(*args, **kwargs):
+        panel.widget._pending = lambda: ran.append("pending")  # e.g. a click queued meanwhile
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(panel.widget.logic, "write_slice", broken_write)
+    place_include_point(panel, centre_ras(panel))
+    pump_until(panel, lambda: idle(panel) and ran)
+    assert [kind for kind, _ in panel.gui.dialogs] == ["error"]
+    assert "disk full" in panel.gui.dialogs[0][1] and ran == ["pending"]
 
 
 def test_missing_torch_is_offered_and_declining_installs_nothing(panel, monkeypatch):
@@ -486,3 +514,52 @@ def test_zoom_to_box_reaches_the_segment_options(panel):
     node.zoom_to_box = True  # what ticking "Zoom to the box" sets
     options = panel.widget._segmentOptions(propagate=True)
     assert options.zoom is True and options.propagate is True
+
+
+def test_choosing_another_segmentation_never_picks_its_first_segment(panel):
+    """qMRMLSegmentSelectorWidget selects the first segment of a new segmentation; a click
+    must then create a new segment, not overwrite that one (review finding 8)."""
+    enter(panel)
+    volume = add_phantom(panel)
+    choose_volume(panel, volume)
+    pump_until(panel, lambda: idle(panel))
+    place_include_point(panel, centre_ras(panel))
+    pump_until(panel, lambda: idle(panel))
+    node = panel.widget._parameterNode
+    assert node.segment_id  # the module's own segment is selected
+    other = panel.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "organs")
+    other.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    liver = np.zeros(panel.phantom.mask.shape, bool)
+    liver[2:5, 2:10, 2:10] = True
+    liver_id = other.GetSegmentation().AddEmptySegment("liver", "liver")
+    slicer.util.updateSegmentBinaryLabelmapFromArray(
+        liver.astype(np.uint8), other, liver_id, volume
+    )
+    panel.ui.segmentationSelector.setCurrentNode(other)
+    assert node.segmentation is other and node.segment_id == ""
+    assert panel.ui.segmentSelector.currentSegmentID() == ""
+    place_include_point(panel, centre_ras(panel))
+    pump_until(panel, lambda: idle(panel))
+    assert node.segment_id not in ("", liver_id)
+    np.testing.assert_array_equal(panel.widget.logic.segment_mask(other, liver_id, volume), liver)
+
+
+def test_syncing_a_loaded_parameter_node_keeps_its_segment_and_paths(panel, tmp_path):
+    enter(panel)
+    volume = add_phantom(panel)
+    node = panel.widget._parameterNode
+    segmentation = panel.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "saved")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    for name in ("first", "second"):
+        segmentation.GetSegmentation().AddEmptySegment(name, name)
+    panel.widget.setParameterNode(None)
+    node.segmentation, node.segment_id = segmentation, "second"  # as a loaded scene holds
+    node.finetune_data_folder = str(tmp_path / "data")
+    node.finetune_config = str(tmp_path / "base.toml")
+    node.finetune_output = str(tmp_path / "runs")
+    panel.widget.setParameterNode(node)
+    assert node.segment_id == "second"
+    assert panel.ui.segmentSelector.currentSegmentID() == "second"
+    assert node.finetune_config == str(tmp_path / "base.toml")
+    assert node.finetune_output == str(tmp_path / "runs")
+    assert panel.ui.finetuneOutputPathLineEdit.currentPath == str(tmp_path / "runs")
