@@ -991,11 +991,12 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def dependency_plan():
-        """``(requirements, plan)``: the library's checked requirements and an
+        """``(requirements, plan)``: the library's checked requirements (torch and
+        torchvision as minimum versions: ``dependencies.for_slicer``) and an
         ``InstallPlan`` for the missing ones (nothing is installed here)."""
         from RobustMedSAMLib import dependencies
 
-        requirements = dependencies.check()
+        requirements = dependencies.check(dependencies.for_slicer(dependencies.required()))
         return requirements, dependencies.install_plan(requirements)
 
 
