@@ -23,12 +23,14 @@ Importing this file needs neither torch nor Qt: the Logic works in slicer-core
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import math
 import os
 import queue
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -1974,7 +1976,6 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _install(self, plan) -> bool:
         """Install ``plan`` after confirmation, with a progress dialog; explain failures."""
-        from RobustMedSAMLib import dependencies
 
         text = (
             "RobustMedSAM needs Python packages that are not installed in Slicer's Python:"
@@ -1984,81 +1985,122 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not slicer.util.confirmOkCancelDisplay(text, windowTitle="Install dependencies"):
             self._status("Dependencies not installed: segmentation is unavailable.")
             return False
-        steps = len(plan.pip) + (1 if plan.torch else 0)
-        dialog = qt.QProgressDialog("Installing...", "", 0, steps, slicer.util.mainWindow())
-        dialog.setWindowTitle("RobustMedSAM: installing dependencies")
-        dialog.setCancelButton(None)
-        dialog.setMinimumDuration(0)
-        dialog.setValue(0)
         constraints = None
         if plan.constraints:
             constraints = Path(slicer.app.temporaryPath) / "robustmedsam-constraints.txt"
             constraints.write_text("\n".join(plan.constraints) + "\n")
-        done = 0
+        # Slicer >= 5.12 shows its own progress dialog for each pip run: no second one
+        steps = len(plan.pip) + (1 if plan.torch else 0)
+        dialog = None if _slicer_packaging() else self._progressDialog(steps)
         try:
-            if plan.torch:
-                dialog.setLabelText("Installing PyTorch...")
+            if plan.torch and not self._installTorch(plan, constraints):
+                return False
+            for done, spec in enumerate(plan.pip, start=1 if plan.torch else 0):
+                if dialog is not None:
+                    dialog.setLabelText(f"Installing {spec} ({done + 1} of {steps})...")
+                    dialog.setValue(done)
                 slicer.app.processEvents()
-                if not self._installTorch(plan, constraints):
+                if not self._pipInstallExplained(spec, constraints):
                     return False
-                done += 1
-            for spec in plan.pip:
-                dialog.setLabelText(f"Installing {spec} ({done + 1} of {steps})...")
-                dialog.setValue(done)
-                slicer.app.processEvents()
-                try:
-                    self._pipInstall(spec, constraints)
-                except Exception as error:
-                    output = getattr(error, "output", None) or str(error)
-                    slicer.util.errorDisplay(
-                        dependencies.explain_failure(spec, str(output)),
-                        windowTitle="Installation failed",
-                    )
-                    return False
-                done += 1
-            dialog.setValue(steps)
         finally:
-            dialog.close()
+            if dialog is not None:
+                dialog.close()
         if plan.restart_needed:
             slicer.util.infoDisplay("Installed. Restart Slicer to use the new packages.")
         self.checkDependencies(ask=False)
         return True
 
-    @staticmethod
-    def _pipInstall(spec: str, constraints: Path | None) -> None:
-        arguments = f'"{spec}"' + (f' -c "{constraints}"' if constraints else "")
-        slicer.util.pip_install(arguments)
+    def _progressDialog(self, steps: int):
+        dialog = qt.QProgressDialog("Installing...", "", 0, steps, slicer.util.mainWindow())
+        dialog.setWindowTitle("RobustMedSAM: installing dependencies")
+        dialog.setCancelButton(None)
+        dialog.setMinimumDuration(0)
+        dialog.setValue(0)
+        return dialog
+
+    def _pipInstallExplained(self, spec: str, constraints: Path | None) -> bool:
+        """pip-install ``spec``; on failure say why, once. Slicer >= 5.12:
+        ``slicer.packaging.pip_install``, which shows pip's log in its own error dialog
+        (``Base/Python/slicer/packaging.py:759-764`` at v5.12.0) and raises without the
+        output. Older: pip's output captured here (5.10's ``pip_install`` raises with
+        ``output`` set to the spent file object) and explained
+        (``dependencies.explain_failure``)."""
+        from RobustMedSAMLib import dependencies
+
+        packaging = _slicer_packaging()
+        if packaging is not None:
+            try:
+                packaging.pip_install(
+                    spec,
+                    constraints=str(constraints) if constraints else None,
+                    requester="RobustMedSAM",
+                )
+            except Exception as error:  # Slicer has shown pip's log
+                self._status(f"Installing {spec} failed ({error}): see Slicer's message.")
+                return False
+            return True
+        arguments = ["install", spec] + (["-c", str(constraints)] if constraints else [])
+        code, output = run_pip(arguments)
+        if code != 0:
+            slicer.util.errorDisplay(
+                dependencies.explain_failure(spec, output), windowTitle="Installation failed"
+            )
+            return False
+        return True
 
     def _installTorch(self, plan, constraints: Path | None) -> bool:
         """PyTorch through the PyTorch extension (it picks the build for the GPU);
-        through pip when the extension is not installed."""
-        from RobustMedSAMLib import dependencies
-
+        through pip when the extension is not installed. Every failure is shown once:
+        ``PyTorchUtilsLogic.installTorch`` raises ``CalledProcessError`` when
+        light-the-torch fails (it returns None only when the user declines)."""
         try:
             import PyTorchUtils
         except ImportError:
-            for requirement in plan.torch:
-                try:
-                    self._pipInstall(requirement.spec, constraints)
-                except Exception as error:
-                    output = getattr(error, "output", None) or str(error)
-                    slicer.util.errorDisplay(
-                        dependencies.explain_failure(requirement.spec, str(output)),
-                        windowTitle="Installation failed",
-                    )
-                    return False
-            return True
-        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-            askConfirmation=False, **plan.torch_arguments()
-        )
+            return all(self._pipInstallExplained(r.spec, constraints) for r in plan.torch)
+        try:
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=False, **plan.torch_arguments()
+            )
+        except Exception as error:
+            log.error("PyTorch installation failed", exc_info=error)
+            torch = None
+            reason = f"The PyTorch extension could not install it: {error}. "
+        else:
+            reason = ""
         if torch is None:
             slicer.util.errorDisplay(
-                "PyTorch was not installed. Install it from the PyTorch module "
+                f"PyTorch was not installed. {reason}Install it from the PyTorch module "
                 "(Utilities > PyTorch Utils), then open RobustMedSAM again.",
                 windowTitle="Installation failed",
             )
             return False
         return True
+
+
+def _slicer_packaging():
+    """``slicer.packaging`` when this Slicer has its ``pip_install`` (5.12 and later)."""
+    packaging = getattr(slicer, "packaging", None)
+    if packaging is None:
+        try:
+            packaging = importlib.import_module("slicer.packaging")
+        except ImportError:
+            return None
+    return packaging if hasattr(packaging, "pip_install") else None
+
+
+def run_pip(arguments: list[str]) -> tuple[int, str]:
+    """``PythonSlicer -m pip ARGUMENTS`` in Slicer's environment: ``(exit code, output)``,
+    stdout and stderr together, the GUI kept alive meanwhile (line by line)."""
+    command = [RobustMedSAMLogic.finetune_python(), "-m", "pip", *arguments]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    )
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        log.info(line.rstrip())
+        slicer.app.processEvents()
+    return process.wait(), "".join(lines)
 
 
 class RobustMedSAMTest(ScriptedLoadableModuleTest):

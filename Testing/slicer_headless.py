@@ -908,9 +908,10 @@ def install_gui_stand_in(monkeypatch, module, temporary: str, confirm: bool = Tr
     """Put the stand-in in place for one test (``monkeypatch`` undoes it): ``qt`` (in
     ``sys.modules`` and as ``module.qt``), ``slicer.app``, ``slicer.util`` loadUI /
     childWidgetVariables / mainWindow, the message boxes (recorded in ``dialogs`` as
-    ``(kind, text)``; ``confirmOkCancelDisplay`` answers ``confirm``), ``pip_install``
-    (recorded in ``pip``) and ``slicer.qSlicerMarkupsPlaceWidget``. The main window holds
-    one "Edit > Undo" QAction on Ctrl+Z (``undo_action``)."""
+    ``(kind, text)``; ``confirmOkCancelDisplay`` answers ``confirm``), the module's
+    ``run_pip`` (arguments recorded in ``pip``, answering ``pip_result``) and
+    ``slicer.qSlicerMarkupsPlaceWidget``. The main window holds one "Edit > Undo"
+    QAction on Ctrl+Z (``undo_action``)."""
     import sys
 
     import slicer
@@ -950,7 +951,13 @@ def install_gui_stand_in(monkeypatch, module, temporary: str, confirm: bool = Tr
     for kind in ("error", "warning", "info", "confirm"):
         name = "confirmOkCancelDisplay" if kind == "confirm" else f"{kind}Display"
         monkeypatch.setattr(util, name, record(kind))
-    monkeypatch.setattr(util, "pip_install", lambda args: gui.pip.append(args))
+    gui.pip_result = (0, "Successfully installed")  # (exit code, output) of each pip run
+
+    def run_pip(arguments):
+        gui.pip.append(list(arguments))
+        return gui.pip_result
+
+    monkeypatch.setattr(module, "run_pip", run_pip)
     return gui
 
 

@@ -14,6 +14,8 @@ connector would.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
 import types
 
@@ -446,9 +448,61 @@ def test_accepting_the_install_runs_pip_with_a_progress_dialog(panel, monkeypatc
     ]
     monkeypatch.setattr(dependencies, "check", lambda requirements=None: list(missing))
     panel.ui.installButton.click()
-    assert panel.gui.pip[0].startswith('"torch>=2.0"') and panel.gui.pip[1].startswith('"tqdm>=4"')
+    assert [arguments[:2] for arguments in panel.gui.pip] == [
+        ["install", "torch>=2.0"],
+        ["install", "tqdm>=4"],
+    ]
     (dialog,) = panel.qt.dialogs
-    assert dialog.closed and dialog.values[-1] == 2
+    assert dialog.closed and not panel.gui.dialogs[1:]
+
+
+def missing_tqdm(monkeypatch):
+    missing = [Requirement("tqdm", "tqdm>=4", "tqdm", None, False, "not installed")]
+    monkeypatch.setattr(dependencies, "check", lambda requirements=None: list(missing))
+
+
+def test_a_pip_failure_is_explained_from_pips_own_output(panel, monkeypatch):
+    """Slicer 5.10's pip_install raised with no usable output (review finding 5)."""
+    missing_tqdm(monkeypatch)
+    panel.gui.pip_result = (1, "ERROR: [Errno 28] No space left on device\n")
+    panel.ui.installButton.click()
+    errors = [text for kind, text in panel.gui.dialogs if kind == "error"]
+    assert len(errors) == 1 and "space" in errors[0].lower() and "Errno 28" in errors[0]
+
+
+def test_slicer_512_packaging_shows_its_own_dialogs_and_the_panel_adds_none(panel, monkeypatch):
+    missing_tqdm(monkeypatch)
+    calls = []
+
+    def pip_install(requirements, constraints=None, requester=None, **more):
+        calls.append((requirements, requester))
+        raise subprocess.CalledProcessError(1, "pip install")  # after Slicer's own dialog
+
+    monkeypatch.setattr(
+        slicer, "packaging", types.SimpleNamespace(pip_install=pip_install), raising=False
+    )
+    panel.ui.installButton.click()
+    assert calls == [("tqdm>=4", "RobustMedSAM")] and not panel.gui.pip
+    assert not panel.qt.dialogs  # no second progress dialog
+    assert [kind for kind, _ in panel.gui.dialogs] == ["confirm"]  # no second error dialog
+    assert "see Slicer's message" in panel.ui.statusLabel.text
+
+
+def test_a_failed_pytorch_extension_install_is_shown_not_raised(panel, monkeypatch):
+    missing = [Requirement("torch", "torch>=2.4", "torch", None, False, "not installed")]
+    monkeypatch.setattr(dependencies, "check", lambda requirements=None: list(missing))
+    monkeypatch.setattr(dependencies, "pytorch_extension_available", lambda: True)
+
+    class Logic:
+        def installTorch(self, **arguments):  # noqa: N802 (PyTorchUtils' name)
+            raise subprocess.CalledProcessError(1, ["light_the_torch", "install"])
+
+    fake = types.SimpleNamespace(PyTorchUtilsLogic=Logic)
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", fake)
+    panel.ui.installButton.click()  # nothing escapes the slot
+    errors = [text for kind, text in panel.gui.dialogs if kind == "error"]
+    assert len(errors) == 1 and "PyTorch was not installed" in errors[0]
+    assert "light_the_torch" in errors[0]
 
 
 def test_editor_masking_scene_close_and_model_change(panel):
