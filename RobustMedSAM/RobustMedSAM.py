@@ -1185,18 +1185,23 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for timer in (self._pollTimer, self._debounceTimer, self._finetuneTimer):
             timer.stop()
         self._releaseUndoShortcut()
+        self._undoShortcut.setParent(None)  # one QShortcut per Reload would stay behind
         self._observeMarkups([])
         self.removeObservers()
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        self.onMarkupsChanged()  # observe the prompt nodes again (exit stopped it)
         self._takeUndoShortcut()
         if not self._dependencies_checked:
             self._dependencies_checked = True
             qt.QTimer.singleShot(0, self.checkDependencies)
 
     def exit(self) -> None:
+        """The module is hidden: points edited elsewhere no longer write segments."""
         self._releaseUndoShortcut()
+        self._debounceTimer.stop()
+        self._observeMarkups([])
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None

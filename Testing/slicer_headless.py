@@ -782,6 +782,9 @@ def make_fake_qt() -> types.ModuleType:
         def isEnabled(self) -> bool:  # noqa: N802
             return self.enabled
 
+        def setParent(self, parent) -> None:  # noqa: N802
+            self.parent = parent
+
         def press(self) -> None:
             """The user presses the keys: the slots run if the shortcut is enabled."""
             if self.enabled:

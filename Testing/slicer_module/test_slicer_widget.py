@@ -617,3 +617,25 @@ def test_syncing_a_loaded_parameter_node_keeps_its_segment_and_paths(panel, tmp_
     assert node.finetune_config == str(tmp_path / "base.toml")
     assert node.finetune_output == str(tmp_path / "runs")
     assert panel.ui.finetuneOutputPathLineEdit.currentPath == str(tmp_path / "runs")
+
+
+def test_points_edited_while_the_module_is_hidden_write_nothing(panel):
+    """exit() left the markups observed: edits elsewhere still wrote segments."""
+    enter(panel)
+    choose_volume(panel, add_phantom(panel))
+    pump_until(panel, lambda: idle(panel))
+    panel.widget.exit()
+    panel.parent.isEntered = False
+    place_include_point(panel, centre_ras(panel))
+    assert not panel.widget._debounceTimer.isActive()
+    assert panel.widget._parameterNode.segmentation is None  # nothing written
+    enter(panel)
+    place_include_point(panel, centre_ras(panel))
+    assert panel.widget._debounceTimer.isActive()  # observed again once shown
+
+
+def test_cleanup_releases_the_undo_shortcut(panel):
+    shortcut = panel.widget._undoShortcut
+    assert shortcut.parent is panel.gui.main_window
+    panel.widget.cleanup()
+    assert shortcut.parent is None
