@@ -15,7 +15,16 @@ import sys
 from RobustMedSAMLib import __version__
 from RobustMedSAMLib.errors import RobustMedSAMError
 
-COMMANDS = ("segment", "corrupt", "corruptions", "models", "fuse", "evaluate", "finetune")
+COMMANDS = (
+    "segment",
+    "corrupt",
+    "corruptions",
+    "models",
+    "fuse",
+    "evaluate",
+    "finetune",
+    "serve",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

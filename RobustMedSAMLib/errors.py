@@ -21,3 +21,7 @@ class ModelOutOfMemoryError(RobustMedSAMError, MemoryError):
 
 class CancelledError(RobustMedSAMError):
     """Long work was cancelled by the user; nothing partial was written."""
+
+
+class ServerError(RobustMedSAMError):
+    """The inference server refused a request, or stopped answering."""

@@ -43,7 +43,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     model = parser.add_argument_group("model")
     model.add_argument(
-        "--model", default="litemedsam", choices=MODEL_NAMES, help="default: litemedsam"
+        "--model",
+        choices=MODEL_NAMES,
+        help="default: litemedsam (with --server: the server's model)",
     )
     model.add_argument("--checkpoint", type=Path, help="checkpoint file (overrides the registry)")
     model.add_argument("--encoder", type=Path, help="fused: MedSAM checkpoint for the encoder")
@@ -72,6 +74,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run_group.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"))
     run_group.add_argument("--segment-name", default="Segment_1")
     run_group.add_argument("--cache-dir", type=Path, help="disk cache for slice embeddings")
+    remote = parser.add_argument_group("inference server (docs/server.md)")
+    remote.add_argument("--server", metavar="URL", help="run the model work on this server")
+    remote.add_argument(
+        "--token-file", type=Path, help="the server's token (default: $ROBUSTMEDSAM_TOKEN)"
+    )
     batch = parser.add_argument_group("batch (many cases; see below)")
     batch.add_argument("--cases", type=Path, help="case list: a CSV file or a folder")
     batch.add_argument("--out-dir", type=Path, help="output folder for --cases (created)")
@@ -96,12 +103,29 @@ def run(args: argparse.Namespace) -> int:
     return _run_single(args)
 
 
+def _check_server_flags(args: argparse.Namespace) -> None:
+    """With --server the server's model and device are used: refuse local model flags."""
+    from RobustMedSAMLib.errors import InputError
+
+    if args.server is None:
+        if args.token_file is not None:
+            raise InputError("--token-file goes with --server URL")
+        return
+    local = {"--checkpoint": args.checkpoint, "--encoder": args.encoder,
+             "--decoder": args.decoder, "--half": args.half, "--fast-cpu": args.fast_cpu,
+             "--cache-dir": args.cache_dir, "--device": args.device != "auto"}  # fmt: skip
+    given = [flag for flag, value in local.items() if value]
+    if given:
+        raise InputError(f"with --server the server's model and device are used: drop {given[0]}")
+
+
 def settings_from_args(args: argparse.Namespace):
     """The SegmentSettings of the model, slicing and propagation flags."""
     from RobustMedSAMLib.inference.batch import SegmentSettings
 
+    _check_server_flags(args)
     return SegmentSettings(
-        model=args.model,
+        model=args.model if args.model or args.server else "litemedsam",
         checkpoint=args.checkpoint,
         encoder=args.encoder,
         decoder=args.decoder,
@@ -118,13 +142,15 @@ def settings_from_args(args: argparse.Namespace):
         window=tuple(args.window) if args.window else None,
         segment_name=args.segment_name,
         cache_dir=args.cache_dir,
+        server=args.server,
+        token_file=args.token_file,
     )
 
 
 def _run_single(args: argparse.Namespace) -> int:
     from RobustMedSAMLib.errors import InputError
     from RobustMedSAMLib.formats.volume import read_volume
-    from RobustMedSAMLib.inference.batch import CaseSegmenter, read_prompts
+    from RobustMedSAMLib.inference.batch import make_segmenter, read_prompts
     from RobustMedSAMLib.inference.slicing import axis_index, check_slice_size
 
     if args.replay and (args.points or args.negative or args.box):
@@ -143,13 +169,14 @@ def _run_single(args: argparse.Namespace) -> int:
         prompts = read_prompts(args.points, args.negative, args.box)
     settings = settings_from_args(args)
     settings.options()
-    segmenter = CaseSegmenter(settings)
+    segmenter = make_segmenter(settings)
     with progress_bar("propagating", "slice", disable=not args.propagate) as progress:
-        result, record, session = segmenter.segment(volume, prompts, args.volume, progress)
+        result, record, _ = segmenter.segment(volume, prompts, args.volume, progress)
     segmenter.write(args.out, result, volume, record)
+    encoded = record["timings"]["encoder_calls"]
     print(
         f"wrote {args.out}: {int(result.mask.sum())} voxels on {len(result.slices)} slices "
-        f"in {result.seconds:.1f} s ({session.stats.encoder_calls} slices encoded)"
+        f"in {result.seconds:.1f} s ({encoded} slices encoded)"
     )
     return 0
 

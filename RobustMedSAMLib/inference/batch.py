@@ -208,6 +208,9 @@ class SegmentSettings:
     window: tuple[float, float] | None = None
     segment_name: str = "Segment_1"
     cache_dir: Path | None = None
+    server: str | None = None
+    token: str | None = None
+    token_file: Path | None = None
 
     def options(self):
         """The SegmentOptions (validated)."""
@@ -231,6 +234,9 @@ class SegmentSettings:
         """Fail early (CheckpointError / InputError) when a checkpoint file is missing,
         without loading it: a batch should not start N workers to find that out."""
         from RobustMedSAMLib.weights.registry import resolve_checkpoint
+
+        if self.server is not None:
+            return  # the server's model
 
         parts = [p for p in (self.encoder, self.decoder) if p is not None]
         if parts:
@@ -308,11 +314,25 @@ class CaseSegmenter:
         record: dict[str, Any],
     ) -> None:
         """Write the segmentation, then its record ``OUT.json`` (each atomically)."""
-        from RobustMedSAMLib.formats.segmentation import Segment, write_segmentation
+        write_case(out, result.mask, volume, record, self.settings.segment_name)
 
-        segment = Segment(1, self.settings.segment_name, (0.5, 0.68, 0.5))
-        write_segmentation(out, result.mask.astype("uint8"), volume, [segment])
-        write_json(out.with_name(out.name + ".json"), record)
+
+def make_segmenter(settings: SegmentSettings, device: str | None = None):
+    """A CaseSegmenter, or with ``settings.server`` a RemoteCaseSegmenter (same calls)."""
+    if settings.server is not None:
+        from RobustMedSAMLib.server.remote import RemoteCaseSegmenter
+
+        return RemoteCaseSegmenter(settings)
+    return CaseSegmenter(settings, device)
+
+
+def write_case(out: Path, mask, volume, record: dict[str, Any], segment_name: str) -> None:
+    """Write the ``(K, J, I)`` mask as a one-segment segmentation, then ``OUT.json``."""
+    from RobustMedSAMLib.formats.segmentation import Segment, write_segmentation
+
+    segment = Segment(1, segment_name, (0.5, 0.68, 0.5))
+    write_segmentation(out, mask.astype("uint8"), volume, [segment])
+    write_json(out.with_name(out.name + ".json"), record)
 
 
 def _model_id(files: dict[str, Path]) -> str:
@@ -449,7 +469,7 @@ def _run_here(todo, out_dir, settings, info, here, report, cancel) -> None:
         torch.set_num_threads(threads_per_worker(here))
     from RobustMedSAMLib.distributed import worker_device
 
-    segmenter = CaseSegmenter(settings, worker_device(settings.device, info.local_rank))
+    segmenter = make_segmenter(settings, worker_device(settings.device, info.local_rank))
     for case in todo:
         if cancel is not None and cancel():
             raise CancelledError("batch cancelled; finished cases are kept")
@@ -493,7 +513,7 @@ def _init_worker(settings: SegmentSettings, slots, threads: int) -> None:
     torch.set_num_threads(threads)
     slot = slots.get()
     try:
-        _worker["segmenter"] = CaseSegmenter(settings, worker_device(settings.device, slot))
+        _worker["segmenter"] = make_segmenter(settings, worker_device(settings.device, slot))
     except Exception as error:  # noqa: BLE001 - reported with every case of this worker
         _worker["error"] = error
 

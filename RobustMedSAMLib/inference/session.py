@@ -176,6 +176,12 @@ class SegmentationSession:
         clicks.logits = prediction.low_res_logits
         return prediction
 
+    def click_logits(self, index: int) -> np.ndarray | None:
+        """The low-res logits of the last click's mask on slice ``index`` (None if none):
+        the mask input for propagating from that slice."""
+        clicks = self._clicks.get(index)
+        return None if clicks is None else clicks.logits
+
     def clear_clicks(self, index: int | None = None) -> None:
         """Forget the points of one slice (or of all)."""
         if index is None:
