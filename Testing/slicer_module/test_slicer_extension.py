@@ -60,9 +60,11 @@ def test_every_file_the_module_reads_is_installed():
 
 
 def test_only_the_module_file_is_a_python_file_in_the_module_folder():
-    """Slicer loads each .py there as a module; batch_segment.py lives in scripts/."""
-    assert tracked("RobustMedSAM/*.py") == ["RobustMedSAM/RobustMedSAM.py"]
-    assert cmake_list(MODULE_CMAKE, "MODULE_PYTHON_SCRIPTS") == ["RobustMedSAM.py"]
+    """Slicer loads each .py there as a module (not in subfolders); batch_segment.py
+    lives in scripts/; every file of the helper package is installed."""
+    files = [f.removeprefix("RobustMedSAM/") for f in tracked("RobustMedSAM/*.py")]
+    assert [f for f in files if "/" not in f] == ["RobustMedSAM.py"]
+    assert sorted(cmake_list(MODULE_CMAKE, "MODULE_PYTHON_SCRIPTS")) == sorted(files)
 
 
 def test_the_default_model_comes_with_a_dependency_the_panel_installs():
