@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 from RobustMedSAMLib import dependencies
+from RobustMedSAMLib.names import DEFAULT_MODEL
 from RobustMedSAMLib.weights import registry
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,8 +71,9 @@ def test_only_the_module_file_is_a_python_file_in_the_module_folder():
 def test_the_default_model_comes_with_a_dependency_the_panel_installs():
     """No checkpoint is in the CMake install lists: the panel's default model must come
     from a package its dependency check installs into Slicer's Python."""
-    default = re.search(r"model_name: Annotated\[str, Choice\(MODEL_NAMES\)\] = \"(\w+)\"", MODULE)
-    source = registry.MODELS[default.group(1)]
+    default = re.search(r"model_name: Annotated\[str, Choice\(MODEL_NAMES\)\] = (\S+)", MODULE)
+    name = default.group(1).strip('"')
+    source = registry.MODELS[DEFAULT_MODEL if name == "DEFAULT_MODEL" else name]
     assert source.url is None and registry.LITEMEDSAM_PACKAGE in source.notes
     # RUNTIME_REQUIREMENTS equals pyproject's dependencies (test_dependencies.py)
     assert registry.LITEMEDSAM_PACKAGE in dependencies.for_slicer(dependencies.RUNTIME_REQUIREMENTS)
