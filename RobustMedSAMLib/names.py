@@ -8,6 +8,8 @@ name means; tests keep those registries' keys equal to these tuples.
 
 MODEL_NAMES = ("litemedsam", "sam", "medsam", "robustsam", "medicosam", "fused")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+ENGINES = ("eager", "onnx", "openvino")
+"""Image-encoder engines: PyTorch, or the lite encoder under ONNX Runtime or OpenVINO."""
 AXIS_NAMES = ("axial", "coronal", "sagittal")
 PROJECTIONS = ("mask", "box", "points", "points_and_mask", "single_point")
 OVERLAP_MEASURES = ("iou", "containment")

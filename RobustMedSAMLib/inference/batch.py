@@ -198,6 +198,7 @@ class SegmentSettings:
     device: str = "auto"
     half: bool = False
     fast_cpu: bool = False
+    engine: str = "eager"
     axis: str = "axial"
     propagate: bool = False
     zoom: bool = False
@@ -263,8 +264,16 @@ class CaseSegmenter:
 
         self.settings, self.options = settings, settings.options()
         s = settings
-        self.loaded = load_named_model(s.model, s.checkpoint, s.encoder, s.decoder,
-                                       device or s.device, s.half, s.fast_cpu)  # fmt: skip
+        self.loaded = load_named_model(
+            s.model,
+            s.checkpoint,
+            s.encoder,
+            s.decoder,
+            device or s.device,
+            s.half,
+            s.fast_cpu,
+            s.engine,
+        )
         self._model_info: dict[str, Any] | None = None
 
     def segment(self, volume, prompts, volume_path: Path, progress: Progress | None = None):

@@ -15,6 +15,7 @@ import torch
 
 from RobustMedSAMLib.device import prepare_device, select_device
 from RobustMedSAMLib.errors import CheckpointError, InputError
+from RobustMedSAMLib.inference.engines import use_engine
 from RobustMedSAMLib.inference.predictor import Predictor
 from RobustMedSAMLib.inference.preprocessing import Style
 from RobustMedSAMLib.model.sam import SegmentAnythingModel
@@ -43,6 +44,7 @@ class LoadedModel:
     preprocessing: Style
     checkpoints: dict[str, Path] = field(default_factory=dict)
     half: bool = False
+    engine: str = "eager"
 
     def predictor(self) -> Predictor:
         return Predictor(self.model, preprocessing=self.preprocessing, half=self.half)
@@ -56,12 +58,15 @@ def load_named_model(
     device: str = "auto",
     half: bool = False,
     fast_cpu: bool = False,
+    engine: str = "eager",
 ) -> LoadedModel:
     """Load model ``name`` (litemedsam, sam, medsam, robustsam, medicosam, fused).
 
     ``checkpoint`` overrides the registry's file. For ``fused``, ``encoder`` (a MedSAM
     checkpoint) and ``decoder`` (a RobustSAM checkpoint) build it in memory instead of a
     fused file. ``fast_cpu`` quantises the encoder's linear layers to int8 (CPU only).
+    ``engine`` (eager, onnx, openvino) runs a lite model's encoder under that runtime on
+    the CPU (see ``inference.engines``; eager when its optional package is missing).
     """
     source = get_source(name)
     robust = source.architecture not in ("sam", "litemedsam")
@@ -79,14 +84,19 @@ def load_named_model(
         if checkpoint is None and source.architecture == "litemedsam":
             verify_shipped(path, source)
         model, files = load_model(path, robust=robust), {"checkpoint": path}
+    if fast_cpu and engine != "eager":
+        raise InputError("give either --fast-cpu or --engine, not both")
     if fast_cpu:
         if target.type != "cpu":
             raise InputError("--fast-cpu (int8 encoder) runs on the CPU only; use --device cpu")
         from RobustMedSAMLib.model.quantization import quantize_encoder
 
         quantize_encoder(model)
-    log.info("loaded model %s on %s (%s preprocessing)", name, target, source.preprocessing)
-    return LoadedModel(name, model.to(target), source.preprocessing, files, half)
+    model = model.to(target)
+    used = use_engine(model, engine)
+    log.info("loaded model %s on %s (%s preprocessing, %s encoder)", name, target,
+             source.preprocessing, used)  # fmt: skip
+    return LoadedModel(name, model, source.preprocessing, files, half, used)
 
 
 def verify_shipped(path: Path, source: ModelSource) -> None:
