@@ -71,6 +71,8 @@ def load_named_model(
     source = get_source(name)
     robust = source.architecture not in ("sam", "litemedsam")
     target = prepare_device(select_device(device))
+    if fast_cpu and engine != "eager":
+        raise InputError("give either --fast-cpu or --engine onnx|openvino, not both")
     if (encoder is None) != (decoder is None):
         raise InputError("give both --encoder and --decoder (or neither)")
     if encoder is not None:
@@ -84,8 +86,6 @@ def load_named_model(
         if checkpoint is None and source.architecture == "litemedsam":
             verify_shipped(path, source)
         model, files = load_model(path, robust=robust), {"checkpoint": path}
-    if fast_cpu and engine != "eager":
-        raise InputError("give either --fast-cpu or --engine, not both")
     if fast_cpu:
         if target.type != "cpu":
             raise InputError("--fast-cpu (int8 encoder) runs on the CPU only; use --device cpu")
