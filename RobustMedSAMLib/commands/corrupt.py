@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         "x".join(map(str, array.shape)),
         time.perf_counter() - start,
     )
-    written = write_volume(Volume(array, volume.ijk_to_ras, volume.name), args.out)
+    written = write_volume(
+        Volume(array, volume.ijk_to_ras, volume.name), args.out, placements_from=args.volume
+    )
     print(written)
     return 0

@@ -133,6 +133,7 @@ def _run_single(args: argparse.Namespace) -> int:
     from RobustMedSAMLib.errors import InputError
     from RobustMedSAMLib.formats.volume import read_volume
     from RobustMedSAMLib.inference.batch import CaseSegmenter, read_prompts
+    from RobustMedSAMLib.inference.slicing import axis_index, check_slice_size
 
     if args.replay and (args.points or args.negative or args.box):
         raise InputError("give either --replay or --points/--negative/--box, not both")
@@ -141,6 +142,7 @@ def _run_single(args: argparse.Namespace) -> int:
     if not args.out.parent.is_dir():
         raise InputError(f"output folder does not exist: {args.out.parent}")
     volume = read_volume(args.volume)
+    check_slice_size(volume, axis_index(volume, args.axis))  # before the model loads
     if args.replay:
         from RobustMedSAMLib.inference.segment_volume import read_record_prompts
 

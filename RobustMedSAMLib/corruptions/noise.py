@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
+POISSON_EXACT = 1e15
+"""Mean counts above which a voxel keeps its mean (1/sqrt(1e15) = 3e-8 < float32 eps)."""
+
 
 def _normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return rng.standard_normal(shape, dtype=np.float32)
@@ -55,8 +58,12 @@ def poisson_noise(
     photons in the projections, not in the reconstructed voxels.
     """
     positive = np.maximum(unit, 0)
-    counts = rng.poisson(positive.astype(np.float64) * photons)
-    noisy = counts.astype(np.float32)
+    expected = positive.astype(np.float64) * photons
+    # numpy refuses means past ~1e18; past POISSON_EXACT the relative noise is under
+    # float32 resolution anyway, so the count is its mean
+    exact = expected > POISSON_EXACT
+    counts = rng.poisson(np.where(exact, 0.0, expected))
+    noisy = np.where(exact, expected, counts).astype(np.float32)
     noisy /= np.float32(photons)
     return noisy + (unit - positive)
 

@@ -8,6 +8,7 @@ percentile) of the image given; see ``intensity.py``.
 
 from __future__ import annotations
 
+import logging
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,8 +16,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from RobustMedSAMLib.corruptions import blur, compression, contrast, mr_artifacts, noise
-from RobustMedSAMLib.corruptions.intensity import check_image, from_unit, robust_range, to_unit
+from RobustMedSAMLib.corruptions.intensity import (
+    UNIT_BOUND,
+    check_image,
+    from_unit,
+    robust_range,
+    to_unit,
+)
 from RobustMedSAMLib.errors import InputError
+
+log = logging.getLogger(__name__)
 
 SEVERITIES = (1, 2, 3, 4, 5)
 RANGE = "fraction of range"
@@ -232,10 +241,36 @@ def corrupt(
     stack_spacing = _stack_spacing(spacing, image.ndim)
     if image.size == 0:
         return image.copy()
+    _warn_if_larger_than_slice(spec, level, image.shape[-2:], stack_spacing[1:])
     scale = robust_range(image)
     stack = to_unit(image, scale).reshape((-1, *image.shape[-2:]))
+    outliers = np.abs(stack) >= UNIT_BOUND  # clipped in unit scale: they pass through
     degraded = spec.apply(stack, level, rng, stack_spacing)
-    return from_unit(degraded.reshape(image.shape), scale, image.dtype)
+    out = from_unit(degraded.reshape(image.shape), scale, image.dtype)
+    if outliers.any():
+        out[outliers.reshape(image.shape)] = image[outliers.reshape(image.shape)]
+    return out
+
+
+def _warn_if_larger_than_slice(
+    spec: CorruptionSpec, level: float, shape_rc: tuple[int, ...], spacing_rc: tuple[float, ...]
+) -> None:
+    """Log a warning when a millimetre-sized corruption exceeds half the slice's extent:
+    the image is wiped out, which usually means spacing in metres read as mm."""
+    if spec.unit != "mm":
+        return
+    extent = min(n * s for n, s in zip(shape_rc, spacing_rc, strict=True))
+    if level > extent / 2:
+        log.warning(
+            "%s %g mm is %.0f pixels at spacing %s mm, more than half the slice "
+            "(%.3g mm across): the image will be wiped out. Check the spacing units "
+            "(metres vs millimetres)",
+            spec.name,
+            level,
+            level / min(spacing_rc),
+            " x ".join(f"{s:.3g}" for s in spacing_rc),
+            extent,
+        )
 
 
 def corruption_table() -> str:

@@ -19,11 +19,24 @@ import SimpleITK as sitk  # noqa: N813 - the name every SimpleITK user knows
 
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.formats.atomic import atomic_output
+from RobustMedSAMLib.formats.nifti import (
+    check_complete,
+    copy_placements,
+    is_nifti,
+    placement_warning,
+)
 
 log = logging.getLogger(__name__)
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 """4x4 that flips L/P to R/A; it is its own inverse."""
+MIN_AXIS_INDEPENDENCE = 1e-6
+"""|det| of the unit voxel axes below which they count as parallel (about 1e-6 rad)."""
+SMALL_EXTENT_MM = 5.0
+"""A volume whose largest side is shorter than this gets a units warning."""
+DICOM_TOLERANCE_VOXELS = 0.1
+"""A DICOM slice further than this fraction of the smallest voxel side from where the
+regular grid puts it is refused: under it, no voxel a point rounds to changes."""
 
 # Volume files by extension (what the batch, data and pair finders look for), longest
 # first so that ``.nii.gz`` wins over ``.gz``; DICOM series are folders.
@@ -50,8 +63,17 @@ class Volume:
             raise InputError(
                 f"volume '{self.name}' has shape {self.array.shape}: a 3D (K, J, I) array is needed"
             )
-        if abs(np.linalg.det(self.ijk_to_ras[:3, :3])) < 1e-12:
-            raise InputError(f"volume '{self.name}' has a singular IJK-to-RAS matrix")
+        columns = self.ijk_to_ras[:3, :3]
+        spacing = np.linalg.norm(columns, axis=0)
+        finite = np.isfinite(self.ijk_to_ras).all() and (spacing > 0).all()
+        # |det| over the product of the column lengths: 1 for orthogonal axes, whatever
+        # the spacing (micrometre or metre grids), 0 for parallel or zero axes.
+        if not finite or abs(np.linalg.det(columns / spacing)) < MIN_AXIS_INDEPENDENCE:
+            raise InputError(
+                f"volume '{self.name}' has a degenerate IJK-to-RAS matrix (spacing "
+                f"{', '.join(f'{v:.4g}' for v in spacing)} mm along I, J, K): its voxel axes "
+                "are zero, infinite or parallel; fix the spacing and direction in the file"
+            )
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -96,7 +118,13 @@ def read_volume(path: str | os.PathLike, series_id: str | None = None) -> Volume
     """
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():
+            raise InputError(
+                f"volume {path} is a broken symbolic link or a link loop: point it at the file"
+            )
         raise InputError(f"volume not found: {path}")
+    if path.is_file() and is_nifti(path):
+        check_complete(path)
     image = _read_dicom_folder(path, series_id) if path.is_dir() else _read_file(path)
     dimension = image.GetDimension()
     size = "x".join(str(n) for n in image.GetSize())
@@ -110,7 +138,48 @@ def read_volume(path: str | os.PathLike, series_id: str | None = None) -> Volume
             f"{path} has {image.GetNumberOfComponentsPerPixel()} components per voxel "
             f"(size {size}): a scalar (grey-level) volume is needed"
         )
-    return from_sitk(image, volume_name(path))
+    volume = from_sitk(image, volume_name(path))
+    if path.is_file() and is_nifti(path):
+        warning = placement_warning(path, volume.ijk_to_ras)
+        if warning:
+            log.warning(warning)
+    _warn_small_extent(volume, path)
+    return volume
+
+
+def _warn_small_extent(volume: Volume, path: Path) -> None:
+    """Log a warning when the volume spans under SMALL_EXTENT_MM: metres or microns?"""
+    extent = volume.spacing * np.array(volume.shape[::-1])
+    if extent.max() < SMALL_EXTENT_MM:
+        log.warning(
+            "%s spans only %s mm (spacing %s mm): if its spacing is in metres, fix the units; "
+            "millimetre sizes (blur, motion, zoom margins) act on this scale",
+            path,
+            " x ".join(f"{v:.3g}" for v in extent),
+            ", ".join(f"{v:.3g}" for v in volume.spacing),
+        )
+
+
+def sitk_path(path: str | os.PathLike) -> str:
+    """``path`` as a str SimpleITK can encode: its UTF-8 text.
+
+    Under a non-UTF-8 locale Python decodes non-ASCII file names to surrogate
+    escapes, which SimpleITK cannot encode (the process aborts); the original bytes
+    are UTF-8 on any modern system, so they are decoded as such. InputError otherwise.
+    """
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return os.fsencode(text).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(
+            f"cannot pass path {text!r} to SimpleITK: its name is not UTF-8 in this locale; "
+            "rename it with UTF-8 characters or run with PYTHONUTF8=1"
+        ) from None
 
 
 def _sitk_message(error: Exception) -> str:
@@ -122,10 +191,13 @@ def _sitk_message(error: Exception) -> str:
 
 def _read_file(path: Path):
     try:
-        return sitk.ReadImage(str(path))
+        return sitk.ReadImage(sitk_path(path))
     except RuntimeError as error:
+        reason = _sitk_message(error)
+        if "No such file" in reason:  # the file is there: its data is short or missing
+            reason = "it is truncated, or a data file its header names is missing"
         raise InputError(
-            f"cannot read volume {path}: {_sitk_message(error)}. "
+            f"cannot read volume {path}: {reason}. "
             "Give a NRRD, NIfTI or MHA file, or a folder holding one DICOM series"
         ) from None
 
@@ -135,7 +207,7 @@ def _read_dicom_folder(path: Path, series_id: str | None):
     warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        series = list(reader.GetGDCMSeriesIDs(str(path)))
+        series = list(reader.GetGDCMSeriesIDs(sitk_path(path)))
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
     if not series:
@@ -148,13 +220,82 @@ def _read_dicom_folder(path: Path, series_id: str | None):
     chosen = series_id or series[0]
     if chosen not in series:
         raise InputError(f"DICOM series {chosen} is not in {path}; found: {', '.join(series)}")
-    files = reader.GetGDCMSeriesFileNames(str(path), chosen)
+    files = reader.GetGDCMSeriesFileNames(sitk_path(path), chosen)
     log.info("reading DICOM series %s (%d files) from %s", chosen, len(files), path)
     reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # its spacing warning: checked below
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError as error:
         raise InputError(f"cannot read DICOM series in {path}: {_sitk_message(error)}") from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
+    positions = [
+        reader.GetMetaData(k, "0020|0032")
+        for k in range(len(files))
+        if reader.HasMetaDataKey(k, "0020|0032")
+    ]
+    if len(positions) == len(files) > 1:
+        try:
+            numbers = np.array([_numbers(p) for p in positions], dtype=np.float64).reshape(-1, 3)
+        except ValueError:
+            raise InputError(
+                f"DICOM series in {path} has an unreadable ImagePositionPatient "
+                f"({positions[0]!r}, ...): fix or re-export the series"
+            ) from None
+        check_dicom_grid(path, image, numbers)
+    return image
+
+
+def _numbers(text: str) -> list[float]:
+    """A DICOM multi-valued decimal string (``a\\b\\c``) as floats."""
+    return [float(v) for v in text.strip().split("\\")]
+
+
+def check_dicom_grid(path: Path, image, positions_lps: np.ndarray) -> None:
+    """Refuse a DICOM series whose slices are not where the image's regular grid puts them.
+
+    positions_lps: ``K x 3`` ImagePositionPatient of slice ``k`` of ``image`` (LPS mm).
+    The step between slices off the orientation normal is a gantry tilt (sheared
+    grid); a step that varies is a missing slice or uneven spacing.
+    """
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    spacing = np.array(image.GetSpacing())
+    origin = np.array(image.GetOrigin())
+    k = np.arange(len(positions_lps))[:, None]
+    gridded = origin + k * spacing[2] * direction[:, 2]
+    error = np.linalg.norm(positions_lps - gridded, axis=1)
+    tolerance = DICOM_TOLERANCE_VOXELS * spacing.min()
+    if error.max() <= tolerance:
+        return
+    worst = int(error.argmax())
+    steps = np.diff(positions_lps, axis=0)
+    along = steps @ direction[:, 2]
+    across = np.linalg.norm(steps - along[:, None] * direction[:, 2], axis=1)
+    where = (
+        f"slice {worst + 1} of {len(positions_lps)} would lie {error.max():.2f} mm "
+        "from its file's position"
+    )
+    drift = positions_lps[-1] - positions_lps[0]  # sideways drift adds up over the series
+    drift_along = drift @ direction[:, 2]
+    drift_across = np.linalg.norm(drift - drift_along * direction[:, 2])
+    if drift_across > tolerance:
+        tilt = np.degrees(np.arctan2(drift_across, abs(drift_along)))
+        raise InputError(
+            f"DICOM series in {path} is sheared (gantry tilt of {tilt:.1f} deg: slices step "
+            f"{np.median(across):.2f} mm sideways per {np.abs(np.median(along)):.2f} mm); read as "
+            f"a stack, {where}. Resample it first (3D Slicer: DICOM acquisition geometry "
+            "regularization, harden transform; or dcm2niix) and give the result"
+        )
+    gap = int(np.abs(np.abs(along) - np.median(np.abs(along))).argmax())
+    raise InputError(
+        f"DICOM series in {path} has uneven slice spacing ({np.abs(along).min():.3g} to "
+        f"{np.abs(along).max():.3g} mm; the odd step is between slices {gap + 1} and {gap + 2}: "
+        f"a missing slice?); read on a regular grid, {where}. Add the missing files, or "
+        "resample the series onto a regular grid (3D Slicer: DICOM acquisition geometry "
+        "regularization, harden transform) and give the result"
+    )
 
 
 def from_sitk(image, name: str = "volume") -> Volume:
@@ -178,16 +319,25 @@ def to_sitk(volume: Volume):
     return image
 
 
-def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True) -> Path:
+def write_volume(
+    volume: Volume,
+    path: str | os.PathLike,
+    compress: bool = True,
+    placements_from: str | os.PathLike | None = None,
+) -> Path:
     """Write ``volume`` where SimpleITK's extension rules say (``.nrrd``, ``.nii.gz``, ...).
 
     Atomic: a temporary file in the same folder replaces ``path`` only when
-    complete. Returns the path written.
+    complete. ``placements_from``: a NIfTI file whose voxels ``volume`` keeps (same
+    grid); when ``path`` is NIfTI too it gets that file's qform and sform, both of
+    them (ITK alone would write its pick twice). Returns the path written.
     """
     path = Path(path)
     with atomic_output(path) as temporary:
         try:
-            sitk.WriteImage(to_sitk(volume), str(temporary), compress)
+            sitk.WriteImage(to_sitk(volume), sitk_path(temporary), compress)
         except RuntimeError as error:
             raise InputError(f"cannot write volume {path}: {_sitk_message(error)}") from None
+        if placements_from is not None and is_nifti(path) and is_nifti(placements_from):
+            copy_placements(placements_from, temporary)
     return path

@@ -34,6 +34,9 @@ Style = Literal["sam", "medsam", "litemedsam"]
 STYLES: tuple[str, ...] = ("sam", "medsam", "litemedsam")
 LONGEST_SIDE_STYLES = ("sam", "litemedsam")
 """Styles that keep the aspect ratio and pad: their logits are cropped before resizing."""
+WINDOW_FLOOR_ULPS = 16
+"""Narrowest window width, in float64 steps (ulps) at the window's magnitude: a
+narrower one cannot tell its own ends apart from rounding."""
 
 
 def auto_window(image: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5)) -> tuple:
@@ -43,16 +46,29 @@ def auto_window(image: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5
     if finite.size == 0:
         raise InputError("the image has no finite intensities to window")
     sample = finite if finite.size <= 2_000_000 else finite[:: finite.size // 2_000_000]
-    low, high = np.percentile(sample, percentiles)
+    with np.errstate(over="ignore", invalid="ignore"):
+        low, high = np.percentile(sample, percentiles)
+    if not (np.isfinite(low) and np.isfinite(high)):  # interpolation overflowed near 1.8e308
+        low, high = np.percentile(sample, percentiles, method="nearest")
     if high <= low:
         high = low + 1.0
     return float(low), float(high)
 
 
 def window_to_uint8(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    """Clip a slice to ``window`` and scale it to 0..255 (uint8), NaN to 0."""
-    low, high = window
-    scaled = (np.asarray(image, dtype=np.float32) - low) / max(high - low, 1e-6)
+    """Clip a slice to ``window`` and scale it to 0..255 (uint8), NaN to 0.
+
+    In float64, whatever the voxel type: a width that overflows float64 (a window
+    near +-1.8e308) is halved with the values, and the width's floor is relative
+    (WINDOW_FLOOR_ULPS float64 steps at the window's magnitude), so windows 1e-12
+    or 1e-30 wide still spread over 0..255.
+    """
+    low, high = float(window[0]), float(window[1])
+    factor = 1.0 if np.isfinite(high - low) else 0.5
+    low, high = low * factor, high * factor
+    floor = WINDOW_FLOOR_ULPS * np.spacing(max(abs(low), abs(high)))
+    width = max(high - low, floor, np.finfo(np.float64).tiny)
+    scaled = (np.asarray(image, dtype=np.float64) * factor - low) / width
     return (np.nan_to_num(np.clip(scaled, 0.0, 1.0)) * 255.0 + 0.5).astype(np.uint8)
 
 

@@ -25,7 +25,12 @@ from RobustMedSAMLib.formats.atomic import atomic_output
 from RobustMedSAMLib.formats.volume import Volume
 from RobustMedSAMLib.inference.predictor import EncodedSlice, Predictor
 from RobustMedSAMLib.inference.preprocessing import Frame, auto_window
-from RobustMedSAMLib.inference.slicing import AXIS_NAMES, axis_index, get_slice
+from RobustMedSAMLib.inference.slicing import (
+    AXIS_NAMES,
+    axis_index,
+    check_slice_size,
+    get_slice,
+)
 from RobustMedSAMLib.inference.types import Prediction, SlicePrompt
 from RobustMedSAMLib.model.sam import ImageFeatures
 from RobustMedSAMLib.progress import Progress
@@ -79,6 +84,7 @@ class SegmentationSession:
         self.axis = axis if isinstance(axis, int) else axis_index(volume, axis)
         if self.axis not in (0, 1, 2):
             raise InputError(f"axis must be one of {AXIS_NAMES} or 0, 1, 2; got {axis!r}")
+        check_slice_size(volume, self.axis)
         self.window = window or auto_window(volume.array)
         self.cache_bytes = cache_bytes
         self.disk_cache = Path(disk_cache) if disk_cache else None

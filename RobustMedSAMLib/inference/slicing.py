@@ -26,6 +26,10 @@ from RobustMedSAMLib.names import AXIS_NAMES
 _NORMAL_RAS = {"sagittal": 0, "coronal": 1, "axial": 2}  # R, A, S component of the normal
 _IN_PLANE = {0: (2, 1), 1: (2, 0), 2: (1, 0)}  # numpy axis -> numpy axes of (x, y)
 HALF_VOXEL = 0.5
+MIN_SLICE_SIDE = 8
+"""Fewest rows or columns a slice needs. Slices 2 or 3 voxels high (a thin volume cut
+across) come out stretched many times over in the model input and their masks miss
+the prompt; 10-row slices of a 0.5 x 0.5 x 7 mm volume segment well."""
 
 
 def anatomical_axes(volume: Volume) -> dict[str, int]:
@@ -50,6 +54,27 @@ def axis_index(volume: Volume, name: str) -> int:
     if name not in AXIS_NAMES:
         raise InputError(f"axis must be one of {', '.join(AXIS_NAMES)}, not {name!r}")
     return anatomical_axes(volume)[name]
+
+
+def check_slice_size(volume: Volume, axis: int) -> None:
+    """Raise InputError naming the axis (and one that works) when slices along
+    ``axis`` have a side under MIN_SLICE_SIDE voxels."""
+    _check_axis(axis)
+    rows, cols = (volume.shape[a] for a in _IN_PLANE[axis][::-1])
+    if min(rows, cols) >= MIN_SLICE_SIDE:
+        return
+    names = {index: name for name, index in anatomical_axes(volume).items()}
+    thin = names[_IN_PLANE[axis][1] if rows < cols else _IN_PLANE[axis][0]]
+    working = [
+        names[a] for a in (0, 1, 2) if min(volume.shape[b] for b in _IN_PLANE[a]) >= MIN_SLICE_SIDE
+    ]
+    advice = f"use --axis {working[0]}" if working else "no axis gives slices that large"
+    raise InputError(
+        f"volume '{volume.name}' ({'x'.join(map(str, volume.shape[::-1]))} voxels) is "
+        f"{min(rows, cols)} voxels thick across its {thin} slices, so its {names[axis]} "
+        f"slices are {rows}x{cols}: too small for the model (at least {MIN_SLICE_SIDE} on a "
+        f"side); {advice}"
+    )
 
 
 def get_slice(array: np.ndarray, axis: int, index: int) -> np.ndarray:

@@ -14,6 +14,7 @@ import numpy as np
 
 from RobustMedSAMLib.formats.markups import Roi
 from RobustMedSAMLib.formats.volume import Volume
+from RobustMedSAMLib.inference.slicing import MIN_SLICE_SIDE
 
 ZOOM_MARGIN = 0.5  # context on each side, as a fraction of the box's size
 
@@ -40,10 +41,19 @@ def zoom_region(
         if dim == axis:
             region.append(slice(0, size))
         else:
-            region.append(
-                slice(int(np.clip(low[dim], 0, size - 1)), int(np.clip(high[dim], 1, size)))
-            )
+            start, stop = int(np.clip(low[dim], 0, size - 1)), int(np.clip(high[dim], 1, size))
+            region.append(_at_least(start, stop, min(MIN_SLICE_SIDE, size), size))
     return tuple(region)
+
+
+def _at_least(start: int, stop: int, width: int, size: int) -> slice:
+    """``start:stop`` widened about its centre to ``width`` voxels, within ``0..size``."""
+    missing = width - (stop - start)
+    if missing <= 0:
+        return slice(start, stop)
+    start = max(0, start - missing // 2)
+    stop = min(size, start + width)
+    return slice(stop - width, stop)
 
 
 def crop_volume(volume: Volume, region: tuple[slice, slice, slice]) -> Volume:

@@ -372,8 +372,10 @@ def _read_grey(path: Path) -> np.ndarray:
     a volume gives its central slice."""
     import SimpleITK as sitk  # noqa: N813 - the usual name
 
+    from RobustMedSAMLib.formats.volume import sitk_path
+
     try:
-        array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        array = sitk.GetArrayFromImage(sitk.ReadImage(sitk_path(path)))
     except RuntimeError as error:
         raise InputError(f"{path}: not a readable image ({str(error).strip()[-120:]})") from None
     if array.ndim == 3 and array.shape[-1] in (3, 4) and array.shape[0] > 4:

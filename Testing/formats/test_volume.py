@@ -7,6 +7,7 @@ import pytest
 import SimpleITK as sitk  # noqa: N813
 from scipy.spatial.transform import Rotation
 from slicer_headless import add_volume, ijk_to_ras_of, slicer_scene_fixture
+from volumes import keeping_locale
 
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.formats.volume import Volume, read_volume, write_volume
@@ -91,7 +92,8 @@ def write_dicom_series(folder, image: sitk.Image, series_uid="1.2.826.0.1.368004
         writer = sitk.ImageFileWriter()
         writer.KeepOriginalImageUIDOn()
         writer.SetFileName(str(folder / f"{series_uid[-3:]}_{k:03d}.dcm"))
-        writer.Execute(slice_)
+        with keeping_locale():  # GDCM's writer sets the locale to "C"
+            writer.Execute(slice_)
 
 
 def test_dicom_series_folder(tmp_path):
