@@ -23,12 +23,14 @@ Importing this file needs neither torch nor Qt: the Logic works in slicer-core
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import math
 import os
 import queue
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -58,8 +60,12 @@ except ImportError:
 
 
 def _library_on_path() -> None:
-    """In a source checkout the library sits beside this folder, not beside this file."""
+    """The helper package beside this file, and the library: beside this file when
+    installed, beside this folder in a source checkout. (Slicer puts a scripted
+    module's folder on sys.path itself; a file loaded by path, as in the tests, not.)"""
     here = Path(__file__).resolve().parent
+    if str(here) not in sys.path:
+        sys.path.append(str(here))
     for folder in (here, here.parent):
         if (folder / "RobustMedSAMLib" / "__init__.py").is_file():
             if str(folder) not in sys.path:
@@ -69,13 +75,37 @@ def _library_on_path() -> None:
 
 _library_on_path()
 
+from RobustMedSAMHelpers.mrml import (  # noqa: E402
+    DEFAULT_SEGMENT_NAME,
+    _checked_mask,
+    _crop_editable,
+    _defined_points_world,
+    _edit_mask,
+    _ensure_segment,
+    _erase_box,
+    _numpy_matrix,
+    _overwritten,
+    _own_layer,
+    _prepare_segmentation,
+    _read_box,
+    _roi_world,
+    _segment_editor_node,
+    _set_box,
+    _source_array,
+    _to_world,
+    _visible_segments,
+    _vtk_matrix,
+    display_window,
+    slice_box,
+)
+
 from RobustMedSAMLib.errors import CancelledError, InputError  # noqa: E402
 from RobustMedSAMLib.formats.atomic import atomic_output, full_suffix  # noqa: E402
-from RobustMedSAMLib.formats.markups import Roi  # noqa: E402
 from RobustMedSAMLib.formats.volume import Volume  # noqa: E402
 from RobustMedSAMLib.names import (  # noqa: E402
     AXIS_NAMES,
     CORRUPTION_NAMES,
+    DEFAULT_MODEL,
     DEVICES,
     MODEL_NAMES,
     OVERLAP_MEASURES,
@@ -93,7 +123,6 @@ if TYPE_CHECKING:  # torch-heavy modules are imported when a session starts
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SEGMENT_NAME = "RobustMedSAM"
 UNDO_KEYS = "Ctrl+Z"
 PREVIEW_SEGMENTATION_NAME = "RobustMedSAM corruption preview"
 
@@ -157,7 +186,7 @@ class RobustMedSAMParameterNode:
     positive_points: slicer.vtkMRMLMarkupsFiducialNode
     negative_points: slicer.vtkMRMLMarkupsFiducialNode
     roi: slicer.vtkMRMLMarkupsROINode
-    model_name: Annotated[str, Choice(MODEL_NAMES)] = "litemedsam"
+    model_name: Annotated[str, Choice(MODEL_NAMES)] = DEFAULT_MODEL
     checkpoint_path: str = ""
     device: Annotated[str, Choice(DEVICES)] = "auto"
     axis: Annotated[str, Choice(AXES)] = "view"
@@ -166,7 +195,7 @@ class RobustMedSAMParameterNode:
     use_editor_masking: bool = True
     projection: Annotated[str, Choice(PROJECTIONS)] = "mask"
     overlap_measure: Annotated[str, Choice(OVERLAPS)] = "containment"
-    stop_iou: Annotated[float, WithinRange(0.0, 1.0)] = 0.8
+    stop_iou: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     min_score: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
     min_area_ratio: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     box_extension: Annotated[float, WithinRange(0.0, 1.0)] = 0.1
@@ -185,12 +214,18 @@ class RobustMedSAMParameterNode:
 
 @dataclass
 class _Snapshot:
-    """What one write changed: each segment's previous mask (KJI bool on the volume grid,
-    None for a segment the write created) and the world geometry it lies on."""
+    """What one write changed, on the changed box only: each segment's previous voxels
+    (KJI bool array of the box's shape; None for a segment the write created), the box
+    (KJI slices of the volume grid) and the grid's IJK->world RAS."""
 
     segments: dict[str, np.ndarray | None]
+    box: tuple[slice, slice, slice]
     shape: tuple[int, int, int]
     ijk_to_ras: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return sum(0 if m is None else m.nbytes for m in self.segments.values())
 
 
 @dataclass
@@ -233,25 +268,34 @@ class PreviewComparison:
 @dataclass(frozen=True)
 class EditorMasking:
     """The Segment Editor's masking choices as :meth:`RobustMedSAMLogic.write_mask`
-    arguments: ``editable_mask`` (``(K, J, I)`` bool, None = everywhere) and
-    ``overwrite_other_segments`` (True: all, False: none, or the IDs of the segments
-    the new voxels may be taken from, e.g. the visible ones)."""
+    arguments: ``editable_mask`` (KJI bool on ``box`` of the volume grid, the whole grid
+    when ``box`` is None; None = editable everywhere) and ``overwrite_other_segments``
+    (True: all, False: none, i.e. Slicer's "Allow overlap", or the IDs of the segments
+    the new voxels are taken from, e.g. the visible ones)."""
 
     editable_mask: np.ndarray | None
     overwrite_other_segments: bool | frozenset[str]
+    box: tuple[slice, slice, slice] | None = None
 
 
 class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
     """MRML <-> library conversions and segment writing; no GUI, no algorithm.
 
     State: the volume node of each session it started (weakly held) and, per
-    segmentation node ID, a stack of undo snapshots.
+    segmentation node (the object: MRML reuses IDs after a scene clear), a stack of
+    undo snapshots cropped to what each write changed, capped at ``UNDO_STEPS`` writes
+    and ``UNDO_BYTES`` bytes, and dropped when the node is removed or the scene closes.
     """
+
+    UNDO_STEPS = 10
+    UNDO_BYTES = 256 * 2**20
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._volume_nodes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._undo: dict[str, list[_Snapshot]] = {}
+        self._undo: dict[Any, list[_Snapshot]] = {}
+        self._observed_scene = None
+        self._scene_observers: list[int] = []
 
     def getParameterNode(self) -> RobustMedSAMParameterNode:
         """The module's typed parameter node (Slicer's convention; needs the app)."""
@@ -295,7 +339,7 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
 
     def load_model(
         self,
-        model_name: str = "litemedsam",
+        model_name: str = DEFAULT_MODEL,
         checkpoint: str | os.PathLike | None = None,
         device: str = "auto",
         encoder: str | os.PathLike | None = None,
@@ -315,7 +359,7 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
     def start_session(
         self,
         volume_node,
-        model_name: str = "litemedsam",
+        model_name: str = DEFAULT_MODEL,
         checkpoint: str | os.PathLike | None = None,
         device: str = "auto",
         axis: str | int = "axial",
@@ -330,16 +374,20 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         Loads ``model_name`` (see ``robustmedsam models``) unless ``predictor`` is given
         (one from :meth:`load_model`, or anything behind the Predictor interface, e.g. a
         test double). ``axis`` is ``axial``, ``coronal``, ``sagittal`` or an array axis
-        0..2 (KJI). ``window``: intensity window (default: from the volume).
+        0..2 (KJI). ``window``: ``(low, high)``, a preset name or ``"LO,HI"``; default:
+        the node's display window (the user segments what they see), else from the volume.
         """
         from RobustMedSAMLib.inference.session import SegmentationSession
 
         volume = self.volume_from_node(volume_node)
         if predictor is None:
             predictor, model_id = self.load_model(model_name, checkpoint, device, encoder, decoder)
+        shown = display_window(volume_node) if window is None else None
         session = SegmentationSession(
-            volume, predictor, axis, window=window, model_id=model_id or model_name
+            volume, predictor, axis, window=shown or window, model_id=model_id or model_name
         )
+        if shown is not None:
+            session.window_source = "display"
         self._volume_nodes[session] = volume_node
         return session
 
@@ -605,23 +653,23 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         editable_mask: np.ndarray | None = None,
         segment_name: str | None = None,
     ) -> str:
-        """Write a :class:`SliceResult` into its slice of the segment (other slices kept)."""
-        from RobustMedSAMLib.inference.slicing import set_slice
+        """Write a :class:`SliceResult` into its slice of the segment (other slices kept).
 
+        Only that slice is read and written, whatever the number of other segments.
+        ``editable_mask``: KJI bool on the whole grid or on the slice (shape with 1 along
+        the axis), e.g. :meth:`editor_masking` with ``box=slice_box(...)``."""
         shape = session.volume.shape
-        plane = np.zeros(shape, dtype=bool)
-        set_slice(plane, result.axis, result.index, np.ones(_slice_shape(shape, result.axis), bool))
-        if editable_mask is not None:
-            plane &= _checked_mask(editable_mask, shape, "editable_mask")
-        return self.write_mask(
+        box = slice_box(shape, result.axis, result.index)
+        return self._write_box(
             segmentation_node,
             self.volume_node_of(session),
-            result.mask,
+            session.volume,
+            box,
+            _checked_mask(result.mask, shape, "mask")[box],
             segment_id,
             overwrite_other_segments,
-            plane,
+            _crop_editable(editable_mask, shape, box),
             segment_name,
-            reference=session.volume,
         )
 
     def write_mask(
@@ -637,95 +685,166 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
     ) -> str:
         """Replace the segment's voxels with ``mask`` (KJI bool on the volume grid).
 
-        editable_mask (KJI bool): only these voxels may change; the segment keeps its
-        previous voxels elsewhere. overwrite_other_segments: True removes the new
-        voxels from every other segment; False keeps other segments' voxels out of
-        the new mask; a set of segment IDs overwrites those and keeps the others
-        (:meth:`editor_masking` gives both as the Segment Editor sets them). The
-        previous state is kept for :meth:`undo_last`. Returns the segment ID (created
-        when needed).
+        Slicer's Segment Editor semantics ("Set" of ``vtkSlicerSegmentEditorLogic::
+        ModifySegmentByLabelmap``): editable_mask (KJI bool) limits the change, the
+        segment keeps its previous voxels elsewhere; overwrite_other_segments True
+        removes the written voxels from every other segment, a set of segment IDs from
+        those only, False leaves other segments untouched (overlap allowed). The
+        previous state of what changed is kept for :meth:`undo_last`. Returns the
+        segment ID (created when needed).
         """
         volume = reference or self.volume_from_node(volume_node)
-        new = _checked_mask(mask, volume.shape, "mask")
+        box = (slice(None),) * 3
+        return self._write_box(
+            segmentation_node,
+            volume_node,
+            volume,
+            box,
+            _checked_mask(mask, volume.shape, "mask"),
+            segment_id,
+            overwrite_other_segments,
+            _crop_editable(editable_mask, volume.shape, box),
+            segment_name,
+        )
+
+    def _write_box(
+        self,
+        segmentation_node,
+        volume_node,
+        volume: Volume,
+        box: tuple[slice, slice, slice],
+        new: np.ndarray,
+        segment_id: str | None,
+        overwrite: bool | frozenset[str],
+        editable: np.ndarray | None,
+        segment_name: str | None,
+    ) -> str:
+        """Set the segment to ``new`` (KJI bool, ``box``'s shape) inside ``box`` of the
+        volume grid through ``vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment``
+        restricted to the box; other segments are read and changed only where they
+        overlap the written voxels."""
         _prepare_segmentation(segmentation_node, volume_node)
-        segmentation = segmentation_node.GetSegmentation()
-        with _grid_labelmap(volume.shape, volume.ijk_to_ras) as grid:
-            segment_id, created = _ensure_segment(segmentation_node, segment_id, segment_name)
-            previous = (
-                np.zeros(volume.shape, bool)
-                if created
-                else _read(grid, segmentation_node, segment_id)
-            )
-            if editable_mask is not None:
-                editable = _checked_mask(editable_mask, volume.shape, "editable_mask")
-                new = np.where(editable, new, previous)
-            others = {
-                other: _read(grid, segmentation_node, other)
-                for other in segmentation.GetSegmentIDs()
-                if other != segment_id
-            }
-            changed: dict[str, np.ndarray | None] = {segment_id: None if created else previous}
-            for other, other_mask in others.items():  # protected segments first
-                if not _overwrites(overwrite_other_segments, other):
-                    new &= ~other_mask
-            for other, other_mask in others.items():
-                if _overwrites(overwrite_other_segments, other) and (other_mask & new).any():
-                    changed[other] = other_mask.copy()
-                    _write(grid, segmentation_node, other, other_mask & ~new)
-            _write(grid, segmentation_node, segment_id, new)
-        snapshot = _Snapshot(changed, volume.shape, volume.ijk_to_ras.copy())
-        self._undo.setdefault(segmentation_node.GetID(), []).append(snapshot)
+        segment_id, created = _ensure_segment(segmentation_node, segment_id, segment_name)
+        previous = _read_box(segmentation_node, segment_id, volume, box)
+        if editable is not None:
+            new = np.where(editable, new, previous)
+        written = new if editable is None else new & editable
+        changed: dict[str, np.ndarray | None] = {segment_id: None if created else previous}
+        for other in _overwritten(segmentation_node, segment_id, overwrite):
+            before = _read_box(segmentation_node, other, volume, box)
+            if (before & written).any():
+                changed[other] = before
+                _erase_box(segmentation_node, other, volume, box, before, written)
+        _own_layer(segmentation_node, segment_id)
+        _set_box(segmentation_node, segment_id, volume, box, new)
+        snapshot = _Snapshot(changed, box, volume.shape, volume.ijk_to_ras.copy())
+        self._remember(segmentation_node, snapshot)
         return segment_id
 
+    def _remember(self, segmentation_node, snapshot: _Snapshot) -> None:
+        """Push an undo step; drop the oldest beyond the caps."""
+        self._observe_scene()
+        stack = self._undo.setdefault(segmentation_node, [])
+        stack.append(snapshot)
+        while len(stack) > 1 and (
+            len(stack) > self.UNDO_STEPS or sum(s.nbytes for s in stack) > self.UNDO_BYTES
+        ):
+            stack.pop(0)
+
+    def _observe_scene(self) -> None:
+        """Forget undo steps of removed nodes and of a closed scene (IDs are reused)."""
+        scene = slicer.mrmlScene
+        if scene is self._observed_scene:
+            return
+        self.forget_undo()
+        if self._observed_scene is not None:
+            for tag in self._scene_observers:
+                self._observed_scene.RemoveObserver(tag)
+        self._observed_scene = scene
+        me = weakref.ref(self)  # the scene must not keep the logic alive
+
+        def on_close(*_args) -> None:
+            if (logic := me()) is not None:
+                logic.forget_undo()
+
+        def on_removed(*_args) -> None:
+            if (logic := me()) is not None:
+                logic._prune_undo()
+
+        self._scene_observers = [
+            scene.AddObserver(scene.StartCloseEvent, on_close),
+            scene.AddObserver(scene.NodeRemovedEvent, on_removed),
+        ]
+
+    def forget_undo(self) -> None:
+        """Drop every undo step (a scene closes)."""
+        self._undo.clear()
+
+    def _prune_undo(self) -> None:
+        scene = self._observed_scene
+        for node in [n for n in self._undo if scene is None or not scene.IsNodePresent(n)]:
+            del self._undo[node]
+
     def editor_masking(
-        self, editor_node, segmentation_node, volume_node, segment_id: str | None = None
+        self,
+        editor_node,
+        segmentation_node,
+        volume_node,
+        segment_id: str | None = None,
+        box: tuple[slice, slice, slice] | None = None,
     ) -> EditorMasking:
         """The masking a Segment Editor effect would apply, from a ``vtkMRMLSegmentEditorNode``:
         its editable area (everywhere, inside/outside all or visible segments, inside one
         segment; computed by Slicer's own ``GenerateEditMask``, the edited segment always
-        editable), its editable intensity range on ``volume_node`` and its overwrite mode
-        (all, visible or no other segments)."""
+        editable), its editable intensity range on the editor's source volume (this
+        volume when it has none; it must lie on the same grid) and its overwrite mode
+        (all, visible or no other segments: Slicer's "Allow overlap"). ``box``: compute
+        on that part of the grid only (e.g. :func:`slice_box`), None for all of it."""
         volume = self.volume_from_node(volume_node)
+        region = box or (slice(None),) * 3
         mode = editor_node.GetMaskMode()
         editable = None
         if mode != slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere:
-            editable = _edit_mask(segmentation_node, volume, mode, segment_id or "", editor_node)
+            editable = _edit_mask(
+                segmentation_node, volume, region, mode, segment_id or "", editor_node
+            )
         if editor_node.GetSourceVolumeIntensityMask():
             low, high = editor_node.GetSourceVolumeIntensityMaskRange()
-            in_range = (volume.array >= low) & (volume.array <= high)
+            source = _source_array(editor_node, volume)[region]
+            in_range = (source >= low) & (source <= high)
             editable = in_range if editable is None else editable & in_range
         overwrite = editor_node.GetOverwriteMode()
         if overwrite == slicer.vtkMRMLSegmentEditorNode.OverwriteAllSegments:
-            return EditorMasking(editable, True)
+            return EditorMasking(editable, True, box)
         if overwrite == slicer.vtkMRMLSegmentEditorNode.OverwriteNone:
-            return EditorMasking(editable, False)
-        return EditorMasking(editable, frozenset(_visible_segments(segmentation_node)))
+            return EditorMasking(editable, False, box)
+        visible = frozenset(_visible_segments(segmentation_node))
+        return EditorMasking(editable, visible, box)
 
     def segment_mask(self, segmentation_node, segment_id: str, volume_node) -> np.ndarray:
         """The segment as ``(K, J, I)`` bool on the volume node's grid (world geometry)."""
         volume = self.volume_from_node(volume_node)
         if segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
             raise InputError(f"'{segmentation_node.GetName()}' has no segment '{segment_id}'")
-        with _grid_labelmap(volume.shape, volume.ijk_to_ras) as grid:
-            return _read(grid, segmentation_node, segment_id)
+        return _read_box(segmentation_node, segment_id, volume, (slice(None),) * 3)
 
     def can_undo(self, segmentation_node) -> bool:
-        return bool(self._undo.get(segmentation_node.GetID()))
+        self._prune_undo()
+        return bool(self._undo.get(segmentation_node))
 
     def undo_last(self, segmentation_node) -> bool:
-        """Restore the segments the last write changed (removing one it created).
-        Returns False when there is nothing to undo."""
-        stack = self._undo.get(segmentation_node.GetID())
-        if not stack:
+        """Restore what the last write changed (removing a segment it created), on the
+        changed box only. Returns False when there is nothing to undo."""
+        if not self.can_undo(segmentation_node):
             return False
-        snapshot = stack.pop()
+        snapshot = self._undo[segmentation_node].pop()
         segmentation = segmentation_node.GetSegmentation()
-        with _grid_labelmap(snapshot.shape, snapshot.ijk_to_ras) as grid:
-            for segment_id, previous in snapshot.segments.items():
-                if previous is None:
-                    segmentation.RemoveSegment(segment_id)
-                elif segmentation.GetSegment(segment_id) is not None:
-                    _write(grid, segmentation_node, segment_id, previous)
+        grid = Volume(np.zeros(snapshot.shape, np.uint8), snapshot.ijk_to_ras)
+        for segment_id, previous in snapshot.segments.items():  # clear first: no overlap clash
+            if previous is None:
+                segmentation.RemoveSegment(segment_id)
+            elif segmentation.GetSegment(segment_id) is not None:
+                _set_box(segmentation_node, segment_id, grid, snapshot.box, previous)
         return True
 
     def save_segmentation(self, segmentation_node, path: str | os.PathLike) -> Path:
@@ -905,11 +1024,12 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def dependency_plan():
-        """``(requirements, plan)``: the library's checked requirements and an
+        """``(requirements, plan)``: the library's checked requirements (torch and
+        torchvision as minimum versions: ``dependencies.for_slicer``) and an
         ``InstallPlan`` for the missing ones (nothing is installed here)."""
         from RobustMedSAMLib import dependencies
 
-        requirements = dependencies.check()
+        requirements = dependencies.check(dependencies.for_slicer(dependencies.required()))
         return requirements, dependencies.install_plan(requirements)
 
 
@@ -1096,18 +1216,23 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for timer in (self._pollTimer, self._debounceTimer, self._finetuneTimer):
             timer.stop()
         self._releaseUndoShortcut()
+        self._undoShortcut.setParent(None)  # one QShortcut per Reload would stay behind
         self._observeMarkups([])
         self.removeObservers()
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        self.onMarkupsChanged()  # observe the prompt nodes again (exit stopped it)
         self._takeUndoShortcut()
         if not self._dependencies_checked:
             self._dependencies_checked = True
             qt.QTimer.singleShot(0, self.checkDependencies)
 
     def exit(self) -> None:
+        """The module is hidden: points edited elsewhere no longer write segments."""
         self._releaseUndoShortcut()
+        self._debounceTimer.stop()
+        self._observeMarkups([])
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -1159,15 +1284,22 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def _syncUnboundWidgets(self) -> None:
-        """Widgets without a parameter-node connector: path edits and the segment."""
+        """Widgets without a parameter-node connector: path edits and the segment. Their
+        signals are blocked meanwhile: ctkPathLineEdit emits currentPathChanged on every
+        set (whose slot would store the other, not yet synced, paths) and the segment
+        selector picks a segment of its own (see :meth:`_showSegment`)."""
         node = self._parameterNode
-        self.ui.checkpointPathLineEdit.currentPath = node.checkpoint_path
-        self.ui.finetuneDataPathLineEdit.currentPath = node.finetune_data_folder
-        self.ui.finetuneConfigPathLineEdit.currentPath = node.finetune_config
-        self.ui.finetuneOutputPathLineEdit.currentPath = node.finetune_output
-        self.ui.segmentSelector.setCurrentNode(node.segmentation)
-        if node.segment_id:
-            self.ui.segmentSelector.setCurrentSegmentID(node.segment_id)
+        widgets = (
+            (self.ui.checkpointPathLineEdit, node.checkpoint_path),
+            (self.ui.finetuneDataPathLineEdit, node.finetune_data_folder),
+            (self.ui.finetuneConfigPathLineEdit, node.finetune_config),
+            (self.ui.finetuneOutputPathLineEdit, node.finetune_output),
+        )
+        for widget, path in widgets:
+            blocked = widget.blockSignals(True)
+            widget.currentPath = path
+            widget.blockSignals(blocked)
+        self._showSegment(node.segmentation, node.segment_id)
 
     def _newPointList(self, name: str, color: tuple[float, float, float]):
         points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
@@ -1190,8 +1322,26 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.onEncode()
 
     def onSegmentationChanged(self, node=None) -> None:
-        self.ui.segmentSelector.setCurrentNode(node)
+        """Another segmentation: keep the chosen segment only if it is in it; otherwise
+        "None" (a new segment is created), never the first existing segment."""
+        segment_id = self._parameterNode.segment_id if self._parameterNode else ""
+        ids = node.GetSegmentation().GetSegmentIDs() if node is not None else ()
+        segment_id = segment_id if segment_id in ids else ""
+        self._showSegment(node, segment_id)
+        if self._parameterNode is not None:
+            self._parameterNode.segment_id = segment_id
         self._updateButtons()
+
+    def _showSegment(self, segmentation, segment_id: str) -> None:
+        """Show ``segment_id`` of ``segmentation`` ("" = None) in the segment selector.
+        ``qMRMLSegmentSelectorWidget`` selects a new segmentation's first segment when its
+        current ID is not in it (``populateSegmentCombobox``): signals are blocked while
+        the node changes, then the wanted ID is set explicitly."""
+        selector = self.ui.segmentSelector
+        blocked = selector.blockSignals(True)
+        selector.setCurrentNode(segmentation)
+        selector.setCurrentSegmentID(segment_id or "")
+        selector.blockSignals(blocked)
 
     def onSegmentChanged(self, segment_id: str) -> None:
         if self._parameterNode is not None:
@@ -1318,7 +1468,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
             return
         if axis not in self._sessions:
-            with slicer.util.tryWithErrorDisplay("Could not start a session.", waitCursor=True):
+            with self._showingErrors("Starting a session"):
                 self._sessions[axis] = self.logic.start_session(
                     volume_node, predictor=self._predictor, axis=axis, model_id=self._model_id
                 )
@@ -1353,14 +1503,16 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._on_done = None
             self._pollTimer.stop()
             self._setBusy(None)
-            if kind == "done":
-                with slicer.util.tryWithErrorDisplay(f"{task.name} failed.", waitCursor=True):
-                    on_done(value)
-            elif kind == "cancelled":
-                self._status(f"{task.name}: cancelled.")
-            else:
-                self._showError(task.name, value)
-            self._startPending()
+            try:
+                if kind == "done":
+                    with self._showingErrors(task.name):
+                        on_done(value)
+                elif kind == "cancelled":
+                    self._status(f"{task.name}: cancelled.")
+                else:
+                    self._showError(task.name, value)
+            finally:
+                self._startPending()  # a queued click or resumed encoding is never dropped
             return
 
     def _startPending(self) -> None:
@@ -1378,6 +1530,16 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _status(self, text: str) -> None:
         self.ui.statusLabel.text = text
         log.info(text)
+
+    @contextmanager
+    def _showingErrors(self, what: str) -> Iterator[None]:
+        """Run the block; an error is shown once (:meth:`_showError`) and goes no further.
+        ``slicer.util.tryWithErrorDisplay`` re-raises (``Base/Python/slicer/util.py``):
+        nested uses show two dialogs and the exception escapes the Qt slot."""
+        try:
+            yield
+        except Exception as error:
+            self._showError(what, error)
 
     def _showError(self, what: str, error: Exception) -> None:
         if isinstance(error, InputError):
@@ -1470,7 +1632,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _segmentSliceAt(self, session, point_ras) -> None:
         node = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Could not read the prompts."):
+        with self._showingErrors("Segmenting slice: reading the prompts"):
             prompts = self.logic.prompts_from_nodes(
                 node.positive_points, node.negative_points, node.roi
             )
@@ -1482,7 +1644,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
             def write(result: SliceResult) -> None:
                 self._ensureSegmentation()
-                masking = self._masking()
+                masking = self._masking(slice_box(session.volume.shape, result.axis, index))
                 segment_id = self.logic.write_slice(
                     session,
                     result,
@@ -1524,7 +1686,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         axis = self._axisForEvent()
 
         def propagate(session) -> None:
-            with slicer.util.tryWithErrorDisplay("Could not read the prompts."):
+            with self._showingErrors("Propagating"):
                 prompts = self.logic.prompts_from_nodes(
                     node.positive_points, node.negative_points, node.roi
                 )
@@ -1575,7 +1737,9 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             stop_between_seeds=node.stop_between_seeds,
         )
         options.validate()
-        return SegmentOptions(propagate=propagate, propagation=options, zoom=node.zoom_to_box)
+        return SegmentOptions(
+            propagate=propagate, propagation=options, zoom=node.zoom_to_box or "auto"
+        )
 
     def _ensureSegmentation(self) -> None:
         node = self._parameterNode
@@ -1587,21 +1751,21 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             segmentation.SetReferenceImageGeometryParameterFromVolumeNode(node.input_volume)
             node.segmentation = segmentation
 
-    def _masking(self) -> EditorMasking:
-        """The Segment Editor's masking settings when asked for and the editor has a node
-        in the scene; otherwise this panel's "overwrite other segments" choice."""
+    def _masking(self, box: tuple[slice, slice, slice] | None = None) -> EditorMasking:
+        """The Segment Editor's masking settings (on ``box`` of the grid, all of it when
+        None) when asked for and the editor has a node in the scene; otherwise this
+        panel's "overwrite other segments" choice (unchecked: overlap allowed)."""
         node = self._parameterNode
         editor = _segment_editor_node() if node.use_editor_masking else None
         if editor is None:
-            return EditorMasking(None, node.overwrite_other_segments)
+            return EditorMasking(None, node.overwrite_other_segments, box)
         return self.logic.editor_masking(
-            editor, node.segmentation, node.input_volume, node.segment_id or None
+            editor, node.segmentation, node.input_volume, node.segment_id or None, box
         )
 
     def _rememberSegment(self, segment_id: str) -> None:
         self._parameterNode.segment_id = segment_id
-        self.ui.segmentSelector.setCurrentNode(self._parameterNode.segmentation)
-        self.ui.segmentSelector.setCurrentSegmentID(segment_id)
+        self._showSegment(self._parameterNode.segmentation, segment_id)
         self._updateButtons()
 
     def _takeUndoShortcut(self) -> None:
@@ -1699,7 +1863,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         axis = self._axisForEvent()
 
         def preview(session) -> None:
-            with slicer.util.tryWithErrorDisplay("Could not prepare the preview."):
+            with self._showingErrors("Preparing the preview"):
                 prompts = self.logic.prompts_from_nodes(
                     node.positive_points, node.negative_points, node.roi
                 )
@@ -1758,7 +1922,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._dependenciesReady():
             return
         node = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Could not start fine-tuning.", waitCursor=True):
+        with self._showingErrors("Starting fine-tuning"):
             if not node.finetune_output:
                 raise InputError("choose an output folder for the fine-tuning run")
             out_dir = Path(node.finetune_output)
@@ -1850,7 +2014,6 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _install(self, plan) -> bool:
         """Install ``plan`` after confirmation, with a progress dialog; explain failures."""
-        from RobustMedSAMLib import dependencies
 
         text = (
             "RobustMedSAM needs Python packages that are not installed in Slicer's Python:"
@@ -1860,81 +2023,122 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not slicer.util.confirmOkCancelDisplay(text, windowTitle="Install dependencies"):
             self._status("Dependencies not installed: segmentation is unavailable.")
             return False
-        steps = len(plan.pip) + (1 if plan.torch else 0)
-        dialog = qt.QProgressDialog("Installing...", "", 0, steps, slicer.util.mainWindow())
-        dialog.setWindowTitle("RobustMedSAM: installing dependencies")
-        dialog.setCancelButton(None)
-        dialog.setMinimumDuration(0)
-        dialog.setValue(0)
         constraints = None
         if plan.constraints:
             constraints = Path(slicer.app.temporaryPath) / "robustmedsam-constraints.txt"
             constraints.write_text("\n".join(plan.constraints) + "\n")
-        done = 0
+        # Slicer >= 5.12 shows its own progress dialog for each pip run: no second one
+        steps = len(plan.pip) + (1 if plan.torch else 0)
+        dialog = None if _slicer_packaging() else self._progressDialog(steps)
         try:
-            if plan.torch:
-                dialog.setLabelText("Installing PyTorch...")
+            if plan.torch and not self._installTorch(plan, constraints):
+                return False
+            for done, spec in enumerate(plan.pip, start=1 if plan.torch else 0):
+                if dialog is not None:
+                    dialog.setLabelText(f"Installing {spec} ({done + 1} of {steps})...")
+                    dialog.setValue(done)
                 slicer.app.processEvents()
-                if not self._installTorch(plan, constraints):
+                if not self._pipInstallExplained(spec, constraints):
                     return False
-                done += 1
-            for spec in plan.pip:
-                dialog.setLabelText(f"Installing {spec} ({done + 1} of {steps})...")
-                dialog.setValue(done)
-                slicer.app.processEvents()
-                try:
-                    self._pipInstall(spec, constraints)
-                except Exception as error:
-                    output = getattr(error, "output", None) or str(error)
-                    slicer.util.errorDisplay(
-                        dependencies.explain_failure(spec, str(output)),
-                        windowTitle="Installation failed",
-                    )
-                    return False
-                done += 1
-            dialog.setValue(steps)
         finally:
-            dialog.close()
+            if dialog is not None:
+                dialog.close()
         if plan.restart_needed:
             slicer.util.infoDisplay("Installed. Restart Slicer to use the new packages.")
         self.checkDependencies(ask=False)
         return True
 
-    @staticmethod
-    def _pipInstall(spec: str, constraints: Path | None) -> None:
-        arguments = f'"{spec}"' + (f' -c "{constraints}"' if constraints else "")
-        slicer.util.pip_install(arguments)
+    def _progressDialog(self, steps: int):
+        dialog = qt.QProgressDialog("Installing...", "", 0, steps, slicer.util.mainWindow())
+        dialog.setWindowTitle("RobustMedSAM: installing dependencies")
+        dialog.setCancelButton(None)
+        dialog.setMinimumDuration(0)
+        dialog.setValue(0)
+        return dialog
+
+    def _pipInstallExplained(self, spec: str, constraints: Path | None) -> bool:
+        """pip-install ``spec``; on failure say why, once. Slicer >= 5.12:
+        ``slicer.packaging.pip_install``, which shows pip's log in its own error dialog
+        (``Base/Python/slicer/packaging.py:759-764`` at v5.12.0) and raises without the
+        output. Older: pip's output captured here (5.10's ``pip_install`` raises with
+        ``output`` set to the spent file object) and explained
+        (``dependencies.explain_failure``)."""
+        from RobustMedSAMLib import dependencies
+
+        packaging = _slicer_packaging()
+        if packaging is not None:
+            try:
+                packaging.pip_install(
+                    spec,
+                    constraints=str(constraints) if constraints else None,
+                    requester="RobustMedSAM",
+                )
+            except Exception as error:  # Slicer has shown pip's log
+                self._status(f"Installing {spec} failed ({error}): see Slicer's message.")
+                return False
+            return True
+        arguments = ["install", spec] + (["-c", str(constraints)] if constraints else [])
+        code, output = run_pip(arguments)
+        if code != 0:
+            slicer.util.errorDisplay(
+                dependencies.explain_failure(spec, output), windowTitle="Installation failed"
+            )
+            return False
+        return True
 
     def _installTorch(self, plan, constraints: Path | None) -> bool:
         """PyTorch through the PyTorch extension (it picks the build for the GPU);
-        through pip when the extension is not installed."""
-        from RobustMedSAMLib import dependencies
-
+        through pip when the extension is not installed. Every failure is shown once:
+        ``PyTorchUtilsLogic.installTorch`` raises ``CalledProcessError`` when
+        light-the-torch fails (it returns None only when the user declines)."""
         try:
             import PyTorchUtils
         except ImportError:
-            for requirement in plan.torch:
-                try:
-                    self._pipInstall(requirement.spec, constraints)
-                except Exception as error:
-                    output = getattr(error, "output", None) or str(error)
-                    slicer.util.errorDisplay(
-                        dependencies.explain_failure(requirement.spec, str(output)),
-                        windowTitle="Installation failed",
-                    )
-                    return False
-            return True
-        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-            askConfirmation=False, **plan.torch_arguments()
-        )
+            return all(self._pipInstallExplained(r.spec, constraints) for r in plan.torch)
+        try:
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=False, **plan.torch_arguments()
+            )
+        except Exception as error:
+            log.error("PyTorch installation failed", exc_info=error)
+            torch = None
+            reason = f"The PyTorch extension could not install it: {error}. "
+        else:
+            reason = ""
         if torch is None:
             slicer.util.errorDisplay(
-                "PyTorch was not installed. Install it from the PyTorch module "
+                f"PyTorch was not installed. {reason}Install it from the PyTorch module "
                 "(Utilities > PyTorch Utils), then open RobustMedSAM again.",
                 windowTitle="Installation failed",
             )
             return False
         return True
+
+
+def _slicer_packaging():
+    """``slicer.packaging`` when this Slicer has its ``pip_install`` (5.12 and later)."""
+    packaging = getattr(slicer, "packaging", None)
+    if packaging is None:
+        try:
+            packaging = importlib.import_module("slicer.packaging")
+        except ImportError:
+            return None
+    return packaging if hasattr(packaging, "pip_install") else None
+
+
+def run_pip(arguments: list[str]) -> tuple[int, str]:
+    """``PythonSlicer -m pip ARGUMENTS`` in Slicer's environment: ``(exit code, output)``,
+    stdout and stderr together, the GUI kept alive meanwhile (line by line)."""
+    command = [RobustMedSAMLogic.finetune_python(), "-m", "pip", *arguments]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    )
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        log.info(line.rstrip())
+        slicer.app.processEvents()
+    return process.wait(), "".join(lines)
 
 
 class RobustMedSAMTest(ScriptedLoadableModuleTest):
@@ -1978,7 +2182,7 @@ class RobustMedSAMTest(ScriptedLoadableModuleTest):
         self.assertEqual(segment_id, "sphere")
 
         logic = RobustMedSAMLogic()
-        session = logic.start_session(volume_node, "litemedsam", device="cpu", axis="axial")
+        session = logic.start_session(volume_node, DEFAULT_MODEL, device="cpu", axis="axial")
         prompts = logic.prompts_from_nodes(None, None, roi)
         scores = logic.segment(
             session, prompts, SegmentOptions(propagate=True), segmentation, segment_id
@@ -2001,219 +2205,3 @@ class RobustMedSAMTest(ScriptedLoadableModuleTest):
             reloaded = logic.segment_mask(loaded, loaded_id, volume_node)
         self.assertTrue(np.array_equal(reloaded, expected))
         self.delayDisplay("RobustMedSAM end-to-end test passed")
-
-
-# --- helpers ----------------------------------------------------------------------------
-
-
-def _numpy_matrix(matrix) -> np.ndarray:
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
-def _to_world(node) -> np.ndarray:
-    """4x4 from the node's coordinates to world RAS (identity without a parent transform)."""
-    parent = node.GetParentTransformNode()
-    if parent is None:
-        return np.eye(4)
-    if not parent.IsTransformToWorldLinear():
-        raise InputError(
-            f"'{node.GetName()}' is under the non-linear transform '{parent.GetName()}': "
-            "harden it first (Data module, right-click the node, Harden transform)"
-        )
-    matrix = vtk.vtkMatrix4x4()
-    parent.GetMatrixTransformToWorld(matrix)
-    return _numpy_matrix(matrix)
-
-
-def _defined_points_world(node) -> np.ndarray | None:
-    """``Nx3`` world RAS of the node's placed control points (None for no node/points)."""
-    if node is None:
-        return None
-    defined = slicer.vtkMRMLMarkupsNode.PositionDefined
-    points = []
-    for index in range(node.GetNumberOfControlPoints()):
-        if node.GetNthControlPointPositionStatus(index) == defined:
-            position = [0.0, 0.0, 0.0]
-            node.GetNthControlPointPositionWorld(index, position)
-            points.append(position)
-    return np.array(points, dtype=np.float64).reshape(-1, 3) if points else None
-
-
-def _roi_world(roi_node) -> Roi:
-    """The ROI's centre, edge lengths (mm) and unit axes, all in world RAS."""
-    if not roi_node.IsA("vtkMRMLMarkupsROINode"):
-        raise InputError(f"'{roi_node.GetName()}' is not an ROI node")
-    if roi_node.GetNumberOfDefinedControlPoints() < 1:
-        raise InputError(f"ROI '{roi_node.GetName()}' is not placed yet")
-    center, size = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
-    roi_node.GetCenterWorld(center)
-    roi_node.GetSizeWorld(size)
-    axes = np.zeros((3, 3))
-    for column, getter in enumerate(
-        (roi_node.GetXAxisWorld, roi_node.GetYAxisWorld, roi_node.GetZAxisWorld)
-    ):
-        axis = [0.0, 0.0, 0.0]
-        getter(axis)
-        axes[:, column] = np.asarray(axis) / np.linalg.norm(axis)
-    return Roi(np.array(center), np.array(size), axes)
-
-
-def _prepare_segmentation(segmentation_node, volume_node) -> None:
-    """Refuse a transformed segmentation node; give a new one the volume's geometry."""
-    if segmentation_node is None or not segmentation_node.IsA("vtkMRMLSegmentationNode"):
-        raise InputError("select a segmentation node to write into")
-    parent = segmentation_node.GetParentTransformNode()
-    if parent is not None:
-        raise InputError(
-            f"segmentation '{segmentation_node.GetName()}' is under transform "
-            f"'{parent.GetName()}': harden or remove it, segments are written in world RAS"
-        )
-    role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
-    if segmentation_node.GetNodeReference(role) is None:
-        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-    if segmentation_node.GetDisplayNode() is None:
-        segmentation_node.CreateDefaultDisplayNodes()
-
-
-def _checked_mask(mask: np.ndarray, shape: tuple[int, int, int], what: str) -> np.ndarray:
-    mask = np.asarray(mask)
-    if mask.shape != tuple(shape):
-        raise InputError(f"{what} has shape {mask.shape}; the volume grid is {tuple(shape)} (KJI)")
-    return mask.astype(bool, copy=True)
-
-
-def _ensure_segment(
-    segmentation_node, segment_id: str | None, name: str | None
-) -> tuple[str, bool]:
-    """The segment's ID and whether it was created now."""
-    segmentation = segmentation_node.GetSegmentation()
-    if segment_id and segmentation.GetSegment(segment_id) is not None:
-        return segment_id, False
-    created = segmentation.AddEmptySegment(
-        segment_id or "", name or segment_id or DEFAULT_SEGMENT_NAME
-    )
-    if not created or segmentation.GetSegment(created) is None:
-        raise InputError(
-            f"could not add a segment to '{segmentation_node.GetName()}' "
-            "(its segmentation converters are not registered)"
-        )
-    return created, True
-
-
-@contextmanager
-def _grid_labelmap(shape: tuple[int, int, int], ijk_to_ras: np.ndarray) -> Iterator:
-    """A temporary, untransformed labelmap node: ``shape`` (KJI) voxels, IJK->world RAS."""
-    scene = slicer.mrmlScene
-    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__RobustMedSAM_grid__")
-    try:
-        node.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras))
-        slicer.util.updateVolumeFromArray(node, np.zeros(shape, np.uint8))
-        yield node
-    finally:
-        display = node.GetDisplayNode()
-        if display is not None and display.GetColorNode() is not None:
-            color = display.GetColorNode()
-            if color.GetName().startswith("__RobustMedSAM"):
-                scene.RemoveNode(color)
-        scene.RemoveNode(node)
-
-
-def _vtk_matrix(matrix: np.ndarray):
-    out = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            out.SetElement(r, c, float(matrix[r, c]))
-    return out
-
-
-def _segments_logic():
-    return slicer.modules.segmentations.logic()
-
-
-def _segment_editor_node():
-    """The Segment Editor module's parameter node, or None before it was ever opened."""
-    scene = slicer.mrmlScene
-    return scene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode") or (
-        scene.GetFirstNodeByClass("vtkMRMLSegmentEditorNode")
-    )
-
-
-def _overwrites(overwrite: bool | frozenset[str], segment_id: str) -> bool:
-    return overwrite if isinstance(overwrite, bool) else segment_id in overwrite
-
-
-def _visible_segments(segmentation_node) -> list[str]:
-    display = segmentation_node.GetDisplayNode()
-    ids = segmentation_node.GetSegmentation().GetSegmentIDs()
-    return [i for i in ids if display is None or display.GetSegmentVisibility(i)]
-
-
-def _edit_mask(segmentation_node, volume: Volume, mode: int, edited: str, editor) -> np.ndarray:
-    """Slicer's editable area (``GenerateEditMask``) as ``(K, J, I)`` bool on the volume grid."""
-    from vtk.util.numpy_support import vtk_to_numpy
-
-    with _grid_labelmap(volume.shape, volume.ijk_to_ras) as grid:
-        reference = _segments_logic().CreateOrientedImageDataFromVolumeNode(grid)
-        blocked = slicer.vtkOrientedImageData()
-        ok = segmentation_node.GenerateEditMask(
-            blocked,
-            mode,
-            reference,
-            edited,
-            editor.GetMaskSegmentID() or "",
-            None,
-            None,
-            segmentation_node.GetDisplayNode(),
-        )
-        scalars = blocked.GetPointData().GetScalars()
-        if not ok or scalars is None or blocked.GetExtent() != reference.GetExtent():
-            raise InputError(
-                "could not compute the Segment Editor's editable area; check its masking "
-                "settings (the mask segment must exist in this segmentation)"
-            )
-        return vtk_to_numpy(scalars).reshape(volume.shape) == 0  # non-zero: not editable
-
-
-def _ids(segment_id: str):
-    ids = vtk.vtkStringArray()
-    ids.InsertNextValue(segment_id)
-    return ids
-
-
-def _read(grid, segmentation_node, segment_id: str) -> np.ndarray:
-    """The segment as KJI bool on ``grid``'s geometry."""
-    shape = tuple(reversed(grid.GetImageData().GetDimensions()))
-    out = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__RobustMedSAM_read__")
-    try:
-        ok = _segments_logic().ExportSegmentsToLabelmapNode(
-            segmentation_node, _ids(segment_id), out, grid
-        )
-        image = out.GetImageData()
-        if not ok or image is None or image.GetPointData().GetScalars() is None:
-            return np.zeros(shape, bool)  # an empty segment exports nothing
-        array = slicer.util.arrayFromVolume(out) > 0
-        if array.shape != shape:
-            raise InputError(f"segment '{segment_id}' did not export on the volume grid")
-        return array
-    finally:
-        display = out.GetDisplayNode()
-        if display is not None and display.GetColorNode() is not None:
-            slicer.mrmlScene.RemoveNode(display.GetColorNode())
-        slicer.mrmlScene.RemoveNode(out)
-
-
-def _write(grid, segmentation_node, segment_id: str, mask: np.ndarray) -> None:
-    """Replace the segment's voxels by ``mask`` (KJI bool on ``grid``)."""
-    if not mask.any():
-        _segments_logic().ClearSegment(segmentation_node, segment_id)
-        return
-    slicer.util.updateVolumeFromArray(grid, mask.astype(np.uint8))
-    if not _segments_logic().ImportLabelmapToSegmentationNode(
-        grid, segmentation_node, _ids(segment_id)
-    ):
-        raise InputError(f"could not write segment '{segment_id}'")
-
-
-def _slice_shape(shape: tuple[int, int, int], axis: int) -> tuple[int, int]:
-    """``(rows, cols)`` of a slice along ``axis`` of a KJI grid."""
-    return tuple(n for a, n in enumerate(shape) if a != axis)  # type: ignore[return-value]

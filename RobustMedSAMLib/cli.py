@@ -14,8 +14,18 @@ import sys
 
 from RobustMedSAMLib import __version__
 from RobustMedSAMLib.errors import RobustMedSAMError
+from RobustMedSAMLib.formats.atomic import WRITE_ERRNOS
 
-COMMANDS = ("segment", "corrupt", "corruptions", "models", "fuse", "evaluate", "finetune")
+COMMANDS = (
+    "segment",
+    "corrupt",
+    "corruptions",
+    "models",
+    "fuse",
+    "evaluate",
+    "finetune",
+    "serve",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except RobustMedSAMError as error:
         print(f"robustmedsam {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno not in WRITE_ERRNOS:
+            raise
+        # e.g. a folder made in a read-only place, a file without read permission
+        where = error.filename or "a file"
+        print(f"robustmedsam {args.command}: error: {where}: {error.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"robustmedsam {args.command}: cancelled", file=sys.stderr)

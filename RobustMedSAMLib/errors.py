@@ -11,6 +11,10 @@ class InputError(RobustMedSAMError, ValueError):
     """A volume, prompt, option or data file the user gave is unusable."""
 
 
+class OutputError(InputError):
+    """An output cannot be written where the user asked (read-only folder, full disk)."""
+
+
 class CheckpointError(RobustMedSAMError):
     """A checkpoint is missing, corrupt, or belongs to another model."""
 
@@ -21,3 +25,7 @@ class ModelOutOfMemoryError(RobustMedSAMError, MemoryError):
 
 class CancelledError(RobustMedSAMError):
     """Long work was cancelled by the user; nothing partial was written."""
+
+
+class ServerError(RobustMedSAMError):
+    """The inference server refused a request, or stopped answering."""

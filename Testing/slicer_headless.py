@@ -408,6 +408,7 @@ class FakeWidget:
         object.__setattr__(self, "_values", values)
         object.__setattr__(self, "slots", {})
         object.__setattr__(self, "scene", None)
+        object.__setattr__(self, "_blocked", False)
 
     def __getattr__(self, name: str):
         values = object.__getattribute__(self, "_values")
@@ -429,8 +430,16 @@ class FakeWidget:
     def emit(self, signal: str, *args) -> None:
         if signal not in self.SIGNALS:
             raise ValueError(f"{type(self).__name__} has no signal {signal}")
+        if self._blocked:
+            return
         for slot in list(self.slots.get(signal, [])):
             call_slot(slot, args)
+
+    def blockSignals(self, block: bool) -> bool:  # noqa: N802
+        """QObject::blockSignals: returns the previous state."""
+        previous = self._blocked
+        object.__setattr__(self, "_blocked", bool(block))
+        return previous
 
     def setEnabled(self, on: bool) -> None:  # noqa: N802 (Qt's names)
         self.enabled = bool(on)
@@ -491,11 +500,21 @@ class FakeCollapsibleButton(FakeWidget):
 
 
 class FakePathLineEdit(FakeWidget):
+    """Setting ``currentPath`` emits ``currentPathChanged`` when the text changes, as
+    ``ctkPathLineEdit::setCurrentPath`` does (``QLineEdit::setText`` -> ``textChanged``
+    -> ``updateHasValidInput`` -> ``currentPathChanged``; CTK ``ctkPathLineEdit.cpp``)."""
+
     PROPERTIES = FakeWidget.PROPERTIES | {"currentPath", "filters", "settingKey"}
     SIGNALS = frozenset({"currentPathChanged(QString)"})
 
     def __init__(self, name: str, properties: dict) -> None:
         super().__init__(name, {"currentPath": "", **properties})
+
+    def __setattr__(self, name: str, value) -> None:
+        changed = name == "currentPath" and value != self._values.get("currentPath")
+        super().__setattr__(name, value)
+        if changed:
+            self.emit("currentPathChanged(QString)", value)
 
 
 class FakeNodeComboBox(FakeMRMLWidget):
@@ -522,12 +541,27 @@ class FakeNodeComboBox(FakeMRMLWidget):
 
 
 class FakeSegmentSelector(FakeNodeComboBox):
+    """Like ``qMRMLSegmentSelectorWidget::populateSegmentCombobox``
+    (``Libs/MRML/Widgets/qMRMLSegmentSelectorWidget.cxx``): on a new segmentation with
+    segments, a current segment ID it lacks (or no ID without "None") is replaced by
+    its first segment, and ``currentSegmentChanged`` is emitted."""
+
     PROPERTIES = FakeWidget.PROPERTIES | {"segmentationNodeSelectorVisible", "noneEnabled"}
     SIGNALS = FakeNodeComboBox.SIGNALS | {"currentSegmentChanged(QString)"}
 
     def __init__(self, name: str, properties: dict) -> None:
         super().__init__(name, properties)
         object.__setattr__(self, "_segment_id", "")
+
+    def setCurrentNode(self, node) -> None:  # noqa: N802
+        changed = node is not self._node
+        super().setCurrentNode(node)
+        if not changed or node is None:
+            return
+        ids = list(node.GetSegmentation().GetSegmentIDs())
+        keep = (self.noneEnabled and not self._segment_id) or self._segment_id in ids
+        if ids and not keep:
+            self.setCurrentSegmentID(ids[0])
 
     def currentSegmentID(self) -> str:  # noqa: N802
         return self._segment_id
@@ -748,6 +782,9 @@ def make_fake_qt() -> types.ModuleType:
         def isEnabled(self) -> bool:  # noqa: N802
             return self.enabled
 
+        def setParent(self, parent) -> None:  # noqa: N802
+            self.parent = parent
+
         def press(self) -> None:
             """The user presses the keys: the slots run if the shortcut is enabled."""
             if self.enabled:
@@ -874,9 +911,10 @@ def install_gui_stand_in(monkeypatch, module, temporary: str, confirm: bool = Tr
     """Put the stand-in in place for one test (``monkeypatch`` undoes it): ``qt`` (in
     ``sys.modules`` and as ``module.qt``), ``slicer.app``, ``slicer.util`` loadUI /
     childWidgetVariables / mainWindow, the message boxes (recorded in ``dialogs`` as
-    ``(kind, text)``; ``confirmOkCancelDisplay`` answers ``confirm``), ``pip_install``
-    (recorded in ``pip``) and ``slicer.qSlicerMarkupsPlaceWidget``. The main window holds
-    one "Edit > Undo" QAction on Ctrl+Z (``undo_action``)."""
+    ``(kind, text)``; ``confirmOkCancelDisplay`` answers ``confirm``), the module's
+    ``run_pip`` (arguments recorded in ``pip``, answering ``pip_result``) and
+    ``slicer.qSlicerMarkupsPlaceWidget``. The main window holds one "Edit > Undo"
+    QAction on Ctrl+Z (``undo_action``)."""
     import sys
 
     import slicer
@@ -916,7 +954,13 @@ def install_gui_stand_in(monkeypatch, module, temporary: str, confirm: bool = Tr
     for kind in ("error", "warning", "info", "confirm"):
         name = "confirmOkCancelDisplay" if kind == "confirm" else f"{kind}Display"
         monkeypatch.setattr(util, name, record(kind))
-    monkeypatch.setattr(util, "pip_install", lambda args: gui.pip.append(args))
+    gui.pip_result = (0, "Successfully installed")  # (exit code, output) of each pip run
+
+    def run_pip(arguments):
+        gui.pip.append(list(arguments))
+        return gui.pip_result
+
+    monkeypatch.setattr(module, "run_pip", run_pip)
     return gui
 
 

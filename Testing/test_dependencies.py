@@ -283,3 +283,17 @@ def test_failure_message_keeps_only_the_last_lines():
     output = "\n".join(f"line {i}" for i in range(100)) + "\nNo space left on device"
     message = deps.explain_failure("torch", output, tail_lines=5)
     assert "line 96" in message and "line 95" not in message
+
+
+def test_slicer_gets_minimum_torch_versions_not_the_exact_pins():
+    """Exact pins clash with other AI extensions' torch (slicer-review finding 11)."""
+    specs = deps.for_slicer(["torch==2.14.1", "torchvision==0.29.1", "numpy>=1.24"])
+    assert specs == ["torch>=2.4", "torchvision>=0.19", "numpy>=1.24"]
+    newer = [
+        req("torch", "torch>=2.4", "2.6.0", deps.version_matches("2.6.0", ">=2.4")),
+        req("torchvision", "torchvision>=0.19", "0.21.0", True),
+    ]
+    assert deps.install_plan(newer, slicer_provides=set(), pytorch_utils=True).empty
+    too_old = req("torch", "torch>=2.4", "2.1.2", deps.version_matches("2.1.2", ">=2.4"))
+    plan = deps.install_plan([too_old], slicer_provides=set(), pytorch_utils=True)
+    assert plan.torch_arguments()["torchVersionRequirement"] == ">=2.4"

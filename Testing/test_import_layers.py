@@ -17,7 +17,7 @@ LAYERS = (
     ("formats", "device", "distributed"),
     ("datasets", "corruptions", "model"),
     ("weights",),
-    ("inference",),
+    ("inference", "server"),  # server: inference over HTTP, and its torch-free client
     ("evaluation", "training"),
     ("commands", "server", "cli", "__main__"),
 )
@@ -35,7 +35,16 @@ def modules() -> dict[str, Path]:
 def imports_of(path: Path, known: set[str]) -> set[str]:
     """Library modules ``path`` imports, at any depth of the file."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    typing_only = {  # imports under ``if TYPE_CHECKING:`` never run
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+        for inner in ast.walk(node)
+    }
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:

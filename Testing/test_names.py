@@ -14,6 +14,7 @@ from RobustMedSAMLib.weights.registry import model_names
 
 def test_registries_name_what_names_lists():
     assert set(model_names()) == set(names.MODEL_NAMES)
+    assert names.DEFAULT_MODEL in names.MODEL_NAMES
     assert tuple(CORRUPTIONS) == names.CORRUPTION_NAMES
 
 

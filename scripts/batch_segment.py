@@ -7,14 +7,18 @@
 
 Loads the files as Slicer nodes (``slicer.util.loadVolume`` / ``loadMarkups``), runs
 ``RobustMedSAMLogic.segment`` and saves the segmentation node. Exit status 0 on
-success, 2 with one line on stderr for a library error. Without Slicer, use the
-``robustmedsam segment`` command line instead.
+success, 2 with one line on stderr for a library error or bad arguments, 1 with the
+traceback for anything else: Slicer always exits (with ``--python-script`` alone it
+would otherwise stay running without a window after an uncaught exception). Without
+Slicer, use the ``robustmedsam segment`` command line instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -71,7 +75,31 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    import slicer
+def run(argv: list[str], exit_function: Callable[[int], object]) -> None:
+    """``main(argv)``, then always ``exit_function(status)``, whatever happened.
 
-    slicer.util.exit(main(sys.argv[1:]))
+    Slicer sets "run and exit" only for ``-c``, an extra script or ``--testing``, not
+    for ``--python-script`` (Slicer ``qSlicerCoreCommandOptions.cxx:120-137``), so an
+    exception escaping the script would leave a window-less Slicer running forever."""
+    try:
+        code = main(argv)
+    except SystemExit as stop:  # argparse: --help (0) or bad arguments (2)
+        code = stop.code if isinstance(stop.code, int) else 2
+    except BaseException:  # noqa: BLE001 (anything, even a missing torch: report and exit)
+        traceback.print_exc()
+        code = 1
+    exit_function(code)
+
+
+def slicer_exit(code: int) -> None:
+    """``slicer.util.exit`` (it ends the application's event loop); ``sys.exit`` outside."""
+    try:
+        import slicer
+
+        slicer.util.exit(code)
+    except (ImportError, AttributeError):
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:], slicer_exit)

@@ -138,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         options.validate()
         specs = _model_specs(args)
         cases = [case for spec in args.data for case in load_cases(spec)]
+        _prepare_out(args.out)
         info = distributed.dist_info()
         result = _run_with_progress(specs, cases, args, options, info)
         where = f"rank {info.rank} of {info.world}: " if info.distributed else ""
@@ -158,6 +159,20 @@ def run(args: argparse.Namespace) -> int:
     for plot in files.plots:
         print(f"plot: {plot}")
     return 0
+
+
+def _prepare_out(out: Path) -> None:
+    """Make the output folder (InputError when ``out`` is a file or cannot take files)."""
+    from RobustMedSAMLib.errors import InputError
+    from RobustMedSAMLib.formats.atomic import check_writable
+
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file: give a folder (it is created if absent)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot make the output folder {out}: {error.strerror}") from None
+    check_writable(out)
 
 
 def _run_with_progress(specs, cases, args: argparse.Namespace, options, info):

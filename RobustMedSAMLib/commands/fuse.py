@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 
@@ -22,7 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from RobustMedSAMLib.formats.atomic import sha256_of, write_json
+    from RobustMedSAMLib.errors import InputError
+    from RobustMedSAMLib.formats.atomic import atomic_output, sha256_of
     from RobustMedSAMLib.weights.checkpoint import (
         fuse_state_dicts,
         read_state_dict,
@@ -32,16 +34,24 @@ def run(args: argparse.Namespace) -> int:
     fused = fuse_state_dicts(
         read_state_dict(args.encoder), read_state_dict(args.decoder), args.encoder, args.decoder
     )
-    path = save_state_dict(fused, args.out)
-    record = {
-        "fused": str(path),
-        "sha256": sha256_of(path),
-        "image_encoder_from": {"path": str(args.encoder), "sha256": sha256_of(args.encoder)},
-        "prompt_encoder_and_mask_decoder_from": {
-            "path": str(args.decoder),
-            "sha256": sha256_of(args.decoder),
-        },
-    }
-    write_json(path.with_name(path.name + ".json"), record)
+    path = Path(args.out)
+    if path.is_dir():
+        raise InputError(f"--out {path} is a folder: give a checkpoint file name")
+    with atomic_output(path.with_name(path.name + ".json")) as record_file:
+        with atomic_output(path) as temporary:
+            save_state_dict(fused, temporary)
+            record = {
+                "fused": str(path),
+                "sha256": sha256_of(temporary),
+                "image_encoder_from": {
+                    "path": str(args.encoder),
+                    "sha256": sha256_of(args.encoder),
+                },
+                "prompt_encoder_and_mask_decoder_from": {
+                    "path": str(args.decoder),
+                    "sha256": sha256_of(args.decoder),
+                },
+            }
+            record_file.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {path} ({len(fused)} tensors, sha256 {record['sha256'][:12]}...)")
     return 0

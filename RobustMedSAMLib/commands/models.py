@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from RobustMedSAMLib.names import DEFAULT_MODEL
+
 DESCRIPTION = """\
 List the known models: architecture, preprocessing, where the checkpoint is on this
 machine (or "missing"), its size, published SHA-256 and source. With --download NAME,
@@ -92,6 +94,7 @@ def _list(verify: bool, as_json: bool) -> int:
         row = [s.name, s.architecture, s.preprocessing, local, _human(s.size_bytes), sha]
         rows.append([*row, s.source])
     print(_table(rows))
+    print(f"\nDefault model (--model): {DEFAULT_MODEL}")
     print(f"\nDownloads go to {folder} (set ${registry.MODELS_ENV} to change).")
     print("Get one with: robustmedsam models --download NAME")
     return 0

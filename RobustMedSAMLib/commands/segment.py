@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from RobustMedSAMLib.commands._progress import meet_all_ranks, progress_bar
-from RobustMedSAMLib.names import AXIS_NAMES, ENGINES, MODEL_NAMES, PROJECTIONS
+from RobustMedSAMLib.names import AXIS_NAMES, DEFAULT_MODEL, ENGINES, MODEL_NAMES, PROJECTIONS
 
 BATCH_HELP = (
     "batch: --cases is a CSV (header: volume,points,negative,box,out; paths relative to the "
@@ -43,7 +43,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     model = parser.add_argument_group("model")
     model.add_argument(
-        "--model", default="litemedsam", choices=MODEL_NAMES, help="default: litemedsam"
+        "--model",
+        choices=MODEL_NAMES,
+        help=f"default: {DEFAULT_MODEL} (with --server: the server's model)",
     )
     model.add_argument("--checkpoint", type=Path, help="checkpoint file (overrides the registry)")
     model.add_argument("--encoder", type=Path, help="fused: MedSAM checkpoint for the encoder")
@@ -61,11 +63,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run_group = parser.add_argument_group("slicing and propagation")
     run_group.add_argument("--axis", default="axial", choices=AXIS_NAMES)
     run_group.add_argument("--propagate", action="store_true", help="propagate into 3D")
-    run_group.add_argument(
+    zoom = run_group.add_mutually_exclusive_group()
+    zoom.add_argument(
         "--zoom",
-        action="store_true",
-        help="with --box: segment on a crop around the box (for structures small against "
-        "the slice, e.g. lateral ventricles in a head scan)",
+        action="store_const",
+        const=True,
+        default="auto",
+        help="with --box: always segment on a crop around the box (default: only when the "
+        "box is under 32 px at the model's input, e.g. a lung nodule)",
+    )
+    zoom.add_argument(
+        "--no-zoom", dest="zoom", action="store_const", const=False, help="never zoom"
     )
     run_group.add_argument(
         "--projection",
@@ -73,12 +81,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         choices=PROJECTIONS,
         help="prompt derived for the next slice (default: mask)",
     )
-    run_group.add_argument("--iou-threshold", type=float, default=0.8, help="stop rule (0..1)")
+    run_group.add_argument(
+        "--iou-threshold",
+        type=float,
+        default=0.5,
+        help="stop a direction when the overlap with the previous slice is under it "
+        "(0..1, default 0.5)",
+    )
     run_group.add_argument("--min-score", type=float, default=0.0, help="stop on predicted IoU")
     run_group.add_argument("--bounds", type=int, nargs=2, metavar=("FIRST", "LAST"))
-    run_group.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"))
+    run_group.add_argument(
+        "--window",
+        nargs="+",
+        metavar="PRESET|LO,HI",
+        help="intensity window: soft_tissue (40/400 HU), lung, bone, brain, mr (0.5..99.5 "
+        "percentiles), auto (default: soft_tissue for CT, mr otherwise) or LO,HI "
+        "(also LO HI; write --window=-160,240 when LO is negative)",
+    )
     run_group.add_argument("--segment-name", default="Segment_1")
     run_group.add_argument("--cache-dir", type=Path, help="disk cache for slice embeddings")
+    remote = parser.add_argument_group("inference server (docs/server.md)")
+    remote.add_argument("--server", metavar="URL", help="run the model work on this server")
+    remote.add_argument(
+        "--token-file", type=Path, help="the server's token (default: $ROBUSTMEDSAM_TOKEN)"
+    )
     batch = parser.add_argument_group("batch (many cases; see below)")
     batch.add_argument("--cases", type=Path, help="case list: a CSV file or a folder")
     batch.add_argument("--out-dir", type=Path, help="output folder for --cases (created)")
@@ -103,12 +129,29 @@ def run(args: argparse.Namespace) -> int:
     return _run_single(args)
 
 
+def _check_server_flags(args: argparse.Namespace) -> None:
+    """With --server the server's model and device are used: refuse local model flags."""
+    from RobustMedSAMLib.errors import InputError
+
+    if args.server is None:
+        if args.token_file is not None:
+            raise InputError("--token-file goes with --server URL")
+        return
+    local = {"--checkpoint": args.checkpoint, "--encoder": args.encoder,
+             "--decoder": args.decoder, "--half": args.half, "--fast-cpu": args.fast_cpu,
+             "--cache-dir": args.cache_dir, "--device": args.device != "auto"}  # fmt: skip
+    given = [flag for flag, value in local.items() if value]
+    if given:
+        raise InputError(f"with --server the server's model and device are used: drop {given[0]}")
+
+
 def settings_from_args(args: argparse.Namespace):
     """The SegmentSettings of the model, slicing and propagation flags."""
     from RobustMedSAMLib.inference.batch import SegmentSettings
 
+    _check_server_flags(args)
     return SegmentSettings(
-        model=args.model,
+        model=args.model if args.model or args.server else DEFAULT_MODEL,
         checkpoint=args.checkpoint,
         encoder=args.encoder,
         decoder=args.decoder,
@@ -123,16 +166,30 @@ def settings_from_args(args: argparse.Namespace):
         iou_threshold=args.iou_threshold,
         min_score=args.min_score,
         bounds=tuple(args.bounds) if args.bounds else None,
-        window=tuple(args.window) if args.window else None,
+        window=window_arg(args.window),
         segment_name=args.segment_name,
         cache_dir=args.cache_dir,
+        server=args.server,
+        token_file=args.token_file,
     )
+
+
+def window_arg(values: list[str] | None):
+    """``--window`` tokens -> a preset name or ``(low, high)`` (InputError when unusable)."""
+    from RobustMedSAMLib.errors import InputError
+    from RobustMedSAMLib.inference.preprocessing import parse_window
+
+    if not values:
+        return None
+    if len(values) > 2:
+        raise InputError(f"--window {' '.join(values)}: give one PRESET, LO,HI or LO HI")
+    return parse_window(values[0] if len(values) == 1 else values)
 
 
 def _run_single(args: argparse.Namespace) -> int:
     from RobustMedSAMLib.errors import InputError
     from RobustMedSAMLib.formats.volume import read_volume
-    from RobustMedSAMLib.inference.batch import CaseSegmenter, read_prompts
+    from RobustMedSAMLib.inference.batch import make_segmenter, read_prompts
     from RobustMedSAMLib.inference.slicing import axis_index, check_slice_size
 
     if args.replay and (args.points or args.negative or args.box):
@@ -151,13 +208,14 @@ def _run_single(args: argparse.Namespace) -> int:
         prompts = read_prompts(args.points, args.negative, args.box)
     settings = settings_from_args(args)
     settings.options()
-    segmenter = CaseSegmenter(settings)
+    segmenter = make_segmenter(settings)
     with progress_bar("propagating", "slice", disable=not args.propagate) as progress:
-        result, record, session = segmenter.segment(volume, prompts, args.volume, progress)
+        result, record, _ = segmenter.segment(volume, prompts, args.volume, progress)
     segmenter.write(args.out, result, volume, record)
+    encoded = record["timings"]["encoder_calls"]
     print(
         f"wrote {args.out}: {int(result.mask.sum())} voxels on {len(result.slices)} slices "
-        f"in {result.seconds:.1f} s ({session.stats.encoder_calls} slices encoded)"
+        f"in {result.seconds:.1f} s ({encoded} slices encoded)"
     )
     return 0
 
@@ -167,6 +225,7 @@ def _run_batch(args: argparse.Namespace) -> int:
 
     from RobustMedSAMLib import distributed
     from RobustMedSAMLib.errors import InputError
+    from RobustMedSAMLib.formats.atomic import check_writable
     from RobustMedSAMLib.inference.batch import read_cases, run_batch, write_status
 
     if args.out_dir is None:
@@ -174,7 +233,13 @@ def _run_batch(args: argparse.Namespace) -> int:
     if args.points or args.negative or args.box:
         raise InputError("with --cases, prompts come from the case list, not --points/--box")
     cases = read_cases(args.cases)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(
+            f"cannot make the output folder {args.out_dir}: {error.strerror}"
+        ) from None
+    check_writable(args.out_dir)
     if args.status:
         return _print_status(write_status(args.out_dir, cases), args.out_dir)
     info = distributed.dist_info()

@@ -7,15 +7,23 @@ records, reports) goes through ``atomic_output``; JSON through ``write_json``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from RobustMedSAMLib.errors import InputError
+from RobustMedSAMLib.errors import InputError, OutputError, RobustMedSAMError
+
+#: errno values that mean "this place cannot take the file" (not a bug in the writer).
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+#: Below this much free space a writer's failure (torch and SimpleITK raise RuntimeError
+#: without an errno) is reported as a full disk.
+FULL_DISK_BYTES = 1 << 20
 
 
 def full_suffix(path: str | os.PathLike) -> str:
@@ -39,22 +47,66 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Give a temporary path beside ``path`` (same extension) to write to.
 
     On success the temporary file replaces ``path`` (with the umask's usual permissions);
-    on error it is removed and ``path`` is left as it was.
+    on error it is removed and ``path`` is left as it was. A place that cannot take the
+    file (read-only or forbidden folder, full disk) raises OutputError naming ``path``.
     """
     path = Path(path)
     if not path.parent.is_dir():
         raise InputError(f"output folder does not exist: {path.parent}")
-    handle, name = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=full_suffix(path), dir=path.parent
-    )
+    if path.is_dir():
+        raise InputError(f"output {path} is a folder: give a file name")
+    try:
+        handle, name = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=full_suffix(path), dir=path.parent
+        )
+    except OSError as error:
+        raise OutputError(
+            f"cannot write {path}: {error.strerror} (choose another folder)"
+        ) from None
     os.close(handle)
     temporary = Path(name)
     try:
         yield temporary
         os.chmod(temporary, default_file_mode())  # mkstemp makes 0600 files
         os.replace(temporary, path)
+    except RobustMedSAMError:
+        raise
+    except Exception as error:
+        refusal = write_refusal(error, path, temporary)
+        if refusal is None:
+            raise
+        raise refusal from None
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_refusal(error: BaseException, path: Path, temporary: Path) -> OutputError | None:
+    """An OutputError naming ``path`` when ``error`` means the place cannot take the file
+    (full disk, read-only or forbidden folder); None for any other failure."""
+    if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+        other = error.filename and Path(error.filename) not in (path, temporary)
+        target = error.filename if other else path
+        return OutputError(f"cannot write {target}: {error.strerror}")
+    if "os error 28" in str(error) or "No space left" in str(error):
+        return OutputError(f"cannot write {path}: No space left on device")
+    if not isinstance(error, (OSError, RuntimeError)):
+        return None  # a writer's bug stays a bug, however full the disk
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return None
+    if free < FULL_DISK_BYTES:
+        return OutputError(f"cannot write {path}: No space left on device")
+    return None
+
+
+def check_writable(folder: Path) -> None:
+    """Raise OutputError unless a file can be created in ``folder`` (tried and removed)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise OutputError(f"cannot write to the output folder {folder}: {error.strerror}") from None
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

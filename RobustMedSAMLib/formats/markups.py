@@ -165,6 +165,10 @@ def _read_markups(path: str | os.PathLike) -> list[dict[str, Any]]:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InputError(f"{path} is not valid markups JSON: {error}") from None
+    except RecursionError:
+        raise InputError(f"{path} is not markups JSON: it is nested too deeply") from None
+    except OSError as error:
+        raise InputError(f"cannot read markups file {path}: {error.strerror}") from None
     markups = document.get("markups") if isinstance(document, dict) else None
     if not isinstance(markups, list) or not markups:
         raise InputError(f"{path} has no 'markups' list: save the markups from Slicer as .mrk.json")
@@ -185,28 +189,40 @@ def _has_roi(markups: list[dict[str, Any]]) -> bool:
 def _flip(markup: dict[str, Any], path: str | os.PathLike) -> np.ndarray:
     """Per-axis signs that take the markup's coordinates to RAS."""
     system = markup.get("coordinateSystem", "LPS")
-    if system not in _TO_RAS:
+    if not isinstance(system, str) or system not in _TO_RAS:
         raise InputError(f"{path}: unknown coordinateSystem {system!r} (expected LPS or RAS)")
     return _TO_RAS[system]
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for a message that stays one line."""
+    text = repr(value) if not isinstance(value, str) else value
+    text = text.replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _vector(value: Any, count: int, what: str, path: str | os.PathLike) -> np.ndarray:
     try:
         vector = np.asarray(value, dtype=np.float64).reshape(count)
-    except (TypeError, ValueError):
-        raise InputError(f"{path}: {what} must be {count} numbers, not {value!r}") from None
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        raise InputError(f"{path}: {what} must be {count} numbers, not {_short(value)}") from None
     if not np.isfinite(vector).all():
-        raise InputError(f"{path}: {what} has non-finite values {value!r}")
+        raise InputError(f"{path}: {what} has non-finite values {_short(value)}")
     return vector
 
 
 def _defined_points(markup: dict[str, Any], path: str | os.PathLike) -> list[np.ndarray]:
     flip = _flip(markup, path)
+    control_points = markup.get("controlPoints") or []
+    if not isinstance(control_points, list) or not all(isinstance(p, dict) for p in control_points):
+        raise InputError(
+            f"{path}: 'controlPoints' must be a list of objects, not {_short(control_points)}"
+        )
     points = []
-    for n, point in enumerate(markup.get("controlPoints") or []):
+    for n, point in enumerate(control_points):
         if point.get("positionStatus", "defined") != "defined":
             continue
-        label = point.get("label") or f"#{n + 1}"
+        label = _short(point.get("label") or f"#{n + 1}", 40)
         points.append(_vector(point.get("position"), 3, f"point {label} position", path) * flip)
     return points
 

@@ -15,14 +15,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import nrrd
 import numpy as np
 import SimpleITK as sitk  # noqa: N813 - the name every SimpleITK user knows
 
 from RobustMedSAMLib.errors import InputError
-from RobustMedSAMLib.formats.atomic import atomic_output, full_suffix
+from RobustMedSAMLib.formats.atomic import atomic_output, full_suffix, write_json
 from RobustMedSAMLib.formats.volume import (
     LPS_TO_RAS,
     VOLUME_SUFFIXES,
@@ -306,3 +306,16 @@ def _merge_layers(
         labelmap[inside] = new
         segments.append(segment._replace(label=new))
     return labelmap, segments
+
+
+def write_case(out: Path, mask, volume, record: dict[str, Any], segment_name: str) -> None:
+    """Write the ``(K, J, I)`` mask as a one-segment segmentation, then ``OUT.json``
+    (each atomically); when the record cannot be written the segmentation is removed
+    again (a batch case is finished only with both)."""
+    segment = Segment(1, segment_name, (0.5, 0.68, 0.5))
+    write_segmentation(out, mask.astype("uint8"), volume, [segment])
+    try:
+        write_json(Path(out).with_name(Path(out).name + ".json"), record)
+    except Exception:
+        Path(out).unlink(missing_ok=True)
+        raise

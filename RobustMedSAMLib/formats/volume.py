@@ -18,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk  # noqa: N813 - the name every SimpleITK user knows
 
 from RobustMedSAMLib.errors import InputError
-from RobustMedSAMLib.formats.atomic import atomic_output
+from RobustMedSAMLib.formats.atomic import atomic_output, write_refusal
 from RobustMedSAMLib.formats.nifti import (
     check_complete,
     copy_placements,
@@ -49,12 +49,14 @@ class Volume:
     """A voxel array and where it lies in the patient.
 
     array: ``(K, J, I)`` voxels; ijk_to_ras: ``4x4`` float matrix, IJK index to
-    RAS mm; name: a label for messages and output nodes.
+    RAS mm; name: a label for messages and output nodes; modality: what the file
+    says it is (DICOM ``(0008,0060)``, e.g. ``"CT"``, ``"MR"``), None when it does not.
     """
 
     array: np.ndarray
     ijk_to_ras: np.ndarray
     name: str = "volume"
+    modality: str | None = None
 
     def __post_init__(self) -> None:
         self.array = np.asarray(self.array)
@@ -182,6 +184,24 @@ def sitk_path(path: str | os.PathLike) -> str:
         ) from None
 
 
+def check_image_file(path: str | os.PathLike) -> None:
+    """Raise InputError unless ``path`` (an existing file) is an image SimpleITK can read;
+    reads only the header. A folder (DICOM series) and a missing path are left to
+    :func:`read_volume`."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise InputError(
+            f"{path} is not an image ({_sitk_message(error)}): give a NRRD, NIfTI or MHA "
+            "file, or a folder holding one DICOM series"
+        ) from None
+
+
 def _sitk_message(error: Exception) -> str:
     """The ``sitk::ERROR`` line of a SimpleITK exception, without the C++ location."""
     text = str(error)
@@ -231,6 +251,8 @@ def _read_dicom_folder(path: Path, series_id: str | None):
         raise InputError(f"cannot read DICOM series in {path}: {_sitk_message(error)}") from None
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
+    if reader.HasMetaDataKey(0, MODALITY_TAG):
+        image.SetMetaData(MODALITY_TAG, reader.GetMetaData(0, MODALITY_TAG))
     positions = [
         reader.GetMetaData(k, "0020|0032")
         for k in range(len(files))
@@ -298,13 +320,26 @@ def check_dicom_grid(path: Path, image, positions_lps: np.ndarray) -> None:
     )
 
 
+MODALITY_TAG = "0008|0060"
+
+
+def _modality(image) -> str | None:
+    """The DICOM modality the image's metadata states (also a NRRD ``modality`` key)."""
+    for key in (MODALITY_TAG, "modality", "Modality"):
+        if image.HasMetaDataKey(key) and image.GetMetaData(key).strip():
+            return image.GetMetaData(key).strip().upper()
+    return None
+
+
 def from_sitk(image, name: str = "volume") -> Volume:
-    """A Volume from a 3D SimpleITK image (LPS geometry converted to RAS)."""
+    """A Volume from a 3D SimpleITK image (LPS geometry converted to RAS; the
+    modality from its metadata when stated)."""
     direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     ijk_to_lps = np.eye(4)
     ijk_to_lps[:3, :3] = direction * np.array(image.GetSpacing())
     ijk_to_lps[:3, 3] = image.GetOrigin()
-    return Volume(sitk.GetArrayFromImage(image), LPS_TO_RAS @ ijk_to_lps, name)
+    array = sitk.GetArrayFromImage(image)
+    return Volume(array, LPS_TO_RAS @ ijk_to_lps, name, _modality(image))
 
 
 def to_sitk(volume: Volume):
@@ -337,6 +372,9 @@ def write_volume(
         try:
             sitk.WriteImage(to_sitk(volume), sitk_path(temporary), compress)
         except RuntimeError as error:
+            refusal = write_refusal(error, path, temporary)  # a full disk, named as such
+            if refusal is not None:
+                raise refusal from None
             raise InputError(f"cannot write volume {path}: {_sitk_message(error)}") from None
         if placements_from is not None and is_nifti(path) and is_nifti(placements_from):
             copy_placements(placements_from, temporary)

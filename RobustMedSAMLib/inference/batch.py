@@ -35,9 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from RobustMedSAMLib.distributed import DistInfo, dist_info, shard, threads_per_worker
-from RobustMedSAMLib.errors import CancelledError, InputError
-from RobustMedSAMLib.formats.atomic import full_suffix, write_json
-from RobustMedSAMLib.formats.volume import VOLUME_SUFFIXES, volume_name
+from RobustMedSAMLib.errors import CancelledError, InputError, OutputError, RobustMedSAMError
+from RobustMedSAMLib.formats.atomic import check_writable, full_suffix, write_json
+from RobustMedSAMLib.formats.segmentation import write_case
+from RobustMedSAMLib.formats.volume import VOLUME_SUFFIXES, check_image_file, volume_name
+from RobustMedSAMLib.names import DEFAULT_MODEL
 from RobustMedSAMLib.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -73,8 +75,10 @@ def read_cases(source: str | os.PathLike) -> list[BatchCase]:
 
     CSV: a header with ``volume`` and any of ``points``, ``negative``, ``box``, ``out``;
     relative paths are relative to the CSV's folder; ``out`` defaults to the volume's
-    name + ``.seg.nrrd``. Raises InputError for a malformed list (missing column, a case
-    without prompt, duplicate output names); a missing volume only fails that case.
+    name + ``.seg.nrrd``. Raises InputError for a malformed list (not a text CSV, a
+    missing column, a case without prompt, an output name that is not a plain file name,
+    duplicate output names, a volume file that is not an image); a missing volume only
+    fails that case.
     """
     source = Path(source)
     if source.is_dir():
@@ -86,20 +90,36 @@ def read_cases(source: str | os.PathLike) -> list[BatchCase]:
     if not cases:
         raise InputError(f"no cases in {source}: see `robustmedsam segment --help` for the layout")
     _check_outputs(cases)
+    for case in cases:
+        check_image_file(case.volume)
     return cases
 
 
 def _cases_from_csv(path: Path) -> list[BatchCase]:
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        unknown = sorted(set(columns) - set(CASE_COLUMNS))
-        if "volume" not in columns or unknown:
-            raise InputError(
-                f"{path}: the header must name a 'volume' column and only these: "
-                f"{', '.join(CASE_COLUMNS)} (got {', '.join(columns) or 'nothing'})"
-            )
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            return _cases_from_rows(path, handle)
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise InputError(f"{path} is not a CSV case list ({error})") from None
+    except OSError as error:
+        raise InputError(f"cannot read case list {path}: {error.strerror}") from None
+
+
+def _cases_from_rows(path: Path, handle) -> list[BatchCase]:
+    reader = csv.DictReader(handle)
+    columns = [c.strip() for c in reader.fieldnames or []]
+    unknown = sorted(set(columns) - set(CASE_COLUMNS))
+    if "volume" not in columns or unknown or len(set(columns)) != len(columns):
+        raise InputError(
+            f"{path}: the header must name a 'volume' column and only these, once each: "
+            f"{', '.join(CASE_COLUMNS)} (got {_shorten(', '.join(columns)) or 'nothing'})"
+        )
+    rows = []
+    for row in reader:
+        extra = row.pop(None, None)  # values beyond the header's columns
+        if extra and any(v.strip() for v in extra):
+            raise InputError(f"{path} line {reader.line_num}: more values than columns")
+        rows.append({k.strip(): (v or "").strip() for k, v in row.items() if k})
 
     def where(text: str) -> Path | None:
         return None if not text else (path.parent / text).expanduser()
@@ -116,6 +136,11 @@ def _cases_from_csv(path: Path) -> list[BatchCase]:
             raise InputError(f"{path} line {line}: no prompt (give points and/or box)")
         cases.append(case)
     return cases
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _cases_from_folder(folder: Path) -> list[BatchCase]:
@@ -150,13 +175,28 @@ def _find_volume(folder: Path, stem: str) -> Path:
 def _check_outputs(cases: Sequence[BatchCase]) -> None:
     seen: set[str] = set()
     for case in cases:
-        if Path(case.out).name != case.out or case.out.startswith("."):
-            raise InputError(f"output name {case.out!r}: give a plain file name, no folder")
+        if not _plain_name(case.out):
+            raise InputError(
+                f"output name {_shorten(case.out)!r}: give a plain file name (letters, digits, "
+                "'-', '_', '.', spaces; no folder, not starting with '.')"
+            )
         if full_suffix(case.out) not in OUT_SUFFIXES:
             raise InputError(f"output name {case.out!r}: end it in {', '.join(OUT_SUFFIXES)}")
         if case.out in seen:
             raise InputError(f"two cases write {case.out}: give each a distinct out name")
         seen.add(case.out)
+
+
+def _plain_name(name: str) -> bool:
+    """A file name that stays inside the output folder on any system."""
+    forbidden = set('/\\:*?"<>|')
+    return (
+        bool(name)
+        and not name.startswith(".")
+        and name == name.strip()
+        and len(name.encode("utf-8", "surrogatepass")) <= 200
+        and all(c.isprintable() and c not in forbidden for c in name)
+    )
 
 
 # --- files of a case --------------------------------------------------------------------
@@ -191,7 +231,7 @@ class SegmentSettings:
     """Everything but the case: model, device, slicing and propagation options (the
     ``robustmedsam segment`` flags). Picklable, so worker processes get a copy."""
 
-    model: str = "litemedsam"
+    model: str = DEFAULT_MODEL
     checkpoint: Path | None = None
     encoder: Path | None = None
     decoder: Path | None = None
@@ -201,17 +241,21 @@ class SegmentSettings:
     engine: str = "eager"
     axis: str = "axial"
     propagate: bool = False
-    zoom: bool = False
+    zoom: bool | str = "auto"  # True: always with a box; False: never; "auto": small boxes
     projection: str = "mask"
-    iou_threshold: float = 0.8
+    iou_threshold: float = 0.5  # propagation.DEFAULT_OVERLAP
     min_score: float = 0.0
     bounds: tuple[int, int] | None = None
-    window: tuple[float, float] | None = None
+    window: tuple[float, float] | str | None = None  # None: chosen from each volume
     segment_name: str = "Segment_1"
     cache_dir: Path | None = None
+    server: str | None = None
+    token: str | None = None
+    token_file: Path | None = None
 
     def options(self):
         """The SegmentOptions (validated)."""
+        from RobustMedSAMLib.inference.preprocessing import parse_window
         from RobustMedSAMLib.inference.propagation import PropagationOptions
         from RobustMedSAMLib.inference.segment_volume import SegmentOptions
 
@@ -225,13 +269,18 @@ class SegmentSettings:
                 bounds=tuple(self.bounds) if self.bounds else None,
             ),
         )
-        options.propagation.validate()
+        options.validate()
+        if self.window is not None:
+            parse_window(self.window)
         return options
 
     def check_model_files(self) -> None:
         """Fail early (CheckpointError / InputError) when a checkpoint file is missing,
         without loading it: a batch should not start N workers to find that out."""
         from RobustMedSAMLib.weights.registry import resolve_checkpoint
+
+        if self.server is not None:
+            return  # the server's model
 
         parts = [p for p in (self.encoder, self.decoder) if p is not None]
         if parts:
@@ -286,12 +335,17 @@ class CaseSegmenter:
             volume,
             self.loaded.predictor(),
             s.axis,
-            tuple(s.window) if s.window else None,
+            s.window if isinstance(s.window, str | None) else tuple(s.window),
             disk_cache=s.cache_dir,
             model_id=_model_id(self.loaded.checkpoints),
         )
         result = segment_volume(session, prompts, self.options, progress=progress)
-        inputs = {"volume": str(volume_path), "axis": s.axis, "window": list(session.window)}
+        inputs = {
+            "volume": str(volume_path),
+            "axis": s.axis,
+            "window": list(session.window),
+            "window_source": session.window_source,
+        }
         record = run_record(result, prompts, self.options, self.model_info(), inputs)
         return result, record, session
 
@@ -317,11 +371,16 @@ class CaseSegmenter:
         record: dict[str, Any],
     ) -> None:
         """Write the segmentation, then its record ``OUT.json`` (each atomically)."""
-        from RobustMedSAMLib.formats.segmentation import Segment, write_segmentation
+        write_case(out, result.mask, volume, record, self.settings.segment_name)
 
-        segment = Segment(1, self.settings.segment_name, (0.5, 0.68, 0.5))
-        write_segmentation(out, result.mask.astype("uint8"), volume, [segment])
-        write_json(out.with_name(out.name + ".json"), record)
+
+def make_segmenter(settings: SegmentSettings, device: str | None = None):
+    """A CaseSegmenter, or with ``settings.server`` a RemoteCaseSegmenter (same calls)."""
+    if settings.server is not None:
+        from RobustMedSAMLib.server.remote import RemoteCaseSegmenter
+
+        return RemoteCaseSegmenter(settings)
+    return CaseSegmenter(settings, device)
 
 
 def _model_id(files: dict[str, Path]) -> str:
@@ -422,6 +481,7 @@ def run_batch(
         raise InputError(f"output folder does not exist: {out_dir}")
     if workers < 1:
         raise InputError("--workers must be >= 1")
+    check_writable(out_dir)
     settings.options()
     settings.check_model_files()
     mine = shard(cases, info.rank, info.world)
@@ -458,7 +518,7 @@ def _run_here(todo, out_dir, settings, info, here, report, cancel) -> None:
         torch.set_num_threads(threads_per_worker(here))
     from RobustMedSAMLib.distributed import worker_device
 
-    segmenter = CaseSegmenter(settings, worker_device(settings.device, info.local_rank))
+    segmenter = make_segmenter(settings, worker_device(settings.device, info.local_rank))
     for case in todo:
         if cancel is not None and cancel():
             raise CancelledError("batch cancelled; finished cases are kept")
@@ -486,6 +546,8 @@ def _run_pool(todo, out_dir, settings, workers, info, report) -> None:
                 report(future.result())
             except BrokenProcessPool:
                 report(CaseOutcome(case.name, "failed", error="a worker process died"))
+            except OutputError:
+                raise  # the output folder takes no more files: the other cases would fail too
             except Exception as error:  # noqa: BLE001 - a failed case must not stop the rest
                 report(CaseOutcome(case.name, "failed", error=f"{type(error).__name__}: {error}"))
 
@@ -502,7 +564,7 @@ def _init_worker(settings: SegmentSettings, slots, threads: int) -> None:
     torch.set_num_threads(threads)
     slot = slots.get()
     try:
-        _worker["segmenter"] = CaseSegmenter(settings, worker_device(settings.device, slot))
+        _worker["segmenter"] = make_segmenter(settings, worker_device(settings.device, slot))
     except Exception as error:  # noqa: BLE001 - reported with every case of this worker
         _worker["error"] = error
 
@@ -531,8 +593,8 @@ def process_case(
         result, record, _ = segmenter.segment(volume, prompts, case.volume)
         record["batch"] = _where(info)
         segmenter.write(out, result, volume, record)
-    except (CancelledError, KeyboardInterrupt):
-        raise
+    except (CancelledError, KeyboardInterrupt, OutputError):
+        raise  # OutputError: the folder takes no more files; finished cases are kept
     except Exception as error:  # noqa: BLE001 - a failed case must not stop the rest
         log.warning("case %s failed: %s", case.name, error)
         _record_failure(out_dir, case, error, info)
@@ -552,5 +614,7 @@ def _record_failure(out_dir: Path, case: BatchCase, error: BaseException, info: 
              "type": type(error).__name__, **_where(info), "time": time.time()}  # fmt: skip
     try:
         write_json(path, value)
-    except OSError as write_error:
+    except OutputError:
+        raise
+    except (OSError, RobustMedSAMError) as write_error:
         log.error("cannot record the failure of %s: %s", case.name, write_error)

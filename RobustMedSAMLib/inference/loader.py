@@ -19,6 +19,7 @@ from RobustMedSAMLib.inference.engines import use_engine
 from RobustMedSAMLib.inference.predictor import Predictor
 from RobustMedSAMLib.inference.preprocessing import Style
 from RobustMedSAMLib.model.sam import SegmentAnythingModel
+from RobustMedSAMLib.names import DEFAULT_MODEL
 from RobustMedSAMLib.weights.checkpoint import (
     expect_layout,
     fuse_state_dicts,
@@ -51,7 +52,7 @@ class LoadedModel:
 
 
 def load_named_model(
-    name: str = "litemedsam",
+    name: str = DEFAULT_MODEL,
     checkpoint: str | Path | None = None,
     encoder: str | Path | None = None,
     decoder: str | Path | None = None,

@@ -88,20 +88,24 @@ class Predictor:
     @torch.inference_mode()
     def predict(self, prompt: SlicePrompt, multimask: bool | None = None) -> Prediction:
         """Mask for the current slice. ``multimask`` None: three candidates when the prompt is
-        a single point (SAM's ambiguity rule), else one; the best-scoring one is returned."""
+        a single point (SAM's ambiguity rule), else one. Of several candidates, those
+        holding every positive point are preferred (a point on a structure's edge), and
+        among them the best by predicted IoU x stability (:func:`choose_candidate`)."""
         if self.current is None:
             raise InputError("no slice set: call set_image() before predict()")
         if prompt.is_empty and prompt.mask_input is None:
             raise InputError("empty prompt: give at least one point or a box")
         multimask = prompt.is_ambiguous if multimask is None else multimask
         logits, scores = self._decode(prompt, multimask)
-        best = int(torch.argmax(scores[0]))
-        low_res = logits[:, best : best + 1]
-        full = self.preprocessor.mask_logits(low_res, self.current.frame)
+        full = self.preprocessor.mask_logits(logits.float(), self.current.frame)[0]
+        stability = stability_scores(logits[0].float())
+        positive = prompt.points[prompt.labels == 1]
+        best = choose_candidate(full > 0, scores[0].float(), stability, positive)
         return Prediction(
-            mask=(full[0, 0] > 0).cpu().numpy(),
+            mask=(full[best] > 0).cpu().numpy(),
             score=float(scores[0, best]),
-            low_res_logits=low_res[0].float().cpu().numpy(),
+            low_res_logits=logits[0, best : best + 1].float().cpu().numpy(),
+            stability=float(stability[best]),
         )
 
     def _decode(self, prompt: SlicePrompt, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,3 +129,32 @@ class Predictor:
                 f"mask_input must be 1x{size}x{size} low-res logits, got {tuple(tensor.shape)}"
             )
         return tensor.reshape(1, 1, size, size)
+
+
+STABILITY_OFFSET = 1.0  # SAM's automatic mask generator's default
+
+
+def stability_scores(logits: torch.Tensor, offset: float = STABILITY_OFFSET) -> torch.Tensor:
+    """``M x L x L`` logits -> ``M`` stability scores: IoU of the masks at logit
+    ``+offset`` and ``-offset`` (1 for a mask whose edge is sharp, as in SAM)."""
+    high = (logits > offset).flatten(1).sum(1)
+    low = (logits > -offset).flatten(1).sum(1)
+    return torch.where(low > 0, high / low.clamp(min=1), torch.zeros_like(high, dtype=torch.float))
+
+
+def choose_candidate(
+    masks: torch.Tensor, scores: torch.Tensor, stability: torch.Tensor, positive: np.ndarray
+) -> int:
+    """Index of the best of ``M`` candidate masks ``M x rows x cols`` (bool, slice pixels):
+    among those holding every positive point ``N x 2`` (x, y) (all, if none does), the
+    highest predicted IoU x stability."""
+    rank = scores * stability
+    if len(positive):
+        rows, cols = masks.shape[-2:]
+        x = np.clip(np.rint(positive[:, 0]).astype(int), 0, cols - 1)
+        y = np.clip(np.rint(positive[:, 1]).astype(int), 0, rows - 1)
+        index = torch.as_tensor(y, device=masks.device), torch.as_tensor(x, device=masks.device)
+        holds = masks[:, index[0], index[1]].all(dim=1)
+        if holds.any():
+            rank = torch.where(holds.to(rank.device), rank, torch.full_like(rank, -1.0))
+    return int(torch.argmax(rank))

@@ -55,6 +55,84 @@ def auto_window(image: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5
     return float(low), float(high)
 
 
+# Presets as (level, width) in HU, named for what they show. Soft tissue is MedSAM's CT
+# convention (level 40, width 400: -160..240 HU); the others are the usual radiology ones.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "soft_tissue": (40.0, 400.0),
+    "lung": (-600.0, 1500.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+}
+MR_PERCENTILES = (0.5, 99.5)  # MedSAM's rule for MR (and anything not in HU)
+WINDOW_CHOICES = (*WINDOW_PRESETS, "mr", "auto")
+_CT_AIR_HU = -500.0  # a CT volume holds air (about -1000 HU); MR and phantoms do not
+
+
+def preset_window(name: str) -> tuple[float, float]:
+    """``(low, high)`` of preset ``name`` (level -/+ width / 2)."""
+    if name not in WINDOW_PRESETS:
+        raise InputError(f"unknown window preset {name!r}: use one of {', '.join(WINDOW_CHOICES)}")
+    level, width = WINDOW_PRESETS[name]
+    return level - width / 2, level + width / 2
+
+
+def looks_like_ct(array: np.ndarray, modality: str | None = None) -> bool:
+    """True for a CT volume in HU: ``modality`` (DICOM ``(0008,0060)``, when the file
+    says) is ``CT``, or, when it does not say, the volume holds air (1st percentile
+    under -500 HU)."""
+    if modality:
+        return modality.strip().upper() == "CT"
+    return auto_window(array, (1.0, 99.0))[0] < _CT_AIR_HU
+
+
+def parse_window(spec: str | tuple[float, float] | list[float]) -> str | tuple[float, float]:
+    """A ``--window`` value: a preset name (``WINDOW_CHOICES``), ``"LO,HI"`` or a pair of
+    numbers -> the name or ``(low, high)``. InputError for a reversed, empty or
+    non-finite range or an unknown name."""
+    if isinstance(spec, str):
+        text = spec.strip().lower().replace("-", "_") if "," not in spec else spec
+        if text in WINDOW_CHOICES:
+            return text
+        parts = spec.split(",")
+        if len(parts) != 2:
+            raise InputError(
+                f"window {spec!r}: give a preset ({', '.join(WINDOW_CHOICES)}) or LO,HI"
+            )
+        spec = parts
+    try:
+        low, high = (float(v) for v in spec)
+    except (TypeError, ValueError):
+        raise InputError(f"window {spec!r}: LO and HI must be two numbers") from None
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise InputError(f"window {low:g},{high:g}: LO and HI must be finite numbers")
+    if high <= low:
+        raise InputError(f"window {low:g},{high:g}: HI must be greater than LO")
+    return low, high
+
+
+def resolve_window(
+    array: np.ndarray,
+    spec: str | tuple[float, float] | list[float] | None = None,
+    modality: str | None = None,
+) -> tuple[tuple[float, float], str]:
+    """The intensity window for ``array`` and what chose it: ``((low, high), source)``.
+
+    ``spec`` None or ``"auto"``: the soft-tissue preset for CT (see
+    :func:`looks_like_ct`), else the 0.5..99.5 percentiles (MedSAM's rule for MR);
+    a preset name; ``"mr"``: the percentiles; ``"LO,HI"`` or ``(low, high)``: as given.
+    ``source`` is ``"preset:NAME"``, ``"percentile:0.5..99.5"`` or ``"explicit"``.
+    """
+    choice = "auto" if spec is None else parse_window(spec)
+    if choice == "auto":
+        choice = "soft_tissue" if looks_like_ct(array, modality) else "mr"
+    if choice == "mr":
+        low, high = MR_PERCENTILES
+        return auto_window(array, MR_PERCENTILES), f"percentile:{low}..{high}"
+    if isinstance(choice, str):
+        return preset_window(choice), f"preset:{choice}"
+    return choice, "explicit"
+
+
 def window_to_uint8(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     """Clip a slice to ``window`` and scale it to 0..255 (uint8), NaN to 0.
 

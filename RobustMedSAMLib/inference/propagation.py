@@ -41,13 +41,15 @@ STOP_REASONS = (
     "empty",  # the model returned an empty mask (never kept)
     "score",  # predicted IoU under min_score
     "overlap",  # overlap with the previous slice under iou_threshold
-    "area",  # area jumped against its trend (min_area_ratio)
+    "area",  # area grew far beyond its trend: a leak (min_area_ratio)
+    "roi",  # the carried box has left the 3D ROI's footprint on the next slice
     "met",  # reached a seed or a slice another front already took
     "bounds",  # reached the user's bounds
     "volume_end",  # reached the first or last slice of the volume
     "max_slices",  # the budget of model calls is spent
 )
 _TREND_CLIP = (0.5, 2.0)
+DEFAULT_OVERLAP = 0.5  # measured on phantoms (bench_pipeline.py --sweep)
 
 
 @dataclass
@@ -68,7 +70,8 @@ class PropagationOptions:
     n_negative: points spread around a ring outside the mask, at
     ``max(3, r / 4)`` px from it (``r`` = radius of a disc of the mask's area).
     iou_threshold: stop a direction when the overlap of the new mask with the
-    previous slice's mask is under it (default 0.8, as micro-sam; 0 disables).
+    previous slice's mask is under it (default 0.5; micro-sam's 0.8 stopped after one
+    slice on noisy and faint phantoms: see docs/propagation.md; 0 disables).
     overlap: how that overlap is measured. ``"containment"`` (default):
     intersection over the smaller mask; it lets an object shrink towards its
     ends and tolerates a model drawing a little wider than the user's seed,
@@ -77,9 +80,11 @@ class PropagationOptions:
     concentric discs is their area ratio) and often stops at once on small ones.
     min_score: stop when the model's predicted IoU is under it (default 0: off;
     SAM-like models usually score a wrong mask under about 0.5).
-    min_area_ratio: stop when area / expected area is under it or over its
-    inverse; expected = previous area x the previous slice-to-slice area ratio
-    (clipped to [0.5, 2]; 1 after the seed). Default 0.5; 0 disables.
+    min_area_ratio: stop when area / expected area is over its inverse (a leak);
+    expected = previous area x the previous slice-to-slice area ratio (clipped to
+    [0.5, 2]; 1 after the seed). Default 0.5; 0 disables. A shrinking mask is not
+    stopped by it: the caps of a round structure shrink faster than any trend, and
+    a jump elsewhere is caught by the overlap rule, the end by an empty mask.
     stop_between_seeds: apply the score / overlap / area rules between two seeds
     too. Default False (as micro-sam): the user has said the object spans the
     gap. An empty mask always stops a direction and is never kept.
@@ -91,7 +96,7 @@ class PropagationOptions:
     box_extension: float = 0.1
     n_positive: int = 3
     n_negative: int = 2
-    iou_threshold: float = 0.8
+    iou_threshold: float = DEFAULT_OVERLAP
     overlap: str = "containment"
     min_score: float = 0.0
     min_area_ratio: float = 0.5
@@ -129,6 +134,7 @@ class SliceRecord:
     score: float
     overlap: float
     area: int
+    stability: float = math.nan
 
 
 @dataclass
@@ -184,12 +190,19 @@ class _Front:
 
 
 class _Schedule:
-    """Which front moves next: nearest first, never onto a taken slice."""
+    """Which front moves next: nearest first, never onto a taken slice. ``allowed``:
+    ``(n_slices, rows, cols)`` bool, where a mask may lie (None: anywhere)."""
 
     def __init__(
-        self, seeds: list[int], n_slices: int, bounds: tuple[int, int], max_slices: int | None
+        self,
+        seeds: list[int],
+        n_slices: int,
+        bounds: tuple[int, int],
+        max_slices: int | None,
+        allowed: np.ndarray | None = None,
     ) -> None:
         self.n_slices, self.bounds, self.max_slices = n_slices, bounds, max_slices
+        self.allowed = allowed
         self.taken = np.zeros(n_slices, bool)
         self.taken[seeds] = True
         self.requested: list[int] = []
@@ -249,6 +262,7 @@ def propagate(
     progress: Progress | None = None,
     cancel: Cancel | None = None,
     seed_logits: Mapping[int, np.ndarray] | None = None,
+    allowed: np.ndarray | None = None,
 ) -> PropagationResult:
     """Grow seed masks ``{slice index: (rows, cols) mask}`` into a 3D mask.
 
@@ -261,6 +275,9 @@ def propagate(
     ``seed_logits`` ``{slice index: the model's low-res logits}`` for seeds the
     model drew (an interactive session has them) are used as the first mask
     input from those seeds. The seeds are copied, never modified.
+    ``allowed`` ``(n_slices, rows, cols)`` bool (a 3D ROI's voxels in slice order): each
+    new mask is clipped to it, and each carried box is cut to its footprint on the
+    next slice (the box of its pixels there).
     """
     options = options or PropagationOptions()
     options.validate()
@@ -271,7 +288,9 @@ def propagate(
     volume = np.zeros((n_slices, *shape), bool)
     for index, mask in masks.items():
         volume[index] = mask
-    schedule = _Schedule(sorted(masks), n_slices, bounds, options.max_slices)
+    if allowed is not None and np.shape(allowed) != volume.shape:
+        raise InputError(f"allowed region {np.shape(allowed)} is not the volume {volume.shape}")
+    schedule = _Schedule(sorted(masks), n_slices, bounds, options.max_slices, allowed)
     logits = _check_seed_logits(seed_logits, masks)
     for front in schedule.fronts:
         front.areas.append(int(masks[front.seed].sum()))
@@ -342,6 +361,19 @@ def project_prompt(
     return SlicePrompt(points, labels, box, mask_input)
 
 
+def cut_box(box: np.ndarray, allowed: np.ndarray) -> np.ndarray | None:
+    """``box`` ``(x0, y0, x1, y1)`` cut to the bounding box of ``allowed`` ``(rows, cols)``;
+    None when they do not overlap (or nothing is allowed)."""
+    if not allowed.any():
+        return None
+    footprint = mask_box(allowed)
+    low = np.maximum(box[:2], footprint[:2])
+    high = np.minimum(box[2:], footprint[2:])
+    if (high < low).any():
+        return None
+    return np.concatenate([low, high]).astype(np.float32)
+
+
 def _advance(
     segmenter: SliceSegmenter,
     front: _Front,
@@ -353,6 +385,11 @@ def _advance(
     index = front.next
     source, logits = _prompt_source(front, schedule, volume, options)
     prompt = project_prompt(source, options, logits)
+    if schedule.allowed is not None and prompt.box is not None:
+        prompt.box = cut_box(prompt.box, schedule.allowed[index])
+        if prompt.box is None:
+            front.stop = DirectionStop(front.seed, front.direction, front.last, "roi")
+            return None
     schedule.take(index)
     prediction = segmenter.segment_slice(index, prompt)
     mask = np.asarray(prediction.mask, bool)
@@ -361,6 +398,8 @@ def _advance(
             f"the model's slice {index} is {mask.shape} but the seeds are {volume.shape[1:]}: "
             "draw seeds on slices along the propagation axis"
         )
+    if schedule.allowed is not None:
+        mask = mask & schedule.allowed[index]
     previous = volume[front.last]
     record = SliceRecord(
         index,
@@ -369,6 +408,7 @@ def _advance(
         float(prediction.score),
         _overlap(previous, mask, options.overlap),
         int(mask.sum()),
+        float(getattr(prediction, "stability", math.nan)),
     )
     reason = _stop_reason(record, front, options)
     logger.debug(
@@ -425,7 +465,7 @@ def _stop_reason(record: SliceRecord, front: _Front, options: PropagationOptions
         return "overlap"
     if options.min_area_ratio > 0:
         ratio = record.area / _expected_area(front.areas)
-        if ratio < options.min_area_ratio or ratio > 1 / options.min_area_ratio:
+        if ratio > 1 / options.min_area_ratio:
             return "area"
     return None
 

@@ -26,8 +26,15 @@ from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.formats.markups import Roi
 from RobustMedSAMLib.inference.propagation import PropagationOptions, propagate
 from RobustMedSAMLib.inference.session import SegmentationSession, SessionStats
-from RobustMedSAMLib.inference.slicing import prompts_for_slice, roi_to_slice_box, set_slice
-from RobustMedSAMLib.inference.zoom import crop_volume, zoom_region
+from RobustMedSAMLib.inference.slicing import (
+    FLAT_ROI_SLICES,
+    prompts_for_slice,
+    roi_thickness,
+    roi_to_slice_box,
+    roi_voxels,
+    set_slice,
+)
+from RobustMedSAMLib.inference.zoom import box_is_small, crop_volume, zoom_region
 from RobustMedSAMLib.progress import Cancel, Progress
 
 
@@ -61,27 +68,76 @@ def read_record_prompts(path: str | Path) -> VolumePrompts:
         return VolumePrompts(
             positive=_points(stored.get("positive")),
             negative=_points(stored.get("negative")),
-            roi=Roi(**{k: np.asarray(v, float) for k, v in roi.items()}) if roi else None,
+            roi=_roi(roi) if roi else None,
         )
     except FileNotFoundError:
         raise InputError(f"run record not found: {path}") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
         raise InputError(f"{path}: not a robustmedsam run record ({error})") from None
 
 
+def _roi(stored: dict[str, Any]) -> Roi:
+    """A record's ROI: ``center_ras`` 3 numbers, ``size`` 3 mm >= 0, ``axes_ras`` a 3x3
+    rotation (unit columns, orthogonal); ValueError naming what is wrong."""
+    center = np.asarray(stored["center_ras"], float).reshape(3)
+    size = np.asarray(stored["size"], float).reshape(3)
+    axes = np.asarray(stored["axes_ras"], float).reshape(3, 3)
+    if not (np.isfinite(center).all() and np.isfinite(size).all() and np.isfinite(axes).all()):
+        raise ValueError("the ROI has non-finite numbers")
+    if (size < 0).any():
+        raise ValueError(f"the ROI size {size.tolist()} is negative")
+    if not np.allclose(axes.T @ axes, np.eye(3), atol=1e-4):
+        raise ValueError("the ROI axes_ras are not orthogonal unit vectors")
+    return Roi(center_ras=center, size=size, axes_ras=axes)
+
+
 def _points(values: Any) -> np.ndarray | None:
-    return None if values is None else np.asarray(values, float).reshape(-1, 3)
+    if values is None:
+        return None
+    points = np.asarray(values, float).reshape(-1, 3)
+    if not np.isfinite(points).all():
+        raise ValueError("a point has non-finite coordinates")
+    return points
 
 
 @dataclass
 class SegmentOptions:
     """propagate: grow the prompted slices' masks into 3D (else only prompted slices).
-    zoom: with a box (ROI), segment on a crop around it (``zoom.py``): for structures
-    small against the slice; the mask is the same size as the volume either way."""
+    zoom: with a box (ROI), segment on a crop around it (``zoom.py``): ``True`` always,
+    ``False`` never, ``"auto"`` (default) when the box is small at the model's input
+    (:func:`zoom.box_is_small`); the mask is the same size as the volume either way."""
 
     propagate: bool = False
     propagation: PropagationOptions = field(default_factory=PropagationOptions)
+    zoom: bool | str = "auto"
+
+    def validate(self) -> None:
+        """Raise InputError naming the first unusable option."""
+        if self.zoom not in (True, False, "auto"):
+            raise InputError(f"zoom={self.zoom!r}: use True, False or 'auto'")
+        self.propagation.validate()
+
+
+@dataclass
+class Decisions:
+    """What the pipeline decided, for the run record.
+
+    roi: ``"none"``, ``"2d"`` (an ROI at most ``FLAT_ROI_SLICES`` thick: a box on its
+    slice, propagated until the structure ends) or ``"3d"`` (bounds and clips the
+    result); roi_slices: its thickness in slices. window: ``(low, high)`` and what
+    chose it. zoom: used or not, and why. covered: first and last slice of the mask
+    (None if empty); ends: why propagation stopped at the low and the high end.
+    """
+
+    roi: str = "none"
+    roi_slices: float | None = None
+    window: tuple[float, float] | None = None
+    window_source: str = ""
     zoom: bool = False
+    zoom_reason: str = "no box"
+    zoom_region: list[list[int]] | None = None  # K, J, I voxel ranges of the crop
+    covered: tuple[int, int] | None = None
+    ends: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -93,6 +149,7 @@ class SliceScore:
     overlap: float
     area: int
     source: str  # "prompt" or "propagated"
+    stability: float = math.nan  # the model's stability score (see predictor.py)
 
 
 @dataclass
@@ -106,6 +163,7 @@ class SegmentationResult:
     prompted: list[int]
     seconds: float
     stats: SessionStats
+    decisions: Decisions = field(default_factory=Decisions)
 
 
 def segment_volume(
@@ -121,17 +179,25 @@ def segment_volume(
     when cancelled (nothing is returned, the volume is untouched).
     """
     options = options or SegmentOptions()
-    if options.zoom and prompts.roi is not None:
-        return _zoomed(session, prompts, options, progress, cancel)
+    options.validate()
+    zoom, reason = _zoom_decision(session, prompts, options)
+    if zoom:
+        return _zoomed(session, prompts, options, reason, progress, cancel)
     start = time.perf_counter()
     volume, axis = session.volume, session.axis
+    decisions = Decisions(window=session.window, window_source=session.window_source)
+    decisions.zoom_reason = reason
+    allowed = _roi_decision(session, prompts.roi, decisions)
     per_slice = prompts_for_slice(volume, axis, prompts.positive, prompts.negative, prompts.roi)
     seeds, logits, scores = {}, {}, []
     for index, prompt in per_slice.items():
         prediction = session.segment_slice(index, prompt)
-        seeds[index], logits[index] = prediction.mask, prediction.low_res_logits
+        mask = prediction.mask if allowed is None else prediction.mask & allowed[index]
+        seeds[index], logits[index] = mask, prediction.low_res_logits
         scores.append(
-            SliceScore(index, prediction.score, math.nan, int(prediction.mask.sum()), "prompt")
+            SliceScore(
+                index, prediction.score, math.nan, int(mask.sum()), "prompt", prediction.stability
+            )
         )
     stops: list[dict[str, Any]] = []
     slice_masks = {index: mask for index, mask in seeds.items()}
@@ -140,17 +206,23 @@ def segment_volume(
         result = propagate(
             session,
             nonempty,
-            _bounded_by_roi(options.propagation, session, prompts.roi),
+            _propagation_options(options.propagation, session, prompts.roi, decisions),
             progress,
             cancel,
             seed_logits={i: logits[i] for i in nonempty},
+            allowed=allowed,
         )
         for record in result.records:
             if record.direction != 0:
                 slice_masks[record.index] = result.mask[record.index]
                 scores.append(
                     SliceScore(
-                        record.index, record.score, record.overlap, record.area, "propagated"
+                        record.index,
+                        record.score,
+                        record.overlap,
+                        record.area,
+                        "propagated",
+                        record.stability,
                     )
                 )
         stops = [_stop_dict(stop) for stop in result.stops]
@@ -158,15 +230,75 @@ def segment_volume(
     for index, slice_mask in slice_masks.items():
         set_slice(mask, axis, index, slice_mask)
     scores.sort(key=lambda s: s.index)
+    kept = [s.index for s in scores if s.area > 0]
+    decisions.covered = (min(kept), max(kept)) if kept else None
+    decisions.ends = _ends(stops, decisions.covered, options.propagate)
     return SegmentationResult(
-        mask, scores, stops, sorted(per_slice), time.perf_counter() - start, session.stats
+        mask,
+        scores,
+        stops,
+        sorted(per_slice),
+        time.perf_counter() - start,
+        session.stats,
+        decisions,
     )
+
+
+def _zoom_decision(
+    session: SegmentationSession, prompts: VolumePrompts, options: SegmentOptions
+) -> tuple[bool, str]:
+    """Whether to segment on a crop around the box, and why."""
+    if prompts.roi is None:
+        return False, "no box"
+    if options.zoom is True:
+        return True, "asked"
+    if options.zoom is False:
+        return False, "not asked"
+    _, box = roi_to_slice_box(session.volume, session.axis, prompts.roi)
+    rows, cols = session.slice_image(0).shape
+    input_size = getattr(session.predictor.preprocessor, "image_size", 256)
+    if box_is_small(box, (rows, cols), input_size):
+        return True, "auto: box small at the model's input"
+    return False, "auto: box large enough"
+
+
+def _roi_decision(
+    session: SegmentationSession, roi: Roi | None, decisions: Decisions
+) -> np.ndarray | None:
+    """Flat or 3D ROI; for a 3D one, its voxels in slice order ``(n_slices, rows, cols)``."""
+    if roi is None:
+        return None
+    decisions.roi_slices = roi_thickness(session.volume, session.axis, roi)
+    if decisions.roi_slices <= FLAT_ROI_SLICES:
+        decisions.roi = "2d"
+        return None
+    decisions.roi = "3d"
+    return np.moveaxis(roi_voxels(session.volume, roi), session.axis, 0)
+
+
+def _ends(
+    stops: list[dict[str, Any]], covered: tuple[int, int] | None, propagated: bool
+) -> dict[str, str]:
+    """Why the mask ends where it does, at its low and high slice."""
+    if covered is None:
+        return {"low": "empty", "high": "empty"}
+    if not propagated:
+        return {"low": "not propagated", "high": "not propagated"}
+    ends = {}
+    for name, direction, index in (("low", -1, covered[0]), ("high", 1, covered[1])):
+        reasons = [s["reason"] for s in stops if s["direction"] == direction]
+        at_end = [
+            s["reason"] for s in stops if s["direction"] == direction and s["last_index"] == index
+        ]
+        ends[name] = (at_end or reasons or ["not propagated"])[0]
+    return ends
 
 
 def _zoomed(
     session: SegmentationSession,
     prompts: VolumePrompts,
     options: SegmentOptions,
+    reason: str,
     progress: Progress | None,
     cancel: Cancel | None,
 ) -> SegmentationResult:
@@ -180,24 +312,32 @@ def _zoomed(
         window=session.window,
         cache_bytes=session.cache_bytes,
     )
+    crop.window_source = session.window_source
     try:
         result = segment_volume(crop, prompts, replace(options, zoom=False), progress, cancel)
     finally:
         session.stats.add(crop.stats)
     mask = np.zeros(volume.shape, dtype=bool)
     mask[region] = result.mask
-    return replace(result, mask=mask, stats=session.stats)
+    crop_ranges = [[r.start, r.stop] for r in region]
+    decisions = replace(result.decisions, zoom=True, zoom_reason=reason, zoom_region=crop_ranges)
+    return replace(result, mask=mask, stats=session.stats, decisions=decisions)
 
 
-def _bounded_by_roi(
-    options: PropagationOptions, session: SegmentationSession, roi: Roi | None
+def _propagation_options(
+    options: PropagationOptions,
+    session: SegmentationSession,
+    roi: Roi | None,
+    decisions: Decisions,
 ) -> PropagationOptions:
-    """A 3D box given by the user bounds propagation to the slices it spans (unless
-    bounds were given explicitly): the user has said where the object ends."""
-    if roi is None or options.bounds is not None:
+    """A 3D ROI bounds propagation to the slices it spans (unless bounds were given
+    explicitly), and within it only an empty mask stops: the user has said where the
+    object is. A flat ROI (a box on one slice) leaves the measured stop rules on."""
+    if decisions.roi != "3d":
         return options
     (first, last), _ = roi_to_slice_box(session.volume, session.axis, roi)
-    return replace(options, bounds=(first, last))
+    bounds = options.bounds if options.bounds is not None else (first, last)
+    return replace(options, bounds=bounds, iou_threshold=0.0, min_area_ratio=0.0, min_score=0.0)
 
 
 def _stop_dict(stop) -> dict[str, Any]:
@@ -245,6 +385,7 @@ def run_record(
             "zoom": options.zoom,
             "propagation": asdict(options.propagation),
         },
+        "decisions": asdict(result.decisions),
         "prompted_slices": result.prompted,
         "slices": [_clean(asdict(s)) for s in result.slices],
         "stops": result.stops,

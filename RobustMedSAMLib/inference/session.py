@@ -24,7 +24,7 @@ from RobustMedSAMLib.errors import CancelledError, InputError
 from RobustMedSAMLib.formats.atomic import atomic_output
 from RobustMedSAMLib.formats.volume import Volume
 from RobustMedSAMLib.inference.predictor import EncodedSlice, Predictor
-from RobustMedSAMLib.inference.preprocessing import Frame, auto_window
+from RobustMedSAMLib.inference.preprocessing import Frame, resolve_window
 from RobustMedSAMLib.inference.slicing import (
     AXIS_NAMES,
     axis_index,
@@ -74,7 +74,7 @@ class SegmentationSession:
         volume: Volume,
         predictor: Predictor,
         axis: str | int = "axial",
-        window: tuple[float, float] | None = None,
+        window: tuple[float, float] | str | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         disk_cache: str | Path | None = None,
         model_id: str = "",
@@ -85,10 +85,17 @@ class SegmentationSession:
         if self.axis not in (0, 1, 2):
             raise InputError(f"axis must be one of {AXIS_NAMES} or 0, 1, 2; got {axis!r}")
         check_slice_size(volume, self.axis)
-        self.window = window or auto_window(volume.array)
+        # window: (low, high), a preset name or "LO,HI"; None: chosen from the volume
+        self.window, self.window_source = resolve_window(
+            volume.array, window, getattr(volume, "modality", None)
+        )
         self.cache_bytes = cache_bytes
         self.disk_cache = Path(disk_cache) if disk_cache else None
+        if self.disk_cache is not None and self.disk_cache.exists():
+            if not self.disk_cache.is_dir():
+                raise InputError(f"embedding cache {self.disk_cache} is a file: give a folder")
         self.model_id = model_id
+        self._shapes: dict[str, tuple[int, ...]] | None = None  # of the features seen
         self.stats = SessionStats()
         self._cache: OrderedDict[int, EncodedSlice] = OrderedDict()
         self._clicks: dict[int, _Clicks] = {}
@@ -122,6 +129,9 @@ class SegmentationSession:
             self.stats.encoder_seconds += time.perf_counter() - start
             self.stats.encoder_calls += 1
             self.stats.encoded.append(index)
+            self._shapes = {"embedding": tuple(encoded.features.embedding.shape)}
+            if encoded.features.robust is not None:
+                self._shapes["robust"] = tuple(encoded.features.robust.shape)
             self._save_to_disk(index, encoded)
         self._remember(index, encoded)
         return encoded
@@ -176,6 +186,12 @@ class SegmentationSession:
         clicks.logits = prediction.low_res_logits
         return prediction
 
+    def click_logits(self, index: int) -> np.ndarray | None:
+        """The low-res logits of the last click's mask on slice ``index`` (None if none):
+        the mask input for propagating from that slice."""
+        clicks = self._clicks.get(index)
+        return None if clicks is None else clicks.logits
+
     def clear_clicks(self, index: int | None = None) -> None:
         """Forget the points of one slice (or of all)."""
         if index is None:
@@ -218,10 +234,43 @@ class SegmentationSession:
         except (SafetensorError, OSError) as error:
             log.warning("ignoring unreadable cache file %s: %s", path, error)
             return None
+        problem = self._cache_file_problem(index, tensors)
+        if problem:
+            log.warning("ignoring cache file %s (%s); encoding the slice again", path, problem)
+            return None
         frame = tensors.pop("frame").tolist()
         features = ImageFeatures(tensors["embedding"], tensors.get("robust"))
         self.stats.disk_hits += 1
         return EncodedSlice(features, Frame(tuple(frame[:2]), tuple(frame[2:])))
+
+    def _cache_file_problem(self, index: int, tensors: dict[str, torch.Tensor]) -> str:
+        """What makes a cache file unusable for slice ``index`` ('' when nothing): the
+        names, a frame ``(rows, cols, input rows, input cols)`` of this slice, finite
+        float features of the shapes this session has seen."""
+        if not {"embedding", "frame"} <= set(tensors) <= {"embedding", "frame", "robust"}:
+            return f"tensors {sorted(tensors)}"
+        frame = tensors["frame"]
+        rows_cols = tuple(self.slice_image(index).shape)
+        if (
+            frame.shape != (4,)
+            or frame.is_floating_point()
+            or tuple(frame[:2].tolist()) != (rows_cols)
+        ):
+            return f"frame {frame.tolist()} is not that of a {rows_cols} slice"
+        features = {k: v for k, v in tensors.items() if k != "frame"}
+        for name, tensor in features.items():
+            if not tensor.is_floating_point() or tensor.ndim != 4 or not tensor.isfinite().all():
+                return f"{name} is not finite 4-D features"
+        shapes = {k: tuple(v.shape) for k, v in features.items()}
+        config = getattr(getattr(self.predictor, "model", None), "config", None)
+        if config is not None:  # a SAM-family model: 1 x C x E x E embeddings
+            size = config.embedding_size
+            if shapes["embedding"] != (1, config.prompt_embed_dim, size, size):
+                return f"embedding of shape {shapes['embedding']} is not this model's"
+        if self._shapes is not None and shapes != self._shapes:
+            return f"shapes {shapes} differ from {self._shapes}"
+        self._shapes = shapes
+        return ""
 
     def _save_to_disk(self, index: int, encoded: EncodedSlice) -> None:
         path = self._disk_path(index)
@@ -229,7 +278,12 @@ class SegmentationSession:
             return
         from safetensors.torch import save_file
 
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise InputError(
+                f"cannot write the embedding cache {self.disk_cache}: {error.strerror}"
+            ) from None
         frame = torch.tensor([*encoded.frame.original_size, *encoded.frame.input_size])
         tensors = {"embedding": encoded.features.embedding.cpu().contiguous(), "frame": frame}
         if encoded.features.robust is not None:

@@ -162,6 +162,35 @@ def roi_to_slice_box(volume: Volume, axis: int, roi: Roi) -> tuple[tuple[int, in
     return (first, last), box
 
 
+FLAT_ROI_SLICES = 2.0  # an ROI at most this thick (in slices) is a 2D box on its slice
+
+
+def roi_thickness(volume: Volume, axis: int, roi: Roi) -> float:
+    """How many slices along ``axis`` the ROI spans (continuous, corner to corner)."""
+    _check_axis(axis)
+    kji = volume.ras_to_ijk_points(roi.corners_ras())[:, ::-1]
+    return float(np.round(kji[:, axis].max() - kji[:, axis].min(), 6))
+
+
+def roi_voxels(volume: Volume, roi: Roi) -> np.ndarray:
+    """``(K, J, I)`` bool: the voxels whose centres lie inside the ROI (on its faces too)."""
+    inside = np.zeros(volume.shape, bool)
+    kji = volume.ras_to_ijk_points(roi.corners_ras())[:, ::-1]
+    low = np.clip(np.floor(kji.min(axis=0)).astype(int), 0, np.array(volume.shape))
+    high = np.clip(np.ceil(kji.max(axis=0)).astype(int) + 1, 0, np.array(volume.shape))
+    if (high <= low).any():
+        return inside
+    rows, cols = np.meshgrid(np.arange(low[1], high[1]), np.arange(low[2], high[2]), indexing="ij")
+    half = np.asarray(roi.size, float) / 2 + 1e-6
+    for k in range(low[0], high[0]):  # slice by slice: a large ROI stays small in memory
+        ijk = np.stack([cols.ravel(), rows.ravel(), np.full(cols.size, k)], axis=1)
+        local = (volume.ijk_to_ras_points(ijk) - roi.center_ras) @ np.asarray(roi.axes_ras)
+        inside[k, low[1] : high[1], low[2] : high[2]] = (
+            (np.abs(local) <= half).all(axis=1).reshape(rows.shape)
+        )
+    return inside
+
+
 def prompts_for_slice(
     volume: Volume,
     axis: int,

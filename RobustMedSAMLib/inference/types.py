@@ -64,12 +64,14 @@ class Prediction:
 
     mask: ``(rows, cols)`` bool in slice pixels; score: the model's predicted IoU
     of that mask; low_res_logits: ``1x256x256`` float32, to feed back as
-    ``SlicePrompt.mask_input``.
+    ``SlicePrompt.mask_input``; stability: IoU of the mask thresholded at logit
+    -1 and +1 (SAM's stability score; NaN when not computed).
     """
 
     mask: np.ndarray
     score: float
     low_res_logits: np.ndarray
+    stability: float = float("nan")
 
 
 class SliceSegmenter(Protocol):

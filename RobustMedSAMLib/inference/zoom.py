@@ -17,6 +17,19 @@ from RobustMedSAMLib.formats.volume import Volume
 from RobustMedSAMLib.inference.slicing import MIN_SLICE_SIDE
 
 ZOOM_MARGIN = 0.5  # context on each side, as a fraction of the box's size
+AUTO_ZOOM_INPUT_PX = 32.0  # zoom when the box is under two 16 px patches at model input
+
+
+def box_is_small(box: np.ndarray, slice_shape: tuple[int, int], input_size: int) -> bool:
+    """True when ``box`` ``(x0, y0, x1, y1)`` slice pixels is small for the model: its
+    longest side, scaled as the slice ``(rows, cols)`` is to the model's ``input_size``
+    (longest side to ``input_size``), is under ``AUTO_ZOOM_INPUT_PX``, two of the image
+    encoder's 16 px patches. Measured on phantoms with the demo model (256 px input):
+    a 7 px lesion box in a 96 px slice (19 px at input) gains from zoom (Dice 0.45 ->
+    0.75), a 22 px spleen box (59 px at input) loses (0.90 -> 0.51)."""
+    x0, y0, x1, y1 = np.asarray(box, float)
+    scale = input_size / max(slice_shape)
+    return bool(max(x1 - x0, y1 - y0) * scale < AUTO_ZOOM_INPUT_PX)
 
 
 def zoom_region(
@@ -60,4 +73,4 @@ def crop_volume(volume: Volume, region: tuple[slice, slice, slice]) -> Volume:
     """The part of ``volume`` in ``region`` (``K, J, I`` slices), at its place in RAS."""
     offset = np.eye(4)
     offset[:3, 3] = [region[2].start, region[1].start, region[0].start]  # i, j, k
-    return Volume(volume.array[region], volume.ijk_to_ras @ offset, volume.name)
+    return Volume(volume.array[region], volume.ijk_to_ras @ offset, volume.name, volume.modality)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.training.config import TrainingConfig
 
 
@@ -39,6 +40,12 @@ class BatchPlan:
         self.config = config
         self.train_indices = train_indices
         self.world, self.rank = world, rank
+        if config.train.batch_size > len(train_indices):
+            raise InputError(
+                f"train.batch_size = {config.train.batch_size} is more than the "
+                f"{len(train_indices)} training samples (slices with a visible mask): "
+                "lower it or add data"
+            )
         self.steps_per_epoch = max(1, -(-len(train_indices) // config.train.batch_size))
         self._orders: dict[int, list[int]] = {}
 

@@ -6,6 +6,7 @@ Unknown sections or keys are errors (a typo must not silently fall back to a def
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 from RobustMedSAMLib.errors import InputError
 
 MODES = ("decoder", "svd", "full")
+OPTIMIZERS = ("adamw", "sgd")
 SOURCES = ("medsegbench", "volumes", "phantoms", "regions")
 AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
 
@@ -39,11 +41,14 @@ class TrainSection:
     robust_image_blocks: train RobustSAM's feature blocks on the encoder outputs (as the
     paper does); false freezes them, and decoder mode then caches their output (on ViT-B
     most of a cached step's time is these blocks). ``batch_size`` is the global batch:
-    under torchrun each of N processes takes about batch_size / N of it."""
+    under torchrun each of N processes takes about batch_size / N of it. optimizer:
+    adamw, or sgd (momentum 0.9): SGD's weights move smoothly with float rounding, where
+    Adam's first steps follow the sign of each gradient, tiny ones included."""
 
     mode: str = "decoder"
     robust_image_blocks: bool = True
     steps: int = 100
+    optimizer: str = "adamw"
     batch_size: int = 4
     lr: float = 1e-4
     min_lr_fraction: float = 0.1
@@ -154,9 +159,13 @@ class TrainingConfig:
     def from_dict(cls, values: dict[str, Any], base: Path | None = None) -> TrainingConfig:
         """Build and check a config; relative paths are resolved against ``base``."""
         sections = {f.name: f for f in dataclasses.fields(cls)}
+        if not isinstance(values, dict):
+            raise InputError(f"a config must be a table of sections, got {_short(values)}")
         unknown = sorted(set(values) - set(sections))
         if unknown:
-            raise InputError(f"unknown config section(s) {unknown}; known: {sorted(sections)}")
+            raise InputError(
+                f"unknown config section(s) {_short(unknown)}; known: {', '.join(sorted(sections))}"
+            )
         built = {}
         for name, f in sections.items():
             section_type = f.default_factory().__class__  # type: ignore[misc]
@@ -212,6 +221,7 @@ class TrainingConfig:
         """Raise InputError for values that cannot work, naming the key."""
         t, m, d, c, p = self.train, self.model, self.data, self.corruption, self.prompts
         _choice("train.mode", t.mode, MODES)
+        _choice("train.optimizer", t.optimizer, OPTIMIZERS)
         _choice("data.source", d.source, SOURCES)
         _choice("data.axis", d.axis, tuple(AXES))
         _choice("data.phantom_scenes", d.phantom_scenes, ("organs", "mixed"))
@@ -224,18 +234,12 @@ class TrainingConfig:
             raise InputError(
                 "[model] needs checkpoint = ..., or encoder and decoder, or init = 'random'"
             )
-        for key, value in (("train.steps", t.steps), ("train.batch_size", t.batch_size)):
-            if value < 1:
-                raise InputError(f"{key} must be at least 1, got {value}")
+        self._check_ranges()
         if t.lr <= 0:
             raise InputError(f"train.lr must be positive, got {t.lr}")
         if not 0 <= d.val_fraction < 1 or not 0 <= c.clean_fraction <= 1:
             raise InputError(
                 "data.val_fraction must be in [0, 1) and corruption.clean_fraction in [0, 1]"
-            )
-        if c.variants < 0 or p.points < 0 or p.corrections < 0:
-            raise InputError(
-                "corruption.variants, prompts.points and prompts.corrections must be >= 0"
             )
         if p.points == 0 and p.box_probability < 1:
             raise InputError(
@@ -253,16 +257,67 @@ class TrainingConfig:
             raise InputError("data.source = 'medsegbench' needs paths = ['..._{size}.npz', ...]")
         if d.source in ("volumes", "regions") and not d.folder:
             raise InputError(f"data.source = '{d.source}' needs folder = '...'")
-        if d.phantom_mix < 0 or d.regions_per_image < 1:
-            raise InputError(
-                f"data.phantom_mix must be >= 0 (got {d.phantom_mix}) and "
-                f"data.regions_per_image >= 1 (got {d.regions_per_image})"
-            )
         if d.phantom_mix and d.source == "phantoms":
             raise InputError(
                 "data.phantom_mix adds phantoms to another source; "
                 "with source = 'phantoms' set phantom_volumes instead"
             )
+
+    def _check_ranges(self) -> None:
+        """Every number finite and inside its range (``RANGES``), naming the key."""
+        for section in dataclasses.fields(self):
+            for key, value in _asdict(self, section.name):
+                name = f"{section.name}.{key}"
+                for item in value if isinstance(value, tuple) else (value,):
+                    if isinstance(item, float) and not math.isfinite(item):
+                        raise InputError(f"{name} must be a finite number, got {item}")
+                if name in RANGES:
+                    low, high = RANGES[name]
+                    for item in value if isinstance(value, tuple) else (value,):
+                        if item < low or (high is not None and item > high):
+                            where = f"at least {low}" if high is None else f"in {low}..{high}"
+                            raise InputError(f"{name} must be {where}, got {item}")
+        if len(self.data.phantom_shape) != 3:
+            raise InputError(
+                f"data.phantom_shape must be 3 numbers (slices, rows, columns), "
+                f"got {list(self.data.phantom_shape)}"
+            )
+
+
+#: Inclusive ``(low, high)`` of the numeric keys (high None: no upper bound); for a list,
+#: of each item. ``lr`` > 0 and the fractions are checked in ``check``.
+RANGES: dict[str, tuple[float, float | None]] = {
+    "train.steps": (1, None),
+    "train.batch_size": (1, 65536),
+    "train.min_lr_fraction": (0.0, 1.0),
+    "train.weight_decay": (0.0, None),
+    "train.warmup_steps": (0, None),
+    "train.grad_clip": (0.0, None),
+    "train.seed": (0, 2**32 - 1),
+    "train.val_every": (1, None),
+    "train.checkpoint_every": (1, None),
+    "train.log_every": (1, None),
+    "data.label_value": (0, None),
+    "data.max_samples": (0, None),
+    "data.max_slices_per_volume": (0, None),
+    "data.min_foreground": (0, None),
+    "data.val_samples": (1, None),
+    "data.phantom_volumes": (1, None),
+    "data.phantom_shape": (1, 1024),
+    "data.phantom_mix": (0, None),
+    "data.regions_per_image": (1, None),
+    "corruption.variants": (0, None),
+    "prompts.box_probability": (0.0, 1.0),
+    "prompts.box_jitter": (0.0, 1.0),
+    "prompts.points": (0, None),
+    "prompts.corrections": (0, None),
+    "loss.dice": (0.0, None),
+    "loss.bce": (0.0, None),
+    "loss.focal": (0.0, None),
+    "loss.iou": (0.0, None),
+    "loss.align": (0.0, None),
+    "svd.rank": (0, None),
+}
 
 
 def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
@@ -285,28 +340,43 @@ def _section(section_type: type, name: str, values: Any) -> Any:
     fields = {f.name: f for f in dataclasses.fields(section_type)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise InputError(f"unknown key(s) {unknown} in [{name}]; known: {sorted(fields)}")
+        raise InputError(
+            f"unknown key(s) {_short(unknown)} in [{name}]; known: {', '.join(sorted(fields))}"
+        )
     out = {}
     for key, value in values.items():
         default = getattr(section_type(), key)
-        out[key] = _coerce(f"{name}.{key}", value, default)
+        item_type = int if "int" in str(fields[key].type) else str
+        out[key] = _coerce(f"{name}.{key}", value, default, item_type)
     return section_type(**out)
 
 
-def _coerce(key: str, value: Any, default: Any) -> Any:
+def _coerce(key: str, value: Any, default: Any, item_type: type = str) -> Any:
     if isinstance(default, tuple):
         if not isinstance(value, list):
-            raise InputError(f"{key} must be a list, got {value!r}")
+            raise InputError(f"{key} must be a list, got {_short(value)}")
+        wrong = [v for v in value if type(v) is not item_type]
+        if wrong:
+            raise InputError(
+                f"{key} must be a list of {item_type.__name__}s, got {_short(wrong[0])} in it"
+            )
         return tuple(value)
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise InputError(f"{key} must be true or false, got {value!r}")
+            raise InputError(f"{key} must be true or false, got {_short(value)}")
         return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if type(value) is not type(default):
-        raise InputError(f"{key} must be a {type(default).__name__}, got {value!r}")
+        kind = {"str": "text (in quotes)", "int": "whole number", "float": "number"}
+        raise InputError(f"{key} must be a {kind[type(default).__name__]}, got {_short(value)}")
     return value
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` on one line, cut to ``limit`` characters."""
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -13,6 +13,7 @@ blocks that consume it are trained) or, when those blocks are frozen,
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -25,7 +26,8 @@ import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 
-from RobustMedSAMLib.errors import CancelledError, InputError
+from RobustMedSAMLib.errors import CancelledError, InputError, OutputError
+from RobustMedSAMLib.formats.atomic import atomic_output
 from RobustMedSAMLib.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -64,8 +66,37 @@ class EmbeddingCache:
 
     @classmethod
     def open(cls, folder: Path) -> EmbeddingCache:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        return cls(folder, manifest["kinds"], manifest["variants"])
+        """The complete cache in ``folder``; InputError when its manifest or arrays are
+        damaged (wrong names, counts, shapes or types): remove the folder to rebuild."""
+        manifest = json.loads((folder / MANIFEST).read_text())  # FileNotFoundError: absent
+        try:
+            kinds, variants, count = manifest["kinds"], manifest["variants"], manifest["count"]
+            if not (isinstance(variants, int) and isinstance(count, int) and variants >= 0):
+                raise ValueError(f"variants {variants!r}, count {count!r}")
+            if not kinds or not all(isinstance(k, str) and k.isidentifier() for k in kinds):
+                raise ValueError(f"kinds {kinds!r}")
+            cache = cls(folder, kinds, variants)
+            cache._check(count)
+        except (KeyError, TypeError, ValueError, OSError) as error:
+            raise InputError(
+                f"{folder} holds a damaged embedding cache ({error}); remove the folder "
+                "and the run builds it again"
+            ) from None
+        return cache
+
+    def _check(self, count: int) -> None:
+        """ValueError unless every array is float16 with ``count`` rows and each kind has
+        one shape over its variants."""
+        for kind, arrays in self._arrays.items():
+            shapes = {a.shape for a in arrays}
+            if len(shapes) != 1 or next(iter(shapes))[0] != count:
+                raise ValueError(f"{kind} arrays of shapes {sorted(shapes)} for {count} images")
+            if any(a.dtype != np.float16 for a in arrays):
+                raise ValueError(f"{kind} arrays are not float16")
+
+    def row_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The stored shape of one image's tensor, by kind."""
+        return {kind: tuple(arrays[0].shape[1:]) for kind, arrays in self._arrays.items()}
 
     @property
     def nbytes(self) -> int:
@@ -100,12 +131,15 @@ def build_cache(
     model_input(index, variant) -> ``1 x 3 x S x S``. A folder holding a cache for another
     key is refused; completed variants of this key are reused after an interruption.
     """
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot make the embedding cache {folder}: {error.strerror}") from None
     manifest = folder / MANIFEST
     if manifest.is_file():
-        if json.loads(manifest.read_text()).get("key") == key:
+        if _manifest_key(manifest) == key:
             log.info("embedding cache: reusing %s", folder)
-            return EmbeddingCache.open(folder)
+            return _reused(EmbeddingCache.open(folder), count)
         raise InputError(
             f"{folder} holds an embedding cache for other data or weights; "
             "remove it or set [cache] dir to another folder"
@@ -128,10 +162,45 @@ def build_cache(
         (folder / f".kinds_v{variant}").write_text(json.dumps(kinds))
         marker.write_text(key)
         done += count
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps({"key": key, "count": count, "variants": variants, "kinds": kinds}))
-    os.replace(tmp, manifest)
+    with atomic_output(manifest) as temporary:
+        values = {"key": key, "count": count, "variants": variants, "kinds": kinds}
+        temporary.write_text(json.dumps(values))
     return EmbeddingCache.open(folder)
+
+
+def _manifest_key(manifest: Path) -> str | None:
+    try:
+        values = json.loads(manifest.read_text())
+    except (ValueError, OSError):
+        return None  # then refused as a cache for other data
+    return values.get("key") if isinstance(values, dict) else None
+
+
+def _reused(cache: EmbeddingCache, count: int) -> EmbeddingCache:
+    """``cache`` when it holds ``count`` images (the key says which); InputError otherwise."""
+    rows = {arrays[0].shape[0] for arrays in cache._arrays.values()}
+    if rows != {count}:
+        raise InputError(
+            f"{cache.folder} holds an embedding cache of {sorted(rows)} images, not this run's "
+            f"{count}; remove the folder and the run builds it again"
+        )
+    return cache
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the disk blocks of a new memory-mapped file now: a full disk is then an
+    OutputError here, not a SIGBUS when a page of the map is first written."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows: the map's writes find out
+        return
+    with open(path, "r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, path.stat().st_size)
+        except OSError as error:
+            if error.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                return  # a file system without fallocate
+            raise OutputError(
+                f"cannot write the embedding cache in {path.parent}: {error.strerror}"
+            ) from None
 
 
 def _build_variant(folder, variant, encode, count, model_input, batch_size, cancel, report):
@@ -152,6 +221,7 @@ def _build_variant(folder, variant, encode, count, model_input, batch_size, canc
                     os.close(fd)
                     shape = (count, *array.shape[1:])
                     writers[kind] = open_memmap(temporaries[kind], "w+", np.float16, shape)
+                    _reserve(Path(temporaries[kind]))
                 writers[kind][start : start + len(indices)] = array
             if report is not None:
                 report(start + len(indices))

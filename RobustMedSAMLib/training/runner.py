@@ -154,13 +154,14 @@ class Trainer:
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in parameters if p.ndim > 1]
         no_decay = [p for p in parameters if p.ndim <= 1]
-        self.optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": t.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=t.lr,
-        )
+        groups = [
+            {"params": decay, "weight_decay": t.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        if t.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=0.9)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=t.lr)
         self.plan = BatchPlan(config, self.train_indices, self.dist.world, self.dist.rank)
         self.steps_per_epoch = self.plan.steps_per_epoch
         self.caches: dict[str, EmbeddingCache] = {}

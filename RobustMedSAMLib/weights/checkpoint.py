@@ -51,17 +51,22 @@ def _read_safetensors(path: Path) -> StateDict:
 
 
 def _read_torch(path: Path) -> StateDict:
+    """A ``.pth`` state dict; the zip format is memory-mapped, so tensors are read only
+    when used (after their shapes are checked)."""
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes); download it again")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(
+            path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
+        )
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"{path}: refused to load: it holds Python objects other than tensors "
-            f"(weights_only=True): {str(error).splitlines()[0]}"
+            f"(weights_only=True): {_first_line(error)}"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
         raise CheckpointError(
-            f"{path}: corrupt or truncated checkpoint ({str(error).splitlines()[0]}); "
-            "download it again"
+            f"{path}: corrupt or truncated checkpoint ({_first_line(error)}); download it again"
         ) from None
     for key in WRAPPER_KEYS:
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
@@ -73,6 +78,11 @@ def _read_torch(path: Path) -> StateDict:
     return loaded
 
 
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def is_robust(state: StateDict) -> bool:
     """True when the state dict carries RobustSAM's robust decoder modules."""
     return ROBUST_MARKER in state
@@ -80,9 +90,12 @@ def is_robust(state: StateDict) -> bool:
 
 def infer_config(state: StateDict, path: str | Path = "checkpoint") -> ModelConfig:
     """The model shape implied by a checkpoint's image encoder and decoder tensors
-    (LiteMedSAM's TinyViT is recognised by its stem and has one shape)."""
+    (LiteMedSAM's TinyViT is recognised by its stem and has one shape); CheckpointError
+    when they cannot be a SAM-family encoder (checked before any model is built, so a
+    forged shape cannot make one that exhausts memory)."""
     if TINY_VIT_MARKER in state:
         return LITE_MEDSAM
+    _check_encoder_tensors(state, path)
     try:
         patch = state["image_encoder.patch_embed.proj.weight"]
         grid = state["image_encoder.pos_embed"].shape[1]
@@ -125,6 +138,57 @@ def infer_config(state: StateDict, path: str | Path = "checkpoint") -> ModelConf
         ),
         mask_in_chans=_shape(state, "prompt_encoder.mask_downscaling.3.weight", 0, 16),
     )
+
+
+#: Largest model input side accepted from a checkpoint (SAM: 1024; LiteMedSAM: 256).
+MAX_IMAGE_SIZE = 4096
+
+
+def _check_encoder_tensors(state: StateDict, path: str | Path) -> None:
+    """The encoder tensors ``infer_config`` reads have SAM's ranks and agree: patch
+    embedding ``D x 3 x p x p``, position embedding ``1 x g x g x D`` with ``g * p`` at
+    most MAX_IMAGE_SIZE, blocks 0..n-1 each with a ``rel_pos_h`` of ``(2w - 1) x D/heads``."""
+    prefix = "image_encoder."
+    patch = state.get(prefix + "patch_embed.proj.weight")
+    pos = state.get(prefix + "pos_embed")
+    if patch is None or pos is None:
+        return  # infer_config names the missing key
+    if patch.ndim != 4 or patch.shape[1] != 3 or patch.shape[2] != patch.shape[3]:
+        raise CheckpointError(
+            f"{path}: image_encoder.patch_embed.proj.weight has shape {tuple(patch.shape)}, "
+            "not (width, 3, patch, patch): not a SAM-family checkpoint"
+        )
+    if pos.ndim != 4 or pos.shape[0] != 1 or pos.shape[1] != pos.shape[2]:
+        raise CheckpointError(
+            f"{path}: image_encoder.pos_embed has shape {tuple(pos.shape)}, "
+            "not (1, grid, grid, width): not a SAM-family checkpoint"
+        )
+    if pos.shape[3] != patch.shape[0] or pos.shape[1] * patch.shape[2] > MAX_IMAGE_SIZE:
+        raise CheckpointError(
+            f"{path}: image_encoder.pos_embed {tuple(pos.shape)} does not fit the patch "
+            f"embedding {tuple(patch.shape)} or implies an input over {MAX_IMAGE_SIZE} pixels"
+        )
+    blocks = sorted(
+        {int(m.group(1)) for k in state if (m := re.match(r"image_encoder\.blocks\.(\d+)\.", k))}
+    )
+    if blocks != list(range(len(blocks))) or not blocks:
+        raise CheckpointError(
+            f"{path}: the image encoder's blocks are {blocks or 'missing'}; "
+            "expected blocks 0..n-1: the checkpoint is incomplete"
+        )
+    for i in blocks:
+        rel = state.get(f"{prefix}blocks.{i}.attn.rel_pos_h")
+        if rel is None or rel.ndim != 2 or rel.shape[1] == 0 or patch.shape[0] % rel.shape[1]:
+            shape = "missing" if rel is None else f"of shape {tuple(rel.shape)}"
+            raise CheckpointError(
+                f"{path}: image_encoder.blocks.{i}.attn.rel_pos_h is {shape}, "
+                "not (2 * window - 1, head width)"
+            )
+    neck = state.get(prefix + "neck.0.weight")
+    if neck is not None and neck.ndim != 4:
+        raise CheckpointError(
+            f"{path}: image_encoder.neck.0.weight has shape {tuple(neck.shape)}, not 4-D"
+        )
 
 
 def _shape(state: StateDict, key: str, axis: int, default: int) -> int:
@@ -202,8 +266,9 @@ def load_model(
         robust = is_robust(state)
     expect_layout(state, path, robust)
     config = config or infer_config(state, path)
+    with torch.device("meta"):  # shapes only: nothing allocated before they match
+        check_state_dict(SegmentAnythingModel(config, robust=robust).state_dict(), state, path)
     model = SegmentAnythingModel(config, robust=robust)
-    check_state_dict(model.state_dict(), state, path)
     model.load_state_dict(state, strict=False)  # keys checked above
     return model.to(device)
 
@@ -225,7 +290,8 @@ def fuse_state_dicts(
             f"(encoder width {enc_config.encoder_embed_dim} vs {dec_config.encoder_embed_dim}); "
             "fuse checkpoints of the same ViT size"
         )
-    expected = SegmentAnythingModel(enc_config, robust=True).state_dict()
+    with torch.device("meta"):  # shapes only
+        expected = SegmentAnythingModel(enc_config, robust=True).state_dict()
     check_state_dict(expected, encoder_state, encoder_path, parts=("image_encoder",))
     check_state_dict(
         expected, decoder_state, decoder_path, parts=("prompt_encoder", "mask_decoder")

@@ -194,3 +194,9 @@ def test_slicer_reads_what_we_write(tmp_path, slicer_scene):
     assert storage.ReadData(node)
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), volume.array)
     np.testing.assert_allclose(ijk_to_ras_of(node), volume.ijk_to_ras, atol=1e-6)
+
+
+def test_the_modality_a_dicom_series_states_is_kept(tmp_path):
+    write_dicom_series(tmp_path / "series", sitk_image())
+    assert read_volume(tmp_path / "series").modality == "CT"
+    assert read_volume(write_volume(oblique_volume(), tmp_path / "v.nrrd")).modality is None

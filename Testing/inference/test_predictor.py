@@ -29,6 +29,19 @@ def slice_u8() -> np.ndarray:
     return image
 
 
+def _expected_choice(masks, scores, logits, points, labels) -> int:
+    """The candidate the rule picks from the reference's outputs: those holding the
+    positive points first, then the highest predicted IoU x stability (IoU of the
+    masks at logits > 1 and > -1)."""
+    stability = (logits > 1).sum((1, 2)) / np.maximum((logits > -1).sum((1, 2)), 1)
+    rank = scores * stability
+    positive = points.reshape(-1, 2)[labels == 1].round().astype(int)
+    holds = np.array([all(m[y, x] for x, y in positive) for m in masks])
+    if holds.any():
+        rank = np.where(holds, rank, -1.0)
+    return int(np.argmax(rank))
+
+
 def test_sam_preprocessing_equals_sam_predictor(tiny_sam_state, slice_u8):
     from segment_anything import SamPredictor
 
@@ -49,7 +62,7 @@ def test_sam_preprocessing_equals_sam_predictor(tiny_sam_state, slice_u8):
             multimask_output=len(labels) == 1 and box is None,
         )
         result = ours.predict(SlicePrompt(points=points, labels=labels, box=box))
-        best = int(np.argmax(scores))
+        best = _expected_choice(masks, scores, logits, np.asarray(points), np.asarray(labels))
         assert result.score == pytest.approx(float(scores[best]), abs=1e-5)
         np.testing.assert_allclose(result.low_res_logits[0], logits[best], atol=1e-4)
         assert (result.mask != masks[best]).mean() < 1e-3  # boundary pixels at float tolerance
@@ -107,3 +120,37 @@ def test_errors_are_clear(tiny_sam_state):
         )
     with pytest.raises(InputError, match="one label per point"):
         SlicePrompt(points=[[1, 1], [2, 2]], labels=[1])
+
+
+def _three_candidates(model, logits: torch.Tensor, scores: list[float]):
+    """Make ``model.decode`` answer with fixed candidates (``1 x 3 x 64 x 64`` logits)."""
+    model.decode = lambda *args, **kwargs: (logits, torch.tensor([scores]))
+
+
+def _disc_logits(centre, radius, sharpness=20.0, size=64) -> torch.Tensor:
+    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    distance = ((x - centre[0]) ** 2 + (y - centre[1]) ** 2).float().sqrt()
+    return (radius - distance) * sharpness
+
+
+def test_a_point_on_an_edge_picks_the_candidate_holding_it(tiny_sam_state, slice_u8):
+    model = _model(tiny_sam_state, robust=False)
+    ours = Predictor(model, preprocessing="medsam")
+    ours.set_image(slice_u8, window=(0, 255))
+    # candidate 0 scores highest but lies beside the point; candidate 1 holds it
+    logits = torch.stack([_disc_logits((20, 32), 8), _disc_logits((38, 32), 10)])
+    _three_candidates(model, torch.cat([logits, logits[:1]])[None], [0.95, 0.7, 0.5])
+    point_x = 38 * 240 / 64  # the second disc's centre column in slice pixels
+    result = ours.predict(SlicePrompt(points=[[point_x, 90.0]], labels=[1]))
+    assert result.mask[90, int(point_x)] and result.score == pytest.approx(0.7)
+
+
+def test_of_equal_candidates_the_stable_one_wins(tiny_sam_state, slice_u8):
+    model = _model(tiny_sam_state, robust=False)
+    ours = Predictor(model, preprocessing="medsam")
+    ours.set_image(slice_u8, window=(0, 255))
+    blurry = _disc_logits((32, 32), 10, sharpness=0.2)  # edge spread over +-5 px
+    sharp = _disc_logits((32, 32), 9, sharpness=20.0)
+    _three_candidates(model, torch.stack([blurry, sharp, blurry])[None], [0.8, 0.78, 0.8])
+    result = ours.predict(SlicePrompt(points=[[120.0, 90.0]], labels=[1]))
+    assert result.score == pytest.approx(0.78) and result.stability > 0.9

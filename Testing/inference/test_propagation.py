@@ -164,7 +164,7 @@ def test_default_overlap_keeps_what_micro_sams_iou_rule_cuts(phantom_cache) -> N
     by_iou = propagate(
         OracleThresholdSegmenter(sphere.image),
         central_seed(sphere.mask),
-        PropagationOptions(overlap="iou"),
+        PropagationOptions(overlap="iou", iou_threshold=0.8),
     )
     by_default = propagate(OracleThresholdSegmenter(sphere.image), central_seed(sphere.mask))
     assert {s.reason for s in by_iou.stops} == {"overlap"}
@@ -173,7 +173,9 @@ def test_default_overlap_keeps_what_micro_sams_iou_rule_cuts(phantom_cache) -> N
     scene = phantoms.organ_scene(target="aorta")
     seeds = central_seed(scene.mask)
     by_iou = propagate(
-        OracleThresholdSegmenter(scene.image), seeds, PropagationOptions(overlap="iou")
+        OracleThresholdSegmenter(scene.image),
+        seeds,
+        PropagationOptions(overlap="iou", iou_threshold=0.8),
     )
     by_default = propagate(OracleThresholdSegmenter(scene.image), seeds)
     assert len(by_iou.requested) == 2 and by_iou.kept_slices == list(seeds)
@@ -269,7 +271,9 @@ def test_overlap_rule_stops_at_an_abrupt_jump() -> None:
     centres = [(32.0, 32.0)] * 40 + [(40.0, 32.0)] * 24  # shifts 8 px at slice 40
     labels = discs(centres, [10.0] * 64)
     segmenter = OracleThresholdSegmenter(image_from_labels(labels))
-    result = propagate(segmenter, {30: labels[30]}, PropagationOptions(projection="points"))
+    result = propagate(
+        segmenter, {30: labels[30]}, PropagationOptions(projection="points", iou_threshold=0.8)
+    )
     up = next(s for s in result.stops if s.direction == 1)
     assert (up.reason, up.last_index, up.rejected.index) == ("overlap", 39, 40)
     assert up.rejected.overlap < 0.8
@@ -413,3 +417,14 @@ def test_projected_points_fall_inside_and_outside_the_mask() -> None:
     boxed = project_prompt(mask, options, logits)
     assert boxed.mask_input is logits
     assert boxed.box.tolist() == [12.0, 21.0, 54.0, 39.0]
+
+
+def test_a_shrinking_cap_is_kept_to_the_structure_end() -> None:
+    # a sphere's caps: 0.47 of the trend on the last slice; the area rule stopped there before
+    radii = [0.0] * 10 + [6.2, 10.9, 13.3] + [14.0] * 5 + [13.3, 10.9, 6.2] + [0.0] * 10
+    labels = discs([(32.0, 32.0)] * len(radii), radii)
+    labels[np.array(radii) == 0] = False
+    segmenter = OracleThresholdSegmenter(image_from_labels(labels))
+    result = propagate(segmenter, {15: labels[15]})
+    assert result.kept_slices == list(range(10, 21))
+    assert {s.reason for s in result.stops} == {"empty"}

@@ -14,6 +14,8 @@ connector would.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
 import types
 
@@ -379,12 +381,40 @@ def test_finetuning_reports_progress_and_selects_the_new_model(panel, monkeypatc
     assert not panel.gui.dialogs
 
 
-def test_finetuning_without_an_output_folder_says_so(panel):
+def test_finetuning_without_an_output_folder_says_so_once(panel):
+    """The error is shown once and stays in the slot (tryWithErrorDisplay re-raised it)."""
     enter(panel)
-    with pytest.raises(module.InputError, match="output folder"):
-        panel.ui.finetuneStartButton.click()
-    assert panel.gui.dialogs and "output folder" in panel.gui.dialogs[0][1]
+    panel.ui.finetuneStartButton.click()  # no exception out of the Qt slot
+    assert len(panel.gui.dialogs) == 1 and "output folder" in panel.gui.dialogs[0][1]
     assert not panel.widget._finetuneTimer.isActive()
+    assert panel.ui.finetuneStartButton.enabled
+
+
+def test_a_point_outside_the_volume_goes_to_the_status_line_only(panel):
+    enter(panel)
+    choose_volume(panel, add_phantom(panel))
+    pump_until(panel, lambda: idle(panel))
+    place_include_point(panel, [5000.0, 5000.0, 5000.0])
+    pump_until(panel, lambda: idle(panel))
+    assert not panel.gui.dialogs
+    assert panel.ui.statusLabel.text.startswith("Segmenting slice")
+
+
+def test_an_error_while_writing_is_shown_once_and_queued_work_still_runs(panel, monkeypatch):
+    enter(panel)
+    choose_volume(panel, add_phantom(panel))
+    pump_until(panel, lambda: idle(panel))
+    ran = []
+
+    def broken_write(*args, **kwargs):
+        panel.widget._pending = lambda: ran.append("pending")  # e.g. a click queued meanwhile
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(panel.widget.logic, "write_slice", broken_write)
+    place_include_point(panel, centre_ras(panel))
+    pump_until(panel, lambda: idle(panel) and ran)
+    assert [kind for kind, _ in panel.gui.dialogs] == ["error"]
+    assert "disk full" in panel.gui.dialogs[0][1] and ran == ["pending"]
 
 
 def test_missing_torch_is_offered_and_declining_installs_nothing(panel, monkeypatch):
@@ -418,9 +448,61 @@ def test_accepting_the_install_runs_pip_with_a_progress_dialog(panel, monkeypatc
     ]
     monkeypatch.setattr(dependencies, "check", lambda requirements=None: list(missing))
     panel.ui.installButton.click()
-    assert panel.gui.pip[0].startswith('"torch>=2.0"') and panel.gui.pip[1].startswith('"tqdm>=4"')
+    assert [arguments[:2] for arguments in panel.gui.pip] == [
+        ["install", "torch>=2.0"],
+        ["install", "tqdm>=4"],
+    ]
     (dialog,) = panel.qt.dialogs
-    assert dialog.closed and dialog.values[-1] == 2
+    assert dialog.closed and not panel.gui.dialogs[1:]
+
+
+def missing_tqdm(monkeypatch):
+    missing = [Requirement("tqdm", "tqdm>=4", "tqdm", None, False, "not installed")]
+    monkeypatch.setattr(dependencies, "check", lambda requirements=None: list(missing))
+
+
+def test_a_pip_failure_is_explained_from_pips_own_output(panel, monkeypatch):
+    """Slicer 5.10's pip_install raised with no usable output (review finding 5)."""
+    missing_tqdm(monkeypatch)
+    panel.gui.pip_result = (1, "ERROR: [Errno 28] No space left on device\n")
+    panel.ui.installButton.click()
+    errors = [text for kind, text in panel.gui.dialogs if kind == "error"]
+    assert len(errors) == 1 and "space" in errors[0].lower() and "Errno 28" in errors[0]
+
+
+def test_slicer_512_packaging_shows_its_own_dialogs_and_the_panel_adds_none(panel, monkeypatch):
+    missing_tqdm(monkeypatch)
+    calls = []
+
+    def pip_install(requirements, constraints=None, requester=None, **more):
+        calls.append((requirements, requester))
+        raise subprocess.CalledProcessError(1, "pip install")  # after Slicer's own dialog
+
+    monkeypatch.setattr(
+        slicer, "packaging", types.SimpleNamespace(pip_install=pip_install), raising=False
+    )
+    panel.ui.installButton.click()
+    assert calls == [("tqdm>=4", "RobustMedSAM")] and not panel.gui.pip
+    assert not panel.qt.dialogs  # no second progress dialog
+    assert [kind for kind, _ in panel.gui.dialogs] == ["confirm"]  # no second error dialog
+    assert "see Slicer's message" in panel.ui.statusLabel.text
+
+
+def test_a_failed_pytorch_extension_install_is_shown_not_raised(panel, monkeypatch):
+    missing = [Requirement("torch", "torch>=2.4", "torch", None, False, "not installed")]
+    monkeypatch.setattr(dependencies, "check", lambda requirements=None: list(missing))
+    monkeypatch.setattr(dependencies, "pytorch_extension_available", lambda: True)
+
+    class Logic:
+        def installTorch(self, **arguments):  # noqa: N802 (PyTorchUtils' name)
+            raise subprocess.CalledProcessError(1, ["light_the_torch", "install"])
+
+    fake = types.SimpleNamespace(PyTorchUtilsLogic=Logic)
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", fake)
+    panel.ui.installButton.click()  # nothing escapes the slot
+    errors = [text for kind, text in panel.gui.dialogs if kind == "error"]
+    assert len(errors) == 1 and "PyTorch was not installed" in errors[0]
+    assert "light_the_torch" in errors[0]
 
 
 def test_editor_masking_scene_close_and_model_change(panel):
@@ -428,7 +510,13 @@ def test_editor_masking_scene_close_and_model_change(panel):
     enter(panel)
     choose_volume(panel, add_phantom(panel))
     pump_until(panel, lambda: idle(panel))
-    editor = panel.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    # another module's private editor node (NNInteractive keeps one) is not the editor's
+    private = panel.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    private.SetSourceVolumeIntensityMask(True)
+    private.SetSourceVolumeIntensityMaskRange(1000.0, 2000.0)  # would block everything
+    editor = slicer.vtkMRMLSegmentEditorNode()
+    editor.SetSingletonTag("SegmentEditor")  # the Segment Editor module's own node
+    panel.scene.AddNode(editor)
     editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere)
     editor.SetSourceVolumeIntensityMask(True)
     editor.SetSourceVolumeIntensityMaskRange(-1000.0, 100.0)  # the sphere's core is above
@@ -476,7 +564,78 @@ def test_points_of_a_newly_picked_include_list_segment(panel):
 
 def test_zoom_to_box_reaches_the_segment_options(panel):
     node = panel.widget._parameterNode
-    assert panel.widget._segmentOptions(propagate=True).zoom is False
+    assert panel.widget._segmentOptions(propagate=True).zoom == "auto"  # small boxes zoom
     node.zoom_to_box = True  # what ticking "Zoom to the box" sets
     options = panel.widget._segmentOptions(propagate=True)
     assert options.zoom is True and options.propagate is True
+
+
+def test_choosing_another_segmentation_never_picks_its_first_segment(panel):
+    """qMRMLSegmentSelectorWidget selects the first segment of a new segmentation; a click
+    must then create a new segment, not overwrite that one (review finding 8)."""
+    enter(panel)
+    volume = add_phantom(panel)
+    choose_volume(panel, volume)
+    pump_until(panel, lambda: idle(panel))
+    place_include_point(panel, centre_ras(panel))
+    pump_until(panel, lambda: idle(panel))
+    node = panel.widget._parameterNode
+    assert node.segment_id  # the module's own segment is selected
+    other = panel.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "organs")
+    other.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    liver = np.zeros(panel.phantom.mask.shape, bool)
+    liver[2:5, 2:10, 2:10] = True
+    liver_id = other.GetSegmentation().AddEmptySegment("liver", "liver")
+    slicer.util.updateSegmentBinaryLabelmapFromArray(
+        liver.astype(np.uint8), other, liver_id, volume
+    )
+    panel.ui.segmentationSelector.setCurrentNode(other)
+    assert node.segmentation is other and node.segment_id == ""
+    assert panel.ui.segmentSelector.currentSegmentID() == ""
+    place_include_point(panel, centre_ras(panel))
+    pump_until(panel, lambda: idle(panel))
+    assert node.segment_id not in ("", liver_id)
+    np.testing.assert_array_equal(panel.widget.logic.segment_mask(other, liver_id, volume), liver)
+
+
+def test_syncing_a_loaded_parameter_node_keeps_its_segment_and_paths(panel, tmp_path):
+    enter(panel)
+    volume = add_phantom(panel)
+    node = panel.widget._parameterNode
+    segmentation = panel.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "saved")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    for name in ("first", "second"):
+        segmentation.GetSegmentation().AddEmptySegment(name, name)
+    panel.widget.setParameterNode(None)
+    node.segmentation, node.segment_id = segmentation, "second"  # as a loaded scene holds
+    node.finetune_data_folder = str(tmp_path / "data")
+    node.finetune_config = str(tmp_path / "base.toml")
+    node.finetune_output = str(tmp_path / "runs")
+    panel.widget.setParameterNode(node)
+    assert node.segment_id == "second"
+    assert panel.ui.segmentSelector.currentSegmentID() == "second"
+    assert node.finetune_config == str(tmp_path / "base.toml")
+    assert node.finetune_output == str(tmp_path / "runs")
+    assert panel.ui.finetuneOutputPathLineEdit.currentPath == str(tmp_path / "runs")
+
+
+def test_points_edited_while_the_module_is_hidden_write_nothing(panel):
+    """exit() left the markups observed: edits elsewhere still wrote segments."""
+    enter(panel)
+    choose_volume(panel, add_phantom(panel))
+    pump_until(panel, lambda: idle(panel))
+    panel.widget.exit()
+    panel.parent.isEntered = False
+    place_include_point(panel, centre_ras(panel))
+    assert not panel.widget._debounceTimer.isActive()
+    assert panel.widget._parameterNode.segmentation is None  # nothing written
+    enter(panel)
+    place_include_point(panel, centre_ras(panel))
+    assert panel.widget._debounceTimer.isActive()  # observed again once shown
+
+
+def test_cleanup_releases_the_undo_shortcut(panel):
+    shortcut = panel.widget._undoShortcut
+    assert shortcut.parent is panel.gui.main_window
+    panel.widget.cleanup()
+    assert shortcut.parent is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from RobustMedSAMLib.training.config import TrainingConfig
@@ -10,6 +11,7 @@ from RobustMedSAMLib.weights.checkpoint import load_model, read_state_dict
 from RobustMedSAMLib.weights.registry import resolve_checkpoint
 
 
+@pytest.mark.slow  # about 10 LiteMedSAM encoder passes (~20 s on 2 idle cores)
 def test_decoder_finetuning_from_litemedsam_keeps_its_encoder(tmp_path):
     config = TrainingConfig.from_dict(
         {

@@ -66,3 +66,44 @@ def test_encoder_digest_changes_with_the_weights(model):
     before = encoder_digest(model.image_encoder)
     other = SegmentAnythingModel(MICRO, robust=True)
     assert encoder_digest(model.image_encoder) == before != encoder_digest(other.image_encoder)
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        ("manifest", "damaged"),
+        ("kinds", "damaged"),
+        ("rows", "damaged"),
+        ("dtype", "damaged"),
+        ("object array", "damaged"),
+    ],
+)
+def test_a_damaged_cache_is_refused_and_left_alone(tmp_path, model, damage, words):
+    import json
+
+    import numpy as np
+
+    build_cache(tmp_path, "k1", _encoder(model), 2, 1, model_input=_inputs)
+    manifest = tmp_path / "manifest.json"
+    values = json.loads(manifest.read_text())
+    if damage == "manifest":
+        values["variants"] = "many"
+    elif damage == "kinds":
+        values["kinds"] = ["../../etc/x"]
+    elif damage == "rows":
+        np.save(tmp_path / "early_v1.npy", np.zeros((1, 4), np.float16))
+    elif damage == "dtype":
+        np.save(tmp_path / "early_v1.npy", np.zeros((2, 4), np.float32))
+    elif damage == "object array":
+        np.save(tmp_path / "early_v1.npy", np.array([{"a": 1}, None]), allow_pickle=True)
+    manifest.write_text(json.dumps(values))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(InputError, match=words):
+        build_cache(tmp_path, "k1", _encoder(model), 2, 1, model_input=_inputs)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_cache_folder_that_is_a_file_is_refused(tmp_path, model):
+    (tmp_path / "cache").write_text("mine")
+    with pytest.raises(InputError, match="cannot make the embedding cache"):
+        build_cache(tmp_path / "cache" / "train-k1", "k1", _encoder(model), 2, 1, _inputs)

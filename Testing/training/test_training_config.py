@@ -32,7 +32,7 @@ def test_toml_round_trip_keeps_every_value(tmp_path):
         ({"trian": {}}, r"unknown config section\(s\) \['trian'\]"),
         ({"train": {"stpes": 3}}, r"unknown key\(s\) \['stpes'\] in \[train\]"),
         ({"train": {"mode": "lora"}}, "train.mode = 'lora' is not one of"),
-        ({"train": {"steps": "many"}}, "train.steps must be a int"),
+        ({"train": {"steps": "many"}}, "train.steps must be a whole number"),
         ({"model": {"init": "checkpoint"}}, "needs checkpoint"),
         ({"corruption": {"names": ["fog"]}}, r"unknown corruption\(s\) \['fog'\]"),
         ({"data": {"source": "medsegbench"}}, "needs paths"),

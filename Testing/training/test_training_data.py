@@ -180,7 +180,7 @@ def test_regions_source_errors_name_the_problem(tmp_path):
     [
         ({"source": "regions"}, "needs folder"),
         ({"source": "phantoms", "phantom_mix": 2}, "phantom_volumes instead"),
-        ({"source": "regions", "folder": "x", "phantom_mix": -1}, "phantom_mix must be >= 0"),
+        ({"source": "regions", "folder": "x", "phantom_mix": -1}, "phantom_mix must be at least 0"),
         ({"source": "regions", "folder": "x", "regions_per_image": 0}, "regions_per_image"),
     ],
 )

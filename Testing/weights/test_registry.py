@@ -275,6 +275,7 @@ def test_cli_table_lists_every_model_and_missing_ones(dirs, capsys):
         (line,) = [x for x in lines if x.startswith(name + " ")]
         assert "missing" in line
     assert "ec2df6273261" in out  # SAM's published SHA-256 prefix
+    assert "Default model (--model): litemedsam" in out
     assert str(dirs["cache"]) in out
 
 

@@ -1,0 +1,1 @@
+"""Parts of the RobustMedSAM Slicer module (the module file stays thin)."""

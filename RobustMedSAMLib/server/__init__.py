@@ -1,0 +1,1 @@
+"""The inference server (``robustmedsam serve``) and its torch-free client (``client``)."""

@@ -1,0 +1,74 @@
+"""Request bodies of the protocol (pydantic): a body that does not match is a 422.
+
+Frames: ``point``/``positive``/``negative`` are RAS mm or continuous IJK indices as
+``frame`` says; slices (``seeds``, ``bounds``) are indices along the session's axis.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from RobustMedSAMLib.inference.propagation import PropagationOptions
+
+Vector3 = tuple[float, float, float]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ClickRequest(_Body):
+    point: Vector3
+    frame: Literal["ras", "ijk"] = "ras"
+    positive: bool = True
+
+
+class Box(_Body):
+    """RAS: ``center``, ``size`` (mm along the box axes), ``axes`` (3x3, unit axes as
+    columns; default the RAS axes). IJK: ``low`` and ``high`` corners (voxel indices)."""
+
+    center: Vector3 | None = None
+    size: Vector3 | None = None
+    axes: tuple[Vector3, Vector3, Vector3] | None = None
+    low: Vector3 | None = None
+    high: Vector3 | None = None
+
+
+class Options(_Body):
+    projection: Literal["mask", "box", "points", "points_and_mask", "single_point"] = "mask"
+    iou_threshold: float = Field(0.8, ge=0, le=1)
+    min_score: float = Field(0.0, ge=0, le=1)
+    min_area_ratio: float = Field(0.5, ge=0, le=1)
+    overlap: Literal["iou", "containment"] = "containment"
+    bounds: tuple[int, int] | None = None
+    max_slices: int | None = Field(None, ge=0)
+    zoom: bool = False
+
+    def propagation(self) -> PropagationOptions:
+        values = self.model_dump(exclude={"zoom"})
+        return PropagationOptions(**values)
+
+
+class SegmentRequest(_Body):
+    frame: Literal["ras", "ijk"] = "ras"
+    positive: list[Vector3] | None = None
+    negative: list[Vector3] | None = None
+    box: Box | None = None
+    propagate: bool = False
+    options: Options = Options()
+
+
+class PropagateRequest(_Body):
+    seeds: list[int] = Field(min_length=1)
+    options: Options = Options()
+
+
+class EncodeRequest(_Body):
+    seeds: list[int] = Field(min_length=1)
+    bounds: tuple[int, int] | None = None
+
+
+class MaskRequest(_Body):
+    patch: dict[str, Any]
