@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from RobustMedSAMLib.commands._progress import meet_all_ranks, progress_bar
-from RobustMedSAMLib.names import AXIS_NAMES, DEFAULT_MODEL, MODEL_NAMES, PROJECTIONS
+from RobustMedSAMLib.names import AXIS_NAMES, DEFAULT_MODEL, ENGINES, MODEL_NAMES, PROJECTIONS
 
 BATCH_HELP = (
     "batch: --cases is a CSV (header: volume,points,negative,box,out; paths relative to the "
@@ -53,6 +53,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default: auto)")
     model.add_argument("--half", action="store_true", help="CUDA: bf16/fp16 image encoder")
     model.add_argument("--fast-cpu", action="store_true", help="CPU: int8 image encoder")
+    model.add_argument(
+        "--engine",
+        default="eager",
+        choices=ENGINES,
+        help="CPU, lite models: run the image encoder under ONNX Runtime or OpenVINO "
+        "(optional packages: pip install 'robustmedsam[cpu-engines]'); default: eager",
+    )
     run_group = parser.add_argument_group("slicing and propagation")
     run_group.add_argument("--axis", default="axial", choices=AXIS_NAMES)
     run_group.add_argument("--propagate", action="store_true", help="propagate into 3D")
@@ -151,6 +158,7 @@ def settings_from_args(args: argparse.Namespace):
         device=args.device,
         half=args.half,
         fast_cpu=args.fast_cpu,
+        engine=args.engine,
         axis=args.axis,
         propagate=args.propagate,
         zoom=args.zoom,

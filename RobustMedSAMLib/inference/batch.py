@@ -238,6 +238,7 @@ class SegmentSettings:
     device: str = "auto"
     half: bool = False
     fast_cpu: bool = False
+    engine: str = "eager"
     axis: str = "axial"
     propagate: bool = False
     zoom: bool | str = "auto"  # True: always with a box; False: never; "auto": small boxes
@@ -312,8 +313,16 @@ class CaseSegmenter:
 
         self.settings, self.options = settings, settings.options()
         s = settings
-        self.loaded = load_named_model(s.model, s.checkpoint, s.encoder, s.decoder,
-                                       device or s.device, s.half, s.fast_cpu)  # fmt: skip
+        self.loaded = load_named_model(
+            s.model,
+            s.checkpoint,
+            s.encoder,
+            s.decoder,
+            device or s.device,
+            s.half,
+            s.fast_cpu,
+            s.engine,
+        )
         self._model_info: dict[str, Any] | None = None
 
     def segment(self, volume, prompts, volume_path: Path, progress: Progress | None = None):

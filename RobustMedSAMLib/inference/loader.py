@@ -15,6 +15,7 @@ import torch
 
 from RobustMedSAMLib.device import prepare_device, select_device
 from RobustMedSAMLib.errors import CheckpointError, InputError
+from RobustMedSAMLib.inference.engines import use_engine
 from RobustMedSAMLib.inference.predictor import Predictor
 from RobustMedSAMLib.inference.preprocessing import Style
 from RobustMedSAMLib.model.sam import SegmentAnythingModel
@@ -44,6 +45,7 @@ class LoadedModel:
     preprocessing: Style
     checkpoints: dict[str, Path] = field(default_factory=dict)
     half: bool = False
+    engine: str = "eager"
 
     def predictor(self) -> Predictor:
         return Predictor(self.model, preprocessing=self.preprocessing, half=self.half)
@@ -57,16 +59,21 @@ def load_named_model(
     device: str = "auto",
     half: bool = False,
     fast_cpu: bool = False,
+    engine: str = "eager",
 ) -> LoadedModel:
     """Load model ``name`` (litemedsam, sam, medsam, robustsam, medicosam, fused).
 
     ``checkpoint`` overrides the registry's file. For ``fused``, ``encoder`` (a MedSAM
     checkpoint) and ``decoder`` (a RobustSAM checkpoint) build it in memory instead of a
     fused file. ``fast_cpu`` quantises the encoder's linear layers to int8 (CPU only).
+    ``engine`` (eager, onnx, openvino) runs a lite model's encoder under that runtime on
+    the CPU (see ``inference.engines``; eager when its optional package is missing).
     """
     source = get_source(name)
     robust = source.architecture not in ("sam", "litemedsam")
     target = prepare_device(select_device(device))
+    if fast_cpu and engine != "eager":
+        raise InputError("give either --fast-cpu or --engine onnx|openvino, not both")
     if (encoder is None) != (decoder is None):
         raise InputError("give both --encoder and --decoder (or neither)")
     if encoder is not None:
@@ -86,8 +93,11 @@ def load_named_model(
         from RobustMedSAMLib.model.quantization import quantize_encoder
 
         quantize_encoder(model)
-    log.info("loaded model %s on %s (%s preprocessing)", name, target, source.preprocessing)
-    return LoadedModel(name, model.to(target), source.preprocessing, files, half)
+    model = model.to(target)
+    used = use_engine(model, engine)
+    log.info("loaded model %s on %s (%s preprocessing, %s encoder)", name, target,
+             source.preprocessing, used)  # fmt: skip
+    return LoadedModel(name, model, source.preprocessing, files, half, used)
 
 
 def verify_shipped(path: Path, source: ModelSource) -> None:

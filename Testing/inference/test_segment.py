@@ -220,3 +220,18 @@ def test_a_3d_box_bounds_propagation_to_its_slices():
     result = segment_volume(session, VolumePrompts(roi=roi), SegmentOptions(propagate=True))
     kept = np.flatnonzero(result.mask.any(axis=(1, 2)))
     assert kept.min() == 15 and kept.max() == 24  # the object goes on; the box says stop
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--engine", "onnx"], "use --engine eager"),
+        (["--engine", "openvino", "--fast-cpu"], "not both"),
+    ],
+)
+def test_cli_engine_a_model_cannot_use_is_refused(tmp_path, case, capsys, flags, message):
+    out = tmp_path / "out.seg.nrrd"
+    assert run_cli(case, out, *flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not out.exists()
