@@ -130,10 +130,10 @@ def load_served_model(args: argparse.Namespace):
     """The ServedModel for the --model flags (loaded once, shared by all sessions)."""
     import torch
 
+    from RobustMedSAMLib.formats.atomic import sha256_of
     from RobustMedSAMLib.inference.batch import _model_id
     from RobustMedSAMLib.inference.loader import load_named_model
     from RobustMedSAMLib.server.app import ServedModel, model_catalogue
-    from RobustMedSAMLib.weights.download import sha256_of
 
     loaded = load_named_model(
         args.model,

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from RobustMedSAMLib.inference.propagation import PropagationOptions
+from RobustMedSAMLib.inference.propagation import DEFAULT_OVERLAP, PropagationOptions
 
 Vector3 = tuple[float, float, float]
 
@@ -38,13 +38,13 @@ class Box(_Body):
 
 class Options(_Body):
     projection: Literal["mask", "box", "points", "points_and_mask", "single_point"] = "mask"
-    iou_threshold: float = Field(0.8, ge=0, le=1)
+    iou_threshold: float = Field(DEFAULT_OVERLAP, ge=0, le=1)
     min_score: float = Field(0.0, ge=0, le=1)
     min_area_ratio: float = Field(0.5, ge=0, le=1)
     overlap: Literal["iou", "containment"] = "containment"
     bounds: tuple[int, int] | None = None
     max_slices: int | None = Field(None, ge=0)
-    zoom: bool = False
+    zoom: bool | Literal["auto"] = "auto"  # as SegmentOptions.zoom
 
     def propagation(self) -> PropagationOptions:
         values = self.model_dump(exclude={"zoom"})

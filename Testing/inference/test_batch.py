@@ -55,14 +55,14 @@ def batch(cases, out, tiny_checkpoints, *extra) -> int:
 # case's segmentation and before its record (the worst moment for a crash).
 KILL_DRIVER = """
 import os, signal, sys
-import RobustMedSAMLib.inference.batch as batch
+import RobustMedSAMLib.formats.segmentation as segmentation
 from RobustMedSAMLib.cli import main
-write_json, kill_at = batch.write_json, os.environ["KILL_AT"]
+write_json, kill_at = segmentation.write_json, os.environ["KILL_AT"]
 def crash_before_record(path, value):
     if str(path).endswith(kill_at + ".json"):
         os.kill(os.getpid(), signal.SIGKILL)
     write_json(path, value)
-batch.write_json = crash_before_record
+segmentation.write_json = crash_before_record
 sys.exit(main(sys.argv[1:]))
 """
 

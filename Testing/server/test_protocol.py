@@ -96,3 +96,13 @@ def test_patch_that_does_not_fit_is_refused():
         decode_patch({"offset": [0, 0, 0], "shape": [1, 1, 1], "bits": "@@"}, (2, 2, 2))
     with pytest.raises(InputError, match="mask bits"):
         decode_patch({**patch, "shape": [2, 3, 30]}, (6, 3, 30))
+
+
+def test_server_option_defaults_are_the_library_defaults():
+    """A client that sends no options gets what the CLI and the Python API get."""
+    from RobustMedSAMLib.inference.propagation import PropagationOptions
+    from RobustMedSAMLib.inference.segment_volume import SegmentOptions
+    from RobustMedSAMLib.server.bodies import Options
+
+    assert Options().propagation() == PropagationOptions()
+    assert Options().zoom == SegmentOptions().zoom
