@@ -20,6 +20,21 @@ BATCH_HELP = (
 )
 
 
+def add_model_arguments(
+    parser: argparse.ArgumentParser, default: str | None, model_help: str
+) -> argparse._ArgumentGroup:
+    """The model group that ``segment`` and ``serve`` share; returns it for more options."""
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default=default, choices=MODEL_NAMES, help=model_help)
+    model.add_argument("--checkpoint", type=Path, help="checkpoint file (overrides the registry)")
+    model.add_argument("--encoder", type=Path, help="fused: MedSAM checkpoint for the encoder")
+    model.add_argument("--decoder", type=Path, help="fused: RobustSAM checkpoint for the decoder")
+    model.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default: auto)")
+    model.add_argument("--half", action="store_true", help="CUDA: bf16/fp16 image encoder")
+    model.add_argument("--fast-cpu", action="store_true", help="CPU: int8 image encoder")
+    return model
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "segment",
@@ -41,18 +56,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="RECORD.json",
         help="the prompts (RAS) of an earlier run's record, e.g. on another volume or model",
     )
-    model = parser.add_argument_group("model")
-    model.add_argument(
-        "--model",
-        choices=MODEL_NAMES,
-        help=f"default: {DEFAULT_MODEL} (with --server: the server's model)",
+    model = add_model_arguments(
+        parser, None, f"default: {DEFAULT_MODEL} (with --server: the server's model)"
     )
-    model.add_argument("--checkpoint", type=Path, help="checkpoint file (overrides the registry)")
-    model.add_argument("--encoder", type=Path, help="fused: MedSAM checkpoint for the encoder")
-    model.add_argument("--decoder", type=Path, help="fused: RobustSAM checkpoint for the decoder")
-    model.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default: auto)")
-    model.add_argument("--half", action="store_true", help="CUDA: bf16/fp16 image encoder")
-    model.add_argument("--fast-cpu", action="store_true", help="CPU: int8 image encoder")
     model.add_argument(
         "--engine",
         default="eager",

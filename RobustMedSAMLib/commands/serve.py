@@ -15,7 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from RobustMedSAMLib.names import DEFAULT_MODEL, MODEL_NAMES
+from RobustMedSAMLib.commands.segment import add_model_arguments
+from RobustMedSAMLib.names import DEFAULT_MODEL
 
 MiB = 2**20
 
@@ -35,16 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     net.add_argument("--token-file", type=Path, help="tokens to accept, or where to write one")
     net.add_argument("--ssl-keyfile", type=Path, help="TLS private key (PEM)")
     net.add_argument("--ssl-certfile", type=Path, help="TLS certificate chain (PEM)")
-    model = parser.add_argument_group("model")
-    model.add_argument(
-        "--model", default=DEFAULT_MODEL, choices=MODEL_NAMES, help=f"default: {DEFAULT_MODEL}"
-    )
-    model.add_argument("--checkpoint", type=Path, help="checkpoint file (overrides the registry)")
-    model.add_argument("--encoder", type=Path, help="fused: MedSAM checkpoint for the encoder")
-    model.add_argument("--decoder", type=Path, help="fused: RobustSAM checkpoint for the decoder")
-    model.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default: auto)")
-    model.add_argument("--half", action="store_true", help="CUDA: bf16/fp16 image encoder")
-    model.add_argument("--fast-cpu", action="store_true", help="CPU: int8 image encoder")
+    add_model_arguments(parser, DEFAULT_MODEL, f"default: {DEFAULT_MODEL}")
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-sessions", type=int, default=8, help="open sessions (default 8)")
     limits.add_argument("--max-upload-mb", type=int, default=1024, help="volume upload (1024)")
