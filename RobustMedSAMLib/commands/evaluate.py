@@ -164,15 +164,11 @@ def run(args: argparse.Namespace) -> int:
 def _prepare_out(out: Path) -> None:
     """Make the output folder (InputError when ``out`` is a file or cannot take files)."""
     from RobustMedSAMLib.errors import InputError
-    from RobustMedSAMLib.formats.atomic import check_writable
+    from RobustMedSAMLib.formats.atomic import check_writable, make_folder
 
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file: give a folder (it is created if absent)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"cannot make the output folder {out}: {error.strerror}") from None
-    check_writable(out)
+    check_writable(make_folder(out))
 
 
 def _run_with_progress(specs, cases, args: argparse.Namespace, options, info):

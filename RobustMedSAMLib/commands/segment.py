@@ -231,7 +231,7 @@ def _run_batch(args: argparse.Namespace) -> int:
 
     from RobustMedSAMLib import distributed
     from RobustMedSAMLib.errors import InputError
-    from RobustMedSAMLib.formats.atomic import check_writable
+    from RobustMedSAMLib.formats.atomic import check_writable, make_folder
     from RobustMedSAMLib.inference.batch import read_cases, run_batch, write_status
 
     if args.out_dir is None:
@@ -239,13 +239,7 @@ def _run_batch(args: argparse.Namespace) -> int:
     if args.points or args.negative or args.box:
         raise InputError("with --cases, prompts come from the case list, not --points/--box")
     cases = read_cases(args.cases)
-    try:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(
-            f"cannot make the output folder {args.out_dir}: {error.strerror}"
-        ) from None
-    check_writable(args.out_dir)
+    check_writable(make_folder(args.out_dir))
     if args.status:
         return _print_status(write_status(args.out_dir, cases), args.out_dir)
     info = distributed.dist_info()

@@ -109,6 +109,15 @@ def check_writable(folder: Path) -> None:
         raise OutputError(f"cannot write to the output folder {folder}: {error.strerror}") from None
 
 
+def make_folder(folder: Path, what: str = "the output folder") -> Path:
+    """Create ``folder`` and its parents; one InputError naming it when the OS refuses."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot make {what} {folder}: {error.strerror}") from None
+    return folder
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
     path = Path(path)

@@ -27,7 +27,7 @@ import torch
 from numpy.lib.format import open_memmap
 
 from RobustMedSAMLib.errors import CancelledError, InputError, OutputError
-from RobustMedSAMLib.formats.atomic import atomic_output
+from RobustMedSAMLib.formats.atomic import atomic_output, make_folder
 from RobustMedSAMLib.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -131,10 +131,7 @@ def build_cache(
     model_input(index, variant) -> ``1 x 3 x S x S``. A folder holding a cache for another
     key is refused; completed variants of this key are reused after an interruption.
     """
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"cannot make the embedding cache {folder}: {error.strerror}") from None
+    make_folder(folder, "the embedding cache")
     manifest = folder / MANIFEST
     if manifest.is_file():
         if _manifest_key(manifest) == key:
