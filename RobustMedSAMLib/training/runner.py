@@ -163,7 +163,6 @@ class Trainer:
         else:
             self.optimizer = torch.optim.AdamW(groups, lr=t.lr)
         self.plan = BatchPlan(config, self.train_indices, self.dist.world, self.dist.rank)
-        self.steps_per_epoch = self.plan.steps_per_epoch
         self.caches: dict[str, EmbeddingCache] = {}
         self.step, self.best, self.losses = 0, -1.0, []
 
@@ -430,7 +429,7 @@ class Trainer:
                     "event": "step",
                     "step": self.step,
                     "total_steps": t.steps,
-                    "epoch": (self.step - 1) // self.steps_per_epoch,
+                    "epoch": (self.step - 1) // self.plan.steps_per_epoch,
                     "loss": loss,
                     "losses": terms,
                     "lr": learning_rate(self.config, self.step - 1),
