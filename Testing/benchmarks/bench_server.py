@@ -4,7 +4,7 @@ Not a test (minutes on a CPU):
 
     .venv/bin/python Testing/benchmarks/bench_server.py [--clients 8 --clicks 50]
 
-Starts ``robustmedsam serve --device cpu`` (demo model) as a subprocess on 127.0.0.1,
+Starts ``robustmedsam serve --device cpu`` (the default model) as a subprocess on 127.0.0.1,
 loads the same model here, then measures:
 
 1. click round trip on a 512 x 512 slice: the same click sequence in-process and through
@@ -43,6 +43,7 @@ from RobustMedSAMLib.inference.loader import load_named_model
 from RobustMedSAMLib.inference.propagation import PropagationOptions
 from RobustMedSAMLib.inference.segment_volume import SegmentOptions, VolumePrompts, segment_volume
 from RobustMedSAMLib.inference.session import SegmentationSession
+from RobustMedSAMLib.names import DEFAULT_MODEL
 from RobustMedSAMLib.server.client import ServerClient
 from RobustMedSAMLib.server.protocol import apply_patch
 from RobustMedSAMLib.server.sessions import ServerSession
@@ -229,12 +230,12 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
-    model = load_named_model("demo", device="cpu")
+    model = load_named_model(DEFAULT_MODEL, device="cpu")
     process, client = start_server(args.threads)
     try:
         print(
             f"{platform.node()}: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads), demo model"
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads), {DEFAULT_MODEL}"
         )
         clicks = bench_clicks(model, client, args.round_trips)
         print(
