@@ -102,6 +102,13 @@ from RobustMedSAMHelpers.mrml import (  # noqa: E402
 from RobustMedSAMLib.errors import CancelledError, InputError  # noqa: E402
 from RobustMedSAMLib.formats.atomic import atomic_output, full_suffix  # noqa: E402
 from RobustMedSAMLib.formats.volume import Volume  # noqa: E402
+from RobustMedSAMLib.inference.confidence import (  # noqa: E402
+    ConfidenceRow,
+    confidence_rows,
+    next_unsure,
+)
+from RobustMedSAMLib.inference.slicing import encoding_order, slice_centre_ras  # noqa: E402
+from RobustMedSAMLib.inference.types import SliceResult  # noqa: E402
 from RobustMedSAMLib.names import (  # noqa: E402
     AXIS_NAMES,
     CORRUPTION_NAMES,
@@ -113,6 +120,7 @@ from RobustMedSAMLib.names import (  # noqa: E402
 )
 
 if TYPE_CHECKING:  # torch-heavy modules are imported when a session starts
+    from RobustMedSAMLib.evaluation.robustness_preview import PreviewComparison
     from RobustMedSAMLib.inference.segment_volume import (
         SegmentationResult,
         SegmentOptions,
@@ -226,43 +234,6 @@ class _Snapshot:
     @property
     def nbytes(self) -> int:
         return sum(0 if m is None else m.nbytes for m in self.segments.values())
-
-
-@dataclass
-class SliceResult:
-    """One slice segmented from the prompts on it.
-
-    index: slice along ``axis`` (a numpy axis of the KJI array); mask: ``(K, J, I)``
-    bool on the volume grid, set on that slice only; score: the model's predicted IoU.
-    """
-
-    index: int
-    axis: int
-    mask: np.ndarray
-    score: float
-
-
-@dataclass
-class ConfidenceRow:
-    """One row of the per-slice confidence table. overlap is NaN on prompted slices;
-    flagged: the score or the overlap is under the user's thresholds."""
-
-    index: int
-    score: float
-    overlap: float
-    area: int
-    source: str
-    flagged: bool
-
-
-@dataclass
-class PreviewComparison:
-    """The model's masks on the clean and the corrupted volume (``(K, J, I)`` bool on
-    the same grid) and the Dice between them (1.0 = the corruption changed nothing)."""
-
-    clean_mask: np.ndarray
-    corrupted_mask: np.ndarray
-    dice: float
 
 
 @dataclass(frozen=True)
@@ -400,16 +371,7 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
 
     # --- library work (no MRML: safe in a worker thread) -----------------------------
 
-    @staticmethod
-    def encoding_order(n_slices: int, centre: int) -> list[int]:
-        """Slice indices nearest ``centre`` first (centre, +1, -1, +2, -2, ...)."""
-        if n_slices <= 0:
-            return []
-        centre = int(np.clip(centre, 0, n_slices - 1))
-        order = [centre]
-        for step in range(1, n_slices):
-            order += [i for i in (centre + step, centre - step) if 0 <= i < n_slices]
-        return order
+    encoding_order = staticmethod(encoding_order)  # RobustMedSAMLib.inference.slicing
 
     def encode_ahead(
         self,
@@ -518,70 +480,18 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         progress: Callable[[int, int], None] | None = None,
         cancel: Callable[[], bool] | None = None,
     ) -> PreviewComparison:
-        """The same prompts on the clean and the corrupted session, and the Dice."""
-        from RobustMedSAMLib.evaluation.metrics import dice
+        """The same prompts on the clean and the corrupted session, and the Dice
+        (``RobustMedSAMLib.evaluation.robustness_preview.compare``)."""
+        from RobustMedSAMLib.evaluation.robustness_preview import compare
 
-        steps = [0, 0]
-
-        def half(part: int) -> Callable[[int, int], None] | None:
-            if progress is None:
-                return None
-
-            def report(done: int, total: int) -> None:
-                steps[part] = int(100 * done / max(1, total))
-                progress(sum(steps), 200)
-
-            return report
-
-        clean_mask = self.compute(clean, prompts, options, half(0), cancel).mask
-        corrupted_mask = self.compute(corrupted, prompts, options, half(1), cancel).mask
-        return PreviewComparison(clean_mask, corrupted_mask, dice(clean_mask, corrupted_mask))
+        return compare(clean, corrupted, prompts, options, progress, cancel)
 
     @staticmethod
     def corrupted_array(volume: Volume, name: str, severity: int, seed: int = 0) -> np.ndarray:
         """``volume.array`` (KJI) degraded by corruption ``name`` at ``severity`` 1..5."""
-        from RobustMedSAMLib.corruptions import corrupt
+        from RobustMedSAMLib.evaluation.robustness_preview import corrupted_array
 
-        spacing_kji = tuple(float(s) for s in volume.spacing[::-1])
-        return corrupt(volume.array, name, int(severity), seed=int(seed), spacing=spacing_kji)
-
-    @staticmethod
-    def confidence_rows(
-        scores: list[SliceScore], min_score: float = 0.7, min_overlap: float = 0.85
-    ) -> list[ConfidenceRow]:
-        """Rows for the confidence table, in slice order; a slice is flagged when its
-        predicted IoU is under ``min_score`` or its overlap with the neighbour slice
-        it was propagated from is under ``min_overlap``."""
-        rows = []
-        for s in sorted(scores, key=lambda s: s.index):
-            low_overlap = not math.isnan(s.overlap) and s.overlap < min_overlap
-            rows.append(
-                ConfidenceRow(
-                    int(s.index),
-                    float(s.score),
-                    float(s.overlap),
-                    int(s.area),
-                    s.source,
-                    bool(s.score < min_score or low_overlap),
-                )
-            )
-        return rows
-
-    @staticmethod
-    def next_unsure(rows: list[ConfidenceRow], after: int | None = None) -> int | None:
-        """The first flagged slice after ``after`` (wrapping round); None if none is."""
-        flagged = [r.index for r in rows if r.flagged]
-        if not flagged:
-            return None
-        later = [i for i in flagged if after is None or i > after]
-        return later[0] if later else flagged[0]
-
-    @staticmethod
-    def slice_centre_ras(session: SegmentationSession, index: int) -> np.ndarray:
-        """World RAS ``(3,)`` of the centre of slice ``index`` along the session's axis."""
-        centre_kji = (np.array(session.volume.shape, float) - 1) / 2
-        centre_kji[session.axis] = index
-        return session.volume.ijk_to_ras_points(centre_kji[::-1])[0]
+        return corrupted_array(volume, name, severity, seed)
 
     # --- library -> MRML (main thread) -----------------------------------------------
 
@@ -1813,7 +1723,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _showConfidence(self, session, scores) -> None:
         node = self._parameterNode
-        self._rows = self.logic.confidence_rows(scores, node.flag_score, node.flag_overlap)
+        self._rows = confidence_rows(scores, node.flag_score, node.flag_overlap)
         self._rows_session = session
         table = self.ui.confidenceTable
         table.setRowCount(len(self._rows))
@@ -1836,7 +1746,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onNextUnsure(self) -> None:
         current = self.ui.confidenceTable.currentRow()
         after = self._rows[current].index if 0 <= current < len(self._rows) else None
-        index = self.logic.next_unsure(self._rows, after)
+        index = next_unsure(self._rows, after)
         if index is None:
             return
         row = next(i for i, r in enumerate(self._rows) if r.index == index)
@@ -1847,7 +1757,8 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Centre every slice view on the middle of slice ``index``."""
         if self._rows_session is None:
             return
-        x, y, z = self.logic.slice_centre_ras(self._rows_session, index)
+        session = self._rows_session
+        x, y, z = slice_centre_ras(session.volume, session.axis, index)
         for name in slicer.app.layoutManager().sliceViewNames():
             slice_node = slicer.app.layoutManager().sliceWidget(name).mrmlSliceNode()
             slice_node.JumpSliceByCentering(x, y, z)
