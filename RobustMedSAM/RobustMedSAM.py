@@ -132,6 +132,9 @@ if TYPE_CHECKING:  # torch-heavy modules are imported when a session starts
 log = logging.getLogger(__name__)
 
 UNDO_KEYS = "Ctrl+Z"
+EFFECT_FILE = (
+    Path(__file__).resolve().parent / "SegmentEditorRobustMedSAMLib" / "SegmentEditorEffect.py"
+)
 PREVIEW_SEGMENTATION_NAME = "RobustMedSAM corruption preview"
 
 # Choices shown in the panel, from the library's stdlib-only vocabularies (importing
@@ -171,6 +174,18 @@ class RobustMedSAM(ScriptedLoadableModule):
             "2024) and RobustSAM (Chen et al., CVPR 2024). Uses 3D Slicer's segmentation "
             "infrastructure."
         )
+        app = getattr(slicer, "app", None)  # absent in slicer-core (headless)
+        if app is not None:
+            app.connect("startupCompleted()", self.registerEditorEffect)
+
+    def registerEditorEffect(self) -> None:  # noqa: N802 (Slicer's template name)
+        """Add the RobustMedSAM effect to the Segment Editor, once Slicer has started (as
+        Slicer's ScriptedSegmentEditorEffect template does)."""
+        import qSlicerSegmentationsEditorEffectsPythonQt as effects  # noqa: N813
+
+        effect = effects.qSlicerSegmentEditorScriptedEffect(None)
+        effect.setPythonSource(str(EFFECT_FILE).replace("\\", "/"))
+        effect.self().register()
 
 
 @parameterNodeWrapper
@@ -943,6 +958,18 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         return requirements, dependencies.install_plan(requirements)
 
 
+_shared_logic: RobustMedSAMLogic | None = None
+
+
+def shared_logic() -> RobustMedSAMLogic:
+    """The one Logic the panel and the Segment Editor effect share (its model sessions,
+    undo and server link)."""
+    global _shared_logic
+    if _shared_logic is None:
+        _shared_logic = RobustMedSAMLogic()
+    return _shared_logic
+
+
 # --- background work (no Qt: the panel polls it from a QTimer) --------------------------
 
 
@@ -1050,7 +1077,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = RobustMedSAMLogic()
+        self.logic = shared_logic()
 
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(self.POLL_MS)

@@ -464,7 +464,11 @@ class FakeButton(FakeWidget):
     SIGNALS = frozenset({"clicked(bool)", "clicked()", "toggled(bool)"})
 
     def click(self) -> None:
+        """QAbstractButton::click: a checkable button toggles, then both clicked signals."""
+        if self.checkable:
+            self.checked = not self.checked
         self.emit("clicked(bool)", bool(self.checked))
+        self.emit("clicked()")
 
 
 class FakeCheckBox(FakeButton):
@@ -840,6 +844,17 @@ def make_fake_qt() -> types.ModuleType:
         def setBackground(self, brush) -> None:  # noqa: N802
             self.background = brush
 
+    class QHBoxLayout:
+        def __init__(self, parent=None) -> None:
+            self.widgets: list = []
+
+        def addWidget(self, widget) -> None:  # noqa: N802
+            self.widgets.append(widget)
+
+    qt.QPushButton = lambda text="", parent=None: FakeButton("", {"text": text})
+    qt.QLabel = lambda text="", parent=None: FakeLabel("", {"text": text})
+    qt.QHBoxLayout = QHBoxLayout
+    qt.QIcon = lambda path="": types.SimpleNamespace(path=path)
     qt.QTimer, qt.QKeySequence, qt.QShortcut, qt.QAction = QTimer, QKeySequence, QShortcut, QAction
     qt.QProgressDialog, qt.QTableWidgetItem, qt.pump = QProgressDialog, QTableWidgetItem, pump
     qt.QAbstractItemView = types.SimpleNamespace(NoEditTriggers=0, SelectRows=1)
@@ -890,6 +905,16 @@ class FakeApp:
         self.temporaryPath = temporary
         self._layout = FakeLayoutManager(scene)
         self.processed, self.cursor_depth = 0, 0
+        self.connections: list = []  # (signal, slot) connected on the application
+
+    def connect(self, signal: str, slot) -> bool:
+        self.connections.append((signal, slot))
+        return True
+
+    def emit(self, signal: str) -> None:
+        for name, slot in list(self.connections):
+            if name == signal:
+                slot()
 
     def layoutManager(self):  # noqa: N802
         return self._layout
@@ -988,3 +1013,232 @@ def segment_on_grid(scene, node, segment_id, reference_node) -> np.ndarray:
         ijk_to_ras_of(labelmap_node), ijk_to_ras_of(reference_node), atol=1e-9
     )
     return scene.slicer.util.arrayFromVolume(labelmap_node) > 0
+
+
+# --- Segment Editor effect stand-in: the C++ adaptor over Slicer's real editor logic ----
+#
+# ``qSlicerSegmentEditorScriptedEffect`` forwards a scripted effect's calls to its base
+# ``qSlicerSegmentEditorAbstractEffect``, which hands masking, writes and undo to a
+# ``vtkSlicerSegmentEditorLogic`` (``qMRMLSegmentEditorWidget.cxx``: one logic, given to
+# every effect by ``setSegmentEditorLogic``). slicer-core has that logic, so the stand-in
+# below is only the thin adaptor: what a test checks about masking, overwrite and undo
+# is Slicer's own behaviour.
+
+
+class FakeScriptedEffect:
+    """``qSlicerSegmentEditorScriptedEffect`` over a real ``vtkSlicerSegmentEditorLogic``
+    (``editor_logic``; bind one with :meth:`bind`). ``options`` records the widgets the
+    effect adds to its options frame."""
+
+    def __init__(self, parent=None) -> None:
+        self.name, self.perSegment, self.requireSegments = "UnnamedScriptedEffect", True, False
+        self.options: list = []
+        self.editor_logic = None
+        self.python_source = None
+        self._self = None
+
+    def setPythonSource(self, path: str) -> bool:  # noqa: N802
+        """As ``qSlicerSegmentEditorScriptedEffect::setPythonSource``: module name = the
+        folder's name, class name = the file's base name (``...Effect``); the class is
+        taken from an already imported module of that name, else the file is loaded as
+        that module; ``slicer.<module name>`` is set to the instance."""
+        import importlib.util
+        import sys
+
+        import slicer
+
+        module_name = Path(path).parent.name
+        class_name = (
+            Path(path).stem if Path(path).stem.endswith("Effect") else Path(path).stem + "Effect"
+        )
+        module = sys.modules.get(module_name)
+        if module is None or not hasattr(module, class_name):
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            spec.loader.exec_module(module)
+        self._self = getattr(module, class_name)(self)
+        self.python_source = path
+        setattr(slicer, module_name, self._self)
+        return True
+
+    def self(self):
+        return self._self
+
+    def bind(self, editor_logic) -> None:
+        self.editor_logic = editor_logic
+        self._self.setMRMLDefaults()
+
+    # parameters live on the editor node as "<effect name>.<name>" attributes
+    def parameterSetNode(self):  # noqa: N802
+        return self.editor_logic.GetSegmentEditorNode()
+
+    def parameter(self, name: str) -> str:
+        node = self.parameterSetNode()
+        value = node.GetAttribute(f"{self.name}.{name}")
+        return value if value is not None else (node.GetAttribute(name) or "")
+
+    def setParameter(self, name: str, value) -> None:  # noqa: N802
+        self.parameterSetNode().SetAttribute(f"{self.name}.{name}", str(value))
+
+    def setParameterDefault(self, name: str, value) -> None:  # noqa: N802
+        if not self.parameterSetNode().GetAttribute(f"{self.name}.{name}"):
+            self.setParameter(name, value)
+
+    def integerParameter(self, name: str) -> int:  # noqa: N802
+        return int(self.parameter(name) or 0)
+
+    def doubleParameter(self, name: str) -> float:  # noqa: N802
+        return float(self.parameter(name) or 0.0)
+
+    def addOptionsWidget(self, widget) -> None:  # noqa: N802
+        self.options.append(widget)
+
+    def addLabeledOptionsWidget(self, label: str, widget) -> None:  # noqa: N802
+        self.options.append((label, widget))
+
+    def confirmCurrentSegmentVisible(self) -> int:  # noqa: N802
+        return 1
+
+    # the editor's images and writes: the real logic
+    def defaultModifierLabelmap(self):  # noqa: N802
+        ok = self.editor_logic.ResetModifierLabelmapToDefault()
+        return self.editor_logic.GetModifierLabelmap() if ok else None
+
+    def selectedSegmentLabelmap(self):  # noqa: N802
+        ok = self.editor_logic.UpdateSelectedSegmentLabelmap()
+        return self.editor_logic.GetSelectedSegmentLabelmap() if ok else None
+
+    def sourceVolumeImageData(self):  # noqa: N802
+        ok = self.editor_logic.UpdateAlignedSourceVolume()
+        return self.editor_logic.GetAlignedSourceVolume() if ok else None
+
+    def saveStateForUndo(self) -> None:  # noqa: N802
+        self.editor_logic.SaveStateForUndo()
+
+    def modifySelectedSegmentByLabelmap(self, labelmap, mode, extent=None, bypass=False):  # noqa: N802
+        node = self.parameterSetNode()
+        self.modifySegmentByLabelmap(
+            node.GetSegmentationNode(),
+            node.GetSelectedSegmentID() or "",
+            labelmap,
+            mode,
+            extent,
+            bypass,
+        )
+
+    def modifySegmentByLabelmap(  # noqa: N802
+        self, segmentation, segment_id, labelmap, mode, extent=None, bypass=False
+    ) -> None:
+        extent = [0, -1, 0, -1, 0, -1] if extent is None else [int(v) for v in extent]
+        self.editor_logic.ModifySegmentByLabelmap(
+            segmentation, segment_id, labelmap, mode, extent, self.perSegment, bypass
+        )
+
+    def xyToRas(self, xy, view_widget):  # noqa: N802
+        """``qSlicerSegmentEditorAbstractEffect::xyToRas``: the slice node's XYToRAS."""
+        matrix = view_widget.mrmlSliceNode().GetXYToRAS()
+        ras = matrix.MultiplyPoint([float(xy[0]), float(xy[1]), 0.0, 1.0])
+        return types.SimpleNamespace(x=lambda: ras[0], y=lambda: ras[1], z=lambda: ras[2])
+
+
+class FakeSliceWidget:
+    """A ``qMRMLSliceWidget`` as an effect sees it: its class name and slice node."""
+
+    def __init__(self, slice_node) -> None:
+        self._node = slice_node
+
+    def className(self) -> str:  # noqa: N802
+        return "qMRMLSliceWidget"
+
+    def mrmlSliceNode(self):  # noqa: N802
+        return self._node
+
+
+class FakeInteractor:
+    """A ``vtkRenderWindowInteractor`` at one event: position (XY) and modifier keys."""
+
+    def __init__(self, xy, shift=False, control=False, alt=False) -> None:
+        self.xy, self.keys = (int(xy[0]), int(xy[1])), (shift, control, alt)
+
+    def GetEventPosition(self):  # noqa: N802
+        return self.xy
+
+    def GetShiftKey(self) -> bool:  # noqa: N802
+        return self.keys[0]
+
+    def GetControlKey(self) -> bool:  # noqa: N802
+        return self.keys[1]
+
+    def GetAltKey(self) -> bool:  # noqa: N802
+        return self.keys[2]
+
+
+def install_effect_stand_in(monkeypatch) -> types.SimpleNamespace:
+    """The Segment Editor's Python side for an effect (``monkeypatch`` undoes it):
+    ``SegmentEditorEffects.AbstractScriptedSegmentEditorEffect`` (Slicer's base class:
+    ``register`` and the coordinate helpers), ``qSlicerSegmentationsEditorEffectsPythonQt``
+    (the adaptor above), ``slicer.qSlicerSegmentEditorEffectFactory`` (``registered``
+    lists the effects) and ``slicer.qSlicerSegmentEditorAbstractEffect``'s modes."""
+    import sys
+
+    import slicer
+
+    registered: list = []
+
+    class AbstractScriptedSegmentEditorEffect:
+        def __init__(self, scriptedEffect) -> None:  # noqa: N803
+            self.scriptedEffect = scriptedEffect
+
+        def register(self) -> None:
+            slicer.qSlicerSegmentEditorEffectFactory.instance().registerEffect(self.scriptedEffect)
+
+        def cleanup(self) -> None:
+            pass
+
+        def xyToRas(self, xy, viewWidget):  # noqa: N802, N803
+            ras = self.scriptedEffect.xyToRas(xy, viewWidget)
+            return [ras.x(), ras.y(), ras.z()]
+
+    base = types.ModuleType("SegmentEditorEffects.AbstractScriptedSegmentEditorEffect")
+    base.AbstractScriptedSegmentEditorEffect = AbstractScriptedSegmentEditorEffect
+    base.__all__ = ["AbstractScriptedSegmentEditorEffect"]
+    package = types.ModuleType("SegmentEditorEffects")
+    package.AbstractScriptedSegmentEditorEffect = AbstractScriptedSegmentEditorEffect
+    package.__path__ = []
+    monkeypatch.setitem(sys.modules, "SegmentEditorEffects", package)
+    monkeypatch.setitem(sys.modules, base.__name__, base)
+    adaptor = types.ModuleType("qSlicerSegmentationsEditorEffectsPythonQt")
+    adaptor.qSlicerSegmentEditorScriptedEffect = FakeScriptedEffect
+    monkeypatch.setitem(sys.modules, adaptor.__name__, adaptor)
+    factory = types.SimpleNamespace(registerEffect=registered.append, registered=registered)
+    monkeypatch.setattr(
+        slicer, "qSlicerSegmentEditorEffectFactory",
+        types.SimpleNamespace(instance=lambda: factory), raising=False,
+    )  # fmt: skip
+    modes = slicer.vtkSlicerSegmentEditorLogic
+    monkeypatch.setattr(
+        slicer, "qSlicerSegmentEditorAbstractEffect",
+        types.SimpleNamespace(
+            ModificationModeSet=modes.ModificationModeSet,
+            ModificationModeAdd=modes.ModificationModeAdd,
+            ModificationModeRemove=modes.ModificationModeRemove,
+        ),
+        raising=False,
+    )  # fmt: skip
+    return types.SimpleNamespace(registered=registered, adaptor=adaptor)
+
+
+def segment_editor(scene, segmentation, volume, segment_id: str):
+    """A Segment Editor: its node (segmentation, source volume, selected segment) and
+    Slicer's ``vtkSlicerSegmentEditorLogic`` on it, with its undo history."""
+    import slicer
+
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    logic = slicer.vtkSlicerSegmentEditorLogic()
+    logic.SetMRMLScene(scene)
+    logic.SetSegmentEditorNode(node)
+    node.SetAndObserveSegmentationNode(segmentation)
+    node.SetAndObserveSourceVolumeNode(volume)
+    node.SetSelectedSegmentID(segment_id)
+    return node, logic
