@@ -77,6 +77,7 @@ _library_on_path()
 
 from RobustMedSAMHelpers.mrml import (  # noqa: E402
     DEFAULT_SEGMENT_NAME,
+    _box_shape,
     _checked_mask,
     _crop_editable,
     _defined_points_world,
@@ -632,6 +633,38 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
             segment_name,
         )
 
+    def write_extent(
+        self,
+        segmentation_node,
+        volume_node,
+        extent: tuple[slice, slice, slice],
+        block: np.ndarray,
+        segment_id: str | None = None,
+        overwrite_other_segments: bool | frozenset[str] = False,
+        editable_mask: np.ndarray | None = None,
+        segment_name: str | None = None,
+    ) -> str:
+        """Set the segment to ``block`` (KJI bool, ``extent``'s shape) inside ``extent``
+        (3 KJI slices of the volume grid), e.g. a :meth:`request_propagate` answer; the
+        rest of the segment is kept. Masking and undo as :meth:`write_mask`;
+        ``editable_mask`` on the whole grid or on the extent. Returns the segment ID."""
+        from RobustMedSAMHelpers.server_work import volume_arrays
+
+        array, ijk_to_ras = volume_arrays(volume_node)  # a view: only the geometry is used
+        volume = Volume(array, ijk_to_ras, volume_node.GetName())
+        extent = tuple(extent)
+        return self._write_box(
+            segmentation_node,
+            volume_node,
+            volume,
+            extent,
+            _checked_mask(block, _box_shape(volume.shape, extent), "mask"),
+            segment_id,
+            overwrite_other_segments,
+            _crop_editable(editable_mask, volume.shape, extent),
+            segment_name,
+        )
+
     def _write_box(
         self,
         segmentation_node,
@@ -944,6 +977,112 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         )
         process.start()
         return process
+
+    # --- model work through the inference server (main thread, event-driven) ----------
+
+    @property
+    def server(self):
+        """The ``ServerWork`` (RobustMedSAMHelpers/server_work.py) the requests go
+        through; made on first use (it needs Qt's timers)."""
+        if getattr(self, "_server", None) is None:
+            import qt as qt_module
+            from RobustMedSAMHelpers.server_work import ServerWork
+
+            self._server = ServerWork(qt_module)
+        return self._server
+
+    def start_local_server(
+        self,
+        model_name: str = DEFAULT_MODEL,
+        device: str = "auto",
+        checkpoint: str | os.PathLike | None = None,
+        python: str | None = None,
+    ) -> None:
+        """Start ``robustmedsam serve`` on 127.0.0.1 with Slicer's own Python (where the
+        dependency check installs torch; :meth:`finetune_python`), the library folder
+        first on its PYTHONPATH. Requests made meanwhile wait for its ready line."""
+        from RobustMedSAMHelpers.server_link import serve_arguments
+
+        import RobustMedSAMLib
+
+        library = Path(RobustMedSAMLib.__file__).resolve().parent.parent
+        arguments = serve_arguments(model_name, device, str(checkpoint) if checkpoint else None)
+        self.server.use_local(python or self.finetune_python(), arguments, [str(library)])
+
+    def use_remote_server(self, url: str, token: str, cafile: str | None = None) -> None:
+        """Send the model work to the server at ``url`` (``robustmedsam serve`` elsewhere);
+        Slicer's Python then needs no torch."""
+        self.server.use_remote(url, token, cafile)
+
+    def stop_server(self) -> None:
+        """Stop the local server (if any) and forget the sessions (scene close, exit)."""
+        if getattr(self, "_server", None) is not None:
+            self._server.stop()
+
+    def request_slice(
+        self,
+        volume_node,
+        axis: str | int,
+        slice_index: int,
+        points_ras,
+        labels,
+        box_ras=None,
+        on_done: Callable[[np.ndarray, dict], None] | None = None,
+        on_error: Callable[[Exception], None] | None = None,
+    ):
+        """Segment one slice on the server; returns at once with a handle (``.cancel()``,
+        ``.state``).
+
+        ``axis``: ``axial``/``coronal``/``sagittal`` or the KJI array axis 0..2;
+        ``slice_index``: the slice along it. ``points_ras``: ``Nx3`` world RAS points
+        (projected onto that slice), ``labels``: ``N`` ints (1 include, 0 exclude).
+        ``box_ras``: None, ``(2, 3)`` opposite RAS corners, ``{"center", "size", "axes"}``
+        or a library ``Roi`` (its projection onto the slice is the box prompt). At least
+        one include point or a box is needed.
+
+        On the main thread, later: ``on_done(mask, details)`` with ``mask`` the slice's
+        2D bool mask (the KJI volume with ``axis`` removed: ``(J, I)`` for axial) and
+        ``details`` ``{"slice", "axis" (0..2), "score" (predicted IoU), "record"}``; or
+        ``on_error(exception)`` (InputError: the prompt; ServerError: the server;
+        CancelledError: after ``handle.cancel()``). Nothing is written to MRML.
+        """
+        return self.server.slice(
+            volume_node, axis, slice_index, points_ras, labels, box_ras, on_done, on_error
+        )
+
+    def request_propagate(
+        self,
+        volume_node,
+        axis: str | int,
+        seed_index: int,
+        seed_mask,
+        options: dict | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+        on_done: Callable[[tuple, np.ndarray, dict], None] | None = None,
+        on_error: Callable[[Exception], None] | None = None,
+    ):
+        """Propagate a slice mask through the volume on the server; returns a handle.
+
+        ``seed_mask``: the 2D bool mask of slice ``seed_index`` (shape as ``request_slice``
+        gives it). ``options``: the protocol's propagation options (``projection``,
+        ``iou_threshold``, ``min_score``, ``min_area_ratio``, ``overlap``, ``bounds``,
+        ``max_slices``, ``zoom``, ``box_extension``, ``stop_between_seeds``;
+        docs/server.md). ``on_progress(done, total)`` while it runs; then
+        ``on_done(extent, mask, details)``: ``extent`` a KJI tuple of 3 slices, ``mask``
+        the bool array of the result there (seed slice included; outside it nothing
+        was segmented), ``details`` ``{"seed", "axis", "stops", "changed_slices"}``; or
+        ``on_error`` as :meth:`request_slice`. ``handle.cancel()`` stops the job on the
+        server (nothing is changed) and reports CancelledError.
+        """
+        return self.server.propagate(
+            volume_node, axis, seed_index, seed_mask, options, on_progress, on_done, on_error
+        )
+
+    def request_encode(self, volume_node, axis: str | int, centre: int, on_done=None,
+                       on_error=None):  # fmt: skip
+        """Let the server encode the slices around ``centre`` while the user looks (as
+        many as its cache holds, nearest first; any job stops it). ``on_done(queued)``."""
+        return self.server.encode(volume_node, axis, centre, on_done, on_error)
 
     # --- dependencies ----------------------------------------------------------------
 

@@ -18,6 +18,10 @@ which skips the test cleanly when ``slicer`` cannot be imported.
 
 from __future__ import annotations
 
+import ctypes
+import os
+import subprocess
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -696,18 +700,44 @@ def load_fake_ui(path) -> FakeMRMLWidget:
     return top
 
 
+def held_sleep(seconds: float) -> None:
+    """Sleep *keeping the GIL*, as Slicer's main thread does while Qt idles: neither
+    Slicer nor CTK enables PythonQt's thread support, so no ``PyEval_SaveThread`` runs
+    around Qt's event loop (docs/slicer.md). ``usleep`` through ``ctypes.PyDLL`` is a
+    C call made without releasing the GIL (``ctypes.CDLL`` would release it)."""
+    if seconds > 0:
+        _LIBC.usleep(int(seconds * 1e6))
+
+
+_LIBC = ctypes.PyDLL(None)
+
+
 def make_fake_qt() -> types.ModuleType:
     """A ``qt`` module with the classes the Widget uses. State lives on the module
     object: ``timers`` (every QTimer made), ``single_shots`` (pending
-    ``QTimer.singleShot`` calls), ``dialogs`` (every QProgressDialog), and ``pump()``
-    runs the pending single shots and fires every active timer once."""
+    ``QTimer.singleShot`` calls), ``dialogs`` (every QProgressDialog), ``processes``
+    (every QProcess), and ``pump()`` runs the pending single shots and fires every
+    active timer once. ``run(seconds, until)`` is Slicer's event loop: timers fire when
+    due, processes' pipes are read, and in between the main thread idles holding the
+    GIL (:func:`held_sleep`); every callback's duration is appended to ``callbacks``
+    (wall time) and ``cpu`` (the thread's CPU time) as ``(name, seconds)``."""
     qt = types.ModuleType("qt")
-    qt.timers, qt.single_shots, qt.dialogs = [], [], []
+    qt.timers, qt.single_shots, qt.dialogs, qt.processes = [], [], [], []
+    qt.callbacks, qt.cpu = [], []
+
+    def timed(name: str, slot, args: tuple) -> None:
+        started, cpu = time.perf_counter(), time.thread_time()
+        try:
+            call_slot(slot, args)
+        finally:
+            qt.callbacks.append((name, time.perf_counter() - started))
+            qt.cpu.append((name, time.thread_time() - cpu))
 
     class QTimer:
         def __init__(self, parent=None) -> None:
             self.interval, self.single, self.active, self.starts = 0, False, False, 0
             self.slots: list = []
+            self.due = 0.0
             qt.timers.append(self)
 
         def setInterval(self, ms: int) -> None:  # noqa: N802
@@ -720,7 +750,10 @@ def make_fake_qt() -> types.ModuleType:
             return self.active
 
         def start(self, ms: int | None = None) -> None:
+            if ms is not None:
+                self.interval = int(ms)
             self.active, self.starts = True, self.starts + 1
+            self.due = time.monotonic() + self.interval / 1000
 
         def stop(self) -> None:
             self.active = False
@@ -740,6 +773,9 @@ def make_fake_qt() -> types.ModuleType:
         @staticmethod
         def singleShot(ms: int, slot) -> None:  # noqa: N802
             qt.single_shots.append(slot)
+            qt.shot_due[id(slot)] = time.monotonic() + ms / 1000
+
+    qt.shot_due = {}
 
     def pump() -> None:
         shots, qt.single_shots[:] = list(qt.single_shots), []
@@ -748,6 +784,165 @@ def make_fake_qt() -> types.ModuleType:
         for timer in list(qt.timers):
             if timer.active:
                 timer.fire()
+
+    def run(seconds: float, until=None) -> bool:
+        """The event loop for ``seconds`` or until ``until()`` is true (returned)."""
+        end = time.monotonic() + seconds
+        while True:
+            if until is not None and until():
+                return True
+            now = time.monotonic()
+            if now >= end:
+                return False
+            for slot in list(qt.single_shots):
+                if qt.shot_due.get(id(slot), 0) <= now:
+                    qt.single_shots.remove(slot)
+                    qt.shot_due.pop(id(slot), None)
+                    timed("singleShot", slot, ())
+            for timer in list(qt.timers):
+                if timer.active and timer.due <= now:
+                    timer.due = now + timer.interval / 1000
+                    if timer.single:
+                        timer.active = False
+                    for slot in list(timer.slots):
+                        timed(getattr(slot, "__name__", "timer"), slot, ())
+            for process in list(qt.processes):
+                process.service(timed)
+            dues = [t.due for t in qt.timers if t.active]
+            dues += [qt.shot_due.get(id(s), now) for s in qt.single_shots]
+            if any(p.watching for p in qt.processes):
+                dues.append(now + 0.005)  # Qt would wake on the pipe at once
+            held_sleep(max(0.0, min([end, *dues]) - time.monotonic()))
+
+    class _Bytes:
+        def __init__(self, data: bytes) -> None:
+            self._data = data
+
+        def data(self) -> bytes:
+            return self._data
+
+    class QProcessEnvironment:
+        def __init__(self, values: dict) -> None:
+            self.values = dict(values)
+
+        @staticmethod
+        def systemEnvironment():  # noqa: N802
+            return QProcessEnvironment(os.environ)
+
+        def value(self, key: str, default: str = "") -> str:
+            return self.values.get(key, default)
+
+        def insert(self, key: str, value: str) -> None:
+            self.values[key] = str(value)
+
+    class QProcess:
+        """Over ``subprocess.Popen``; its pipes are read (non-blocking) and its signals
+        emitted by ``run``'s loop on the main thread, as Qt's event loop does."""
+
+        NotRunning, Starting, Running = 0, 1, 2
+        FailedToStart, Crashed = 0, 1
+
+        def __init__(self, parent=None) -> None:
+            self.slots: dict[str, list] = {}
+            self.environment = None
+            self.popen = None
+            self.watching = False
+            self._out, self._err = b"", b""
+            qt.processes.append(self)
+
+        def connect(self, signal: str, slot) -> bool:
+            self.slots.setdefault(signal, []).append(slot)
+            return True
+
+        def setProcessEnvironment(self, environment) -> None:  # noqa: N802
+            self.environment = environment
+
+        def start(self, program: str, arguments) -> None:
+            env = None if self.environment is None else self.environment.values
+            try:
+                self.popen = subprocess.Popen(
+                    [program, *arguments], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+                )
+            except OSError:
+                qt.single_shots.append(lambda: self._emit("errorOccurred", self.FailedToStart))
+                return
+            for pipe in (self.popen.stdout, self.popen.stderr):
+                os.set_blocking(pipe.fileno(), False)
+            self.watching = True
+
+        def processId(self) -> int:  # noqa: N802
+            return 0 if self.popen is None else self.popen.pid
+
+        def state(self) -> int:
+            if self.popen is None or not self.watching:
+                return self.NotRunning
+            return self.Running
+
+        def terminate(self) -> None:
+            if self.popen is not None and self.popen.poll() is None:
+                self.popen.terminate()
+
+        def kill(self) -> None:
+            if self.popen is not None and self.popen.poll() is None:
+                self.popen.kill()
+
+        def readAllStandardOutput(self):  # noqa: N802
+            data, self._out = self._out, b""
+            return _Bytes(data)
+
+        def readAllStandardError(self):  # noqa: N802
+            data, self._err = self._err, b""
+            return _Bytes(data)
+
+        def _emit(self, name: str, *args, timed_call=None) -> None:
+            for signal, slots in self.slots.items():
+                if signal.split("(")[0] == name:
+                    for slot in list(slots):
+                        if timed_call is None:
+                            call_slot(slot, args)
+                        else:
+                            timed_call(name, slot, args)
+
+        @staticmethod
+        def _read(pipe) -> bytes:
+            chunks = []
+            while True:
+                try:
+                    chunk = pipe.read(65536)
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        def service(self, timed_call) -> None:
+            """Read what the pipes hold; emit the signals Qt would."""
+            if not self.watching:
+                return
+            exited = self.popen.poll() is not None  # read after: nothing is lost
+            out, err = self._read(self.popen.stdout), self._read(self.popen.stderr)
+            if out:
+                self._out += out
+                self._emit("readyReadStandardOutput", timed_call=timed_call)
+            if err:
+                self._err += err
+                self._emit("readyReadStandardError", timed_call=timed_call)
+            if exited:
+                self.watching = False
+                code = self.popen.returncode
+                status = self.Crashed if code < 0 else 0
+                self._emit("finished", max(code, 0) if status == 0 else code, status,
+                           timed_call=timed_call)  # fmt: skip
+
+        def close(self) -> None:
+            """Test clean-up: end the process and close its pipes."""
+            if self.popen is not None:
+                self.kill()
+                self.popen.wait(10)
+                self.popen.stdout.close()
+                self.popen.stderr.close()
+            self.watching = False
 
     class QKeySequence:
         NoMatch, PartialMatch, ExactMatch = 0, 1, 2
@@ -857,6 +1052,7 @@ def make_fake_qt() -> types.ModuleType:
     qt.QIcon = lambda path="": types.SimpleNamespace(path=path)
     qt.QTimer, qt.QKeySequence, qt.QShortcut, qt.QAction = QTimer, QKeySequence, QShortcut, QAction
     qt.QProgressDialog, qt.QTableWidgetItem, qt.pump = QProgressDialog, QTableWidgetItem, pump
+    qt.run, qt.QProcess, qt.QProcessEnvironment = run, QProcess, QProcessEnvironment
     qt.QAbstractItemView = types.SimpleNamespace(NoEditTriggers=0, SelectRows=1)
     qt.QMessageBox = types.SimpleNamespace(Ok=0x400, Cancel=0x400000, Yes=0x4000, No=0x10000)
     qt.QBrush = lambda color: types.SimpleNamespace(color=color)
