@@ -231,8 +231,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self._status(f"The segment is empty on slice {index}: nothing to propagate.")
             return
 
-        def done(mask, details=None) -> None:
-            volume = self._volumeMask(mask, target["volume"].shape)
+        def done(extent, mask, details=None) -> None:
+            volume = np.zeros(target["volume"].shape, bool)
+            volume[tuple(extent)] = np.asarray(mask, bool)  # nothing segmented outside
             self._write(target, volume, None, full=True)
             self._status(f"Propagated: {int(volume.sum())} voxels.")
 
@@ -257,18 +258,19 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def _request(self, what: str, start, done) -> None:
         """Start a request (one at a time: a new one replaces the one in flight);
-        ``done(result, details)`` runs on the main thread unless it was superseded."""
+        ``done(*answer)`` runs on the main thread with the Logic's answer unless the
+        request was superseded or cancelled."""
         if self._handle is not None:
             self.onCancel()
         self._request_id += 1
         request = self._request_id
 
-        def on_done(result, details=None) -> None:
+        def on_done(*answer) -> None:
             if request != self._request_id:
                 return
             self._handle = None
             try:
-                done(result, details)
+                done(*answer)
             except Exception as error:  # shown once, never out of the Qt slot
                 log.error("%s failed", what, exc_info=error)
                 self._status(f"{what} failed: {error}")
@@ -373,20 +375,6 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def _segmentSlice(self, target: dict, axis: int, index: int) -> np.ndarray:
         """The target segment on one slice, ``(rows, cols)`` bool."""
         return np.take(self._segmentArray(target), index, axis=axis)
-
-    @staticmethod
-    def _volumeMask(result, shape) -> np.ndarray:
-        """A request's 3D answer as KJI bool of ``shape``: the array itself, or
-        ``(box, array)`` with ``box`` KJI slices of the grid."""
-        if isinstance(result, tuple):
-            box, values = result
-            volume = np.zeros(shape, bool)
-            volume[tuple(box)] = np.asarray(values, bool)
-            return volume
-        volume = np.asarray(result, bool)
-        if volume.shape != tuple(shape):
-            raise ValueError(f"the 3D mask is {volume.shape}; the volume is {tuple(shape)}")
-        return volume
 
     # --- geometry ---------------------------------------------------------------------
 

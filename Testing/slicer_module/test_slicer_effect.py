@@ -10,6 +10,7 @@ later pump of the main loop as the server link does).
 
 from __future__ import annotations
 
+import sys
 import types
 
 import numpy as np
@@ -95,19 +96,17 @@ class LocalRequests(module.RobustMedSAMLogic):
 
         def answer():
             stack = propagate(session, {index: seed_mask}, options, on_progress).mask
-            return np.moveaxis(stack, 0, axis), {}
+            return (slice(None),) * 3, np.moveaxis(stack, 0, axis), {"seed": index}
 
         return self._later(answer, on_done)
 
 
-@pytest.fixture
-def editor(slicer_scene, monkeypatch, tmp_path):
-    """A scene with a ball phantom, a segmentation with an empty segment "organ", the
-    Segment Editor on them, the module registered at startup and its effect bound to
-    the editor (``ns.effect``: the adaptor, ``ns.py``: the Python effect)."""
+def make_editor(slicer_scene, monkeypatch, tmp_path, phantom) -> types.SimpleNamespace:
+    """A scene with ``phantom``, a segmentation with an empty segment "organ", the Segment
+    Editor on them, the module registered at startup and its effect bound to the editor
+    (``ns.effect``: the adaptor, ``ns.py``: the Python effect, on the in-process double)."""
     gui = install_gui_stand_in(monkeypatch, module, str(tmp_path))
     stand_in = install_effect_stand_in(monkeypatch)
-    phantom = sphere((24, 40, 40), spacing=(0.9, 0.8, 2.0), radius=11.0)
     scene = slicer_scene.scene
     volume = add_volume(slicer_scene, phantom.image, MATRIX, "phantom")
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
@@ -123,11 +122,17 @@ def editor(slicer_scene, monkeypatch, tmp_path):
     py = effect.self()
     py.setupOptionsFrame()
     py.logic = LocalRequests(gui.qt)
-    yield types.SimpleNamespace(
+    return types.SimpleNamespace(
         gui=gui, qt=gui.qt, scene=slicer_scene, volume=volume, segmentation=segmentation,
         organ=organ, node=node, logic=editor_logic, effect=effect, py=py, phantom=phantom,
         registered=stand_in.registered,
     )  # fmt: skip
+
+
+@pytest.fixture
+def editor(slicer_scene, monkeypatch, tmp_path):
+    phantom = sphere((24, 40, 40), spacing=(0.9, 0.8, 2.0), radius=11.0)
+    return make_editor(slicer_scene, monkeypatch, tmp_path, phantom)
 
 
 def mask_of(ns, segment_id) -> np.ndarray:
@@ -356,3 +361,34 @@ def test_bad_prompts_and_geometry_are_explained_and_write_nothing(editor):
     assert "geometry is not the source volume's grid" in ns.py.statusLabel.text
     ns.qt.pump()
     assert not mask_of(ns, ns.organ).any() and not ns.logic.CanUndo()
+
+
+@pytest.mark.slow
+def test_through_the_server_a_box_and_propagate_fill_the_organ(slicer_scene, monkeypatch, tmp_path):
+    """The whole path with the default model: the module's Logic starts the inference
+    server (a QProcess of the stand-in, whose loop idles holding the GIL), a box on the
+    middle slice, then Propagate, each written through the editor."""
+    phantom = sphere((12, 64, 64), spacing=(0.9, 0.8, 4.0), radius=18.0)  # 9 slices
+    ns = make_editor(slicer_scene, monkeypatch, tmp_path, phantom)
+    logic = module.RobustMedSAMLogic()
+    logic.start_local_server("litemedsam", "cpu", python=sys.executable)
+    ns.py.logic = logic
+    try:
+        k = int(centre_kji(ns)[0])
+        rows, cols = np.nonzero(phantom.mask[k])
+        low, high = [k, rows.min() - 2, cols.min() - 2], [k, rows.max() + 2, cols.max() + 2]
+        ns.py.setBox(ras_of(low), ras_of(high))
+        assert ns.qt.run(300, until=lambda: ns.py._handle is None), ns.py.statusLabel.text
+        assert "segmented" in ns.py.statusLabel.text, ns.py.statusLabel.text
+        written = mask_of(ns, ns.organ)
+        assert dice(written[k], phantom.mask[k]) > 0.9 and written.sum() == written[k].sum()
+
+        ns.py.onPropagate()
+        assert ns.qt.run(300, until=lambda: ns.py._handle is None), ns.py.statusLabel.text
+        assert "Propagated" in ns.py.statusLabel.text, ns.py.statusLabel.text
+        assert dice(mask_of(ns, ns.organ), phantom.mask) > 0.8
+        ns.logic.Undo()
+        np.testing.assert_array_equal(mask_of(ns, ns.organ), written)
+    finally:
+        logic.stop_server()
+        ns.qt.run(15, until=lambda: not logic.server.local or not logic.server.local.running)
