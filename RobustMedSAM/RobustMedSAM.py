@@ -1205,6 +1205,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._rows: list[ConfidenceRow] = []
         self._rows_session = None
         self._observed_markups: list = []
+        self._knownPoints: dict = {}  # markups node -> its defined points (Nx3 RAS) seen last
         self._dependencies_checked = False
         self._finetune = None
 
@@ -1468,6 +1469,9 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for event in events:
                 self.addObserver(new, event, self._onPointEvent)
         self._observed_markups = list(nodes)
+        self._knownPoints = {n: _defined_points_world(n) for n in nodes}
+        for node, points in self._knownPoints.items():
+            self._knownPoints[node] = np.zeros((0, 3)) if points is None else points
 
     def _updateButtons(self, *_args) -> None:
         node = self._parameterNode
@@ -1661,10 +1665,13 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return session.n_slices // 2
 
     def _onPointEvent(self, caller, event) -> None:
-        """A point was placed, moved or removed: segment its slice after a short pause."""
+        """A point was placed, moved or removed: segment its slice (a removed point's:
+        the slice it was on) after a short pause."""
+        changed = self._changedPoint(caller)
         if self._parameterNode is None or not self._parameterNode.auto_update:
             return
         self._lastPointNode = caller
+        self._lastChangedPoint = changed
         self._lastAxis = self._axisForEvent()
         self._debounceTimer.start()
 
@@ -1676,7 +1683,26 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._segmentSliceOfLastPoint()
 
+    def _changedPoint(self, node):
+        """World RAS of the point an event is about: the one placed or moved (where it is
+        now) or removed (where it was), found against the points seen before, since a
+        markups event reaches Python without its point index."""
+        if node.IsA("vtkMRMLMarkupsROINode"):
+            return None
+        now = _defined_points_world(node)
+        now = np.zeros((0, 3)) if now is None else now
+        before = self._knownPoints.get(node, np.zeros((0, 3)))
+        self._knownPoints[node] = now
+        fresh = [p for p in now if not np.isclose(before, p, atol=1e-6).all(axis=1).any()]
+        if fresh:
+            return fresh[-1]
+        gone = [p for p in before if not np.isclose(now, p, atol=1e-6).all(axis=1).any()]
+        return gone[0] if gone else None
+
     def _lastPointRas(self):
+        changed = getattr(self, "_lastChangedPoint", None)
+        if changed is not None:
+            return changed
         node = getattr(self, "_lastPointNode", None)
         if node is None or node.GetNumberOfDefinedControlPoints() == 0:
             return None

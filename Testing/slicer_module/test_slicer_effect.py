@@ -368,7 +368,7 @@ def test_through_the_server_a_box_and_propagate_fill_the_organ(slicer_scene, mon
     """The whole path with the default model: the module's Logic starts the inference
     server (a QProcess of the stand-in, whose loop idles holding the GIL), a box on the
     middle slice, then Propagate, each written through the editor."""
-    phantom = sphere((12, 64, 64), spacing=(0.9, 0.8, 4.0), radius=18.0)  # 9 slices
+    phantom = sphere((24, 64, 64), spacing=(0.9, 0.8, 2.0), radius=18.0)
     ns = make_editor(slicer_scene, monkeypatch, tmp_path, phantom)
     logic = module.RobustMedSAMLogic()
     logic.start_local_server("litemedsam", "cpu", python=sys.executable)

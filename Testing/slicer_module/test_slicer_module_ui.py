@@ -186,6 +186,25 @@ def test_module_file_imports_without_torch_or_qt():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
+def test_the_module_file_does_not_import_simpleitk_at_startup():
+    """Slicer imports the module file at every start; SimpleITK is loaded on first use
+    (slicer-review.md, finding 12)."""
+    code = (
+        "import sys; sys.path.insert(0, 'Testing')\n"
+        "from slicer_headless import load_module_file\n"
+        "load_module_file()\n"
+        "assert 'SimpleITK' not in sys.modules\n"
+        "from RobustMedSAMLib.formats.volume import Volume, read_volume, sitk\n"
+        "assert sitk.sitkUInt8 >= 0 and 'SimpleITK' in sys.modules\n"
+        "print('ok')\n"
+    )
+    root = MODULE_FILE.parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 def test_finetune_python_is_an_interpreter():
     python = Path(module.RobustMedSAMLogic.finetune_python())
     assert python.is_file()

@@ -639,3 +639,22 @@ def test_cleanup_releases_the_undo_shortcut(panel):
     assert shortcut.parent is panel.gui.main_window
     panel.widget.cleanup()
     assert shortcut.parent is None
+
+
+def test_removing_a_point_resegments_the_slice_it_was_on(panel):
+    """The slice of the removed point is segmented again, not the last point's
+    (slicer-review.md, finding 12: ``_lastPointRas`` took the last remaining point)."""
+    enter(panel)
+    choose_volume(panel, add_phantom(panel))
+    pump_until(panel, lambda: idle(panel))
+    k = int(np.argwhere(panel.phantom.mask).mean(axis=0)[0])
+    inside = centre_ras(panel, k)
+    for ras in (inside, [inside[0] + 2.0, inside[1], inside[2]], centre_ras(panel, k + 3)):
+        place_include_point(panel, ras)
+        pump_until(panel, lambda: idle(panel))
+    assert any(s.startswith(f"Slice {k + 3} segmented") for s in panel.statuses[-4:])
+    seen = len(panel.statuses)
+    panel.widget._parameterNode.positive_points.RemoveNthControlPoint(0)  # one on slice k
+    pump_until(panel, lambda: idle(panel))
+    segmented = [s.split(" (")[0] for s in panel.statuses[seen:] if " segmented" in s]
+    assert segmented == [f"Slice {k} segmented"], panel.statuses[seen:]
