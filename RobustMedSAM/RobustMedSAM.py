@@ -1233,6 +1233,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._undoShortcut.connect("activated()", self.onUndoShortcut)
         self._undoShortcut.setEnabled(False)
         self._borrowedUndo: list = []  # Slicer's own actions on Ctrl+Z, while we hold it
+        self._silencedShortcuts: list = []  # other QShortcuts on Ctrl+Z, off meanwhile
 
         self.ui.positivePlaceWidget.setMRMLScene(slicer.mrmlScene)
         self.ui.negativePlaceWidget.setMRMLScene(slicer.mrmlScene)
@@ -1303,7 +1304,8 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._takeUndoShortcut()
         if not self._dependencies_checked:
             self._dependencies_checked = True
-            qt.QTimer.singleShot(0, self.checkDependencies)
+            # say what is missing; the install is offered on first use (_dependenciesReady)
+            qt.QTimer.singleShot(0, lambda: self.checkDependencies(ask=False))
 
     def exit(self) -> None:
         """The module is hidden: points edited elsewhere no longer write segments."""
@@ -1876,10 +1878,18 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         give up the key until :meth:`_releaseUndoShortcut`; ours passes it on to them
         when this module has nothing to undo."""
         keys = qt.QKeySequence(UNDO_KEYS)
-        for action in slicer.util.mainWindow().findChildren(qt.QAction):
+        main = slicer.util.mainWindow()
+        for action in main.findChildren(qt.QAction):
             if action.shortcut.matches(keys) == qt.QKeySequence.ExactMatch:
                 action.setShortcut(qt.QKeySequence())
                 self._borrowedUndo.append(action)
+        for shortcut in main.findChildren(qt.QShortcut):  # other modules' own, e.g.
+            # SlicerNNInteractive's QShortcut("Ctrl+Z", mainWindow()), kept until cleanup
+            if shortcut is self._undoShortcut or not shortcut.isEnabled():
+                continue
+            if shortcut.key.matches(keys) == qt.QKeySequence.ExactMatch:
+                shortcut.setEnabled(False)
+                self._silencedShortcuts.append(shortcut)
         self._undoShortcut.setEnabled(True)
 
     def _releaseUndoShortcut(self) -> None:
@@ -1887,6 +1897,9 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for action in self._borrowedUndo:
             action.setShortcut(qt.QKeySequence(UNDO_KEYS))
         self._borrowedUndo = []
+        for shortcut in self._silencedShortcuts:
+            shortcut.setEnabled(True)
+        self._silencedShortcuts = []
 
     def onUndoShortcut(self) -> None:
         """Ctrl+Z: undo our last write, or Slicer's own undo when we have none."""
@@ -2011,7 +2024,11 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             display.RemoveAllViewNodeIDs()
             display.AddViewNodeID(slice_node.GetID())
             views.append(slice_node)
-        views[1].SetOrientation(views[0].GetOrientation())
+        red, yellow = views  # the same slice and zoom on both sides
+        yellow.SetOrientation(red.GetOrientation())
+        yellow.GetSliceToRAS().DeepCopy(red.GetSliceToRAS())
+        yellow.SetFieldOfView(*red.GetFieldOfView())
+        yellow.UpdateMatrices()
         self.ui.previewDiceLabel.text = (
             f"Dice clean vs corrupted: {comparison.dice:.3f} "
             f"(clean {int(comparison.clean_mask.sum())} voxels, corrupted "

@@ -968,6 +968,8 @@ def make_fake_qt() -> types.ModuleType:
     class QShortcut:
         def __init__(self, keys, parent=None) -> None:
             self.key, self.parent, self.enabled, self.slots = keys, parent, True, []
+            if parent is not None and hasattr(parent, "shortcuts"):
+                parent.shortcuts.append(self)  # findChildren sees it
 
         def connect(self, signal: str, slot) -> bool:
             if signal != "activated()":
@@ -982,6 +984,8 @@ def make_fake_qt() -> types.ModuleType:
             return self.enabled
 
         def setParent(self, parent) -> None:  # noqa: N802
+            if self.parent is not None and self in getattr(self.parent, "shortcuts", []):
+                self.parent.shortcuts.remove(self)
             self.parent = parent
 
         def press(self) -> None:
@@ -1135,7 +1139,7 @@ def install_gui_stand_in(monkeypatch, module, temporary: str, confirm: bool = Tr
     ``(kind, text)``; ``confirmOkCancelDisplay`` answers ``confirm``), the module's
     ``run_pip`` (arguments recorded in ``pip``, answering ``pip_result``) and
     ``slicer.qSlicerMarkupsPlaceWidget``. The main window holds one "Edit > Undo"
-    QAction on Ctrl+Z (``undo_action``)."""
+    QAction on Ctrl+Z (``undo_action``) and the QShortcuts made on it (``shortcuts``)."""
     import sys
 
     import slicer
@@ -1144,9 +1148,10 @@ def install_gui_stand_in(monkeypatch, module, temporary: str, confirm: bool = Tr
     gui = types.SimpleNamespace(qt=qt, dialogs=[], pip=[], confirm=confirm, ui=None)
     gui.app = FakeApp(slicer.mrmlScene, temporary)
     gui.undo_action = qt.QAction("Undo", "Ctrl+Z")
-    gui.main_window = types.SimpleNamespace(
-        findChildren=lambda cls: [a for a in (gui.undo_action,) if isinstance(a, cls)]
-    )
+    gui.main_window = types.SimpleNamespace(shortcuts=[])  # QShortcut children
+    gui.main_window.findChildren = lambda cls: [
+        child for child in (gui.undo_action, *gui.main_window.shortcuts) if isinstance(child, cls)
+    ]
 
     def load_ui(path):
         gui.ui = load_fake_ui(path)

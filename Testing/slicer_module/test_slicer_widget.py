@@ -299,6 +299,9 @@ def test_corruption_preview_adds_a_volume_and_reports_dice(panel):
     node.auto_update = False
     node.corruption, node.severity = "gaussian_noise", 2
     place_include_point(panel, centre_ras(panel))
+    red = panel.gui.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
+    red.SetFieldOfView(31.0, 29.0, 2.0)
+    red.JumpSliceByCentering(*centre_ras(panel, 15))  # the user looks at slice 15
     ui.previewButton.click()
     pump_until(panel, lambda: idle(panel))
     copy = panel.scene.GetFirstNodeByName("phantom gaussian_noise s2")
@@ -314,6 +317,13 @@ def test_corruption_preview_adds_a_volume_and_reports_dice(panel):
     yellow = layout.sliceWidget("Yellow")
     assert yellow.mrmlSliceCompositeNode().GetBackgroundVolumeID() == copy.GetID()
     assert yellow.mrmlSliceNode().GetOrientation() == "Axial"
+    # the same slice and zoom on both sides (slicer-review.md, finding 12)
+    np.testing.assert_allclose(
+        numpy_matrix(yellow.mrmlSliceNode().GetSliceToRAS()),
+        numpy_matrix(red.GetSliceToRAS()),
+        atol=1e-9,
+    )
+    assert yellow.mrmlSliceNode().GetFieldOfView() == red.GetFieldOfView()
     assert not panel.gui.dialogs
 
 
@@ -417,7 +427,9 @@ def test_an_error_while_writing_is_shown_once_and_queued_work_still_runs(panel, 
     assert "disk full" in panel.gui.dialogs[0][1] and ran == ["pending"]
 
 
-def test_missing_torch_is_offered_and_declining_installs_nothing(panel, monkeypatch):
+def test_missing_torch_is_offered_on_first_use_not_on_entering(panel, monkeypatch):
+    """Entering the module only says what is missing; the install is offered when the
+    user first asks for model work, as the README says (slicer-review.md, finding 12)."""
     missing = [Requirement("torch", "torch>=2.0", "torch", None, False, "not installed")]
     monkeypatch.setattr(dependencies, "check", lambda requirements=None: list(missing))
     real_find_spec = module.importlib.util.find_spec
@@ -429,13 +441,15 @@ def test_missing_torch_is_offered_and_declining_installs_nothing(panel, monkeypa
     panel.gui.confirm = False
     enter(panel)
     assert panel.ui.dependencyLabel.text == "Missing: torch>=2.0 (not installed)"
+    assert panel.ui.installButton.enabled and not panel.gui.dialogs
+
+    choose_volume(panel, add_phantom(panel))  # no encoding without torch, no question
+    assert not panel.gui.dialogs
+    panel.ui.propagateButton.click()  # first use: asked; declined
     (kind, text), *_ = panel.gui.dialogs
     assert kind == "confirm" and "torch>=2.0" in text
-    assert panel.ui.installButton.enabled
     assert panel.statuses[-1] == "Dependencies not installed: segmentation is unavailable."
-
-    choose_volume(panel, add_phantom(panel))  # no encoding without torch
-    panel.ui.propagateButton.click()  # asks again; declined again
+    panel.ui.propagateButton.click()  # asked again; declined again
     assert panel.widget._task is None and not panel.loads
     assert [k for k, _ in panel.gui.dialogs] == ["confirm", "confirm"]
     assert not panel.gui.pip and not panel.qt.dialogs
@@ -658,3 +672,17 @@ def test_removing_a_point_resegments_the_slice_it_was_on(panel):
     pump_until(panel, lambda: idle(panel))
     segmented = [s.split(" (")[0] for s in panel.statuses[seen:] if " segmented" in s]
     assert segmented == [f"Slice {k} segmented"], panel.statuses[seen:]
+
+
+def test_another_modules_ctrl_z_shortcut_is_silenced_while_ours_holds_the_key(panel):
+    """Two enabled QShortcuts on one key are ambiguous and neither fires; another
+    module's (SlicerNNInteractive keeps a ``QShortcut("Ctrl+Z", mainWindow())`` until
+    its cleanup) is off while this module is shown (slicer-review.md, finding 12)."""
+    qt, main = panel.qt, panel.gui.main_window
+    theirs = qt.QShortcut(qt.QKeySequence("Ctrl+Z"), main)
+    other_keys = qt.QShortcut(qt.QKeySequence("Ctrl+Y"), main)
+    enter(panel)
+    ours = panel.widget._undoShortcut
+    assert ours.isEnabled() and not theirs.isEnabled() and other_keys.isEnabled()
+    panel.widget.exit()
+    assert theirs.isEnabled() and not ours.isEnabled() and other_keys.isEnabled()
