@@ -1235,6 +1235,7 @@ class FakeScriptedEffect:
         self.name, self.perSegment, self.requireSegments = "UnnamedScriptedEffect", True, False
         self.options: list = []
         self.editor_logic = None
+        self.writes: list = []  # (segment ID, extent) of each write, in order
         self.python_source = None
         self._self = None
 
@@ -1318,23 +1319,29 @@ class FakeScriptedEffect:
         self.editor_logic.SaveStateForUndo()
 
     def modifySelectedSegmentByLabelmap(self, labelmap, mode, extent=None, bypass=False):  # noqa: N802
+        """The overloads Python can call: ``(labelmap, mode[, bypass])`` and
+        ``(labelmap, mode, QList<int> extent[, bypass])``."""
+        if isinstance(extent, bool):
+            extent, bypass = None, extent
         node = self.parameterSetNode()
-        self.modifySegmentByLabelmap(
-            node.GetSegmentationNode(),
-            node.GetSelectedSegmentID() or "",
-            labelmap,
-            mode,
-            extent,
-            bypass,
-        )
+        self._modify(
+            node.GetSegmentationNode(), node.GetSelectedSegmentID() or "", labelmap, mode,
+            extent, bypass,
+        )  # fmt: skip
 
-    def modifySegmentByLabelmap(  # noqa: N802
-        self, segmentation, segment_id, labelmap, mode, extent=None, bypass=False
-    ) -> None:
+    def modifySegmentByLabelmap(self, segmentation, segment_id, labelmap, mode, bypass=False):  # noqa: N802
+        """Only ``(node, id, labelmap, mode[, bypass])`` from Python: the overload with an
+        extent takes ``const int[6]``, which PythonQt does not convert from a list."""
+        if not isinstance(bypass, bool):
+            raise TypeError("modifySegmentByLabelmap takes no extent from Python")
+        self._modify(segmentation, segment_id, labelmap, mode, None, bypass)
+
+    def _modify(self, segmentation, segment_id, labelmap, mode, extent, bypass) -> None:
         extent = [0, -1, 0, -1, 0, -1] if extent is None else [int(v) for v in extent]
         self.editor_logic.ModifySegmentByLabelmap(
             segmentation, segment_id, labelmap, mode, extent, self.perSegment, bypass
         )
+        self.writes.append((segment_id, list(extent)))
 
     def xyToRas(self, xy, view_widget):  # noqa: N802
         """``qSlicerSegmentEditorAbstractEffect::xyToRas``: the slice node's XYToRAS."""

@@ -354,14 +354,26 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         )
 
     def _modify(self, target: dict, mask: np.ndarray, mode, extent: list[int]) -> None:
+        """One editor write of ``mask`` (KJI bool, the whole grid). Python reaches the
+        extent only through ``modifySelectedSegmentByLabelmap``'s ``QList<int>`` overload
+        (``modifySegmentByLabelmap`` takes a C array), so a segment no longer selected
+        is written without one: the same result, on the whole grid."""
         from vtk.util.numpy_support import vtk_to_numpy
 
         modifier = self.scriptedEffect.defaultModifierLabelmap()
         vtk_to_numpy(modifier.GetPointData().GetScalars())[:] = mask.ravel().astype(np.uint8)
         modifier.Modified()
-        self.scriptedEffect.modifySegmentByLabelmap(
-            target["segmentation"], target["segment_id"], modifier, mode, extent
+        editor = self.scriptedEffect.parameterSetNode()
+        selected = (
+            editor.GetSegmentationNode() is target["segmentation"]
+            and editor.GetSelectedSegmentID() == target["segment_id"]
         )
+        if selected:
+            self.scriptedEffect.modifySelectedSegmentByLabelmap(modifier, mode, extent)
+        else:
+            self.scriptedEffect.modifySegmentByLabelmap(
+                target["segmentation"], target["segment_id"], modifier, mode
+            )
 
     def _segmentArray(self, target: dict) -> np.ndarray:
         """The target segment as KJI bool on the source volume's grid."""
