@@ -1311,6 +1311,10 @@ class FakeScriptedEffect:
         ok = self.editor_logic.UpdateSelectedSegmentLabelmap()
         return self.editor_logic.GetSelectedSegmentLabelmap() if ok else None
 
+    def referenceGeometryImage(self):  # noqa: N802
+        ok = self.editor_logic.UpdateReferenceGeometryImage()
+        return self.editor_logic.GetReferenceGeometryImage() if ok else None
+
     def sourceVolumeImageData(self):  # noqa: N802
         ok = self.editor_logic.UpdateAlignedSourceVolume()
         return self.editor_logic.GetAlignedSourceVolume() if ok else None

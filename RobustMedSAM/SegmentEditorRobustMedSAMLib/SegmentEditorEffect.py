@@ -25,7 +25,16 @@ import numpy as np
 import qt
 import slicer
 import vtk
+from RobustMedSAMHelpers.mrml import (
+    _numpy_matrix,
+    _oriented_box,
+    _own_layer,
+    _read_box,
+    _to_world,
+)
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
+
+from RobustMedSAMLib.formats.volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +243,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         def done(extent, mask, details=None) -> None:
             volume = np.zeros(target["volume"].shape, bool)
             volume[tuple(extent)] = np.asarray(mask, bool)  # nothing segmented outside
-            self._write(target, volume, None, full=True)
+            self._write(target, volume, None)
             self._status(f"Propagated: {int(volume.sum())} voxels.")
 
         def progress(done_count: int, total: int) -> None:
@@ -310,8 +319,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         volume_node = editor.GetSourceVolumeNode() if editor else None
         if segmentation is None or not segment_id or volume_node is None:
             raise ValueError("choose a segmentation, a segment and a source volume first")
-        volume = self._logic().volume_from_node(volume_node)
-        grid = self.scriptedEffect.defaultModifierLabelmap()
+        volume = _grid_of(volume_node)
+        grid = self.scriptedEffect.referenceGeometryImage()
         if grid is None or not _on_grid(grid, volume):
             raise ValueError(
                 "the segmentation's geometry is not the source volume's grid: set it with "
@@ -325,68 +334,71 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         }
 
     def _writeSlice(self, target: dict, axis: int, index: int, mask) -> None:
-        shape = target["volume"].shape
-        plane = np.asarray(mask, bool)
+        """Replace the segment on slice ``index`` by ``mask`` (``(rows, cols)`` bool)."""
         box = [slice(None)] * 3
         box[axis] = slice(index, index + 1)
-        volume = np.zeros(shape, bool)
-        volume[tuple(box)] = np.expand_dims(plane, axis) if plane.ndim == 2 else plane[tuple(box)]
-        self._write(target, volume, tuple(box))
+        self._write(target, np.expand_dims(np.asarray(mask, bool), axis), tuple(box))
 
-    def _write(self, target: dict, mask: np.ndarray, box, full: bool = False) -> None:
-        """Make the segment ``mask`` (KJI bool) inside ``box`` (KJI slices; everywhere when
-        ``full``) and keep it elsewhere, as one undo step, within the editor's masking.
+    def _write(self, target: dict, values: np.ndarray, box) -> None:
+        """Make the segment ``values`` (KJI bool, ``box``'s shape) inside ``box`` (KJI
+        slices of the grid; all of it for None) and keep it elsewhere, as one undo step,
+        within the editor's masking.
 
-        The editor's "Set" (``vtkSlicerSegmentEditorLogic::ModifySegmentByLabelmap``)
-        keeps the segment outside the editable area but clears it outside the
-        modification extent, so the modifier carries the segment's other voxels and the
-        extent spans them and the box."""
+        The whole grid: the editor's "Set". A box: "Remove" where ``values`` is 0, then
+        "Add" where 1, each on the box's extent, so the cost follows the box: "Set"
+        clears the segment everywhere first (``vtkSlicerSegmentEditorLogic.cxx:1922``).
+        "Remove" lets the edited segment go outside a mask segment (as the Erase effect
+        does, ``:1798-1815``), which "Set" keeps: the removal is limited to it here."""
         modes = slicer.qSlicerSegmentEditorAbstractEffect
+        volume = target["volume"]
         self.scriptedEffect.saveStateForUndo()
-        if full:
-            self._modify(target, mask, modes.ModificationModeSet, [0, -1, 0, -1, 0, -1])
+        if box is None:
+            whole = (slice(None),) * 3
+            self._modify(target, _oriented_box(volume, whole, values), modes.ModificationModeSet)
             return
-        old = self._segmentArray(target)
-        region = np.zeros(mask.shape, bool)
-        region[box] = True
+        # a segment sharing a layer is rewritten over the whole layer at each write
+        # (vtkSegmentationModifier.cxx:104): give it a layer of its own once
+        _own_layer(target["segmentation"], target["segment_id"])
+        extent = list(_oriented_box(volume, box, values).GetExtent())
+        remove = ~values
+        editor = self.scriptedEffect.parameterSetNode()
+        if editor.GetMaskMode() == slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment:
+            inside = editor.GetMaskSegmentID() or ""
+            remove &= _read_box(target["segmentation"], inside, volume, box)
         self._modify(
-            target, np.where(region, mask, old), modes.ModificationModeSet, _extent_of(old | region)
+            target, _oriented_box(volume, box, remove), modes.ModificationModeRemove, extent
         )
+        if values.any():
+            self._modify(
+                target, _oriented_box(volume, box, values), modes.ModificationModeAdd, extent
+            )
 
-    def _modify(self, target: dict, mask: np.ndarray, mode, extent: list[int]) -> None:
-        """One editor write of ``mask`` (KJI bool, the whole grid). Python reaches the
-        extent only through ``modifySelectedSegmentByLabelmap``'s ``QList<int>`` overload
-        (``modifySegmentByLabelmap`` takes a C array), so a segment no longer selected
-        is written without one: the same result, on the whole grid."""
-        from vtk.util.numpy_support import vtk_to_numpy
-
-        modifier = self.scriptedEffect.defaultModifierLabelmap()
-        vtk_to_numpy(modifier.GetPointData().GetScalars())[:] = mask.ravel().astype(np.uint8)
-        modifier.Modified()
+    def _modify(self, target: dict, modifier, mode, extent: list[int] | None = None) -> None:
+        """One editor write of ``modifier`` (a ``vtkOrientedImageData`` on the grid).
+        Python reaches the extent only through ``modifySelectedSegmentByLabelmap``'s
+        ``QList<int>`` overload (``modifySegmentByLabelmap`` takes a C array), so a
+        segment no longer selected is written without one: the same result, since the
+        modifier covers the extent only."""
         editor = self.scriptedEffect.parameterSetNode()
         selected = (
             editor.GetSegmentationNode() is target["segmentation"]
             and editor.GetSelectedSegmentID() == target["segment_id"]
         )
-        if selected:
+        if selected and extent is not None:
             self.scriptedEffect.modifySelectedSegmentByLabelmap(modifier, mode, extent)
         else:
             self.scriptedEffect.modifySegmentByLabelmap(
                 target["segmentation"], target["segment_id"], modifier, mode
             )
 
-    def _segmentArray(self, target: dict) -> np.ndarray:
-        """The target segment as KJI bool on the source volume's grid."""
-        array = slicer.util.arrayFromSegmentBinaryLabelmap(
-            target["segmentation"], target["segment_id"], target["volume_node"]
-        )
-        if array is None:
-            return np.zeros(target["volume"].shape, bool)
-        return np.asarray(array) > 0
-
     def _segmentSlice(self, target: dict, axis: int, index: int) -> np.ndarray:
         """The target segment on one slice, ``(rows, cols)`` bool."""
-        return np.take(self._segmentArray(target), index, axis=axis)
+        box = [slice(None)] * 3
+        box[axis] = slice(index, index + 1)
+        plane = _read_box(
+            target["segmentation"], target["segment_id"], target["volume"], tuple(box)
+        )
+        return np.squeeze(plane, axis=axis)
 
     # --- geometry ---------------------------------------------------------------------
 
@@ -494,8 +506,19 @@ def _on_grid(image, volume) -> bool:
     return whole and np.allclose(_image_to_world(image), volume.ijk_to_ras, atol=1e-4)
 
 
-def _extent_of(mask: np.ndarray) -> list[int]:
-    """IJK extent ``[i0, i1, j0, j1, k0, k1]`` (inclusive) of the voxels set in ``mask``."""
-    kji = np.argwhere(mask)
-    (k0, j0, i0), (k1, j1, i1) = kji.min(axis=0), kji.max(axis=0)
-    return [int(i0), int(i1), int(j0), int(j1), int(k0), int(k1)]
+def _grid_of(volume_node) -> Volume:
+    """The node's voxel grid as a ``Volume`` without its voxels (a zero-stride array):
+    shape (KJI) and IJK->world RAS, linear parent transform applied."""
+    from RobustMedSAMLib.errors import InputError
+
+    image = volume_node.GetImageData()
+    if image is None:
+        raise ValueError(f"volume '{volume_node.GetName()}' holds no image data")
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    try:
+        ijk_to_ras = _to_world(volume_node) @ _numpy_matrix(matrix)
+    except InputError as error:
+        raise ValueError(str(error)) from None
+    shape = tuple(reversed(image.GetDimensions()))
+    return Volume(np.broadcast_to(np.uint8(0), shape), ijk_to_ras, volume_node.GetName())
