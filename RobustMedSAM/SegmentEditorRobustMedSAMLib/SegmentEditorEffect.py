@@ -431,6 +431,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
         points, labels = [], []
         for kind, node in self._points.items():
+            if not slicer.mrmlScene.IsNodePresent(node):
+                continue  # removed, or from a closed scene
             for n in range(node.GetNumberOfControlPoints()):
                 position = [0.0, 0.0, 0.0]
                 node.GetNthControlPointPositionWorld(n, position)
