@@ -1206,13 +1206,16 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
     # --- dependencies ----------------------------------------------------------------
 
     @staticmethod
-    def dependency_plan():
+    def dependency_plan(remote: bool = False):
         """``(requirements, plan)``: the library's checked requirements (torch and
         torchvision as minimum versions: ``dependencies.for_slicer``) and an
-        ``InstallPlan`` for the missing ones (nothing is installed here)."""
+        ``InstallPlan`` for the missing ones (nothing is installed here). ``remote``:
+        the model runs on a remote server; Slicer's Python needs only the client's
+        packages (``dependencies.CLIENT_REQUIREMENTS``)."""
         from RobustMedSAMLib import dependencies
 
-        requirements = dependencies.check(dependencies.for_slicer(dependencies.required()))
+        specs = list(dependencies.CLIENT_REQUIREMENTS) if remote else dependencies.required()
+        requirements = dependencies.check(dependencies.for_slicer(specs))
         return requirements, dependencies.install_plan(requirements)
 
 
@@ -2119,15 +2122,17 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- dependencies ----------------------------------------------------------------
 
     def _dependenciesReady(self) -> bool:
-        """True when torch is installed; otherwise offer the installation."""
-        if importlib.util.find_spec("torch") is None:  # no import: it takes seconds
+        """True when what this mode needs is installed (torch for a local server, the
+        HTTP framing only for a remote one); otherwise offer the installation."""
+        needed = "h11" if self._remoteServer()[0] else "torch"
+        if importlib.util.find_spec(needed) is None:  # no import: torch takes seconds
             return self.checkDependencies(ask=True)
         return True
 
     def checkDependencies(self, ask: bool = True) -> bool:
         """Check the library's requirements; offer to install what is missing."""
         try:
-            requirements, plan = self.logic.dependency_plan()
+            requirements, plan = self.logic.dependency_plan(remote=bool(self._remoteServer()[0]))
         except Exception as error:  # a broken environment must not break the panel
             log.warning("dependency check failed: %s", error)
             return True

@@ -42,6 +42,10 @@ RUNTIME_REQUIREMENTS = (
 )
 """pyproject.toml's ``[project] dependencies`` (a test keeps the two equal)."""
 
+CLIENT_REQUIREMENTS = ("numpy>=1.24", "h11>=0.14")
+"""What Slicer's Python needs when the model runs on a remote server (the Slicer
+module's event-driven client): no torch."""
+
 IMPORT_NAMES = {
     "pillow": "PIL",
     "pynrrd": "nrrd",

@@ -434,6 +434,7 @@ def test_missing_torch_is_offered_and_declining_installs_nothing(panel, monkeypa
         lambda name, *args: None if name == "torch" else real_find_spec(name, *args),
     )
     panel.gui.confirm = False
+    panel.widget.setRemoteServer("", "")  # a local server: torch is needed here
     enter(panel)
     assert panel.ui.dependencyLabel.text == "Missing: torch>=2.0 (not installed)"
     (kind, text), *_ = panel.gui.dialogs
@@ -446,6 +447,27 @@ def test_missing_torch_is_offered_and_declining_installs_nothing(panel, monkeypa
     assert panel.widget._operation is None and not panel.starts
     assert [k for k, _ in panel.gui.dialogs] == ["confirm", "confirm"]
     assert not panel.gui.pip and not panel.qt.dialogs
+
+
+def test_remote_mode_asks_only_for_the_clients_packages(panel, monkeypatch):
+    """With a remote server (the fixture's settings) torch is not needed in Slicer."""
+    asked = []
+
+    def check(requirements=None):
+        asked.append(list(requirements))
+        return [Requirement("h11", "h11>=0.14", "h11", "0.16.0", True)]
+
+    monkeypatch.setattr(dependencies, "check", check)
+    real_find_spec = module.importlib.util.find_spec
+    monkeypatch.setattr(
+        module.importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "torch" else real_find_spec(name, *args),
+    )
+    enter(panel)
+    assert asked == [list(dependencies.CLIENT_REQUIREMENTS)] and not panel.gui.dialogs
+    assert panel.ui.dependencyLabel.text == "All dependencies are installed."
+    assert panel.widget._dependenciesReady()
 
 
 def test_accepting_the_install_runs_pip_with_a_progress_dialog(panel, monkeypatch):
