@@ -123,6 +123,7 @@ class ServerWork:
 
     def _ready(self, url: str, token: str, info: dict) -> None:
         self.link = ServerLink(url, token, self.qt)
+        self.link.wait_for_death = True
         self.info = {**info, "mode": "local", "state": "ready"}
         self.info.pop("token", None)
         waiting, self._waiting = self._waiting, []
@@ -391,14 +392,12 @@ def volume_arrays(volume_node) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _stamp(volume_node) -> tuple:
-    """Changes when the voxels or the geometry change (the session is then re-opened)."""
-    image = volume_node.GetImageData()
-    transform = volume_node.GetParentTransformNode()
-    return (
-        None if image is None else image.GetMTime(),
-        volume_node.GetMTime(),
-        None if transform is None else transform.GetMTime(),
-    )
+    """Changes when the voxels (their array is marked modified), the grid or the
+    geometry in world RAS change: the session is then re-opened. (The node's own MTime
+    also moves for display changes, which the server does not care about.)"""
+    array, ijk_to_ras = volume_arrays(volume_node)
+    scalars = volume_node.GetImageData().GetPointData().GetScalars()
+    return (scalars.GetMTime(), array.shape, tuple(np.round(ijk_to_ras, 9).ravel()))
 
 
 def _pinned_ijk(session: LinkSession, points_ras: np.ndarray, index: int) -> np.ndarray:
