@@ -1057,6 +1057,18 @@ def make_fake_qt() -> types.ModuleType:
     qt.QTimer, qt.QKeySequence, qt.QShortcut, qt.QAction = QTimer, QKeySequence, QShortcut, QAction
     qt.QProgressDialog, qt.QTableWidgetItem, qt.pump = QProgressDialog, QTableWidgetItem, pump
     qt.run, qt.QProcess, qt.QProcessEnvironment = run, QProcess, QProcessEnvironment
+    qt.settings = {}
+
+    class QSettings:
+        """The application settings: one dict (``qt.settings``) for every instance."""
+
+        def value(self, key: str, default=None):
+            return qt.settings.get(key, default)
+
+        def setValue(self, key: str, value) -> None:  # noqa: N802
+            qt.settings[key] = value
+
+    qt.QSettings = QSettings
     qt.QAbstractItemView = types.SimpleNamespace(NoEditTriggers=0, SelectRows=1)
     qt.QMessageBox = types.SimpleNamespace(Ok=0x400, Cancel=0x400000, Yes=0x4000, No=0x10000)
     qt.QBrush = lambda color: types.SimpleNamespace(color=color)

@@ -50,6 +50,8 @@ TICK_MS = 20
 """The link's timer interval: how often sockets are serviced while requests are open."""
 TICK_BUDGET_S = 0.008
 """Socket work per tick (send, receive, compress the upload): the main thread stays free."""
+DEATH_GRACE_MS = 2000
+"""How long a lost connection to a local server waits for the process's own report."""
 JOB_WAIT_S = 0.25
 """Long-poll of a job: the server answers at its end or after this with its progress."""
 UPLOAD_SLAB_BYTES = 2**20
@@ -129,7 +131,8 @@ class Call:
                 "from your own CA or self-signed, give that certificate (CA file)"
             ))  # fmt: skip
         except (OSError, h11.ProtocolError, TimeoutError) as error:
-            self._fail(self.link.connection_error(error))
+            self._close()
+            self.link.connection_failed(self, error)
 
     def _produce(self, until: float) -> bool:
         """Pull body pieces within the budget; True once the whole body is there."""
@@ -253,7 +256,10 @@ class ServerLink:
         self.host_header = parts.netloc
         self.prefix = parts.path.rstrip("/")
         self.cafile = cafile
+        self.qt = qt
         self.died: Exception | None = None  # set when the server process is known dead
+        self.wait_for_death = False  # a local server: a lost connection may be its death
+        self.held: list[tuple[Call, Exception]] = []
         self._address = None
         self._tls = None
         self.calls: list[Call] = []
@@ -282,6 +288,22 @@ class ServerLink:
             f"the server at {self.url} stopped answering ({type(error).__name__}: {error}); "
             "check that it is running — nothing was written"
         )
+
+    def connection_failed(self, call: Call, error: Exception) -> None:
+        """A call lost its connection. For a local server that may be its death, whose
+        report (exit code, stderr) comes a moment later through QProcess: the call waits
+        up to :data:`DEATH_GRACE_MS` for :meth:`fail_all`, so the user gets that one
+        error rather than a bare "connection reset"."""
+        if self.died is not None or not self.wait_for_death:
+            call._deliver(call.on_error, self.connection_error(error))
+            return
+        self.held.append((call, error))
+        self.qt.QTimer.singleShot(DEATH_GRACE_MS, lambda: self._release(call))
+
+    def _release(self, call: Call) -> None:
+        for held in [h for h in self.held if h[0] is call]:
+            self.held.remove(held)
+            call._deliver(call.on_error, self.connection_error(held[1]))
 
     def request(self, method: str, path: str, body=None, on_done: Done = _no_op,
                 on_error: Failed = _no_op, content_type: str = "application/json",
@@ -313,10 +335,13 @@ class ServerLink:
         """The server is gone: every open call and every later one fails with ``error``."""
         self.died = error
         calls, self.calls = self.calls, []
+        held, self.held = self.held, []
         self.timer.stop()
         for call in calls:
             if not call.finished:
                 call._fail(error)
+        for call, _lost in held:
+            call._deliver(call.on_error, error)
 
     def close(self) -> None:
         """Drop every open call (no callbacks) and stop the timer."""
@@ -616,6 +641,8 @@ class LinkSession:
                 return
             operation.job_session = None
             if view["state"] == "done":
+                if view.get("total"):
+                    operation._safely(operation.on_progress, view["done"], view["total"])
                 then(view["result"])
                 return
             error = view.get("error") or {}

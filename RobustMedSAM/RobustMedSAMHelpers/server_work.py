@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -122,6 +123,7 @@ class ServerWork:
 
     def _ready(self, url: str, token: str, info: dict) -> None:
         self.link = ServerLink(url, token, self.qt)
+        self.link.wait_for_death = True
         self.info = {**info, "mode": "local", "state": "ready"}
         self.info.pop("token", None)
         waiting, self._waiting = self._waiting, []
@@ -298,6 +300,39 @@ class ServerWork:
         self.session(operation, volume_node, axis, _guarded(operation, go))
         return operation
 
+    def segment(self, volume_node, axis, prompts, propagate: bool, options,
+                on_progress, on_done, on_error) -> Operation:  # fmt: skip
+        """``segment_volume`` on the server from world-RAS ``prompts`` (a library
+        ``VolumePrompts``: ``positive``/``negative`` ``Nx3`` or None, ``roi`` or None);
+        ``on_done(mask, record)`` with ``mask`` the ``(K, J, I)`` bool result (a copy)
+        and ``record`` the run record (``record["slices"]``: per-slice scores)."""
+        from RobustMedSAMLib.server.protocol import box_body, points_body
+
+        operation = Operation(on_done, on_error, on_progress)
+        try:
+            body = {
+                "frame": "ras",
+                "positive": points_body(prompts.positive),
+                "negative": points_body(prompts.negative),
+                "box": box_body(prompts.roi),
+                "propagate": bool(propagate),
+                "options": dict(options or {}),
+            }
+            axis = axis_index(axis)
+        except InputError as error:
+            operation.fail(error)
+            return operation
+
+        def go(session: LinkSession) -> None:
+            def segmented(result: dict) -> None:
+                session.apply(result["patch"])
+                operation.done(session.mask.copy(), result["record"])
+
+            session.run_job(operation, "segment", body, segmented)
+
+        self.session(operation, volume_node, axis, _guarded(operation, go))
+        return operation
+
     def encode(self, volume_node, axis, centre: int, on_done=None, on_error=None) -> Operation:
         """Let the server encode slices around ``centre`` ahead of the clicks (it stops
         for any job); ``on_done(queued)`` once it started."""
@@ -357,14 +392,12 @@ def volume_arrays(volume_node) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _stamp(volume_node) -> tuple:
-    """Changes when the voxels or the geometry change (the session is then re-opened)."""
-    image = volume_node.GetImageData()
-    transform = volume_node.GetParentTransformNode()
-    return (
-        None if image is None else image.GetMTime(),
-        volume_node.GetMTime(),
-        None if transform is None else transform.GetMTime(),
-    )
+    """Changes when the voxels (their array is marked modified), the grid or the
+    geometry in world RAS change: the session is then re-opened. (The node's own MTime
+    also moves for display changes, which the server does not care about.)"""
+    array, ijk_to_ras = volume_arrays(volume_node)
+    scalars = volume_node.GetImageData().GetPointData().GetScalars()
+    return (scalars.GetMTime(), array.shape, tuple(np.round(ijk_to_ras, 9).ravel()))
 
 
 def _pinned_ijk(session: LinkSession, points_ras: np.ndarray, index: int) -> np.ndarray:
@@ -391,3 +424,60 @@ def _guarded(operation: Operation, function: Callable[[LinkSession], None]):
             operation.fail(error)
 
     return run
+
+
+@dataclass
+class ServerPrompts:
+    """World RAS prompts for ``ServerWork.segment`` (the library's ``VolumePrompts``
+    fields, without importing torch): ``positive``/``negative`` ``Nx3`` or None, ``roi``
+    a ``Roi`` or None."""
+
+    positive: np.ndarray | None
+    negative: np.ndarray | None
+    roi: Any = None
+
+
+def slices_of_points(volume_node, axis, points_ras) -> np.ndarray:
+    """The slice index along ``axis`` holding each ``Nx3`` world RAS point (nearest)."""
+    _, ijk_to_ras = volume_arrays(volume_node)
+    points = np.asarray(points_ras, float).reshape(-1, 3)
+    ijk = (np.linalg.inv(ijk_to_ras) @ np.c_[points, np.ones(len(points))].T).T
+    return np.rint(ijk[:, 2 - axis_index(axis)]).astype(int)
+
+
+def slice_of_point(volume_node, axis, point_ras) -> int:
+    """The slice along ``axis`` holding a world RAS point; InputError outside the volume."""
+    array, ijk_to_ras = volume_arrays(volume_node)
+    ijk = (np.linalg.inv(ijk_to_ras) @ np.r_[np.asarray(point_ras, float).reshape(3), 1.0])[:3]
+    kji = np.rint(ijk[::-1]).astype(int)
+    if ((kji < 0) | (kji >= np.array(array.shape))).any():
+        raise InputError(
+            f"the point at RAS {np.round(point_ras, 1).tolist()} lies outside volume "
+            f"'{volume_node.GetName()}'"
+        )
+    return int(kji[axis_index(axis)])
+
+
+def slice_centre_ras(volume_node, axis, index: int) -> np.ndarray:
+    """World RAS ``(3,)`` of the centre of slice ``index`` along ``axis``."""
+    array, ijk_to_ras = volume_arrays(volume_node)
+    centre_kji = (np.array(array.shape, float) - 1) / 2
+    centre_kji[axis_index(axis)] = index
+    return (ijk_to_ras @ np.r_[centre_kji[::-1], 1.0])[:3]
+
+
+def slice_scores(record: dict) -> list:
+    """A run record's per-slice scores as objects (``index``, ``score``, ``overlap``
+    (NaN when none), ``area``, ``source``), as the confidence table reads them."""
+    import math
+    import types
+
+    rows = []
+    for s in record.get("slices", []):
+        overlap = s.get("overlap")
+        rows.append(types.SimpleNamespace(
+            index=int(s["index"]), score=float(s["score"]),
+            overlap=math.nan if overlap is None else float(overlap),
+            area=int(s.get("area", 0)), source=s.get("source", ""),
+        ))  # fmt: skip
+    return rows

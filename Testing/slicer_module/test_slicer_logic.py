@@ -478,47 +478,6 @@ def test_segment_mask_reads_the_segment_on_the_volume_grid(phantom_scene):
         ns.logic.segment_mask(ns.segmentation, "missing", ns.volume_node)
 
 
-def test_background_task_reports_progress_result_cancel_and_errors():
-    import threading
-
-    def work(progress, cancel):
-        for step in range(1, 4):
-            progress(step, 3)
-        return "result"
-
-    def collect(task):
-        task.join(5)
-        return task.poll()
-
-    task = module.BackgroundTask("work", work).start()
-    assert collect(task) == [
-        ("progress", (1, 3)),
-        ("progress", (2, 3)),
-        ("progress", (3, 3)),
-        ("done", "result"),
-    ]
-    assert task.finished and not task.running
-
-    started = threading.Event()
-
-    def slow(progress, cancel):
-        started.set()
-        while not cancel():
-            pass
-        raise CancelledError("stopped")
-
-    task = module.BackgroundTask("slow", slow).start()
-    started.wait(5)
-    task.cancel()
-    assert collect(task) == [("cancelled", None)]
-
-    def broken(progress, cancel):
-        raise InputError("bad prompt")
-
-    ((kind, error),) = collect(module.BackgroundTask("broken", broken).start())
-    assert kind == "error" and str(error) == "bad prompt"
-
-
 def test_scene_segments_are_found_and_exported_for_fine_tuning(phantom_scene, tmp_path):
     ns = phantom_scene
     segment_id, _ = run(ns, segment_name="sphere")

@@ -22,6 +22,7 @@ from slicer_headless import (  # noqa: E402
     Choice,
     WithinRange,
     load_module_file,
+    make_fake_qt,
     slicer_scene_fixture,
 )
 
@@ -211,13 +212,20 @@ def test_finetune_python_is_an_interpreter():
     assert python.name.startswith("PythonSlicer") or python == Path(sys.executable)
 
 
-def test_the_self_test_passes_headless_with_the_default_model(slicer_scene):
-    """``RobustMedSAMTest`` as Slicer runs it, with slicer-core: the reload goes through
-    the segmentation storage node instead of ``slicer.util.loadSegmentation``."""
+def test_the_self_test_passes_headless_with_the_default_model(slicer_scene, monkeypatch):
+    """``RobustMedSAMTest`` as Slicer runs it, with slicer-core: the server path (a local
+    LiteMedSAM server in the stand-in's QProcess, the link on its timer, the stand-in's
+    event loop idling with the GIL held); the reload goes through the segmentation
+    storage node instead of ``slicer.util.loadSegmentation``."""
+    qt = make_fake_qt()
+    monkeypatch.setitem(sys.modules, "qt", qt)
 
     class HeadlessTest(module.RobustMedSAMTest):
         def setUp(self) -> None:  # the fixture gave a fresh scene
             pass
+
+        def wait_for(self, predicate, timeout: float = 600.0) -> None:
+            assert qt.run(timeout, predicate), "no answer from the server"
 
         def reload_segmentation(self, path: Path):
             node = slicer_scene.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "reloaded")
@@ -227,9 +235,14 @@ def test_the_self_test_passes_headless_with_the_default_model(slicer_scene):
             return node
 
     test = HeadlessTest("runTest")
-    test.runTest()
+    try:
+        test.runTest()
+    finally:
+        for process in qt.processes:
+            process.close()
     nodes = slicer_scene.scene.GetNodesByClass("vtkMRMLSegmentationNode")
     assert nodes.GetNumberOfItems() == 2
+    assert [p.popen.returncode in (0, -15) for p in qt.processes] == [True]  # SIGTERM
 
 
 def test_widget_calls_only_logic_methods_and_parameters_that_exist():
