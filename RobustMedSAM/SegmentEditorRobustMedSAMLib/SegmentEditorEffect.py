@@ -294,11 +294,25 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
         self._status(f"{what}...")
         try:
+            self._ensureServer()
             self._handle = start(on_done, on_error)
         except Exception as error:
             self._handle = None
             self._status(f"{what} failed: {error}")
         self._updateButtons()
+
+    def _ensureServer(self) -> None:
+        """The shared Logic's server as the panel chooses it (the remote server of the
+        application settings, else a local one for the panel's model), started when the
+        effect is used before the panel asked for one. Slicer creates the panel on
+        ``widgetRepresentation()``."""
+        import RobustMedSAM
+
+        if self._logic() is not RobustMedSAM.shared_logic():
+            return  # a Logic given to the effect brings its own server
+        module = getattr(slicer.modules, "robustmedsam", None)
+        if module is not None:
+            module.widgetRepresentation().self()._ensureServer()
 
     def _logic(self):
         if self.logic is None:

@@ -394,3 +394,21 @@ def test_through_the_server_a_box_and_propagate_fill_the_organ(slicer_scene, mon
     finally:
         logic.stop_server()
         ns.qt.run(15, until=lambda: not logic.server.local or not logic.server.local.running)
+
+
+def test_with_the_shared_logic_the_panel_chooses_the_server_first(editor, monkeypatch):
+    """Used before the panel asked for a server, the effect has the panel choose one (the
+    remote server of the settings or a local one) before each request."""
+    ns = editor
+    asked = []
+    shared = LocalRequests(ns.qt)
+    panel = types.SimpleNamespace(_ensureServer=lambda: asked.append(len(shared.calls)))
+    monkeypatch.setattr(module, "_shared_logic", shared)
+    robustmedsam = types.SimpleNamespace(
+        widgetRepresentation=lambda: types.SimpleNamespace(self=lambda: panel)
+    )
+    monkeypatch.setattr(slicer.modules, "robustmedsam", robustmedsam, raising=False)
+    ns.py.logic = None
+    k = click_centre(ns)
+    assert asked == [0] and ns.py.logic is shared  # before the request went out
+    assert dice(mask_of(ns, ns.organ)[k], ns.phantom.mask[k]) >= 0.95
