@@ -28,11 +28,9 @@ import importlib.util
 import logging
 import math
 import os
-import queue
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -77,6 +75,7 @@ _library_on_path()
 
 from RobustMedSAMHelpers.mrml import (  # noqa: E402
     DEFAULT_SEGMENT_NAME,
+    _box_shape,
     _checked_mask,
     _crop_editable,
     _defined_points_world,
@@ -98,10 +97,24 @@ from RobustMedSAMHelpers.mrml import (  # noqa: E402
     display_window,
     slice_box,
 )
+from RobustMedSAMHelpers.server_work import (  # noqa: E402
+    axis_index,
+    slice_centre_ras,
+    slice_of_point,
+    slice_scores,
+    slices_of_points,
+)
 
 from RobustMedSAMLib.errors import CancelledError, InputError  # noqa: E402
 from RobustMedSAMLib.formats.atomic import atomic_output, full_suffix  # noqa: E402
 from RobustMedSAMLib.formats.volume import Volume  # noqa: E402
+from RobustMedSAMLib.inference.confidence import (  # noqa: E402
+    ConfidenceRow,
+    confidence_rows,
+    next_unsure,
+)
+from RobustMedSAMLib.inference.slicing import encoding_order  # noqa: E402
+from RobustMedSAMLib.inference.types import SliceResult  # noqa: E402
 from RobustMedSAMLib.names import (  # noqa: E402
     AXIS_NAMES,
     CORRUPTION_NAMES,
@@ -113,6 +126,7 @@ from RobustMedSAMLib.names import (  # noqa: E402
 )
 
 if TYPE_CHECKING:  # torch-heavy modules are imported when a session starts
+    from RobustMedSAMLib.evaluation.robustness_preview import PreviewComparison
     from RobustMedSAMLib.inference.segment_volume import (
         SegmentationResult,
         SegmentOptions,
@@ -124,6 +138,11 @@ if TYPE_CHECKING:  # torch-heavy modules are imported when a session starts
 log = logging.getLogger(__name__)
 
 UNDO_KEYS = "Ctrl+Z"
+SETTINGS_URL = "RobustMedSAM/ServerURL"  # application settings (QSettings), not the scene
+SETTINGS_TOKEN = "RobustMedSAM/ServerToken"
+EFFECT_FILE = (
+    Path(__file__).resolve().parent / "SegmentEditorRobustMedSAMLib" / "SegmentEditorEffect.py"
+)
 PREVIEW_SEGMENTATION_NAME = "RobustMedSAM corruption preview"
 
 # Choices shown in the panel, from the library's stdlib-only vocabularies (importing
@@ -163,6 +182,18 @@ class RobustMedSAM(ScriptedLoadableModule):
             "2024) and RobustSAM (Chen et al., CVPR 2024). Uses 3D Slicer's segmentation "
             "infrastructure."
         )
+        app = getattr(slicer, "app", None)  # absent in slicer-core (headless)
+        if app is not None:
+            app.connect("startupCompleted()", self.registerEditorEffect)
+
+    def registerEditorEffect(self) -> None:  # noqa: N802 (Slicer's template name)
+        """Add the RobustMedSAM effect to the Segment Editor, once Slicer has started (as
+        Slicer's ScriptedSegmentEditorEffect template does)."""
+        import qSlicerSegmentationsEditorEffectsPythonQt as effects  # noqa: N813
+
+        effect = effects.qSlicerSegmentEditorScriptedEffect(None)
+        effect.setPythonSource(str(EFFECT_FILE).replace("\\", "/"))
+        effect.self().register()
 
 
 @parameterNodeWrapper
@@ -226,43 +257,6 @@ class _Snapshot:
     @property
     def nbytes(self) -> int:
         return sum(0 if m is None else m.nbytes for m in self.segments.values())
-
-
-@dataclass
-class SliceResult:
-    """One slice segmented from the prompts on it.
-
-    index: slice along ``axis`` (a numpy axis of the KJI array); mask: ``(K, J, I)``
-    bool on the volume grid, set on that slice only; score: the model's predicted IoU.
-    """
-
-    index: int
-    axis: int
-    mask: np.ndarray
-    score: float
-
-
-@dataclass
-class ConfidenceRow:
-    """One row of the per-slice confidence table. overlap is NaN on prompted slices;
-    flagged: the score or the overlap is under the user's thresholds."""
-
-    index: int
-    score: float
-    overlap: float
-    area: int
-    source: str
-    flagged: bool
-
-
-@dataclass
-class PreviewComparison:
-    """The model's masks on the clean and the corrupted volume (``(K, J, I)`` bool on
-    the same grid) and the Dice between them (1.0 = the corruption changed nothing)."""
-
-    clean_mask: np.ndarray
-    corrupted_mask: np.ndarray
-    dice: float
 
 
 @dataclass(frozen=True)
@@ -400,16 +394,7 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
 
     # --- library work (no MRML: safe in a worker thread) -----------------------------
 
-    @staticmethod
-    def encoding_order(n_slices: int, centre: int) -> list[int]:
-        """Slice indices nearest ``centre`` first (centre, +1, -1, +2, -2, ...)."""
-        if n_slices <= 0:
-            return []
-        centre = int(np.clip(centre, 0, n_slices - 1))
-        order = [centre]
-        for step in range(1, n_slices):
-            order += [i for i in (centre + step, centre - step) if 0 <= i < n_slices]
-        return order
+    encoding_order = staticmethod(encoding_order)  # RobustMedSAMLib.inference.slicing
 
     def encode_ahead(
         self,
@@ -518,70 +503,18 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         progress: Callable[[int, int], None] | None = None,
         cancel: Callable[[], bool] | None = None,
     ) -> PreviewComparison:
-        """The same prompts on the clean and the corrupted session, and the Dice."""
-        from RobustMedSAMLib.evaluation.metrics import dice
+        """The same prompts on the clean and the corrupted session, and the Dice
+        (``RobustMedSAMLib.evaluation.robustness_preview.compare``)."""
+        from RobustMedSAMLib.evaluation.robustness_preview import compare
 
-        steps = [0, 0]
-
-        def half(part: int) -> Callable[[int, int], None] | None:
-            if progress is None:
-                return None
-
-            def report(done: int, total: int) -> None:
-                steps[part] = int(100 * done / max(1, total))
-                progress(sum(steps), 200)
-
-            return report
-
-        clean_mask = self.compute(clean, prompts, options, half(0), cancel).mask
-        corrupted_mask = self.compute(corrupted, prompts, options, half(1), cancel).mask
-        return PreviewComparison(clean_mask, corrupted_mask, dice(clean_mask, corrupted_mask))
+        return compare(clean, corrupted, prompts, options, progress, cancel)
 
     @staticmethod
     def corrupted_array(volume: Volume, name: str, severity: int, seed: int = 0) -> np.ndarray:
         """``volume.array`` (KJI) degraded by corruption ``name`` at ``severity`` 1..5."""
-        from RobustMedSAMLib.corruptions import corrupt
+        from RobustMedSAMLib.evaluation.robustness_preview import corrupted_array
 
-        spacing_kji = tuple(float(s) for s in volume.spacing[::-1])
-        return corrupt(volume.array, name, int(severity), seed=int(seed), spacing=spacing_kji)
-
-    @staticmethod
-    def confidence_rows(
-        scores: list[SliceScore], min_score: float = 0.7, min_overlap: float = 0.85
-    ) -> list[ConfidenceRow]:
-        """Rows for the confidence table, in slice order; a slice is flagged when its
-        predicted IoU is under ``min_score`` or its overlap with the neighbour slice
-        it was propagated from is under ``min_overlap``."""
-        rows = []
-        for s in sorted(scores, key=lambda s: s.index):
-            low_overlap = not math.isnan(s.overlap) and s.overlap < min_overlap
-            rows.append(
-                ConfidenceRow(
-                    int(s.index),
-                    float(s.score),
-                    float(s.overlap),
-                    int(s.area),
-                    s.source,
-                    bool(s.score < min_score or low_overlap),
-                )
-            )
-        return rows
-
-    @staticmethod
-    def next_unsure(rows: list[ConfidenceRow], after: int | None = None) -> int | None:
-        """The first flagged slice after ``after`` (wrapping round); None if none is."""
-        flagged = [r.index for r in rows if r.flagged]
-        if not flagged:
-            return None
-        later = [i for i in flagged if after is None or i > after]
-        return later[0] if later else flagged[0]
-
-    @staticmethod
-    def slice_centre_ras(session: SegmentationSession, index: int) -> np.ndarray:
-        """World RAS ``(3,)`` of the centre of slice ``index`` along the session's axis."""
-        centre_kji = (np.array(session.volume.shape, float) - 1) / 2
-        centre_kji[session.axis] = index
-        return session.volume.ijk_to_ras_points(centre_kji[::-1])[0]
+        return corrupted_array(volume, name, severity, seed)
 
     # --- library -> MRML (main thread) -----------------------------------------------
 
@@ -704,6 +637,38 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
             segment_id,
             overwrite_other_segments,
             _crop_editable(editable_mask, volume.shape, box),
+            segment_name,
+        )
+
+    def write_extent(
+        self,
+        segmentation_node,
+        volume_node,
+        extent: tuple[slice, slice, slice],
+        block: np.ndarray,
+        segment_id: str | None = None,
+        overwrite_other_segments: bool | frozenset[str] = False,
+        editable_mask: np.ndarray | None = None,
+        segment_name: str | None = None,
+    ) -> str:
+        """Set the segment to ``block`` (KJI bool, ``extent``'s shape) inside ``extent``
+        (3 KJI slices of the volume grid), e.g. a :meth:`request_propagate` answer; the
+        rest of the segment is kept. Masking and undo as :meth:`write_mask`;
+        ``editable_mask`` on the whole grid or on the extent. Returns the segment ID."""
+        from RobustMedSAMHelpers.server_work import volume_arrays
+
+        array, ijk_to_ras = volume_arrays(volume_node)  # a view: only the geometry is used
+        volume = Volume(array, ijk_to_ras, volume_node.GetName())
+        extent = tuple(extent)
+        return self._write_box(
+            segmentation_node,
+            volume_node,
+            volume,
+            extent,
+            _checked_mask(block, _box_shape(volume.shape, extent), "mask"),
+            segment_id,
+            overwrite_other_segments,
+            _crop_editable(editable_mask, volume.shape, extent),
             segment_name,
         )
 
@@ -884,33 +849,30 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
             volume_node, array, f"{volume_node.GetName()} {name} s{int(severity)}"
         )
 
-    def write_preview(
-        self,
-        clean_session: SegmentationSession,
-        corrupted_session: SegmentationSession,
-        comparison: PreviewComparison,
-    ) -> tuple[Any, Any]:
+    def write_preview(self, clean, corrupted, comparison: PreviewComparison) -> tuple[Any, Any]:
         """Write the two preview masks, each into its own segmentation node (reused when
         present) so that each slice view can show one: ``... (clean)`` on the clean
-        volume's grid, ``... (corrupted)`` on the copy's. Returns the two nodes."""
+        volume's grid, ``... (corrupted)`` on the copy's. ``clean``/``corrupted``: the
+        volume nodes (or in-process sessions on them). Returns the two nodes."""
         nodes = []
         for label, session, mask, color in (
-            ("clean", clean_session, comparison.clean_mask, (0.0, 0.86, 1.0)),
-            ("corrupted", corrupted_session, comparison.corrupted_mask, (1.0, 0.82, 0.0)),
+            ("clean", clean, comparison.clean_mask, (0.0, 0.86, 1.0)),
+            ("corrupted", corrupted, comparison.corrupted_mask, (1.0, 0.82, 0.0)),
         ):
             name = f"{PREVIEW_SEGMENTATION_NAME} ({label})"
             node = slicer.mrmlScene.GetFirstNodeByName(name)
             if node is None or not node.IsA("vtkMRMLSegmentationNode"):
                 node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
             existing = node.GetSegmentation().GetSegmentIdBySegmentName(label)
+            in_process = session in self._volume_nodes
             segment_id = self.write_mask(
                 node,
-                self.volume_node_of(session),
+                self.volume_node_of(session) if in_process else session,
                 mask,
                 existing or None,
                 True,
                 segment_name=label,
-                reference=session.volume,
+                reference=session.volume if in_process else None,
             )
             node.GetSegmentation().GetSegment(segment_id).SetColor(*color)
             nodes.append(node)
@@ -1020,95 +982,190 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         process.start()
         return process
 
+    # --- model work through the inference server (main thread, event-driven) ----------
+
+    @property
+    def server(self):
+        """The ``ServerWork`` (RobustMedSAMHelpers/server_work.py) the requests go
+        through; made on first use (it needs Qt's timers)."""
+        if getattr(self, "_server", None) is None:
+            import qt as qt_module
+            from RobustMedSAMHelpers.server_work import ServerWork
+
+            self._server = ServerWork(qt_module)
+        return self._server
+
+    def start_local_server(
+        self,
+        model_name: str = DEFAULT_MODEL,
+        device: str = "auto",
+        checkpoint: str | os.PathLike | None = None,
+        python: str | None = None,
+    ) -> None:
+        """Start ``robustmedsam serve`` on 127.0.0.1 with Slicer's own Python (where the
+        dependency check installs torch; :meth:`finetune_python`), the library folder
+        first on its PYTHONPATH. Requests made meanwhile wait for its ready line."""
+        from RobustMedSAMHelpers.server_link import serve_arguments
+
+        import RobustMedSAMLib
+
+        library = Path(RobustMedSAMLib.__file__).resolve().parent.parent
+        arguments = serve_arguments(model_name, device, str(checkpoint) if checkpoint else None)
+        self.server.use_local(python or self.finetune_python(), arguments, [str(library)])
+
+    def use_remote_server(self, url: str, token: str, cafile: str | None = None) -> None:
+        """Send the model work to the server at ``url`` (``robustmedsam serve`` elsewhere);
+        Slicer's Python then needs no torch."""
+        self.server.use_remote(url, token, cafile)
+
+    def stop_server(self) -> None:
+        """Stop the local server (if any) and forget the sessions (scene close, exit)."""
+        if getattr(self, "_server", None) is not None:
+            self._server.stop()
+
+    def server_prompts(self, positive_points_node=None, negative_points_node=None, roi_node=None,
+                       as_arrays: bool = True):  # fmt: skip
+        """The prompts in world RAS without importing torch: ``(points Nx3, labels N,
+        roi)`` for :meth:`request_slice` (labels 1 include, 0 exclude), or with
+        ``as_arrays=False`` an object with ``positive``, ``negative`` (``Nx3`` or None)
+        and ``roi`` for :meth:`request_segment`. Any node may be None."""
+        from RobustMedSAMHelpers.server_work import ServerPrompts
+
+        positive = _defined_points_world(positive_points_node)
+        negative = _defined_points_world(negative_points_node)
+        roi = None if roi_node is None else _roi_world(roi_node)
+        if not as_arrays:
+            return ServerPrompts(positive, negative, roi)
+        parts = [p for p in (positive, negative) if p is not None and len(p)]
+        points = np.concatenate(parts) if parts else np.zeros((0, 3))
+        count = 0 if positive is None else len(positive)
+        labels = np.r_[np.ones(count, int), np.zeros(len(points) - count, int)]
+        return points, labels, roi
+
+    def request_slice(
+        self,
+        volume_node,
+        axis: str | int,
+        slice_index: int,
+        points_ras,
+        labels,
+        box_ras=None,
+        on_done: Callable[[np.ndarray, dict], None] | None = None,
+        on_error: Callable[[Exception], None] | None = None,
+    ):
+        """Segment one slice on the server; returns at once with a handle (``.cancel()``,
+        ``.state``).
+
+        ``axis``: ``axial``/``coronal``/``sagittal`` or the KJI array axis 0..2;
+        ``slice_index``: the slice along it. ``points_ras``: ``Nx3`` world RAS points
+        (projected onto that slice), ``labels``: ``N`` ints (1 include, 0 exclude).
+        ``box_ras``: None, ``(2, 3)`` opposite RAS corners, ``{"center", "size", "axes"}``
+        or a library ``Roi`` (its projection onto the slice is the box prompt). At least
+        one include point or a box is needed.
+
+        On the main thread, later: ``on_done(mask, details)`` with ``mask`` the slice's
+        2D bool mask (the KJI volume with ``axis`` removed: ``(J, I)`` for axial) and
+        ``details`` ``{"slice", "axis" (0..2), "score" (predicted IoU), "record"}``; or
+        ``on_error(exception)`` (InputError: the prompt; ServerError: the server;
+        CancelledError: after ``handle.cancel()``). Nothing is written to MRML.
+        """
+        return self.server.slice(
+            volume_node, axis, slice_index, points_ras, labels, box_ras, on_done, on_error
+        )
+
+    def request_propagate(
+        self,
+        volume_node,
+        axis: str | int,
+        seed_index: int,
+        seed_mask,
+        options: dict | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+        on_done: Callable[[tuple, np.ndarray, dict], None] | None = None,
+        on_error: Callable[[Exception], None] | None = None,
+    ):
+        """Propagate a slice mask through the volume on the server; returns a handle.
+
+        ``seed_mask``: the 2D bool mask of slice ``seed_index`` (shape as ``request_slice``
+        gives it). ``options``: the protocol's propagation options (``projection``,
+        ``iou_threshold``, ``min_score``, ``min_area_ratio``, ``overlap``, ``bounds``,
+        ``max_slices``, ``zoom``, ``box_extension``, ``stop_between_seeds``;
+        docs/server.md). ``on_progress(done, total)`` while it runs; then
+        ``on_done(extent, mask, details)``: ``extent`` a KJI tuple of 3 slices, ``mask``
+        the bool array of the result there (seed slice included; outside it nothing
+        was segmented), ``details`` ``{"seed", "axis", "stops", "changed_slices"}`` (the
+        slice range of the changed box, the seed within it); or
+        ``on_error`` as :meth:`request_slice`. ``handle.cancel()`` stops the job on the
+        server (nothing is changed) and reports CancelledError.
+        """
+        return self.server.propagate(
+            volume_node, axis, seed_index, seed_mask, options, on_progress, on_done, on_error
+        )
+
+    def request_segment(
+        self,
+        volume_node,
+        prompts: VolumePrompts,
+        propagate: bool = True,
+        options: dict | None = None,
+        axis: str | int = "axial",
+        on_progress: Callable[[int, int], None] | None = None,
+        on_done: Callable[[np.ndarray, dict], None] | None = None,
+        on_error: Callable[[Exception], None] | None = None,
+    ):
+        """Segment from ``prompts`` (:meth:`prompts_from_nodes`, world RAS) on the server,
+        as ``robustmedsam segment`` does: the prompted slices, propagated into 3D when
+        ``propagate``. ``on_done(mask, record)``: ``mask`` the ``(K, J, I)`` bool result,
+        ``record`` the run record (``record["slices"]``: index, score, overlap, area,
+        source per slice). Returns a handle; nothing is written to MRML."""
+        return self.server.segment(
+            volume_node, axis, prompts, propagate, options, on_progress, on_done, on_error
+        )
+
+    def request_encode(self, volume_node, axis: str | int, centre: int, on_done=None,
+                       on_error=None):  # fmt: skip
+        """Let the server encode the slices around ``centre`` while the user looks (as
+        many as its cache holds, nearest first; any job stops it). ``on_done(queued)``."""
+        return self.server.encode(volume_node, axis, centre, on_done, on_error)
+
     # --- dependencies ----------------------------------------------------------------
 
     @staticmethod
-    def dependency_plan():
+    def dependency_plan(remote: bool = False):
         """``(requirements, plan)``: the library's checked requirements (torch and
         torchvision as minimum versions: ``dependencies.for_slicer``) and an
-        ``InstallPlan`` for the missing ones (nothing is installed here)."""
+        ``InstallPlan`` for the missing ones (nothing is installed here). ``remote``:
+        the model runs on a remote server; Slicer's Python needs only the client's
+        packages (``dependencies.CLIENT_REQUIREMENTS``)."""
         from RobustMedSAMLib import dependencies
 
-        requirements = dependencies.check(dependencies.for_slicer(dependencies.required()))
+        specs = list(dependencies.CLIENT_REQUIREMENTS) if remote else dependencies.required()
+        requirements = dependencies.check(dependencies.for_slicer(specs))
         return requirements, dependencies.install_plan(requirements)
 
 
-# --- background work (no Qt: the panel polls it from a QTimer) --------------------------
+_shared_logic: RobustMedSAMLogic | None = None
 
 
-class BackgroundTask:
-    """Runs ``function(progress, cancel)`` in a daemon thread.
-
-    The function must not touch MRML or Qt. ``poll()`` (main thread) returns the events
-    since the last call: ``("progress", (done, total))``, then one of ``("done", result)``,
-    ``("cancelled", None)`` or ``("error", exception)``.
-    """
-
-    def __init__(self, name: str, function: Callable[..., Any]) -> None:
-        self.name = name
-        self._function = function
-        self._events: queue.Queue = queue.Queue()
-        self._cancel = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"RobustMedSAM {name}", daemon=True)
-        self.finished = False
-
-    def start(self) -> BackgroundTask:
-        self._thread.start()
-        return self
-
-    def cancel(self) -> None:
-        """Ask the work to stop at its next check."""
-        self._cancel.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
-
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
-
-    def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
-
-    def poll(self) -> list[tuple[str, Any]]:
-        events = []
-        while True:
-            try:
-                event = self._events.get_nowait()
-            except queue.Empty:
-                return events
-            if event[0] in ("done", "cancelled", "error"):
-                self.finished = True
-            events.append(event)
-
-    def _run(self) -> None:
-        def progress(done: int, total: int) -> None:
-            self._events.put(("progress", (int(done), int(total))))
-
-        try:
-            result = self._function(progress, self._cancel.is_set)
-        except CancelledError:
-            self._events.put(("cancelled", None))
-        except Exception as error:  # reported to the main thread, shown there
-            log.debug("background task %s failed", self.name, exc_info=True)
-            self._events.put(("error", error))
-        else:
-            if self._cancel.is_set():
-                self._events.put(("cancelled", None))
-            else:
-                self._events.put(("done", result))
+def shared_logic() -> RobustMedSAMLogic:
+    """The one Logic the panel and the Segment Editor effect share (its model sessions,
+    undo and server link)."""
+    global _shared_logic
+    if _shared_logic is None:
+        _shared_logic = RobustMedSAMLogic()
+    return _shared_logic
 
 
 class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel: turns GUI events into Logic calls; model work runs in a worker thread.
+    """The panel: turns GUI events into requests to the inference server (a local
+    process, or a remote URL + token from the application settings) and writes the
+    answers into MRML, all on the main thread; no Python thread does model work (see
+    docs/slicer.md: PythonQt keeps the GIL while Qt idles).
 
-    One ``BackgroundTask`` runs at a time (``self._task``); a QTimer polls it on the
-    main thread, which alone touches MRML. A click while slices are being encoded
-    cancels the encoding, segments the clicked slice, then resumes encoding.
+    One request runs at a time (``self._operation``); a click while one runs waits for
+    it (``self._pending``). The server encodes ahead on its own between requests.
     """
 
-    POLL_MS = 100
     DEBOUNCE_MS = 250
 
     def __init__(self, parent=None) -> None:
@@ -1117,18 +1174,15 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic: RobustMedSAMLogic | None = None
         self._parameterNode: RobustMedSAMParameterNode | None = None
         self._parameterNodeGuiTag = None
-        self._task: BackgroundTask | None = None
-        self._on_done: Callable[[Any], None] | None = None
+        self._operation = None
+        self._operationLabel = ""
+        self._serverKey: tuple | None = None
         self._pending: Callable[[], None] | None = None
-        self._predictor = None
-        self._model_key: tuple | None = None
-        self._model_id = ""
-        self._sessions: dict[str, Any] = {}
-        self._session_volume_id: str | None = None
         self._dirty_view_axis: str | None = None
         self._rows: list[ConfidenceRow] = []
-        self._rows_session = None
+        self._rows_view: tuple | None = None  # (volume node, axis) of the table's rows
         self._observed_markups: list = []
+        self._knownPoints: dict = {}  # markups node -> its defined points (Nx3 RAS) seen last
         self._dependencies_checked = False
         self._finetune = None
 
@@ -1140,11 +1194,12 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = RobustMedSAMLogic()
+        self.logic = shared_logic()
 
-        self._pollTimer = qt.QTimer()
-        self._pollTimer.setInterval(self.POLL_MS)
-        self._pollTimer.connect("timeout()", self._poll)
+        me = weakref.ref(self)  # the logic must not keep the panel alive (no cycle)
+        self.logic.server.on_lost = lambda error: (w := me()) and w._serverLost(error)
+        if hasattr(slicer.app, "connect"):  # app exit: the server process goes too
+            slicer.app.connect("aboutToQuit()", self.logic.stop_server)
         self._debounceTimer = qt.QTimer()
         self._debounceTimer.setSingleShot(True)
         self._debounceTimer.setInterval(self.DEBOUNCE_MS)
@@ -1156,6 +1211,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._undoShortcut.connect("activated()", self.onUndoShortcut)
         self._undoShortcut.setEnabled(False)
         self._borrowedUndo: list = []  # Slicer's own actions on Ctrl+Z, while we hold it
+        self._silencedShortcuts: list = []  # other QShortcuts on Ctrl+Z, off meanwhile
 
         self.ui.positivePlaceWidget.setMRMLScene(slicer.mrmlScene)
         self.ui.negativePlaceWidget.setMRMLScene(slicer.mrmlScene)
@@ -1209,11 +1265,13 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         """Module closed: stop the work, observers and timers."""
-        if self._task is not None:
-            self._task.cancel()
+        if self._operation is not None:
+            self._operation.cancel()
+        self.logic.stop_server()
+        self.logic.server.on_lost = None
         if self._finetune is not None and self._finetune.running:
             self._finetune.stop(timeout=5.0)
-        for timer in (self._pollTimer, self._debounceTimer, self._finetuneTimer):
+        for timer in (self._debounceTimer, self._finetuneTimer):
             timer.stop()
         self._releaseUndoShortcut()
         self._undoShortcut.setParent(None)  # one QShortcut per Reload would stay behind
@@ -1226,7 +1284,8 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._takeUndoShortcut()
         if not self._dependencies_checked:
             self._dependencies_checked = True
-            qt.QTimer.singleShot(0, self.checkDependencies)
+            # say what is missing; the install is offered on first use (_dependenciesReady)
+            qt.QTimer.singleShot(0, lambda: self.checkDependencies(ask=False))
 
     def exit(self) -> None:
         """The module is hidden: points edited elsewhere no longer write segments."""
@@ -1244,9 +1303,12 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        if self._operation is not None:
+            self._pending = None
+            self._operation.cancel()
         self._forgetSessions()
+        self.logic.stop_server()  # started again for the next request
+        self._serverKey = None
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -1353,10 +1415,10 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onModelChanged()
 
     def onModelChanged(self, *_args) -> None:
-        """A different model: the next action loads it (sessions are rebuilt)."""
-        if self._model_key is not None and self._model_key != self._wantedModelKey():
-            self._predictor, self._model_key = None, None
-            self._forgetSessions()
+        """A different model: the next request restarts the local server with it."""
+        if self._serverKey is not None and self._serverKey[0] == "local":
+            if self._serverKey[1:] != self._wantedModelKey():
+                self._forgetSessions()
 
     def onFinetunePaths(self, *_args) -> None:
         if self._parameterNode is None:
@@ -1392,10 +1454,13 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for event in events:
                 self.addObserver(new, event, self._onPointEvent)
         self._observed_markups = list(nodes)
+        self._knownPoints = {n: _defined_points_world(n) for n in nodes}
+        for node, points in self._knownPoints.items():
+            self._knownPoints[node] = np.zeros((0, 3)) if points is None else points
 
     def _updateButtons(self, *_args) -> None:
         node = self._parameterNode
-        busy = self._task is not None
+        busy = self._operation is not None
         has_volume = bool(node and node.input_volume)
         has_segmentation = bool(node and node.segmentation)
         self.ui.encodeButton.enabled = has_volume and not busy
@@ -1410,16 +1475,54 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.finetuneStartButton.enabled = not running
         self.ui.finetuneStopButton.enabled = running
 
-    # --- model and sessions ----------------------------------------------------------
+    # --- the server and its requests -------------------------------------------------
 
     def _wantedModelKey(self) -> tuple:
         node = self._parameterNode
         return (node.model_name, node.checkpoint_path.strip(), node.device)
 
+    def _remoteServer(self) -> tuple[str, str]:
+        """``(url, token)`` of a remote server from the application settings (QSettings
+        ``RobustMedSAM/ServerURL`` and ``RobustMedSAM/ServerToken``); ``("", "")``: local."""
+        settings = qt.QSettings()
+        url = str(settings.value(SETTINGS_URL, "") or "").strip()
+        return url, str(settings.value(SETTINGS_TOKEN, "") or "").strip()
+
+    def setRemoteServer(self, url: str, token: str) -> None:
+        """Use the server at ``url`` with ``token`` from now on (kept in the application
+        settings, not in the scene); an empty URL goes back to the local server."""
+        settings = qt.QSettings()
+        settings.setValue(SETTINGS_URL, url.strip())
+        settings.setValue(SETTINGS_TOKEN, token.strip())
+        self._serverKey = None
+        self._forgetSessions()
+
+    def _ensureServer(self) -> None:
+        """The remote server of the settings, else a local one for the chosen model,
+        (re)started when the model, checkpoint or device changes or it stopped."""
+        url, token = self._remoteServer()
+        server = self.logic.server
+        if url:
+            if self._serverKey != ("remote", url, token) or not server.configured:
+                self.logic.use_remote_server(url, token)
+                self._serverKey = ("remote", url, token)
+            return
+        key = ("local", *self._wantedModelKey())
+        if self._serverKey != key or server.local is None or server.local.stopping:
+            _, name, checkpoint, device = key
+            self.logic.start_local_server(name, device, checkpoint or None)
+            self._serverKey = key
+            self._status(f"Starting the local server ({name} on {device})...")
+
     def _forgetSessions(self) -> None:
-        self._sessions.clear()
-        self._session_volume_id = None
-        self._rows, self._rows_session = [], None
+        if self.logic is not None and getattr(self.logic, "_server", None) is not None:
+            self.logic.server.forget_sessions()
+        self._rows, self._rows_view = [], None
+
+    def _serverLost(self, error: Exception) -> None:
+        """The local server died while nothing was asked of it: say so once."""
+        self._serverKey = None
+        self._showError("The RobustMedSAM server", error)
 
     def _axisForEvent(self) -> str:
         """The axis to slice: the panel's choice, or (``view``) the orientation of the
@@ -1438,85 +1541,54 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     return axis
         return self._dirty_view_axis or "axial"
 
-    def _withSession(self, axis: str, then: Callable[[Any], None]) -> None:
-        """Call ``then(session)`` on the main thread once the model is loaded (in the
-        background) and a session exists for the volume along ``axis``."""
-        node = self._parameterNode
-        volume_node = node.input_volume
-        if volume_node is None:
-            slicer.util.errorDisplay("Select an input volume first.")
-            return
-        if self._session_volume_id != volume_node.GetID():
-            self._forgetSessions()
-            self._session_volume_id = volume_node.GetID()
-        if self._predictor is None or self._model_key != self._wantedModelKey():
-            key = self._wantedModelKey()
-            name, checkpoint, device = key
-
-            def loaded(result) -> None:
-                self._predictor, model_id = result
-                self._model_key = key
-                self._model_id = model_id
-                self._forgetSessions()
-                self._session_volume_id = volume_node.GetID()
-                self._withSession(axis, then)
-
-            self._run(
-                f"Loading model '{name}'",
-                lambda progress, cancel: self.logic.load_model(name, checkpoint, device),
-                loaded,
-            )
-            return
-        if axis not in self._sessions:
-            with self._showingErrors("Starting a session"):
-                self._sessions[axis] = self.logic.start_session(
-                    volume_node, predictor=self._predictor, axis=axis, model_id=self._model_id
-                )
-        if axis in self._sessions:
-            then(self._sessions[axis])
-
-    # --- background task plumbing ----------------------------------------------------
-
-    def _run(self, label: str, function, on_done: Callable[[Any], None]) -> bool:
-        """Start ``function(progress, cancel)`` in the worker; ``on_done(result)`` runs on
-        the main thread. Returns False (and does nothing) while another task runs."""
-        if self._task is not None:
+    def _begin(self, label: str, request: Callable[..., Any], on_done: Callable[..., None]) -> bool:
+        """Send a request: ``request(on_progress, on_done, on_error)`` returns its handle;
+        ``on_done(*values)`` runs on the main thread when the answer comes. Returns False
+        (and does nothing) while another request runs."""
+        if self._operation is not None:
             return False
-        self._task = BackgroundTask(label, function).start()
-        self._on_done = on_done
+        node = self._parameterNode
+        if node is None or node.input_volume is None:
+            slicer.util.errorDisplay("Select an input volume first.")
+            return False
+        with self._showingErrors(label):
+            self._ensureServer()
+        if not self.logic.server.configured:
+            return False
         self._setBusy(label)
-        self._pollTimer.start()
-        return True
 
-    def _poll(self) -> None:
-        task = self._task
-        if task is None:
-            self._pollTimer.stop()
-            return
-        for kind, value in task.poll():
-            if kind == "progress":
-                done, total = value
-                self.ui.progressBar.maximum = max(1, total)
-                self.ui.progressBar.value = done
-                continue
-            self._task, on_done = None, self._on_done
-            self._on_done = None
-            self._pollTimer.stop()
+        def progress(done: int, total: int) -> None:
+            self.ui.progressBar.maximum = max(1, total)
+            self.ui.progressBar.value = done
+
+        def finished(*values) -> None:
+            self._operation = None
             self._setBusy(None)
             try:
-                if kind == "done":
-                    with self._showingErrors(task.name):
-                        on_done(value)
-                elif kind == "cancelled":
-                    self._status(f"{task.name}: cancelled.")
-                else:
-                    self._showError(task.name, value)
+                with self._showingErrors(label):
+                    on_done(*values)
             finally:
                 self._startPending()  # a queued click or resumed encoding is never dropped
-            return
+
+        def failed(error: Exception) -> None:
+            self._operation = None
+            self._setBusy(None)
+            try:
+                if isinstance(error, CancelledError):
+                    self._status(f"{label}: cancelled.")
+                else:
+                    self._showError(label, error)
+            finally:
+                self._startPending()
+
+        handle = request(progress, finished, failed)
+        if handle.running:
+            self._operation, self._operationLabel = handle, label
+            self._updateButtons()
+        return True
 
     def _startPending(self) -> None:
-        if self._task is None and self._pending is not None:
+        if self._operation is None and self._pending is not None:
             pending, self._pending = self._pending, None
             pending()
 
@@ -1551,56 +1623,78 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(f"{what} failed: {error}", detailedText=repr(error))
 
     def onCancel(self) -> None:
-        if self._task is not None:
+        if self._operation is not None:
             self._pending = None
-            self._task.cancel()
-            self._status(f"{self._task.name}: cancelling...")
+            self._status(f"{self._operationLabel}: cancelling...")
+            self._operation.cancel()  # may report "cancelled" at once
 
     # --- workflow: encode, click, propagate, undo ------------------------------------
 
     def onEncode(self) -> None:
-        """Encode the slices around the one in view, in the background."""
-        if not self._dependenciesReady():
-            return
+        """Let the server encode the slices around the one in view while the user looks."""
+        node = self._parameterNode
         axis = self._axisForEvent()
-
-        def encode(session) -> None:
-            centre = self._sliceInView(session)
-            self._run(
+        with self._showingErrors("Encoding"):
+            centre = self._sliceInView(axis)
+            self._begin(
                 f"Encoding {axis} slices",
-                lambda progress, cancel: self.logic.encode_ahead(session, centre, progress, cancel),
-                lambda order: self._status(f"{len(order)} {axis} slices encoded: place points."),
+                lambda progress, done, failed: self.logic.request_encode(
+                    node.input_volume, axis, centre, done, failed
+                ),
+                lambda queued: self._status(
+                    f"The server encodes {queued} {axis} slices around {centre}: place points."
+                ),
             )
 
-        self._withSession(axis, encode)
-
-    def _sliceInView(self, session) -> int:
-        """The session's slice at the Red view's centre (the volume's middle otherwise)."""
+    def _sliceInView(self, axis: str) -> int:
+        """The slice along ``axis`` at the Red view's centre (the volume's middle otherwise)."""
+        volume_node = self._parameterNode.input_volume
         try:
             slice_node = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
             matrix = slice_node.GetSliceToRAS()
             centre = [matrix.GetElement(r, 3) for r in range(3)]
-            return self.logic.slice_of_point(session, centre)
+            return slice_of_point(volume_node, axis, centre)
         except (AttributeError, InputError):
-            return session.n_slices // 2
+            shape = slicer.util.arrayFromVolume(volume_node).shape
+            return shape[axis_index(axis)] // 2
 
     def _onPointEvent(self, caller, event) -> None:
-        """A point was placed, moved or removed: segment its slice after a short pause."""
+        """A point was placed, moved or removed: segment its slice (a removed point's:
+        the slice it was on) after a short pause."""
+        changed = self._changedPoint(caller)
         if self._parameterNode is None or not self._parameterNode.auto_update:
             return
         self._lastPointNode = caller
+        self._lastChangedPoint = changed
         self._lastAxis = self._axisForEvent()
         self._debounceTimer.start()
 
     def _onPromptsSettled(self) -> None:
-        if self._task is not None:
-            if self._task.name.startswith("Encoding"):
-                self._task.cancel()  # the click is more urgent; encoding resumes after
+        if self._operation is not None:
             self._pending = self._onPromptsSettled
             return
         self._segmentSliceOfLastPoint()
 
+    def _changedPoint(self, node):
+        """World RAS of the point an event is about: the one placed or moved (where it is
+        now) or removed (where it was), found against the points seen before, since a
+        markups event reaches Python without its point index."""
+        if node.IsA("vtkMRMLMarkupsROINode"):
+            return None
+        now = _defined_points_world(node)
+        now = np.zeros((0, 3)) if now is None else now
+        before = self._knownPoints.get(node, np.zeros((0, 3)))
+        self._knownPoints[node] = now
+        fresh = [p for p in now if not np.isclose(before, p, atol=1e-6).all(axis=1).any()]
+        if fresh:
+            return fresh[-1]
+        gone = [p for p in before if not np.isclose(now, p, atol=1e-6).all(axis=1).any()]
+        return gone[0] if gone else None
+
     def _lastPointRas(self):
+        changed = getattr(self, "_lastChangedPoint", None)
+        if changed is not None:
+            return changed
         node = getattr(self, "_lastPointNode", None)
         if node is None or node.GetNumberOfDefinedControlPoints() == 0:
             return None
@@ -1620,126 +1714,130 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if point is None or not self._dependenciesReady():
             return
         axis = getattr(self, "_lastAxis", None) or self._axisForEvent()
-        self._withSession(axis, lambda session: self._segmentSliceAt(session, point))
+        self._segmentSliceAt(axis, point)
 
     def onSegmentSlice(self) -> None:
         """Segment the slice of the last placed point (or the slice in view)."""
         if not self._dependenciesReady():
             return
-        point = self._lastPointRas()
-        axis = self._axisForEvent()
-        self._withSession(axis, lambda session: self._segmentSliceAt(session, point))
+        self._segmentSliceAt(self._axisForEvent(), self._lastPointRas())
 
-    def _segmentSliceAt(self, session, point_ras) -> None:
+    def _segmentSliceAt(self, axis: str, point_ras) -> None:
+        """Segment the slice holding ``point_ras`` (the one in view when None) from the
+        points on it and the ROI, on the server; write it when the answer comes."""
         node = self._parameterNode
         with self._showingErrors("Segmenting slice: reading the prompts"):
-            prompts = self.logic.prompts_from_nodes(
+            volume_node = node.input_volume
+            index = (
+                self._sliceInView(axis)
+                if point_ras is None
+                else slice_of_point(volume_node, axis, point_ras)
+            )
+            points, labels, roi = self.logic.server_prompts(
                 node.positive_points, node.negative_points, node.roi
             )
-            index = (
-                self._sliceInView(session)
-                if point_ras is None
-                else self.logic.slice_of_point(session, point_ras)
-            )
+            on_slice = slices_of_points(volume_node, axis, points) == index
+            points, labels = points[on_slice], labels[on_slice]
 
-            def write(result: SliceResult) -> None:
+            def write(mask: np.ndarray, details: dict) -> None:
                 self._ensureSegmentation()
-                masking = self._masking(slice_box(session.volume.shape, result.axis, index))
-                segment_id = self.logic.write_slice(
-                    session,
-                    result,
+                shape = slicer.util.arrayFromVolume(volume_node).shape
+                box = slice_box(shape, details["axis"], index)
+                masking = self._masking(box)
+                segment_id = self.logic.write_extent(
                     node.segmentation,
+                    volume_node,
+                    box,
+                    np.expand_dims(mask, details["axis"]),
                     node.segment_id or None,
                     masking.overwrite_other_segments,
                     masking.editable_mask,
                     segment_name=DEFAULT_SEGMENT_NAME,
                 )
                 self._rememberSegment(segment_id)
-                self._status(f"Slice {index} segmented (score {result.score:.2f}).")
-                self._resumeEncoding(session, index)
+                self._status(f"Slice {index} segmented (score {details['score']:.2f}).")
+                self._resumeEncoding(axis, index)
 
-            self._run(
+            self._begin(
                 f"Segmenting slice {index}",
-                lambda progress, cancel: self.logic.compute_slice(session, prompts, index),
+                lambda progress, done, failed: self.logic.request_slice(
+                    volume_node, axis, index, points, labels, roi, done, failed
+                ),
                 write,
             )
 
-    def _resumeEncoding(self, session, centre: int) -> None:
-        """Encode ahead around ``centre`` again once nothing else waits."""
-        if self._pending is not None or len(session.stats.encoded) >= session.n_slices:
+    def _resumeEncoding(self, axis: str, centre: int) -> None:
+        """Ask the server to encode ahead around ``centre`` again (a job stopped it)."""
+        if self._pending is not None:
             return
+        volume_node = self._parameterNode.input_volume
 
         def encode() -> None:
-            self._run(
+            self._begin(
                 "Encoding slices (resumed)",
-                lambda progress, cancel: self.logic.encode_ahead(session, centre, progress, cancel),
-                lambda order: self._status("Slices encoded."),
+                lambda progress, done, failed: self.logic.request_encode(
+                    volume_node, axis, centre, done, failed
+                ),
+                lambda queued: self._status(f"The server encodes ahead around slice {centre}."),
             )
 
         self._pending = encode
 
     def onPropagate(self) -> None:
-        """Segment the prompted slices and propagate into 3D, in the background."""
+        """Segment the prompted slices and propagate into 3D, on the server."""
         if not self._dependenciesReady():
             return
         node = self._parameterNode
         axis = self._axisForEvent()
+        with self._showingErrors("Propagating"):
+            volume_node = node.input_volume
+            prompts = self.logic.server_prompts(
+                node.positive_points, node.negative_points, node.roi, as_arrays=False
+            )
+            options = self._segmentOptions(propagate=True)
 
-        def propagate(session) -> None:
-            with self._showingErrors("Propagating"):
-                prompts = self.logic.prompts_from_nodes(
-                    node.positive_points, node.negative_points, node.roi
+            def write(mask: np.ndarray, record: dict) -> None:
+                self._ensureSegmentation()
+                masking = self._masking()
+                segment_id = self.logic.write_mask(
+                    node.segmentation,
+                    volume_node,
+                    mask,
+                    node.segment_id or None,
+                    masking.overwrite_other_segments,
+                    masking.editable_mask,
+                    segment_name=DEFAULT_SEGMENT_NAME,
                 )
-                options = self._segmentOptions(propagate=True)
-
-                def write(result) -> None:
-                    self._ensureSegmentation()
-                    masking = self._masking()
-                    segment_id = self.logic.write_mask(
-                        node.segmentation,
-                        node.input_volume,
-                        result.mask,
-                        node.segment_id or None,
-                        masking.overwrite_other_segments,
-                        masking.editable_mask,
-                        segment_name=DEFAULT_SEGMENT_NAME,
-                        reference=session.volume,
-                    )
-                    self._rememberSegment(segment_id)
-                    self._showConfidence(session, result.slices)
-                    self._status(
-                        f"Propagated: {int(result.mask.sum())} voxels on {len(result.slices)} "
-                        f"slices in {result.seconds:.1f} s."
-                    )
-
-                self._run(
-                    "Propagating",
-                    lambda progress, cancel: self.logic.compute(
-                        session, prompts, options, progress, cancel
-                    ),
-                    write,
+                self._rememberSegment(segment_id)
+                scores = slice_scores(record)
+                self._showConfidence((volume_node, axis), scores)
+                seconds = record.get("timings", {}).get("total_seconds", 0.0)
+                self._status(
+                    f"Propagated: {int(mask.sum())} voxels on {len(scores)} slices in "
+                    f"{seconds:.1f} s."
                 )
 
-        self._withSession(axis, propagate)
+            self._begin(
+                "Propagating",
+                lambda progress, done, failed: self.logic.request_segment(
+                    volume_node, prompts, True, options, axis, progress, done, failed
+                ),
+                write,
+            )
 
-    def _segmentOptions(self, propagate: bool):
-        from RobustMedSAMLib.inference.propagation import PropagationOptions
-        from RobustMedSAMLib.inference.segment_volume import SegmentOptions
-
+    def _segmentOptions(self, propagate: bool) -> dict:
+        """The panel's propagation settings as the protocol's ``options``."""
         node = self._parameterNode
-        options = PropagationOptions(
-            projection=node.projection,
-            box_extension=node.box_extension,
-            iou_threshold=node.stop_iou,
-            overlap=node.overlap_measure,
-            min_score=node.min_score,
-            min_area_ratio=node.min_area_ratio,
-            stop_between_seeds=node.stop_between_seeds,
-        )
-        options.validate()
-        return SegmentOptions(
-            propagate=propagate, propagation=options, zoom=node.zoom_to_box or "auto"
-        )
+        return {
+            "projection": node.projection,
+            "box_extension": node.box_extension,
+            "iou_threshold": node.stop_iou,
+            "overlap": node.overlap_measure,
+            "min_score": node.min_score,
+            "min_area_ratio": node.min_area_ratio,
+            "stop_between_seeds": node.stop_between_seeds,
+            "zoom": node.zoom_to_box or "auto",
+        }
 
     def _ensureSegmentation(self) -> None:
         node = self._parameterNode
@@ -1774,10 +1872,18 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         give up the key until :meth:`_releaseUndoShortcut`; ours passes it on to them
         when this module has nothing to undo."""
         keys = qt.QKeySequence(UNDO_KEYS)
-        for action in slicer.util.mainWindow().findChildren(qt.QAction):
+        main = slicer.util.mainWindow()
+        for action in main.findChildren(qt.QAction):
             if action.shortcut.matches(keys) == qt.QKeySequence.ExactMatch:
                 action.setShortcut(qt.QKeySequence())
                 self._borrowedUndo.append(action)
+        for shortcut in main.findChildren(qt.QShortcut):  # other modules' own, e.g.
+            # SlicerNNInteractive's QShortcut("Ctrl+Z", mainWindow()), kept until cleanup
+            if shortcut is self._undoShortcut or not shortcut.isEnabled():
+                continue
+            if shortcut.key.matches(keys) == qt.QKeySequence.ExactMatch:
+                shortcut.setEnabled(False)
+                self._silencedShortcuts.append(shortcut)
         self._undoShortcut.setEnabled(True)
 
     def _releaseUndoShortcut(self) -> None:
@@ -1785,11 +1891,14 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for action in self._borrowedUndo:
             action.setShortcut(qt.QKeySequence(UNDO_KEYS))
         self._borrowedUndo = []
+        for shortcut in self._silencedShortcuts:
+            shortcut.setEnabled(True)
+        self._silencedShortcuts = []
 
     def onUndoShortcut(self) -> None:
         """Ctrl+Z: undo our last write, or Slicer's own undo when we have none."""
         node = self._parameterNode
-        if node is not None and node.segmentation is not None and self._task is None:
+        if node is not None and node.segmentation is not None and self._operation is None:
             if self.logic.can_undo(node.segmentation):
                 self.onUndo()
                 return
@@ -1801,7 +1910,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onUndo(self) -> None:
         """Restore the segment(s) as they were before the last write (Ctrl+Z)."""
         node = self._parameterNode
-        if node is None or node.segmentation is None or self._task is not None:
+        if node is None or node.segmentation is None or self._operation is not None:
             return
         if self.logic.undo_last(node.segmentation):
             self._status("Undone.")
@@ -1811,10 +1920,12 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- per-slice confidence --------------------------------------------------------
 
-    def _showConfidence(self, session, scores) -> None:
+    def _showConfidence(self, view: tuple, scores) -> None:
+        """The confidence table for ``scores`` (``slice_scores``) of ``view`` = (volume
+        node, axis)."""
         node = self._parameterNode
-        self._rows = self.logic.confidence_rows(scores, node.flag_score, node.flag_overlap)
-        self._rows_session = session
+        self._rows = confidence_rows(scores, node.flag_score, node.flag_overlap)
+        self._rows_view = view
         table = self.ui.confidenceTable
         table.setRowCount(len(self._rows))
         for row, item in enumerate(self._rows):
@@ -1836,7 +1947,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onNextUnsure(self) -> None:
         current = self.ui.confidenceTable.currentRow()
         after = self._rows[current].index if 0 <= current < len(self._rows) else None
-        index = self.logic.next_unsure(self._rows, after)
+        index = next_unsure(self._rows, after)
         if index is None:
             return
         row = next(i for i, r in enumerate(self._rows) if r.index == index)
@@ -1845,9 +1956,9 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _jumpToSlice(self, index: int) -> None:
         """Centre every slice view on the middle of slice ``index``."""
-        if self._rows_session is None:
+        if self._rows_view is None:
             return
-        x, y, z = self.logic.slice_centre_ras(self._rows_session, index)
+        x, y, z = slice_centre_ras(*self._rows_view, index)
         for name in slicer.app.layoutManager().sliceViewNames():
             slice_node = slicer.app.layoutManager().sliceWidget(name).mrmlSliceNode()
             slice_node.JumpSliceByCentering(x, y, z)
@@ -1855,60 +1966,69 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- corruption preview ----------------------------------------------------------
 
     def onPreview(self) -> None:
-        """Corrupted copy -> both sessions segmented with the current prompts -> side by
-        side, each with its mask, and the Dice between them."""
+        """Corrupted copy -> both volumes segmented with the current prompts on the server
+        -> side by side, each with its mask, and the Dice between them. The corruption
+        itself is computed here, on the main thread (numpy; the GUI waits for it)."""
         if not self._dependenciesReady():
             return
         node = self._parameterNode
         axis = self._axisForEvent()
+        with self._showingErrors("Preparing the preview"):
+            volume_node = node.input_volume
+            prompts = self.logic.server_prompts(
+                node.positive_points, node.negative_points, node.roi, as_arrays=False
+            )
+            propagate = bool(self.ui.previewPropagateCheckBox.checked)
+            options = self._segmentOptions(propagate)
+            name, severity, seed = node.corruption, node.severity, node.corruption_seed
+            self._status(f"Corrupting ({name}, severity {severity})...")
+            copy = self.logic.corrupted_copy(volume_node, name, severity, seed)
 
-        def preview(session) -> None:
-            with self._showingErrors("Preparing the preview"):
-                prompts = self.logic.prompts_from_nodes(
-                    node.positive_points, node.negative_points, node.roi
-                )
-                options = self._segmentOptions(propagate=self.ui.previewPropagateCheckBox.checked)
-                name, severity, seed = node.corruption, node.severity, node.corruption_seed
-
-                def corrupted(array) -> None:
-                    copy = self.logic.corrupted_copy(node.input_volume, name, severity, array=array)
-                    other = self.logic.preview_session(session, copy)
-                    self._run(
-                        "Segmenting clean and corrupted",
-                        lambda progress, cancel: self.logic.compare(
-                            session, other, prompts, options, progress, cancel
-                        ),
-                        lambda comparison: self._showPreview(session, other, comparison),
-                    )
-
-                self._run(
-                    f"Corrupting ({name}, severity {severity})",
-                    lambda progress, cancel: self.logic.corrupted_array(
-                        session.volume, name, severity, seed
+            def segment(target, label: str, then) -> None:
+                self._begin(
+                    label,
+                    lambda progress, done, failed: self.logic.request_segment(
+                        target, prompts, propagate, options, axis, progress, done, failed
                     ),
-                    corrupted,
+                    then,
                 )
 
-        self._withSession(axis, preview)
+            def clean_done(clean_mask: np.ndarray, _record: dict) -> None:
+                def corrupted_done(corrupted_mask: np.ndarray, _other: dict) -> None:
+                    from RobustMedSAMLib.evaluation.metrics import dice
+                    from RobustMedSAMLib.evaluation.robustness_preview import PreviewComparison
 
-    def _showPreview(self, clean, corrupted, comparison: PreviewComparison) -> None:
+                    score = dice(clean_mask, corrupted_mask)
+                    comparison = PreviewComparison(clean_mask, corrupted_mask, float(score))
+                    self._showPreview(volume_node, copy, comparison)
+
+                self._pending = lambda: segment(copy, "Segmenting the corrupted copy",
+                                                corrupted_done)  # fmt: skip
+
+            segment(volume_node, "Segmenting the clean volume", clean_done)
+
+    def _showPreview(self, clean_node, corrupted_node, comparison: PreviewComparison) -> None:
         """Side by side: Red shows the clean volume and its mask, Yellow the copy and its."""
-        nodes = self.logic.write_preview(clean, corrupted, comparison)
+        nodes = self.logic.write_preview(clean_node, corrupted_node, comparison)
         layout = slicer.app.layoutManager()
         layout.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
         views = []
-        for view, session, segmentation in zip(
-            ("Red", "Yellow"), (clean, corrupted), nodes, strict=True
+        for view, volume_node, segmentation in zip(
+            ("Red", "Yellow"), (clean_node, corrupted_node), nodes, strict=True
         ):
             widget = layout.sliceWidget(view)
-            volume_id = self.logic.volume_node_of(session).GetID()
+            volume_id = volume_node.GetID()
             widget.mrmlSliceCompositeNode().SetBackgroundVolumeID(volume_id)
             slice_node = widget.mrmlSliceNode()
             display = segmentation.GetDisplayNode()
             display.RemoveAllViewNodeIDs()
             display.AddViewNodeID(slice_node.GetID())
             views.append(slice_node)
-        views[1].SetOrientation(views[0].GetOrientation())
+        red, yellow = views  # the same slice and zoom on both sides
+        yellow.SetOrientation(red.GetOrientation())
+        yellow.GetSliceToRAS().DeepCopy(red.GetSliceToRAS())
+        yellow.SetFieldOfView(*red.GetFieldOfView())
+        yellow.UpdateMatrices()
         self.ui.previewDiceLabel.text = (
             f"Dice clean vs corrupted: {comparison.dice:.3f} "
             f"(clean {int(comparison.clean_mask.sum())} voxels, corrupted "
@@ -1984,15 +2104,17 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- dependencies ----------------------------------------------------------------
 
     def _dependenciesReady(self) -> bool:
-        """True when torch is installed; otherwise offer the installation."""
-        if importlib.util.find_spec("torch") is None:  # no import: it takes seconds
+        """True when what this mode needs is installed (torch for a local server, the
+        HTTP framing only for a remote one); otherwise offer the installation."""
+        needed = "h11" if self._remoteServer()[0] else "torch"
+        if importlib.util.find_spec(needed) is None:  # no import: torch takes seconds
             return self.checkDependencies(ask=True)
         return True
 
     def checkDependencies(self, ask: bool = True) -> bool:
         """Check the library's requirements; offer to install what is missing."""
         try:
-            requirements, plan = self.logic.dependency_plan()
+            requirements, plan = self.logic.dependency_plan(remote=bool(self._remoteServer()[0]))
         except Exception as error:  # a broken environment must not break the panel
             log.warning("dependency check failed: %s", error)
             return True
@@ -2156,13 +2278,39 @@ class RobustMedSAMTest(ScriptedLoadableModuleTest):
         """Load a .seg.nrrd as a new segmentation node (Slicer's loader)."""
         return slicer.util.loadSegmentation(str(path))
 
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 600.0) -> None:
+        """Let Qt's events run (the server link's timer, the server process's signals)
+        until ``predicate()`` holds. ``time.sleep`` releases the GIL; no thread needs it."""
+        end = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > end:
+                raise AssertionError(f"no answer from the server in {timeout:.0f} s")
+            slicer.app.processEvents()
+            time.sleep(0.01)
+
+    def segment_through_server(self, logic, volume_node, prompts) -> tuple[np.ndarray, dict]:
+        """``logic.request_segment`` (propagated), waited for: ``(mask, record)``."""
+        answers: list = []
+        logic.request_segment(
+            volume_node,
+            prompts,
+            propagate=True,
+            on_done=lambda mask, record: answers.append((mask, record)),
+            on_error=answers.append,
+        )
+        self.wait_for(lambda: bool(answers))
+        if isinstance(answers[0], Exception):
+            raise answers[0]
+        return answers[0]
+
     def test_end_to_end_with_the_default_model(self) -> None:
-        """Phantom volume -> ROI around the ball -> propagate -> Dice >= 0.8 -> undo
-        restores the empty segment -> save .seg.nrrd -> reload gives the same mask."""
+        """Local server (default model) started by the Logic -> phantom volume -> ROI
+        around the ball -> propagate on the server -> written segment with Dice >= 0.8
+        -> undo restores the empty segment -> save .seg.nrrd -> reload gives the same
+        mask -> the server stops."""
         import tempfile
 
         from RobustMedSAMLib.datasets.phantoms import sphere
-        from RobustMedSAMLib.inference.segment_volume import SegmentOptions
 
         self.delayDisplay("Starting the RobustMedSAM end-to-end test")
         # 4 mm slices: the ball spans 11 of them (LiteMedSAM encodes each in about 1.5 s)
@@ -2182,26 +2330,33 @@ class RobustMedSAMTest(ScriptedLoadableModuleTest):
         self.assertEqual(segment_id, "sphere")
 
         logic = RobustMedSAMLogic()
-        session = logic.start_session(volume_node, DEFAULT_MODEL, device="cpu", axis="axial")
-        prompts = logic.prompts_from_nodes(None, None, roi)
-        scores = logic.segment(
-            session, prompts, SegmentOptions(propagate=True), segmentation, segment_id
-        )
-        mask = logic.segment_mask(segmentation, segment_id, volume_node)
-        overlap = 2 * (mask & phantom.mask).sum() / (mask.sum() + phantom.mask.sum())
-        self.delayDisplay(f"Dice vs truth {overlap:.3f} on {len(scores)} slices")
-        self.assertGreaterEqual(overlap, 0.8)
+        logic.start_local_server(DEFAULT_MODEL, device="cpu")
+        try:
+            self.delayDisplay(f"Local server for '{DEFAULT_MODEL}' starting")
+            prompts = logic.prompts_from_nodes(None, None, roi)
+            mask, record = self.segment_through_server(logic, volume_node, prompts)
+            logic.write_mask(segmentation, volume_node, mask, segment_id)
+            mask = logic.segment_mask(segmentation, segment_id, volume_node)
+            overlap = 2 * (mask & phantom.mask).sum() / (mask.sum() + phantom.mask.sum())
+            self.delayDisplay(f"Dice vs truth {overlap:.3f} on {len(record['slices'])} slices")
+            self.assertGreaterEqual(overlap, 0.8)
+            self.assertEqual(record["inputs"]["server"], True)
 
-        self.assertTrue(logic.undo_last(segmentation))
-        self.assertFalse(logic.segment_mask(segmentation, segment_id, volume_node).any())
-        self.assertIsNotNone(segmentation.GetSegmentation().GetSegment(segment_id))
+            self.assertTrue(logic.undo_last(segmentation))
+            self.assertFalse(logic.segment_mask(segmentation, segment_id, volume_node).any())
+            self.assertIsNotNone(segmentation.GetSegmentation().GetSegment(segment_id))
 
-        logic.segment(session, prompts, SegmentOptions(propagate=True), segmentation, segment_id)
-        expected = logic.segment_mask(segmentation, segment_id, volume_node)
-        with tempfile.TemporaryDirectory() as folder:
-            path = logic.save_segmentation(segmentation, Path(folder) / "sphere.seg.nrrd")
-            loaded = self.reload_segmentation(path)
-            loaded_id = loaded.GetSegmentation().GetSegmentIdBySegmentName("sphere")
-            reloaded = logic.segment_mask(loaded, loaded_id, volume_node)
-        self.assertTrue(np.array_equal(reloaded, expected))
+            logic.write_mask(segmentation, volume_node, mask, segment_id)
+            expected = logic.segment_mask(segmentation, segment_id, volume_node)
+            with tempfile.TemporaryDirectory() as folder:
+                path = logic.save_segmentation(segmentation, Path(folder) / "sphere.seg.nrrd")
+                loaded = self.reload_segmentation(path)
+                loaded_id = loaded.GetSegmentation().GetSegmentIdBySegmentName("sphere")
+                reloaded = logic.segment_mask(loaded, loaded_id, volume_node)
+            self.assertTrue(np.array_equal(reloaded, expected))
+        finally:
+            process = logic.server.local
+            logic.stop_server()
+            if process is not None:
+                self.wait_for(lambda: not process.running, timeout=15.0)
         self.delayDisplay("RobustMedSAM end-to-end test passed")

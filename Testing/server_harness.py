@@ -99,7 +99,8 @@ def main() -> None:
     args = parser.parse_args()
     sock = listening_socket("127.0.0.1", 0)
     app = create_app(ServerConfig([TOKEN], idle_seconds=args.idle), threshold_model(args.delay))
-    line = json.dumps({"url": f"http://127.0.0.1:{sock.getsockname()[1]}", "pid": os.getpid()})
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    line = json.dumps({"url": url, "pid": os.getpid(), "token": TOKEN, "model": "threshold"})
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:

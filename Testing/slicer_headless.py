@@ -18,6 +18,10 @@ which skips the test cleanly when ``slicer`` cannot be imported.
 
 from __future__ import annotations
 
+import ctypes
+import os
+import subprocess
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -464,7 +468,11 @@ class FakeButton(FakeWidget):
     SIGNALS = frozenset({"clicked(bool)", "clicked()", "toggled(bool)"})
 
     def click(self) -> None:
+        """QAbstractButton::click: a checkable button toggles, then both clicked signals."""
+        if self.checkable:
+            self.checked = not self.checked
         self.emit("clicked(bool)", bool(self.checked))
+        self.emit("clicked()")
 
 
 class FakeCheckBox(FakeButton):
@@ -692,18 +700,44 @@ def load_fake_ui(path) -> FakeMRMLWidget:
     return top
 
 
+def held_sleep(seconds: float) -> None:
+    """Sleep *keeping the GIL*, as Slicer's main thread does while Qt idles: neither
+    Slicer nor CTK enables PythonQt's thread support, so no ``PyEval_SaveThread`` runs
+    around Qt's event loop (docs/slicer.md). ``usleep`` through ``ctypes.PyDLL`` is a
+    C call made without releasing the GIL (``ctypes.CDLL`` would release it)."""
+    if seconds > 0:
+        _LIBC.usleep(int(seconds * 1e6))
+
+
+_LIBC = ctypes.PyDLL(None)
+
+
 def make_fake_qt() -> types.ModuleType:
     """A ``qt`` module with the classes the Widget uses. State lives on the module
     object: ``timers`` (every QTimer made), ``single_shots`` (pending
-    ``QTimer.singleShot`` calls), ``dialogs`` (every QProgressDialog), and ``pump()``
-    runs the pending single shots and fires every active timer once."""
+    ``QTimer.singleShot`` calls), ``dialogs`` (every QProgressDialog), ``processes``
+    (every QProcess), and ``pump()`` runs the pending single shots and fires every
+    active timer once. ``run(seconds, until)`` is Slicer's event loop: timers fire when
+    due, processes' pipes are read, and in between the main thread idles holding the
+    GIL (:func:`held_sleep`); every callback's duration is appended to ``callbacks``
+    (wall time) and ``cpu`` (the thread's CPU time) as ``(name, seconds)``."""
     qt = types.ModuleType("qt")
-    qt.timers, qt.single_shots, qt.dialogs = [], [], []
+    qt.timers, qt.single_shots, qt.dialogs, qt.processes = [], [], [], []
+    qt.callbacks, qt.cpu = [], []
+
+    def timed(name: str, slot, args: tuple) -> None:
+        started, cpu = time.perf_counter(), time.thread_time()
+        try:
+            call_slot(slot, args)
+        finally:
+            qt.callbacks.append((name, time.perf_counter() - started))
+            qt.cpu.append((name, time.thread_time() - cpu))
 
     class QTimer:
         def __init__(self, parent=None) -> None:
             self.interval, self.single, self.active, self.starts = 0, False, False, 0
             self.slots: list = []
+            self.due = 0.0
             qt.timers.append(self)
 
         def setInterval(self, ms: int) -> None:  # noqa: N802
@@ -716,7 +750,10 @@ def make_fake_qt() -> types.ModuleType:
             return self.active
 
         def start(self, ms: int | None = None) -> None:
+            if ms is not None:
+                self.interval = int(ms)
             self.active, self.starts = True, self.starts + 1
+            self.due = time.monotonic() + self.interval / 1000
 
         def stop(self) -> None:
             self.active = False
@@ -736,6 +773,9 @@ def make_fake_qt() -> types.ModuleType:
         @staticmethod
         def singleShot(ms: int, slot) -> None:  # noqa: N802
             qt.single_shots.append(slot)
+            qt.shot_due[id(slot)] = time.monotonic() + ms / 1000
+
+    qt.shot_due = {}
 
     def pump() -> None:
         shots, qt.single_shots[:] = list(qt.single_shots), []
@@ -744,6 +784,165 @@ def make_fake_qt() -> types.ModuleType:
         for timer in list(qt.timers):
             if timer.active:
                 timer.fire()
+
+    def run(seconds: float, until=None) -> bool:
+        """The event loop for ``seconds`` or until ``until()`` is true (returned)."""
+        end = time.monotonic() + seconds
+        while True:
+            if until is not None and until():
+                return True
+            now = time.monotonic()
+            if now >= end:
+                return False
+            for slot in list(qt.single_shots):
+                if qt.shot_due.get(id(slot), 0) <= now:
+                    qt.single_shots.remove(slot)
+                    qt.shot_due.pop(id(slot), None)
+                    timed("singleShot", slot, ())
+            for timer in list(qt.timers):
+                if timer.active and timer.due <= now:
+                    timer.due = now + timer.interval / 1000
+                    if timer.single:
+                        timer.active = False
+                    for slot in list(timer.slots):
+                        timed(getattr(slot, "__name__", "timer"), slot, ())
+            for process in list(qt.processes):
+                process.service(timed)
+            dues = [t.due for t in qt.timers if t.active]
+            dues += [qt.shot_due.get(id(s), now) for s in qt.single_shots]
+            if any(p.watching for p in qt.processes):
+                dues.append(now + 0.005)  # Qt would wake on the pipe at once
+            held_sleep(max(0.0, min([end, *dues]) - time.monotonic()))
+
+    class _Bytes:
+        def __init__(self, data: bytes) -> None:
+            self._data = data
+
+        def data(self) -> bytes:
+            return self._data
+
+    class QProcessEnvironment:
+        def __init__(self, values: dict) -> None:
+            self.values = dict(values)
+
+        @staticmethod
+        def systemEnvironment():  # noqa: N802
+            return QProcessEnvironment(os.environ)
+
+        def value(self, key: str, default: str = "") -> str:
+            return self.values.get(key, default)
+
+        def insert(self, key: str, value: str) -> None:
+            self.values[key] = str(value)
+
+    class QProcess:
+        """Over ``subprocess.Popen``; its pipes are read (non-blocking) and its signals
+        emitted by ``run``'s loop on the main thread, as Qt's event loop does."""
+
+        NotRunning, Starting, Running = 0, 1, 2
+        FailedToStart, Crashed = 0, 1
+
+        def __init__(self, parent=None) -> None:
+            self.slots: dict[str, list] = {}
+            self.environment = None
+            self.popen = None
+            self.watching = False
+            self._out, self._err = b"", b""
+            qt.processes.append(self)
+
+        def connect(self, signal: str, slot) -> bool:
+            self.slots.setdefault(signal, []).append(slot)
+            return True
+
+        def setProcessEnvironment(self, environment) -> None:  # noqa: N802
+            self.environment = environment
+
+        def start(self, program: str, arguments) -> None:
+            env = None if self.environment is None else self.environment.values
+            try:
+                self.popen = subprocess.Popen(
+                    [program, *arguments], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+                )
+            except OSError:
+                qt.single_shots.append(lambda: self._emit("errorOccurred", self.FailedToStart))
+                return
+            for pipe in (self.popen.stdout, self.popen.stderr):
+                os.set_blocking(pipe.fileno(), False)
+            self.watching = True
+
+        def processId(self) -> int:  # noqa: N802
+            return 0 if self.popen is None else self.popen.pid
+
+        def state(self) -> int:
+            if self.popen is None or not self.watching:
+                return self.NotRunning
+            return self.Running
+
+        def terminate(self) -> None:
+            if self.popen is not None and self.popen.poll() is None:
+                self.popen.terminate()
+
+        def kill(self) -> None:
+            if self.popen is not None and self.popen.poll() is None:
+                self.popen.kill()
+
+        def readAllStandardOutput(self):  # noqa: N802
+            data, self._out = self._out, b""
+            return _Bytes(data)
+
+        def readAllStandardError(self):  # noqa: N802
+            data, self._err = self._err, b""
+            return _Bytes(data)
+
+        def _emit(self, name: str, *args, timed_call=None) -> None:
+            for signal, slots in self.slots.items():
+                if signal.split("(")[0] == name:
+                    for slot in list(slots):
+                        if timed_call is None:
+                            call_slot(slot, args)
+                        else:
+                            timed_call(name, slot, args)
+
+        @staticmethod
+        def _read(pipe) -> bytes:
+            chunks = []
+            while True:
+                try:
+                    chunk = pipe.read(65536)
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        def service(self, timed_call) -> None:
+            """Read what the pipes hold; emit the signals Qt would."""
+            if not self.watching:
+                return
+            exited = self.popen.poll() is not None  # read after: nothing is lost
+            out, err = self._read(self.popen.stdout), self._read(self.popen.stderr)
+            if out:
+                self._out += out
+                self._emit("readyReadStandardOutput", timed_call=timed_call)
+            if err:
+                self._err += err
+                self._emit("readyReadStandardError", timed_call=timed_call)
+            if exited:
+                self.watching = False
+                code = self.popen.returncode
+                status = self.Crashed if code < 0 else 0
+                self._emit("finished", max(code, 0) if status == 0 else code, status,
+                           timed_call=timed_call)  # fmt: skip
+
+        def close(self) -> None:
+            """Test clean-up: end the process and close its pipes."""
+            if self.popen is not None:
+                self.kill()
+                self.popen.wait(10)
+                self.popen.stdout.close()
+                self.popen.stderr.close()
+            self.watching = False
 
     class QKeySequence:
         NoMatch, PartialMatch, ExactMatch = 0, 1, 2
@@ -769,6 +968,8 @@ def make_fake_qt() -> types.ModuleType:
     class QShortcut:
         def __init__(self, keys, parent=None) -> None:
             self.key, self.parent, self.enabled, self.slots = keys, parent, True, []
+            if parent is not None and hasattr(parent, "shortcuts"):
+                parent.shortcuts.append(self)  # findChildren sees it
 
         def connect(self, signal: str, slot) -> bool:
             if signal != "activated()":
@@ -783,6 +984,8 @@ def make_fake_qt() -> types.ModuleType:
             return self.enabled
 
         def setParent(self, parent) -> None:  # noqa: N802
+            if self.parent is not None and self in getattr(self.parent, "shortcuts", []):
+                self.parent.shortcuts.remove(self)
             self.parent = parent
 
         def press(self) -> None:
@@ -840,8 +1043,32 @@ def make_fake_qt() -> types.ModuleType:
         def setBackground(self, brush) -> None:  # noqa: N802
             self.background = brush
 
+    class QHBoxLayout:
+        def __init__(self, parent=None) -> None:
+            self.widgets: list = []
+
+        def addWidget(self, widget) -> None:  # noqa: N802
+            self.widgets.append(widget)
+
+    qt.QPushButton = lambda text="", parent=None: FakeButton("", {"text": text})
+    qt.QLabel = lambda text="", parent=None: FakeLabel("", {"text": text})
+    qt.QHBoxLayout = QHBoxLayout
+    qt.QIcon = lambda path="": types.SimpleNamespace(path=path)
     qt.QTimer, qt.QKeySequence, qt.QShortcut, qt.QAction = QTimer, QKeySequence, QShortcut, QAction
     qt.QProgressDialog, qt.QTableWidgetItem, qt.pump = QProgressDialog, QTableWidgetItem, pump
+    qt.run, qt.QProcess, qt.QProcessEnvironment = run, QProcess, QProcessEnvironment
+    qt.settings = {}
+
+    class QSettings:
+        """The application settings: one dict (``qt.settings``) for every instance."""
+
+        def value(self, key: str, default=None):
+            return qt.settings.get(key, default)
+
+        def setValue(self, key: str, value) -> None:  # noqa: N802
+            qt.settings[key] = value
+
+    qt.QSettings = QSettings
     qt.QAbstractItemView = types.SimpleNamespace(NoEditTriggers=0, SelectRows=1)
     qt.QMessageBox = types.SimpleNamespace(Ok=0x400, Cancel=0x400000, Yes=0x4000, No=0x10000)
     qt.QBrush = lambda color: types.SimpleNamespace(color=color)
@@ -890,6 +1117,16 @@ class FakeApp:
         self.temporaryPath = temporary
         self._layout = FakeLayoutManager(scene)
         self.processed, self.cursor_depth = 0, 0
+        self.connections: list = []  # (signal, slot) connected on the application
+
+    def connect(self, signal: str, slot) -> bool:
+        self.connections.append((signal, slot))
+        return True
+
+    def emit(self, signal: str) -> None:
+        for name, slot in list(self.connections):
+            if name == signal:
+                slot()
 
     def layoutManager(self):  # noqa: N802
         return self._layout
@@ -914,7 +1151,7 @@ def install_gui_stand_in(monkeypatch, module, temporary: str, confirm: bool = Tr
     ``(kind, text)``; ``confirmOkCancelDisplay`` answers ``confirm``), the module's
     ``run_pip`` (arguments recorded in ``pip``, answering ``pip_result``) and
     ``slicer.qSlicerMarkupsPlaceWidget``. The main window holds one "Edit > Undo"
-    QAction on Ctrl+Z (``undo_action``)."""
+    QAction on Ctrl+Z (``undo_action``) and the QShortcuts made on it (``shortcuts``)."""
     import sys
 
     import slicer
@@ -923,9 +1160,10 @@ def install_gui_stand_in(monkeypatch, module, temporary: str, confirm: bool = Tr
     gui = types.SimpleNamespace(qt=qt, dialogs=[], pip=[], confirm=confirm, ui=None)
     gui.app = FakeApp(slicer.mrmlScene, temporary)
     gui.undo_action = qt.QAction("Undo", "Ctrl+Z")
-    gui.main_window = types.SimpleNamespace(
-        findChildren=lambda cls: [a for a in (gui.undo_action,) if isinstance(a, cls)]
-    )
+    gui.main_window = types.SimpleNamespace(shortcuts=[])  # QShortcut children
+    gui.main_window.findChildren = lambda cls: [
+        child for child in (gui.undo_action, *gui.main_window.shortcuts) if isinstance(child, cls)
+    ]
 
     def load_ui(path):
         gui.ui = load_fake_ui(path)
@@ -988,3 +1226,243 @@ def segment_on_grid(scene, node, segment_id, reference_node) -> np.ndarray:
         ijk_to_ras_of(labelmap_node), ijk_to_ras_of(reference_node), atol=1e-9
     )
     return scene.slicer.util.arrayFromVolume(labelmap_node) > 0
+
+
+# --- Segment Editor effect stand-in: the C++ adaptor over Slicer's real editor logic ----
+#
+# ``qSlicerSegmentEditorScriptedEffect`` forwards a scripted effect's calls to its base
+# ``qSlicerSegmentEditorAbstractEffect``, which hands masking, writes and undo to a
+# ``vtkSlicerSegmentEditorLogic`` (``qMRMLSegmentEditorWidget.cxx``: one logic, given to
+# every effect by ``setSegmentEditorLogic``). slicer-core has that logic, so the stand-in
+# below is only the thin adaptor: what a test checks about masking, overwrite and undo
+# is Slicer's own behaviour.
+
+
+class FakeScriptedEffect:
+    """``qSlicerSegmentEditorScriptedEffect`` over a real ``vtkSlicerSegmentEditorLogic``
+    (``editor_logic``; bind one with :meth:`bind`). ``options`` records the widgets the
+    effect adds to its options frame."""
+
+    def __init__(self, parent=None) -> None:
+        self.name, self.perSegment, self.requireSegments = "UnnamedScriptedEffect", True, False
+        self.options: list = []
+        self.editor_logic = None
+        self.writes: list = []  # (segment ID, extent) of each write, in order
+        self.python_source = None
+        self._self = None
+
+    def setPythonSource(self, path: str) -> bool:  # noqa: N802
+        """As ``qSlicerSegmentEditorScriptedEffect::setPythonSource``: module name = the
+        folder's name, class name = the file's base name (``...Effect``); the class is
+        taken from an already imported module of that name, else the file is loaded as
+        that module; ``slicer.<module name>`` is set to the instance."""
+        import importlib.util
+        import sys
+
+        import slicer
+
+        module_name = Path(path).parent.name
+        class_name = (
+            Path(path).stem if Path(path).stem.endswith("Effect") else Path(path).stem + "Effect"
+        )
+        module = sys.modules.get(module_name)
+        if module is None or not hasattr(module, class_name):
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            spec.loader.exec_module(module)
+        self._self = getattr(module, class_name)(self)
+        self.python_source = path
+        setattr(slicer, module_name, self._self)
+        return True
+
+    def self(self):
+        return self._self
+
+    def bind(self, editor_logic) -> None:
+        self.editor_logic = editor_logic
+        self._self.setMRMLDefaults()
+
+    # parameters live on the editor node as "<effect name>.<name>" attributes
+    def parameterSetNode(self):  # noqa: N802
+        return self.editor_logic.GetSegmentEditorNode()
+
+    def parameter(self, name: str) -> str:
+        node = self.parameterSetNode()
+        value = node.GetAttribute(f"{self.name}.{name}")
+        return value if value is not None else (node.GetAttribute(name) or "")
+
+    def setParameter(self, name: str, value) -> None:  # noqa: N802
+        self.parameterSetNode().SetAttribute(f"{self.name}.{name}", str(value))
+
+    def setParameterDefault(self, name: str, value) -> None:  # noqa: N802
+        if not self.parameterSetNode().GetAttribute(f"{self.name}.{name}"):
+            self.setParameter(name, value)
+
+    def integerParameter(self, name: str) -> int:  # noqa: N802
+        return int(self.parameter(name) or 0)
+
+    def doubleParameter(self, name: str) -> float:  # noqa: N802
+        return float(self.parameter(name) or 0.0)
+
+    def addOptionsWidget(self, widget) -> None:  # noqa: N802
+        self.options.append(widget)
+
+    def addLabeledOptionsWidget(self, label: str, widget) -> None:  # noqa: N802
+        self.options.append((label, widget))
+
+    def confirmCurrentSegmentVisible(self) -> int:  # noqa: N802
+        return 1
+
+    # the editor's images and writes: the real logic
+    def defaultModifierLabelmap(self):  # noqa: N802
+        ok = self.editor_logic.ResetModifierLabelmapToDefault()
+        return self.editor_logic.GetModifierLabelmap() if ok else None
+
+    def selectedSegmentLabelmap(self):  # noqa: N802
+        ok = self.editor_logic.UpdateSelectedSegmentLabelmap()
+        return self.editor_logic.GetSelectedSegmentLabelmap() if ok else None
+
+    def referenceGeometryImage(self):  # noqa: N802
+        ok = self.editor_logic.UpdateReferenceGeometryImage()
+        return self.editor_logic.GetReferenceGeometryImage() if ok else None
+
+    def sourceVolumeImageData(self):  # noqa: N802
+        ok = self.editor_logic.UpdateAlignedSourceVolume()
+        return self.editor_logic.GetAlignedSourceVolume() if ok else None
+
+    def saveStateForUndo(self) -> None:  # noqa: N802
+        self.editor_logic.SaveStateForUndo()
+
+    def modifySelectedSegmentByLabelmap(self, labelmap, mode, extent=None, bypass=False):  # noqa: N802
+        """The overloads Python can call: ``(labelmap, mode[, bypass])`` and
+        ``(labelmap, mode, QList<int> extent[, bypass])``."""
+        if isinstance(extent, bool):
+            extent, bypass = None, extent
+        node = self.parameterSetNode()
+        self._modify(
+            node.GetSegmentationNode(), node.GetSelectedSegmentID() or "", labelmap, mode,
+            extent, bypass,
+        )  # fmt: skip
+
+    def modifySegmentByLabelmap(self, segmentation, segment_id, labelmap, mode, bypass=False):  # noqa: N802
+        """Only ``(node, id, labelmap, mode[, bypass])`` from Python: the overload with an
+        extent takes ``const int[6]``, which PythonQt does not convert from a list."""
+        if not isinstance(bypass, bool):
+            raise TypeError("modifySegmentByLabelmap takes no extent from Python")
+        self._modify(segmentation, segment_id, labelmap, mode, None, bypass)
+
+    def _modify(self, segmentation, segment_id, labelmap, mode, extent, bypass) -> None:
+        extent = [0, -1, 0, -1, 0, -1] if extent is None else [int(v) for v in extent]
+        self.editor_logic.ModifySegmentByLabelmap(
+            segmentation, segment_id, labelmap, mode, extent, self.perSegment, bypass
+        )
+        self.writes.append((segment_id, list(extent)))
+
+    def xyToRas(self, xy, view_widget):  # noqa: N802
+        """``qSlicerSegmentEditorAbstractEffect::xyToRas``: the slice node's XYToRAS."""
+        matrix = view_widget.mrmlSliceNode().GetXYToRAS()
+        ras = matrix.MultiplyPoint([float(xy[0]), float(xy[1]), 0.0, 1.0])
+        return types.SimpleNamespace(x=lambda: ras[0], y=lambda: ras[1], z=lambda: ras[2])
+
+
+class FakeSliceWidget:
+    """A ``qMRMLSliceWidget`` as an effect sees it: its class name and slice node."""
+
+    def __init__(self, slice_node) -> None:
+        self._node = slice_node
+
+    def className(self) -> str:  # noqa: N802
+        return "qMRMLSliceWidget"
+
+    def mrmlSliceNode(self):  # noqa: N802
+        return self._node
+
+
+class FakeInteractor:
+    """A ``vtkRenderWindowInteractor`` at one event: position (XY) and modifier keys."""
+
+    def __init__(self, xy, shift=False, control=False, alt=False) -> None:
+        self.xy, self.keys = (int(xy[0]), int(xy[1])), (shift, control, alt)
+
+    def GetEventPosition(self):  # noqa: N802
+        return self.xy
+
+    def GetShiftKey(self) -> bool:  # noqa: N802
+        return self.keys[0]
+
+    def GetControlKey(self) -> bool:  # noqa: N802
+        return self.keys[1]
+
+    def GetAltKey(self) -> bool:  # noqa: N802
+        return self.keys[2]
+
+
+def install_effect_stand_in(monkeypatch) -> types.SimpleNamespace:
+    """The Segment Editor's Python side for an effect (``monkeypatch`` undoes it):
+    ``SegmentEditorEffects.AbstractScriptedSegmentEditorEffect`` (Slicer's base class:
+    ``register`` and the coordinate helpers), ``qSlicerSegmentationsEditorEffectsPythonQt``
+    (the adaptor above), ``slicer.qSlicerSegmentEditorEffectFactory`` (``registered``
+    lists the effects) and ``slicer.qSlicerSegmentEditorAbstractEffect``'s modes."""
+    import sys
+
+    import slicer
+
+    registered: list = []
+
+    class AbstractScriptedSegmentEditorEffect:
+        def __init__(self, scriptedEffect) -> None:  # noqa: N803
+            self.scriptedEffect = scriptedEffect
+
+        def register(self) -> None:
+            slicer.qSlicerSegmentEditorEffectFactory.instance().registerEffect(self.scriptedEffect)
+
+        def cleanup(self) -> None:
+            pass
+
+        def xyToRas(self, xy, viewWidget):  # noqa: N802, N803
+            ras = self.scriptedEffect.xyToRas(xy, viewWidget)
+            return [ras.x(), ras.y(), ras.z()]
+
+    base = types.ModuleType("SegmentEditorEffects.AbstractScriptedSegmentEditorEffect")
+    base.AbstractScriptedSegmentEditorEffect = AbstractScriptedSegmentEditorEffect
+    base.__all__ = ["AbstractScriptedSegmentEditorEffect"]
+    package = types.ModuleType("SegmentEditorEffects")
+    package.AbstractScriptedSegmentEditorEffect = AbstractScriptedSegmentEditorEffect
+    package.__path__ = []
+    monkeypatch.setitem(sys.modules, "SegmentEditorEffects", package)
+    monkeypatch.setitem(sys.modules, base.__name__, base)
+    adaptor = types.ModuleType("qSlicerSegmentationsEditorEffectsPythonQt")
+    adaptor.qSlicerSegmentEditorScriptedEffect = FakeScriptedEffect
+    monkeypatch.setitem(sys.modules, adaptor.__name__, adaptor)
+    factory = types.SimpleNamespace(registerEffect=registered.append, registered=registered)
+    monkeypatch.setattr(
+        slicer, "qSlicerSegmentEditorEffectFactory",
+        types.SimpleNamespace(instance=lambda: factory), raising=False,
+    )  # fmt: skip
+    modes = slicer.vtkSlicerSegmentEditorLogic
+    monkeypatch.setattr(
+        slicer, "qSlicerSegmentEditorAbstractEffect",
+        types.SimpleNamespace(
+            ModificationModeSet=modes.ModificationModeSet,
+            ModificationModeAdd=modes.ModificationModeAdd,
+            ModificationModeRemove=modes.ModificationModeRemove,
+        ),
+        raising=False,
+    )  # fmt: skip
+    return types.SimpleNamespace(registered=registered, adaptor=adaptor)
+
+
+def segment_editor(scene, segmentation, volume, segment_id: str):
+    """A Segment Editor: its node (segmentation, source volume, selected segment) and
+    Slicer's ``vtkSlicerSegmentEditorLogic`` on it, with its undo history."""
+    import slicer
+
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    logic = slicer.vtkSlicerSegmentEditorLogic()
+    logic.SetMRMLScene(scene)
+    logic.SetSegmentEditorNode(node)
+    node.SetAndObserveSegmentationNode(segmentation)
+    node.SetAndObserveSourceVolumeNode(volume)
+    node.SetSelectedSegmentID(segment_id)
+    return node, logic

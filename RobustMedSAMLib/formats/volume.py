@@ -8,6 +8,7 @@ voxel index ``(i, j, k, 1)`` to RAS millimetres. Files are LPS (ITK), so
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -15,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk  # noqa: N813 - the name every SimpleITK user knows
 
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.formats.atomic import atomic_output, write_refusal
@@ -27,6 +27,21 @@ from RobustMedSAMLib.formats.nifti import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class _OnFirstUse:
+    """A module imported when one of its attributes is first read: the Slicer module
+    imports this file at every application start, and SimpleITK costs a noticeable
+    part of a second there (Slicer's own ``slicer.util.LazyImport`` does the same)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attribute: str):
+        return getattr(importlib.import_module(self._name), attribute)
+
+
+sitk = _OnFirstUse("SimpleITK")  # the name every SimpleITK user knows
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 """4x4 that flips L/P to R/A; it is its own inverse."""

@@ -100,6 +100,26 @@ def n_slices(volume: Volume, axis: int) -> int:
     return volume.shape[axis]
 
 
+def slice_centre_ras(volume: Volume, axis: int, index: int) -> np.ndarray:
+    """World RAS ``(3,)`` of the centre of slice ``index`` along numpy ``axis``."""
+    _check_axis(axis)
+    centre_kji = (np.array(volume.shape, float) - 1) / 2
+    centre_kji[axis] = index
+    return volume.ijk_to_ras_points(centre_kji[::-1])[0]
+
+
+def encoding_order(n_slices: int, centre: int) -> list[int]:
+    """Slice indices nearest ``centre`` first (centre, +1, -1, +2, -2, ...): the order in
+    which to encode slices ahead of the user's clicks. ``centre`` is clipped to the range."""
+    if n_slices <= 0:
+        return []
+    centre = int(np.clip(centre, 0, n_slices - 1))
+    order = [centre]
+    for step in range(1, n_slices):
+        order += [i for i in (centre + step, centre - step) if 0 <= i < n_slices]
+    return order
+
+
 def ras_to_slice_points(
     volume: Volume, axis: int, points_ras: np.ndarray, kind: str = "point"
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -74,6 +74,20 @@ class Prediction:
     stability: float = float("nan")
 
 
+@dataclass
+class SliceResult:
+    """One slice segmented from the prompts on it, on the whole volume grid.
+
+    index: slice along ``axis`` (a numpy axis of the KJI array); mask: ``(K, J, I)`` bool
+    on the volume grid, set on that slice only; score: the model's predicted IoU.
+    """
+
+    index: int
+    axis: int
+    mask: np.ndarray
+    score: float
+
+
 class SliceSegmenter(Protocol):
     """Anything that segments slice ``index`` (along a fixed axis of a volume)."""
 

@@ -190,6 +190,13 @@ def create_app(config: ServerConfig, served: ServedModel) -> FastAPI:
             "protocol": PROTOCOL_VERSION,
         }
 
+    @app.get("/v1/sessions/{session_id}")
+    def describe(request: Request, session_id: str) -> dict[str, Any]:
+        session = session_of(request, session_id)
+        seg = session.segmentation
+        return {"session": session.id, "n_slices": seg.n_slices, "axis": seg.axis,
+                "encoded": len(set(seg.stats.encoded)), "busy": session.busy}  # fmt: skip
+
     @app.delete("/v1/sessions/{session_id}", status_code=204)
     def close(request: Request, session_id: str) -> Response:
         store.close(session_id, request.state.owner)

@@ -45,6 +45,8 @@ class Options(_Body):
     bounds: tuple[int, int] | None = None
     max_slices: int | None = Field(None, ge=0)
     zoom: bool | Literal["auto"] = "auto"  # as SegmentOptions.zoom
+    box_extension: float = Field(0.1, ge=0)
+    stop_between_seeds: bool = False
 
     def propagation(self) -> PropagationOptions:
         values = self.model_dump(exclude={"zoom"})

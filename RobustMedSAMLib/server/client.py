@@ -26,18 +26,17 @@ from typing import Any
 
 import numpy as np
 
-from RobustMedSAMLib.errors import (
-    CancelledError,
-    InputError,
-    ModelOutOfMemoryError,
-    ServerError,
-)
+from RobustMedSAMLib.errors import CancelledError, InputError, ServerError
 from RobustMedSAMLib.server.protocol import (
     PROTOCOL_VERSION,
     VOLUME_MEDIA_TYPE,
     VolumeHeader,
     apply_patch,
+    box_body,
+    error_for,
     pack_volume,
+    parse_answer,
+    points_body,
 )
 
 TOKEN_ENV = "ROBUSTMEDSAM_TOKEN"
@@ -128,7 +127,7 @@ class ServerClient:
                 f"{error}); check that it is running — nothing was written"
             ) from None
         self._local.used = time.monotonic()
-        return _answer(response.status, payload, f"{method} {path}", self.url)
+        return parse_answer(response.status, payload, f"{method} {path}", self.url)
 
     # --- the protocol ------------------------------------------------------------------
 
@@ -224,9 +223,9 @@ class RemoteSession:
         becomes the result; returns the run record, as the CLI writes it."""
         body = {
             "frame": frame,
-            "positive": _points(positive),
-            "negative": _points(negative),
-            "box": _box(box),
+            "positive": points_body(positive),
+            "negative": points_body(negative),
+            "box": box_body(box),
             "propagate": propagate,
             "options": options or {},
         }
@@ -308,7 +307,7 @@ class RemoteSession:
         error = state["error"] or {}
         if state["state"] == "cancelled":
             raise CancelledError(error.get("detail", "cancelled"))
-        raise _error(error.get("error", ""), error.get("detail", "the job failed"))
+        raise error_for(error.get("error", ""), error.get("detail", "the job failed"))
 
 
 def read_token(token: str | None = None, token_file: str | None = None) -> str:
@@ -331,44 +330,3 @@ def read_token(token: str | None = None, token_file: str | None = None) -> str:
     if not value:
         raise InputError(f"no server token: pass --token-file FILE or set ${TOKEN_ENV}")
     return value
-
-
-def _points(points) -> list[list[float]] | None:
-    if points is None or len(points) == 0:
-        return None
-    return np.asarray(points, float).reshape(-1, 3).tolist()
-
-
-def _box(box) -> dict[str, Any] | None:
-    """A RAS Roi (``center_ras``, ``size``, ``axes_ras``) or a ready dict."""
-    if box is None or isinstance(box, dict):
-        return box
-    return {
-        "center": np.asarray(box.center_ras, float).tolist(),
-        "size": np.asarray(box.size, float).tolist(),
-        "axes": np.asarray(box.axes_ras, float).tolist(),
-    }
-
-
-def _answer(status: int, payload: bytes, what: str, url: str) -> dict[str, Any]:
-    if status == 204:
-        return {}
-    try:
-        body = json.loads(payload) if payload else {}
-    except ValueError:
-        body = {"detail": payload[:200].decode(errors="replace")}
-    if 200 <= status < 300:
-        return body
-    detail = body.get("detail", f"HTTP {status}") if isinstance(body, dict) else str(body)
-    kind = body.get("error", "") if isinstance(body, dict) else ""
-    raise _error(kind, f"server {url} refused {what} (HTTP {status}): {detail}", status)
-
-
-def _error(kind: str, detail: str, status: int = 0) -> Exception:
-    if kind == "out_of_memory":
-        return ModelOutOfMemoryError(detail)
-    if kind == "cancelled":
-        return CancelledError(detail)
-    if kind in ("input", "malformed", "too_large") or status in (400, 413, 422):
-        return InputError(detail)
-    return ServerError(detail)

@@ -17,13 +17,13 @@ import base64
 import json
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from RobustMedSAMLib.errors import InputError
+from RobustMedSAMLib.errors import CancelledError, InputError, ModelOutOfMemoryError, ServerError
 
 PROTOCOL_VERSION = 1
 VOLUME_MEDIA_TYPE = "application/x-robustmedsam-volume"
@@ -65,12 +65,26 @@ def _check_fields(header: VolumeHeader) -> None:
 
 def pack_volume(array: np.ndarray, header: VolumeHeader, level: int = 1) -> bytes:
     """The upload body for a ``(K, J, I)`` array (see the module docstring)."""
-    array = np.ascontiguousarray(array)
+    return b"".join(volume_body_parts(array, header, level))
+
+
+def volume_body_parts(
+    array: np.ndarray, header: VolumeHeader, level: int = 1, slab_bytes: int = 4 * 2**20
+) -> Iterator[bytes]:
+    """The upload body of a ``(K, J, I)`` array in pieces: the header, then the voxels
+    compressed a slab of about ``slab_bytes`` raw bytes at a time (C order, one zlib
+    stream), so a caller on a GUI thread can spread the work over many short steps."""
     if array.dtype.name not in VOXEL_DTYPES:
         raise InputError(f"voxel type {array.dtype} cannot be sent: use one of {VOXEL_DTYPES}")
     meta = json.dumps({**header.__dict__, "shape": list(array.shape), "dtype": array.dtype.name})
     meta_bytes = meta.encode()
-    return _LENGTH.pack(len(meta_bytes)) + meta_bytes + zlib.compress(array.tobytes(), level)
+    yield _LENGTH.pack(len(meta_bytes)) + meta_bytes
+    compressor = zlib.compressobj(level)
+    per_slice = max(1, int(np.prod(array.shape[1:])) * array.dtype.itemsize)
+    step = max(1, slab_bytes // per_slice)
+    for k in range(0, array.shape[0], step):
+        yield compressor.compress(np.ascontiguousarray(array[k : k + step]).tobytes())
+    yield compressor.flush()
 
 
 def unpack_volume(body: bytes, max_voxels: int) -> tuple[VolumeHeader, np.ndarray]:
@@ -162,3 +176,50 @@ def _inflate(data: bytes, expected: int, what: str) -> bytes:
         got = f"more than {expected}" if len(out) > expected else str(len(out))
         raise InputError(f"{what}: {got} bytes where {expected} were expected (wrong shape/dtype)")
     return out
+
+
+# --- answers and request bodies, shared by the blocking and the event-driven client ---
+
+
+def points_body(points) -> list[list[float]] | None:
+    """``Nx3`` points as JSON lists (None when there are none)."""
+    if points is None or len(points) == 0:
+        return None
+    return np.asarray(points, float).reshape(-1, 3).tolist()
+
+
+def box_body(box) -> dict[str, Any] | None:
+    """A RAS Roi (``center_ras``, ``size``, ``axes_ras``) or a ready dict."""
+    if box is None or isinstance(box, dict):
+        return box
+    return {
+        "center": np.asarray(box.center_ras, float).tolist(),
+        "size": np.asarray(box.size, float).tolist(),
+        "axes": np.asarray(box.axes_ras, float).tolist(),
+    }
+
+
+def parse_answer(status: int, payload: bytes, what: str, url: str) -> dict[str, Any]:
+    """The JSON answer of a 2xx response; else raises :func:`error_for` its error."""
+    if status == 204:
+        return {}
+    try:
+        body = json.loads(payload) if payload else {}
+    except ValueError:
+        body = {"detail": payload[:200].decode(errors="replace")}
+    if 200 <= status < 300:
+        return body
+    detail = body.get("detail", f"HTTP {status}") if isinstance(body, dict) else str(body)
+    kind = body.get("error", "") if isinstance(body, dict) else ""
+    raise error_for(kind, f"server {url} refused {what} (HTTP {status}): {detail}", status)
+
+
+def error_for(kind: str, detail: str, status: int = 0) -> Exception:
+    """The library exception for a protocol error ``kind`` (or HTTP ``status``)."""
+    if kind == "out_of_memory":
+        return ModelOutOfMemoryError(detail)
+    if kind == "cancelled":
+        return CancelledError(detail)
+    if kind in ("input", "malformed", "too_large") or status in (400, 413, 422):
+        return InputError(detail)
+    return ServerError(detail)

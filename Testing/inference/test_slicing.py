@@ -11,12 +11,14 @@ from RobustMedSAMLib.formats.markups import Roi
 from RobustMedSAMLib.formats.volume import Volume
 from RobustMedSAMLib.inference.slicing import (
     axis_index,
+    encoding_order,
     get_slice,
     ijk_box_roi,
     prompts_for_slice,
     ras_to_slice_points,
     roi_to_slice_box,
     set_slice,
+    slice_centre_ras,
 )
 
 SHAPE = (6, 9, 11)  # K, J, I
@@ -164,3 +166,21 @@ def test_prompt_errors():
         prompts_for_slice(volume, 0, roi=roi, box_slice=0)
     with pytest.raises(InputError, match="no prompt"):
         prompts_for_slice(volume, 0, negative=[ras_of(volume, [1, 1, 1])])
+
+
+def test_encoding_order_starts_at_the_centre_and_alternates_outwards():
+    assert encoding_order(5, 1) == [1, 2, 0, 3, 4]
+    assert encoding_order(4, 9) == [3, 2, 1, 0]  # a centre past the end is clipped
+    assert encoding_order(0, 0) == []
+    assert sorted(encoding_order(7, 3)) == list(range(7))
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_slice_centre_lies_on_its_slice_of_an_oblique_volume(axis):
+    volume = oblique_axial()
+    for index in (0, volume.shape[axis] // 2, volume.shape[axis] - 1):
+        centre = slice_centre_ras(volume, axis, index)
+        indices, xy = ras_to_slice_points(volume, axis, centre[None])
+        assert indices[0] == index
+        rows, cols = get_slice(volume.array, axis, index).shape
+        np.testing.assert_allclose(xy[0], [(cols - 1) / 2, (rows - 1) / 2], atol=1e-9)

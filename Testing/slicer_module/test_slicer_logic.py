@@ -28,6 +28,8 @@ from slicer_headless import (  # noqa: E402  # noqa: E402
 from RobustMedSAMLib.datasets.phantoms import sphere  # noqa: E402
 from RobustMedSAMLib.errors import CancelledError, InputError  # noqa: E402
 from RobustMedSAMLib.inference.segment_volume import SegmentOptions  # noqa: E402
+from RobustMedSAMLib.inference.slicing import slice_centre_ras  # noqa: E402
+from RobustMedSAMLib.inference.types import SliceResult  # noqa: E402
 
 slicer_scene = pytest.fixture(slicer_scene_fixture)
 THRESHOLD = 80.0  # HU between the phantom's background (40) and sphere (120)
@@ -394,7 +396,7 @@ def test_slice_centre_lies_on_its_slice_in_every_view(phantom_scene, axis):
     ns = phantom_scene
     session = session_of(ns, axis)
     for index in (0, session.n_slices // 2, session.n_slices - 1):
-        centre = ns.logic.slice_centre_ras(session, index)
+        centre = slice_centre_ras(session.volume, session.axis, index)
         assert ns.logic.slice_of_point(session, centre) == index
 
 
@@ -412,22 +414,6 @@ def test_encoding_runs_nearest_first_within_the_cache_and_cancels(phantom_scene)
     calls = iter([False, False, True])
     with pytest.raises(CancelledError):
         ns.logic.encode_ahead(session_of(ns), 3, cancel=lambda: next(calls))
-
-
-def test_confidence_rows_flag_low_scores_and_low_overlaps():
-    from RobustMedSAMLib.inference.segment_volume import SliceScore
-
-    scores = [
-        SliceScore(7, 0.95, 0.9, 50, "propagated"),
-        SliceScore(5, 0.90, float("nan"), 60, "prompt"),
-        SliceScore(6, 0.40, 0.95, 55, "propagated"),
-        SliceScore(8, 0.92, 0.5, 20, "propagated"),
-    ]
-    rows = module.RobustMedSAMLogic.confidence_rows(scores, min_score=0.7, min_overlap=0.85)
-    assert [(r.index, r.flagged) for r in rows] == [(5, False), (6, True), (7, False), (8, True)]
-    next_unsure = module.RobustMedSAMLogic.next_unsure
-    assert [next_unsure(rows, None), next_unsure(rows, 6), next_unsure(rows, 8)] == [6, 8, 6]
-    assert next_unsure(rows[:1], None) is None
 
 
 def test_corrupted_copy_keeps_geometry_and_leaves_the_original_untouched(phantom_scene):
@@ -490,47 +476,6 @@ def test_segment_mask_reads_the_segment_on_the_volume_grid(phantom_scene):
     )
     with pytest.raises(InputError, match="no segment 'missing'"):
         ns.logic.segment_mask(ns.segmentation, "missing", ns.volume_node)
-
-
-def test_background_task_reports_progress_result_cancel_and_errors():
-    import threading
-
-    def work(progress, cancel):
-        for step in range(1, 4):
-            progress(step, 3)
-        return "result"
-
-    def collect(task):
-        task.join(5)
-        return task.poll()
-
-    task = module.BackgroundTask("work", work).start()
-    assert collect(task) == [
-        ("progress", (1, 3)),
-        ("progress", (2, 3)),
-        ("progress", (3, 3)),
-        ("done", "result"),
-    ]
-    assert task.finished and not task.running
-
-    started = threading.Event()
-
-    def slow(progress, cancel):
-        started.set()
-        while not cancel():
-            pass
-        raise CancelledError("stopped")
-
-    task = module.BackgroundTask("slow", slow).start()
-    started.wait(5)
-    task.cancel()
-    assert collect(task) == [("cancelled", None)]
-
-    def broken(progress, cancel):
-        raise InputError("bad prompt")
-
-    ((kind, error),) = collect(module.BackgroundTask("broken", broken).start())
-    assert kind == "error" and str(error) == "bad prompt"
 
 
 def test_scene_segments_are_found_and_exported_for_fine_tuning(phantom_scene, tmp_path):
@@ -600,7 +545,7 @@ def test_session_uses_the_window_the_volume_is_displayed_with(phantom_scene):
 def slice_result(ns, index: int, mask2d: np.ndarray, axis: int = 0):
     mask = np.zeros(ns.phantom.mask.shape, bool)
     mask[(slice(None),) * axis + (index,)] = mask2d
-    return module.SliceResult(index, axis, mask, 1.0)
+    return SliceResult(index, axis, mask, 1.0)
 
 
 def test_undo_is_forgotten_when_the_scene_closes_and_ids_are_reused(phantom_scene):

@@ -22,6 +22,7 @@ from slicer_headless import (  # noqa: E402
     Choice,
     WithinRange,
     load_module_file,
+    make_fake_qt,
     slicer_scene_fixture,
 )
 
@@ -186,19 +187,45 @@ def test_module_file_imports_without_torch_or_qt():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
+def test_the_module_file_does_not_import_simpleitk_at_startup():
+    """Slicer imports the module file at every start; SimpleITK is loaded on first use
+    (slicer-review.md, finding 12)."""
+    code = (
+        "import sys; sys.path.insert(0, 'Testing')\n"
+        "from slicer_headless import load_module_file\n"
+        "load_module_file()\n"
+        "assert 'SimpleITK' not in sys.modules\n"
+        "from RobustMedSAMLib.formats.volume import Volume, read_volume, sitk\n"
+        "assert sitk.sitkUInt8 >= 0 and 'SimpleITK' in sys.modules\n"
+        "print('ok')\n"
+    )
+    root = MODULE_FILE.parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 def test_finetune_python_is_an_interpreter():
     python = Path(module.RobustMedSAMLogic.finetune_python())
     assert python.is_file()
     assert python.name.startswith("PythonSlicer") or python == Path(sys.executable)
 
 
-def test_the_self_test_passes_headless_with_the_default_model(slicer_scene):
-    """``RobustMedSAMTest`` as Slicer runs it, with slicer-core: the reload goes through
-    the segmentation storage node instead of ``slicer.util.loadSegmentation``."""
+def test_the_self_test_passes_headless_with_the_default_model(slicer_scene, monkeypatch):
+    """``RobustMedSAMTest`` as Slicer runs it, with slicer-core: the server path (a local
+    LiteMedSAM server in the stand-in's QProcess, the link on its timer, the stand-in's
+    event loop idling with the GIL held); the reload goes through the segmentation
+    storage node instead of ``slicer.util.loadSegmentation``."""
+    qt = make_fake_qt()
+    monkeypatch.setitem(sys.modules, "qt", qt)
 
     class HeadlessTest(module.RobustMedSAMTest):
         def setUp(self) -> None:  # the fixture gave a fresh scene
             pass
+
+        def wait_for(self, predicate, timeout: float = 600.0) -> None:
+            assert qt.run(timeout, predicate), "no answer from the server"
 
         def reload_segmentation(self, path: Path):
             node = slicer_scene.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "reloaded")
@@ -208,9 +235,14 @@ def test_the_self_test_passes_headless_with_the_default_model(slicer_scene):
             return node
 
     test = HeadlessTest("runTest")
-    test.runTest()
+    try:
+        test.runTest()
+    finally:
+        for process in qt.processes:
+            process.close()
     nodes = slicer_scene.scene.GetNodesByClass("vtkMRMLSegmentationNode")
     assert nodes.GetNumberOfItems() == 2
+    assert [p.popen.returncode in (0, -15) for p in qt.processes] == [True]  # SIGTERM
 
 
 def test_widget_calls_only_logic_methods_and_parameters_that_exist():

@@ -3,27 +3,31 @@ real MRML (slicer-core) with the small Qt stand-in of ``slicer_headless``.
 
 What is real: the module file, the Logic, MRML nodes and their events (placing a control
 point fires the events the Widget observes), the parameter node's storage (a
-``vtkMRMLScriptedModuleNode``), ``BackgroundTask`` threads, the library. What is a
-stand-in: Qt (timers fire only when a test pumps them; widgets are recording objects
-built from the real .ui file), ``slicer.app`` and its layout manager (over real slice
-nodes), message boxes, pip, and the model (``ThresholdPredictor``). The parameter node's
+``vtkMRMLScriptedModuleNode``), the server link's sockets and a real inference server
+process (``server_harness.py``, remote mode), the library. What is a stand-in: Qt (timers
+fire only when a test pumps them; widgets are recording objects built from the real .ui
+file), ``slicer.app`` and its layout manager (over real slice nodes), message boxes, pip,
+and the model (the harness serves ``ThresholdPredictor``). The parameter node's
 GUI connectors are not run: a test sets a field and emits the widget's signal, as the
 connector would.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
 import time
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
-from doubles import ThresholdPredictor  # noqa: E402
+from server_harness import TOKEN  # noqa: E402
 from slicer_headless import (  # noqa: E402
     add_volume,
     install_gui_stand_in,
@@ -38,6 +42,8 @@ from RobustMedSAMLib.dependencies import Requirement  # noqa: E402
 from RobustMedSAMLib.training import process as finetune_process  # noqa: E402
 
 module = load_module_file()
+REPO = Path(__file__).resolve().parents[2]
+HARNESS = REPO / "Testing" / "server_harness.py"
 slicer_scene = pytest.fixture(slicer_scene_fixture)
 THRESHOLD = 80.0  # HU between the phantom's background and its sphere
 MATRIX = np.array(
@@ -49,35 +55,39 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
 
 
-class SlowPredictor(ThresholdPredictor):
-    """``ThresholdPredictor`` whose encoder takes ``delay`` seconds a slice."""
-
-    def __init__(self, threshold: float, delay: float) -> None:
-        super().__init__(threshold)
-        self.delay = delay
-
-    def encode(self, image, window=None):
-        time.sleep(self.delay)
-        return super().encode(image, window)
+@pytest.fixture(scope="module")
+def harness():
+    """The threshold double served by ``server_harness.py`` (0.02 s per mask), as a
+    remote server: ``(url, process)``; one for the module (it starts in seconds)."""
+    process = subprocess.Popen(
+        [sys.executable, str(HARNESS), "--delay", "0.02"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'Testing'}"},
+    )  # fmt: skip
+    line = json.loads(process.stdout.readline())
+    yield line["url"], process
+    process.kill()
+    process.wait(10)
+    process.stdout.close()
 
 
 @pytest.fixture
-def panel(slicer_scene, monkeypatch, tmp_path):
+def panel(slicer_scene, monkeypatch, tmp_path, harness):
     """The Widget set up (not entered) on a scene with a sphere phantom volume, a
     crosshair in the Red (axial) view, all dependencies reported installed and the
-    model replaced by a slow ``ThresholdPredictor`` (``ns.predictor``)."""
+    model work sent to the threshold double's server (remote mode, from the settings)."""
     gui = install_gui_stand_in(monkeypatch, module, str(tmp_path))
     ok = [Requirement("torch", "torch>=2.0", "torch", "2.4.0", True)]
     monkeypatch.setattr(dependencies, "check", lambda requirements=None: list(ok))
     monkeypatch.setattr(dependencies, "pytorch_extension_available", lambda: False)
-    predictor = SlowPredictor(THRESHOLD, delay=0.03)
-    loads = []
+    starts = []
 
-    def load_model(self, model_name="litemedsam", checkpoint=None, device="auto", *more):
-        loads.append((model_name, checkpoint, device))
-        return predictor, f"threshold:{model_name}:{checkpoint}"
+    def start_local_server(self, *args, **kwargs):  # records; a running stand-in
+        starts.append(args)
+        self.server.local = types.SimpleNamespace(stopping=False, stop=lambda: None)
 
-    monkeypatch.setattr(module.RobustMedSAMLogic, "load_model", load_model)
+    monkeypatch.setattr(module.RobustMedSAMLogic, "start_local_server", start_local_server)
+    monkeypatch.setattr(module, "_shared_logic", None)  # a fresh Logic on this test's Qt
     layout = types.SimpleNamespace(widgets=[])
     layout.addWidget = layout.widgets.append
     parent = types.SimpleNamespace(isEntered=False, layout=lambda: layout)
@@ -86,6 +96,7 @@ def panel(slicer_scene, monkeypatch, tmp_path):
     show_status = widget._status
     widget._status = lambda text: (statuses.append(text), show_status(text))[1]
     widget.setup()
+    widget.setRemoteServer(harness[0], TOKEN)
     phantom = sphere((24, 40, 40), spacing=(0.9, 0.8, 2.0), radius=11.0)
     crosshair = slicer_scene.scene.AddNewNodeByClass("vtkMRMLCrosshairNode")
     red = gui.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
@@ -99,8 +110,8 @@ def panel(slicer_scene, monkeypatch, tmp_path):
         layout=layout,
         scene=slicer_scene.scene,
         slicer_scene=slicer_scene,
-        predictor=predictor,
-        loads=loads,
+        starts=starts,
+        url=harness[0],
         statuses=statuses,
         phantom=phantom,
         requirements=ok,
@@ -109,8 +120,6 @@ def panel(slicer_scene, monkeypatch, tmp_path):
         yield ns
     finally:
         widget.cleanup()
-        if widget._task is not None:
-            widget._task.join(5.0)
         assert gui.app.cursor_depth == 0, "an override cursor was not restored"
 
 
@@ -133,7 +142,7 @@ def choose_volume(ns, volume) -> None:
 def idle(ns) -> bool:
     w = ns.widget
     return (
-        w._task is None
+        w._operation is None
         and w._pending is None
         and not ns.qt.single_shots
         and not w._debounceTimer.isActive()
@@ -145,8 +154,8 @@ def pump_until(ns, predicate, timeout: float = 20.0) -> None:
     end = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > end:
-            task = ns.widget._task
-            raise TimeoutError(f"still waiting; task {task and task.name}, {ns.statuses[-3:]}")
+            label = ns.widget._operationLabel if ns.widget._operation else None
+            raise TimeoutError(f"still waiting; request {label}, {ns.statuses[-3:]}")
         ns.qt.pump()
         time.sleep(0.005)
 
@@ -190,12 +199,12 @@ def test_click_propagate_jump_undo_exit(panel):
     ui, widget, phantom = panel.ui, panel.widget, panel.phantom
     enter(panel)
     volume = add_phantom(panel)
-    choose_volume(panel, volume)  # starts loading the model, then encoding around the view
-    pump_until(panel, lambda: widget._task is not None and widget._task.name.startswith("Enc"))
+    choose_volume(panel, volume)  # uploads the volume, asks the server to encode ahead
+    assert widget._operation is not None and widget._operationLabel.startswith("Enc")
     assert ui.cancelButton.enabled and not ui.propagateButton.enabled
 
     k = int(np.argwhere(phantom.mask).mean(axis=0)[0])
-    place_include_point(panel, centre_ras(panel, k))  # a click while encoding
+    place_include_point(panel, centre_ras(panel, k))  # a click while the request runs
     assert widget._debounceTimer.isActive()
     pump_until(panel, lambda: idle(panel))
     node = widget._parameterNode
@@ -203,11 +212,11 @@ def test_click_propagate_jump_undo_exit(panel):
     mask = segment(panel)
     assert dice(mask[k], phantom.mask[k]) >= 0.95
     assert not np.delete(mask, k, axis=0).any(), "only the clicked slice is written"
-    assert any(s.endswith("cancelled.") for s in panel.statuses), panel.statuses
+    assert any(s.startswith("The server encodes") for s in panel.statuses), panel.statuses
     assert f"Slice {k} segmented (score 0.90)." in panel.statuses
-    assert panel.statuses[-1] == "Slices encoded.", "encoding resumes after the click"
+    assert panel.statuses[-1].startswith("The server encodes ahead"), "resumed after the click"
     assert ui.undoButton.enabled and ui.propagateButton.enabled and not ui.cancelButton.enabled
-    assert panel.loads == [("litemedsam", "", "auto")]
+    assert panel.starts == []  # remote mode: no local server
 
     ui.propagateButton.click()
     pump_until(panel, lambda: idle(panel))
@@ -265,14 +274,12 @@ def test_next_unsure_selects_a_flagged_row_and_jumps(panel):
 
 def test_cancel_during_slow_encoding_and_propagation_writes_nothing(panel):
     ui, widget = panel.ui, panel.widget
-    panel.predictor.delay = 0.2
     enter(panel)
     choose_volume(panel, add_phantom(panel))
-    pump_until(panel, lambda: widget._task is not None and widget._task.name.startswith("Enc"))
-    ui.cancelButton.click()
+    assert widget._operation is not None and widget._operationLabel.startswith("Enc")
+    ui.cancelButton.click()  # while the volume is uploaded: the upload goes on
     pump_until(panel, lambda: idle(panel))
     assert panel.statuses[-1].endswith(": cancelled.")
-    assert len(panel.predictor.encoded_images) < panel.phantom.image.shape[0]
 
     node = widget._parameterNode
     node.auto_update = False
@@ -280,7 +287,8 @@ def test_cancel_during_slow_encoding_and_propagation_writes_nothing(panel):
     assert not widget._debounceTimer.isActive()
     before = panel.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
     ui.propagateButton.click()
-    pump_until(panel, lambda: widget._task is not None and widget._task.name == "Propagating")
+    assert widget._operation is not None and widget._operationLabel == "Propagating"
+    pump_until(panel, lambda: widget._operation.job_session is not None)  # runs on the server
     ui.cancelButton.click()
     pump_until(panel, lambda: idle(panel))
     assert panel.statuses[-1] == "Propagating: cancelled."
@@ -299,6 +307,9 @@ def test_corruption_preview_adds_a_volume_and_reports_dice(panel):
     node.auto_update = False
     node.corruption, node.severity = "gaussian_noise", 2
     place_include_point(panel, centre_ras(panel))
+    red = panel.gui.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
+    red.SetFieldOfView(31.0, 29.0, 2.0)
+    red.JumpSliceByCentering(*centre_ras(panel, 15))  # the user looks at slice 15
     ui.previewButton.click()
     pump_until(panel, lambda: idle(panel))
     copy = panel.scene.GetFirstNodeByName("phantom gaussian_noise s2")
@@ -314,6 +325,13 @@ def test_corruption_preview_adds_a_volume_and_reports_dice(panel):
     yellow = layout.sliceWidget("Yellow")
     assert yellow.mrmlSliceCompositeNode().GetBackgroundVolumeID() == copy.GetID()
     assert yellow.mrmlSliceNode().GetOrientation() == "Axial"
+    # the same slice and zoom on both sides (slicer-review.md, finding 12)
+    np.testing.assert_allclose(
+        numpy_matrix(yellow.mrmlSliceNode().GetSliceToRAS()),
+        numpy_matrix(red.GetSliceToRAS()),
+        atol=1e-9,
+    )
+    assert yellow.mrmlSliceNode().GetFieldOfView() == red.GetFieldOfView()
     assert not panel.gui.dialogs
 
 
@@ -410,14 +428,16 @@ def test_an_error_while_writing_is_shown_once_and_queued_work_still_runs(panel, 
         panel.widget._pending = lambda: ran.append("pending")  # e.g. a click queued meanwhile
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(panel.widget.logic, "write_slice", broken_write)
+    monkeypatch.setattr(panel.widget.logic, "write_extent", broken_write)
     place_include_point(panel, centre_ras(panel))
     pump_until(panel, lambda: idle(panel) and ran)
     assert [kind for kind, _ in panel.gui.dialogs] == ["error"]
     assert "disk full" in panel.gui.dialogs[0][1] and ran == ["pending"]
 
 
-def test_missing_torch_is_offered_and_declining_installs_nothing(panel, monkeypatch):
+def test_missing_torch_is_offered_on_first_use_not_on_entering(panel, monkeypatch):
+    """Entering the module only says what is missing; the install is offered when the
+    user first asks for model work, as the README says (slicer-review.md, finding 12)."""
     missing = [Requirement("torch", "torch>=2.0", "torch", None, False, "not installed")]
     monkeypatch.setattr(dependencies, "check", lambda requirements=None: list(missing))
     real_find_spec = module.importlib.util.find_spec
@@ -427,18 +447,42 @@ def test_missing_torch_is_offered_and_declining_installs_nothing(panel, monkeypa
         lambda name, *args: None if name == "torch" else real_find_spec(name, *args),
     )
     panel.gui.confirm = False
+    panel.widget.setRemoteServer("", "")  # a local server: torch is needed here
     enter(panel)
     assert panel.ui.dependencyLabel.text == "Missing: torch>=2.0 (not installed)"
+    assert panel.ui.installButton.enabled and not panel.gui.dialogs
+
+    choose_volume(panel, add_phantom(panel))  # no encoding without torch, no question
+    assert not panel.gui.dialogs
+    panel.ui.propagateButton.click()  # first use: asked; declined
     (kind, text), *_ = panel.gui.dialogs
     assert kind == "confirm" and "torch>=2.0" in text
-    assert panel.ui.installButton.enabled
     assert panel.statuses[-1] == "Dependencies not installed: segmentation is unavailable."
-
-    choose_volume(panel, add_phantom(panel))  # no encoding without torch
-    panel.ui.propagateButton.click()  # asks again; declined again
-    assert panel.widget._task is None and not panel.loads
+    panel.ui.propagateButton.click()  # asked again; declined again
+    assert panel.widget._operation is None and not panel.starts
     assert [k for k, _ in panel.gui.dialogs] == ["confirm", "confirm"]
     assert not panel.gui.pip and not panel.qt.dialogs
+
+
+def test_remote_mode_asks_only_for_the_clients_packages(panel, monkeypatch):
+    """With a remote server (the fixture's settings) torch is not needed in Slicer."""
+    asked = []
+
+    def check(requirements=None):
+        asked.append(list(requirements))
+        return [Requirement("h11", "h11>=0.14", "h11", "0.16.0", True)]
+
+    monkeypatch.setattr(dependencies, "check", check)
+    real_find_spec = module.importlib.util.find_spec
+    monkeypatch.setattr(
+        module.importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "torch" else real_find_spec(name, *args),
+    )
+    enter(panel)
+    assert asked == [list(dependencies.CLIENT_REQUIREMENTS)] and not panel.gui.dialogs
+    assert panel.ui.dependencyLabel.text == "All dependencies are installed."
+    assert panel.widget._dependenciesReady()
 
 
 def test_accepting_the_install_runs_pip_with_a_progress_dialog(panel, monkeypatch):
@@ -505,8 +549,8 @@ def test_a_failed_pytorch_extension_install_is_shown_not_raised(panel, monkeypat
     assert "light_the_torch" in errors[0]
 
 
-def test_editor_masking_scene_close_and_model_change(panel):
-    ui, widget, phantom = panel.ui, panel.widget, panel.phantom
+def test_editor_masking_and_scene_close(panel):
+    widget, phantom = panel.widget, panel.phantom
     enter(panel)
     choose_volume(panel, add_phantom(panel))
     pump_until(panel, lambda: idle(panel))
@@ -535,16 +579,26 @@ def test_editor_masking_scene_close_and_model_change(panel):
     volume = add_phantom(panel)
     choose_volume(panel, volume)
     pump_until(panel, lambda: idle(panel))
-    ui.modelComboBox.emit("currentIndexChanged(int)", 1)  # same model: kept
-    assert widget._predictor is not None and len(panel.loads) == 1  # the model outlives scenes
-    node.model_name = "medsam"
-    ui.modelComboBox.emit("currentIndexChanged(int)", 2)
-    assert widget._predictor is None and not widget._sessions
-    place_include_point(panel, centre_ras(panel, k))
+    place_include_point(panel, centre_ras(panel, k))  # the volume is uploaded again
     pump_until(panel, lambda: idle(panel))
-    assert panel.loads[-1] == ("medsam", "", "auto")
     assert dice(segment(panel)[k], phantom.mask[k]) >= 0.95
-    assert not panel.gui.dialogs
+    assert not panel.gui.dialogs and panel.starts == []
+
+
+def test_local_server_follows_the_model_choice(panel):
+    """Without a remote URL the panel starts a local server for the chosen model, keeps
+    it while the choice stands and restarts it when the model changes."""
+    widget, ui = panel.widget, panel.ui
+    enter(panel)
+    widget.setRemoteServer("", "")
+    assert panel.qt.settings == {"RobustMedSAM/ServerURL": "", "RobustMedSAM/ServerToken": ""}
+    widget._ensureServer()
+    widget._ensureServer()  # running, same model: kept
+    assert panel.starts == [("litemedsam", "auto", None)]
+    widget._parameterNode.model_name = "medsam"
+    ui.modelComboBox.emit("currentIndexChanged(int)", 2)
+    widget._ensureServer()
+    assert panel.starts[-1] == ("medsam", "auto", None) and len(panel.starts) == 2
 
 
 def test_points_of_a_newly_picked_include_list_segment(panel):
@@ -563,11 +617,15 @@ def test_points_of_a_newly_picked_include_list_segment(panel):
 
 
 def test_zoom_to_box_reaches_the_segment_options(panel):
+    from RobustMedSAMLib.server.bodies import Options
+
     node = panel.widget._parameterNode
-    assert panel.widget._segmentOptions(propagate=True).zoom == "auto"  # small boxes zoom
+    assert panel.widget._segmentOptions(propagate=True)["zoom"] == "auto"  # small boxes zoom
     node.zoom_to_box = True  # what ticking "Zoom to the box" sets
     options = panel.widget._segmentOptions(propagate=True)
-    assert options.zoom is True and options.propagate is True
+    assert options["zoom"] is True
+    parsed = Options(**options)  # the server's schema takes every panel setting
+    assert parsed.box_extension == node.box_extension and parsed.projection == node.projection
 
 
 def test_choosing_another_segmentation_never_picks_its_first_segment(panel):
@@ -639,3 +697,36 @@ def test_cleanup_releases_the_undo_shortcut(panel):
     assert shortcut.parent is panel.gui.main_window
     panel.widget.cleanup()
     assert shortcut.parent is None
+
+
+def test_removing_a_point_resegments_the_slice_it_was_on(panel):
+    """The slice of the removed point is segmented again, not the last point's
+    (slicer-review.md, finding 12: ``_lastPointRas`` took the last remaining point)."""
+    enter(panel)
+    choose_volume(panel, add_phantom(panel))
+    pump_until(panel, lambda: idle(panel))
+    k = int(np.argwhere(panel.phantom.mask).mean(axis=0)[0])
+    inside = centre_ras(panel, k)
+    for ras in (inside, [inside[0] + 2.0, inside[1], inside[2]], centre_ras(panel, k + 3)):
+        place_include_point(panel, ras)
+        pump_until(panel, lambda: idle(panel))
+    assert any(s.startswith(f"Slice {k + 3} segmented") for s in panel.statuses[-4:])
+    seen = len(panel.statuses)
+    panel.widget._parameterNode.positive_points.RemoveNthControlPoint(0)  # one on slice k
+    pump_until(panel, lambda: idle(panel))
+    segmented = [s.split(" (")[0] for s in panel.statuses[seen:] if " segmented" in s]
+    assert segmented == [f"Slice {k} segmented"], panel.statuses[seen:]
+
+
+def test_another_modules_ctrl_z_shortcut_is_silenced_while_ours_holds_the_key(panel):
+    """Two enabled QShortcuts on one key are ambiguous and neither fires; another
+    module's (SlicerNNInteractive keeps a ``QShortcut("Ctrl+Z", mainWindow())`` until
+    its cleanup) is off while this module is shown (slicer-review.md, finding 12)."""
+    qt, main = panel.qt, panel.gui.main_window
+    theirs = qt.QShortcut(qt.QKeySequence("Ctrl+Z"), main)
+    other_keys = qt.QShortcut(qt.QKeySequence("Ctrl+Y"), main)
+    enter(panel)
+    ours = panel.widget._undoShortcut
+    assert ours.isEnabled() and not theirs.isEnabled() and other_keys.isEnabled()
+    panel.widget.exit()
+    assert theirs.isEnabled() and not ours.isEnabled() and other_keys.isEnabled()
