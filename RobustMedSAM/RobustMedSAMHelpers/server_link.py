@@ -30,7 +30,6 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import h11
 import numpy as np
 
 from RobustMedSAMLib.errors import CancelledError, InputError, ServerError
@@ -68,6 +67,14 @@ def _no_op(*_args) -> None:
     return None
 
 
+def _h11():
+    """``h11``, imported on first use: the module must load in a Slicer whose Python does
+    not have it yet, so that the panel can offer to install it."""
+    import h11
+
+    return h11
+
+
 # --- one HTTP exchange --------------------------------------------------------------
 
 
@@ -100,7 +107,7 @@ class Call:
         self._connected = False
         self._handshaken = link.scheme != "https"
         self._out = memoryview(b"")
-        self._h11 = h11.Connection(h11.CLIENT)
+        self._h11 = _h11().Connection(_h11().CLIENT)
         self._status = 0
         self._payload = bytearray()
 
@@ -130,7 +137,7 @@ class Call:
                 f"TLS with {self.link.url} failed ({error}); if the server's certificate is "
                 "from your own CA or self-signed, give that certificate (CA file)"
             ))  # fmt: skip
-        except (OSError, h11.ProtocolError, TimeoutError) as error:
+        except (OSError, _h11().ProtocolError, TimeoutError) as error:
             self._close()
             self.link.connection_failed(self, error)
 
@@ -146,6 +153,7 @@ class Call:
         return False
 
     def _open(self) -> None:
+        h11 = _h11()
         family, kind, proto, _, address = self.link.address()
         sock = socket.socket(family, kind, proto)
         sock.setblocking(False)
@@ -188,6 +196,7 @@ class Call:
         return True
 
     def _receive(self, until: float) -> None:
+        h11 = _h11()
         while time.monotonic() < until:
             event = self._h11.next_event()
             if event is h11.NEED_DATA:

@@ -173,8 +173,15 @@ def test_cmake_installs_the_ui_file():
 
 
 def test_module_file_imports_without_torch_or_qt():
+    """Nor h11 (the server link's HTTP framing): before the dependency check installed
+    it, the module must still load so that the panel can offer the installation."""
     code = (
         "import sys; sys.path.insert(0, 'Testing')\n"
+        "class NoH11:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'h11':\n"
+        "            raise ImportError(name)\n"
+        "sys.meta_path.insert(0, NoH11())\n"
         "from slicer_headless import load_module_file\n"
         "m = load_module_file()\n"
         "assert m.qt is None and 'torch' not in sys.modules, sorted(sys.modules)\n"

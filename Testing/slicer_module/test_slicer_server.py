@@ -376,3 +376,21 @@ print(got[0], "torch" in sys.modules)
     assert result.returncode == 0, result.stderr[-2000:]
     area, torch_loaded = result.stdout.split()[-2:]
     assert abs(int(area) - 16 * 16) <= 8 and torch_loaded == "False", result.stdout
+
+
+def test_a_large_upload_is_spread_over_short_callbacks(harness, slicer_scene):
+    """A 96 x 256 x 256 int16 volume (12 MB of noisy voxels) goes up a slab per tick:
+    many callbacks, each under the main-thread budget."""
+    url, _ = harness
+    logic = module.RobustMedSAMLogic()
+    logic.use_remote_server(url, TOKEN)
+    rng = np.random.default_rng(0)
+    image = rng.integers(-1000, 1000, size=(96, 256, 256), dtype=np.int16)
+    node = add_volume(slicer_scene, image, MATRIX, "large")
+    outcome = Outcome()
+    logic.request_encode(node, "axial", 48, outcome.on_done, outcome.on_error)
+    _run_until(outcome, 120)
+    assert not outcome.errors, outcome.errors
+    assert len(QT.cpu) > 12  # at least one tick per compressed MB
+    _assert_responsive()
+    logic.stop_server()
