@@ -98,6 +98,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run_group.add_argument("--min-score", type=float, default=0.0, help="stop on predicted IoU")
     run_group.add_argument("--bounds", type=int, nargs=2, metavar=("FIRST", "LAST"))
     run_group.add_argument(
+        "--encode-ahead",
+        type=int,
+        default=2,
+        metavar="N",
+        help="encode N slices on a worker thread ahead of the one being segmented, in "
+        "propagation order (0: off; default 2)",
+    )
+    run_group.add_argument(
         "--window",
         nargs="+",
         metavar="PRESET|LO,HI",
@@ -174,6 +182,7 @@ def settings_from_args(args: argparse.Namespace):
         iou_threshold=args.iou_threshold,
         min_score=args.min_score,
         bounds=tuple(args.bounds) if args.bounds else None,
+        encode_ahead=args.encode_ahead,
         window=window_arg(args.window),
         segment_name=args.segment_name,
         cache_dir=args.cache_dir,

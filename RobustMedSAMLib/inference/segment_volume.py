@@ -420,6 +420,7 @@ def run_record(
         "options": {
             "propagate": options.propagate,
             "zoom": options.zoom,
+            "encode_ahead": options.encode_ahead,
             "propagation": asdict(options.propagation),
         },
         "decisions": asdict(result.decisions),

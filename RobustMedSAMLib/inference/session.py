@@ -158,9 +158,11 @@ class SegmentationSession:
         """Within the block, a worker thread encodes the slices of ``order`` (the order
         they will be asked for, e.g. ``propagation.plan_order``) at most ``depth`` places
         ahead of the furthest one asked for, so the encoder runs while the decoder works
-        on the slice before. ``depth`` 0: nothing ahead. Leaving the block drops what was
-        queued (encodes in progress finish first)."""
-        if depth <= 0 or self._ahead is not None:
+        on the slice before. ``depth`` 0: nothing ahead; on MPS too (its backend is not
+        safe to use from two threads). Leaving the block drops what was queued (an encode
+        in progress finishes first)."""
+        device = getattr(self.predictor, "device", None)
+        if depth <= 0 or self._ahead is not None or getattr(device, "type", "") == "mps":
             yield
             return
         self._ahead = _EncodeAhead(self, [i for i in order if i not in self._cache], depth)
