@@ -244,6 +244,7 @@ def test_cli_encode_ahead_reaches_the_run_and_its_record(tmp_path, case, capsys)
         assert run_cli(case, out, "--propagate", "--encode-ahead", depth) == 0
         record = json.loads(out.with_name(out.name + ".json").read_text())
         assert record["options"]["encode_ahead"] == int(depth)
+    capsys.readouterr()
     out = tmp_path / "bad.seg.nrrd"
     assert run_cli(case, out, "--propagate", "--encode-ahead", "-1") == 2
     err = capsys.readouterr().err.strip().splitlines()
