@@ -158,9 +158,10 @@ class SegmentationSession:
         """Within the block, a worker thread encodes the slices of ``order`` (the order
         they will be asked for, e.g. ``propagation.plan_order``) at most ``depth`` places
         ahead of the furthest one asked for, so the encoder runs while the decoder works
-        on the slice before. ``depth`` 0: nothing ahead; on MPS too (its backend is not
-        safe to use from two threads). Leaving the block drops what was queued (an encode
-        in progress finishes first)."""
+        on the slice before; it starts running ahead once the first slice is segmented,
+        so that the first mask comes as soon as without it. ``depth`` 0: nothing ahead;
+        on MPS neither (its backend is not safe to use from two threads). Leaving the
+        block drops what was queued (an encode in progress finishes first)."""
         device = getattr(self.predictor, "device", None)
         if depth <= 0 or self._ahead is not None or getattr(device, "type", "") == "mps":
             yield
@@ -194,6 +195,8 @@ class SegmentationSession:
         prediction = self.predictor.predict(prompt)
         self.stats.decoder_seconds += time.perf_counter() - start
         self.stats.decoder_calls += 1
+        if self._ahead is not None:
+            self._ahead.start()  # the first mask is out: encode ahead from now on
         return prediction
 
     def click(self, index: int, xy: tuple[float, float], positive: bool = True) -> Prediction:
@@ -329,8 +332,9 @@ class SegmentationSession:
 
 class _EncodeAhead:
     """One worker thread encoding a session's slices in a planned order, ``depth`` of them
-    past the furthest planned slice taken so far. A planned slice whose turn passed
-    untaken ends its direction (a stop rule fired): the slices beyond it are skipped."""
+    past the furthest planned slice taken so far (none before ``start``). A planned slice
+    whose turn passed untaken ends its direction (a stop rule fired): the slices beyond it
+    are skipped."""
 
     def __init__(self, session: SegmentationSession, order: list[int], depth: int) -> None:
         self.session, self.depth = session, depth
@@ -342,7 +346,13 @@ class _EncodeAhead:
         self.skipped: set[int] = set()
         self.futures: dict[int, Future] = {}
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="encode-ahead")
-        self._fill()
+        self.started = False
+
+    def start(self) -> None:
+        """Run ahead from now on (after the first mask)."""
+        if not self.started:
+            self.started = True
+            self._fill()
 
     def take(self, index: int) -> Future | None:
         """The worker's result for slice ``index`` (None when not planned); queues more."""
@@ -358,7 +368,7 @@ class _EncodeAhead:
 
     def _fill(self) -> None:
         ahead = sum(self.place[i] > self.reached for i in self.futures)
-        while ahead < self.depth and self.submitted < len(self.order):
+        while self.started and ahead < self.depth and self.submitted < len(self.order):
             index = self.order[self.submitted]
             self.submitted += 1
             if self._ended(index):

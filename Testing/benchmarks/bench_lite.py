@@ -238,6 +238,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=2, help="slices per real case")
     parser.add_argument("--lesion", action="store_true", help="time a 40-slice 3D run")
     parser.add_argument("--lesion-repeats", type=int, default=1)
+    parser.add_argument("--click-repeats", type=int, help="default: 3 x --repeats")
     parser.add_argument(
         "--ahead", type=int, nargs="+", default=[0, ENCODE_AHEAD], help="encode-ahead depths"
     )
@@ -255,7 +256,7 @@ def main() -> None:
     for name, s in seconds.items():
         ratio = s / seconds["reference"]
         print(f"{name:<10} {1e3 * s:9.0f} {ratio:6.2f} {gflop / s / peak:8.0%}")
-    clicks = click_seconds(models, reference, 3 * args.repeats)
+    clicks = click_seconds(models, reference, args.click_repeats or 3 * args.repeats)
     decoder = decoder_gflop(models["eager"])
     print(f"decoder {decoder:.2f} GFLOP per box click; one box click on an encoded slice:")
     for name, s in clicks.items():

@@ -91,15 +91,22 @@ def test_undo_click_restores_previous_points(volume):
 
 
 class RecordingPredictor(ThresholdPredictor):
-    """Records, per encode, the slice (from a marker voxel: 1000 + index) and the thread."""
+    """Records, per encode, the slice (from a marker voxel: 1000 + index) and the thread;
+    and the order of encodes and predictions."""
 
     def __init__(self, threshold: float) -> None:
         super().__init__(threshold)
         self.calls: list[tuple[int, str]] = []
+        self.events: list[str] = []
 
     def encode(self, image, window=None):
         self.calls.append((int(image[0, 0]) - 1000, threading.current_thread().name))
+        self.events.append("encode")
         return super().encode(image, window)
+
+    def predict(self, prompt):
+        self.events.append("predict")
+        return super().predict(prompt)
 
 
 def marked_sphere() -> Volume:
@@ -122,6 +129,7 @@ def test_encoding_ahead_gives_the_same_masks_from_a_worker_thread():
         options = SegmentOptions(propagate=True, encode_ahead=depth)
         runs[depth] = segment_volume(session, prompts, options), predictor.calls, session
     (plain, plain_calls, _), (ahead, ahead_calls, session) = runs[0], runs[2]
+    assert session.predictor.events[:2] == ["encode", "predict"]  # the first mask comes first
     np.testing.assert_array_equal(ahead.mask, plain.mask)
     assert plain.mask[8:23].any(axis=(1, 2)).all()  # a real 3D result (the sphere's slices)
     assert {t for _, t in plain_calls} == {threading.current_thread().name}
@@ -142,8 +150,8 @@ def test_encoding_ahead_skips_the_slices_of_a_stopped_direction():
     asked = [16, 14, 17, 18, 19, 20, 21]  # the lower direction stops after slice 14
     with session.encoding_ahead(order, depth=2):
         for index in asked:
-            session.encoded(index)
-            time.sleep(0.01)  # the worker runs ahead while this slice would decode
+            session.segment_slice(index, session_prompt())
+            time.sleep(0.01)  # the worker runs ahead while this slice decodes
     encoded = [i for i, _ in predictor.calls]
     assert len(encoded) == len(set(encoded))  # none twice
     assert set(asked) <= set(encoded)
