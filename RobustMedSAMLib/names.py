@@ -10,7 +10,7 @@ MODEL_NAMES = ("litemedsam", "sam", "medsam", "robustsam", "medicosam", "fused")
 DEFAULT_MODEL = "litemedsam"  # the CLI, batch runs, the Python API and the Slicer panel
 DEVICES = ("auto", "cpu", "cuda", "mps")
 ENGINES = ("eager", "onnx", "openvino")
-"""Image-encoder engines: PyTorch, or the lite encoder under ONNX Runtime or OpenVINO."""
+"""Engines: PyTorch, or the lite models' encoder and decoder under ONNX Runtime or OpenVINO."""
 AXIS_NAMES = ("axial", "coronal", "sagittal")
 PROJECTIONS = ("mask", "box", "points", "points_and_mask", "single_point")
 OVERLAP_MEASURES = ("iou", "containment")

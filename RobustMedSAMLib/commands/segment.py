@@ -32,6 +32,14 @@ def add_model_arguments(
     model.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default: auto)")
     model.add_argument("--half", action="store_true", help="CUDA: bf16/fp16 image encoder")
     model.add_argument("--fast-cpu", action="store_true", help="CPU: int8 image encoder")
+    model.add_argument(
+        "--engine",
+        default="eager",
+        choices=ENGINES,
+        help="CPU, lite models: run the image encoder and mask decoder under ONNX Runtime "
+        "or OpenVINO (optional packages: pip install 'robustmedsam[cpu-engines]'); "
+        "default: eager",
+    )
     return model
 
 
@@ -56,15 +64,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="RECORD.json",
         help="the prompts (RAS) of an earlier run's record, e.g. on another volume or model",
     )
-    model = add_model_arguments(
+    add_model_arguments(
         parser, None, f"default: {DEFAULT_MODEL} (with --server: the server's model)"
-    )
-    model.add_argument(
-        "--engine",
-        default="eager",
-        choices=ENGINES,
-        help="CPU, lite models: run the image encoder under ONNX Runtime or OpenVINO "
-        "(optional packages: pip install 'robustmedsam[cpu-engines]'); default: eager",
     )
     run_group = parser.add_argument_group("slicing and propagation")
     run_group.add_argument("--axis", default="axial", choices=AXIS_NAMES)
@@ -96,6 +97,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     run_group.add_argument("--min-score", type=float, default=0.0, help="stop on predicted IoU")
     run_group.add_argument("--bounds", type=int, nargs=2, metavar=("FIRST", "LAST"))
+    run_group.add_argument(
+        "--encode-ahead",
+        type=int,
+        default=2,
+        metavar="N",
+        help="encode N slices on a worker thread ahead of the one being segmented, in "
+        "propagation order (0: off; default 2)",
+    )
     run_group.add_argument(
         "--window",
         nargs="+",
@@ -145,7 +154,8 @@ def _check_server_flags(args: argparse.Namespace) -> None:
         return
     local = {"--checkpoint": args.checkpoint, "--encoder": args.encoder,
              "--decoder": args.decoder, "--half": args.half, "--fast-cpu": args.fast_cpu,
-             "--cache-dir": args.cache_dir, "--device": args.device != "auto"}  # fmt: skip
+             "--cache-dir": args.cache_dir, "--device": args.device != "auto",
+             "--engine": args.engine != "eager"}  # fmt: skip
     given = [flag for flag, value in local.items() if value]
     if given:
         raise InputError(f"with --server the server's model and device are used: drop {given[0]}")
@@ -172,6 +182,7 @@ def settings_from_args(args: argparse.Namespace):
         iou_threshold=args.iou_threshold,
         min_score=args.min_score,
         bounds=tuple(args.bounds) if args.bounds else None,
+        encode_ahead=args.encode_ahead,
         window=window_arg(args.window),
         segment_name=args.segment_name,
         cache_dir=args.cache_dir,

@@ -135,6 +135,7 @@ def load_served_model(args: argparse.Namespace):
         args.device,
         args.half,
         args.fast_cpu,
+        args.engine,
     )
     if loaded.model.device.type == "cpu":
         torch.set_flush_denormal(True)
@@ -145,6 +146,7 @@ def load_served_model(args: argparse.Namespace):
         "name": loaded.name,
         "preprocessing": loaded.preprocessing,
         "device": str(loaded.model.device),
+        "engine": loaded.engine,
         "files": files,
     }
     size = loaded.model.config.image_size
@@ -154,7 +156,7 @@ def load_served_model(args: argparse.Namespace):
         info,
         size,
         _model_id(loaded.checkpoints),
-        model_catalogue(loaded.name, size),
+        model_catalogue(loaded.name, size, loaded.engine),
     )
 
 

@@ -246,6 +246,7 @@ class SegmentSettings:
     iou_threshold: float = 0.5  # propagation.DEFAULT_OVERLAP
     min_score: float = 0.0
     bounds: tuple[int, int] | None = None
+    encode_ahead: int = 2  # session.ENCODE_AHEAD: slices encoded on a worker thread ahead
     window: tuple[float, float] | str | None = None  # None: chosen from each volume
     segment_name: str = "Segment_1"
     cache_dir: Path | None = None
@@ -262,6 +263,7 @@ class SegmentSettings:
         options = SegmentOptions(
             propagate=self.propagate,
             zoom=self.zoom,
+            encode_ahead=self.encode_ahead,
             propagation=PropagationOptions(
                 projection=self.projection,
                 iou_threshold=self.iou_threshold,

@@ -1,14 +1,18 @@
-"""CPU engines for the lite image encoder: eager PyTorch, ONNX Runtime or OpenVINO.
+"""CPU engines for the lite models: eager PyTorch, ONNX Runtime or OpenVINO.
 
     model = load_named_model("litemedsam", device="cpu").model
     used = use_engine(model, "openvino")   # "openvino", or "eager" when it is not installed
 
-The encoder (TinyViT, ``1 x 3 x 256 x 256`` in, ``1 x 256 x 64 x 64`` out) is exported
-once to ONNX (the graph every runtime reads) and kept in the user cache folder under the
-SHA-256 of its weights, so later loads skip the export (about 10 s). ONNX Runtime and
-OpenVINO run that graph in float32; the prompt encoder and mask decoder stay in
-PyTorch (a click is cheap). Both runtimes are optional (``pip install
-'robustmedsam[cpu-engines]'``); a missing one logs one line and the eager encoder runs.
+Two graphs run on the engine. The image encoder (TinyViT, ``1 x 3 x 256 x 256`` in,
+``1 x 256 x 64 x 64`` out) and the mask decoder (SAM's two-way transformer and
+upscaling: image embedding ``1 x 256 x 64 x 64``, dense prompt embedding of the same
+shape and ``1 x N x 256`` sparse prompt tokens in; ``1 x 4 x 256 x 256`` low-res logits
+and ``1 x 4`` predicted IoU out), the dense positional encoding baked into the graph as
+the constant it is. Each is exported once to ONNX (the graph every runtime reads) and
+kept in the user cache folder under the SHA-256 of its weights, so later loads skip the
+export (about 10 s). ONNX Runtime and OpenVINO run them in float32; the prompt encoder
+stays in PyTorch (under a millisecond). Both runtimes are optional (``pip install
+'robustmedsam[cpu-engines]'``); a missing one logs one line and eager PyTorch runs.
 Measured speeds: ``Testing/benchmarks/bench_lite.py``, docs/benchmarks.md.
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import warnings
 from pathlib import Path
 
@@ -37,7 +42,8 @@ PACKAGES = {"onnx": ("onnxruntime", "onnx"), "openvino": ("openvino", "onnx")}
 
 
 def use_engine(model: SegmentAnythingModel, engine: str, threads: int | None = None) -> str:
-    """Run ``model``'s image encoder on ``engine`` (see ``ENGINES``), in place.
+    """Run ``model``'s image encoder and mask decoder on ``engine`` (see ``ENGINES``), in
+    place.
 
     Returns the engine in use: ``engine``, or "eager" when its optional package is missing
     (one warning line says how to install it). InputError for an unknown engine, a model
@@ -47,24 +53,26 @@ def use_engine(model: SegmentAnythingModel, engine: str, threads: int | None = N
         raise InputError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if engine == "eager":
         return engine
-    if model.device.type != "cpu" or model.config.encoder_kind == "vit":
+    if model.device.type != "cpu" or model.config.encoder_kind == "vit" or model.robust:
         raise InputError(
-            f"--engine {engine} runs the lite models' encoder on the CPU; "
+            f"--engine {engine} runs the lite models on the CPU; "
             "use --engine eager with this model or device"
         )
     missing = [name for name in PACKAGES[engine] if not _importable(name)]
     if missing:
         log.warning(
-            "engine %r needs %s (%s); running the eager PyTorch encoder",
+            "engine %r needs %s (%s); running eager PyTorch",
             engine,
             " and ".join(missing),
             EXTRA,
         )
         return "eager"
-    path = cached_onnx(model.image_encoder, model.config.image_size)
     threads = threads or torch.get_num_threads()
-    runner = OnnxRuntimeEncoder if engine == "onnx" else OpenVinoEncoder
-    model.image_encoder = runner(path, threads)
+    graph = OnnxRuntimeGraph if engine == "onnx" else OpenVinoGraph
+    encoder_path = cached_onnx(model.image_encoder, model.config.image_size)
+    decoder_path = cached_decoder_onnx(model)
+    model.image_encoder = RuntimeEncoder(graph(encoder_path, threads))
+    model.mask_decoder = RuntimeDecoder(graph(decoder_path, threads), model.mask_decoder)
     return engine
 
 
@@ -87,31 +95,76 @@ def weights_digest(module: nn.Module) -> str:
 def cached_onnx(encoder: nn.Module, image_size: int, folder: Path | None = None) -> Path:
     """The encoder exported to ONNX (input ``image``: ``1 x 3 x S x S``), from the cache
     folder when its weights were exported before; written atomically otherwise."""
+    example = torch.zeros(1, 3, image_size, image_size)
+    name = f"encoder-{image_size}-{weights_digest(encoder)[:16]}"
+    return _cached_export(encoder, (example,), ["image"], ["embedding"], {}, name, folder)
+
+
+class DecoderGraph(nn.Module):
+    """SAM's mask decoder as one graph: ``(embedding, dense, sparse) -> (masks, iou)``,
+    the dense positional encoding ``1 x C x h x w`` a constant of the graph."""
+
+    def __init__(self, decoder: nn.Module, image_pe: torch.Tensor) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.register_buffer("image_pe", image_pe.detach().clone())
+
+    def forward(
+        self, embedding: torch.Tensor, dense: torch.Tensor, sparse: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decoder.predict_masks(embedding, self.image_pe, sparse, dense)
+
+
+def cached_decoder_onnx(model: SegmentAnythingModel, folder: Path | None = None) -> Path:
+    """``model``'s plain mask decoder exported to ONNX (see ``DecoderGraph``; the number
+    of sparse tokens is a dynamic axis), from the cache folder when exported before."""
+    config = model.config
+    with torch.inference_mode():
+        image_pe = model.prompt_encoder.get_dense_pe().cpu()
+    graph = DecoderGraph(model.mask_decoder, image_pe).eval()
+    size, channels = config.embedding_size, config.prompt_embed_dim
+    features = torch.zeros(1, channels, size, size)
+    example = (features, features.clone(), torch.zeros(1, 2, channels))
+    names = ["embedding", "dense", "sparse"]
+    name = f"decoder-{size}-{weights_digest(graph)[:16]}"
+    dynamic = {"sparse": {1: "tokens"}}
+    return _cached_export(graph, example, names, ["masks", "iou"], dynamic, name, folder)
+
+
+def _cached_export(
+    module: nn.Module,
+    example: tuple[torch.Tensor, ...],
+    inputs: list[str],
+    outputs: list[str],
+    dynamic: dict[str, dict[int, str]],
+    name: str,
+    folder: Path | None,
+) -> Path:
+    """``folder / name.onnx``: ``module`` exported once (atomically), then reused."""
     folder = folder or cache_dir() / "engines"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"encoder-{image_size}-{weights_digest(encoder)[:16]}.onnx"
+    path = folder / f"{name}.onnx"
     if not path.is_file():
-        log.info("exporting the image encoder to %s (once)", path)
-        example = torch.zeros(1, 3, image_size, image_size)
+        log.info("exporting %s to %s (once)", type(module).__name__, path)
         with atomic_output(path) as temporary, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                encoder.eval(),
-                (example,),
+                module.eval(),
+                example,
                 str(temporary),
                 dynamo=False,
-                input_names=["image"],
-                output_names=["embedding"],
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_axes=dynamic or None,
                 opset_version=17,
             )
     return path
 
 
-class OnnxRuntimeEncoder(nn.Module):
-    """An exported encoder under ONNX Runtime: ``1 x 3 x S x S`` float32 in, embedding out."""
+class OnnxRuntimeGraph:
+    """An ONNX graph under ONNX Runtime's CPU provider: named float32 arrays in, a list out."""
 
     def __init__(self, path: Path, threads: int) -> None:
-        super().__init__()
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
@@ -121,16 +174,15 @@ class OnnxRuntimeEncoder(nn.Module):
             str(path), options, providers=["CPUExecutionProvider"]
         )
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        array = images.detach().cpu().float().numpy()
-        return torch.from_numpy(self.session.run(None, {"image": array})[0])
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, feeds)
 
 
-class OpenVinoEncoder(nn.Module):
-    """An exported encoder under OpenVINO's CPU plugin, float32 and latency-tuned."""
+class OpenVinoGraph:
+    """An ONNX graph under OpenVINO's CPU plugin, float32 and latency-tuned; one request,
+    so calls from several threads take turns."""
 
     def __init__(self, path: Path, threads: int) -> None:
-        super().__init__()
         import openvino
 
         core = openvino.Core()
@@ -143,7 +195,54 @@ class OpenVinoEncoder(nn.Module):
                 "INFERENCE_PRECISION_HINT": "f32",
             },
         )
+        self.request = self.compiled.create_infer_request()
+        self.lock = threading.Lock()
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        with self.lock:
+            results = self.request.infer(feeds)
+            return [np.array(results[output]) for output in self.compiled.outputs]
+
+
+def _array(tensor: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(tensor.detach().cpu().float().numpy())
+
+
+class RuntimeEncoder(nn.Module):
+    """An exported encoder on a runtime: ``1 x 3 x S x S`` float32 in, embedding out."""
+
+    def __init__(self, graph: OnnxRuntimeGraph | OpenVinoGraph) -> None:
+        super().__init__()
+        self.graph = graph
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        array = np.ascontiguousarray(images.detach().cpu().float().numpy())
-        return torch.from_numpy(np.array(self.compiled(array)[0]))
+        return torch.from_numpy(self.graph({"image": _array(images)})[0])
+
+
+class RuntimeDecoder(nn.Module):
+    """An exported mask decoder on a runtime, called as SAM's ``MaskDecoder``; the eager
+    decoder's attributes (``num_mask_tokens``, ...) stay reachable through it."""
+
+    def __init__(self, graph: OnnxRuntimeGraph | OpenVinoGraph, eager: nn.Module) -> None:
+        super().__init__()
+        self.graph = graph
+        self.num_mask_tokens = eager.num_mask_tokens
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        multimask_output: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``B x M x 4h x 4w`` logits and ``B x M`` IoU, M = 3 (multimask) or 1; the graph
+        holds the positional encoding ``image_pe`` it was exported with."""
+        feeds = {
+            "embedding": _array(image_embeddings),
+            "dense": _array(dense_prompt_embeddings),
+            "sparse": _array(sparse_prompt_embeddings),
+        }
+        masks, iou = (torch.from_numpy(a) for a in self.graph(feeds))
+        chosen = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, chosen], iou[:, chosen]

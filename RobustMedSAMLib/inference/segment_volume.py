@@ -24,8 +24,8 @@ import numpy as np
 
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.formats.markups import Roi
-from RobustMedSAMLib.inference.propagation import PropagationOptions, propagate
-from RobustMedSAMLib.inference.session import SegmentationSession, SessionStats
+from RobustMedSAMLib.inference.propagation import PropagationOptions, plan_order, propagate
+from RobustMedSAMLib.inference.session import ENCODE_AHEAD, SegmentationSession, SessionStats
 from RobustMedSAMLib.inference.slicing import (
     FLAT_ROI_SLICES,
     prompts_for_slice,
@@ -105,16 +105,21 @@ class SegmentOptions:
     """propagate: grow the prompted slices' masks into 3D (else only prompted slices).
     zoom: with a box (ROI), segment on a crop around it (``zoom.py``): ``True`` always,
     ``False`` never, ``"auto"`` (default) when the box is small at the model's input
-    (:func:`zoom.box_is_small`); the mask is the same size as the volume either way."""
+    (:func:`zoom.box_is_small`); the mask is the same size as the volume either way.
+    encode_ahead: slices encoded on a worker thread ahead of the one being segmented, in
+    propagation order (0: none; see ``SegmentationSession.encoding_ahead``)."""
 
     propagate: bool = False
     propagation: PropagationOptions = field(default_factory=PropagationOptions)
     zoom: bool | str = "auto"
+    encode_ahead: int = ENCODE_AHEAD
 
     def validate(self) -> None:
         """Raise InputError naming the first unusable option."""
         if self.zoom not in (True, False, "auto"):
             raise InputError(f"zoom={self.zoom!r}: use True, False or 'auto'")
+        if not isinstance(self.encode_ahead, int) or self.encode_ahead < 0:
+            raise InputError(f"encode_ahead={self.encode_ahead!r}: use 0 or more slices")
         self.propagation.validate()
 
 
@@ -189,6 +194,53 @@ def segment_volume(
     decisions.zoom_reason = reason
     allowed = _roi_decision(session, prompts.roi, decisions)
     per_slice = prompts_for_slice(volume, axis, prompts.positive, prompts.negative, prompts.roi)
+    propagation = _propagation_options(options.propagation, session, prompts.roi, decisions)
+    order = _encode_order(list(per_slice), session.n_slices, options.propagate, propagation)
+    with session.encoding_ahead(order, options.encode_ahead):
+        slice_masks, scores, stops = _segment_and_propagate(
+            session, per_slice, allowed, options.propagate, propagation, progress, cancel
+        )
+    mask = np.zeros(volume.shape, dtype=bool)
+    for index, slice_mask in slice_masks.items():
+        set_slice(mask, axis, index, slice_mask)
+    scores.sort(key=lambda s: s.index)
+    kept = [s.index for s in scores if s.area > 0]
+    decisions.covered = (min(kept), max(kept)) if kept else None
+    decisions.ends = _ends(stops, decisions.covered, options.propagate)
+    return SegmentationResult(
+        mask,
+        scores,
+        stops,
+        sorted(per_slice),
+        time.perf_counter() - start,
+        session.stats,
+        decisions,
+    )
+
+
+def _encode_order(
+    prompted: list[int], n_slices: int, propagating: bool, options: PropagationOptions
+) -> list[int]:
+    """The slices in the order they will be segmented if no direction stops early: the
+    prompted ones, then (propagating) those ``propagation.plan_order`` lists."""
+    first, last = options.bounds if options.bounds is not None else (0, n_slices - 1)
+    seeds = [z for z in prompted if first <= z <= last]
+    if not (propagating and seeds):
+        return prompted
+    return prompted + plan_order(seeds, n_slices, options.bounds, options.max_slices)
+
+
+def _segment_and_propagate(
+    session: SegmentationSession,
+    per_slice: dict,
+    allowed: np.ndarray | None,
+    propagating: bool,
+    propagation: PropagationOptions,
+    progress: Progress | None,
+    cancel: Cancel | None,
+) -> tuple[dict[int, np.ndarray], list[SliceScore], list[dict[str, Any]]]:
+    """Segment the prompted slices, then propagate from the non-empty ones: the slice
+    masks by index, their scores and the propagation stops."""
     seeds, logits, scores = {}, {}, []
     for index, prompt in per_slice.items():
         prediction = session.segment_slice(index, prompt)
@@ -201,12 +253,12 @@ def segment_volume(
         )
     stops: list[dict[str, Any]] = []
     slice_masks = {index: mask for index, mask in seeds.items()}
-    if options.propagate and any(mask.any() for mask in seeds.values()):
+    if propagating and any(mask.any() for mask in seeds.values()):
         nonempty = {i: m for i, m in seeds.items() if m.any()}
         result = propagate(
             session,
             nonempty,
-            _propagation_options(options.propagation, session, prompts.roi, decisions),
+            propagation,
             progress,
             cancel,
             seed_logits={i: logits[i] for i in nonempty},
@@ -226,22 +278,7 @@ def segment_volume(
                     )
                 )
         stops = [_stop_dict(stop) for stop in result.stops]
-    mask = np.zeros(volume.shape, dtype=bool)
-    for index, slice_mask in slice_masks.items():
-        set_slice(mask, axis, index, slice_mask)
-    scores.sort(key=lambda s: s.index)
-    kept = [s.index for s in scores if s.area > 0]
-    decisions.covered = (min(kept), max(kept)) if kept else None
-    decisions.ends = _ends(stops, decisions.covered, options.propagate)
-    return SegmentationResult(
-        mask,
-        scores,
-        stops,
-        sorted(per_slice),
-        time.perf_counter() - start,
-        session.stats,
-        decisions,
-    )
+    return slice_masks, scores, stops
 
 
 def _zoom_decision(
@@ -383,6 +420,7 @@ def run_record(
         "options": {
             "propagate": options.propagate,
             "zoom": options.zoom,
+            "encode_ahead": options.encode_ahead,
             "propagation": asdict(options.propagation),
         },
         "decisions": asdict(result.decisions),

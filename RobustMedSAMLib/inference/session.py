@@ -4,7 +4,8 @@ The image encoder is the expensive part (seconds per slice for ViT-B on a CPU), 
 slice is encoded once, on first use, and kept in a memory-bounded LRU cache (and,
 optionally, a disk cache keyed by the volume's content, the axis, the window and the
 model). Clicks on an encoded slice cost only the decoder. The session is the
-``SliceSegmenter`` that 3D propagation drives.
+``SliceSegmenter`` that 3D propagation drives; ``encoding_ahead`` encodes the slices it
+will ask for on a worker thread while it decodes the current one.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -37,6 +40,7 @@ from RobustMedSAMLib.progress import Progress
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE_BYTES = 1024**3  # ~85 ViT-B slices (embedding + robust features, fp32)
+ENCODE_AHEAD = 2  # slices encoded ahead of use (bench_lite.py --lesion measures it)
 
 
 @dataclass
@@ -100,6 +104,7 @@ class SegmentationSession:
         self._cache: OrderedDict[int, EncodedSlice] = OrderedDict()
         self._clicks: dict[int, _Clicks] = {}
         self._key: str | None = None
+        self._ahead: _EncodeAhead | None = None
 
     @property
     def n_slices(self) -> int:
@@ -117,16 +122,18 @@ class SegmentationSession:
         return get_slice(self.volume.array, self.axis, index)
 
     def encoded(self, index: int) -> EncodedSlice:
-        """Features of slice ``index``: from memory, from disk, or by running the encoder."""
+        """Features of slice ``index``: from memory, from the encode-ahead worker, from
+        disk, or by running the encoder."""
         if index in self._cache:
             self._cache.move_to_end(index)
             self.stats.cache_hits += 1
             return self._cache[index]
-        encoded = self._load_from_disk(index)
-        if encoded is None:
-            start = time.perf_counter()
-            encoded = self.predictor.encode(self.slice_image(index), self.window)
-            self.stats.encoder_seconds += time.perf_counter() - start
+        ahead = self._ahead.take(index) if self._ahead is not None else None
+        encoded, seconds = ahead.result() if ahead is not None else self._produce(index)
+        if seconds is None:
+            self.stats.disk_hits += 1
+        else:
+            self.stats.encoder_seconds += seconds
             self.stats.encoder_calls += 1
             self.stats.encoded.append(index)
             self._shapes = {"embedding": tuple(encoded.features.embedding.shape)}
@@ -135,6 +142,36 @@ class SegmentationSession:
             self._save_to_disk(index, encoded)
         self._remember(index, encoded)
         return encoded
+
+    def _produce(self, index: int) -> tuple[EncodedSlice, float | None]:
+        """Slice ``index``'s features from disk (seconds None) or the encoder (its
+        seconds); changes no counter, so the encode-ahead worker may call it."""
+        encoded = self._load_from_disk(index)
+        if encoded is not None:
+            return encoded, None
+        start = time.perf_counter()
+        encoded = self.predictor.encode(self.slice_image(index), self.window)
+        return encoded, time.perf_counter() - start
+
+    @contextmanager
+    def encoding_ahead(self, order: Iterable[int], depth: int = ENCODE_AHEAD) -> Iterator[None]:
+        """Within the block, a worker thread encodes the slices of ``order`` (the order
+        they will be asked for, e.g. ``propagation.plan_order``) at most ``depth`` places
+        ahead of the furthest one asked for, so the encoder runs while the decoder works
+        on the slice before; it starts running ahead once the first slice is segmented,
+        so that the first mask comes as soon as without it. ``depth`` 0: nothing ahead;
+        on MPS neither (its backend is not safe to use from two threads). Leaving the
+        block drops what was queued (an encode in progress finishes first)."""
+        device = getattr(self.predictor, "device", None)
+        if depth <= 0 or self._ahead is not None or getattr(device, "type", "") == "mps":
+            yield
+            return
+        self._ahead = _EncodeAhead(self, [i for i in order if i not in self._cache], depth)
+        try:
+            yield
+        finally:
+            self._ahead.close()
+            self._ahead = None
 
     def encode_slices(
         self,
@@ -158,6 +195,8 @@ class SegmentationSession:
         prediction = self.predictor.predict(prompt)
         self.stats.decoder_seconds += time.perf_counter() - start
         self.stats.decoder_calls += 1
+        if self._ahead is not None:
+            self._ahead.start()  # the first mask is out: encode ahead from now on
         return prediction
 
     def click(self, index: int, xy: tuple[float, float], positive: bool = True) -> Prediction:
@@ -240,7 +279,6 @@ class SegmentationSession:
             return None
         frame = tensors.pop("frame").tolist()
         features = ImageFeatures(tensors["embedding"], tensors.get("robust"))
-        self.stats.disk_hits += 1
         return EncodedSlice(features, Frame(tuple(frame[:2]), tuple(frame[2:])))
 
     def _cache_file_problem(self, index: int, tensors: dict[str, torch.Tensor]) -> str:
@@ -290,3 +328,67 @@ class SegmentationSession:
             tensors["robust"] = encoded.features.robust.cpu().contiguous()
         with atomic_output(path) as temporary:
             save_file(tensors, str(temporary))
+
+
+class _EncodeAhead:
+    """One worker thread encoding a session's slices in a planned order, ``depth`` of them
+    past the furthest planned slice taken so far (none before ``start``). A planned slice
+    whose turn passed untaken ends its direction (a stop rule fired): the slices beyond it
+    are skipped."""
+
+    def __init__(self, session: SegmentationSession, order: list[int], depth: int) -> None:
+        self.session, self.depth = session, depth
+        self.order = list(dict.fromkeys(order))
+        self.place = {index: place for place, index in enumerate(self.order)}
+        self.submitted = 0  # places of ``order`` looked at so far
+        self.reached = -1  # the furthest place taken
+        self.taken: set[int] = set()
+        self.skipped: set[int] = set()
+        self.futures: dict[int, Future] = {}
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="encode-ahead")
+        self.started = False
+
+    def start(self) -> None:
+        """Run ahead from now on (after the first mask)."""
+        if not self.started:
+            self.started = True
+            self._fill()
+
+    def take(self, index: int) -> Future | None:
+        """The worker's result for slice ``index`` (None when not planned); queues more."""
+        place = self.place.get(index)
+        if place is not None:
+            self.taken.add(index)
+            self.reached = max(self.reached, place)
+            if index not in self.futures and place >= self.submitted:  # asked early
+                self.futures[index] = self.worker.submit(self.session._produce, index)
+                self.submitted = place + 1
+        self._fill()
+        return self.futures.pop(index, None)
+
+    def _fill(self) -> None:
+        ahead = sum(self.place[i] > self.reached for i in self.futures)
+        while self.started and ahead < self.depth and self.submitted < len(self.order):
+            index = self.order[self.submitted]
+            self.submitted += 1
+            if self._ended(index):
+                self.skipped.add(index)
+                continue
+            self.futures[index] = self.worker.submit(self.session._produce, index)
+            ahead += 1
+
+    def _ended(self, index: int) -> bool:
+        """Whether the slice before ``index`` in its direction was skipped, or passed
+        untaken."""
+        for before in (index - 1, index + 1):
+            place = self.place.get(before, len(self.order))
+            if place < self.place[index] and (
+                before in self.skipped or (place < self.reached and before not in self.taken)
+            ):
+                return True
+        return False
+
+    def close(self) -> None:
+        for future in self.futures.values():
+            future.cancel()
+        self.worker.shutdown(wait=True)

@@ -85,6 +85,7 @@ class SegmentAnythingModel(nn.Module):
         self.mask_decoder = RobustMaskDecoder(config) if robust else _plain_decoder(config)
         self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(-1, 1, 1), False)
+        self._dense_pe: tuple[tuple, torch.Tensor] | None = None  # (key of the weights, PE)
         self.eval()
 
     @property
@@ -97,6 +98,19 @@ class SegmentAnythingModel(nn.Module):
             return ImageFeatures(self.image_encoder(images))
         embedding, early = self.image_encoder.forward_with_early(images)
         return ImageFeatures(embedding, self.mask_decoder.robust_image_features(embedding, early))
+
+    def dense_pe(self) -> torch.Tensor:
+        """The prompt encoder's positional encoding of the embedding grid ``1 x C x h x w``:
+        it depends on neither image nor prompt, so in inference it is computed once (again
+        when its weights change or move); in training and under autocast, every call."""
+        if self.training or torch.is_autocast_enabled(self.device.type):
+            return self.prompt_encoder.get_dense_pe()
+        gaussian = self.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+        key = (gaussian.device, gaussian.data_ptr(), gaussian._version)
+        if self._dense_pe is None or self._dense_pe[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # a plain tensor, reusable
+                self._dense_pe = key, self.prompt_encoder.get_dense_pe()
+        return self._dense_pe[1]
 
     def decode(
         self,
@@ -114,7 +128,7 @@ class SegmentAnythingModel(nn.Module):
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
         args = dict(
             image_embeddings=features.embedding,
-            image_pe=self.prompt_encoder.get_dense_pe(),
+            image_pe=self.dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask,

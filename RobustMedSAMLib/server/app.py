@@ -25,7 +25,7 @@ from RobustMedSAMLib import __version__
 from RobustMedSAMLib.errors import InputError, RobustMedSAMError
 from RobustMedSAMLib.formats.markups import Roi
 from RobustMedSAMLib.formats.volume import Volume
-from RobustMedSAMLib.inference.propagation import propagate
+from RobustMedSAMLib.inference.propagation import plan_order, propagate
 from RobustMedSAMLib.inference.segment_volume import (
     SegmentOptions,
     VolumePrompts,
@@ -136,6 +136,7 @@ def create_app(config: ServerConfig, served: ServedModel) -> FastAPI:
             "version": __version__,
             "model": served.name,
             "device": served.info.get("device"),
+            "engine": served.info.get("engine", "eager"),
             "sessions": len(store),
             "max_upload_bytes": config.max_upload_bytes,
         }
@@ -253,7 +254,9 @@ def create_app(config: ServerConfig, served: ServedModel) -> FastAPI:
         def work(job: Job) -> dict[str, Any]:
             logits = {z: seg.click_logits(z) for z in seeds}
             logits = {z: v for z, v in logits.items() if v is not None}
-            result = propagate(seg, seeds, options, job.progress, job.cancel, logits)
+            order = plan_order(seeds, seg.n_slices, options.bounds, options.max_slices)
+            with seg.encoding_ahead(order):  # the encoder runs while a slice decodes
+                result = propagate(seg, seeds, options, job.progress, job.cancel, logits)
             new = session.mask.copy()
             for record in result.records:
                 if record.direction != 0:
@@ -368,9 +371,13 @@ def _input_size(architecture: str) -> int:
     return 256 if architecture == "litemedsam" else 1024
 
 
-def model_catalogue(served_name: str, input_size: int | None) -> list[dict[str, Any]]:
-    """``/v1/models``: every known model, its prompt types and input size, and which
-    one this server runs (the others are listed so a client can say what to start)."""
+def model_catalogue(
+    served_name: str, input_size: int | None, engine: str = "eager"
+) -> list[dict[str, Any]]:
+    """``/v1/models``: every known model, its prompt types and input size, the engines it
+    can run on and the one it runs on here (None when not served), and which one this
+    server runs (the others are listed so a client can say what to start)."""
+    from RobustMedSAMLib.names import ENGINES
     from RobustMedSAMLib.weights.registry import MODELS
 
     out = []
@@ -383,6 +390,8 @@ def model_catalogue(served_name: str, input_size: int | None) -> list[dict[str, 
                 "description": source.description,
                 "preprocessing": source.preprocessing,
                 "input_size": size,
+                "engine": engine if name == served_name else None,
+                "engines": list(ENGINES) if source.architecture == "litemedsam" else ["eager"],
                 "prompts": ["point", "box", "mask"],
                 "frames": ["ras", "ijk"],
             }

@@ -5,15 +5,18 @@ Prints, per 256 x 256 slice: the encoder time of the reference package
 ONNX Runtime, OpenVINO, and the int8 ``--fast-cpu`` mode), measured interleaved, best
 of ``--repeats``; the ratio to the reference; the fraction of the CPU's sgemm peak (a
 2048^2 float32 matmul, measured in the same run) each reaches, from the encoder's FLOPs
-(torch's FLOP counter); the decoder time of one box click on an encoded slice.
-With ``--evaldata DIR`` (the labelled real scans: evaluation only), the Dice between
-each engine's masks and eager fp32's from label boxes (+5 px) on up to ``--slices``
-slices per case. With ``--lesion``, a 3D run: one box over a 40-slice lesion (a
-phantom), propagated with the fastest engine installed, encode included: total and
-first-slice time.
+(torch's FLOP counter); one box click on an encoded 256 x 256 slice (prompt encoder,
+mask decoder, logits to the slice, the mask) against the reference package's decoder
+path, per engine, interleaved, with its fraction of the peak. With ``--evaldata DIR``
+(the labelled real scans: evaluation only), the Dice between each engine's masks and
+eager fp32's from label boxes (+5 px) on up to ``--slices`` slices per case.
+With ``--lesion``, a 3D run: one box over a 40-slice lesion (a phantom), propagated
+with the fastest engine installed, encode included: total and first-slice time, without
+and with encode-ahead (``--ahead``), alternated ``--lesion-repeats`` times, and where the
+time goes (encoder, decoder, the rest).
 
     .venv/bin/python Testing/benchmarks/bench_lite.py [--repeats 5] [--threads 2]
-        [--evaldata /work/evaldata] [--lesion]
+        [--evaldata /work/evaldata] [--lesion] [--ahead 0 2]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 from RobustMedSAMLib.inference.engines import use_engine
 from RobustMedSAMLib.inference.loader import load_named_model
 from RobustMedSAMLib.inference.predictor import Predictor
+from RobustMedSAMLib.inference.session import ENCODE_AHEAD
 from RobustMedSAMLib.inference.types import SlicePrompt
 from RobustMedSAMLib.model.quantization import quantize_encoder
 from RobustMedSAMLib.weights.checkpoint import read_state_dict
@@ -98,12 +102,54 @@ def time_encoders(models, reference, x, repeats: int) -> dict[str, float]:
     return best
 
 
-def click_seconds(model, repeats: int) -> float:
-    predictor = Predictor(model, preprocessing="litemedsam")
-    predictor.set_image(np.random.default_rng(0).normal(size=(256, 256)), window=(-2.0, 2.0))
+def click_seconds(models, reference, repeats: int) -> dict[str, float]:
+    """Best-of-``repeats`` seconds of one box click on an encoded 256 x 256 slice, per
+    engine (``Predictor.predict``: prompt encoder, decoder, logits to the slice, mask),
+    and the reference package's decoder path (prompt encoder, ``get_dense_pe``, mask
+    decoder, ``postprocess_masks``), interleaved."""
+    image = np.random.default_rng(0).normal(size=(256, 256))
     prompt = SlicePrompt(box=np.array([60.0, 70.0, 190.0, 170.0]))
-    predictor.predict(prompt)
-    return best_time(lambda: predictor.predict(prompt), repeats)
+    predictors = {
+        name: Predictor(model, preprocessing="litemedsam") for name, model in models.items()
+    }
+    predictors["eager"].set_image(image, window=(-2.0, 2.0))
+    for predictor in predictors.values():  # one embedding for all: only the decoder differs
+        predictor.current = predictors["eager"].current
+    embedding = predictors["eager"].current.features.embedding
+    box = torch.tensor([[[60.0, 70.0, 190.0, 170.0]]])
+
+    @torch.inference_mode()
+    def reference_click() -> None:
+        sparse, dense = reference.prompt_encoder(points=None, boxes=box, masks=None)
+        logits, _ = reference.mask_decoder(
+            image_embeddings=embedding,
+            image_pe=reference.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+        reference.postprocess_masks(logits, (256, 256), (256, 256))
+
+    clicks = {"reference": reference_click}
+    clicks |= {name: (lambda p=p: p.predict(prompt)) for name, p in predictors.items()}
+    for click in clicks.values():  # warm-up
+        click()
+    best = dict.fromkeys(clicks, float("inf"))
+    for _ in range(repeats):
+        for name, click in clicks.items():
+            best[name] = min(best[name], best_time(click))
+    return best
+
+
+def decoder_gflop(model) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    predictor = Predictor(model, preprocessing="litemedsam")
+    predictor.set_image(np.zeros((256, 256)), window=(0.0, 1.0))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        predictor.predict(SlicePrompt(box=np.array([60.0, 70.0, 190.0, 170.0])))
+    return counter.get_total_flops() / 1e9
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -137,9 +183,12 @@ def evaldata_agreement(models, folder: Path, slices: int) -> dict[str, list[floa
     return scores
 
 
-def lesion_run(model, preprocessing: str = "litemedsam", half: bool = False) -> dict:
-    """One box over a 40-slice ellipsoid lesion (256 x 256 x 60 CT phantom), propagated:
-    total seconds, seconds to the first slice's mask, slices segmented, the 3D mask."""
+def lesion_run(
+    model, preprocessing: str = "litemedsam", half: bool = False, ahead: int = ENCODE_AHEAD
+) -> dict:
+    """One box over a 40-slice ellipsoid lesion (256 x 256 x 60 CT phantom), propagated
+    with ``ahead`` slices encoded ahead: total seconds, seconds to the first slice's mask,
+    slices segmented, the 3D mask, encoder and decoder seconds (on their threads)."""
     from RobustMedSAMLib.datasets.phantoms import ellipsoid
     from RobustMedSAMLib.formats.volume import Volume
     from RobustMedSAMLib.inference.segment_volume import (
@@ -163,7 +212,7 @@ def lesion_run(model, preprocessing: str = "litemedsam", half: bool = False) -> 
         if not first:
             first.append(time.perf_counter() - start)
 
-    options = SegmentOptions(propagate=True)
+    options = SegmentOptions(propagate=True, encode_ahead=ahead)
     result = segment_volume(session, VolumePrompts(roi=roi), options, progress)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
@@ -175,6 +224,8 @@ def lesion_run(model, preprocessing: str = "litemedsam", half: bool = False) -> 
         "slices": len(result.slices),
         "lesion_slices": int(truth.any(axis=(1, 2)).sum()),
         "dice": dice(result.mask, truth),
+        "encoder": result.stats.encoder_seconds,
+        "decoder": result.stats.decoder_seconds,
     }
 
 
@@ -186,6 +237,11 @@ def main() -> None:
     parser.add_argument("--evaldata", type=Path, help="labelled real scans (evaluation only)")
     parser.add_argument("--slices", type=int, default=2, help="slices per real case")
     parser.add_argument("--lesion", action="store_true", help="time a 40-slice 3D run")
+    parser.add_argument("--lesion-repeats", type=int, default=1)
+    parser.add_argument("--click-repeats", type=int, help="default: 3 x --repeats")
+    parser.add_argument(
+        "--ahead", type=int, nargs="+", default=[0, ENCODE_AHEAD], help="encode-ahead depths"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -200,18 +256,28 @@ def main() -> None:
     for name, s in seconds.items():
         ratio = s / seconds["reference"]
         print(f"{name:<10} {1e3 * s:9.0f} {ratio:6.2f} {gflop / s / peak:8.0%}")
-    click = click_seconds(models["eager"], 3 * args.repeats)
-    print(f"decoder, one box click on an encoded slice: {1e3 * click:.1f} ms")
+    clicks = click_seconds(models, reference, args.click_repeats or 3 * args.repeats)
+    decoder = decoder_gflop(models["eager"])
+    print(f"decoder {decoder:.2f} GFLOP per box click; one box click on an encoded slice:")
+    for name, s in clicks.items():
+        ratio = s / clicks["reference"]
+        print(f"{name:<10} {1e3 * s:9.1f} {ratio:6.2f} {decoder / s / peak:8.0%}")
+    print(f"load: {os.getloadavg()}")
     if args.evaldata:
         for name, values in evaldata_agreement(models, args.evaldata, args.slices).items():
             print(f"Dice {name} vs eager fp32 on {len(values)} real slices: "
                   f"min {min(values):.4f}, mean {np.mean(values):.4f}")  # fmt: skip
     if args.lesion:  # the fastest engine installed
         name = next(n for n in ("openvino", "onnx", "eager") if n in models)
-        run = lesion_run(models[name])
-        print(f"3D {name}: {run['slices']} slices ({run['lesion_slices']} in the lesion) "
-              f"in {run['seconds']:.1f} s, first slice {run['first']:.2f} s, "
-              f"Dice {run['dice']:.3f}")  # fmt: skip
+        for _ in range(args.lesion_repeats):
+            for ahead in args.ahead:
+                run = lesion_run(models[name], ahead=ahead)
+                rest = run["seconds"] - run["encoder"] - run["decoder"]
+                print(f"3D {name}, {ahead} ahead: {run['slices']} slices "
+                      f"({run['lesion_slices']} in the lesion) in {run['seconds']:.1f} s, "
+                      f"first slice {run['first']:.2f} s, Dice {run['dice']:.3f}; encoder "
+                      f"{run['encoder']:.1f} s, decoder {run['decoder']:.1f} s, rest "
+                      f"{rest:.1f} s; load {os.getloadavg()[0]:.1f}")  # fmt: skip
     print(f"load after: {os.getloadavg()}")
 
 

@@ -145,3 +145,32 @@ def test_tls_with_the_servers_own_key_and_certificate(tmp_path):
             ServerClient(ready["url"], ready["token"]).health()  # not a trusted certificate
     finally:
         stop(process)
+
+
+def test_serve_engine_runs_the_model_on_it_and_says_so(monkeypatch):
+    """``serve --engine openvino`` loads the model on that engine; ``/health``'s record
+    entry and the ``/v1/models`` catalogue name the engine in use (what the Slicer
+    module shows); the models that cannot run on it list only eager."""
+    from RobustMedSAMLib.cli import build_parser
+    from RobustMedSAMLib.commands.serve import load_served_model
+    from RobustMedSAMLib.inference import loader
+    from RobustMedSAMLib.inference.loader import LoadedModel
+    from RobustMedSAMLib.model.config import LITE_MEDSAM
+    from RobustMedSAMLib.model.sam import SegmentAnythingModel
+
+    asked = {}
+
+    def load(name, checkpoint, encoder, decoder, device, half, fast_cpu, engine="eager"):
+        asked.update(name=name, device=device, engine=engine)
+        model = SegmentAnythingModel(LITE_MEDSAM, robust=False)
+        return LoadedModel(name, model, "litemedsam", {}, half, engine)
+
+    monkeypatch.setattr(loader, "load_named_model", load)
+    args = build_parser().parse_args(["serve", "--device", "cpu", "--engine", "openvino"])
+    served = load_served_model(args)
+    assert asked == {"name": "litemedsam", "device": "cpu", "engine": "openvino"}
+    assert served.info["engine"] == "openvino"
+    catalogue = {entry["name"]: entry for entry in served.catalogue}
+    assert catalogue["litemedsam"]["engine"] == "openvino" and catalogue["litemedsam"]["served"]
+    assert catalogue["litemedsam"]["engines"] == ["eager", "onnx", "openvino"]
+    assert catalogue["sam"]["engine"] is None and catalogue["sam"]["engines"] == ["eager"]

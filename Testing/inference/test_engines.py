@@ -1,12 +1,14 @@
-"""The lite encoder under ONNX Runtime / OpenVINO gives eager PyTorch's masks; a missing
-runtime falls back to eager with one line; the export is cached by the weights' digest.
+"""The lite encoder and mask decoder under ONNX Runtime / OpenVINO give eager PyTorch's
+masks; a missing runtime falls back to eager with one line; the exports are cached by the
+weights' digest.
 
-Tolerance: the runtimes compute the same float32 graph, summing in another order (and
-fusing layers). Each of the encoder's ~20 layers adds a rounding error of a few float32
-ulps relative to its output scale; 1e-4 of the embedding's largest value (about 800 ulps)
-bounds the accumulation with margin, yet is far below a real change (a weight altered by
-1 % moves the embedding by ~1e-2). A mask may then differ only where the eager logit is
-within the logits' own propagated error of 0: 1e-3 of the largest logit.
+Tolerance: the runtimes compute the same float32 graphs, summing in another order (and
+fusing layers). Each of the encoder's ~20 layers (the decoder's ~10) adds a rounding error
+of a few float32 ulps relative to its output scale; 1e-4 of the output's largest value
+(about 800 ulps) bounds the accumulation with margin, yet is far below a real change (a
+weight altered by 1 % moves the output by ~1e-2). Through encoder and decoder together
+the logits may differ by the encoder's error propagated: 1e-3 of the largest logit; a
+mask may differ only where the eager logit is within that of 0.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.inference import engines
-from RobustMedSAMLib.inference.engines import cached_onnx, use_engine
+from RobustMedSAMLib.inference.engines import RuntimeDecoder, cached_onnx, use_engine
 from RobustMedSAMLib.inference.predictor import Predictor
 from RobustMedSAMLib.inference.types import SlicePrompt
 from RobustMedSAMLib.model.config import LITE_MEDSAM, TINY
@@ -62,6 +64,7 @@ def test_an_engine_gives_the_eager_masks(engine, cache):
     fast = small_lite_model()
     assert use_engine(fast, engine, threads=1) == engine
     assert not isinstance(fast.image_encoder, TinyViTEncoder)  # the runtime encodes
+    assert isinstance(fast.mask_decoder, RuntimeDecoder)  # and decodes
     image, box = slice_image(), np.array([70.0, 45.0, 190.0, 135.0])
     results = []
     for model in (eager, fast):
@@ -79,13 +82,40 @@ def test_an_engine_gives_the_eager_masks(engine, cache):
     assert differ.sum() <= max(1, int(0.001 * differ.size))
 
 
+@pytest.mark.parametrize("engine", sorted(RUNTIMES))
+def test_the_engine_decoder_gives_the_eager_logits_for_every_prompt(engine, cache):
+    """Same embedding, so only the decoder differs: boxes, points (another number of
+    prompt tokens), a fed-back mask, three candidates or one."""
+    pytest.importorskip(RUNTIMES[engine])
+    pytest.importorskip("onnx")
+    eager, fast = small_lite_model(), small_lite_model()
+    use_engine(fast, engine, threads=1)
+    predictors = [Predictor(m, preprocessing="litemedsam") for m in (eager, fast)]
+    predictors[0].set_image(slice_image(), window=(0.0, 600.0))
+    predictors[1].current = predictors[0].current
+    box = SlicePrompt(box=np.array([70.0, 45.0, 190.0, 135.0]))
+    first = predictors[0].predict(box)
+    prompts = [
+        box,
+        SlicePrompt(points=[[130.0, 90.0]], labels=[1]),  # one point: three candidates
+        SlicePrompt(points=[[130.0, 90.0], [20.0, 20.0], [200, 170]], labels=[1, 0, 0]),
+        SlicePrompt(box=box.box, mask_input=first.low_res_logits),
+    ]
+    for prompt in prompts:
+        want, got = (p.predict(prompt) for p in predictors)
+        scale = np.abs(want.low_res_logits).max()
+        assert np.abs(got.low_res_logits - want.low_res_logits).max() <= 1e-4 * scale
+        assert abs(got.score - want.score) <= 1e-4
+        assert (got.mask != want.mask).sum() <= max(1, int(0.001 * want.mask.size))
+
+
 def test_a_missing_runtime_falls_back_to_eager_with_one_line(cache, monkeypatch, caplog):
     monkeypatch.setattr(engines, "_importable", lambda name: name != "openvino")
     model = small_lite_model()
-    encoder = model.image_encoder
+    encoder, decoder = model.image_encoder, model.mask_decoder
     with caplog.at_level(logging.WARNING):
         assert use_engine(model, "openvino") == "eager"
-    assert model.image_encoder is encoder
+    assert model.image_encoder is encoder and model.mask_decoder is decoder
     (record,) = caplog.records
     assert "openvino" in record.getMessage() and "robustmedsam[cpu-engines]" in record.getMessage()
     assert not cache.exists()  # nothing exported
@@ -113,3 +143,19 @@ def test_engines_refuse_what_they_cannot_run():
     with pytest.raises(InputError, match="--engine eager"):
         use_engine(vit, "onnx")
     assert use_engine(vit, "eager") == "eager"
+
+
+def test_the_dense_positional_encoding_is_cached_until_its_weights_change():
+    model = small_lite_model()
+    with torch.inference_mode():
+        first = model.dense_pe()
+        assert model.dense_pe() is first  # computed once per slice's clicks, not per click
+        torch.testing.assert_close(first, model.prompt_encoder.get_dense_pe(), rtol=0, atol=0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"] *= 2.0
+    model.load_state_dict(state)  # e.g. a checkpoint loaded after a first click
+    with torch.inference_mode():
+        torch.testing.assert_close(model.dense_pe(), model.prompt_encoder.get_dense_pe())
+        assert not torch.equal(model.dense_pe(), first)
+    model.train()
+    assert model.dense_pe() is not first  # training: every call

@@ -235,3 +235,17 @@ def test_cli_engine_a_model_cannot_use_is_refused(tmp_path, case, capsys, flags,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not out.exists()
+
+
+def test_cli_encode_ahead_reaches_the_run_and_its_record(tmp_path, case, capsys):
+    """The flag's wiring (same masks with and without: test_session.py, with real masks)."""
+    for depth in ("0", "3"):
+        out = tmp_path / f"ahead{depth}.seg.nrrd"
+        assert run_cli(case, out, "--propagate", "--encode-ahead", depth) == 0
+        record = json.loads(out.with_name(out.name + ".json").read_text())
+        assert record["options"]["encode_ahead"] == int(depth)
+    capsys.readouterr()
+    out = tmp_path / "bad.seg.nrrd"
+    assert run_cli(case, out, "--propagate", "--encode-ahead", "-1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "encode_ahead=-1" in err[0] and not out.exists()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 from doubles import ThresholdPredictor
@@ -10,6 +13,8 @@ from RobustMedSAMLib.datasets.phantoms import sphere
 from RobustMedSAMLib.errors import CancelledError, InputError
 from RobustMedSAMLib.formats.volume import Volume
 from RobustMedSAMLib.inference.predictor import Predictor
+from RobustMedSAMLib.inference.propagation import plan_order
+from RobustMedSAMLib.inference.segment_volume import SegmentOptions, VolumePrompts, segment_volume
 from RobustMedSAMLib.inference.session import SegmentationSession
 from RobustMedSAMLib.model.config import TINY
 from RobustMedSAMLib.model.sam import SegmentAnythingModel
@@ -83,3 +88,85 @@ def test_undo_click_restores_previous_points(volume):
     again = session.undo_click(12)
     np.testing.assert_array_equal(again.mask, include.mask)
     assert session.undo_click(12) is None
+
+
+class RecordingPredictor(ThresholdPredictor):
+    """Records, per encode, the slice (from a marker voxel: 1000 + index) and the thread;
+    and the order of encodes and predictions."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__(threshold)
+        self.calls: list[tuple[int, str]] = []
+        self.events: list[str] = []
+
+    def encode(self, image, window=None):
+        self.calls.append((int(image[0, 0]) - 1000, threading.current_thread().name))
+        self.events.append("encode")
+        return super().encode(image, window)
+
+    def predict(self, prompt):
+        self.events.append("predict")
+        return super().predict(prompt)
+
+
+def marked_sphere() -> Volume:
+    """A 30-slice sphere whose corner voxel names its slice (1000 + index)."""
+    phantom = sphere((30, 40, 48), radius=9.0)
+    image = phantom.image.astype(np.float32)
+    image[:, 0, 0] = 1000 + np.arange(30)
+    return Volume(image, phantom.ijk_to_ras, "sphere")
+
+
+def test_encoding_ahead_gives_the_same_masks_from_a_worker_thread():
+    volume = marked_sphere()
+    threshold = float(np.percentile(volume.array, 90))
+    centre = volume.ijk_to_ras @ np.array([24.0, 20.0, 15.0, 1.0])
+    prompts = VolumePrompts(positive=centre[None, :3])
+    runs = {}
+    for depth in (0, 2):
+        predictor = RecordingPredictor(threshold)
+        session = SegmentationSession(volume, predictor)
+        options = SegmentOptions(propagate=True, encode_ahead=depth)
+        runs[depth] = segment_volume(session, prompts, options), predictor.calls, session
+    (plain, plain_calls, _), (ahead, ahead_calls, session) = runs[0], runs[2]
+    assert session.predictor.events[:2] == ["encode", "predict"]  # the first mask comes first
+    np.testing.assert_array_equal(ahead.mask, plain.mask)
+    assert plain.mask[8:23].any(axis=(1, 2)).all()  # a real 3D result (the sphere's slices)
+    assert {t for _, t in plain_calls} == {threading.current_thread().name}
+    assert all(t.startswith("encode-ahead") for _, t in ahead_calls)
+    used = [i for i, _ in plain_calls]
+    encoded = [i for i, _ in ahead_calls]
+    assert len(encoded) == len(set(encoded)) and set(used) <= set(encoded)
+    wasted = set(encoded) - set(used)
+    assert len(wasted) <= 2 * 2  # at most `depth` past each end of the sphere
+    assert session.stats.encoded == used and session.stats.encoder_calls == len(used)
+
+
+def test_encoding_ahead_skips_the_slices_of_a_stopped_direction():
+    volume = marked_sphere()
+    predictor = RecordingPredictor(100.0)
+    session = SegmentationSession(volume, predictor)
+    order = plan_order([15], session.n_slices)  # 16, 14, 17, 13, 18, 12, ...
+    asked = [16, 14, 17, 18, 19, 20, 21]  # the lower direction stops after slice 14
+    with session.encoding_ahead(order, depth=2):
+        for index in asked:
+            session.segment_slice(index, session_prompt())
+            time.sleep(0.01)  # the worker runs ahead while this slice decodes
+    encoded = [i for i, _ in predictor.calls]
+    assert len(encoded) == len(set(encoded))  # none twice
+    assert set(asked) <= set(encoded)
+    assert set(encoded) - set(asked) <= {13, 22, 23}  # one of the stopped side, 2 ahead
+    assert session.stats.encoded == asked  # counted as they are used
+
+
+def test_a_slice_asked_out_of_order_is_encoded_once():
+    volume = marked_sphere()
+    predictor = RecordingPredictor(100.0)
+    session = SegmentationSession(volume, predictor)
+    with session.encoding_ahead([5, 6, 7, 8, 9], depth=1):
+        session.encoded(8)  # before its turn
+        session.encoded(3)  # not planned: encoded here, as without encode-ahead
+        session.encoded(9)
+    encoded = [i for i, _ in predictor.calls]
+    assert len(encoded) == len(set(encoded)) and {3, 8, 9} <= set(encoded)
+    assert session.stats.encoded == [8, 3, 9]

@@ -372,6 +372,8 @@ def test_cli_server_flags_are_checked(case, tmp_path, capsys):
     out = tmp_path / "o.seg.nrrd"
     assert cli(case, out, "--server", "http://127.0.0.1:9", "--checkpoint", "x.pth") == 2
     assert "drop --checkpoint" in capsys.readouterr().err
+    assert cli(case, out, "--server", "http://127.0.0.1:9", "--engine", "openvino") == 2
+    assert "drop --engine" in capsys.readouterr().err  # the server's engine is used
     assert cli(case, out, "--server", "ftp://host", "--token-file", str(case["token"])) == 2
     assert "not http://HOST:PORT" in capsys.readouterr().err
     assert not out.exists()
