@@ -116,6 +116,11 @@ def ijk_to_ras_of(volume_node) -> np.ndarray:
 
 
 MODULE_FILE = Path(__file__).resolve().parents[1] / "RobustMedSAM" / "RobustMedSAM.py"
+# The module file is thin: the Logic, the Widget and the self-test live in its helper package.
+HELPER_FILES = {
+    name: MODULE_FILE.parent / "RobustMedSAMHelpers" / f"{name}.py"
+    for name in ("logic", "widget", "selftest")
+}
 
 
 class Choice:
@@ -375,6 +380,15 @@ def load_module_file() -> types.ModuleType:
     sys.modules["RobustMedSAM"] = module
     spec.loader.exec_module(module)
     return module
+
+
+def helper_module(name: str) -> types.ModuleType:
+    """``RobustMedSAMHelpers.<name>`` (``logic``, ``widget``, ...), where the module file's
+    classes and names live: patch names there, not on the module file."""
+    import importlib
+
+    load_module_file()  # puts the helper package on sys.path
+    return importlib.import_module(f"RobustMedSAMHelpers.{name}")
 
 
 # --- GUI stand-in: a small, explicit fake of qt, the .ui tree and slicer.app ------------
@@ -1144,12 +1158,12 @@ class FakeApp:
         self.cursor_depth -= 1
 
 
-def install_gui_stand_in(monkeypatch, module, temporary: str, confirm: bool = True):
+def install_gui_stand_in(monkeypatch, temporary: str, confirm: bool = True):
     """Put the stand-in in place for one test (``monkeypatch`` undoes it): ``qt`` (in
-    ``sys.modules`` and as ``module.qt``), ``slicer.app``, ``slicer.util`` loadUI /
+    ``sys.modules`` and as the Widget module's ``qt``), ``slicer.app``, ``slicer.util`` loadUI /
     childWidgetVariables / mainWindow, the message boxes (recorded in ``dialogs`` as
     ``(kind, text)``; ``confirmOkCancelDisplay`` answers ``confirm``), the module's
-    ``run_pip`` (arguments recorded in ``pip``, answering ``pip_result``) and
+    ``run_pip`` (in the Widget module; arguments recorded in ``pip``, answering ``pip_result``) and
     ``slicer.qSlicerMarkupsPlaceWidget``. The main window holds one "Edit > Undo"
     QAction on Ctrl+Z (``undo_action``) and the QShortcuts made on it (``shortcuts``)."""
     import sys
@@ -1177,7 +1191,8 @@ def install_gui_stand_in(monkeypatch, module, temporary: str, confirm: bool = Tr
         return display
 
     monkeypatch.setitem(sys.modules, "qt", qt)
-    monkeypatch.setattr(module, "qt", qt)
+    widget_module = helper_module("widget")
+    monkeypatch.setattr(widget_module, "qt", qt)
     monkeypatch.setattr(slicer, "app", gui.app, raising=False)
     monkeypatch.setattr(
         slicer, "qSlicerMarkupsPlaceWidget",
@@ -1198,7 +1213,7 @@ def install_gui_stand_in(monkeypatch, module, temporary: str, confirm: bool = Tr
         gui.pip.append(list(arguments))
         return gui.pip_result
 
-    monkeypatch.setattr(module, "run_pip", run_pip)
+    monkeypatch.setattr(widget_module, "run_pip", run_pip)
     return gui
 
 

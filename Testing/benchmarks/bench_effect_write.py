@@ -44,11 +44,13 @@ REPEATS = 5
 
 def stripes(module, volume, segmentation, count: int) -> None:
     """``count`` segments, each a 200 x 30 x 300 stripe overlapping its neighbour."""
+    from RobustMedSAMHelpers.mrml import _set_box  # on sys.path with the module
+
     for n in range(count):
         mask = np.zeros(SHAPE, bool)
         mask[:, 20 * n : 20 * n + 30, 100:400] = True
         segment_id = segmentation.GetSegmentation().AddEmptySegment(f"s{n}", f"s{n}")
-        module._set_box(segmentation, segment_id, volume, (slice(None),) * 3, mask)
+        _set_box(segmentation, segment_id, volume, (slice(None),) * 3, mask)
 
 
 def median_ms(click) -> float:
@@ -69,7 +71,7 @@ def measure(module, count: int, patch, folder: str) -> tuple[float, float, float
     square = np.zeros(SHAPE[1:], bool)
     square[150:350, 150:350] = True
     ns = make_scene()
-    gui = install_gui_stand_in(patch, module, folder)
+    gui = install_gui_stand_in(patch, folder)
     stand_in = install_effect_stand_in(patch)
     node = add_volume(ns, np.zeros(SHAPE, np.int16), SPACING)
     logic = module.RobustMedSAMLogic()

@@ -34,18 +34,22 @@ SPACING = np.diag([0.8, 0.8, 1.5, 1.0])
 
 def stripes(ns, module, volume, segmentation, count: int) -> None:
     """``count`` segments, each a 200 x 30 x 300 stripe overlapping its neighbour."""
+    from RobustMedSAMHelpers.mrml import _set_box  # on sys.path with the module
+
     full = (slice(None),) * 3
     for n in range(count):
         mask = np.zeros(SHAPE, bool)
         mask[:, 20 * n : 20 * n + 30, 100:400] = True
         segment_id = segmentation.GetSegmentation().AddEmptySegment(f"s{n}", f"s{n}")
-        module._set_box(segmentation, segment_id, volume, full, mask)
+        _set_box(segmentation, segment_id, volume, full, mask)
 
 
 def click_ms(logic, module, session, segmentation, overwrite, repeats: int = 5) -> float:
+    from RobustMedSAMLib.inference.types import SliceResult
+
     square = np.zeros(SHAPE, bool)
     square[100, 150:350, 150:350] = True
-    result = module.SliceResult(100, 0, square, 1.0)
+    result = SliceResult(100, 0, square, 1.0)
     times = []
     segment_id = logic.write_slice(session, result, segmentation, None, overwrite)  # creates it
     for _ in range(repeats):

@@ -24,6 +24,7 @@ from slicer_headless import (  # noqa: E402
     FakeScriptedEffect,
     FakeSliceWidget,
     add_volume,
+    helper_module,
     install_effect_stand_in,
     install_gui_stand_in,
     load_module_file,
@@ -105,7 +106,7 @@ def make_editor(slicer_scene, monkeypatch, tmp_path, phantom) -> types.SimpleNam
     """A scene with ``phantom``, a segmentation with an empty segment "organ", the Segment
     Editor on them, the module registered at startup and its effect bound to the editor
     (``ns.effect``: the adaptor, ``ns.py``: the Python effect, on the in-process double)."""
-    gui = install_gui_stand_in(monkeypatch, module, str(tmp_path))
+    gui = install_gui_stand_in(monkeypatch, str(tmp_path))
     stand_in = install_effect_stand_in(monkeypatch)
     scene = slicer_scene.scene
     volume = add_volume(slicer_scene, phantom.image, MATRIX, "phantom")
@@ -403,7 +404,7 @@ def test_with_the_shared_logic_the_panel_chooses_the_server_first(editor, monkey
     asked = []
     shared = LocalRequests(ns.qt)
     panel = types.SimpleNamespace(_ensureServer=lambda: asked.append(len(shared.calls)))
-    monkeypatch.setattr(module, "_shared_logic", shared)
+    monkeypatch.setattr(helper_module("logic"), "_shared_logic", shared)
     robustmedsam = types.SimpleNamespace(
         widgetRepresentation=lambda: types.SimpleNamespace(self=lambda: panel)
     )

@@ -7,6 +7,7 @@ findings 1, 9, 10), so these lists are what an installed extension holds.
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 from pathlib import Path
@@ -18,7 +19,10 @@ from RobustMedSAMLib.weights import registry
 ROOT = Path(__file__).resolve().parents[2]
 TOP = (ROOT / "CMakeLists.txt").read_text()
 MODULE_CMAKE = (ROOT / "RobustMedSAM" / "CMakeLists.txt").read_text()
-MODULE = (ROOT / "RobustMedSAM" / "RobustMedSAM.py").read_text()
+MODULE = "".join(  # the thin module file and the classes it imports from its helper package
+    (ROOT / "RobustMedSAM" / name).read_text()
+    for name in ("RobustMedSAM.py", "RobustMedSAMHelpers/logic.py", "RobustMedSAMHelpers/widget.py")
+)
 
 
 def cmake_list(text: str, name: str) -> list[str]:
@@ -78,3 +82,43 @@ def test_the_default_model_comes_with_a_dependency_the_panel_installs():
     # RUNTIME_REQUIREMENTS equals pyproject's dependencies (test_dependencies.py)
     assert registry.LITEMEDSAM_PACKAGE in dependencies.for_slicer(dependencies.RUNTIME_REQUIREMENTS)
     assert ".pth" not in MODULE_CMAKE and ".safetensors" not in MODULE_CMAKE
+
+
+# The module's helper package, bottom to top: a helper imports only helpers of a lower
+# layer, and never the module file (RobustMedSAM.py imports them) or the effect.
+HELPER_LAYERS = (("mrml", "server_link"), ("server_work",), ("logic",), ("widget", "selftest"))
+
+
+def helper_imports(path: Path) -> set[str]:
+    """Top-level names of the modules ``path`` imports at any depth, with
+    ``RobustMedSAMHelpers.<name>`` kept whole."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            helper = name.startswith("RobustMedSAMHelpers.")
+            found.add(".".join(name.split(".")[:2]) if helper else name.split(".")[0])
+    return found
+
+
+def test_the_helper_package_imports_downwards():
+    folder = ROOT / "RobustMedSAM" / "RobustMedSAMHelpers"
+    layer = {name: i for i, names in enumerate(HELPER_LAYERS) for name in names}
+    files = {p.stem: p for p in folder.glob("*.py") if p.stem != "__init__"}
+    assert set(files) == set(layer), "put each helper module in HELPER_LAYERS"
+    assert "RobustMedSAMHelpers.logic" in helper_imports(files["widget"])  # the finder sees it
+    wrong = [
+        f"{name} -> {target}"
+        for name, path in files.items()
+        for target in helper_imports(path)
+        if target in ("RobustMedSAM", "SegmentEditorRobustMedSAMLib", "RobustMedSAMHelpers")
+        or (
+            target.startswith("RobustMedSAMHelpers.") and layer[target.split(".")[1]] >= layer[name]
+        )
+    ]
+    assert wrong == []

@@ -18,6 +18,7 @@ from doubles import ThresholdPredictor  # noqa: E402
 from scipy.spatial.transform import Rotation  # noqa: E402
 from slicer_headless import (  # noqa: E402  # noqa: E402
     add_volume,
+    helper_module,
     load_module_file,
     segment_on_grid,
     segmentation_node_from_file,
@@ -36,6 +37,7 @@ THRESHOLD = 80.0  # HU between the phantom's background (40) and sphere (120)
 
 
 module = load_module_file()
+slice_box = helper_module("mrml").slice_box
 
 
 def oblique_matrix() -> np.ndarray:
@@ -625,7 +627,7 @@ def test_editor_intensity_range_applies_to_the_editors_source_volume(phantom_sce
     masking = ns.logic.editor_masking(editor, ns.segmentation, ns.volume_node)
     source = 200 - ns.phantom.image
     np.testing.assert_array_equal(masking.editable_mask, (source >= 100) & (source <= 1000))
-    box = module.slice_box(ns.phantom.mask.shape, 0, 5)
+    box = slice_box(ns.phantom.mask.shape, 0, 5)
     on_slice = ns.logic.editor_masking(editor, ns.segmentation, ns.volume_node, box=box)
     np.testing.assert_array_equal(on_slice.editable_mask, masking.editable_mask[box])
     elsewhere = add_volume(ns.scene, np.zeros((3, 4, 5), np.int16), np.eye(4), "small")

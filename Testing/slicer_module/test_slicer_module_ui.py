@@ -18,9 +18,11 @@ import pytest
 
 pytest.importorskip("slicer", reason="slicer-core is not installed")
 from slicer_headless import (  # noqa: E402
+    HELPER_FILES,
     MODULE_FILE,
     Choice,
     WithinRange,
+    helper_module,
     load_module_file,
     make_fake_qt,
     slicer_scene_fixture,
@@ -29,7 +31,9 @@ from slicer_headless import (  # noqa: E402
 module = load_module_file()
 slicer_scene = pytest.fixture(slicer_scene_fixture)
 UI_FILE = MODULE_FILE.parent / "Resources" / "UI" / "RobustMedSAM.ui"
-SOURCE = MODULE_FILE.read_text()
+logic_module = helper_module("logic")
+WIDGET_SOURCE = HELPER_FILES["widget"].read_text()
+SOURCE = MODULE_FILE.read_text() + "".join(p.read_text() for p in HELPER_FILES.values())
 
 QT_CLASSES = {
     "QWidget", "QLabel", "QPushButton", "QComboBox", "QCheckBox", "QSpinBox",
@@ -63,7 +67,7 @@ def parameter_name(widget: ElementTree.Element) -> str | None:
 
 def parameter_fields() -> dict[str, typing.Any]:
     return typing.get_type_hints(
-        module.RobustMedSAMParameterNode, vars(module), include_extras=True
+        module.RobustMedSAMParameterNode, vars(logic_module), include_extras=True
     )
 
 
@@ -149,9 +153,9 @@ def test_choice_lists_match_the_library():
     from RobustMedSAMLib.inference.slicing import AXIS_NAMES
     from RobustMedSAMLib.weights.registry import model_names
 
-    assert set(module.MODEL_NAMES) == set(model_names())
-    assert module.CORRUPTION_NAMES == tuple(CORRUPTIONS)
-    assert module.PROJECTIONS == PROJECTIONS
+    assert set(logic_module.MODEL_NAMES) == set(model_names())
+    assert logic_module.CORRUPTION_NAMES == tuple(CORRUPTIONS)
+    assert logic_module.PROJECTIONS == PROJECTIONS
     assert set(module.OVERLAPS) == set(OVERLAP_MEASURES)
     assert module.AXES[1:] == AXIS_NAMES
     defaults, node = PropagationOptions(), module.RobustMedSAMParameterNode
@@ -184,7 +188,8 @@ def test_module_file_imports_without_torch_or_qt():
         "sys.meta_path.insert(0, NoH11())\n"
         "from slicer_headless import load_module_file\n"
         "m = load_module_file()\n"
-        "assert m.qt is None and 'torch' not in sys.modules, sorted(sys.modules)\n"
+        "from RobustMedSAMHelpers import widget\n"
+        "assert widget.qt is None and 'torch' not in sys.modules, sorted(sys.modules)\n"
         "print('ok')\n"
     )
     root = MODULE_FILE.parents[1]
@@ -253,9 +258,7 @@ def test_the_self_test_passes_headless_with_the_default_model(slicer_scene, monk
 
 
 def test_widget_calls_only_logic_methods_and_parameters_that_exist():
-    widget_source = SOURCE[
-        SOURCE.index("class RobustMedSAMWidget") : SOURCE.index("class RobustMedSAMTest")
-    ]
+    widget_source = WIDGET_SOURCE
     logic_calls = set(re.findall(r"self\.logic\.([A-Za-z_]\w*)", widget_source))
     assert logic_calls and all(hasattr(module.RobustMedSAMLogic, n) for n in logic_calls), {
         n for n in logic_calls if not hasattr(module.RobustMedSAMLogic, n)

@@ -14,6 +14,7 @@ connector would.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -30,6 +31,7 @@ slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
 from server_harness import TOKEN  # noqa: E402
 from slicer_headless import (  # noqa: E402
     add_volume,
+    helper_module,
     install_gui_stand_in,
     load_module_file,
     numpy_matrix,
@@ -76,7 +78,7 @@ def panel(slicer_scene, monkeypatch, tmp_path, harness):
     """The Widget set up (not entered) on a scene with a sphere phantom volume, a
     crosshair in the Red (axial) view, all dependencies reported installed and the
     model work sent to the threshold double's server (remote mode, from the settings)."""
-    gui = install_gui_stand_in(monkeypatch, module, str(tmp_path))
+    gui = install_gui_stand_in(monkeypatch, str(tmp_path))
     ok = [Requirement("torch", "torch>=2.0", "torch", "2.4.0", True)]
     monkeypatch.setattr(dependencies, "check", lambda requirements=None: list(ok))
     monkeypatch.setattr(dependencies, "pytorch_extension_available", lambda: False)
@@ -87,7 +89,8 @@ def panel(slicer_scene, monkeypatch, tmp_path, harness):
         self.server.local = types.SimpleNamespace(stopping=False, stop=lambda: None)
 
     monkeypatch.setattr(module.RobustMedSAMLogic, "start_local_server", start_local_server)
-    monkeypatch.setattr(module, "_shared_logic", None)  # a fresh Logic on this test's Qt
+    # a fresh Logic on this test's Qt
+    monkeypatch.setattr(helper_module("logic"), "_shared_logic", None)
     layout = types.SimpleNamespace(widgets=[])
     layout.addWidget = layout.widgets.append
     parent = types.SimpleNamespace(isEntered=False, layout=lambda: layout)
@@ -440,9 +443,9 @@ def test_missing_torch_is_offered_on_first_use_not_on_entering(panel, monkeypatc
     user first asks for model work, as the README says (slicer-review.md, finding 12)."""
     missing = [Requirement("torch", "torch>=2.0", "torch", None, False, "not installed")]
     monkeypatch.setattr(dependencies, "check", lambda requirements=None: list(missing))
-    real_find_spec = module.importlib.util.find_spec
+    real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        module.importlib.util,
+        importlib.util,
         "find_spec",
         lambda name, *args: None if name == "torch" else real_find_spec(name, *args),
     )
@@ -473,9 +476,9 @@ def test_remote_mode_asks_only_for_the_clients_packages(panel, monkeypatch):
         return [Requirement("h11", "h11>=0.14", "h11", "0.16.0", True)]
 
     monkeypatch.setattr(dependencies, "check", check)
-    real_find_spec = module.importlib.util.find_spec
+    real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        module.importlib.util,
+        importlib.util,
         "find_spec",
         lambda name, *args: None if name == "torch" else real_find_spec(name, *args),
     )
