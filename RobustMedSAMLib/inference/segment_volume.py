@@ -24,6 +24,8 @@ import numpy as np
 
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.formats.markups import Roi
+from RobustMedSAMLib.inference.mask_prompts import mask_box
+from RobustMedSAMLib.inference.point_search import search_point
 from RobustMedSAMLib.inference.propagation import PropagationOptions, propagate
 from RobustMedSAMLib.inference.session import SegmentationSession, SessionStats
 from RobustMedSAMLib.inference.slicing import (
@@ -33,6 +35,7 @@ from RobustMedSAMLib.inference.slicing import (
     roi_to_slice_box,
     roi_voxels,
     set_slice,
+    slice_box_roi,
 )
 from RobustMedSAMLib.inference.zoom import box_is_small, crop_volume, zoom_region
 from RobustMedSAMLib.progress import Cancel, Progress
@@ -127,6 +130,9 @@ class Decisions:
     result); roi_slices: its thickness in slices. window: ``(low, high)`` and what
     chose it. zoom: used or not, and why. covered: first and last slice of the mask
     (None if empty); ends: why propagation stopped at the low and the high end.
+    point: for points on one slice without a box, the point search
+    (``point_search.py``): every candidate, the chosen one and the box it gave, which
+    was then segmented as a flat ROI (``roi`` ``"2d"``).
     """
 
     roi: str = "none"
@@ -138,6 +144,7 @@ class Decisions:
     zoom_region: list[list[int]] | None = None  # K, J, I voxel ranges of the crop
     covered: tuple[int, int] | None = None
     ends: dict[str, str] = field(default_factory=dict)
+    point: dict[str, Any] | None = None  # the point search: candidates, the chosen one
 
 
 @dataclass
@@ -150,6 +157,7 @@ class SliceScore:
     area: int
     source: str  # "prompt" or "propagated"
     stability: float = math.nan  # the model's stability score (see predictor.py)
+    likeness: float = math.nan  # see PropagationOptions.min_likeness
 
 
 @dataclass
@@ -172,14 +180,18 @@ def segment_volume(
     options: SegmentOptions | None = None,
     progress: Progress | None = None,
     cancel: Cancel | None = None,
+    search: bool = True,
 ) -> SegmentationResult:
     """Segment the prompted slices, then (``options.propagate``) propagate outward.
 
-    Raises InputError for prompts outside the volume or empty prompts, CancelledError
-    when cancelled (nothing is returned, the volume is untouched).
+    Points on one slice without a box go through the point search first (``search``;
+    see :func:`_from_points`). Raises InputError for prompts outside the volume or empty
+    prompts, CancelledError when cancelled (nothing is returned, the volume is untouched).
     """
     options = options or SegmentOptions()
     options.validate()
+    if search and _one_point_slice(session, prompts) is not None:
+        return _from_points(session, prompts, options, progress, cancel)
     zoom, reason = _zoom_decision(session, prompts, options)
     if zoom:
         return _zoomed(session, prompts, options, reason, progress, cancel)
@@ -211,6 +223,7 @@ def segment_volume(
             cancel,
             seed_logits={i: logits[i] for i in nonempty},
             allowed=allowed,
+            images=lambda index: windowed_slice(session, index),
         )
         for record in result.records:
             if record.direction != 0:
@@ -223,6 +236,7 @@ def segment_volume(
                         record.area,
                         "propagated",
                         record.stability,
+                        record.likeness,
                     )
                 )
         stops = [_stop_dict(stop) for stop in result.stops]
@@ -242,6 +256,69 @@ def segment_volume(
         session.stats,
         decisions,
     )
+
+
+def _one_point_slice(session: SegmentationSession, prompts: VolumePrompts) -> int | None:
+    """The slice holding every point when there is no box and a positive point (else
+    None): the case for the point search."""
+    if prompts.roi is not None or prompts.positive is None or len(prompts.positive) == 0:
+        return None
+    per_slice = prompts_for_slice(session.volume, session.axis, prompts.positive, prompts.negative)
+    if len(per_slice) != 1:
+        return None
+    return next(iter(per_slice))
+
+
+def _from_points(
+    session: SegmentationSession,
+    prompts: VolumePrompts,
+    options: SegmentOptions,
+    progress: Progress | None,
+    cancel: Cancel | None,
+) -> SegmentationResult:
+    """Points on one slice: search the candidates (``point_search.py``), then segment the
+    chosen mask's box (+``box_extension``) as a flat ROI on that slice: the box rules
+    (zoom, propagation, stop rules) follow. With no eligible candidate, the points go
+    to the model as they are."""
+    volume, axis = session.volume, session.axis
+    ((index, prompt),) = prompts_for_slice(volume, axis, prompts.positive, prompts.negative).items()
+    takes_points = "point" in getattr(session.predictor, "prompts", ("point",))
+    choice = search_point(
+        lambda p, multimask: session.slice_candidates(index, p, multimask),
+        prompt,
+        session.slice_image(index).shape,
+        takes_points,
+    )
+    record = {
+        "slice": index,
+        "takes_points": takes_points,
+        "chosen": None,
+        "box": None,
+        "candidates": [c.to_dict() for c in choice.candidates],
+    }
+    best = choice.candidates[choice.chosen]
+    if best.rank < 0:  # nothing holds the points: the plain prompt, as before
+        result = segment_volume(session, prompts, options, progress, cancel, search=False)
+        result.decisions.point = record
+        return result
+    box = mask_box(choice.prediction.mask, options.propagation.box_extension)
+    record.update(chosen=choice.chosen, source=best.source, box=box.tolist())
+    boxed = VolumePrompts(
+        positive=prompts.positive if takes_points else None,
+        negative=prompts.negative if takes_points else None,
+        roi=slice_box_roi(volume, axis, index, box),
+    )
+    result = segment_volume(session, boxed, options, progress, cancel)
+    result.decisions.point = record
+    return result
+
+
+def windowed_slice(session: SegmentationSession, index: int) -> np.ndarray:
+    """Slice ``index`` as the model sees it: ``(rows, cols)`` float32, the session's
+    window mapped to 0..1 (clipped)."""
+    low, high = session.window
+    image = session.slice_image(index).astype(np.float32)
+    return np.clip((image - low) / max(high - low, 1e-6), 0.0, 1.0)
 
 
 def _zoom_decision(
@@ -311,6 +388,8 @@ def _zoomed(
         session.axis,
         window=session.window,
         cache_bytes=session.cache_bytes,
+        disk_cache=session.disk_cache,
+        model_id=session.model_id,
     )
     crop.window_source = session.window_source
     try:
