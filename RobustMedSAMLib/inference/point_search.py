@@ -11,10 +11,12 @@ with noise. So from the points on one slice the search asks the model for:
 
 and keeps the candidate that holds every positive point and no negative one, does not
 fill its box (a box smaller than the structure: the mask runs into all of its sides),
-and scores best by predicted IoU x stability x *consistency*: the IoU of the mask with
-the model's answer to the mask's own box (+10 %). A mask of a real structure is a
-fixed point of "box it, ask again"; a blob the model drew in a box that cuts through a
-structure or holds only background is not. Measured on phantoms:
+differs from its surroundings (its mean intensity and that of a ring around it differ
+by ``MIN_CONTRAST`` of the window at least: a blob the model drew inside uniform
+tissue does not), and scores best by predicted IoU x stability x *consistency*: the
+IoU of the mask with the model's answer to the mask's own box (+10 %). A mask of a
+real structure is a fixed point of "box it, ask again"; a blob the model drew in a box
+that cuts through a structure or holds only background is not. Measured on phantoms:
 ``Testing/benchmarks/bench_point_search.py``.
 
 Frame: slice pixels; points ``(x, y) = (col, row)``; boxes ``(x0, y0, x1, y1)`` inclusive.
@@ -27,7 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from RobustMedSAMLib.inference.mask_prompts import mask_box
+from RobustMedSAMLib.inference.mask_prompts import intensity_contrast, mask_box
+from RobustMedSAMLib.inference.propagation import MIN_CONTRAST
 from RobustMedSAMLib.inference.types import Prediction, SlicePrompt
 
 BOX_SIDES = (1 / 32, 3 / 64, 1 / 16, 3 / 32, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2)
@@ -55,6 +58,7 @@ class Candidate:
     area: int
     holds_points: bool
     fills_box: bool
+    contrast: float = 0.0
     rank: float = -1.0
 
     def to_dict(self) -> dict:
@@ -66,6 +70,7 @@ class Candidate:
             "area": self.area,
             "holds_points": self.holds_points,
             "fills_box": self.fills_box,
+            "contrast": round(self.contrast, 4),
             "rank": round(self.rank, 4),
         }
 
@@ -88,16 +93,18 @@ Segment = Callable[[SlicePrompt, bool], list[Prediction]]
 def search_point(
     segment: Segment,
     prompt: SlicePrompt,
-    slice_shape: tuple[int, int],
+    image: np.ndarray,
     takes_points: bool,
 ) -> PointChoice:
-    """The best candidate mask for the points of ``prompt`` on a ``(rows, cols)`` slice.
+    """The best candidate mask for the points of ``prompt`` on a slice; ``image``: the
+    slice as the model sees it, ``(rows, cols)`` float, window mapped to 0..1.
 
     ``takes_points``: whether the model was trained with point prompts (its multimask
     output, and the points with each box, are tried only then).
     """
     positive = prompt.points[prompt.labels == 1]
     centre = positive[0] if len(positive) else prompt.points[0]
+    slice_shape = image.shape
     longest = max(slice_shape)
     tries: list[tuple[str, SlicePrompt, bool]] = []
     if takes_points:
@@ -114,7 +121,7 @@ def search_point(
             label = f"{name} {n}" if multimask else name
             predictions.append((label, answer, tried.box))
     candidates = [
-        _judge(segment, name, answer, box, prompt, takes_points)
+        _judge(segment, name, answer, box, prompt, takes_points, image)
         for name, answer, box in predictions
     ]
     chosen = int(np.argmax([c.rank for c in candidates]))
@@ -137,6 +144,7 @@ def _judge(
     box: np.ndarray | None,
     prompt: SlicePrompt,
     takes_points: bool,
+    image: np.ndarray,
 ) -> Candidate:
     mask = np.asarray(answer.mask, bool)
     area = int(mask.sum())
@@ -151,7 +159,10 @@ def _judge(
     candidate = Candidate(
         name, float(answer.score), float(answer.stability), consistency, area, holds, fills
     )
-    if holds and not fills:
+    if area:
+        inside, ring = intensity_contrast(image, mask)
+        candidate.contrast = abs(inside - ring)
+    if holds and not fills and candidate.contrast >= MIN_CONTRAST:
         stability = answer.stability if np.isfinite(answer.stability) else 1.0
         candidate.rank = float(answer.score) * float(stability) * consistency
     return candidate

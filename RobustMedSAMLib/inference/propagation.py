@@ -24,11 +24,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
 from RobustMedSAMLib.errors import CancelledError, InputError
 from RobustMedSAMLib.inference.mask_prompts import (
     exterior_points,
+    intensity_contrast,
     interior_points,
     mask_box,
 )
@@ -498,16 +498,11 @@ def _stop_reason(record: SliceRecord, front: _Front, options: PropagationOptions
 
 def seed_reference(image: np.ndarray, mask: np.ndarray) -> tuple[float, float] | None:
     """``(mean inside, mean of the ring around)`` ``mask`` on ``image`` ``(rows, cols)``
-    (0..1), or None when they differ by less than ``MIN_CONTRAST`` (nothing to judge by)
-    or the ring is empty. The ring: 2 to ``2 + max(3, r / 3)`` px outside the mask
-    (``r``: radius of a disc of its area), past the edge's partial-volume pixels."""
-    mask = np.asarray(mask, bool)
-    outside = ndimage.distance_transform_edt(~mask)
-    width = max(3.0, math.sqrt(float(mask.sum()) / math.pi) / 3)
-    ring = (outside >= 2) & (outside < 2 + width)
-    if not ring.any() or not mask.any():
+    (0..1), or None when they differ by less than ``MIN_CONTRAST`` (nothing to judge by);
+    see :func:`mask_prompts.intensity_contrast`."""
+    if not np.asarray(mask, bool).any():
         return None
-    inside, around = float(image[mask].mean()), float(image[ring].mean())
+    inside, around = intensity_contrast(image, mask)
     return (inside, around) if abs(inside - around) >= MIN_CONTRAST else None
 
 

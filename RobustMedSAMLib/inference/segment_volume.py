@@ -37,6 +37,7 @@ from RobustMedSAMLib.inference.slicing import (
     set_slice,
     slice_box_roi,
 )
+from RobustMedSAMLib.inference.types import Prediction, SlicePrompt
 from RobustMedSAMLib.inference.zoom import box_is_small, crop_volume, zoom_region
 from RobustMedSAMLib.progress import Cancel, Progress
 
@@ -132,7 +133,8 @@ class Decisions:
     (None if empty); ends: why propagation stopped at the low and the high end.
     point: for points on one slice without a box, the point search
     (``point_search.py``): every candidate, the chosen one and the box it gave, which
-    was then segmented as a flat ROI (``roi`` ``"2d"``).
+    was then segmented as a flat ROI (``roi`` ``"2d"``). tightened: the boxes a 3D ROI's
+    first slice was asked again with (its footprint is loose; see ``_tighten``).
     """
 
     roi: str = "none"
@@ -145,6 +147,7 @@ class Decisions:
     covered: tuple[int, int] | None = None
     ends: dict[str, str] = field(default_factory=dict)
     point: dict[str, Any] | None = None  # the point search: candidates, the chosen one
+    tightened: list[list[float]] = field(default_factory=list)  # a 3D ROI's first boxes
 
 
 @dataclass
@@ -204,6 +207,8 @@ def segment_volume(
     seeds, logits, scores = {}, {}, []
     for index, prompt in per_slice.items():
         prediction = session.segment_slice(index, prompt)
+        if allowed is not None and prompt.box is not None:
+            prediction = _tighten(session, index, prompt, prediction, decisions)
         mask = prediction.mask if allowed is None else prediction.mask & allowed[index]
         seeds[index], logits[index] = mask, prediction.low_res_logits
         scores.append(
@@ -258,6 +263,41 @@ def segment_volume(
     )
 
 
+TIGHTEN_STEPS = 2  # re-prompts of a 3D ROI's first slice with its own mask's box
+TIGHTEN_GAIN = 0.8  # ... when that box is under this fraction of the box before
+
+
+def _tighten(
+    session: SegmentationSession,
+    index: int,
+    prompt: SlicePrompt,
+    prediction: Prediction,
+    decisions: Decisions,
+) -> Prediction:
+    """A 3D ROI's box on its first slice is the ROI's footprint (the union over all its
+    slices), loose where the structure is small, and a box-prompted model draws more in
+    a loose box. Ask again with the mask's own box (+10 %, cut to the footprint) while
+    that box is clearly smaller (``TIGHTEN_GAIN``), at most ``TIGHTEN_STEPS`` times."""
+    box = prompt.box
+    for _ in range(TIGHTEN_STEPS):
+        if not prediction.mask.any():
+            break
+        tight = mask_box(prediction.mask, 0.1)
+        tight = np.concatenate([np.maximum(tight[:2], box[:2]), np.minimum(tight[2:], box[2:])])
+        if _box_area(tight) >= TIGHTEN_GAIN * _box_area(box):
+            break
+        again = session.segment_slice(index, SlicePrompt(prompt.points, prompt.labels, tight))
+        if not again.mask.any():
+            break
+        prediction, box = again, tight
+        decisions.tightened.append([round(float(v), 1) for v in tight])
+    return prediction
+
+
+def _box_area(box: np.ndarray) -> float:
+    return float((box[2] - box[0] + 1) * (box[3] - box[1] + 1))
+
+
 def _one_point_slice(session: SegmentationSession, prompts: VolumePrompts) -> int | None:
     """The slice holding every point when there is no box and a positive point (else
     None): the case for the point search."""
@@ -286,7 +326,7 @@ def _from_points(
     choice = search_point(
         lambda p, multimask: session.slice_candidates(index, p, multimask),
         prompt,
-        session.slice_image(index).shape,
+        windowed_slice(session, index),
         takes_points,
     )
     record = {

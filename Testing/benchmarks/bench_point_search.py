@@ -22,6 +22,7 @@ from scipy import ndimage
 
 from RobustMedSAMLib.inference.loader import load_named_model
 from RobustMedSAMLib.inference.point_search import search_point
+from RobustMedSAMLib.inference.segment_volume import windowed_slice
 from RobustMedSAMLib.inference.session import SegmentationSession
 from RobustMedSAMLib.inference.types import SlicePrompt
 
@@ -67,7 +68,8 @@ def main() -> None:
                     def segment(p, multimask, centre=centre, session=session):
                         return session.slice_candidates(centre, p, multimask)
 
-                    choice = search_point(segment, prompt, plane.shape, takes_points)
+                    image = windowed_slice(session, centre)
+                    choice = search_point(segment, prompt, image, takes_points)
                     for n, candidate in enumerate(choice.candidates):
                         row = candidate.to_dict()
                         mask = np.asarray(choice.answers[n].mask, bool)
