@@ -44,6 +44,7 @@ STOP_REASONS = (
     "overlap",  # overlap with the previous slice under iou_threshold
     "area",  # area grew far beyond the last slices' areas: a leak (min_area_ratio)
     "likeness",  # the mask holds what surrounded the seed, not what the seed held
+    "stability",  # the model's stability score under min_stability: it lost the structure
     "roi",  # the carried box has left the 3D ROI's footprint on the next slice
     "met",  # reached a seed or a slice another front already took
     "bounds",  # reached the user's bounds
@@ -52,6 +53,7 @@ STOP_REASONS = (
 )
 DEFAULT_OVERLAP = 0.5  # measured on phantoms (bench_pipeline.py --sweep)
 DEFAULT_LIKENESS = 0.5  # measured on phantoms (bench_stop_signals.py)
+DEFAULT_STABILITY = 0.2  # measured on phantoms (bench_stop_signals.py)
 MIN_CONTRAST = 0.05
 """Least |seed inside - seed ring| (window units, 0..1) for the likeness rule to judge."""
 
@@ -99,6 +101,9 @@ class PropagationOptions:
     (measured: bench_stop_signals.py); only what the blob holds tells. Needs the
     ``images`` of :func:`propagate`; off for a seed whose contrast with its ring is
     under ``MIN_CONTRAST``.
+    min_stability: stop when the model's stability score (IoU of its mask at logits
+    +1 and -1) is under it (default 0.2; 0 disables): on phantoms it fell to 0.04-0.09
+    only where the model jumped to a neighbour, and stayed >= 0.25 on the structure.
     stop_between_seeds: apply the score / overlap / area rules between two seeds
     too. Default False (as micro-sam): the user has said the object spans the
     gap. An empty mask always stops a direction and is never kept.
@@ -115,6 +120,7 @@ class PropagationOptions:
     min_score: float = 0.0
     min_area_ratio: float = 0.5
     min_likeness: float = DEFAULT_LIKENESS
+    min_stability: float = DEFAULT_STABILITY
     stop_between_seeds: bool = False
     bounds: tuple[int, int] | None = None
     max_slices: int | None = None
@@ -125,7 +131,8 @@ class PropagationOptions:
             raise InputError(f"unknown projection {self.projection!r}: use one of {PROJECTIONS}")
         if self.overlap not in OVERLAP_MEASURES:
             raise InputError(f"unknown overlap {self.overlap!r}: use one of {OVERLAP_MEASURES}")
-        for name in ("iou_threshold", "min_score", "min_area_ratio", "min_likeness"):
+        names = ("iou_threshold", "min_score", "min_area_ratio", "min_likeness", "min_stability")
+        for name in names:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise InputError(f"{name}={getattr(self, name)} must lie in [0, 1]")
         if self.box_extension < 0:
@@ -491,6 +498,8 @@ def _stop_reason(record: SliceRecord, front: _Front, options: PropagationOptions
         return "overlap"
     if options.min_likeness > 0 and record.likeness < options.min_likeness:
         return "likeness"
+    if record.stability < options.min_stability:  # NaN (not measured) never stops
+        return "stability"
     if options.min_area_ratio > 0 and record.area * options.min_area_ratio > max(front.areas):
         return "area"
     return None

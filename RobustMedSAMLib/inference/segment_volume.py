@@ -456,7 +456,15 @@ def _propagation_options(
         return options
     (first, last), _ = roi_to_slice_box(session.volume, session.axis, roi)
     bounds = options.bounds if options.bounds is not None else (first, last)
-    return replace(options, bounds=bounds, iou_threshold=0.0, min_area_ratio=0.0, min_score=0.0)
+    return replace(
+        options,
+        bounds=bounds,
+        iou_threshold=0.0,
+        min_area_ratio=0.0,
+        min_score=0.0,
+        min_likeness=0.0,
+        min_stability=0.0,
+    )
 
 
 def _stop_dict(stop) -> dict[str, Any]:
