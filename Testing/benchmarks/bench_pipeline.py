@@ -8,6 +8,10 @@ Not a test. Labelled real scans are for evaluation only: nothing here tunes on t
         --models litemedsam --evaldata /work/evaldata --out pipeline.json
     PYTHONPATH=. .venv/bin/python Testing/benchmarks/bench_pipeline.py --sweep --cases phantoms
 
+``--engine openvino`` runs the lite encoder faster (same outputs to 4e-6), ``--cache
+DIR`` keeps embeddings between runs, ``--no-tighten`` turns off the 3D ROI's first-box
+tightening (for an A/B in the same conditions); ``--out`` is rewritten after each row.
+
 Per case (the reference mask ``truth``, slices along the axial axis):
 
 - ``oracle``: a box on every slice of the truth (its box + 10 %, at least 1 px), no
@@ -15,7 +19,8 @@ Per case (the reference mask ``truth``, slices along the axial axis):
 - ``box``: the truth's box on its central slice (a flat, one-slice ROI, + 10 %),
   ``segment_volume`` with ``propagate`` (the library's default rules).
 - ``roi3d``: the truth's 3D box + 3 mm as a 3D ROI, propagated.
-- ``point``: one positive point, the deepest point of the truth's central slice.
+- ``point``: one positive point, the deepest point of the truth's central slice (the
+  library's point search chooses a box from it: ``point_choice`` names the candidate).
 
 Prints one line per case and mode (Dice, slices covered / truth slices, why each end
 stopped, zoom) and a table of gaps to the oracle; ``--out`` writes all as JSON.

@@ -64,16 +64,20 @@ def test_a_point_off_any_structure_falls_back_to_the_plain_prompt():
 
 
 @pytest.mark.slow
-def test_one_point_with_litemedsam_is_near_its_box_on_an_mr_sphere():
-    """Measured with LiteMedSAM on this phantom: from its central slice's box 0.95 (3D),
-    from the deepest point 0.95 (the point search chose a box of 48 px)."""
+def test_one_point_with_litemedsam_matches_its_box_on_an_mr_sphere():
+    """LiteMedSAM (box-only) from one point: before, its answer to the point was about
+    empty (Dice 0.03 on real scans); measured on this phantom's central slice, the
+    search chose a 48 px box (Dice 0.97 on the slice, bench_point_search.py)."""
     lite = load_named_model("litemedsam", device="cpu")
     assert lite.predictor().prompts == ("box",)
-    phantom = phantoms.sphere((24, 128, 128), (0.8, 0.8, 4.0), 14.0, texture="mr")
+    phantom = phantoms.sphere((12, 128, 128), (0.8, 0.8, 4.0), 14.0, texture="mr")
     volume = Volume(phantom.image.astype(np.float32), phantom.ijk_to_ras, "mr_sphere")
-    centre = np.argwhere(phantom.mask).mean(axis=0)
-    point = volume.ijk_to_ras_points(np.rint(centre)[::-1])
+    centre = np.rint(np.argwhere(phantom.mask).mean(axis=0))
+    point = volume.ijk_to_ras_points(centre[::-1])
     session = SegmentationSession(volume, lite.predictor())
     result = segment_volume(session, VolumePrompts(positive=point), SegmentOptions(propagate=True))
-    assert _dice(result.mask, phantom.mask) > 0.85
     assert result.decisions.point["source"].startswith("box")
+    assert _dice(result.mask, phantom.mask) > 0.85
+    truth_slices = np.flatnonzero(phantom.mask.any(axis=(1, 2)))
+    covered = np.flatnonzero(result.mask.any(axis=(1, 2)))
+    assert set(covered) <= set(range(truth_slices[0] - 1, truth_slices[-1] + 2))

@@ -59,8 +59,14 @@ def test_a_flat_box_stops_where_the_sphere_ends_with_a_model_that_always_answers
     assert len(_slices(before.mask)) == 30  # the old rules never stopped
 
 
-def test_a_structure_with_a_waist_is_followed_through_it():
-    radii = [0, 10, 10, 10, 9, 7, 5, 7, 9, 10, 10, 10, 0]  # px per slice; areas 314 .. 78 .. 314
+WAISTS = [[0, 10, 10, 9, 7, 5, 7, 9, 10, 10, 0], [0, 10, 10, 7, 4, 7, 10, 10, 0]]
+
+
+@pytest.mark.parametrize("radii", WAISTS)
+def test_a_structure_with_a_waist_is_followed_through_it(radii):
+    """Disc radii per slice (px): a gentle waist (areas 314 .. 78 .. 314), which the old
+    trend rule stopped at, and a narrow one (314, 154, 50, 154, 314), which the area rule
+    against the last two areas stops at too (it is off by default now)."""
     rows, cols = np.mgrid[:48, :48]
     truth = np.stack([((rows - 24) ** 2 + (cols - 24) ** 2 <= r * r) & (r > 0) for r in radii])
     rng = np.random.default_rng(0)
@@ -69,5 +75,10 @@ def test_a_structure_with_a_waist_is_followed_through_it():
     prompt = VolumePrompts(roi=_flat_box(volume, truth, 1))
     session = SegmentationSession(volume, ThresholdPredictor(120.0), window=(-160, 240))
     result = segment_volume(session, prompt, SegmentOptions(propagate=True))
-    assert _slices(result.mask) == _slices(truth)  # before: stopped at the waist (area)
+    assert _slices(result.mask) == _slices(truth)
     assert _dice(result.mask, truth) > 0.95
+    area_rule = SegmentOptions(propagate=True, propagation=PropagationOptions(min_area_ratio=0.5))
+    session = SegmentationSession(volume, ThresholdPredictor(120.0), window=(-160, 240))
+    with_area_rule = segment_volume(session, prompt, area_rule)
+    stopped = _slices(with_area_rule.mask) != _slices(truth)
+    assert stopped == (min(radii[1:-1]) == 4)  # the narrow waist stops the area rule
