@@ -450,21 +450,17 @@ def _propagation_options(
     decisions: Decisions,
 ) -> PropagationOptions:
     """A 3D ROI bounds propagation to the slices it spans (unless bounds were given
-    explicitly), and within it only an empty mask stops: the user has said where the
-    object is. A flat ROI (a box on one slice) leaves the measured stop rules on."""
+    explicitly). Within it the rules that guard against a leak or a jump (overlap,
+    area, score) are off: the ROI bounds the mask. The rules that say "no structure
+    here" stay on (likeness, stability): an ROI drawn with a margin spans slices past
+    the structure, where a box-prompted model still draws a blob (measured on a tilted
+    ellipsoid phantom: Dice 0.899 filling every ROI slice, 0.934 with likeness). A
+    flat ROI (a box on one slice) leaves all the measured stop rules on."""
     if decisions.roi != "3d":
         return options
     (first, last), _ = roi_to_slice_box(session.volume, session.axis, roi)
     bounds = options.bounds if options.bounds is not None else (first, last)
-    return replace(
-        options,
-        bounds=bounds,
-        iou_threshold=0.0,
-        min_area_ratio=0.0,
-        min_score=0.0,
-        min_likeness=0.0,
-        min_stability=0.0,
-    )
+    return replace(options, bounds=bounds, iou_threshold=0.0, min_area_ratio=0.0, min_score=0.0)
 
 
 def _stop_dict(stop) -> dict[str, Any]:

@@ -85,10 +85,19 @@ class Recorder:
         SegmentationSession.segment_slice = segment_slice
 
 
-def walk_rows(session, truth, zoom: bool, recorder: Recorder, box_roi) -> list[dict]:
+def walk_rows(
+    session, truth, zoom: bool, recorder: Recorder, box_roi, projection: str = "mask"
+) -> list[dict]:
     """One flat box, no stop rule; a row per slice the model answered."""
     recorder.calls.clear()
-    none = PropagationOptions(iou_threshold=0.0, min_area_ratio=0.0, min_score=0.0)
+    none = PropagationOptions(
+        projection=projection,
+        iou_threshold=0.0,
+        min_area_ratio=0.0,
+        min_score=0.0,
+        min_likeness=0.0,
+        min_stability=0.0,
+    )
     slices = np.flatnonzero(truth.any(axis=(1, 2)))
     first, last = max(0, slices[0] - PAST_END), min(truth.shape[0] - 1, slices[-1] + PAST_END)
     none.bounds = (int(first), int(last))
@@ -161,6 +170,8 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated scene names")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--engine", default="openvino")
+    parser.add_argument("--projection", default="mask", help="mask (box + logits) or box")
+    parser.add_argument("--targets", default="", help="comma-separated targets (scene/name)")
     parser.add_argument("--cache", default="/tmp/robustmedsam_bench_cache", help="embeddings")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
@@ -178,14 +189,16 @@ def main() -> None:
                 volume, loaded.predictor(), "axial", disk_cache=args.cache, model_id=args.model
             )
             for target, truth in truths.items():
+                if args.targets and target not in args.targets.split(","):
+                    continue
                 slices = np.flatnonzero(truth.any(axis=(1, 2)))
                 centre = int(slices[np.argmin(np.abs(slices - np.argwhere(truth)[:, 0].mean()))])
                 roi = flat_box_roi(volume, truth, 0, centre)
                 for zoom in (False, True):
                     start = time.perf_counter()
-                    rows = walk_rows(session, truth, zoom, recorder, roi)
+                    rows = walk_rows(session, truth, zoom, recorder, roi, args.projection)
                     for row in rows:
-                        row.update(case=target, model=args.model)
+                        row.update(case=target, model=args.model, projection=args.projection)
                         out.write(json.dumps(row) + "\n")
                     out.flush()
                     seconds = time.perf_counter() - start
