@@ -148,6 +148,7 @@ class Decisions:
     ends: dict[str, str] = field(default_factory=dict)
     point: dict[str, Any] | None = None  # the point search: candidates, the chosen one
     tightened: list[list[float]] = field(default_factory=list)  # a 3D ROI's first boxes
+    projection: str = ""  # the prompt carried to the next slice (see _propagation_options)
 
 
 @dataclass
@@ -455,7 +456,17 @@ def _propagation_options(
     here" stay on (likeness, stability): an ROI drawn with a margin spans slices past
     the structure, where a box-prompted model still draws a blob (measured on a tilted
     ellipsoid phantom: Dice 0.899 filling every ROI slice, 0.934 with likeness). A
-    flat ROI (a box on one slice) leaves all the measured stop rules on."""
+    flat ROI (a box on one slice) leaves all the measured stop rules on.
+
+    A model trained without mask prompts (``"mask"`` not in ``ModelSource.prompts``:
+    LiteMedSAM) gets the box alone where the projection would feed its logits back:
+    on an MR phantom sphere the fed-back logits made LiteMedSAM's masks overflow it
+    (false positives 166 / 72 / 55 / 166 px on its four propagated slices, 125 / 43 /
+    29 / 120 with the box alone). ``decisions.projection`` records the one used."""
+    prompts = getattr(session.predictor, "prompts", ("point", "box", "mask"))
+    if "mask" not in prompts and options.projection in ("mask", "points_and_mask"):
+        options = replace(options, projection="box" if options.projection == "mask" else "points")
+    decisions.projection = options.projection
     if decisions.roi != "3d":
         return options
     (first, last), _ = roi_to_slice_box(session.volume, session.axis, roi)

@@ -82,3 +82,28 @@ def test_a_structure_with_a_waist_is_followed_through_it(radii):
     with_area_rule = segment_volume(session, prompt, area_rule)
     stopped = _slices(with_area_rule.mask) != _slices(truth)
     assert stopped == (min(radii[1:-1]) == 4)  # the narrow waist stops the area rule
+
+
+class _Spy(BoxBlobPredictor):
+    def __init__(self, threshold: float) -> None:
+        super().__init__(threshold)
+        self.mask_inputs: list[bool] = []
+
+    def predict(self, prompt):
+        self.mask_inputs.append(prompt.mask_input is not None)
+        return super().predict(prompt)
+
+
+@pytest.mark.parametrize("prompts, fed_back", [(("box",), False), (("point", "box", "mask"), True)])
+def test_a_model_trained_without_mask_prompts_is_never_fed_its_logits(prompts, fed_back):
+    phantom = phantoms.sphere((16, 48, 48), (1.0, 1.0, 2.0), 9.0, contrast=150.0, noise=10.0)
+    volume = Volume(phantom.image.astype(np.float32), phantom.ijk_to_ras, "sphere")
+    predictor = _Spy(115.0)
+    predictor.prompts = prompts
+    session = SegmentationSession(volume, predictor, window=(-160, 240))
+    centre = _slices(phantom.mask)[len(_slices(phantom.mask)) // 2]
+    roi = _flat_box(volume, phantom.mask, centre)
+    result = segment_volume(session, VolumePrompts(roi=roi), SegmentOptions(propagate=True))
+    assert result.decisions.projection == ("box" if not fed_back else "mask")
+    assert any(predictor.mask_inputs) is fed_back  # before: LiteMedSAM got its logits back
+    assert _dice(result.mask, phantom.mask) > 0.9
