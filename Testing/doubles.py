@@ -57,3 +57,35 @@ class ThresholdPredictor:
             ndimage.zoom(mask.astype(np.float32), 64 / np.array(mask.shape), order=0) > 0, 8.0, -8.0
         )
         return Prediction(mask, 0.9 if mask.any() else 0.1, logits[None].astype(np.float32))
+
+
+class BoxBlobPredictor(ThresholdPredictor):
+    """A box-only model as LiteMedSAM behaves (measured, docs/propagation.md): a point
+    alone gets an empty mask; in a box it draws the bright pixels of the components
+    mostly inside the box, cut to the box, and when there are none, a blob anyway (an
+    ellipse filling half the box, score 0.9: past a structure's end the real model
+    still answers with a confident blob)."""
+
+    prompts = ("box",)
+
+    def predict(self, prompt: SlicePrompt) -> Prediction:
+        image = self.current.features.embedding[0, 0].numpy()
+        shape = image.shape
+        if prompt.box is None:
+            return Prediction(np.zeros(shape, bool), 0.1, np.full((1, 64, 64), -8.0, np.float32))
+        mask = super().predict(SlicePrompt(box=prompt.box)).mask
+        x0, y0, x1, y1 = np.rint(prompt.box).astype(int)
+        inside = np.zeros(shape, bool)
+        inside[y0 : y1 + 1, x0 : x1 + 1] = True
+        mask &= inside
+        if not mask.any():
+            rows, cols = np.mgrid[: shape[0], : shape[1]]
+            cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
+            ry, rx = max((y1 - y0) / 2, 1) * 0.7, max((x1 - x0) / 2, 1) * 0.7
+            mask = ((rows - cy) / ry) ** 2 + ((cols - cx) / rx) ** 2 <= 1
+        logits = np.where(ndimage.zoom(mask.astype(np.float32), 64 / np.array(shape), order=0) > 0,
+                          8.0, -8.0)  # fmt: skip
+        return Prediction(mask, 0.9, logits[None].astype(np.float32))
+
+    def candidates(self, prompt: SlicePrompt, multimask: bool = True) -> list[Prediction]:
+        return [self.predict(prompt)]

@@ -129,7 +129,7 @@ class RobustMedSAMParameterNode:
     overlap_measure: Annotated[str, Choice(OVERLAPS)] = "containment"
     stop_iou: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     min_score: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
-    min_area_ratio: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    min_area_ratio: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
     box_extension: Annotated[float, WithinRange(0.0, 1.0)] = 0.1
     stop_between_seeds: bool = False
     zoom_to_box: bool = False

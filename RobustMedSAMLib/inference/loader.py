@@ -46,9 +46,10 @@ class LoadedModel:
     checkpoints: dict[str, Path] = field(default_factory=dict)
     half: bool = False
     engine: str = "eager"
+    prompts: tuple[str, ...] = ("point", "box", "mask")  # trained with (registry)
 
     def predictor(self) -> Predictor:
-        return Predictor(self.model, preprocessing=self.preprocessing, half=self.half)
+        return Predictor(self.model, self.preprocessing, self.half, self.prompts)
 
 
 def load_named_model(
@@ -97,7 +98,7 @@ def load_named_model(
     used = use_engine(model, engine)
     log.info("loaded model %s on %s (%s preprocessing, %s encoder)", name, target,
              source.preprocessing, used)  # fmt: skip
-    return LoadedModel(name, model, source.preprocessing, files, half, used)
+    return LoadedModel(name, model, source.preprocessing, files, half, used, source.prompts)
 
 
 def verify_shipped(path: Path, source: ModelSource) -> None:

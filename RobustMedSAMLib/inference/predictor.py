@@ -38,15 +38,20 @@ class EncodedSlice:
 
 
 class Predictor:
-    """Holds one model and the current slice's features; ``predict`` costs only the decoder."""
+    """Holds one model and the current slice's features; ``predict`` costs only the decoder.
+
+    ``prompts``: the prompt kinds the weights were trained with (``ModelSource.prompts``);
+    a point search skips point prompts for a model trained without them."""
 
     def __init__(
         self,
         model: SegmentAnythingModel,
         preprocessing: Style = "sam",
         half: bool = False,
+        prompts: tuple[str, ...] = ("point", "box", "mask"),
     ) -> None:
         self.model = model.eval()
+        self.prompts = tuple(prompts)  # what the weights were trained with (registry)
         prepare_device(model.device)
         config = model.config
         self.preprocessor = Preprocessor(
@@ -107,6 +112,27 @@ class Predictor:
             low_res_logits=logits[0, best : best + 1].float().cpu().numpy(),
             stability=float(stability[best]),
         )
+
+    @torch.inference_mode()
+    def candidates(self, prompt: SlicePrompt, multimask: bool = True) -> list[Prediction]:
+        """Every mask the model gives for ``prompt`` on the current slice (three with
+        ``multimask``, else one), unranked: for a caller that chooses itself."""
+        if self.current is None:
+            raise InputError("no slice set: call set_image() before candidates()")
+        if prompt.is_empty and prompt.mask_input is None:
+            raise InputError("empty prompt: give at least one point or a box")
+        logits, scores = self._decode(prompt, multimask)
+        full = self.preprocessor.mask_logits(logits.float(), self.current.frame)[0]
+        stability = stability_scores(logits[0].float())
+        return [
+            Prediction(
+                mask=(full[m] > 0).cpu().numpy(),
+                score=float(scores[0, m]),
+                low_res_logits=logits[0, m : m + 1].float().cpu().numpy(),
+                stability=float(stability[m]),
+            )
+            for m in range(logits.shape[1])
+        ]
 
     def _decode(self, prompt: SlicePrompt, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
         frame, dev = self.current.frame, self.device

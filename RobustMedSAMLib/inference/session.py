@@ -199,6 +199,22 @@ class SegmentationSession:
             self._ahead.start()  # the first mask is out: encode ahead from now on
         return prediction
 
+    def slice_candidates(
+        self, index: int, prompt: SlicePrompt, multimask: bool = True
+    ) -> list[Prediction]:
+        """All the model's candidate masks for slice ``index`` (see
+        ``Predictor.candidates``); a predictor without it gives its one prediction."""
+        self.predictor.set_encoded(self.encoded(index))
+        start = time.perf_counter()
+        candidates = getattr(self.predictor, "candidates", None)
+        if candidates is None:
+            answers = [self.predictor.predict(prompt)]
+        else:
+            answers = candidates(prompt, multimask)
+        self.stats.decoder_seconds += time.perf_counter() - start
+        self.stats.decoder_calls += 1
+        return answers
+
     def click(self, index: int, xy: tuple[float, float], positive: bool = True) -> Prediction:
         """Add an include/exclude point on slice ``index`` and refine that slice's mask:
         all points so far plus the previous mask's logits, as SAM tools do."""

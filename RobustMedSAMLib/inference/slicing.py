@@ -157,6 +157,18 @@ def ijk_box_roi(volume: Volume, low_ijk, high_ijk) -> Roi:
     return Roi(center, np.abs(high - low) * volume.spacing, axes)
 
 
+def slice_box_roi(volume: Volume, axis: int, index: int, box: np.ndarray) -> Roi:
+    """The one-slice ROI of ``box`` ``(x0, y0, x1, y1)`` (inclusive slice pixels) on
+    slice ``index`` along ``axis``: what a user drawing that box there would save."""
+    _check_axis(axis)
+    low, high = np.zeros(3), np.zeros(3)  # K, J, I voxel-edge coordinates
+    low[axis], high[axis] = index - HALF_VOXEL, index + HALF_VOXEL
+    x_axis, y_axis = _IN_PLANE[axis]
+    low[x_axis], high[x_axis] = box[0] - HALF_VOXEL, box[2] + HALF_VOXEL
+    low[y_axis], high[y_axis] = box[1] - HALF_VOXEL, box[3] + HALF_VOXEL
+    return ijk_box_roi(volume, low[::-1], high[::-1])
+
+
 def roi_to_slice_box(volume: Volume, axis: int, roi: Roi) -> tuple[tuple[int, int], np.ndarray]:
     """Project an ROI onto slices along ``axis``.
 

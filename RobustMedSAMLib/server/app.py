@@ -31,6 +31,7 @@ from RobustMedSAMLib.inference.segment_volume import (
     VolumePrompts,
     run_record,
     segment_volume,
+    windowed_slice,
 )
 from RobustMedSAMLib.inference.session import SegmentationSession
 from RobustMedSAMLib.inference.slicing import get_slice, ijk_box_roi, ras_to_slice_points, set_slice
@@ -256,7 +257,15 @@ def create_app(config: ServerConfig, served: ServedModel) -> FastAPI:
             logits = {z: v for z, v in logits.items() if v is not None}
             order = plan_order(seeds, seg.n_slices, options.bounds, options.max_slices)
             with seg.encoding_ahead(order):  # the encoder runs while a slice decodes
-                result = propagate(seg, seeds, options, job.progress, job.cancel, logits)
+                result = propagate(
+                    seg,
+                    seeds,
+                    options,
+                    job.progress,
+                    job.cancel,
+                    logits,
+                    images=lambda index: windowed_slice(seg, index),
+                )
             new = session.mask.copy()
             for record in result.records:
                 if record.direction != 0:

@@ -40,7 +40,7 @@ class Options(_Body):
     projection: Literal["mask", "box", "points", "points_and_mask", "single_point"] = "mask"
     iou_threshold: float = Field(DEFAULT_OVERLAP, ge=0, le=1)
     min_score: float = Field(0.0, ge=0, le=1)
-    min_area_ratio: float = Field(0.5, ge=0, le=1)
+    min_area_ratio: float = Field(0.0, ge=0, le=1)  # as PropagationOptions
     overlap: Literal["iou", "containment"] = "containment"
     bounds: tuple[int, int] | None = None
     max_slices: int | None = Field(None, ge=0)

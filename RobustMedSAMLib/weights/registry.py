@@ -58,6 +58,10 @@ class ModelSource:
     citation: str
     homepage: str = ""
     notes: str = ""
+    prompts: tuple[str, ...] = ("point", "box", "mask")
+    """The prompt kinds the weights were trained with (SAM's: points, boxes and its own
+    low-res mask fed back). A point search gives points only to a model trained with
+    them (``inference.point_search``)."""
 
 
 # --- The registry. Every URL and hash below was found in public sources (noted);
@@ -82,6 +86,9 @@ _SOURCES = (
         ),
         homepage="https://github.com/bowang-lab/MedSAM/tree/LiteMedSAM",
         notes=f"installed with {LITEMEDSAM_PACKAGE}",
+        # trained with box prompts only (MedSAM's recipe; its training script draws no
+        # points): one positive point gave Dice about 0.03 (docs/propagation.md)
+        prompts=("box",),
     ),
     ModelSource(
         name="sam",

@@ -1,0 +1,109 @@
+"""Where propagation from one flat box stops, with a model that always answers.
+
+A box-prompted model (LiteMedSAM) past a structure's end still draws a confident blob
+in the box it is given; the old rules (overlap, score, growth) let it run to the
+volume's end. ``BoxBlobPredictor`` behaves that way; the likeness rule stops where the
+mask holds what surrounded the seed. The area rule no longer extrapolates a trend, so
+a structure with a waist is followed through it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from doubles import BoxBlobPredictor, ThresholdPredictor
+
+from RobustMedSAMLib.datasets import phantoms
+from RobustMedSAMLib.formats.volume import Volume
+from RobustMedSAMLib.inference.propagation import PropagationOptions
+from RobustMedSAMLib.inference.segment_volume import SegmentOptions, VolumePrompts, segment_volume
+from RobustMedSAMLib.inference.session import SegmentationSession
+from RobustMedSAMLib.inference.slicing import slice_box_roi
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / (a.sum() + b.sum()))
+
+
+def _flat_box(volume: Volume, truth: np.ndarray, index: int):
+    rows, cols = np.nonzero(truth[index])
+    box = np.array([cols.min(), rows.min(), cols.max(), rows.max()])
+    return slice_box_roi(volume, 0, index, box)
+
+
+def _slices(mask: np.ndarray) -> list[int]:
+    return np.flatnonzero(mask.any(axis=(1, 2))).tolist()
+
+
+@pytest.mark.parametrize("zoom", [False, True])
+def test_a_flat_box_stops_where_the_sphere_ends_with_a_model_that_always_answers(zoom):
+    phantom = phantoms.sphere((30, 64, 64), (1.0, 1.0, 2.0), 12.0, contrast=150.0, noise=10.0)
+    volume = Volume(phantom.image.astype(np.float32), phantom.ijk_to_ras, "sphere")
+    truth = phantom.mask
+    centre = _slices(truth)[len(_slices(truth)) // 2]
+    options = SegmentOptions(propagate=True, zoom=zoom)
+    session = SegmentationSession(volume, BoxBlobPredictor(115.0), window=(-160, 240))
+    result = segment_volume(session, VolumePrompts(roi=_flat_box(volume, truth, centre)), options)
+    assert result.decisions.zoom is zoom
+    assert _slices(result.mask) == _slices(truth)  # before: all 30 slices (Dice 0.55)
+    assert result.decisions.ends == {"low": "likeness", "high": "likeness"}
+    assert _dice(result.mask, truth) > 0.9
+    rejected = [stop["rejected"]["likeness"] for stop in result.stops]
+    assert max(rejected) < 0.2  # the blob holds background: likeness near 0
+    old = PropagationOptions(min_likeness=0.0)
+    session = SegmentationSession(volume, BoxBlobPredictor(115.0), window=(-160, 240))
+    before = segment_volume(
+        session,
+        VolumePrompts(roi=_flat_box(volume, truth, centre)),
+        SegmentOptions(propagate=True, zoom=zoom, propagation=old),
+    )
+    assert len(_slices(before.mask)) == 30  # the old rules never stopped
+
+
+WAISTS = [[0, 10, 10, 9, 7, 5, 7, 9, 10, 10, 0], [0, 10, 10, 7, 4, 7, 10, 10, 0]]
+
+
+@pytest.mark.parametrize("radii", WAISTS)
+def test_a_structure_with_a_waist_is_followed_through_it(radii):
+    """Disc radii per slice (px): a gentle waist (areas 314 .. 78 .. 314), which the old
+    trend rule stopped at, and a narrow one (314, 154, 50, 154, 314), which the area rule
+    against the last two areas stops at too (it is off by default now)."""
+    rows, cols = np.mgrid[:48, :48]
+    truth = np.stack([((rows - 24) ** 2 + (cols - 24) ** 2 <= r * r) & (r > 0) for r in radii])
+    rng = np.random.default_rng(0)
+    image = np.where(truth, 200.0, 40.0) + rng.normal(0, 5, truth.shape)
+    volume = Volume(image.astype(np.float32), np.diag([-1.0, -1.0, 2.0, 1.0]), "waist")
+    prompt = VolumePrompts(roi=_flat_box(volume, truth, 1))
+    session = SegmentationSession(volume, ThresholdPredictor(120.0), window=(-160, 240))
+    result = segment_volume(session, prompt, SegmentOptions(propagate=True))
+    assert _slices(result.mask) == _slices(truth)
+    assert _dice(result.mask, truth) > 0.95
+    area_rule = SegmentOptions(propagate=True, propagation=PropagationOptions(min_area_ratio=0.5))
+    session = SegmentationSession(volume, ThresholdPredictor(120.0), window=(-160, 240))
+    with_area_rule = segment_volume(session, prompt, area_rule)
+    stopped = _slices(with_area_rule.mask) != _slices(truth)
+    assert stopped == (min(radii[1:-1]) == 4)  # the narrow waist stops the area rule
+
+
+class _Spy(BoxBlobPredictor):
+    def __init__(self, threshold: float) -> None:
+        super().__init__(threshold)
+        self.mask_inputs: list[bool] = []
+
+    def predict(self, prompt):
+        self.mask_inputs.append(prompt.mask_input is not None)
+        return super().predict(prompt)
+
+
+@pytest.mark.parametrize("prompts, fed_back", [(("box",), False), (("point", "box", "mask"), True)])
+def test_a_model_trained_without_mask_prompts_is_never_fed_its_logits(prompts, fed_back):
+    phantom = phantoms.sphere((16, 48, 48), (1.0, 1.0, 2.0), 9.0, contrast=150.0, noise=10.0)
+    volume = Volume(phantom.image.astype(np.float32), phantom.ijk_to_ras, "sphere")
+    predictor = _Spy(115.0)
+    predictor.prompts = prompts
+    session = SegmentationSession(volume, predictor, window=(-160, 240))
+    centre = _slices(phantom.mask)[len(_slices(phantom.mask)) // 2]
+    roi = _flat_box(volume, phantom.mask, centre)
+    result = segment_volume(session, VolumePrompts(roi=roi), SegmentOptions(propagate=True))
+    assert result.decisions.projection == ("box" if not fed_back else "mask")
+    assert any(predictor.mask_inputs) is fed_back  # before: LiteMedSAM got its logits back
+    assert _dice(result.mask, phantom.mask) > 0.9
