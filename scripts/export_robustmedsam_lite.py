@@ -14,7 +14,9 @@ float32. Prints the SHA-256 and size to put in ``weights/registry.py``.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -82,6 +84,16 @@ def masks(model, pairs) -> list[np.ndarray]:
     return out
 
 
+def validation_records(log: str) -> list[dict]:
+    """The ``validation ... : {...}`` lines of a run's train.log, with their step."""
+    out = []
+    for line in log.splitlines():
+        found = re.search(r"validation (?:at step (\d+)|before training): (\{.*\})$", line)
+        if found:
+            out.append({"step": int(found.group(1) or 0), **ast.literal_eval(found.group(2))})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_model", type=Path, help="RUN_DIR/best.safetensors")
@@ -100,8 +112,7 @@ def main() -> None:
     use_half = min(dices) >= MIN_DICE
     save_state_dict(half(full) if use_half else full, args.out)
     run_dir = args.run_model.parent
-    records = [json.loads(x) for x in (run_dir / "train.out").read_text().splitlines()
-               if x.startswith("{")] if (run_dir / "train.out").is_file() else []  # fmt: skip
+    log = (run_dir / "train.log").read_text()
     summary = {
         "model": "robustmedsam-lite",
         "file": args.out.name,
@@ -111,7 +122,7 @@ def main() -> None:
         "precision_check": {"min_dice_fp16_vs_fp32": min(dices), "masks": len(dices)},
         "from_run_model": args.run_model.name,
         "config_toml": (run_dir / "config.toml").read_text(),
-        "validation": [r for r in records if r.get("event") == "val"],
+        "validation": validation_records(log),
         "license": "Apache-2.0 (derived from LiteMedSAM, Apache-2.0)",
     }
     write_text(args.out.with_suffix(".json"), json.dumps(summary, indent=1) + "\n")

@@ -66,8 +66,8 @@ class ModelSource:
     notes: str = ""
 
 
-ROBUSTMEDSAM_LITE_SHA256 = "0" * 64
-ROBUSTMEDSAM_LITE_BYTES = 0
+ROBUSTMEDSAM_LITE_SHA256 = "8d865b3d35d97627d4ff79938339df0cd1851f8d0adef3ecc69fd64f5e62c749"
+ROBUSTMEDSAM_LITE_BYTES = 10339552
 """The shipped decoder file's SHA-256 and size (written when it is trained and exported)."""
 
 # --- The registry. Every URL and hash below was found in public sources (noted);
