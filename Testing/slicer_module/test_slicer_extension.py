@@ -84,12 +84,15 @@ def test_only_the_module_file_is_a_python_file_in_the_module_folder():
 
 
 def test_the_default_model_comes_with_a_dependency_the_panel_installs():
-    """No checkpoint is in the CMake install lists: the panel's default model must come
-    from a package its dependency check installs into Slicer's Python."""
+    """The panel's default model must come from a package its dependency check installs
+    into Slicer's Python; the only model file the extension packages is robustmedsam-lite's
+    decoder (which also needs that package, for LiteMedSAM's encoder)."""
     default = re.search(r"model_name: Annotated\[str, Choice\(MODEL_NAMES\)\] = (\S+)", MODULE)
     name = default.group(1).strip('"')
     source = registry.MODELS[DEFAULT_MODEL if name == "DEFAULT_MODEL" else name]
     assert source.url is None and registry.LITEMEDSAM_PACKAGE in source.notes
     # RUNTIME_REQUIREMENTS equals pyproject's dependencies (test_dependencies.py)
     assert registry.LITEMEDSAM_PACKAGE in dependencies.for_slicer(dependencies.RUNTIME_REQUIREMENTS)
-    assert ".pth" not in MODULE_CMAKE and ".safetensors" not in MODULE_CMAKE
+    assert ".pth" not in MODULE_CMAKE
+    packaged = re.findall(r"[\w/.-]+\.safetensors", MODULE_CMAKE)
+    assert packaged == [f"Resources/models/{registry.MODELS['robustmedsam-lite'].filename}"]
