@@ -1,7 +1,7 @@
 """The models compared side by side: a label and a way to load each.
 
 A model spec on the command line is ``[LABEL=]NAME[:CHECKPOINT]`` (NAME a registry
-model: litemedsam, sam, medsam, robustsam, medicosam, fused), or
+model: litemedsam, robustmedsam-lite, sam, medsam, robustsam, medicosam, fused), or
 ``[LABEL=]fused:ENCODER+DECODER`` to build the fused model from a MedSAM and a
 RobustSAM file. Fine-tuned, SVD and ablation runs are named checkpoints of the
 architecture they were saved in, e.g. ``fused_ft=fused:runs/ft/best.pth``.

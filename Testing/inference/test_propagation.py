@@ -299,7 +299,7 @@ def test_area_rule_stops_a_leak_that_overlap_misses() -> None:
     radii = [6.0] * 40 + [14.0] * 24  # concentric: containment stays 1
     labels = discs([(32.0, 32.0)] * 64, radii)
     segmenter = OracleThresholdSegmenter(image_from_labels(labels))
-    options = PropagationOptions(overlap="containment", box_extension=1.0)
+    options = PropagationOptions(overlap="containment", box_extension=1.0, min_area_ratio=0.5)
     result = propagate(segmenter, {30: labels[30]}, options)
     up = next(s for s in result.stops if s.direction == 1)
     assert (up.reason, up.last_index) == ("area", 39)

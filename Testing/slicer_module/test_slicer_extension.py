@@ -49,6 +49,21 @@ def test_licence_and_readme_are_the_extensions_own():
         assert setting and setting.start() < use, f"{variable} must be set before UseSlicer"
 
 
+def test_the_shipped_model_files_are_installed_where_the_registry_looks():
+    """Every registry model found in Resources/models is in the install list, which puts
+    it in Resources/models beside RobustMedSAMLib (the registry's SHIPPED_MODELS_DIR)."""
+    installed = cmake_list(MODULE_CMAKE, "ROBUSTMEDSAM_MODEL_FILES")
+    shipped = [s for s in registry.MODELS.values() if s.architecture == "robustmedsam-lite"]
+    assert shipped
+    for source in shipped:
+        assert f"Resources/models/{source.filename}" in installed
+    assert registry.SHIPPED_MODELS_DIR == ROOT / "Resources" / "models"
+    assert all((ROOT / f).is_file() for f in installed)
+    assert "DESTINATION ${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}/Resources/models" in (
+        MODULE_CMAKE
+    )  # the library's folder, which holds RobustMedSAMLib
+
+
 def test_minimum_slicer_version_is_required():
     assert re.search(r"find_package\(Slicer 5\.10 REQUIRED\)", TOP)
     assert '">=3.11"' in (ROOT / "pyproject.toml").read_text()  # Slicer 5.10: Python 3.12
@@ -73,15 +88,18 @@ def test_only_the_module_file_is_a_python_file_in_the_module_folder():
 
 
 def test_the_default_model_comes_with_a_dependency_the_panel_installs():
-    """No checkpoint is in the CMake install lists: the panel's default model must come
-    from a package its dependency check installs into Slicer's Python."""
+    """The panel's default model must come from a package its dependency check installs
+    into Slicer's Python; the only model file the extension packages is robustmedsam-lite's
+    decoder (which also needs that package, for LiteMedSAM's encoder)."""
     default = re.search(r"model_name: Annotated\[str, Choice\(MODEL_NAMES\)\] = (\S+)", MODULE)
     name = default.group(1).strip('"')
     source = registry.MODELS[DEFAULT_MODEL if name == "DEFAULT_MODEL" else name]
     assert source.url is None and registry.LITEMEDSAM_PACKAGE in source.notes
     # RUNTIME_REQUIREMENTS equals pyproject's dependencies (test_dependencies.py)
     assert registry.LITEMEDSAM_PACKAGE in dependencies.for_slicer(dependencies.RUNTIME_REQUIREMENTS)
-    assert ".pth" not in MODULE_CMAKE and ".safetensors" not in MODULE_CMAKE
+    assert ".pth" not in MODULE_CMAKE
+    packaged = re.findall(r"[\w/.-]+\.safetensors", MODULE_CMAKE)
+    assert packaged == [f"Resources/models/{registry.MODELS['robustmedsam-lite'].filename}"]
 
 
 # The module's helper package, bottom to top: a helper imports only helpers of a lower

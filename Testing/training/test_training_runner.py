@@ -234,3 +234,54 @@ def test_trained_model_segments_through_the_cli(tmp_path, decoder_run):
          str(run_dir / "best.safetensors"), "--device", "cpu"]
     )  # fmt: skip
     assert code == 0 and out.is_file()
+
+
+def test_cpu_training_flushes_subnormal_floats(tmp_path, micro_checkpoint):
+    """LiteMedSAM's activations reach subnormal floats, which made CPU training several
+    times slower: the runner prepares the CPU as inference does."""
+    from RobustMedSAMLib.training.runner import Trainer
+
+    torch.set_flush_denormal(False)
+    tiny = torch.tensor([1e-39], dtype=torch.float32)  # subnormal in float32
+    assert float(tiny * 1.0) != 0.0
+    config = TrainingConfig.from_dict(micro_config(micro_checkpoint, train={"steps": 1}))
+    Trainer(config, tmp_path / "run", RunOptions(emit=lambda record: None))
+    assert float(tiny * 1.0) == 0.0
+
+
+def test_teacher_targets_are_the_starting_models_box_masks(tmp_path, micro_checkpoint):
+    """Region samples train on the starting model's own mask from the region's box on the
+    clean image; phantom samples keep their true masks."""
+    import SimpleITK as sitk  # noqa: N813 - the usual name
+
+    from RobustMedSAMLib.model.sam import ImageFeatures
+    from RobustMedSAMLib.training.runner import Trainer
+    from RobustMedSAMLib.training.simulated_prompts import boxes_from_masks
+
+    (tmp_path / "images").mkdir()
+    yy, xx = np.mgrid[:96, :96]
+    for n in range(3):
+        image = np.where((yy - 40 - 5 * n) ** 2 + (xx - 50) ** 2 < 300, 200, 40).astype(np.uint8)
+        sitk.WriteImage(sitk.GetImageFromArray(image), str(tmp_path / "images" / f"s{n}.png"))
+    values = micro_config(micro_checkpoint, train={"steps": 1, "batch_size": 2})
+    values["data"] = {"source": "regions", "folder": str(tmp_path), "teacher_targets": True,
+                      "phantom_mix": 2, "phantom_shape": [6, 48, 48], "val_samples": 2}  # fmt: skip
+    trainer = Trainer(TrainingConfig.from_dict(values), tmp_path / "run", RunOptions())
+    trainer.prepare_caches()
+    inputs, names = trainer.train_inputs, trainer.train_inputs.data.names
+    regions = [i for i, n in enumerate(names) if ":region" in n]
+    phantoms = [i for i, n in enumerate(names) if n.startswith("phantom")]
+    originals = {i: inputs.target(i) for i in regions}
+    trainer.set_teacher_targets()
+    assert regions and phantoms and not set(inputs.replaced) & set(phantoms)
+    model = trainer.model
+    scale = model.config.image_size / model.config.low_res_size
+    with torch.no_grad():
+        for index in inputs.replaced:
+            cached = trainer.caches["train"].get([index], [0])
+            embedding, robust = trainer.step_module.image_features(cached)
+            box = boxes_from_masks(originals[index][None], np.random.default_rng(0), 0.0, scale)
+            logits, _ = model.decode(ImageFeatures(embedding, robust), boxes=box)
+            differ = inputs.target(index) != (logits[0, 0] > 0)
+            # another batch size may round a logit within float error of 0 the other way
+            assert not differ.any() or logits[0, 0][differ].abs().max() < 1e-4
