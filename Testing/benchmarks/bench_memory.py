@@ -92,8 +92,11 @@ def main() -> None:
     wall = re.search(r"Elapsed \(wall clock\) time.*: (\S+)", log)
     print(f"volume 512 x 512 x {args.slices} int16: {voxels * 2 / 1e6:.0f} MB")
     print(f"reference (read + write an empty segmentation): peak RSS {reference / 1e9:.2f} GB")
-    print(f"segment --propagate --model {args.model}: peak RSS {peak / 1e9:.2f} GB "
-          f"({peak / reference:.2f}x the reference), wall {wall.group(1) if wall else '?'}")  # fmt: skip
+    wall_text = wall.group(1) if wall else "?"
+    print(
+        f"segment --propagate --model {args.model}: peak RSS {peak / 1e9:.2f} GB "
+        f"({peak / reference:.2f}x the reference), wall {wall_text}"
+    )
     verdict = "meets" if peak < TARGET_BYTES else "misses"
     print(f"target 1.5 GB: {verdict} ({peak / TARGET_BYTES:.2f} of it)")
 
