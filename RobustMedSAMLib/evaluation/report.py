@@ -207,6 +207,7 @@ def summary_markdown(rows: list[dict]) -> str:
     out += ["## All data", "", *_headline_table(scores, missing, ALL), ""]
     out += ["## Per data set", "", *_headline_table(scores, {}, "dataset"), ""]
     out += ["## Per modality", "", *_headline_table(scores, {}, "modality"), ""]
+    out += ["## Per case", "", *_headline_table(scores, {}, "case"), ""]
     interactive = [s for s in final if s.setting.startswith("2D")]
     if interactive:
         out += ["## 2D after the last correction click", ""]
