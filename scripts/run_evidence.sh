@@ -7,14 +7,15 @@
 #
 #   scripts/run_evidence.sh EVALDATA OUT CACHE MODEL_SPEC... [-- PHASE...]
 #   scripts/run_evidence.sh /work/evaldata runs/evidence /tmp/enc \
-#       litemedsam robustmedsam-lite demo=fused:/tmp/robustmedsam_demo.pth -- clean 2d-subset
+#       litemedsam robustmedsam-lite demo=fused:/tmp/robustmedsam_demo.pth -- clean-2d clean-3d
 #
 # PHASES (default: all, in this order; they are ordered by value per CPU second):
-#   clean        real scans, 2D (central slice) and 3D (one prompt on it + propagation),
-#                box and point, clean, seeds 0 1 2 (prompt jitter)
+#   clean-2d     real scans, 2D (central slice), box and point, clean, seeds 0 1 2
+#   clean-3d     real scans, 3D (one prompt on the central slice + propagation), clean, seed 0
 #   2d-subset    2D, clean + the 12 corruptions at severity 3, seeds 0 1 2 (corruption and
 #                prompt jitter), on one case per source and modality (SUBSET below)
-#   2d-degraded  the same on all 12 real scans
+#   clean-3d-seeds  3D clean, seeds 1 and 2 too
+#   2d-degraded  the 2D corruptions on all 12 real scans
 #   phantoms     phantom:all,count=1, 2D (clean + 12 corruptions) and 3D (clean), seeds 0 1 2
 #   3d-subset    3D, the 12 corruptions at severity 3, seed 0, on SUBSET
 # Environment: PYTHON (default .venv/bin/python), DEVICE (default cpu), ENGINE (default
@@ -27,7 +28,7 @@ models=() phases=()
 while [[ $# -gt 0 && $1 != "--" ]]; do models+=(--model "$1"); shift; done
 [[ ${1:-} == "--" ]] && shift
 phases=("$@")
-[[ ${#phases[@]} -eq 0 ]] && phases=(clean 2d-subset 2d-degraded phantoms 3d-subset)
+[[ ${#phases[@]} -eq 0 ]] && phases=(clean-2d clean-3d 2d-subset clean-3d-seeds 2d-degraded phantoms 3d-subset)
 python=${PYTHON:-.venv/bin/python}
 device=${DEVICE:-cpu}
 engine=${ENGINE:-openvino}
@@ -70,8 +71,9 @@ evaluate() { nice -n 10 "$python" -m RobustMedSAMLib evaluate "${models[@]}" "${
 for phase in "${phases[@]}"; do
   echo "=== phase $phase $(date -u +%FT%TZ)"
   case $phase in
-    clean) evaluate "${real[@]}" --protocol interactive volumetric --corruptions clean \
-             --seeds 0 1 2 ;;
+    clean-2d) evaluate "${real[@]}" --protocol interactive --corruptions clean --seeds 0 1 2 ;;
+    clean-3d) evaluate "${real[@]}" --protocol volumetric --corruptions clean --seeds 0 ;;
+    clean-3d-seeds) evaluate "${real[@]}" --protocol volumetric --corruptions clean --seeds 0 1 2 ;;
     2d-subset) evaluate "${some[@]}" --protocol interactive --corruptions all --seeds 0 1 2 ;;
     2d-degraded) evaluate "${real[@]}" --protocol interactive --corruptions all --seeds 0 1 2 ;;
     phantoms) evaluate --data phantom:all,count=1,name=phantoms --protocol interactive \

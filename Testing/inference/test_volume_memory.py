@@ -1,4 +1,5 @@
-"""The automatic window reads a sample of a big volume without copying it whole.
+"""Big volumes are not copied needlessly: the automatic window reads a sample, the
+embedding cache's content key hashes the voxels in place.
 
 Before: ``auto_window`` converted the whole array to float64 and then copied its finite
 voxels, about 8 + 8 bytes per voxel (1.3 GB for a 512 x 512 x 300 CT) before sampling
@@ -55,3 +56,37 @@ def test_nan_voxels_are_skipped_even_when_the_sample_misses_the_finite_ones():
     assert (low, high) == (0.0, 8.0)
     with pytest.raises(InputError, match="no finite"):
         auto_window(np.full((4, 4), np.nan))
+
+
+def test_session_cache_key_hashes_the_voxels_in_place():
+    """The disk cache's content key: the same digest as of the bytes, without a copy of
+    the volume (``tobytes`` copied it whole)."""
+    import hashlib
+
+    from RobustMedSAMLib.formats.volume import Volume
+    from RobustMedSAMLib.inference.session import SegmentationSession
+
+    array = np.random.default_rng(2).integers(-1000, 1000, (60, 256, 256), dtype=np.int16)
+    session = SegmentationSession(Volume(array, np.eye(4)), _NoModel(), window=(-160.0, 240.0))
+    tracemalloc.start()
+    try:
+        key = session.cache_key()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    digest = hashlib.sha256()
+    digest.update(f"{array.shape}{array.dtype}{session.axis}{session.window}".encode())
+    digest.update(f"{session.model_id}{session.style}".encode())
+    digest.update(array.tobytes())
+    assert key == digest.hexdigest()[:32]
+    assert peak < array.nbytes / 10  # 7.9 MB of voxels; no copy of them
+
+
+class _NoModel:
+    """A predictor stand-in: the key needs no model work, only its preprocessing's name."""
+
+    class preprocessor:  # noqa: N801
+        style = "litemedsam"
+
+    def encode(self, image, window=None):
+        raise AssertionError("not called")
