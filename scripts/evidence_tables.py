@@ -13,6 +13,7 @@ every other data set is a real scan.
 from __future__ import annotations
 
 import sys
+from collections import defaultdict
 from collections.abc import Callable
 
 import numpy as np
@@ -41,12 +42,23 @@ def _models(scores: list[Score]) -> list[str]:
 def _text(summary: Summary, cases: bool = False) -> str:
     if summary.mean != summary.mean:
         return "-"
-    text = f"{summary.mean:.3f} ± {summary.std:.3f}"
-    return f"{text} ({summary.cases})" if cases else text
+    text = f"{summary.mean:.3f}" + (f" ± {summary.std:.3f}" if summary.seeds > 1 else "")
+    count = f"{summary.cases} cases, " if cases else ""
+    return f"{text} ({count}{summary.seeds} seed{'s' if summary.seeds > 1 else ''})"
 
 
 def _pick(scores: list[Score], **where) -> list[Score]:
-    return [s for s in scores if all(getattr(s, k) == v for k, v in where.items())]
+    """The scores matching ``where``, keeping per condition only the seeds run on the
+    most cases (a seed run on fewer cases would average other cases)."""
+    picked = [s for s in scores if all(getattr(s, k) == v for k, v in where.items())]
+    cases: dict[tuple, set[str]] = defaultdict(set)
+    for s in picked:
+        cases[(s.corruption, s.severity, s.seed)].add(s.case)
+    most: dict[tuple, int] = defaultdict(int)
+    for (corruption, severity, _), names in cases.items():
+        most[(corruption, severity)] = max(most[(corruption, severity)], len(names))
+    return [s for s in picked if len(cases[(s.corruption, s.severity, s.seed)]) == most[
+        (s.corruption, s.severity)]]  # fmt: skip
 
 
 def _degraded_cases(scores: list[Score]) -> list[Score]:
