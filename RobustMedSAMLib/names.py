@@ -6,7 +6,15 @@ is named in one place. ``weights.registry`` and ``corruptions.registry`` hold wh
 name means; tests keep those registries' keys equal to these tuples.
 """
 
-MODEL_NAMES = ("litemedsam", "sam", "medsam", "robustsam", "medicosam", "fused")
+MODEL_NAMES = (
+    "litemedsam",
+    "robustmedsam-lite",
+    "sam",
+    "medsam",
+    "robustsam",
+    "medicosam",
+    "fused",
+)
 DEFAULT_MODEL = "litemedsam"  # the CLI, batch runs, the Python API and the Slicer panel
 DEVICES = ("auto", "cpu", "cuda", "mps")
 ENGINES = ("eager", "onnx", "openvino")

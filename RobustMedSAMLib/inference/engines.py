@@ -52,6 +52,10 @@ def use_engine(model: SegmentAnythingModel, engine: str, threads: int | None = N
             f"--engine {engine} runs the lite models' encoder on the CPU; "
             "use --engine eager with this model or device"
         )
+    if model.robust:  # the robust decoder also reads an early stage the graph omits
+        log.warning("engine %r serves litemedsam's encoder only; running the eager encoder of "
+                    "%s", engine, "robustmedsam-lite")  # fmt: skip
+        return "eager"
     missing = [name for name in PACKAGES[engine] if not _importable(name)]
     if missing:
         log.warning(

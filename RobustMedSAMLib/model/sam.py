@@ -1,7 +1,8 @@
 """The SAM-family model: image encoder, prompt encoder, plain or robust mask decoder.
 
 One class covers SAM ViT-B, MedSAM, MedicoSAM and LiteMedSAM (TinyViT encoder) with the
-plain decoder, and RobustSAM and the fused MedSAM+RobustSAM model (robust decoder);
+plain decoder, and RobustSAM, the fused MedSAM+RobustSAM model and RobustMedSAM-Lite
+(TinyViT encoder) with the robust decoder;
 parameter names are those of the
 published checkpoints (``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``).
 Frames: images enter as ``B x 3 x S x S`` normalised model input; points and boxes
@@ -60,12 +61,8 @@ def _plain_decoder(config: ModelConfig) -> MaskDecoder:
     )
 
 
-def _image_encoder(config: ModelConfig, robust: bool) -> nn.Module:
-    if config.encoder_kind == "vit":
-        return ImageEncoder(config)
-    if robust:
-        raise ValueError("the robust decoder needs a ViT encoder's early features")
-    return TinyViTEncoder()
+def _image_encoder(config: ModelConfig) -> nn.Module:
+    return ImageEncoder(config) if config.encoder_kind == "vit" else TinyViTEncoder()
 
 
 class SegmentAnythingModel(nn.Module):
@@ -75,7 +72,7 @@ class SegmentAnythingModel(nn.Module):
         super().__init__()
         self.config = config
         self.robust = robust
-        self.image_encoder = _image_encoder(config, robust)
+        self.image_encoder = _image_encoder(config)
         self.prompt_encoder = PromptEncoder(
             embed_dim=config.prompt_embed_dim,
             image_embedding_size=(config.embedding_size, config.embedding_size),

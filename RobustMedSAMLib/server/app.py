@@ -357,8 +357,8 @@ def _prompts(session: ServerSession, body: SegmentRequest) -> VolumePrompts:
 
 
 def _input_size(architecture: str) -> int:
-    """The model's square input side: LiteMedSAM 256, the ViT-B models 1024."""
-    return 256 if architecture == "litemedsam" else 1024
+    """The model's square input side: the lite models 256, the ViT-B models 1024."""
+    return 256 if architecture in ("litemedsam", "robustmedsam-lite") else 1024
 
 
 def model_catalogue(served_name: str, input_size: int | None) -> list[dict[str, Any]]:

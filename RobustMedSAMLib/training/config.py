@@ -70,7 +70,11 @@ class DataSection:
     images; automatic region masks, at most ``regions_per_image`` per image).
     ``max_samples``: per split, 0 = all. ``phantom_scenes``: "organs" (abdomen-like
     scenes only) or "mixed" (every third an organ scene, the others random scenes).
-    ``phantom_mix``: phantom volumes added to a non-phantom source (both splits)."""
+    ``phantom_mix``: phantom volumes added to a non-phantom source (both splits).
+    ``teacher_targets``: the target of every automatic region sample (source "regions")
+    becomes the starting model's own mask on the clean image from the region's tight
+    box, for the clean and every corrupted version (robustness without labels: the
+    decoder learns to give on a degraded image what it gave on the clean one)."""
 
     source: str = "phantoms"
     paths: tuple[str, ...] = ()
@@ -87,6 +91,7 @@ class DataSection:
     phantom_scenes: str = "organs"
     phantom_mix: int = 0
     regions_per_image: int = 8
+    teacher_targets: bool = False
 
 
 @dataclass(frozen=True)

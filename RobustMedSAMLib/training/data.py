@@ -60,6 +60,17 @@ class SliceSet:
             return self
         return SliceSet(self.images[:count], self.masks[:count], self.names[:count])
 
+    def image_rows(self) -> tuple[list[int], list[int]]:
+        """(first sample of each distinct image, the distinct image of every sample):
+        samples that share one image array (regions of one picture) share it, so its
+        encoder outputs are computed and cached once."""
+        first: dict[int, int] = {}
+        rows = [first.setdefault(id(image), len(first)) for image in self.images]
+        firsts = [0] * len(first)
+        for index in reversed(range(len(rows))):
+            firsts[rows[index]] = index
+        return firsts, rows
+
     def fingerprint(self) -> str:
         """SHA-256 of every image and mask (the embedding cache's key)."""
         digest = hashlib.sha256()
@@ -163,7 +174,7 @@ def _to_uint8(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
 
 def _volume_slices(section: DataSection) -> list[SliceSet]:
     from RobustMedSAMLib.formats.volume import read_volume
-    from RobustMedSAMLib.inference.preprocessing import auto_window, window_to_uint8
+    from RobustMedSAMLib.inference.preprocessing import resolve_window, window_to_uint8
 
     sets = []
     for image_path, label_path in find_pairs(section.folder):
@@ -177,7 +188,7 @@ def _volume_slices(section: DataSection) -> list[SliceSet]:
             )
         if not np.any(label):
             raise InputError(f"{label_path}: the label volume is empty (all zero)")
-        window = auto_window(image)
+        window, _ = resolve_window(image)  # as inference windows it (CT: soft tissue)
         volume_set = SliceSet()
         for index, image2d, label2d in _foreground_slices(image, label, section):
             name = f"{file_stem(image_path)}:{section.axis}{index}"
@@ -203,7 +214,7 @@ def _phantom_slices(section: DataSection, seed: int) -> list[SliceSet]:
     third one and random scenes (objects at random places, sizes and contrasts, some
     darker than the background); each slice's target is one object in it, in turn."""
     from RobustMedSAMLib.datasets.phantoms import organ_scene, random_scene
-    from RobustMedSAMLib.inference.preprocessing import auto_window, window_to_uint8
+    from RobustMedSAMLib.inference.preprocessing import resolve_window, window_to_uint8
 
     sets = []
     for number in range(section.phantom_volumes):
@@ -213,7 +224,7 @@ def _phantom_slices(section: DataSection, seed: int) -> list[SliceSet]:
         phantom = make(
             shape=tuple(section.phantom_shape), texture=texture, seed=seed * 1000 + number
         )
-        window = auto_window(phantom.image)
+        window, _ = resolve_window(phantom.image)  # as inference windows it
         volume_set = SliceSet()
         body = [v for v, n in phantom.label_names.items() if n == "body"]
         for index, image2d, label2d in _foreground_slices(phantom.image, phantom.labels, section):

@@ -54,11 +54,13 @@ def cache_key(parts: dict) -> str:
 
 
 class EmbeddingCache:
-    """Read access to a complete cache: ``get(indices, variants)`` -> fp32 tensors by kind."""
+    """Read access to a complete cache: ``get(indices, variants)`` -> fp32 tensors by kind.
+    ``rows`` maps sample indices to stored rows when samples share an image."""
 
     def __init__(self, folder: Path, kinds: Sequence[str], variants: int) -> None:
         self.folder = folder
         self.kinds = tuple(kinds)
+        self.rows: list[int] | None = None  # sample index -> stored row (None: the same)
         self._arrays = {
             kind: [np.load(folder / f"{kind}_v{v}.npy", mmap_mode="r") for v in range(variants + 1)]
             for kind in self.kinds
@@ -106,6 +108,9 @@ class EmbeddingCache:
         self, indices: Sequence[int], variants: Sequence[int], device: torch.device | str = "cpu"
     ) -> dict[str, torch.Tensor]:
         """Stored tensors of (image, variant) pairs, stacked: ``B x ...`` float32."""
+
+        if self.rows is not None:
+            indices = [self.rows[i] for i in indices]
 
         def stack(arrays: list[np.ndarray]) -> torch.Tensor:
             rows = [arrays[v][i] for i, v in zip(indices, variants, strict=True)]

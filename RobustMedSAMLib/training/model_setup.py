@@ -22,8 +22,9 @@ IMAGE_BLOCKS = (
 
 
 def build_model(section: ModelSection, seed: int = 0) -> SegmentAnythingModel:
-    """From a checkpoint (file or registry name), a fused encoder + decoder pair, or
-    random weights (``torch.manual_seed(seed)``: the same seed gives the same model)."""
+    """From a checkpoint (file or registry name; LiteMedSAM's with ``robust`` gives
+    RobustMedSAM-Lite before training), a fused encoder + decoder pair, or random
+    weights (``torch.manual_seed(seed)``: the same seed gives the same model)."""
     from RobustMedSAMLib.weights import checkpoint as ckpt
 
     if section.init == "random":
@@ -46,6 +47,10 @@ def build_model(section: ModelSection, seed: int = 0) -> SegmentAnythingModel:
         if not Path(section.checkpoint).is_file()
         else Path(section.checkpoint)
     )
+    state = ckpt.read_state_dict(path)
+    if section.robust and ckpt.TINY_VIT_MARKER in state and not ckpt.is_robust(state):
+        # LiteMedSAM -> RobustMedSAM-Lite, its robust decoder started as LiteMedSAM's
+        return ckpt.robust_lite_from_litemedsam(state, path)
     return ckpt.load_model(path, robust=section.robust)
 
 

@@ -19,6 +19,7 @@ and here the loop, validation, caches and saving.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import signal
@@ -124,9 +125,9 @@ class Trainer:
         if self.dist.main or options.resume:  # rank 0 may already be writing a new run
             _check_run_dir(self.run_dir, config, options.resume)
         t = config.train
-        from RobustMedSAMLib.device import select_device
+        from RobustMedSAMLib.device import prepare_device, select_device
 
-        self.device = select_device(t.device)
+        self.device = prepare_device(select_device(t.device))  # CPU: flush denormals
         if self.dist.world > 1 and self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
@@ -165,6 +166,10 @@ class Trainer:
         self.plan = BatchPlan(config, self.train_indices, self.dist.world, self.dist.rank)
         self.caches: dict[str, EmbeddingCache] = {}
         self.step, self.best, self.losses = 0, -1.0, []
+        # the starting decoder, for teacher targets (taken before a resume restores)
+        self.base_decoder = (
+            copy.deepcopy(self.model.mask_decoder).eval() if config.data.teacher_targets else None
+        )
 
     # --- files and records ---
 
@@ -230,8 +235,10 @@ class Trainer:
         ):
             if len(inputs.data) == 0:
                 continue
+            firsts, rows = inputs.firsts, inputs.rows
             key = cache_key(
                 {
+                    "rows": "distinct images",
                     "weights": digest,
                     "frozen_blocks": frozen_blocks,
                     "data": inputs.data.fingerprint(),
@@ -248,9 +255,9 @@ class Trainer:
                     folder,
                     key,
                     encode,
-                    len(inputs.data),
+                    len(firsts),
                     variants,
-                    inputs.model_input,
+                    lambda row, variant, f=firsts, i=inputs: i.model_input(f[row], variant),
                     progress=lambda done, total, s=split: self.emit(
                         {"event": "cache", "split": s, "done": done, "total": total}
                     ),
@@ -259,11 +266,35 @@ class Trainer:
             self.ranks.barrier(long=True)
             if not self.dist.main:
                 self.caches[split] = _open_shared_cache(folder)
+            self.caches[split].rows = rows
             log.info(
                 "embedding cache %s: %d images x %d versions, %.1f MB, %.1f s",
-                split, len(inputs.data), variants + 1, self.caches[split].nbytes / 1e6,
+                split, len(firsts), variants + 1, self.caches[split].nbytes / 1e6,
                 time.perf_counter() - started,
             )  # fmt: skip
+
+    @torch.no_grad()
+    def set_teacher_targets(self) -> None:
+        """Replace each region sample's target by the starting decoder's mask from the
+        region's tight box on the clean image (``data.teacher_targets``); a region whose
+        teacher mask is empty keeps its own mask."""
+        if self.base_decoder is None:
+            return
+        scale = self.model.config.image_size / self.model.config.low_res_size
+        replaced = 0
+        for split, inputs in (("train", self.train_inputs), ("val", self.val_inputs)):
+            indices = [i for i, n in enumerate(inputs.data.names) if ":region" in n]
+            for start in range(0, len(indices), 8):
+                chunk = indices[start : start + 8]
+                masks = inputs.targets(chunk).to(self.device)
+                source, _ = self.sources(split, chunk, [0] * len(chunk))
+                teacher = _teacher_masks(self.model, self.base_decoder, self.step_module,
+                                         source, masks, scale)  # fmt: skip
+                for index, mask in zip(chunk, teacher.cpu(), strict=True):
+                    if mask.any():
+                        inputs.replaced[index] = mask
+                        replaced += 1
+        log.info("teacher targets: %d region samples take the starting model's mask", replaced)
 
     # --- training ---
 
@@ -411,6 +442,7 @@ class Trainer:
             self.emit({"event": "stopped", "step": self.step, "best_val_dice": self.best})
             log.info("stopped while building the embedding cache (finished parts are kept)")
             return RunResult("stopped", self.step, list(self.losses), self.best, None)
+        self.set_teacher_targets()
         if self.step == 0 and self.dist.main:
             baseline = self.validate()
             if baseline:
@@ -472,6 +504,20 @@ class Trainer:
             self.emit({"event": "val", "step": self.step, **scores, "best": improved})
             log.info("validation at step %d: %s", self.step, scores)
         self.save(tag_best=improved or not scores)
+
+
+def _teacher_masks(model, decoder, step_module, source, masks, scale) -> torch.Tensor:
+    """``B x L x L`` bool masks of ``decoder`` (the starting one) from the tight boxes of
+    ``masks`` on the images of ``source`` (clean variants)."""
+    current = model.mask_decoder
+    try:
+        model.mask_decoder = decoder
+        embedding, robust = step_module.image_features(source)
+        boxes = boxes_from_masks(masks, np.random.default_rng(0), 0.0, scale).to(masks.device)
+        logits, _, _ = decode_paired(model, embedding, robust, Prompts(None, None, boxes))
+    finally:
+        model.mask_decoder = current
+    return logits > 0
 
 
 def _open_shared_cache(folder: Path) -> EmbeddingCache:

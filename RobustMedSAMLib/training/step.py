@@ -40,14 +40,21 @@ class Inputs:
         self.pre = Preprocessor(
             config.model.preprocessing, mc.image_size, mc.pixel_mean, mc.pixel_std
         )
+        self.firsts, self.rows = data.image_rows()
+        self.replaced: dict[int, torch.Tensor] = {}  # low-res targets set by the trainer
 
     def model_input(self, index: int, variant: int) -> torch.Tensor:
-        """``1 x 3 x S x S`` input of image ``index``, variant 0 clean or 1.. corrupted."""
-        spec = variant_spec(self.config.corruption, self.config.train.seed, index, variant)
+        """``1 x 3 x S x S`` input of sample ``index``'s image, variant 0 clean or 1..
+        corrupted (the variant is drawn per distinct image: samples sharing one image
+        share its corrupted versions and their cached encoder outputs)."""
+        first = self.firsts[self.rows[index]]
+        spec = variant_spec(self.config.corruption, self.config.train.seed, first, variant)
         return self.pre.image(variant_image(self.data.images[index], spec))[0]
 
     def target(self, index: int) -> torch.Tensor:
         """``L x L`` bool mask on the decoder's low-res grid (model-input frame / 4)."""
+        if index in self.replaced:
+            return self.replaced[index]
         mask = self.data.masks[index]
         rows, cols = mask.shape
         if self.config.model.preprocessing in LONGEST_SIDE_STYLES:

@@ -17,7 +17,8 @@ import torch
 
 from RobustMedSAMLib.errors import CheckpointError
 from RobustMedSAMLib.formats.atomic import atomic_output
-from RobustMedSAMLib.model.config import KNOWN_ENCODERS, LITE_MEDSAM, ModelConfig
+from RobustMedSAMLib.model.config import KNOWN_ENCODERS, LITE_MEDSAM, LITE_ROBUST, ModelConfig
+from RobustMedSAMLib.model.robust_decoder import init_residual_from_plain
 from RobustMedSAMLib.model.sam import SegmentAnythingModel
 
 StateDict = dict[str, torch.Tensor]
@@ -94,7 +95,7 @@ def infer_config(state: StateDict, path: str | Path = "checkpoint") -> ModelConf
     when they cannot be a SAM-family encoder (checked before any model is built, so a
     forged shape cannot make one that exhausts memory)."""
     if TINY_VIT_MARKER in state:
-        return LITE_MEDSAM
+        return LITE_ROBUST if is_robust(state) else LITE_MEDSAM
     _check_encoder_tensors(state, path)
     try:
         patch = state["image_encoder.patch_embed.proj.weight"]
@@ -228,7 +229,11 @@ def _describe(state: StateDict) -> str:
     if not any(k.startswith("image_encoder.") for k in state):
         return "it has no image encoder"
     if TINY_VIT_MARKER in state:
-        return "it is a LiteMedSAM checkpoint (TinyViT encoder, plain decoder)"
+        return "it is a " + (
+            "RobustMedSAM-Lite checkpoint (TinyViT encoder, robust decoder)"
+            if is_robust(state)
+            else "LiteMedSAM checkpoint (TinyViT encoder, plain decoder)"
+        )
     return (
         "it is a RobustSAM-layout checkpoint"
         if is_robust(state)
@@ -271,6 +276,43 @@ def load_model(
     model = SegmentAnythingModel(config, robust=robust)
     model.load_state_dict(state, strict=False)  # keys checked above
     return model.to(device)
+
+
+def robust_lite_from_litemedsam(lite_state: StateDict, path: str | Path) -> SegmentAnythingModel:
+    """RobustMedSAM-Lite before training: LiteMedSAM's encoder, prompt encoder and decoder
+    (a LiteMedSAM state dict, checked strictly), its robust decoder started as the plain
+    one (``init_residual_from_plain``: the same masks as LiteMedSAM)."""
+    expect_layout(lite_state, path, robust=False)
+    if TINY_VIT_MARKER not in lite_state:
+        raise CheckpointError(f"{path}: {_describe(lite_state)}; expected LiteMedSAM's")
+    with torch.device("meta"):
+        check_state_dict(SegmentAnythingModel(LITE_MEDSAM, robust=False).state_dict(),
+                         lite_state, path)  # fmt: skip
+    plain = SegmentAnythingModel(LITE_MEDSAM, robust=False)
+    plain.load_state_dict(lite_state, strict=False)  # keys checked above
+    model = SegmentAnythingModel(LITE_ROBUST, robust=True)
+    model.image_encoder = plain.image_encoder
+    model.prompt_encoder = plain.prompt_encoder
+    init_residual_from_plain(model.mask_decoder, plain.mask_decoder)
+    return model.eval()
+
+
+def robust_lite_with_decoder(
+    lite_state: StateDict, decoder_state: StateDict, lite_path: str | Path, decoder_path: str | Path
+) -> SegmentAnythingModel:
+    """RobustMedSAM-Lite from LiteMedSAM's checkpoint and a decoder file holding exactly
+    the robust decoder's ``mask_decoder.*`` tensors (strict: every key and shape)."""
+    model = robust_lite_from_litemedsam(lite_state, lite_path)
+    others = sorted(k for k in decoder_state if not k.startswith("mask_decoder."))
+    if others:
+        raise CheckpointError(
+            f"{decoder_path}: expected only RobustMedSAM-Lite's mask_decoder.* tensors, "
+            f"found {_few(others)}"
+        )
+    expect_layout(decoder_state, decoder_path, robust=True)
+    check_state_dict(model.state_dict(), decoder_state, decoder_path, parts=("mask_decoder",))
+    model.load_state_dict(decoder_state, strict=False)  # checked above
+    return model
 
 
 def fuse_state_dicts(

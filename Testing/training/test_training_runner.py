@@ -234,3 +234,16 @@ def test_trained_model_segments_through_the_cli(tmp_path, decoder_run):
          str(run_dir / "best.safetensors"), "--device", "cpu"]
     )  # fmt: skip
     assert code == 0 and out.is_file()
+
+
+def test_cpu_training_flushes_subnormal_floats(tmp_path, micro_checkpoint):
+    """LiteMedSAM's activations reach subnormal floats, which made CPU training several
+    times slower: the runner prepares the CPU as inference does."""
+    from RobustMedSAMLib.training.runner import Trainer
+
+    torch.set_flush_denormal(False)
+    tiny = torch.tensor([1e-39], dtype=torch.float32)  # subnormal in float32
+    assert float(tiny * 1.0) != 0.0
+    config = TrainingConfig.from_dict(micro_config(micro_checkpoint, train={"steps": 1}))
+    Trainer(config, tmp_path / "run", RunOptions(emit=lambda record: None))
+    assert float(tiny * 1.0) == 0.0

@@ -38,10 +38,12 @@ REAL_WHEEL_DIR = registry.installed_wheel_dir
 def dirs(tmp_path, monkeypatch):
     """Empty cache, env and wheel folders; the real user folders are never touched."""
     cache, env, wheel = tmp_path / "cache", tmp_path / "env", tmp_path / "wheel"
+    shipped = tmp_path / "shipped"
     monkeypatch.setattr(platformdirs, "user_cache_dir", lambda *a, **k: str(cache))
     monkeypatch.setattr(registry, "installed_wheel_dir", lambda: wheel)
+    monkeypatch.setattr(registry, "SHIPPED_MODELS_DIR", shipped)
     monkeypatch.delenv(registry.MODELS_ENV, raising=False)
-    return {"cache": cache, "env": env, "wheel": wheel}
+    return {"cache": cache, "env": env, "wheel": wheel, "shipped": shipped}
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -106,6 +108,7 @@ def _leftovers(folder: Path) -> list[str]:
 def test_registry_lists_the_designed_models_with_well_formed_sources():
     assert set(registry.model_names()) == {
         "litemedsam",
+        "robustmedsam-lite",
         "sam",
         "medsam",
         "robustsam",
