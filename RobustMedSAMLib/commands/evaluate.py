@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from RobustMedSAMLib.commands._progress import meet_all_ranks, progress_bar
+from RobustMedSAMLib.names import ENGINES, PROJECTIONS, PROTOCOLS
 from RobustMedSAMLib.names import FIRST_PROMPTS as PROMPTS
-from RobustMedSAMLib.names import PROJECTIONS, PROTOCOLS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -67,6 +67,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--severities", nargs="+", type=int, default=[1, 2, 3, 4, 5], metavar="S"
     )
     conditions.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="N")
+    protocol.add_argument(
+        "--prompt-jitter",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="0 (default): the exact first prompt; above 0 each seed draws a user-like one: "
+        "box sides moved by up to F x the box's size, a random point of the object's core "
+        "(clean and deterministic corruptions then run with every seed too)",
+    )
+    parser.add_argument(
+        "--encoder-cache",
+        type=Path,
+        metavar="DIR",
+        help="keep image-encoder outputs in DIR and reuse them across runs and across models "
+        "with the same encoder (e.g. litemedsam and robustmedsam-lite); float32, "
+        "about 7 MB per slice for the lite models",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="eager",
+        help="runtime of the lite models' image encoder on the CPU (ViT models run eager); "
+        "onnx and openvino need pip install 'robustmedsam[cpu-engines]'",
+    )
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default: auto)")
     parser.add_argument(
         "--workers",
@@ -116,6 +140,7 @@ def _options(args: argparse.Namespace):
         corruptions=tuple(dict.fromkeys(corruptions)),
         severities=tuple(dict.fromkeys(args.severities)),
         seeds=tuple(dict.fromkeys(args.seeds)),
+        prompt_jitter=args.prompt_jitter,
     )
 
 
@@ -178,8 +203,9 @@ def _run_with_progress(specs, cases, args: argparse.Namespace, options, info):
     unit = "cell" if args.workers == 1 and not info.distributed else "worker"
     with progress_bar("evaluate", unit, disable=quiet) as progress:
         return run_parallel(
-            specs, cases, args.out, options, args.device, args.workers, info, progress
-        )
+            specs, cases, args.out, options, args.device, args.workers, info, progress,
+            args.encoder_cache, args.engine,
+        )  # fmt: skip
 
 
 def _write_timings(out: Path, times: dict) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+from scipy import ndimage
 
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.evaluation.metrics import dice, iou
@@ -46,13 +47,52 @@ class InteractiveResult:
     clicks: list[tuple[float, float, int]] = field(default_factory=list)
 
 
-def first_prompt(truth: np.ndarray, kind: str) -> SlicePrompt:
-    """The protocol's first prompt from a non-empty ``(rows, cols)`` truth mask."""
+def first_prompt(truth: np.ndarray, kind: str, jitter: float = 0.0, seed: int = 0) -> SlicePrompt:
+    """The protocol's first prompt from a non-empty ``(rows, cols)`` truth mask.
+
+    ``jitter`` 0: the tight box of the truth, or its deepest pixel. ``jitter`` > 0 imitates
+    a user, drawn from ``seed``: each box side moves in or out by up to ``jitter`` x the
+    box's width (x0, x1) or height (y0, y1), whole pixels, kept on the slice and at
+    least one pixel wide; the point is a random pixel of the truth's core (distance to
+    its edge at least half the deepest pixel's).
+    """
+    if kind not in FIRST_PROMPTS:
+        raise InputError(f"unknown first prompt {kind!r}: use one of {FIRST_PROMPTS}")
+    if jitter < 0:
+        raise InputError(f"prompt jitter {jitter} must be >= 0")
+    rng = np.random.default_rng(seed) if jitter > 0 else None
     if kind == "point":
-        return SlicePrompt(points=[deepest_point(truth)], labels=[1])
-    if kind == "box":
-        return SlicePrompt(box=tuple(float(v) for v in mask_box(truth)))
-    raise InputError(f"unknown first prompt {kind!r}: use one of {FIRST_PROMPTS}")
+        point = deepest_point(truth) if rng is None else _core_point(truth, rng)
+        return SlicePrompt(points=[point], labels=[1])
+    box = mask_box(truth)
+    if rng is not None:
+        box = _jitter_box(box, jitter, truth.shape, rng)
+    return SlicePrompt(box=tuple(float(v) for v in box))
+
+
+def _jitter_box(
+    box: np.ndarray, jitter: float, shape: tuple[int, int], rng: np.random.Generator
+) -> np.ndarray:
+    """``(x0, y0, x1, y1)`` inclusive pixels, each side moved by a whole-pixel uniform
+    offset in ``[-jitter, jitter]`` x the box's extent on its axis, then clipped."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    sides = np.array([x1 - x0 + 1, y1 - y0 + 1, x1 - x0 + 1, y1 - y0 + 1])
+    moved = box + np.rint(rng.uniform(-jitter, jitter, 4) * sides)
+    height, width = shape
+    nx0, nx1 = np.clip(moved[[0, 2]], 0, width - 1)
+    ny0, ny1 = np.clip(moved[[1, 3]], 0, height - 1)
+    nx0, nx1 = min(nx0, nx1), max(nx0, nx1)
+    ny0, ny1 = min(ny0, ny1), max(ny0, ny1)
+    return np.array((nx0, ny0, nx1, ny1), np.float32)
+
+
+def _core_point(truth: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
+    """A uniformly drawn pixel ``(x, y)`` of the truth whose distance to the truth's
+    edge (or the slice's) is at least half the largest such distance."""
+    depth = ndimage.distance_transform_edt(np.pad(np.asarray(truth, bool), 1))[1:-1, 1:-1]
+    rows, cols = np.nonzero(depth >= depth.max() / 2)
+    pick = int(rng.integers(len(rows)))
+    return float(cols[pick]), float(rows[pick])
 
 
 def evaluate_interactive(
@@ -63,17 +103,19 @@ def evaluate_interactive(
     n_corrections: int = 7,
     window: tuple[float, float] | None = None,
     encoded: object | None = None,
+    jitter: float = 0.0,
+    seed: int = 0,
 ) -> InteractiveResult:
     """Run the click protocol on one slice ``image`` ``(rows, cols)`` against ``truth``
     (same shape, non-empty). The encoder runs once (not at all when ``encoded``, the
     predictor's ``encode`` result for this image and window, is given); each step
-    costs a decoder call."""
+    costs a decoder call. ``jitter``, ``seed``: the first prompt's (``first_prompt``)."""
     truth = np.asarray(truth, bool)
     if np.shape(image) != truth.shape:
         raise InputError(f"image {np.shape(image)} and mask {truth.shape} differ in shape")
     if n_corrections < 0:
         raise InputError(f"n_corrections={n_corrections} must be >= 0")
-    prompt = first_prompt(truth, first)
+    prompt = first_prompt(truth, first, jitter, seed)
     if encoded is None:
         encoded = predictor.encode(np.asarray(image), window)
     predictor.set_encoded(encoded)

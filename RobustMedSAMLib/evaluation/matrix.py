@@ -55,7 +55,10 @@ CLEAN = "clean"
 class MatrixOptions:
     """What to run. corruptions: names from ``CORRUPTIONS`` and/or ``"clean"``;
     deterministic corruption types run with the first seed only (others: every seed).
-    projections: propagation modes for the volumetric protocol (default: all)."""
+    projections: propagation modes for the volumetric protocol (default: all).
+    prompt_jitter: 0 gives the exact first prompt; above 0 the seed also draws a
+    jittered one (``interactive.first_prompt``), and clean and deterministic types then
+    run with every seed too."""
 
     protocols: Sequence[str] = PROTOCOLS
     prompts: Sequence[str] = FIRST_PROMPTS
@@ -65,6 +68,7 @@ class MatrixOptions:
     severities: Sequence[int] = SEVERITIES
     seeds: Sequence[int] = (0, 1, 2)
     axis: int = 0
+    prompt_jitter: float = 0.0
 
     def validate(self) -> None:
         """InputError naming the first unusable option."""
@@ -77,6 +81,8 @@ class MatrixOptions:
             raise InputError("give at least one seed, each >= 0")
         if self.n_corrections < 0:
             raise InputError("the number of correction clicks must be >= 0")
+        if not 0 <= self.prompt_jitter <= 1:
+            raise InputError(f"prompt jitter {self.prompt_jitter} must be within 0..1")
 
 
 def _check_subset(what: str, values: Sequence, allowed: Sequence) -> None:
@@ -107,9 +113,12 @@ class Variant:
 
 def conditions(options: MatrixOptions) -> list[Condition]:
     """The image conditions in run order."""
-    out = [Condition(CLEAN, 0, 0)] if CLEAN in options.corruptions else []
+    jittered = options.prompt_jitter > 0
+    clean_seeds = options.seeds if jittered else (0,)
+    out = [Condition(CLEAN, 0, s) for s in clean_seeds] if CLEAN in options.corruptions else []
     for name in (c for c in CORRUPTIONS if c in options.corruptions):
-        seeds = options.seeds if CORRUPTIONS[name].random else options.seeds[:1]
+        random = CORRUPTIONS[name].random or jittered
+        seeds = options.seeds if random else options.seeds[:1]
         out += [Condition(name, s, seed) for s in options.severities for seed in seeds]
     return out
 
@@ -310,8 +319,9 @@ def _evaluate_cell(context: _GroupContext, variant: Variant, options: MatrixOpti
     if variant.protocol == "interactive":
         image, truth, window, encoded = context.slice_2d(options.axis)
         result = evaluate_interactive(
-            context.predictor, image, truth, variant.prompt, options.n_corrections, window, encoded
-        )
+            context.predictor, image, truth, variant.prompt, options.n_corrections, window,
+            encoded, options.prompt_jitter, context.condition.seed,
+        )  # fmt: skip
         return [
             {"metric": metric, "index": step, "value": _number(value)}
             for metric, values in (("dice", result.dice), ("iou", result.iou))
@@ -321,7 +331,7 @@ def _evaluate_cell(context: _GroupContext, variant: Variant, options: MatrixOpti
     propagation = PropagationOptions(projection=variant.projection)
     result = evaluate_volume(
         context.predictor, session.volume, case.mask, variant.prompt, propagation,
-        options.axis, session=session,
+        options.axis, session=session, jitter=options.prompt_jitter, seed=context.condition.seed,
     )  # fmt: skip
     rows = [
         {"metric": "dice", "index": "", "value": _number(result.dice)},

@@ -62,13 +62,26 @@ def parse_model_spec(text: str) -> ModelSpec:
     return ModelSpec(label, name, checkpoint=Path(where))
 
 
-def model_entry(spec: ModelSpec, device: str = "auto") -> ModelEntry:
-    """A ModelEntry that loads ``spec`` with ``load_named_model`` when first used."""
+def model_entry(
+    spec: ModelSpec, device: str = "auto", encoder_cache: Path | None = None, engine: str = "eager"
+) -> ModelEntry:
+    """A ModelEntry that loads ``spec`` with ``load_named_model`` when first used;
+    with ``encoder_cache`` (a folder) its image encoder's outputs are kept there and
+    shared with every model of the same encoder weights (``encoder_cache.py``).
+    ``engine``: the runtime of a lite model's encoder (ViT models run eager)."""
 
     def load() -> SlicePredictor:
         from RobustMedSAMLib.inference.loader import load_named_model
 
         loaded = load_named_model(spec.name, spec.checkpoint, spec.encoder, spec.decoder, device)
+        if encoder_cache is not None:
+            from RobustMedSAMLib.evaluation.encoder_cache import attach_encoder_cache
+
+            attach_encoder_cache(loaded.model, encoder_cache, engine)
+        elif engine != "eager" and loaded.model.config.encoder_kind != "vit":
+            from RobustMedSAMLib.inference.engines import use_engine
+
+            use_engine(loaded.model, engine)
         return loaded.predictor()
 
     where = spec.checkpoint or (spec.encoder and f"{spec.encoder} + {spec.decoder}") or "registry"

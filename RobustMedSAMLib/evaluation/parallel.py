@@ -46,8 +46,11 @@ def run_parallel(
     workers: int = 1,
     info: DistInfo | None = None,
     progress: Progress | None = None,
+    encoder_cache: Path | None = None,
+    engine: str = "eager",
 ) -> MatrixResult:
-    """Evaluate this rank's share of ``cases`` with ``workers`` processes.
+    """Evaluate this rank's share of ``cases`` with ``workers`` processes
+    (``encoder_cache``: a folder shared by all of them; ``engine``: see ``model_entry``).
 
     One process in all (no torchrun, ``workers`` 1): ``run_matrix`` into results.csv,
     with progress per cell. Otherwise every slot writes its part file; with a single
@@ -64,7 +67,7 @@ def run_parallel(
     out_dir = Path(out_dir)
     slots = info.world * workers
     if slots == 1:
-        entries = [model_entry(spec, device) for spec in specs]
+        entries = [model_entry(spec, device, encoder_cache, engine) for spec in specs]
         return run_matrix(entries, cases, out_dir, options, progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     mine = [info.rank * workers + w for w in range(workers)]
@@ -74,11 +77,11 @@ def run_parallel(
     results: list[MatrixResult] = []
     if progress is not None:
         progress(0, len(jobs))
+    encoding = (encoder_cache, engine)
     if workers == 1:
         for slot, share in jobs:
-            results.append(
-                _run_slot(specs, share, out_dir, options, device, slot, threads, info, workers)
-            )
+            args = (share, out_dir, options, device, slot, threads, info, workers, encoding)
+            results.append(_run_slot(specs, *args))
     else:
         import multiprocessing
 
@@ -86,7 +89,9 @@ def run_parallel(
         with ProcessPoolExecutor(len(jobs) or 1, mp_context=context) as pool:
             futures = [
                 pool.submit(
-                    _run_slot, specs, share, out_dir, options, device, slot, threads, info, workers
+                    _run_slot,
+                    specs,
+                    *(share, out_dir, options, device, slot, threads, info, workers, encoding),
                 )
                 for slot, share in jobs
             ]
@@ -103,14 +108,15 @@ def run_parallel(
 
 
 def _run_slot(
-    specs, cases, out_dir, options, device, slot, threads, info, workers_per_rank
+    specs, cases, out_dir, options, device, slot, threads, info, workers_per_rank, encoding
 ) -> MatrixResult:
-    """One worker slot: its own models on its device, its cases, its part file."""
+    """One worker slot: its own models on its device, its cases, its part file;
+    ``encoding``: ``(encoder_cache, engine)`` as ``model_entry`` takes them."""
     import torch
 
     torch.set_num_threads(threads)
     local = info.local_rank * workers_per_rank + slot % workers_per_rank  # GPU choice
-    entries = [model_entry(spec, worker_device(device, local)) for spec in specs]
+    entries = [model_entry(spec, worker_device(device, local), *encoding) for spec in specs]
     log.info("slot %d: %d cases", slot, len(cases))
     return run_matrix(entries, cases, out_dir, options, part=f"slot{slot:04d}")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from RobustMedSAMLib.corruptions import CORRUPTIONS
 from RobustMedSAMLib.evaluation.matrix import CLEAN
 from RobustMedSAMLib.evaluation.metrics import mean_std
 from RobustMedSAMLib.evaluation.plot import Panel, draw_panels
@@ -125,6 +126,14 @@ def degraded_summary(scores: list[Score], corruption: str | None = None) -> Summ
     return Summary(mean, std, len(seeds), cases)
 
 
+def _clean_on_degraded_cases(scores: list[Score]) -> Summary:
+    """Clean Dice over the cases that were also run degraded (all, when none was): the
+    drop compares the same cases, also when the corruptions ran on a subset."""
+    degraded = {s.case for s in scores if s.corruption != CLEAN}
+    same = [s for s in scores if s.case in degraded] if degraded else scores
+    return condition_summary(same, CLEAN, 0)
+
+
 def _group(scores: list[Score], by: str) -> dict[tuple[str, str, str], list[Score]]:
     """(model, group, setting) -> scores; group = dataset, modality, or ``all``."""
     out: dict[tuple[str, str, str], list[Score]] = defaultdict(list)
@@ -152,11 +161,14 @@ def _headline_table(scores: list[Score], missing: dict[str, str], by: str) -> li
     for (model, group, setting), group_scores in sorted(_group(scores, by).items()):
         clean = condition_summary(group_scores, CLEAN, 0)
         degraded = degraded_summary(group_scores)
-        drop = clean.mean - degraded.mean
+        drop = _clean_on_degraded_cases(group_scores).mean - degraded.mean
         drop_text = "-" if drop != drop else f"{drop:.3f}"
         cases = len({s.case for s in group_scores})
+        degraded_text = degraded.text()
+        if 0 < degraded.cases < cases:
+            degraded_text += f" ({degraded.cases} cases)"
         lines.append(
-            f"| {model} | {group} | {setting} | {cases} | {clean.text()} | {degraded.text()} "
+            f"| {model} | {group} | {setting} | {cases} | {clean.text()} | {degraded_text} "
             f"| {drop_text} | {degraded.seeds or clean.seeds} |"
         )
     for model, status in sorted(missing.items()):
@@ -189,11 +201,13 @@ def summary_markdown(rows: list[dict]) -> str:
     errors = sum(1 for r in rows if r["status"].startswith("error"))
     out = ["# Evaluation summary", ""]
     out += ["Dice, mean ± standard deviation over seeds (each seed: mean over cases).",
-            "Degraded: averaged over every corruption type and severity run. "
-            "2D rows: after the first prompt.", ""]  # fmt: skip
+            "Degraded: averaged over every corruption type and severity run; when fewer "
+            "cases ran degraded than clean, their number is given and the drop is against "
+            "the clean Dice of those cases. 2D rows: after the first prompt.", ""]  # fmt: skip
     out += ["## All data", "", *_headline_table(scores, missing, ALL), ""]
     out += ["## Per data set", "", *_headline_table(scores, {}, "dataset"), ""]
     out += ["## Per modality", "", *_headline_table(scores, {}, "modality"), ""]
+    out += ["## Per case", "", *_headline_table(scores, {}, "case"), ""]
     interactive = [s for s in final if s.setting.startswith("2D")]
     if interactive:
         out += ["## 2D after the last correction click", ""]
@@ -226,6 +240,25 @@ def severity_panels(scores: list[Score], setting: str) -> list[Panel]:
                 condition_summary(mine, corruption, sev).mean for sev in severities
             ]
             panel.series[model] = (xs, ys)
+        panels.append(panel)
+    return panels
+
+
+def corruption_panels(scores: list[Score]) -> list[Panel]:
+    """One panel per setting: Dice at x = 0 (clean) and 1..12 (the corruption types in
+    ``CORRUPTIONS`` order, mean over the severities run), a line per model. Clean is
+    taken over the cases run degraded, so that each line compares the same cases."""
+    panels = []
+    for setting in sorted({s.setting for s in scores}):
+        picked = [s for s in scores if s.setting == setting]
+        if all(s.corruption == CLEAN for s in picked):
+            continue
+        panel = Panel(setting, xlabel="0 clean, 1-12 corruption types")
+        for model in sorted({s.model for s in picked}):
+            mine = [s for s in picked if s.model == model]
+            ys = [_clean_on_degraded_cases(mine).mean]
+            ys += [degraded_summary(mine, name).mean for name in CORRUPTIONS]
+            panel.series[model] = (list(range(len(ys))), ys)
         panels.append(panel)
     return panels
 
@@ -290,6 +323,10 @@ def write_report(out_dir: str | Path) -> ReportFiles:
             name = out_dir / f"dice_vs_severity_{_slug(setting)}.png"
             title = f"Dice vs severity, {setting}"
             plots.append(draw_panels(panels, name, title, columns=4))
+    if panels := corruption_panels(scores):
+        name = out_dir / "dice_by_corruption.png"
+        title = "Dice by corruption: 0 clean, 1-12 in `robustmedsam corruptions` order"
+        plots.append(draw_panels(panels, name, title, 2))
     if panels := click_panels(rows):
         name = out_dir / "dice_vs_clicks.png"
         plots.append(draw_panels(panels, name, "Dice vs number of clicks", 2))

@@ -53,10 +53,13 @@ def evaluate_volume(
     axis: int = 0,
     window: tuple[float, float] | None = None,
     session: SegmentationSession | None = None,
+    jitter: float = 0.0,
+    seed: int = 0,
 ) -> VolumeResult:
     """Prompt the central slice of ``truth`` (``(K, J, I)`` bool on ``volume``'s grid),
     propagate with ``options`` (its ``projection`` picks the mode), score in 3D.
-    ``session``: an existing session on ``volume`` whose cached embeddings to reuse."""
+    ``session``: an existing session on ``volume`` whose cached embeddings to reuse;
+    ``jitter``, ``seed``: the first prompt's (``interactive.first_prompt``)."""
     truth = np.asarray(truth, bool)
     if truth.shape != volume.shape:
         raise InputError(f"mask {truth.shape} and volume {volume.shape} differ in shape")
@@ -64,11 +67,12 @@ def evaluate_volume(
     if session is None:
         session = SegmentationSession(volume, predictor, axis=axis, window=window)
     calls_before = session.stats.decoder_calls
-    seed = session.segment_slice(index, first_prompt(get_slice(truth, axis, index), first))
+    prompt = first_prompt(get_slice(truth, axis, index), first, jitter, seed)
+    start = session.segment_slice(index, prompt)
     mask = np.zeros(truth.shape, bool)
-    if seed.mask.any():
+    if start.mask.any():
         result = propagate(
-            session, {index: seed.mask}, options, seed_logits={index: seed.low_res_logits}
+            session, {index: start.mask}, options, seed_logits={index: start.low_res_logits}
         )
         for z in range(result.mask.shape[0]):
             set_slice(mask, axis, z, result.mask[z])

@@ -194,10 +194,10 @@ def _checked(
             f"mask shape {mask.shape} differs from volume '{volume.name}' {volume.shape} (KJI)"
         )
     if mask.dtype == bool:
-        mask = mask.astype(np.uint8)
+        mask = mask.view(np.uint8)  # 0/1 bytes already: no copy of a big mask
     if not np.issubdtype(mask.dtype, np.integer) or (mask.size and mask.min() < 0):
         raise InputError(f"mask must be bool or non-negative integers, not {mask.dtype}")
-    present = sorted(int(v) for v in np.unique(mask) if v != 0)
+    present = _values_present(mask)
     if segments is None:
         segments = default_segments(present or [1])
     segments = [_segment(s) for s in segments]
@@ -210,6 +210,15 @@ def _checked(
     top = max([*labels, 0])
     dtype = np.uint8 if top <= 255 else np.uint16 if top <= 65535 else np.uint32
     return mask.astype(dtype, copy=False), segments
+
+
+def _values_present(mask: np.ndarray) -> list[int]:
+    """The non-zero values of an integer mask, sorted; slice by slice, so that only a
+    slice is copied (``np.unique`` of the whole mask sorts a copy of it)."""
+    found: set[int] = set()
+    for part in mask.reshape(mask.shape[0], -1) if mask.ndim > 1 else [mask]:
+        found.update(int(v) for v in np.unique(part))
+    return sorted(found - {0})
 
 
 def _segment(value) -> Segment:

@@ -268,7 +268,7 @@ class SegmentationSession:
             array = np.ascontiguousarray(self.volume.array)
             digest.update(f"{array.shape}{array.dtype}{self.axis}{self.window}".encode())
             digest.update(f"{self.model_id}{self.style}".encode())
-            digest.update(array.tobytes())
+            digest.update(memoryview(array).cast("B"))  # the voxels, not a copy of them
             self._key = digest.hexdigest()[:32]
         return self._key
 

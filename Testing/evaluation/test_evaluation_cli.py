@@ -47,8 +47,8 @@ def test_outputs_are_complete_and_deterministic(tmp_path, tiny_checkpoints, caps
     )
     pngs = sorted(p.name for p in (tmp_path / "a").glob("*.png"))
     assert pngs == [
-        "dice_vs_clicks.png", "dice_vs_severity_2d_box.png", "dice_vs_severity_3d_box_mask.png",
-        "per_slice_dice.png",
+        "dice_by_corruption.png", "dice_vs_clicks.png", "dice_vs_severity_2d_box.png",
+        "dice_vs_severity_3d_box_mask.png", "per_slice_dice.png",
     ]  # fmt: skip
     assert f"{CELLS} cells computed" in capsys.readouterr().out
 
