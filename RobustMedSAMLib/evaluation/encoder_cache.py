@@ -41,8 +41,8 @@ from RobustMedSAMLib.formats.atomic import atomic_output, make_folder
 from RobustMedSAMLib.inference.engines import (
     EXTRA,
     PACKAGES,
-    OnnxRuntimeEncoder,
-    OpenVinoEncoder,
+    OnnxRuntimeGraph,
+    OpenVinoGraph,
     cached_onnx,
     weights_digest,
 )
@@ -151,17 +151,14 @@ class _WithEarly(nn.Module):
 class _TwoOutputs(nn.Module):
     """An exported ``_WithEarly`` graph under a runtime: ``(embedding, early)``."""
 
-    def __init__(self, runner: OnnxRuntimeEncoder | OpenVinoEncoder) -> None:
+    def __init__(self, graph: OnnxRuntimeGraph | OpenVinoGraph) -> None:
         super().__init__()
-        self.runner = runner
+        self.graph = graph
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         array = np.ascontiguousarray(images.detach().cpu().float().numpy())
-        if isinstance(self.runner, OnnxRuntimeEncoder):
-            outputs = self.runner.session.run(None, {"image": array})
-        else:
-            outputs = self.runner.compiled(array)
-        return torch.from_numpy(np.array(outputs[0])), torch.from_numpy(np.array(outputs[1]))
+        embedding, early = self.graph({"image": array})[:2]
+        return torch.from_numpy(np.array(embedding)), torch.from_numpy(np.array(early))
 
 
 def _runtime(model: nn.Module, engine: str) -> tuple[nn.Module | None, str]:
@@ -177,8 +174,8 @@ def _runtime(model: nn.Module, engine: str) -> tuple[nn.Module | None, str]:
         return None, "eager"
     path = cached_onnx(_WithEarly(model.image_encoder).eval(), model.config.image_size)
     threads = torch.get_num_threads()
-    runner = OnnxRuntimeEncoder if engine == "onnx" else OpenVinoEncoder
-    return _TwoOutputs(runner(path, threads)), engine
+    graph = OnnxRuntimeGraph if engine == "onnx" else OpenVinoGraph
+    return _TwoOutputs(graph(path, threads)), engine
 
 
 def attach_encoder_cache(model: nn.Module, folder: Path, engine: str = "eager") -> CachedEncoder:
