@@ -539,6 +539,30 @@ class FakePathLineEdit(FakeWidget):
             self.emit("currentPathChanged(QString)", value)
 
 
+class FakeLineEdit(FakeWidget):
+    """``QLineEdit``: ``setText`` (from code) emits only ``textChanged``; ``editingFinished``
+    comes from the user (Return or focus out), as in Qt; ``type_text`` is the user."""
+
+    PROPERTIES = FakeWidget.PROPERTIES | {"text", "placeholderText", "echoMode"}
+    SIGNALS = frozenset({"editingFinished()", "textChanged(QString)"})
+
+    def __init__(self, name: str, properties: dict) -> None:
+        super().__init__(name, {"text": "", "placeholderText": "", **properties})
+        if self.echoMode is None:
+            self.echoMode = "QLineEdit::Normal"
+
+    def setText(self, text: str) -> None:  # noqa: N802
+        changed = text != self.text
+        self.text = text
+        if changed:
+            self.emit("textChanged(QString)", text)
+
+    def type_text(self, text: str) -> None:
+        """The user replaces the text and presses Return."""
+        self.setText(text)
+        self.emit("editingFinished()")
+
+
 class FakeNodeComboBox(FakeMRMLWidget):
     PROPERTIES = FakeWidget.PROPERTIES | {
         "nodeTypes", "showChildNodeTypes", "noneEnabled", "addEnabled", "removeEnabled",
@@ -669,6 +693,7 @@ FAKE_WIDGET_CLASSES = {
     "QPushButton": FakeButton,
     "QCheckBox": FakeCheckBox,
     "QComboBox": FakeComboBox,
+    "QLineEdit": FakeLineEdit,
     "QSpinBox": FakeSpinBox,
     "QDoubleSpinBox": FakeSpinBox,
     "QProgressBar": FakeProgressBar,
@@ -691,7 +716,7 @@ def _ui_value(prop):
             return int(text)
         if child.tag == "double":
             return float(text)
-        if child.tag == "string":
+        if child.tag in ("string", "enum"):
             return text
         if child.tag == "stringlist":
             return [s.text or "" for s in child.findall("string")]

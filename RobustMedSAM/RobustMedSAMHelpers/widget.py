@@ -146,6 +146,9 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.checkpointPathLineEdit.connect("currentPathChanged(QString)", self.onCheckpointPath)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self._showRemoteServer()
+        self.ui.serverUrlLineEdit.connect("editingFinished()", self.onServerEdited)
+        self.ui.serverTokenLineEdit.connect("editingFinished()", self.onServerEdited)
         self.ui.encodeButton.connect("clicked(bool)", self.onEncode)
         self.ui.segmentSliceButton.connect("clicked(bool)", self.onSegmentSlice)
         self.ui.propagateButton.connect("clicked(bool)", self.onPropagate)
@@ -407,6 +410,22 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         settings.setValue(SETTINGS_TOKEN, token.strip())
         self._serverKey = None
         self._forgetSessions()
+        self._showRemoteServer()
+
+    def _showRemoteServer(self) -> None:
+        """Fill the URL and token fields from the settings (no editingFinished: set)."""
+        if getattr(self, "ui", None) is None:
+            return
+        url, token = self._remoteServer()
+        self.ui.serverUrlLineEdit.setText(url)
+        self.ui.serverTokenLineEdit.setText(token)
+
+    def onServerEdited(self) -> None:
+        """The user finished editing the URL or token: use that server (an empty URL:
+        the local one) when it differs from the settings' one."""
+        wanted = (self.ui.serverUrlLineEdit.text.strip(), self.ui.serverTokenLineEdit.text.strip())
+        if wanted != self._remoteServer():
+            self.setRemoteServer(*wanted)
 
     def _ensureServer(self) -> None:
         """The remote server of the settings, else a local one for the chosen model,

@@ -74,11 +74,16 @@ def harness():
 
 
 @pytest.fixture
-def panel(slicer_scene, monkeypatch, tmp_path, harness):
+def panel(slicer_scene, monkeypatch, tmp_path, harness, request):
     """The Widget set up (not entered) on a scene with a sphere phantom volume, a
     crosshair in the Red (axial) view, all dependencies reported installed and the
-    model work sent to the threshold double's server (remote mode, from the settings)."""
+    model work sent to the threshold double's server (remote mode, from the settings;
+    indirect parameter True: settings already there at setup, as from a last session)."""
     gui = install_gui_stand_in(monkeypatch, str(tmp_path))
+    settings_at_setup = getattr(request, "param", False)
+    if settings_at_setup:
+        gui.qt.settings.update({"RobustMedSAM/ServerURL": harness[0],
+                                "RobustMedSAM/ServerToken": TOKEN})  # fmt: skip
     ok = [Requirement("torch", "torch>=2.0", "torch", "2.4.0", True)]
     monkeypatch.setattr(dependencies, "check", lambda requirements=None: list(ok))
     monkeypatch.setattr(dependencies, "pytorch_extension_available", lambda: False)
@@ -99,7 +104,8 @@ def panel(slicer_scene, monkeypatch, tmp_path, harness):
     show_status = widget._status
     widget._status = lambda text: (statuses.append(text), show_status(text))[1]
     widget.setup()
-    widget.setRemoteServer(harness[0], TOKEN)
+    if not settings_at_setup:
+        widget.setRemoteServer(harness[0], TOKEN)
     phantom = sphere((24, 40, 40), spacing=(0.9, 0.8, 2.0), radius=11.0)
     crosshair = slicer_scene.scene.AddNewNodeByClass("vtkMRMLCrosshairNode")
     red = gui.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
@@ -602,6 +608,39 @@ def test_local_server_follows_the_model_choice(panel):
     ui.modelComboBox.emit("currentIndexChanged(int)", 2)
     widget._ensureServer()
     assert panel.starts[-1] == ("medsam", "auto", None) and len(panel.starts) == 2
+
+
+@pytest.mark.parametrize("panel", [True], indirect=True)
+def test_server_fields_choose_the_remote_server_and_empty_goes_back_to_local(panel):
+    """The panel shows the settings' server from setup; typing a URL and token and
+    finishing the edit stores them in the application settings and sends the next
+    click to that server; an empty URL goes back to a local server (issue #21)."""
+    widget, ui, phantom = panel.widget, panel.ui, panel.phantom
+    assert ui.serverTokenLineEdit.echoMode == "QLineEdit::Password"
+    assert ui.serverUrlLineEdit.placeholderText == "local server (empty)"
+    assert (ui.serverUrlLineEdit.text, ui.serverTokenLineEdit.text) == (panel.url, TOKEN)
+    widget.setRemoteServer("", "")
+    assert (ui.serverUrlLineEdit.text, ui.serverTokenLineEdit.text) == ("", "")
+    enter(panel)
+
+    ui.serverUrlLineEdit.setText(panel.url)  # typed, not finished: nothing stored yet
+    assert panel.qt.settings["RobustMedSAM/ServerURL"] == ""
+    ui.serverUrlLineEdit.type_text(f" {panel.url} ")
+    ui.serverTokenLineEdit.type_text(TOKEN)
+    assert panel.qt.settings == {"RobustMedSAM/ServerURL": panel.url,
+                                 "RobustMedSAM/ServerToken": TOKEN}  # fmt: skip
+    choose_volume(panel, add_phantom(panel))
+    k = int(np.argwhere(phantom.mask).mean(axis=0)[0])
+    place_include_point(panel, centre_ras(panel, k))
+    pump_until(panel, lambda: idle(panel))
+    assert dice(segment(panel)[k], phantom.mask[k]) >= 0.95  # the threshold double's mask
+    assert widget.logic.server.info == {"url": panel.url, "mode": "remote"}
+    assert panel.starts == [] and not panel.gui.dialogs
+
+    ui.serverUrlLineEdit.type_text("")
+    assert panel.qt.settings["RobustMedSAM/ServerURL"] == ""
+    widget._ensureServer()  # what the next request does first
+    assert panel.starts == [("litemedsam", "auto", None)]
 
 
 def test_points_of_a_newly_picked_include_list_segment(panel):
