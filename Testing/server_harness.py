@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -29,6 +30,22 @@ from RobustMedSAMLib.server.app import (  # noqa: E402
 THRESHOLD = 80.0  # the phantoms' background is 40 HU, their objects 120
 TOKEN = "test-token-0123456789abcdef"
 OTHER_TOKEN = "other-token-0123456789abcdef"
+HERE = Path(__file__).resolve()
+
+
+def start_harness(*args: str) -> tuple[subprocess.Popen, str]:
+    """This file as a server process with the threshold double (``args``: its options,
+    e.g. ``--delay 0.1``): ``(process, url)`` once it listens; the caller kills it."""
+    paths = [str(HERE.parents[1]), str(HERE.parent)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    process = subprocess.Popen(
+        [sys.executable, str(HERE), *args], stdout=subprocess.PIPE, text=True, env=env
+    )
+    line = process.stdout.readline()
+    if not line:
+        process.kill()
+        raise RuntimeError("the test server did not start")
+    return process, json.loads(line)["url"]
 
 
 class SlowPredictor(ThresholdPredictor):

@@ -28,6 +28,7 @@ from server_harness import (
     TOKEN,
     LiveServer,
     served,
+    start_harness,
     threshold_model,
 )
 from volumes import centre_ras, oblique
@@ -51,7 +52,6 @@ from RobustMedSAMLib.inference.slicing import ijk_box_roi, ras_to_slice_points
 from RobustMedSAMLib.server.client import ServerClient
 
 REPO = Path(__file__).resolve().parents[2]
-HARNESS = REPO / "Testing" / "server_harness.py"
 
 
 @pytest.fixture(scope="module")
@@ -380,18 +380,6 @@ def test_cli_server_flags_are_checked(case, tmp_path, capsys):
 
 
 # --- faults -----------------------------------------------------------------------------------
-
-
-def start_harness(*args: str) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "Testing")])}
-    process = subprocess.Popen(
-        [sys.executable, str(HARNESS), *args], stdout=subprocess.PIPE, text=True, env=env
-    )
-    line = process.stdout.readline()
-    if not line:
-        process.kill()
-        raise RuntimeError("the test server did not start")
-    return process, json.loads(line)["url"]
 
 
 def test_server_killed_during_propagation_one_error_nothing_written(case, tmp_path, capsys):

@@ -10,7 +10,6 @@ shared 2-CPU machine's scheduling (see ``_assert_responsive``).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
-from server_harness import TOKEN  # noqa: E402
+from server_harness import TOKEN, start_harness  # noqa: E402
 from slicer_headless import (  # noqa: E402
     add_volume,
     held_sleep,
@@ -257,17 +256,11 @@ def test_a_bad_prompt_is_one_input_error(served, slicer_scene):
 def harness(qt_module):
     """``server_harness.py --delay 0.15`` (0.15 s per mask) as a plain subprocess:
     ``(url, process)``."""
-    process = subprocess.Popen(
-        [sys.executable, str(HARNESS), "--delay", "0.15"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'Testing'}"},
-    )  # fmt: skip
-    line = json.loads(process.stdout.readline())
-    yield line["url"], process
+    process, url = start_harness("--delay", "0.15")
+    yield url, process
     process.kill()
     process.wait(10)
     process.stdout.close()
-    process.stderr.close()
 
 
 def test_remote_server_with_token_and_cancel(harness, slicer_scene):

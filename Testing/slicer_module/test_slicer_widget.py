@@ -15,8 +15,6 @@ connector would.
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
 import re
 import subprocess
 import sys
@@ -28,7 +26,7 @@ import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
-from server_harness import TOKEN  # noqa: E402
+from server_harness import TOKEN, start_harness  # noqa: E402
 from slicer_headless import (  # noqa: E402
     add_volume,
     helper_module,
@@ -45,7 +43,6 @@ from RobustMedSAMLib.training import process as finetune_process  # noqa: E402
 
 module = load_module_file()
 REPO = Path(__file__).resolve().parents[2]
-HARNESS = REPO / "Testing" / "server_harness.py"
 slicer_scene = pytest.fixture(slicer_scene_fixture)
 THRESHOLD = 80.0  # HU between the phantom's background and its sphere
 MATRIX = np.array(
@@ -61,13 +58,8 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def harness():
     """The threshold double served by ``server_harness.py`` (0.02 s per mask), as a
     remote server: ``(url, process)``; one for the module (it starts in seconds)."""
-    process = subprocess.Popen(
-        [sys.executable, str(HARNESS), "--delay", "0.02"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'Testing'}"},
-    )  # fmt: skip
-    line = json.loads(process.stdout.readline())
-    yield line["url"], process
+    process, url = start_harness("--delay", "0.02")
+    yield url, process
     process.kill()
     process.wait(10)
     process.stdout.close()
