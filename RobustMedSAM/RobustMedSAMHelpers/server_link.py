@@ -35,6 +35,7 @@ import numpy as np
 from RobustMedSAMLib.errors import CancelledError, InputError, ServerError
 from RobustMedSAMLib.server.protocol import (
     VOLUME_MEDIA_TYPE,
+    OpenedSession,
     VolumeHeader,
     changed_extent,
     decode_patch,
@@ -555,22 +556,15 @@ class Operation:
             log.exception("RobustMedSAM: a request's callback failed")
 
 
-class LinkSession:
+class LinkSession(OpenedSession):
     """A session on the server: one volume along one axis; ``mask`` mirrors the server's
     current ``(K, J, I)`` mask (kept equal by applying each answer's patch) and
     ``touched`` bounds where it may be non-zero."""
 
     def __init__(self, link: ServerLink, opened: dict[str, Any]) -> None:
+        super().__init__(opened)
         self.link = link
-        self.id: str = opened["session"]
-        self.shape = tuple(opened["shape"])
-        self.axis: int = opened["axis"]
-        self.n_slices: int = opened["n_slices"]
-        self.window = tuple(opened["window"])
-        self.model: str = opened["model"]
-        self.mask = np.zeros(self.shape, dtype=bool)
         self.touched: tuple[slice, ...] | None = None
-        self.path = f"/v1/sessions/{self.id}"
 
     @staticmethod
     def open(

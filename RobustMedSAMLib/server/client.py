@@ -30,6 +30,7 @@ from RobustMedSAMLib.errors import CancelledError, InputError, ServerError
 from RobustMedSAMLib.server.protocol import (
     PROTOCOL_VERSION,
     VOLUME_MEDIA_TYPE,
+    OpenedSession,
     VolumeHeader,
     apply_patch,
     box_body,
@@ -176,22 +177,15 @@ class ServerClient:
         return RemoteSession(self, answer)
 
 
-class RemoteSession:
+class RemoteSession(OpenedSession):
     """A session on the server: one volume, its current mask, undo, jobs."""
 
     def __init__(self, client: ServerClient, opened: dict[str, Any]) -> None:
+        super().__init__(opened)
         self.client = client
-        self.id: str = opened["session"]
-        self.shape = tuple(opened["shape"])
-        self.axis: int = opened["axis"]
-        self.n_slices: int = opened["n_slices"]
-        self.window = tuple(opened["window"])
-        self.model: str = opened["model"]
-        self.mask = np.zeros(self.shape, dtype=bool)
-        self._path = f"/v1/sessions/{self.id}"
 
     def _post(self, action: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        return self.client.request("POST", f"{self._path}/{action}", body or {})
+        return self.client.request("POST", f"{self.path}/{action}", body or {})
 
     def click(self, point: Sequence[float], positive: bool = True, frame: str = "ras"):
         """Add an include (exclude) point; the clicked slice's mask is refined with all
@@ -269,7 +263,7 @@ class RemoteSession:
     def fetch_mask(self) -> np.ndarray:
         """The server's whole current mask (a resynchronisation; normally not needed)."""
         self.mask[...] = False
-        apply_patch(self.mask, self.client.request("GET", f"{self._path}/mask")["patch"])
+        apply_patch(self.mask, self.client.request("GET", f"{self.path}/mask")["patch"])
         return self.mask
 
     def cancel(self) -> None:
@@ -277,7 +271,7 @@ class RemoteSession:
 
     def close(self) -> None:
         """Free the session on the server (idle sessions also expire on their own)."""
-        self.client.request("DELETE", self._path)
+        self.client.request("DELETE", self.path)
 
     def __enter__(self) -> RemoteSession:
         return self
@@ -298,7 +292,7 @@ class RemoteSession:
             if cancel is not None and not cancelled and cancel():
                 self.cancel()
                 cancelled = True
-            state = self.client.request("GET", f"{self._path}/job?wait={POLL_SECONDS}")
+            state = self.client.request("GET", f"{self.path}/job?wait={POLL_SECONDS}")
         if state["state"] == "done":
             if progress is not None and state["total"]:
                 progress(state["done"], state["total"])

@@ -223,3 +223,20 @@ def error_for(kind: str, detail: str, status: int = 0) -> Exception:
     if kind in ("input", "malformed", "too_large") or status in (400, 413, 422):
         return InputError(detail)
     return ServerError(detail)
+
+
+class OpenedSession:
+    """A client's view of a server session, from the answer that opened it: its ID, the
+    volume's ``(K, J, I)`` shape, axis, slice count, window and model; ``mask`` mirrors
+    the server's current mask (zeros until answers' patches are applied); ``path`` is
+    the session's URL path."""
+
+    def __init__(self, opened: dict[str, Any]) -> None:
+        self.id: str = opened["session"]
+        self.shape = tuple(opened["shape"])
+        self.axis: int = opened["axis"]
+        self.n_slices: int = opened["n_slices"]
+        self.window = tuple(opened["window"])
+        self.model: str = opened["model"]
+        self.mask = np.zeros(self.shape, dtype=bool)
+        self.path = f"/v1/sessions/{self.id}"
