@@ -43,7 +43,15 @@ class TrainSection:
     most of a cached step's time is these blocks). ``batch_size`` is the global batch:
     under torchrun each of N processes takes about batch_size / N of it. optimizer:
     adamw, or sgd (momentum 0.9): SGD's weights move smoothly with float rounding, where
-    Adam's first steps follow the sign of each gradient, tiny ones included."""
+    Adam's first steps follow the sign of each gradient, tiny ones included.
+    base_lr_scale: learning-rate factor for the starting decoder's parts that a box's
+    single mask runs through (``BOX_PATH`` in the runner: the two-way transformer, the
+    upscaling and mask token 0's hypernetwork); the robust blocks, the other tokens and
+    the IoU head keep ``lr``. Below 1 it keeps the box behaviour while points are learnt.
+    clean_margin: negative picks the best checkpoint by ``val_dice`` (degraded box); 0 or
+    more picks, among the validations whose clean-box Dice is at most this much below
+    step 0's (the untrained model), the one with the highest degraded box + point Dice
+    (``val_dice + val_point_dice``); step 0 itself is one of them."""
 
     mode: str = "decoder"
     robust_image_blocks: bool = True
@@ -61,6 +69,8 @@ class TrainSection:
     checkpoint_every: int = 50
     log_every: int = 1
     export: str = "safetensors"
+    base_lr_scale: float = 1.0
+    clean_margin: float = -1.0
 
 
 @dataclass(frozen=True)
@@ -122,13 +132,16 @@ class PromptSection:
 
 @dataclass(frozen=True)
 class LossSection:
-    """Weights of the loss terms (0 turns one off)."""
+    """Weights of the loss terms (0 turns one off). distill: for a box prompt, BCE of the
+    mask logits against the starting decoder's mask probabilities from the same box on the
+    clean image (keeps the box behaviour of the model the run starts from)."""
 
     dice: float = 1.0
     bce: float = 1.0
     focal: float = 0.0
     iou: float = 1.0
     align: float = 0.1
+    distill: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -302,6 +315,8 @@ RANGES: dict[str, tuple[float, float | None]] = {
     "train.val_every": (1, None),
     "train.checkpoint_every": (1, None),
     "train.log_every": (1, None),
+    "train.base_lr_scale": (0.0, 1.0),
+    "train.clean_margin": (-1.0, 1.0),
     "data.label_value": (0, None),
     "data.max_samples": (0, None),
     "data.max_slices_per_volume": (0, None),
@@ -321,6 +336,7 @@ RANGES: dict[str, tuple[float, float | None]] = {
     "loss.focal": (0.0, None),
     "loss.iou": (0.0, None),
     "loss.align": (0.0, None),
+    "loss.distill": (0.0, None),
     "svd.rank": (0, None),
 }
 

@@ -21,6 +21,7 @@ def decode_paired(
     prompts: Prompts,
     mask_input: torch.Tensor | None = None,
     multimask: bool = False,
+    decoder: torch.nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mask logits, predicted IoU and the mask features ``B x C/8 x L x L`` (robust: the
     fused robust features) for images ``B x C x h x w``.
@@ -32,7 +33,7 @@ def decode_paired(
         points=prompts.point_pair, boxes=prompts.boxes, masks=mask_input
     )
     image_pe = model.prompt_encoder.get_dense_pe()
-    decoder = model.mask_decoder
+    decoder = model.mask_decoder if decoder is None else decoder
     if model.robust:
         masks, iou, features = decoder.predict_paired(embedding, image_pe, sparse, dense, robust)
     else:

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from RobustMedSAMLib.training.config import LossSection
 
-# every term a step can report: the mask terms, then the clean/corrupted alignment
-LOSS_TERMS = ("dice", "bce", "focal", "iou", "align")
+# every term a step can report: the mask terms, the clean/corrupted alignment, distillation
+LOSS_TERMS = ("dice", "bce", "focal", "iou", "align", "distill")
 
 
 def dice_loss(logits: torch.Tensor, masks: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -105,3 +105,8 @@ def alignment_loss(degraded: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
     """MSE between the decoder's mask features on a corrupted image and on its clean
     version (the clean side is a fixed target)."""
     return F.mse_loss(degraded, clean.detach())
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """BCE of ``logits`` against the teacher's probabilities (both ``B x L x L``)."""
+    return F.binary_cross_entropy_with_logits(logits, torch.sigmoid(teacher_logits.detach()))

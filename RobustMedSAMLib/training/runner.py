@@ -149,16 +149,16 @@ class Trainer:
             )
         self.use_cache = t.mode == "decoder" and config.cache.enabled
         encoder_trains = any(n.startswith("image_encoder.") for n in self.trained)
-        self.step_module = TrainStep(self.model, config, encoder_trains)
+        # the starting decoder, for teacher targets and distillation (before a resume)
+        self.base_decoder = None
+        if config.data.teacher_targets or config.loss.distill > 0:
+            self.base_decoder = copy.deepcopy(self.model.mask_decoder).eval()
+            self.base_decoder.requires_grad_(False)
+        teacher = self.base_decoder if config.loss.distill > 0 else None
+        self.step_module = TrainStep(self.model, config, encoder_trains, teacher)
         self.ranks = RankGroup(self.dist, self.device)
         self.ddp = self.ranks.wrap(self.step_module, self.model)
-        parameters = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in parameters if p.ndim > 1]
-        no_decay = [p for p in parameters if p.ndim <= 1]
-        groups = [
-            {"params": decay, "weight_decay": t.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        groups = parameter_groups(self.model, t.weight_decay, t.base_lr_scale)
         if t.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=0.9)
         else:
@@ -166,10 +166,7 @@ class Trainer:
         self.plan = BatchPlan(config, self.train_indices, self.dist.world, self.dist.rank)
         self.caches: dict[str, EmbeddingCache] = {}
         self.step, self.best, self.losses = 0, -1.0, []
-        # the starting decoder, for teacher targets (taken before a resume restores)
-        self.base_decoder = (
-            copy.deepcopy(self.model.mask_decoder).eval() if config.data.teacher_targets else None
-        )
+        self.baseline: dict[str, float] = {}  # step 0's validation (train.clean_margin)
 
     # --- files and records ---
 
@@ -195,7 +192,10 @@ class Trainer:
     ) -> tuple[dict, dict | None]:
         """Model inputs of the chosen variants and of the clean images (for alignment)."""
         inputs = self.train_inputs if split == "train" else self.val_inputs
-        need_clean = self.config.loss.align > 0 and (any_corrupted or any(variants))
+        loss = self.config.loss
+        need_clean = (loss.align > 0 and (any_corrupted or any(variants))) or (
+            split == "train" and loss.distill > 0
+        )
 
         def source(variant_list: list[int]) -> dict:
             if split in self.caches:
@@ -305,7 +305,7 @@ class Trainer:
         masks = self.train_inputs.targets(indices).to(self.device)
         corrupted = torch.tensor([v > 0 for v in variants], device=self.device)
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.config, step)
+            group["lr"] = learning_rate(self.config, step) * group["lr_scale"]
         set_train_mode(self.model, self.trained, True)
         self.optimizer.zero_grad(set_to_none=True)
         total, terms = self.ddp(source, clean, masks, corrupted, batch.rng, batch.sample_rngs,
@@ -377,6 +377,7 @@ class Trainer:
                 "losses": list(self.losses),
                 "trained": ckpt.trained_state(self.model, self.trained),
                 "optimizer": self.optimizer.state_dict(),
+                "baseline": dict(self.baseline),
             },
         )
         path = ckpt.export_model(self.model, self.run_dir, "last", fmt)
@@ -396,6 +397,7 @@ class Trainer:
             float(state["best"]),
             list(state["losses"]),
         )
+        self.baseline = dict(state.get("baseline", {}))
         log.info("resumed at step %d", self.step)
 
     def run(self) -> RunResult:
@@ -446,8 +448,14 @@ class Trainer:
         if self.step == 0 and self.dist.main:
             baseline = self.validate()
             if baseline:
-                self.emit({"event": "val", "step": 0, **baseline, "best": False})
+                self.baseline = baseline
+                starts_best = self.config.train.clean_margin >= 0
+                if starts_best:  # the untrained model is a candidate of the rule
+                    self.best = selection_score(baseline, baseline, self.config.train.clean_margin)
+                self.emit({"event": "val", "step": 0, **baseline, "best": starts_best})
                 log.info("validation before training: %s", baseline)
+                if starts_best:
+                    self.save(tag_best=True)
         started, first = time.perf_counter(), self.step
         status = "done"
         while self.step < t.steps:
@@ -496,7 +504,11 @@ class Trainer:
 
     def _validate_and_save(self) -> None:
         scores = self.validate() if self.dist.main else {}
-        score = scores.get("val_dice", float("nan"))
+        margin = self.config.train.clean_margin
+        if margin >= 0 and scores and self.baseline:
+            score = selection_score(scores, self.baseline, margin)
+        else:
+            score = scores.get("val_dice", float("nan"))
         improved = bool(scores) and score > self.best
         if improved:
             self.best = score
@@ -504,6 +516,35 @@ class Trainer:
             self.emit({"event": "val", "step": self.step, **scores, "best": improved})
             log.info("validation at step %d: %s", self.step, scores)
         self.save(tag_best=improved or not scores)
+
+
+#: Starting-decoder parts that a box's single mask (token 0) runs through
+#: (``train.base_lr_scale``); the robust path's own blocks are not among them.
+BOX_PATH = ("transformer.", "output_upscaling.", "output_hypernetworks_mlps.0.")
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, base_scale: float) -> list[dict]:
+    """Optimizer groups of the trained parameters: weight decay on matrices only, and
+    ``lr_scale`` ``base_scale`` for the mask decoder's ``BOX_PATH`` parts (1 elsewhere)."""
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        box_path = name.startswith(tuple(f"mask_decoder.{p}" for p in BOX_PATH))
+        key = (parameter.ndim > 1, base_scale if box_path else 1.0)
+        groups.setdefault(key, []).append(parameter)
+    return [
+        {"params": params, "weight_decay": weight_decay if decays else 0.0, "lr_scale": scale}
+        for (decays, scale), params in sorted(groups.items(), key=lambda i: (not i[0][0], -i[0][1]))
+    ]
+
+
+def selection_score(scores: dict[str, float], baseline: dict[str, float], margin: float) -> float:
+    """``train.clean_margin``'s rule: degraded box + point Dice when the clean-box Dice is
+    at most ``margin`` below the baseline's (step 0), else -1 (never chosen)."""
+    if scores.get("val_dice_clean", 0.0) < baseline.get("val_dice_clean", 0.0) - margin:
+        return -1.0
+    return scores.get("val_dice", 0.0) + scores.get("val_point_dice", 0.0)
 
 
 def _teacher_masks(model, decoder, step_module, source, masks, scale) -> torch.Tensor:

@@ -19,7 +19,12 @@ from RobustMedSAMLib.model.sam import SegmentAnythingModel
 from RobustMedSAMLib.training.config import TrainingConfig
 from RobustMedSAMLib.training.data import SliceSet, variant_image, variant_spec
 from RobustMedSAMLib.training.decoding import decode_paired
-from RobustMedSAMLib.training.losses import alignment_loss, mask_losses, multimask_losses
+from RobustMedSAMLib.training.losses import (
+    alignment_loss,
+    distillation_loss,
+    mask_losses,
+    multimask_losses,
+)
 from RobustMedSAMLib.training.simulated_prompts import (
     Prompts,
     boxes_from_masks,
@@ -76,17 +81,31 @@ class Inputs:
 
 class TrainStep(nn.Module):
     """One forward: features (cached or from the encoder), iterative prompting, losses.
-    A module so that DDP can wrap it."""
+    A module so that DDP can wrap it. teacher: the starting mask decoder, frozen (for
+    ``loss.distill``)."""
 
-    def __init__(self, model: SegmentAnythingModel, config: TrainingConfig, encoder_trains: bool):
+    def __init__(
+        self,
+        model: SegmentAnythingModel,
+        config: TrainingConfig,
+        encoder_trains: bool,
+        teacher: nn.Module | None = None,
+    ):
         super().__init__()
         self.model = model
         self.config = config
         self.encoder_trains = encoder_trains
+        self.teacher = teacher
 
     def image_features(self, source: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(embedding ``B x C x h x w``, robust features or None) from ``images`` or the
         cached ``embedding`` + ``early``."""
+        return self._features(source, self.model.mask_decoder)
+
+    def _features(
+        self, source: dict, decoder: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``image_features`` with the robust blocks of ``decoder``."""
         model = self.model
         if "images" in source:
             with torch.set_grad_enabled(self.encoder_trains and torch.is_grad_enabled()):
@@ -97,7 +116,15 @@ class TrainStep(nn.Module):
             return embedding, None
         if "robust" in source:  # cached output of frozen robust feature blocks
             return embedding, source["robust"]
-        return embedding, model.mask_decoder.robust_image_features(embedding, early)
+        return embedding, decoder.robust_image_features(embedding, early)
+
+    @torch.no_grad()
+    def teacher_logits(self, clean: dict, prompts: Prompts) -> torch.Tensor:
+        """``B x L x L`` single-mask logits of the teacher decoder on the clean images."""
+        self.teacher.eval()
+        embedding, robust = self._features(clean, self.teacher)
+        logits, _, _ = decode_paired(self.model, embedding, robust, prompts, decoder=self.teacher)
+        return logits
 
     def forward(
         self,
@@ -134,7 +161,12 @@ class TrainStep(nn.Module):
                 losses = mask_losses(logits, iou, masks, cfg.loss)
             for name, value in losses.items():
                 terms[name] = terms.get(name, 0.0) + value * (weight / rounds)
-            if round_ == 0 and clean is not None:
+            distill = round_ == 0 and clean is not None and prompts.boxes is not None
+            if distill and cfg.loss.distill > 0 and self.teacher is not None:
+                terms["distill"] = (cfg.loss.distill * weight) * distillation_loss(
+                    logits, self.teacher_logits(clean, prompts)
+                )
+            if round_ == 0 and clean is not None and cfg.loss.align > 0:
                 # every rank runs the clean pass when the global batch has a corrupted
                 # sample (BatchNorm statistics are taken over all ranks)
                 with torch.no_grad():
