@@ -28,6 +28,7 @@ from RobustMedSAMLib.evaluation.metrics import dice
 from RobustMedSAMLib.formats.atomic import sha256_of, write_text
 from RobustMedSAMLib.inference.mask_prompts import mask_box
 from RobustMedSAMLib.inference.preprocessing import Preprocessor, resolve_window, window_to_uint8
+from RobustMedSAMLib.training.runner import selection_score
 from RobustMedSAMLib.weights.checkpoint import (
     read_state_dict,
     robust_lite_with_decoder,
@@ -94,6 +95,18 @@ def validation_records(log: str) -> list[dict]:
     return out
 
 
+def selected_step(records: list[dict], config_toml: str) -> int | None:
+    """The step ``best`` holds under the run's ``train.clean_margin`` rule (None when the
+    run picked by ``val_dice`` alone or has no step-0 record)."""
+    import tomllib
+
+    margin = tomllib.loads(config_toml).get("train", {}).get("clean_margin", -1.0)
+    if margin < 0 or not records or records[0]["step"] != 0:
+        return None
+    scores = [selection_score(r, records[0], margin) for r in records]
+    return records[max(range(len(records)), key=lambda i: (scores[i], -i))]["step"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_model", type=Path, help="RUN_DIR/best.safetensors")
@@ -113,6 +126,8 @@ def main() -> None:
     save_state_dict(half(full) if use_half else full, args.out)
     run_dir = args.run_model.parent
     log = (run_dir / "train.log").read_text()
+    config_toml = (run_dir / "config.toml").read_text()
+    records = validation_records(log)
     summary = {
         "model": "robustmedsam-lite",
         "file": args.out.name,
@@ -121,8 +136,9 @@ def main() -> None:
         "dtype": "float16" if use_half else "float32",
         "precision_check": {"min_dice_fp16_vs_fp32": min(dices), "masks": len(dices)},
         "from_run_model": args.run_model.name,
-        "config_toml": (run_dir / "config.toml").read_text(),
-        "validation": validation_records(log),
+        "config_toml": config_toml,
+        "validation": records,
+        "selected_step": selected_step(records, config_toml),
         "license": "Apache-2.0 (derived from LiteMedSAM, Apache-2.0)",
     }
     write_text(args.out.with_suffix(".json"), json.dumps(summary, indent=1) + "\n")

@@ -70,7 +70,7 @@ class ModelSource:
     them (``inference.point_search``)."""
 
 
-ROBUSTMEDSAM_LITE_SHA256 = "8d865b3d35d97627d4ff79938339df0cd1851f8d0adef3ecc69fd64f5e62c749"
+ROBUSTMEDSAM_LITE_SHA256 = "2d51ae60b06a224c4b2d774c19249af479c03761be3515cf8ba84ec4ae9541ee"
 ROBUSTMEDSAM_LITE_BYTES = 10339552
 """The shipped decoder file's SHA-256 and size (written when it is trained and exported)."""
 

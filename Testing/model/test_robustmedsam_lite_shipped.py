@@ -62,12 +62,12 @@ def test_the_shipped_decoder_loads_strictly_with_its_sha256(models):
 
 
 NOT_MET = (
-    "the shipped step-32 model does not meet this target (box 0.954 vs LiteMedSAM 0.984, "
-    "click 0.31; docs/fine-tuning.md): drop the mark when a model that meets it ships"
+    "the shipped model keeps LiteMedSAM's boxes but did not learn clicks (held-out point "
+    "Dice 0.07, LiteMedSAM 0.07; liver click 0.00 for both; docs/fine-tuning.md): drop "
+    "the mark when a model that meets it ships"
 )
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_MET)
 def test_it_segments_the_liver_from_a_box(models, liver):
     image, truth = liver
     rows, cols = np.nonzero(truth)
@@ -94,6 +94,7 @@ def _click_scores(models, liver) -> list[float]:
     return scores
 
 
+@pytest.mark.xfail(strict=True, reason=NOT_MET)
 def test_a_click_in_the_liver_gives_more_of_it_than_litemedsam(models, liver):
     scores = _click_scores(models, liver)
     assert scores[0] > scores[1], scores
