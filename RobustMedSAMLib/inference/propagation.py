@@ -33,7 +33,13 @@ from RobustMedSAMLib.inference.mask_prompts import (
     mask_box,
 )
 from RobustMedSAMLib.inference.types import SlicePrompt, SliceSegmenter
-from RobustMedSAMLib.names import OVERLAP_MEASURES, PROJECTIONS
+from RobustMedSAMLib.names import (
+    DEFAULT_LIKENESS,
+    DEFAULT_OVERLAP,
+    DEFAULT_STABILITY,
+    OVERLAP_MEASURES,
+    PROJECTIONS,
+)
 from RobustMedSAMLib.progress import Cancel, Progress, cancel_check
 
 logger = logging.getLogger(__name__)
@@ -51,9 +57,9 @@ STOP_REASONS = (
     "volume_end",  # reached the first or last slice of the volume
     "max_slices",  # the budget of model calls is spent
 )
-DEFAULT_OVERLAP = 0.5  # measured on phantoms (bench_pipeline.py --sweep)
-DEFAULT_LIKENESS = 0.5  # measured on phantoms (bench_stop_signals.py)
-DEFAULT_STABILITY = 0.2  # measured on phantoms (bench_stop_signals.py)
+# DEFAULT_OVERLAP (bench_pipeline.py --sweep), DEFAULT_LIKENESS and DEFAULT_STABILITY
+# (bench_stop_signals.py), measured on phantoms, live in names.py (the CLI and the panel
+# import them without torch)
 MIN_CONTRAST = 0.05
 """Least |seed inside - seed ring| (window units, 0..1) for the likeness rule to judge."""
 
