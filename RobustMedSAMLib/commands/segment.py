@@ -118,6 +118,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="stop a direction when the model's stability score is under it (0..1; 0: off; "
         f"default {DEFAULT_STABILITY})",
     )
+    run_group.add_argument(
+        "--refine-steps",
+        type=int,
+        metavar="N",
+        help="ask each propagated slice again with its own mask's box up to N times "
+        "(thick slices, a lesion that moves between them; default 0)",
+    )
     run_group.add_argument("--bounds", type=int, nargs=2, metavar=("FIRST", "LAST"))
     run_group.add_argument(
         "--encode-ahead",
@@ -205,6 +212,7 @@ def settings_from_args(args: argparse.Namespace):
         min_score=args.min_score,
         min_likeness=args.min_likeness,
         min_stability=args.min_stability,
+        refine_steps=args.refine_steps,
         bounds=tuple(args.bounds) if args.bounds else None,
         encode_ahead=args.encode_ahead,
         window=window_arg(args.window),

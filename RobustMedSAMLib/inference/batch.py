@@ -252,6 +252,7 @@ class SegmentSettings:
     min_score: float = 0.0
     min_likeness: float = DEFAULT_LIKENESS  # 0: off
     min_stability: float = DEFAULT_STABILITY  # 0: off
+    refine_steps: int | None = None  # None: the pipeline's default (propagation.py)
     bounds: tuple[int, int] | None = None
     encode_ahead: int = 2  # session.ENCODE_AHEAD: slices encoded on a worker thread ahead
     window: tuple[float, float] | str | None = None  # None: chosen from each volume
@@ -277,6 +278,7 @@ class SegmentSettings:
                 min_score=self.min_score,
                 min_likeness=self.min_likeness,
                 min_stability=self.min_stability,
+                refine_steps=self.refine_steps,
                 bounds=tuple(self.bounds) if self.bounds else None,
             ),
         )

@@ -26,7 +26,12 @@ from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.formats.markups import Roi
 from RobustMedSAMLib.inference.mask_prompts import mask_box
 from RobustMedSAMLib.inference.point_search import search_point
-from RobustMedSAMLib.inference.propagation import PropagationOptions, plan_order, propagate
+from RobustMedSAMLib.inference.propagation import (
+    REFINE_STEPS,
+    PropagationOptions,
+    plan_order,
+    propagate,
+)
 from RobustMedSAMLib.inference.session import ENCODE_AHEAD, SegmentationSession, SessionStats
 from RobustMedSAMLib.inference.slicing import (
     FLAT_ROI_SLICES,
@@ -154,6 +159,7 @@ class Decisions:
     point: dict[str, Any] | None = None  # the point search: candidates, the chosen one
     tightened: list[list[float]] = field(default_factory=list)  # a 3D ROI's first boxes
     projection: str = ""  # the prompt carried to the next slice (see _propagation_options)
+    refine_steps: int = 0  # re-asks of each propagated slice with its mask's own box
 
 
 @dataclass
@@ -502,6 +508,7 @@ def _propagation_options(
     29 / 120 with the box alone). ``decisions.projection`` records the one used."""
     options = model_projection(options, session.predictor)
     decisions.projection = options.projection
+    decisions.refine_steps = options.refine_steps
     if decisions.roi != "3d":
         return options
     (first, last), _ = roi_to_slice_box(session.volume, session.axis, roi)
@@ -510,9 +517,12 @@ def _propagation_options(
 
 
 def model_projection(options: PropagationOptions, predictor: Any) -> PropagationOptions:
-    """``options`` with a projection the model was trained for: a model trained without
-    mask prompts (``"mask"`` not in its ``prompts``: LiteMedSAM) gets the box (or the
-    points) alone where the projection would feed its own logits back."""
+    """``options`` as the pipeline runs them for this model: ``refine_steps`` None becomes
+    ``REFINE_STEPS``; a model trained without mask prompts (``"mask"`` not in its
+    ``prompts``: LiteMedSAM) gets the box (or the points) alone where the projection
+    would feed its own logits back."""
+    if options.refine_steps is None:
+        options = replace(options, refine_steps=REFINE_STEPS)
     prompts = getattr(predictor, "prompts", ("point", "box", "mask"))
     if "mask" in prompts or options.projection not in ("mask", "points_and_mask"):
         return options

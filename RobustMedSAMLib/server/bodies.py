@@ -50,6 +50,7 @@ class Options(_Body):
     zoom: bool | Literal["auto"] = "auto"  # as SegmentOptions.zoom
     box_extension: float = Field(0.1, ge=0)
     stop_between_seeds: bool = False
+    refine_steps: int | None = Field(None, ge=0, le=8)  # None: the pipeline's default
 
     def propagation(self) -> PropagationOptions:
         values = self.model_dump(exclude={"zoom"})

@@ -46,6 +46,7 @@ class RemoteCaseSegmenter:
                    "min_score": propagation.min_score,
                    "min_likeness": propagation.min_likeness,
                    "min_stability": propagation.min_stability,
+                   "refine_steps": propagation.refine_steps,
                    "bounds": list(propagation.bounds) if propagation.bounds else None,
                    "zoom": self.options.zoom}  # fmt: skip
         opened = self.client.open_session(volume.array, volume.ijk_to_ras, s.axis, s.window,

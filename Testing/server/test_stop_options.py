@@ -133,3 +133,20 @@ def test_batch_settings_carry_the_thresholds():
     assert (options.min_likeness, options.min_stability) == (0.3, 0.0)
     defaults = SegmentSettings().options().propagation
     assert (defaults.min_likeness, defaults.min_stability) == (0.5, 0.2)
+
+
+def test_refine_steps_reach_the_record_and_a_negative_one_is_refused(
+    blob_server, files, tmp_path, capsys
+):
+    server = ("--server", blob_server.url, "--token-file", str(files["token"]))
+    assert _cli(files, tmp_path / "default.seg.nrrd", *server) == 0
+    record = json.loads((tmp_path / "default.seg.nrrd.json").read_text())
+    assert record["decisions"]["refine_steps"] == 0  # off by default
+    assert _cli(files, tmp_path / "refined.seg.nrrd", *server, "--refine-steps", "2") == 0
+    record = json.loads((tmp_path / "refined.seg.nrrd.json").read_text())
+    assert record["decisions"]["refine_steps"] == 2
+    capsys.readouterr()
+    out = tmp_path / "bad.seg.nrrd"
+    assert _cli(files, out, "--refine-steps", "-1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refine_steps=-1" in err[0] and not out.exists()
