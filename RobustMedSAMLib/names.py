@@ -22,6 +22,9 @@ ENGINES = ("eager", "onnx", "openvino")
 AXIS_NAMES = ("axial", "coronal", "sagittal")
 PROJECTIONS = ("mask", "box", "points", "points_and_mask", "single_point")
 OVERLAP_MEASURES = ("iou", "containment")
+DEFAULT_OVERLAP = 0.5  # stop rules' defaults, measured on phantoms (docs/propagation.md)
+DEFAULT_LIKENESS = 0.5
+DEFAULT_STABILITY = 0.2
 CORRUPTION_NAMES = (
     "gaussian_noise",
     "rician_noise",

@@ -64,7 +64,9 @@ class BoxBlobPredictor(ThresholdPredictor):
     alone gets an empty mask; in a box it draws the bright pixels of the components
     mostly inside the box, cut to the box, and when there are none, a blob anyway (an
     ellipse filling half the box, score 0.9: past a structure's end the real model
-    still answers with a confident blob)."""
+    still answers with a confident blob). Fed its own logits back as a mask prompt (it was
+    not trained with them) it overflows by 2 px, as LiteMedSAM's masks did on an MR
+    sphere (docs/propagation.md, "What is carried to the next slice")."""
 
     prompts = ("box",)
 
@@ -83,6 +85,8 @@ class BoxBlobPredictor(ThresholdPredictor):
             cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
             ry, rx = max((y1 - y0) / 2, 1) * 0.7, max((x1 - x0) / 2, 1) * 0.7
             mask = ((rows - cy) / ry) ** 2 + ((cols - cx) / rx) ** 2 <= 1
+        if prompt.mask_input is not None and "mask" not in self.prompts:
+            mask = ndimage.binary_dilation(mask, iterations=2)
         logits = np.where(ndimage.zoom(mask.astype(np.float32), 64 / np.array(shape), order=0) > 0,
                           8.0, -8.0)  # fmt: skip
         return Prediction(mask, 0.9, logits[None].astype(np.float32))

@@ -17,7 +17,7 @@ import uvicorn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from doubles import ThresholdPredictor  # noqa: E402
+from doubles import BoxBlobPredictor, ThresholdPredictor  # noqa: E402
 
 from RobustMedSAMLib.commands.serve import listening_socket  # noqa: E402
 from RobustMedSAMLib.server.app import (  # noqa: E402
@@ -68,6 +68,11 @@ def served(make_predictor, name: str = "litemedsam", input_size: int | None = No
     )
 
 
+def box_blob_model() -> ServedModel:
+    """``BoxBlobPredictor``: a box-only model as LiteMedSAM behaves (a point alone: nothing)."""
+    return served(lambda: BoxBlobPredictor(THRESHOLD))
+
+
 def threshold_model(delay: float = 0.0) -> ServedModel:
     if delay:
         return served(lambda: SlowPredictor(delay))
@@ -113,11 +118,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--idle", type=float, default=900.0)
+    parser.add_argument("--box-only", action="store_true", help="serve BoxBlobPredictor")
     args = parser.parse_args()
+    model = box_blob_model() if args.box_only else threshold_model(args.delay)
     sock = listening_socket("127.0.0.1", 0)
-    app = create_app(ServerConfig([TOKEN], idle_seconds=args.idle), threshold_model(args.delay))
+    app = create_app(ServerConfig([TOKEN], idle_seconds=args.idle), model)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    line = json.dumps({"url": url, "pid": os.getpid(), "token": TOKEN, "model": "threshold"})
+    name = "box-blob" if args.box_only else "threshold"
+    line = json.dumps({"url": url, "pid": os.getpid(), "token": TOKEN, "model": name})
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:

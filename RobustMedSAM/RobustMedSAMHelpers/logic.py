@@ -68,7 +68,9 @@ from RobustMedSAMLib.inference.types import SliceResult
 from RobustMedSAMLib.names import (
     AXIS_NAMES,
     CORRUPTION_NAMES,
+    DEFAULT_LIKENESS,
     DEFAULT_MODEL,
+    DEFAULT_STABILITY,
     DEVICES,
     MODEL_NAMES,
     OVERLAP_MEASURES,
@@ -130,6 +132,8 @@ class RobustMedSAMParameterNode:
     stop_iou: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     min_score: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
     min_area_ratio: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
+    min_likeness: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULT_LIKENESS
+    min_stability: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULT_STABILITY
     box_extension: Annotated[float, WithinRange(0.0, 1.0)] = 0.1
     stop_between_seeds: bool = False
     zoom_to_box: bool = False
@@ -989,7 +993,8 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
 
         ``seed_mask``: the 2D bool mask of slice ``seed_index`` (shape as ``request_slice``
         gives it). ``options``: the protocol's propagation options (``projection``,
-        ``iou_threshold``, ``min_score``, ``min_area_ratio``, ``overlap``, ``bounds``,
+        ``iou_threshold``, ``min_score``, ``min_area_ratio``, ``min_likeness``,
+        ``min_stability`` (0 turns a rule off), ``overlap``, ``bounds``,
         ``max_slices``, ``zoom``, ``box_extension``, ``stop_between_seeds``;
         docs/server.md). ``on_progress(done, total)`` while it runs; then
         ``on_done(extent, mask, details)``: ``extent`` a KJI tuple of 3 slices, ``mask``

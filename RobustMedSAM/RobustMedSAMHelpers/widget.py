@@ -765,6 +765,8 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "overlap": node.overlap_measure,
             "min_score": node.min_score,
             "min_area_ratio": node.min_area_ratio,
+            "min_likeness": node.min_likeness,
+            "min_stability": node.min_stability,
             "stop_between_seeds": node.stop_between_seeds,
             "zoom": node.zoom_to_box or "auto",
         }

@@ -7,7 +7,15 @@ import argparse
 from pathlib import Path
 
 from RobustMedSAMLib.commands._progress import meet_all_ranks, progress_bar
-from RobustMedSAMLib.names import AXIS_NAMES, DEFAULT_MODEL, ENGINES, MODEL_NAMES, PROJECTIONS
+from RobustMedSAMLib.names import (
+    AXIS_NAMES,
+    DEFAULT_LIKENESS,
+    DEFAULT_MODEL,
+    DEFAULT_STABILITY,
+    ENGINES,
+    MODEL_NAMES,
+    PROJECTIONS,
+)
 
 BATCH_HELP = (
     "batch: --cases is a CSV (header: volume,points,negative,box,out; paths relative to the "
@@ -96,6 +104,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(0..1, default 0.5)",
     )
     run_group.add_argument("--min-score", type=float, default=0.0, help="stop on predicted IoU")
+    run_group.add_argument(
+        "--min-likeness",
+        type=float,
+        default=DEFAULT_LIKENESS,
+        help="stop a direction when the mask holds what surrounded the seed rather than what "
+        f"the seed held (0..1; 0: off; default {DEFAULT_LIKENESS})",
+    )
+    run_group.add_argument(
+        "--min-stability",
+        type=float,
+        default=DEFAULT_STABILITY,
+        help="stop a direction when the model's stability score is under it (0..1; 0: off; "
+        f"default {DEFAULT_STABILITY})",
+    )
+    run_group.add_argument(
+        "--refine-steps",
+        type=int,
+        metavar="N",
+        help="ask each propagated slice again with its own mask's box up to N times "
+        "(thick slices, a lesion that moves between them; default 0)",
+    )
     run_group.add_argument("--bounds", type=int, nargs=2, metavar=("FIRST", "LAST"))
     run_group.add_argument(
         "--encode-ahead",
@@ -181,6 +210,9 @@ def settings_from_args(args: argparse.Namespace):
         projection=args.projection,
         iou_threshold=args.iou_threshold,
         min_score=args.min_score,
+        min_likeness=args.min_likeness,
+        min_stability=args.min_stability,
+        refine_steps=args.refine_steps,
         bounds=tuple(args.bounds) if args.bounds else None,
         encode_ahead=args.encode_ahead,
         window=window_arg(args.window),

@@ -39,7 +39,12 @@ from RobustMedSAMLib.errors import CancelledError, InputError, OutputError, Robu
 from RobustMedSAMLib.formats.atomic import check_writable, full_suffix, write_json
 from RobustMedSAMLib.formats.segmentation import write_case
 from RobustMedSAMLib.formats.volume import VOLUME_SUFFIXES, check_image_file, volume_name
-from RobustMedSAMLib.names import DEFAULT_MODEL
+from RobustMedSAMLib.names import (
+    DEFAULT_LIKENESS,
+    DEFAULT_MODEL,
+    DEFAULT_OVERLAP,
+    DEFAULT_STABILITY,
+)
 from RobustMedSAMLib.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -243,8 +248,11 @@ class SegmentSettings:
     propagate: bool = False
     zoom: bool | str = "auto"  # True: always with a box; False: never; "auto": small boxes
     projection: str = "mask"
-    iou_threshold: float = 0.5  # propagation.DEFAULT_OVERLAP
+    iou_threshold: float = DEFAULT_OVERLAP
     min_score: float = 0.0
+    min_likeness: float = DEFAULT_LIKENESS  # 0: off
+    min_stability: float = DEFAULT_STABILITY  # 0: off
+    refine_steps: int | None = None  # None: the pipeline's default (propagation.py)
     bounds: tuple[int, int] | None = None
     encode_ahead: int = 2  # session.ENCODE_AHEAD: slices encoded on a worker thread ahead
     window: tuple[float, float] | str | None = None  # None: chosen from each volume
@@ -268,6 +276,9 @@ class SegmentSettings:
                 projection=self.projection,
                 iou_threshold=self.iou_threshold,
                 min_score=self.min_score,
+                min_likeness=self.min_likeness,
+                min_stability=self.min_stability,
+                refine_steps=self.refine_steps,
                 bounds=tuple(self.bounds) if self.bounds else None,
             ),
         )

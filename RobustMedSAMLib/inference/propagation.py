@@ -33,7 +33,13 @@ from RobustMedSAMLib.inference.mask_prompts import (
     mask_box,
 )
 from RobustMedSAMLib.inference.types import SlicePrompt, SliceSegmenter
-from RobustMedSAMLib.names import OVERLAP_MEASURES, PROJECTIONS
+from RobustMedSAMLib.names import (
+    DEFAULT_LIKENESS,
+    DEFAULT_OVERLAP,
+    DEFAULT_STABILITY,
+    OVERLAP_MEASURES,
+    PROJECTIONS,
+)
 from RobustMedSAMLib.progress import Cancel, Progress, cancel_check
 
 logger = logging.getLogger(__name__)
@@ -51,10 +57,14 @@ STOP_REASONS = (
     "volume_end",  # reached the first or last slice of the volume
     "max_slices",  # the budget of model calls is spent
 )
-DEFAULT_OVERLAP = 0.5  # measured on phantoms (bench_pipeline.py --sweep)
-DEFAULT_LIKENESS = 0.5  # measured on phantoms (bench_stop_signals.py)
-DEFAULT_STABILITY = 0.2  # measured on phantoms (bench_stop_signals.py)
+# DEFAULT_OVERLAP (bench_pipeline.py --sweep), DEFAULT_LIKENESS and DEFAULT_STABILITY
+# (bench_stop_signals.py), measured on phantoms, live in names.py (the CLI and the panel
+# import them without torch)
 MIN_CONTRAST = 0.05
+REFINE_SAME_BOX = 0.9
+"""A refined box whose IoU with the box before is at least this ends the refinement."""
+REFINE_STEPS = 0
+"""The pipeline's ``refine_steps``: off, the phantoms were mixed (docs/propagation.md)."""
 """Least |seed inside - seed ring| (window units, 0..1) for the likeness rule to judge."""
 
 
@@ -108,6 +118,12 @@ class PropagationOptions:
     stop_between_seeds: apply the score / overlap / area rules between two seeds
     too. Default False (as micro-sam): the user has said the object spans the
     gap. An empty mask always stops a direction and is never kept.
+    refine_steps: with a box prompt, ask each propagated slice again with its own
+    mask's box (+``box_extension``, cut to the ROI's footprint) up to this many times,
+    until the box stops changing (:data:`REFINE_SAME_BOX`): the box carried from the
+    slice before lags a cross-section that moves or shrinks between thick slices, and a
+    box-prompted model draws more in a loose box (see docs/propagation.md). None: 0
+    here, :data:`REFINE_STEPS` in the pipeline (``segment_volume``, the server's jobs).
     bounds: ``(first, last)`` slices, inclusive; None = the whole volume.
     max_slices: at most this many model calls in all; None = no limit.
     """
@@ -123,6 +139,7 @@ class PropagationOptions:
     min_likeness: float = DEFAULT_LIKENESS
     min_stability: float = DEFAULT_STABILITY
     stop_between_seeds: bool = False
+    refine_steps: int | None = None
     bounds: tuple[int, int] | None = None
     max_slices: int | None = None
 
@@ -140,6 +157,9 @@ class PropagationOptions:
             raise InputError(f"box_extension={self.box_extension} must be >= 0 (a fraction)")
         if self.n_positive < 1 or self.n_negative < 0:
             raise InputError("use n_positive >= 1 and n_negative >= 0 points")
+        steps = self.refine_steps
+        if steps is not None and (not isinstance(steps, int) or steps < 0):
+            raise InputError(f"refine_steps={self.refine_steps!r} must be 0 or more")
         if self.max_slices is not None and self.max_slices < 0:
             raise InputError(f"max_slices={self.max_slices} must be >= 0 or None")
 
@@ -424,6 +444,9 @@ def _advance(
             return None
     schedule.take(index)
     prediction = segmenter.segment_slice(index, prompt)
+    if options.refine_steps and prompt.box is not None:
+        allowed = None if schedule.allowed is None else schedule.allowed[index]
+        prediction = refine(segmenter, index, prompt, prediction, options, allowed)
     mask = np.asarray(prediction.mask, bool)
     if mask.shape != volume.shape[1:]:
         raise InputError(
@@ -460,6 +483,45 @@ def _advance(
     front.logits = np.asarray(prediction.low_res_logits, np.float32)
     front.areas = [*front.areas[-1:], record.area]
     return record
+
+
+def refine(
+    segmenter: SliceSegmenter,
+    index: int,
+    prompt: SlicePrompt,
+    prediction,
+    options: PropagationOptions,
+    allowed: np.ndarray | None = None,
+):
+    """Ask slice ``index`` again with the box of the model's own mask (+``box_extension``,
+    cut to ``allowed``'s footprint), at most ``options.refine_steps`` times, until that
+    box has an IoU of ``REFINE_SAME_BOX`` with the one before; an empty answer ends it
+    (the last non-empty prediction is returned). Mask inputs are not carried."""
+    box = prompt.box
+    for _ in range(options.refine_steps or 0):
+        mask = np.asarray(prediction.mask, bool)
+        if allowed is not None:
+            mask = mask & allowed
+        if not mask.any():
+            break
+        again = mask_box(mask, options.box_extension)
+        if allowed is not None:
+            again = cut_box(again, allowed)
+        if again is None or box_iou(again, box) >= REFINE_SAME_BOX:
+            break
+        answer = segmenter.segment_slice(index, SlicePrompt(prompt.points, prompt.labels, again))
+        if not np.asarray(answer.mask, bool).any():
+            break
+        prediction, box = answer, again
+    return prediction
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two inclusive-corner boxes ``(x0, y0, x1, y1)`` (pixel counts)."""
+    low, high = np.maximum(a[:2], b[:2]), np.minimum(a[2:], b[2:])
+    inter = float(np.prod(np.clip(high - low + 1, 0, None)))
+    area = float(np.prod(a[2:] - a[:2] + 1) + np.prod(b[2:] - b[:2] + 1))
+    return inter / (area - inter) if area > inter else 0.0
 
 
 def _prompt_source(

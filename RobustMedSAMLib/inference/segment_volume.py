@@ -26,7 +26,12 @@ from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.formats.markups import Roi
 from RobustMedSAMLib.inference.mask_prompts import mask_box
 from RobustMedSAMLib.inference.point_search import search_point
-from RobustMedSAMLib.inference.propagation import PropagationOptions, plan_order, propagate
+from RobustMedSAMLib.inference.propagation import (
+    REFINE_STEPS,
+    PropagationOptions,
+    plan_order,
+    propagate,
+)
 from RobustMedSAMLib.inference.session import ENCODE_AHEAD, SegmentationSession, SessionStats
 from RobustMedSAMLib.inference.slicing import (
     FLAT_ROI_SLICES,
@@ -154,6 +159,7 @@ class Decisions:
     point: dict[str, Any] | None = None  # the point search: candidates, the chosen one
     tightened: list[list[float]] = field(default_factory=list)  # a 3D ROI's first boxes
     projection: str = ""  # the prompt carried to the next slice (see _propagation_options)
+    refine_steps: int = 0  # re-asks of each propagated slice with its mask's own box
 
 
 @dataclass
@@ -362,7 +368,7 @@ def _from_points(
     to the model as they are."""
     volume, axis = session.volume, session.axis
     ((index, prompt),) = prompts_for_slice(volume, axis, prompts.positive, prompts.negative).items()
-    takes_points = "point" in getattr(session.predictor, "prompts", ("point",))
+    takes_points = session.takes_points
     choice = search_point(
         lambda p, multimask: session.slice_candidates(index, p, multimask),
         prompt,
@@ -396,9 +402,7 @@ def _from_points(
 def windowed_slice(session: SegmentationSession, index: int) -> np.ndarray:
     """Slice ``index`` as the model sees it: ``(rows, cols)`` float32, the session's
     window mapped to 0..1 (clipped)."""
-    low, high = session.window
-    image = session.slice_image(index).astype(np.float32)
-    return np.clip((image - low) / max(high - low, 1e-6), 0.0, 1.0)
+    return session.windowed(index)
 
 
 def _zoom_decision(
@@ -502,15 +506,27 @@ def _propagation_options(
     on an MR phantom sphere the fed-back logits made LiteMedSAM's masks overflow it
     (false positives 166 / 72 / 55 / 166 px on its four propagated slices, 125 / 43 /
     29 / 120 with the box alone). ``decisions.projection`` records the one used."""
-    prompts = getattr(session.predictor, "prompts", ("point", "box", "mask"))
-    if "mask" not in prompts and options.projection in ("mask", "points_and_mask"):
-        options = replace(options, projection="box" if options.projection == "mask" else "points")
+    options = model_projection(options, session.predictor)
     decisions.projection = options.projection
+    decisions.refine_steps = options.refine_steps
     if decisions.roi != "3d":
         return options
     (first, last), _ = roi_to_slice_box(session.volume, session.axis, roi)
     bounds = options.bounds if options.bounds is not None else (first, last)
     return replace(options, bounds=bounds, iou_threshold=0.0, min_area_ratio=0.0, min_score=0.0)
+
+
+def model_projection(options: PropagationOptions, predictor: Any) -> PropagationOptions:
+    """``options`` as the pipeline runs them for this model: ``refine_steps`` None becomes
+    ``REFINE_STEPS``; a model trained without mask prompts (``"mask"`` not in its
+    ``prompts``: LiteMedSAM) gets the box (or the points) alone where the projection
+    would feed its own logits back."""
+    if options.refine_steps is None:
+        options = replace(options, refine_steps=REFINE_STEPS)
+    prompts = getattr(predictor, "prompts", ("point", "box", "mask"))
+    if "mask" in prompts or options.projection not in ("mask", "points_and_mask"):
+        return options
+    return replace(options, projection="box" if options.projection == "mask" else "points")
 
 
 def _stop_dict(stop) -> dict[str, Any]:

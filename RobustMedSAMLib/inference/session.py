@@ -26,6 +26,8 @@ import torch
 from RobustMedSAMLib.errors import CancelledError, InputError
 from RobustMedSAMLib.formats.atomic import atomic_output
 from RobustMedSAMLib.formats.volume import Volume
+from RobustMedSAMLib.inference.mask_prompts import mask_box
+from RobustMedSAMLib.inference.point_search import search_point
 from RobustMedSAMLib.inference.predictor import EncodedSlice, Predictor
 from RobustMedSAMLib.inference.preprocessing import Frame, resolve_window
 from RobustMedSAMLib.inference.slicing import (
@@ -120,6 +122,18 @@ class SegmentationSession:
         if not 0 <= index < self.n_slices:
             raise InputError(f"slice {index} is outside 0..{self.n_slices - 1}")
         return get_slice(self.volume.array, self.axis, index)
+
+    def windowed(self, index: int) -> np.ndarray:
+        """Slice ``index`` as the model sees it: ``(rows, cols)`` float32, the session's
+        window mapped to 0..1 (clipped)."""
+        low, high = self.window
+        image = self.slice_image(index).astype(np.float32)
+        return np.clip((image - low) / max(high - low, 1e-6), 0.0, 1.0)
+
+    @property
+    def takes_points(self) -> bool:
+        """Whether the model was trained with point prompts (``ModelSource.prompts``)."""
+        return "point" in getattr(self.predictor, "prompts", ("point",))
 
     def encoded(self, index: int) -> EncodedSlice:
         """Features of slice ``index``: from memory, from the encode-ahead worker, from
@@ -217,14 +231,36 @@ class SegmentationSession:
 
     def click(self, index: int, xy: tuple[float, float], positive: bool = True) -> Prediction:
         """Add an include/exclude point on slice ``index`` and refine that slice's mask:
-        all points so far plus the previous mask's logits, as SAM tools do."""
+        all points so far plus the previous mask's logits, as SAM tools do. A model
+        trained without points (:attr:`takes_points` False: LiteMedSAM) gets the points
+        through the point search instead (:meth:`searched_points`), as ``segment`` does."""
         clicks = self._clicks.setdefault(index, _Clicks())
         clicks.points.append((float(xy[0]), float(xy[1])))
         clicks.labels.append(1 if positive else 0)
-        prompt = SlicePrompt(clicks.points, clicks.labels, mask_input=clicks.logits)
-        prediction = self.segment_slice(index, prompt)
+        if self.takes_points:
+            prompt = SlicePrompt(clicks.points, clicks.labels, mask_input=clicks.logits)
+            prediction = self.segment_slice(index, prompt)
+        else:
+            prediction = self.searched_points(index, SlicePrompt(clicks.points, clicks.labels))
         clicks.logits = prediction.low_res_logits
         return prediction
+
+    def searched_points(self, index: int, prompt: SlicePrompt) -> Prediction:
+        """The points of ``prompt`` (slice pixels ``(x, y)``) on slice ``index`` through the
+        point search (``point_search.py``): the model's answer to the chosen candidate's
+        box (+10 %), which is what ``segment`` segments on that slice without zoom; the
+        points as they are when no candidate holds them."""
+        choice = search_point(
+            lambda tried, multimask: self.slice_candidates(index, tried, multimask),
+            prompt,
+            self.windowed(index),
+            self.takes_points,
+        )
+        if choice.candidates[choice.chosen].rank < 0:
+            return self.segment_slice(index, prompt)
+        box = mask_box(choice.prediction.mask, 0.1)
+        points = prompt if self.takes_points else SlicePrompt()
+        return self.segment_slice(index, SlicePrompt(points.points, points.labels, box))
 
     def undo_click(self, index: int) -> Prediction | None:
         """Remove the last point on slice ``index``; re-predict from the points left
@@ -237,7 +273,11 @@ class SegmentationSession:
         clicks.logits = None
         if not clicks.points:
             return None
-        prediction = self.segment_slice(index, SlicePrompt(clicks.points, clicks.labels))
+        prompt = SlicePrompt(clicks.points, clicks.labels)
+        if self.takes_points:
+            prediction = self.segment_slice(index, prompt)
+        else:
+            prediction = self.searched_points(index, prompt)
         clicks.logits = prediction.low_res_logits
         return prediction
 

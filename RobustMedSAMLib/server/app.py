@@ -29,6 +29,7 @@ from RobustMedSAMLib.inference.propagation import plan_order, propagate
 from RobustMedSAMLib.inference.segment_volume import (
     SegmentOptions,
     VolumePrompts,
+    model_projection,
     run_record,
     segment_volume,
     windowed_slice,
@@ -249,7 +250,7 @@ def create_app(config: ServerConfig, served: ServedModel) -> FastAPI:
         if not all(mask.any() for mask in seeds.values()):
             empty = [z for z, mask in seeds.items() if not mask.any()]
             raise InputError(f"seed slice(s) {empty} have an empty mask: click or send a mask")
-        options = body.options.propagation()
+        options = model_projection(body.options.propagation(), seg.predictor)  # as segment
         options.validate()
 
         def work(job: Job) -> dict[str, Any]:
@@ -279,7 +280,8 @@ def create_app(config: ServerConfig, served: ServedModel) -> FastAPI:
                 }
                 for s in result.stops
             ]
-            return {"patch": session.change(new), "stops": stops}
+            return {"patch": session.change(new), "stops": stops,
+                    "projection": options.projection}  # fmt: skip
 
         return session.start_job("propagate", work).view()
 

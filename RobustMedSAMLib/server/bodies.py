@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from RobustMedSAMLib.inference.propagation import DEFAULT_OVERLAP, PropagationOptions
+from RobustMedSAMLib.inference.propagation import PropagationOptions
+from RobustMedSAMLib.names import DEFAULT_LIKENESS, DEFAULT_OVERLAP, DEFAULT_STABILITY
 
 Vector3 = tuple[float, float, float]
 
@@ -41,12 +42,15 @@ class Options(_Body):
     iou_threshold: float = Field(DEFAULT_OVERLAP, ge=0, le=1)
     min_score: float = Field(0.0, ge=0, le=1)
     min_area_ratio: float = Field(0.0, ge=0, le=1)  # as PropagationOptions
+    min_likeness: float = Field(DEFAULT_LIKENESS, ge=0, le=1)  # 0: off
+    min_stability: float = Field(DEFAULT_STABILITY, ge=0, le=1)  # 0: off
     overlap: Literal["iou", "containment"] = "containment"
     bounds: tuple[int, int] | None = None
     max_slices: int | None = Field(None, ge=0)
     zoom: bool | Literal["auto"] = "auto"  # as SegmentOptions.zoom
     box_extension: float = Field(0.1, ge=0)
     stop_between_seeds: bool = False
+    refine_steps: int | None = Field(None, ge=0, le=8)  # None: the pipeline's default
 
     def propagation(self) -> PropagationOptions:
         values = self.model_dump(exclude={"zoom"})

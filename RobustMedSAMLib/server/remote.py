@@ -44,6 +44,9 @@ class RemoteCaseSegmenter:
         options = {"projection": propagation.projection,
                    "iou_threshold": propagation.iou_threshold,
                    "min_score": propagation.min_score,
+                   "min_likeness": propagation.min_likeness,
+                   "min_stability": propagation.min_stability,
+                   "refine_steps": propagation.refine_steps,
                    "bounds": list(propagation.bounds) if propagation.bounds else None,
                    "zoom": self.options.zoom}  # fmt: skip
         opened = self.client.open_session(volume.array, volume.ijk_to_ras, s.axis, s.window,

@@ -49,7 +49,12 @@ from RobustMedSAMLib.server.protocol import apply_patch
 from RobustMedSAMLib.server.sessions import ServerSession
 
 ROOT = Path(__file__).resolve().parents[2]
-RUN_UNTIL_EMPTY = {"iou_threshold": 0.0, "min_area_ratio": 0.0}
+RUN_UNTIL_EMPTY = {  # throughput, not stopping: every stop rule off but the empty mask
+    "iou_threshold": 0.0,
+    "min_area_ratio": 0.0,
+    "min_likeness": 0.0,
+    "min_stability": 0.0,
+}
 
 
 def start_server(threads: int) -> tuple[subprocess.Popen, ServerClient]:

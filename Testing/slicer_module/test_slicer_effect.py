@@ -413,3 +413,48 @@ def test_with_the_shared_logic_the_panel_chooses_the_server_first(editor, monkey
     k = click_centre(ns)
     assert asked == [0] and ns.py.logic is shared  # before the request went out
     assert dice(mask_of(ns, ns.organ)[k], ns.phantom.mask[k]) >= 0.95
+
+
+@pytest.fixture
+def box_only_server():
+    """``server_harness.py --box-only``: a server whose model answers a point alone with
+    nothing and draws in a box (``BoxBlobPredictor``, as LiteMedSAM behaves)."""
+    from server_harness import start_harness
+
+    process, url = start_harness("--box-only")
+    yield url
+    process.kill()
+    process.wait(10)
+    process.stdout.close()
+
+
+@pytest.mark.slow  # a server process: about 2 minutes on this shared machine
+def test_a_click_with_a_box_only_model_goes_through_the_point_search(
+    slicer_scene, monkeypatch, tmp_path, box_only_server
+):
+    """The effect's click and Propagate through a real server (a subprocess) whose model
+    takes boxes only: the click finds the ball by the point search, as ``segment`` does,
+    and Propagate carries the box alone (the double overflows when fed its own logits,
+    as LiteMedSAM does) and follows the ball to its ends."""
+    from server_harness import TOKEN
+
+    phantom = sphere((24, 64, 64), spacing=(0.9, 0.8, 2.0), radius=9.0, noise=5.0)
+    ns = make_editor(slicer_scene, monkeypatch, tmp_path, phantom)
+    logic = module.RobustMedSAMLogic()
+    logic.use_remote_server(box_only_server, TOKEN)
+    ns.py.logic = logic
+    kji = centre_kji(ns) + [0, 2, 0]  # off the centre: a point is not a box's middle
+    k = int(kji[0])
+    ns.py.addPoint(ras_of(kji), include=True)
+    assert ns.qt.run(60, until=lambda: ns.py._handle is None), ns.py.statusLabel.text
+    assert "segmented" in ns.py.statusLabel.text, ns.py.statusLabel.text
+    written = mask_of(ns, ns.organ)
+    assert dice(written[k], phantom.mask[k]) > 0.9, dice(written[k], phantom.mask[k])
+
+    ns.py.onPropagate()
+    assert ns.qt.run(60, until=lambda: ns.py._handle is None), ns.py.statusLabel.text
+    assert "Propagated" in ns.py.statusLabel.text, ns.py.statusLabel.text
+    grown = mask_of(ns, ns.organ)
+    truth_slices = np.flatnonzero(phantom.mask.any(axis=(1, 2)))
+    assert np.flatnonzero(grown.any(axis=(1, 2))).tolist() == truth_slices.tolist()
+    assert dice(grown, phantom.mask) > 0.9, dice(grown, phantom.mask)

@@ -169,6 +169,10 @@ def test_choice_lists_match_the_library():
         defaults.min_area_ratio,
         defaults.box_extension,
     )
+    assert (node.min_likeness, node.min_stability) == (
+        defaults.min_likeness,
+        defaults.min_stability,
+    )
 
 
 def test_cmake_installs_the_ui_file():

@@ -662,6 +662,18 @@ def test_zoom_to_box_reaches_the_segment_options(panel):
     assert parsed.box_extension == node.box_extension and parsed.projection == node.projection
 
 
+def test_the_stop_thresholds_reach_the_segment_options(panel):
+    from RobustMedSAMLib.server.bodies import Options
+
+    node = panel.widget._parameterNode
+    options = Options(**panel.widget._segmentOptions(propagate=True))
+    assert (options.min_likeness, options.min_stability) == (0.5, 0.2)  # the defaults
+    node.min_likeness, node.min_stability = 0.0, 0.35  # the advanced options' spin boxes
+    options = Options(**panel.widget._segmentOptions(propagate=True))
+    assert (options.min_likeness, options.min_stability) == (0.0, 0.35)
+    assert options.propagation().min_stability == 0.35
+
+
 def test_choosing_another_segmentation_never_picks_its_first_segment(panel):
     """qMRMLSegmentSelectorWidget selects the first segment of a new segmentation; a click
     must then create a new segment, not overwrite that one (review finding 8)."""

@@ -1,0 +1,152 @@
+"""The stop rules' thresholds (likeness, stability) are options on every surface: the
+``segment`` flags (in-process, batch and ``--server``), the server's segment and
+propagate bodies. 0 turns a rule off.
+
+``BoxBlobPredictor`` behaves as LiteMedSAM does past a structure's end (it still draws a
+confident blob in the box it is given): with the rules on, a flat box on a sphere stops
+where the sphere ends; with both off, nothing stops it before the volume's end.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from doubles import BoxBlobPredictor
+from server_harness import TOKEN, LiveServer, served
+
+from RobustMedSAMLib.cli import main
+from RobustMedSAMLib.datasets import phantoms
+from RobustMedSAMLib.formats.markups import write_roi
+from RobustMedSAMLib.formats.segmentation import read_segmentation
+from RobustMedSAMLib.formats.volume import Volume, write_volume
+from RobustMedSAMLib.inference.batch import SegmentSettings
+from RobustMedSAMLib.inference.slicing import slice_box_roi
+from RobustMedSAMLib.server.client import ServerClient
+
+N_SLICES = 24
+OFF = {"min_likeness": 0.0, "min_stability": 0.0}
+
+
+@pytest.fixture(scope="module")
+def scene():
+    """A sphere (CT-like, 150 HU over its surroundings) and a flat box on its centre."""
+    phantom = phantoms.sphere((N_SLICES, 48, 48), (1.0, 1.0, 2.0), 10.0, contrast=150.0,
+                              noise=10.0)  # fmt: skip
+    volume = Volume(phantom.image.astype(np.float32), phantom.ijk_to_ras, "sphere")
+    slices = np.flatnonzero(phantom.mask.any(axis=(1, 2)))
+    centre = int(slices[len(slices) // 2])
+    rows, cols = np.nonzero(phantom.mask[centre])
+    box = np.array([cols.min(), rows.min(), cols.max(), rows.max()])
+    return volume, phantom.mask, centre, slice_box_roi(volume, 0, centre, box)
+
+
+@pytest.fixture(scope="module")
+def blob_server():
+    with LiveServer(served(lambda: BoxBlobPredictor(115.0))) as server:
+        yield server
+
+
+def _slices(mask: np.ndarray) -> list[int]:
+    return np.flatnonzero(mask.any(axis=(1, 2))).tolist()
+
+
+def test_server_segment_and_propagate_bodies_take_the_thresholds(blob_server, scene):
+    volume, truth, centre, roi = scene
+    client = ServerClient(blob_server.url, TOKEN)
+    window = (-160.0, 240.0)
+    with client.open_session(volume.array, volume.ijk_to_ras, "axial", window) as session:
+        record = session.segment(box=roi, propagate=True)
+        assert _slices(session.mask) == _slices(truth)
+        assert record["options"]["propagation"]["min_likeness"] == 0.5  # the default
+        record = session.segment(box=roi, propagate=True, options=OFF)
+        assert len(_slices(session.mask)) == N_SLICES  # nothing stops the blobs
+        assert record["options"]["propagation"]["min_stability"] == 0.0
+
+        one_slice = np.zeros(volume.shape, bool)
+        one_slice[centre] = truth[centre]
+        session.set_mask(one_slice)
+        stops = session.propagate([centre])
+        assert {s["reason"] for s in stops} == {"likeness"}
+        assert _slices(session.mask) == _slices(truth)
+        session.set_mask(one_slice)
+        stops = session.propagate([centre], OFF)
+        assert {s["reason"] for s in stops} == {"volume_end"}
+        assert len(_slices(session.mask)) == N_SLICES
+
+
+@pytest.mark.parametrize("name", ["min_likeness", "min_stability"])
+def test_a_threshold_outside_0_1_is_refused_by_the_server(blob_server, scene, name):
+    volume, _, _, roi = scene
+    client = ServerClient(blob_server.url, TOKEN)
+    with client.open_session(volume.array, volume.ijk_to_ras, "axial", (-160.0, 240.0)) as session:
+        with pytest.raises(Exception, match=name):
+            session.segment(box=roi, propagate=True, options={name: 1.5})
+        assert not session.mask.any()
+
+
+@pytest.fixture
+def files(tmp_path, scene):
+    volume, _, _, roi = scene
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    return {
+        "volume": write_volume(volume, tmp_path / "ct.nrrd"),
+        "box": write_roi(tmp_path / "box.mrk.json", roi),
+        "token": token,
+    }
+
+
+def _cli(files, out, *extra) -> int:
+    return main(["segment", str(files["volume"]), "--box", str(files["box"]), "--out", str(out),
+                 "--propagate", "--window=-160,240", *extra])  # fmt: skip
+
+
+def test_segment_flags_reach_the_server_and_the_record(blob_server, files, scene, tmp_path):
+    _, truth, _, _ = scene
+    server = ("--server", blob_server.url, "--token-file", str(files["token"]))
+    assert _cli(files, tmp_path / "on.seg.nrrd", *server) == 0
+    on, _ = read_segmentation(tmp_path / "on.seg.nrrd")
+    assert _slices(on) == _slices(truth)
+    off = ("--min-likeness", "0", "--min-stability", "0")
+    assert _cli(files, tmp_path / "off.seg.nrrd", *server, *off) == 0
+    labels, _ = read_segmentation(tmp_path / "off.seg.nrrd")
+    assert len(_slices(labels)) == N_SLICES
+    record = json.loads((tmp_path / "off.seg.nrrd.json").read_text())
+    stored = record["options"]["propagation"]
+    assert (stored["min_likeness"], stored["min_stability"]) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("flag", ["--min-likeness", "--min-stability"])
+def test_a_bad_threshold_flag_is_one_line_and_exit_2(files, tmp_path, capsys, flag):
+    out = tmp_path / "bad.seg.nrrd"
+    assert _cli(files, out, flag, "2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    name = flag[2:].replace("-", "_")
+    assert len(err) == 1 and f"{name}=2.0 must lie in [0, 1]" in err[0]
+    assert not out.exists()
+
+
+def test_batch_settings_carry_the_thresholds():
+    options = SegmentSettings(min_likeness=0.3, min_stability=0.0).options().propagation
+    assert (options.min_likeness, options.min_stability) == (0.3, 0.0)
+    defaults = SegmentSettings().options().propagation
+    assert (defaults.min_likeness, defaults.min_stability) == (0.5, 0.2)
+
+
+def test_refine_steps_reach_the_record_and_a_negative_one_is_refused(
+    blob_server, files, tmp_path, capsys
+):
+    server = ("--server", blob_server.url, "--token-file", str(files["token"]))
+    assert _cli(files, tmp_path / "default.seg.nrrd", *server) == 0
+    record = json.loads((tmp_path / "default.seg.nrrd.json").read_text())
+    assert record["decisions"]["refine_steps"] == 0  # off by default
+    assert _cli(files, tmp_path / "refined.seg.nrrd", *server, "--refine-steps", "2") == 0
+    record = json.loads((tmp_path / "refined.seg.nrrd.json").read_text())
+    assert record["decisions"]["refine_steps"] == 2
+    capsys.readouterr()
+    out = tmp_path / "bad.seg.nrrd"
+    assert _cli(files, out, "--refine-steps", "-1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refine_steps=-1" in err[0] and not out.exists()
