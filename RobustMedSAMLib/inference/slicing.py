@@ -169,6 +169,18 @@ def slice_box_roi(volume: Volume, axis: int, index: int, box: np.ndarray) -> Roi
     return ijk_box_roi(volume, low[::-1], high[::-1])
 
 
+def slice_point_ras(volume: Volume, axis: int, index: int, xy) -> np.ndarray:
+    """RAS ``(3,)`` of slice pixel ``xy`` = ``(x, y)`` on slice ``index`` along ``axis``:
+    where a user clicking that pixel there puts the point (inverse of
+    :func:`ras_to_slice_points`)."""
+    _check_axis(axis)
+    kji = np.zeros(3)
+    kji[axis] = index
+    x_axis, y_axis = _IN_PLANE[axis]
+    kji[x_axis], kji[y_axis] = float(xy[0]), float(xy[1])
+    return volume.ijk_to_ras_points(kji[::-1])[0]
+
+
 def roi_to_slice_box(volume: Volume, axis: int, roi: Roi) -> tuple[tuple[int, int], np.ndarray]:
     """Project an ROI onto slices along ``axis``.
 
