@@ -139,8 +139,8 @@ def targets_table(scores: list[Score]) -> list[str]:
         return condition_summary(mine, CLEAN, 0).mean, degraded_summary(mine).mean
 
     rows: list[tuple[str, str, Callable[[str], str]]] = [
-        ("3D from one box, mean Dice", ">= 0.85", lambda m: f"{clean(m, '3D box/mask'):.3f}"),
-        ("3D from one point, mean Dice", ">= 0.70", lambda m: f"{clean(m, '3D point/mask'):.3f}"),
+        ("3D from one box, mean Dice", ">= 0.85", lambda m: _mean(clean(m, "3D box/mask"))),
+        ("3D from one point, mean Dice", ">= 0.70", lambda m: _mean(clean(m, "3D point/mask"))),
     ]
     for setting in SETTINGS:
         rows.append(
@@ -151,6 +151,10 @@ def targets_table(scores: list[Score]) -> list[str]:
     for name, wanted, value in rows:
         lines.append(f"| {name} | {wanted} | " + " | ".join(value(m) for m in models) + " |")
     return lines
+
+
+def _mean(value: float) -> str:
+    return "-" if value != value else f"{value:.3f}"
 
 
 def _drop(pair: tuple[float, float]) -> str:

@@ -7,14 +7,15 @@
 #
 #   scripts/run_evidence.sh EVALDATA OUT CACHE MODEL_SPEC... [-- PHASE...]
 #   scripts/run_evidence.sh /work/evaldata runs/evidence /tmp/enc \
-#       litemedsam robustmedsam-lite demo=fused:/tmp/robustmedsam_demo.pth -- clean-2d clean-3d
+#       litemedsam robustmedsam-lite demo=fused:/tmp/robustmedsam_demo.pth -- clean-3d clean-2d
 #
 # PHASES (default: all, in this order; they are ordered by value per CPU second):
+#   clean-3d     real scans, 3D (one prompt on the central slice, then `segment --propagate`'s
+#                pipeline: evaluation/volumetric.py), clean, seed 0
 #   clean-2d     real scans, 2D (central slice), box and point, clean, seeds 0 1 2
-#   clean-3d     real scans, 3D (one prompt on the central slice + propagation), clean, seed 0
+#   clean-3d-seeds  3D clean, seeds 1 and 2 too
 #   2d-subset    2D, clean + the 12 corruptions at severity 3, seeds 0 1 2 (corruption and
 #                prompt jitter), on one case per source and modality (SUBSET below)
-#   clean-3d-seeds  3D clean, seeds 1 and 2 too
 #   2d-degraded  the 2D corruptions on all 12 real scans
 #   phantoms     phantom:all,count=1, 2D (clean + 12 corruptions) and 3D (clean), seeds 0 1 2
 #   3d-subset    3D, the 12 corruptions at severity 3, seed 0, on SUBSET
@@ -28,7 +29,7 @@ models=() phases=()
 while [[ $# -gt 0 && $1 != "--" ]]; do models+=(--model "$1"); shift; done
 [[ ${1:-} == "--" ]] && shift
 phases=("$@")
-[[ ${#phases[@]} -eq 0 ]] && phases=(clean-2d clean-3d 2d-subset clean-3d-seeds 2d-degraded phantoms 3d-subset)
+[[ ${#phases[@]} -eq 0 ]] && phases=(clean-3d clean-2d clean-3d-seeds 2d-subset 2d-degraded phantoms 3d-subset)
 python=${PYTHON:-.venv/bin/python}
 device=${DEVICE:-cpu}
 engine=${ENGINE:-openvino}
@@ -66,7 +67,7 @@ done
 
 common=(--encoder-cache "$cache" --device "$device" --engine "$engine" --out "$out" --no-progress
         --prompt box point --projection mask --severities 3 --clicks 0 --prompt-jitter 0.1)
-evaluate() { nice -n 10 "$python" -m RobustMedSAMLib evaluate "${models[@]}" "${common[@]}" "$@"; }
+evaluate() { nice -n 19 "$python" -m RobustMedSAMLib evaluate "${models[@]}" "${common[@]}" "$@"; }
 
 for phase in "${phases[@]}"; do
   echo "=== phase $phase $(date -u +%FT%TZ)"

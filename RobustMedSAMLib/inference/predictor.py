@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from RobustMedSAMLib.device import autocast_dtype, prepare_device
+from RobustMedSAMLib.device import autocast_dtype, prepare_device, release_free_memory
 from RobustMedSAMLib.errors import InputError, ModelOutOfMemoryError
 from RobustMedSAMLib.inference.preprocessing import (
     Frame,
@@ -80,7 +80,9 @@ class Predictor:
                 f"out of memory encoding a slice on {self.device}: use --device cpu, "
                 "close other GPU programs, or enable half precision"
             ) from error
-        return EncodedSlice(features.to(self.device, torch.float32), frame)
+        encoded = EncodedSlice(features.to(self.device, torch.float32), frame)
+        release_free_memory(self.device)
+        return encoded
 
     def set_image(self, image: np.ndarray, window: tuple[float, float] | None = None) -> None:
         """Encode a slice and make it current (see ``encode``)."""

@@ -35,10 +35,10 @@ from RobustMedSAMLib.inference.propagation import (
 from RobustMedSAMLib.inference.session import ENCODE_AHEAD, SegmentationSession, SessionStats
 from RobustMedSAMLib.inference.slicing import (
     FLAT_ROI_SLICES,
+    RoiSlices,
     prompts_for_slice,
     roi_thickness,
     roi_to_slice_box,
-    roi_voxels,
     set_slice,
     slice_box_roi,
 )
@@ -255,7 +255,7 @@ def _encode_order(
 def _segment_and_propagate(
     session: SegmentationSession,
     per_slice: dict,
-    allowed: np.ndarray | None,
+    allowed: RoiSlices | None,
     decisions: Decisions,
     propagating: bool,
     propagation: PropagationOptions,
@@ -425,8 +425,9 @@ def _zoom_decision(
 
 def _roi_decision(
     session: SegmentationSession, roi: Roi | None, decisions: Decisions
-) -> np.ndarray | None:
-    """Flat or 3D ROI; for a 3D one, its voxels in slice order ``(n_slices, rows, cols)``."""
+) -> RoiSlices | None:
+    """Flat or 3D ROI; for a 3D one, its voxels in slice order ``(n_slices, rows, cols)``
+    (made slice by slice: a whole-volume mask was 78 MB on a 512 x 512 x 300 CT)."""
     if roi is None:
         return None
     decisions.roi_slices = roi_thickness(session.volume, session.axis, roi)
@@ -434,7 +435,7 @@ def _roi_decision(
         decisions.roi = "2d"
         return None
     decisions.roi = "3d"
-    return np.moveaxis(roi_voxels(session.volume, roi), session.axis, 0)
+    return RoiSlices(session.volume, roi, session.axis)
 
 
 def _ends(

@@ -169,6 +169,18 @@ def slice_box_roi(volume: Volume, axis: int, index: int, box: np.ndarray) -> Roi
     return ijk_box_roi(volume, low[::-1], high[::-1])
 
 
+def slice_point_ras(volume: Volume, axis: int, index: int, xy) -> np.ndarray:
+    """RAS ``(3,)`` of slice pixel ``xy`` = ``(x, y)`` on slice ``index`` along ``axis``:
+    where a user clicking that pixel there puts the point (inverse of
+    :func:`ras_to_slice_points`)."""
+    _check_axis(axis)
+    kji = np.zeros(3)
+    kji[axis] = index
+    x_axis, y_axis = _IN_PLANE[axis]
+    kji[x_axis], kji[y_axis] = float(xy[0]), float(xy[1])
+    return volume.ijk_to_ras_points(kji[::-1])[0]
+
+
 def roi_to_slice_box(volume: Volume, axis: int, roi: Roi) -> tuple[tuple[int, int], np.ndarray]:
     """Project an ROI onto slices along ``axis``.
 
@@ -207,20 +219,49 @@ def roi_thickness(volume: Volume, axis: int, roi: Roi) -> float:
 def roi_voxels(volume: Volume, roi: Roi) -> np.ndarray:
     """``(K, J, I)`` bool: the voxels whose centres lie inside the ROI (on its faces too)."""
     inside = np.zeros(volume.shape, bool)
+    low, block = _roi_block(volume, roi)
+    inside[tuple(slice(a, a + n) for a, n in zip(low, block.shape, strict=True))] = block
+    return inside
+
+
+def _roi_block(volume: Volume, roi: Roi) -> tuple[np.ndarray, np.ndarray]:
+    """``(low, block)``: the KJI corner of the ROI's voxel bounding box and its voxels
+    there, ``block`` bool of the box's shape (empty when the ROI misses the volume)."""
     kji = volume.ras_to_ijk_points(roi.corners_ras())[:, ::-1]
     low = np.clip(np.floor(kji.min(axis=0)).astype(int), 0, np.array(volume.shape))
     high = np.clip(np.ceil(kji.max(axis=0)).astype(int) + 1, 0, np.array(volume.shape))
+    block = np.zeros(np.maximum(high - low, 0), bool)
     if (high <= low).any():
-        return inside
+        return low, block
     rows, cols = np.meshgrid(np.arange(low[1], high[1]), np.arange(low[2], high[2]), indexing="ij")
     half = np.asarray(roi.size, float) / 2 + 1e-6
     for k in range(low[0], high[0]):  # slice by slice: a large ROI stays small in memory
         ijk = np.stack([cols.ravel(), rows.ravel(), np.full(cols.size, k)], axis=1)
         local = (volume.ijk_to_ras_points(ijk) - roi.center_ras) @ np.asarray(roi.axes_ras)
-        inside[k, low[1] : high[1], low[2] : high[2]] = (
-            (np.abs(local) <= half).all(axis=1).reshape(rows.shape)
-        )
-    return inside
+        block[k - low[0]] = (np.abs(local) <= half).all(axis=1).reshape(rows.shape)
+    return low, block
+
+
+class RoiSlices:
+    """``np.moveaxis(roi_voxels(volume, roi), axis, 0)`` without the whole volume: only
+    the ROI's bounding box is stored, and ``self[index]`` makes slice ``index``
+    ``(rows, cols)`` bool on demand. ``shape``: ``(n_slices, rows, cols)``."""
+
+    def __init__(self, volume: Volume, roi: Roi, axis: int) -> None:
+        _check_axis(axis)
+        self.axis = axis
+        self.low, self.block = _roi_block(volume, roi)
+        shape = volume.shape
+        self.shape = (shape[axis], *(shape[a] for a in range(3) if a != axis))
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        plane = np.zeros(self.shape[1:], bool)
+        offset = int(index) - int(self.low[self.axis])
+        if 0 <= offset < self.block.shape[self.axis]:
+            others = [a for a in range(3) if a != self.axis]
+            region = tuple(slice(self.low[a], self.low[a] + self.block.shape[a]) for a in others)
+            plane[region] = np.take(self.block, offset, axis=self.axis)
+        return plane
 
 
 def prompts_for_slice(

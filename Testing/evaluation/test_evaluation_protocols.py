@@ -10,17 +10,20 @@ import threading
 
 import numpy as np
 import pytest
-from doubles import ThresholdPredictor
+from doubles import BoxBlobPredictor, ThresholdPredictor
 
 from RobustMedSAMLib.errors import CancelledError, InputError
 from RobustMedSAMLib.evaluation.datasets import load_cases
-from RobustMedSAMLib.evaluation.interactive import evaluate_interactive
+from RobustMedSAMLib.evaluation.interactive import evaluate_interactive, first_prompt
 from RobustMedSAMLib.evaluation.matrix import MatrixOptions, run_matrix
 from RobustMedSAMLib.evaluation.models import ModelEntry
 from RobustMedSAMLib.evaluation.report import degraded_summary, headline_scores, read_rows
-from RobustMedSAMLib.evaluation.volumetric import evaluate_volume
+from RobustMedSAMLib.evaluation.volumetric import central_slice, evaluate_volume, volume_prompts
 from RobustMedSAMLib.formats.volume import Volume
 from RobustMedSAMLib.inference.propagation import PROJECTIONS, PropagationOptions
+from RobustMedSAMLib.inference.segment_volume import SegmentOptions, segment_volume
+from RobustMedSAMLib.inference.session import SegmentationSession
+from RobustMedSAMLib.inference.slicing import prompts_for_slice
 from RobustMedSAMLib.inference.types import Prediction, SlicePrompt
 
 THRESHOLD = 80.0  # HU between the phantoms' background (40) and objects (120)
@@ -138,3 +141,42 @@ def test_cancel_keeps_finished_cells(tmp_path):
     assert {r["prompt"] for r in rows} == {"point"} and len(rows) == 4  # 2 steps x dice, iou
     stop.clear()
     assert run_matrix([entry], cases, tmp_path, options).computed == 1
+
+
+@pytest.mark.parametrize(
+    ("first", "model"), [("box", BoxBlobPredictor), ("point", ThresholdPredictor)]
+)
+def test_volumetric_protocol_is_the_segment_pipeline(first, model):
+    """The 3D cell is what ``segment --propagate`` gives from the same prompt: for a
+    box-only model that draws a blob past a structure's end, the likeness rule (which
+    needs the pipeline's windowed slices) stops it where the sphere ends; a point goes
+    through the point search."""
+    case = load_cases("phantom:sphere,size=40")[0]
+    volume = Volume(case.image, case.ijk_to_ras)
+    result = evaluate_volume(model(THRESHOLD), volume, case.mask, first)
+    session = SegmentationSession(volume, model(THRESHOLD), axis=0)
+    index = central_slice(case.mask, 0)
+    prompt = first_prompt(case.mask[index], first)
+    prompts = volume_prompts(volume, 0, index, prompt)
+    if first == "box":
+        assert prompts.roi is not None and prompts.positive is None
+    else:
+        assert prompts.roi is None and len(prompts.positive) == 1
+    expected = segment_volume(session, prompts, SegmentOptions(propagate=True)).mask
+    assert np.array_equal(result.mask, expected)
+    covered = np.flatnonzero(result.mask.any(axis=(1, 2)))
+    truth_slices = np.flatnonzero(case.mask.any(axis=(1, 2)))
+    assert set(covered) <= set(truth_slices)  # no blobs past the ends
+    assert result.dice > 0.9
+
+
+def test_volume_prompts_land_on_the_prompted_pixels():
+    case = load_cases("phantom:sphere,size=40")[0]
+    volume = Volume(case.image, case.ijk_to_ras)
+    prompt = SlicePrompt(points=[(12.0, 20.0), (30.0, 5.0)], labels=[1, 0], box=(10, 8, 24, 19))
+    prompts = volume_prompts(volume, 0, 7, prompt)
+    per_slice = prompts_for_slice(volume, 0, prompts.positive, prompts.negative, prompts.roi)
+    assert list(per_slice) == [7]
+    got = per_slice[7]
+    assert np.allclose(got.points, [(12, 20), (30, 5)]) and list(got.labels) == [1, 0]
+    assert np.allclose(got.box, (10, 8, 24, 19), atol=0.5 + 1e-6)

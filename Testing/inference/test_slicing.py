@@ -10,6 +10,7 @@ from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.formats.markups import Roi
 from RobustMedSAMLib.formats.volume import Volume
 from RobustMedSAMLib.inference.slicing import (
+    RoiSlices,
     axis_index,
     encoding_order,
     get_slice,
@@ -17,6 +18,7 @@ from RobustMedSAMLib.inference.slicing import (
     prompts_for_slice,
     ras_to_slice_points,
     roi_to_slice_box,
+    roi_voxels,
     set_slice,
     slice_centre_ras,
 )
@@ -184,3 +186,23 @@ def test_slice_centre_lies_on_its_slice_of_an_oblique_volume(axis):
         assert indices[0] == index
         rows, cols = get_slice(volume.array, axis, index).shape
         np.testing.assert_allclose(xy[0], [(cols - 1) / 2, (rows - 1) / 2], atol=1e-9)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_roi_slices_equal_the_whole_volume_mask(axis):
+    """``RoiSlices`` (what a 3D ROI's propagation reads) gives the slices of
+    ``roi_voxels`` without holding the volume-sized mask."""
+    volume = Volume(np.zeros((12, 30, 40), np.int16), np.diag([0.8, 0.9, 2.0, 1.0]), "v")
+    angle = np.deg2rad(25)
+    axes = np.array(
+        [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]
+    )
+    tilted = Roi(np.array([14.0, 12.0, 10.0]), np.array([18.0, 10.0, 9.0]), axes)
+    outside = Roi(np.array([-50.0, 12.0, 10.0]), np.array([4.0, 4.0, 4.0]), np.eye(3))
+    for roi, expect_voxels in ((tilted, True), (outside, False)):
+        whole = np.moveaxis(roi_voxels(volume, roi), axis, 0)
+        assert (0 < whole.sum() < whole.size) if expect_voxels else whole.sum() == 0
+        lazy = RoiSlices(volume, roi, axis)
+        assert lazy.shape == whole.shape
+        for index in range(whole.shape[0]):
+            assert np.array_equal(lazy[index], whole[index])

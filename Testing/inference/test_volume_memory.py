@@ -8,6 +8,7 @@ voxels, about 8 + 8 bytes per voxel (1.3 GB for a 512 x 512 x 300 CT) before sam
 
 from __future__ import annotations
 
+import sys
 import tracemalloc
 
 import numpy as np
@@ -90,3 +91,37 @@ class _NoModel:
 
     def encode(self, image, window=None):
         raise AssertionError("not called")
+
+
+def test_cpu_encoder_calls_hand_freed_memory_back(tiny_sam_state, monkeypatch):
+    """Each CPU encode ends with ``malloc_trim`` (glibc kept the activations' freed blocks
+    in the encoding thread's arena: 1.9 GB peak for the benchmark CT, see
+    docs/evidence.md); the features are the same with it as without it."""
+    import torch
+
+    import RobustMedSAMLib.device as device
+    from RobustMedSAMLib.inference.predictor import Predictor
+    from RobustMedSAMLib.model.config import TINY
+    from RobustMedSAMLib.model.sam import SegmentAnythingModel
+
+    model = SegmentAnythingModel(TINY, robust=False)
+    model.load_state_dict(tiny_sam_state)
+    predictor = Predictor(model, "medsam")
+    image = np.random.default_rng(0).integers(0, 255, size=(90, 120)).astype(np.uint8)
+    trims: list[int] = []
+    monkeypatch.setattr(device, "_malloc_trim", lambda: trims.append)
+    trimmed = predictor.encode(image, (0, 255)).features.embedding
+    assert trims == [0]
+    monkeypatch.setattr(device, "_malloc_trim", lambda: None)
+    plain = predictor.encode(image, (0, 255)).features.embedding
+    assert torch.equal(trimmed, plain)
+    device.release_free_memory(torch.device("meta"))  # not the CPU: nothing is called
+    assert trims == [0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_malloc_trim_is_found_on_linux():
+    import RobustMedSAMLib.device as device
+
+    device._malloc_trim.cache_clear()
+    assert device._malloc_trim() is not None
