@@ -14,9 +14,10 @@ labelled real scans, an agreement check only) the Dice of each variant's masks
 against eager fp32's from label boxes (+5 px) on the largest slice of each case.
 
     .venv/bin/python Testing/benchmarks/bench_int8.py --calibration DIR [--evaldata DIR]
-        [--repeats 3] [--sensitivity] [--keep '/seq/|/layers\\.0/' ...]
+        [--repeats 3] [--schemes all transformer] [--keep '/seq/|/layers\\.0/' ...]
+        [--sensitivity]
 
-Needs NNCF (``pip install nncf==3.4.0``; not a dependency of the project).
+Needs NNCF: ``pip install 'robustmedsam[int8-bench]'`` (not a dependency of the library).
 """
 
 from __future__ import annotations
@@ -97,9 +98,9 @@ def relative_error(run, reference: list[np.ndarray], inputs: list[np.ndarray]) -
     return np.array(errors)
 
 
-def variants(args) -> dict[str, str]:
+def variants(args) -> dict[str, tuple[str, str]]:
     """Variant name -> (scheme, keep pattern)."""
-    out = {"int8 all": ("all", ""), "int8 transformer": ("transformer", "")}
+    out = {f"int8 {scheme}": (scheme, "") for scheme in args.schemes}
     for keep in args.keep:
         out[f"int8 transformer, float {keep}"] = ("transformer", f".*({keep}).*")
     if args.sensitivity:
@@ -114,6 +115,7 @@ def main() -> None:
     parser.add_argument("--evaldata", type=Path, help="labelled real scans (agreement only)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--schemes", nargs="*", default=["all", "transformer"])
     parser.add_argument("--keep", nargs="*", default=["/seq/|/layers\\.0/|/neck"])
     parser.add_argument("--sensitivity", action="store_true")
     args = parser.parse_args()

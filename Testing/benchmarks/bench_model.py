@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # Testing: reference_models
 from reference_models import random_state_dict, reference_robust_sam, reference_sam  # noqa: E402
 
 from RobustMedSAMLib.model.config import VIT_B  # noqa: E402
