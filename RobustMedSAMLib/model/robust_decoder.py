@@ -35,7 +35,7 @@ from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import nn
 
 from RobustMedSAMLib.model.config import ModelConfig
-from RobustMedSAMLib.model.paired_decoding import masks_from, paired_tokens
+from RobustMedSAMLib.model.paired_decoding import FirstLayer, masks_from, paired_tokens
 
 
 class ChannelAttention(nn.Module):
@@ -260,14 +260,17 @@ class RobustMaskDecoder(MaskDecoder):
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
         robust_features: torch.Tensor,
+        first_layer: FirstLayer | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Low-res mask logits ``B x M x 4h x 4w`` and predicted IoUs ``B x M`` (robust path)."""
+        """Low-res mask logits ``B x M x 4h x 4w`` and predicted IoUs ``B x M`` (robust path);
+        ``first_layer``: the transformer's cached image-side projections (no mask prompt)."""
         masks, iou_pred = self._predict_robust(
             image_embeddings,
             image_pe,
             sparse_prompt_embeddings,
             dense_prompt_embeddings,
             robust_features,
+            first_layer,
         )
         keep = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, keep], iou_pred[:, keep]
@@ -279,6 +282,7 @@ class RobustMaskDecoder(MaskDecoder):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         robust_features: torch.Tensor,
+        first_layer: FirstLayer | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         batch = sparse_prompt_embeddings.size(0)
         masks, iou_pred, _ = self.predict_paired(
@@ -287,6 +291,7 @@ class RobustMaskDecoder(MaskDecoder):
             sparse_prompt_embeddings,
             dense_prompt_embeddings,
             robust_features,
+            first_layer,
         )
         return masks, iou_pred
 
@@ -297,6 +302,7 @@ class RobustMaskDecoder(MaskDecoder):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         robust_features: torch.Tensor,
+        first_layer: FirstLayer | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Robust path with one image per prompt (training batches of different images).
 
@@ -304,11 +310,12 @@ class RobustMaskDecoder(MaskDecoder):
         robust_features: ``1 or B x C/8 x 4h x 4w``. Returns all mask logits
         ``B x 4 x 4h x 4w``, IoUs ``B x 4`` and the fused robust mask features
         ``B x C/8 x 4h x 4w`` (what the clean-degraded alignment loss compares).
+        first_layer: see ``paired_decoding.first_layer_image_side`` (one image only).
         """
         weights = torch.cat([self.iou_token.weight, self.custom_robust_token.weight], dim=0)
         iou_token_out, mask_tokens_out, upscaled = paired_tokens(
             self, weights, image_embeddings, image_pe, sparse_prompt_embeddings,
-            dense_prompt_embeddings,
+            dense_prompt_embeddings, first_layer,
         )  # fmt: skip
         b = upscaled.shape[0]
         robust = self.fourier_mask_features(upscaled) + robust_features.expand(b, -1, -1, -1)

@@ -21,6 +21,7 @@ from torch import nn
 
 from RobustMedSAMLib.model.config import ModelConfig
 from RobustMedSAMLib.model.image_encoder import ImageEncoder
+from RobustMedSAMLib.model.paired_decoding import FirstLayer, first_layer_image_side
 from RobustMedSAMLib.model.robust_decoder import RobustMaskDecoder
 from RobustMedSAMLib.model.tiny_vit import TinyViTEncoder
 
@@ -30,19 +31,26 @@ class ImageFeatures:
     """What the decoder needs from one image; computed once per slice, reused per click.
 
     embedding: ``1 x C x h x w``; robust: ``1 x C/8 x 4h x 4w`` fused robust features
-    (robust decoder only, else None).
+    (robust decoder only, else None); first_layer: the robust decoder's transformer's
+    image-only projections (three ``1 x hw x C/2``, see
+    ``paired_decoding.first_layer_image_side``), used by clicks without a mask prompt;
+    None: computed per click.
     """
 
     embedding: torch.Tensor
     robust: torch.Tensor | None = None
+    first_layer: FirstLayer | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ImageFeatures:
         robust = None if self.robust is None else self.robust.to(device, dtype)
-        return ImageFeatures(self.embedding.to(device, dtype), robust)
+        first = self.first_layer
+        first = None if first is None else tuple(t.to(device, dtype) for t in first)
+        return ImageFeatures(self.embedding.to(device, dtype), robust, first)
 
     @property
     def nbytes(self) -> int:
         tensors = [self.embedding] + ([self.robust] if self.robust is not None else [])
+        tensors += list(self.first_layer or ())
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -94,7 +102,10 @@ class SegmentAnythingModel(nn.Module):
         if not self.robust:
             return ImageFeatures(self.image_encoder(images))
         embedding, early = self.image_encoder.forward_with_early(images)
-        return ImageFeatures(embedding, self.mask_decoder.robust_image_features(embedding, early))
+        decoder = self.mask_decoder
+        no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        first = first_layer_image_side(decoder.transformer, embedding + no_mask, self.dense_pe())
+        return ImageFeatures(embedding, decoder.robust_image_features(embedding, early), first)
 
     def dense_pe(self) -> torch.Tensor:
         """The prompt encoder's positional encoding of the embedding grid ``1 x C x h x w``:
@@ -130,6 +141,7 @@ class SegmentAnythingModel(nn.Module):
             dense_prompt_embeddings=dense,
             multimask_output=multimask,
         )
-        if self.robust:
-            return self.mask_decoder(**args, robust_features=features.robust)
+        if self.robust:  # a mask prompt changes what the transformer's layer 0 sees
+            first = features.first_layer if mask_input is None else None
+            return self.mask_decoder(**args, robust_features=features.robust, first_layer=first)
         return self.mask_decoder(**args)

@@ -10,6 +10,9 @@ layout (the real checkpoints are not offline here), so its masks say nothing abo
 quality, only about agreement between precisions.
 
     .venv/bin/python Testing/benchmarks/bench_gpu.py [--repeats 10]
+
+``--cpu --tiny --no-lesion`` runs every code path on the CPU in seconds (ViT-B replaced by
+the tiny test configuration): ``Testing/benchmarks/test_bench_gpu.py`` does that.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from reference_models import random_state_dict, reference_robust_sam  # noqa: E4
 from RobustMedSAMLib.inference.loader import load_named_model  # noqa: E402
 from RobustMedSAMLib.inference.predictor import Predictor  # noqa: E402
 from RobustMedSAMLib.inference.types import SlicePrompt  # noqa: E402
-from RobustMedSAMLib.model.config import VIT_B  # noqa: E402
+from RobustMedSAMLib.model.config import TINY, VIT_B  # noqa: E402
 from RobustMedSAMLib.model.sam import SegmentAnythingModel  # noqa: E402
 
 
@@ -52,15 +55,17 @@ def cuda_seconds(fn, repeats: int) -> float:
     return best
 
 
-def build(name: str, device: torch.device) -> tuple:
-    """(our model, the reference's image encoder, preprocessing) for ``name``."""
+def build(name: str, device: torch.device, tiny: bool = False) -> tuple:
+    """(our model, the reference's image encoder, preprocessing) for ``name``; ``tiny``:
+    the fused model in the tiny test configuration instead of ViT-B (a dry run)."""
     if name == "litemedsam":
         lite = load_named_model("litemedsam", device="cpu").model
         return lite.to(device), reference_model().image_encoder.to(device), "litemedsam"
-    state = random_state_dict(VIT_B, robust=True, seed=0)
-    fused = SegmentAnythingModel(VIT_B, robust=True)
+    config = TINY if tiny else VIT_B
+    state = random_state_dict(config, robust=True, seed=0)
+    fused = SegmentAnythingModel(config, robust=True)
     fused.load_state_dict(state)
-    reference = reference_robust_sam(VIT_B, state).image_encoder
+    reference = reference_robust_sam(config, state).image_encoder
     return fused.to(device), reference.to(device), "medsam"
 
 
@@ -99,7 +104,7 @@ def run_model(name, model, reference_encoder, preprocessing, args) -> None:
             f"(ratio {encode / reference:.2f} to the reference fp32 {1e3 * reference:.1f} ms), "
             f"click {1e3 * click:5.1f} ms, {len(slices)} slices {sweep:5.2f} s"
         )
-        if preprocessing == "litemedsam":
+        if preprocessing == "litemedsam" and args.lesion:
             run = lesion_run(model, preprocessing, half)
             masks[("lesion", half)] = run["mask"]
             line += (
@@ -114,13 +119,15 @@ def run_model(name, model, reference_encoder, preprocessing, args) -> None:
         print(f"{name:12s} half vs fp32 lesion: Dice {lesion:.4f}")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--slices", type=int, default=40)
     parser.add_argument("--models", nargs="+", default=["fused ViT-B", "litemedsam"])
     parser.add_argument("--cpu", action="store_true", help="smoke-test the script on the CPU")
-    args = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="the tiny configuration for ViT-B")
+    parser.add_argument("--no-lesion", dest="lesion", action="store_false")
+    args = parser.parse_args(argv)
     if args.cpu:
         device = torch.device("cpu")
         print("CPU smoke test: the figures are not the GPU's")
@@ -132,7 +139,7 @@ def main() -> int:
         gpu, cuda = torch.cuda.get_device_name(device), torch.version.cuda
         print(f"{gpu}, torch {torch.__version__}, CUDA {cuda}")
     for name in args.models:
-        run_model(name, *build(name, device), args)
+        run_model(name, *build(name, device, args.tiny), args)
     return 0
 
 

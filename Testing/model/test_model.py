@@ -7,7 +7,7 @@ import torch
 from reference_models import random_state_dict, reference_robust_sam, reference_sam
 
 from RobustMedSAMLib.model.config import TINY, VIT_B, ModelConfig
-from RobustMedSAMLib.model.sam import SegmentAnythingModel
+from RobustMedSAMLib.model.sam import ImageFeatures, SegmentAnythingModel
 
 TOL = dict(atol=2e-5, rtol=1e-4)
 
@@ -152,3 +152,25 @@ def test_vit_b_equals_references():
     torch.set_num_threads(2)
     check_plain_sam(VIT_B, random_state_dict(VIT_B, robust=False, seed=5))
     check_robust_sam(VIT_B, random_state_dict(VIT_B, robust=True, seed=6))
+
+
+def test_cached_first_layer_equals_uncached_and_is_used(tiny_robust_state):
+    """A click reads layer 0's image-side projections from the slice's features (layer 0
+    projects the image no more) with the logits of computing them per click, for points,
+    boxes and a batch of boxes; a mask prompt changes layer 0's input, so it projects."""
+    model = _ours(TINY, tiny_robust_state, True)
+    s = TINY.image_size
+    batch = {"boxes": torch.tensor([[0.2 * s, 0.3 * s, 0.6 * s, 0.8 * s], [0, 0, s / 2, s / 3]])}
+    calls = []
+    layer = model.mask_decoder.transformer.layers[0].cross_attn_token_to_image
+    layer.k_proj.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        cached = model.encode(_image(TINY))
+        uncached = ImageFeatures(cached.embedding, cached.robust)
+        for prompt in [*_prompts(TINY), batch]:
+            for multimask in (False, True):
+                want = _decode_ours(model, uncached, prompt, multimask)
+                calls.clear()
+                got = _decode_ours(model, cached, prompt, multimask)
+                torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+                assert len(calls) == ("mask_inputs" in prompt)
