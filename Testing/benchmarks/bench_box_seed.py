@@ -6,11 +6,11 @@ Not a test. Per phantom organ, the protocol's first prompts on the central slice
 on every side (``box_shrunk``) and 10 % too large (``box_grown``), each segmented
 into 3D by ``segment_volume`` with the defaults. Prints per run the 3D Dice, the
 seed slice's Dice, the slices covered against the truth's, why each end stopped, and
-the seed slice's re-asks (``decisions.refit``). ``--refit 0`` turns the seed refit off
-(``segment_volume.REFIT_STEPS``: the code before it).
+the seed slice's re-asks (``decisions.refit``). ``--refit 2`` turns the seed refit on
+(``segment_volume.REFIT_STEPS``, 0 by default: the code before it).
 
     PYTHONPATH=. nice -n 19 .venv/bin/python Testing/benchmarks/bench_box_seed.py \\
-        --threads 1 --seeds 2 --refit 0 --cache /tmp/enc --out before.json
+        --threads 1 --seeds 2 --refit 2 --cache /tmp/enc --out refit.json
 """
 
 from __future__ import annotations
