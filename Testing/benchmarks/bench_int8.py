@@ -6,16 +6,22 @@ unlabelled slices: 12 phantom slices and the real training slices that
 ``scripts/fetch_real_training_images.py`` writes, 3 of every 4 of them; the 4th is
 held out), in variants: every layer, NNCF's transformer scheme (SmoothQuant, LayerNorm,
 softmax and GELU inputs left in float), and that scheme with chosen parts kept in float
-(``--keep``). ``--sensitivity``: one stage or layer kind quantised at a time. Prints
-each variant's relative RMS error of the embedding on the held-out slices, then the
-time per slice of the reference package (eager, denormals flushed), OpenVINO fp32 and
-the int8 variants, interleaved, best of ``--repeats``, and with ``--evaldata`` (the
-labelled real scans, an agreement check only) the Dice of each variant's masks
-against eager fp32's from label boxes (+5 px) on the largest slice of each case.
+(``--keep``). ``--sensitivity``: the first ``--keep`` pattern with one more stage or
+layer kind kept in float, one at a time. Prints, per variant as it is made: the relative
+RMS error of the embedding on the held-out slices; the Dice of its masks against eager
+fp32's on unlabelled data (the held-out real slices, boxes from eager fp32's own masks
+of four boxes placed on each slice, + 5 px; 4 held-out phantoms, truth box + 5 px of
+their 3 largest objects); its time per slice and the reference package's (eager,
+denormals flushed), interleaved, best of ``--repeats``. Then the variant that the
+selection rule picks from those figures alone (``select``: of the int8 variants at or
+under ``--limit`` x the reference's time, the highest worst-case unlabelled Dice), and
+with ``--evaldata`` (the labelled real scans, an agreement check only, never for the
+choice) the Dice of each variant's masks against eager fp32's from label boxes (+5 px)
+on the largest slice of each case.
 
     .venv/bin/python Testing/benchmarks/bench_int8.py --calibration DIR [--evaldata DIR]
         [--repeats 3] [--schemes all transformer] [--keep '/seq/|/layers\\.0/' ...]
-        [--sensitivity]
+        [--sensitivity] [--limit 0.30]
 
 Needs NNCF: ``pip install 'robustmedsam[int8-bench]'`` (not a dependency of the library).
 """
