@@ -26,7 +26,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from segment_anything.utils.transforms import ResizeLongestSide
 
 from RobustMedSAMLib.errors import InputError
 
@@ -187,7 +186,6 @@ class Preprocessor:
         self.image_size = image_size
         self.mean = torch.tensor(pixel_mean).view(-1, 1, 1)
         self.std = torch.tensor(pixel_std).view(-1, 1, 1)
-        self._resize = ResizeLongestSide(image_size)
 
     def image(self, slice_u8: np.ndarray) -> tuple[torch.Tensor, Frame]:
         """``(rows, cols)`` uint8 slice -> ``1 x 3 x S x S`` float tensor and its frame."""
@@ -198,7 +196,11 @@ class Preprocessor:
         if self.style == "litemedsam":
             return self._lite_image(rgb, original)
         if self.style == "sam":
-            resized = torch.as_tensor(self._resize.apply_image(rgb)).permute(2, 0, 1).float()
+            # SAM's own resize (PIL, via torchvision): imported here, the lite path never pays it
+            from segment_anything.utils.transforms import ResizeLongestSide
+
+            resized = ResizeLongestSide(self.image_size).apply_image(rgb)
+            resized = torch.as_tensor(resized).permute(2, 0, 1).float()
             frame = Frame(original, (resized.shape[1], resized.shape[2]))
             normalised = (resized - self.mean) / self.std
             pad = (

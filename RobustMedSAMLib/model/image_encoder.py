@@ -16,9 +16,9 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT, get_rel_pos
 
 from RobustMedSAMLib.model.config import ModelConfig
+from RobustMedSAMLib.model.sam_parts import Attention, ImageEncoderViT, get_rel_pos
 
 
 class SdpaAttention(Attention):

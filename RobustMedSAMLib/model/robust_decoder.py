@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling.common import LayerNorm2d
-from segment_anything.modeling.mask_decoder import MLP, MaskDecoder
-from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import nn
 
 from RobustMedSAMLib.model.config import ModelConfig
 from RobustMedSAMLib.model.paired_decoding import FirstLayer, masks_from, paired_tokens
+from RobustMedSAMLib.model.sam_parts import MLP, LayerNorm2d, MaskDecoder, TwoWayTransformer
 
 
 class ChannelAttention(nn.Module):

@@ -14,15 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from segment_anything.modeling.mask_decoder import MaskDecoder
-from segment_anything.modeling.prompt_encoder import PromptEncoder
-from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import nn
 
 from RobustMedSAMLib.model.config import ModelConfig
 from RobustMedSAMLib.model.image_encoder import ImageEncoder
 from RobustMedSAMLib.model.paired_decoding import FirstLayer, first_layer_image_side
 from RobustMedSAMLib.model.robust_decoder import RobustMaskDecoder
+from RobustMedSAMLib.model.sam_parts import MaskDecoder, PromptEncoder, TwoWayTransformer
 from RobustMedSAMLib.model.tiny_vit import TinyViTEncoder
 
 

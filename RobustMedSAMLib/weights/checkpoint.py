@@ -271,9 +271,10 @@ def load_model(
         robust = is_robust(state)
     expect_layout(state, path, robust)
     config = config or infer_config(state, path)
-    with torch.device("meta"):  # shapes only: nothing allocated before they match
-        check_state_dict(SegmentAnythingModel(config, robust=robust).state_dict(), state, path)
+    # built for real, not on torch's meta device: meta factories import torch._dynamo
+    # and sympy (0.15 GB resident for the rest of the process)
     model = SegmentAnythingModel(config, robust=robust)
+    check_state_dict(model.state_dict(), state, path)
     model.load_state_dict(state, strict=False)  # keys checked above
     return model.to(device)
 
@@ -285,10 +286,8 @@ def robust_lite_from_litemedsam(lite_state: StateDict, path: str | Path) -> Segm
     expect_layout(lite_state, path, robust=False)
     if TINY_VIT_MARKER not in lite_state:
         raise CheckpointError(f"{path}: {_describe(lite_state)}; expected LiteMedSAM's")
-    with torch.device("meta"):
-        check_state_dict(SegmentAnythingModel(LITE_MEDSAM, robust=False).state_dict(),
-                         lite_state, path)  # fmt: skip
-    plain = SegmentAnythingModel(LITE_MEDSAM, robust=False)
+    plain = SegmentAnythingModel(LITE_MEDSAM, robust=False)  # not on meta: see load_model
+    check_state_dict(plain.state_dict(), lite_state, path)
     plain.load_state_dict(lite_state, strict=False)  # keys checked above
     model = SegmentAnythingModel(LITE_ROBUST, robust=True)
     model.image_encoder = plain.image_encoder
