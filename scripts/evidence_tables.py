@@ -130,6 +130,40 @@ def _dataset(scores: list[Score], case: str) -> str:
     return next(s.dataset for s in scores if s.case == case)
 
 
+def _cell(s: Score) -> tuple:
+    return (s.case, s.corruption, s.severity, s.seed)
+
+
+def _common(scores: list[Score], models: tuple[str, ...]) -> list[Score]:
+    """The scores of ``models`` on the cells (case, condition, seed) every one of them ran."""
+    cells: dict[str, set[tuple]] = defaultdict(set)
+    for s in scores:
+        cells[s.model].add(_cell(s))
+    shared = set.intersection(*(cells[m] for m in models))
+    return [s for s in scores if s.model in models and _cell(s) in shared]
+
+
+def same_cells_table(scores: list[Score], models: tuple[str, ...] = MODELS[:2]) -> list[str]:
+    """``models`` side by side per setting, each on the cells all of them ran: clean
+    Dice, and degraded Dice and the drop on the cases run degraded."""
+    head = [f"{m} {part}" for m in models for part in ("clean", "degraded", "drop")]
+    lines = ["| setting | cases | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
+    for setting in SETTINGS:
+        common = _common([s for s in scores if s.setting == setting], models)
+        if not common:
+            continue
+        cells = []
+        for model in models:
+            own = [s for s in common if s.model == model]
+            clean, worse = condition_summary(own, CLEAN, 0), _degraded_cases(own)
+            degraded = degraded_summary(worse)
+            pair = (condition_summary(worse, CLEAN, 0).mean, degraded.mean)
+            cells += [_text(clean), _text(degraded), _drop(pair)]
+        cases = f"{clean.cases} clean" + (f", {degraded.cases} degraded" if degraded.cases else "")
+        lines.append(f"| {setting} | {cases} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def targets_table(scores: list[Score]) -> list[str]:
     def clean(model: str, setting: str) -> float:
         return condition_summary(_pick(scores, model=model, setting=setting), CLEAN, 0).mean
@@ -172,10 +206,12 @@ def main(path: str) -> None:
         ("Real scans, 2D box, per corruption type", corruption_table(real, "2D box")),
         ("Real scans, 2D point, per corruption type", corruption_table(real, "2D point")),
         ("Real scans, 3D box, per corruption type", corruption_table(real, "3D box/mask")),
+        ("Real scans, 3D point, per corruption type", corruption_table(real, "3D point/mask")),
         ("Real scans, 3D clean, per case (mean over seeds)", case_table(real)),
         ("Phantoms, clean (cases)", clean_table(phantoms)),
         ("Phantoms, clean against degraded", degraded_table(phantoms)),
         ("Targets (real scans)", targets_table(real)),
+        ("Real scans, the two lite models on the same cells", same_cells_table(real)),
     ]
     for title, lines in sections:
         if len(lines) > 2:

@@ -17,7 +17,8 @@
 #   2d-subset    2D, clean + the 12 corruptions at severity 3, seeds 0 1 2 (corruption and
 #                prompt jitter), on one case per source and modality (SUBSET below)
 #   2d-degraded  the 2D corruptions on all 12 real scans
-#   phantoms     phantom:all,count=1, 2D (clean + 12 corruptions) and 3D (clean), seeds 0 1 2
+#   phantoms     phantom:all,count=1, 2D (clean + 12 corruptions) and 3D (clean), seeds 0 1 2:
+#                phantoms-2d then phantoms-3d (each also a phase of its own)
 #   3d-subset    3D, the 12 corruptions at severity 3, seed 0, on SUBSET
 # Environment: PYTHON (default .venv/bin/python), DEVICE (default cpu), ENGINE (default
 # openvino: the lite encoder under OpenVINO, float32, within 1e-5 of eager; ViT models eager).
@@ -58,30 +59,50 @@ link() {  # link FOLDER CASE...: images/ and labels/ of the cases, linked into F
     done
   done
 }
+first=() rest=()  # one data spec per case (same data set names): the subset's cases first
 for name in "${!groups[@]}"; do
   link "$sets/$name" ${groups[$name]}
   link "$sets/subset/$name" ${subset[$name]}
   real+=(--data "pairs:$sets/$name,modality=${name##*-},name=$name")
   some+=(--data "pairs:$sets/subset/$name,modality=${name##*-},name=$name")
+  for case in ${groups[$name]}; do
+    link "$sets/case/$case" "$case"
+    spec="pairs:$sets/case/$case,modality=${name##*-},name=$name"
+    if [[ $case == "${subset[$name]}" ]]; then first+=("$spec"); else rest+=("$spec"); fi
+  done
 done
 
 common=(--encoder-cache "$cache" --device "$device" --engine "$engine" --out "$out" --no-progress
         --prompt box point --projection mask --severities 3 --clicks 0 --prompt-jitter 0.1)
 evaluate() { nice -n 19 "$python" -m RobustMedSAMLib evaluate "${models[@]}" "${common[@]}" "$@"; }
+# The 3D phases go case by case (3d-subset: type by type), every model in each call: the
+# harness runs one model after the other, so a run stopped early still leaves all models
+# on the same cells. The cells are those of one call over all cases.
+by_case() { for spec in "${first[@]}" "${rest[@]}"; do evaluate --data "$spec" "$@"; done; }
+by_type() {
+  for type in $("$python" -c 'from RobustMedSAMLib.corruptions import CORRUPTIONS; print(*CORRUPTIONS)'); do
+    evaluate "${some[@]}" --corruptions "$type" "$@"
+  done
+}
+phantoms_2d() {
+  evaluate --data phantom:all,count=1,name=phantoms --protocol interactive --corruptions all --seeds 0 1 2
+}
+phantoms_3d() {
+  evaluate --data phantom:all,count=1,name=phantoms --protocol volumetric --corruptions clean --seeds 0 1 2
+}
 
 for phase in "${phases[@]}"; do
   echo "=== phase $phase $(date -u +%FT%TZ)"
   case $phase in
     clean-2d) evaluate "${real[@]}" --protocol interactive --corruptions clean --seeds 0 1 2 ;;
-    clean-3d) evaluate "${real[@]}" --protocol volumetric --corruptions clean --seeds 0 ;;
-    clean-3d-seeds) evaluate "${real[@]}" --protocol volumetric --corruptions clean --seeds 0 1 2 ;;
+    clean-3d) by_case --protocol volumetric --corruptions clean --seeds 0 ;;
+    clean-3d-seeds) by_case --protocol volumetric --corruptions clean --seeds 0 1 2 ;;
     2d-subset) evaluate "${some[@]}" --protocol interactive --corruptions all --seeds 0 1 2 ;;
     2d-degraded) evaluate "${real[@]}" --protocol interactive --corruptions all --seeds 0 1 2 ;;
-    phantoms) evaluate --data phantom:all,count=1,name=phantoms --protocol interactive \
-                --corruptions all --seeds 0 1 2
-              evaluate --data phantom:all,count=1,name=phantoms --protocol volumetric \
-                --corruptions clean --seeds 0 1 2 ;;
-    3d-subset) evaluate "${some[@]}" --protocol volumetric --corruptions all --seeds 0 ;;
+    phantoms) phantoms_2d; phantoms_3d ;;
+    phantoms-2d) phantoms_2d ;;
+    phantoms-3d) phantoms_3d ;;
+    3d-subset) by_type --protocol volumetric --seeds 0 ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
 done
