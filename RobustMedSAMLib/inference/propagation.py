@@ -32,7 +32,7 @@ from RobustMedSAMLib.inference.mask_prompts import (
     interior_points,
     mask_box,
 )
-from RobustMedSAMLib.inference.types import SlicePrompt, SliceSegmenter
+from RobustMedSAMLib.inference.types import Prediction, SlicePrompt, SliceSegmenter
 from RobustMedSAMLib.names import (
     DEFAULT_LIKENESS,
     DEFAULT_OVERLAP,
@@ -497,22 +497,48 @@ def refine(
     cut to ``allowed``'s footprint), at most ``options.refine_steps`` times, until that
     box has an IoU of ``REFINE_SAME_BOX`` with the one before; an empty answer ends it
     (the last non-empty prediction is returned). Mask inputs are not carried."""
-    box = prompt.box
-    for _ in range(options.refine_steps or 0):
-        mask = np.asarray(prediction.mask, bool)
+
+    def own_box(mask: np.ndarray, box: np.ndarray) -> np.ndarray | None:
+        mask = np.asarray(mask, bool)
         if allowed is not None:
             mask = mask & allowed
         if not mask.any():
-            break
+            return None
         again = mask_box(mask, options.box_extension)
         if allowed is not None:
             again = cut_box(again, allowed)
-        if again is None or box_iou(again, box) >= REFINE_SAME_BOX:
+        return None if again is None or box_iou(again, box) >= REFINE_SAME_BOX else again
+
+    steps = options.refine_steps or 0
+    return ask_again(segmenter, index, prompt, prediction, prompt.box, steps, own_box)
+
+
+def ask_again(
+    segmenter: SliceSegmenter,
+    index: int,
+    prompt: SlicePrompt,
+    prediction: Prediction,
+    box: np.ndarray,
+    steps: int,
+    next_box: Callable[[np.ndarray, np.ndarray], np.ndarray | None],
+    asked: list[list[float]] | None = None,
+) -> Prediction:
+    """Ask slice ``index`` again, at most ``steps`` times, with the box
+    ``next_box(mask, box)`` makes from the model's last mask and the box asked before
+    (None: settled). An empty mask ends it; an empty answer keeps the one before. The
+    boxes asked are appended to ``asked`` (if given)."""
+    for _ in range(steps):
+        if not np.asarray(prediction.mask, bool).any():
+            break
+        again = next_box(prediction.mask, box)
+        if again is None:
             break
         answer = segmenter.segment_slice(index, SlicePrompt(prompt.points, prompt.labels, again))
         if not np.asarray(answer.mask, bool).any():
             break
         prediction, box = answer, again
+        if asked is not None:
+            asked.append([round(float(v), 1) for v in again])
     return prediction
 
 

@@ -30,6 +30,7 @@ from RobustMedSAMLib.inference.propagation import (
     REFINE_SAME_BOX,
     REFINE_STEPS,
     PropagationOptions,
+    ask_again,
     box_iou,
     plan_order,
     propagate,
@@ -334,20 +335,15 @@ def _tighten(
     slices), loose where the structure is small, and a box-prompted model draws more in
     a loose box. Ask again with the mask's own box (+10 %, cut to the footprint) while
     that box is clearly smaller (``TIGHTEN_GAIN``), at most ``TIGHTEN_STEPS`` times."""
-    box = prompt.box
-    for _ in range(TIGHTEN_STEPS):
-        if not prediction.mask.any():
-            break
-        tight = mask_box(prediction.mask, 0.1)
+
+    def tighter(mask: np.ndarray, box: np.ndarray) -> np.ndarray | None:
+        tight = mask_box(mask, 0.1)
         tight = np.concatenate([np.maximum(tight[:2], box[:2]), np.minimum(tight[2:], box[2:])])
-        if _box_area(tight) >= TIGHTEN_GAIN * _box_area(box):
-            break
-        again = session.segment_slice(index, SlicePrompt(prompt.points, prompt.labels, tight))
-        if not again.mask.any():
-            break
-        prediction, box = again, tight
-        decisions.tightened.append([round(float(v), 1) for v in tight])
-    return prediction
+        return None if _box_area(tight) >= TIGHTEN_GAIN * _box_area(box) else tight
+
+    return ask_again(
+        session, index, prompt, prediction, prompt.box, TIGHTEN_STEPS, tighter, decisions.tightened
+    )
 
 
 # re-asks of a flat ROI's slice with the box grown to its mask's box; off (0) by default:
@@ -372,20 +368,14 @@ def _refit(
     answer keeps the one before. The box never shrinks: on phantoms a box 10 % too
     large did best, and the mask in a box too small is often smaller still (refit to
     it, it ratcheted down). The boxes asked go to ``decisions.refit``."""
+
+    def grown(mask: np.ndarray, box: np.ndarray) -> np.ndarray | None:
+        own = mask_box(mask, extension)
+        again = np.concatenate([np.minimum(own[:2], box[:2]), np.maximum(own[2:], box[2:])])
+        return None if box_iou(again, box) >= REFINE_SAME_BOX else again
+
     box = np.asarray(prompt.box, np.float32)
-    for _ in range(REFIT_STEPS):
-        if not prediction.mask.any():
-            break
-        grown = mask_box(prediction.mask, extension)
-        again = np.concatenate([np.minimum(grown[:2], box[:2]), np.maximum(grown[2:], box[2:])])
-        if box_iou(again, box) >= REFINE_SAME_BOX:
-            break
-        answer = session.segment_slice(index, SlicePrompt(prompt.points, prompt.labels, again))
-        if not answer.mask.any():
-            break
-        prediction, box = answer, again
-        decisions.refit.append([round(float(v), 1) for v in again])
-    return prediction
+    return ask_again(session, index, prompt, prediction, box, REFIT_STEPS, grown, decisions.refit)
 
 
 def _box_area(box: np.ndarray) -> float:

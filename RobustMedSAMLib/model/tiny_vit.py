@@ -107,7 +107,6 @@ class WindowBlock(nn.Module):
         self.mlp = NormMlp(dim, dim * mlp_ratio)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, height, width, dim = x.shape
         x = x + self._windowed_attention(x)
         x = self.local_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return x + self.mlp(x)
