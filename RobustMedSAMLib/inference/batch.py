@@ -341,7 +341,7 @@ class CaseSegmenter:
     def segment(self, volume, prompts, volume_path: Path, progress: Progress | None = None):
         """Segment ``volume`` (a Volume) from ``prompts``: ``(result, record, session)``."""
         from RobustMedSAMLib.inference.segment_volume import run_record, segment_volume
-        from RobustMedSAMLib.inference.session import SegmentationSession
+        from RobustMedSAMLib.inference.session import ONE_PASS_CACHE_BYTES, SegmentationSession
 
         s = self.settings
         session = SegmentationSession(
@@ -349,6 +349,7 @@ class CaseSegmenter:
             self.loaded.predictor(),
             s.axis,
             s.window if isinstance(s.window, str | None) else tuple(s.window),
+            cache_bytes=ONE_PASS_CACHE_BYTES,
             disk_cache=s.cache_dir,
             model_id=_model_id(self.loaded.checkpoints),
         )

@@ -41,7 +41,11 @@ from RobustMedSAMLib.model.sam import ImageFeatures
 from RobustMedSAMLib.progress import Progress
 
 log = logging.getLogger(__name__)
-DEFAULT_CACHE_BYTES = 1024**3  # ~85 ViT-B slices (embedding + robust features, fp32)
+DEFAULT_CACHE_BYTES = 1024**3  # ~55 slices of a robust model's features (19 MB each, fp32)
+#: For a run that asks each slice once, then re-asks it at once (segment, batch): enough
+#: for 3 slices of a robust model's features, 15 of LiteMedSAM's (4 MB); the encode-ahead
+#: worker's slices are held apart from the cache until asked for.
+ONE_PASS_CACHE_BYTES = 64 * 1024**2
 ENCODE_AHEAD = 2  # slices encoded ahead of use (bench_lite.py --lesion measures it)
 
 

@@ -1,5 +1,6 @@
 """Big volumes are not copied needlessly: the automatic window reads a sample, the
-embedding cache's content key hashes the voxels in place.
+embedding cache's content key hashes the voxels in place; a ``segment`` run keeps only
+the features of the slices it may ask again.
 
 Before: ``auto_window`` converted the whole array to float64 and then copied its finite
 voxels, about 8 + 8 bytes per voxel (1.3 GB for a 512 x 512 x 300 CT) before sampling
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,3 +127,33 @@ def test_malloc_trim_is_found_on_linux():
 
     device._malloc_trim.cache_clear()
     assert device._malloc_trim() is not None
+
+
+def test_a_segment_run_keeps_few_slices_features_and_encodes_each_once():
+    """``segment`` asks each slice once (then re-asks it at once): it holds at most
+    ``ONE_PASS_CACHE_BYTES`` of features, not every slice it passed (19 MB a slice with
+    robustmedsam-lite: 0.3 GB over a 16-slice organ, the process's 1.5 GB budget's margin).
+
+    Before: the session kept up to 1 GiB of features (every slice of the run)."""
+    from volumes import centre_ras
+
+    from RobustMedSAMLib.datasets.phantoms import sphere
+    from RobustMedSAMLib.formats.volume import Volume
+    from RobustMedSAMLib.inference.batch import SegmentSettings, make_segmenter
+    from RobustMedSAMLib.inference.segment_volume import VolumePrompts
+    from RobustMedSAMLib.inference.session import ONE_PASS_CACHE_BYTES
+
+    phantom = sphere((12, 40, 40), radius=5.5, texture="ct")
+    volume = Volume(phantom.image, np.eye(4), "sphere", "CT")
+    segmenter = make_segmenter(
+        SegmentSettings(model="robustmedsam-lite", device="cpu", propagate=True), "cpu"
+    )
+    prompts = VolumePrompts(positive=centre_ras(volume, phantom.mask)[None])
+    result, _, session = segmenter.segment(volume, prompts, Path("sphere.nrrd"))
+    encoded = session.stats.encoded
+    per_slice = session.encoded(encoded[-1]).features.nbytes
+    assert len(encoded) * per_slice > ONE_PASS_CACHE_BYTES  # the budget binds here
+    assert len(encoded) == len(set(encoded))  # no slice encoded twice
+    cached = sum(e.features.nbytes for e in session._cache.values())
+    assert cached <= ONE_PASS_CACHE_BYTES
+    assert result.mask.any()
