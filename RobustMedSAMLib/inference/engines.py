@@ -8,7 +8,9 @@ Two graphs run on the engine. The image encoder (TinyViT, ``1 x 3 x 256 x 256`` 
 upscaling: image embedding ``1 x 256 x 64 x 64``, dense prompt embedding of the same
 shape and ``1 x N x 256`` sparse prompt tokens in; ``1 x 4 x 256 x 256`` low-res logits
 and ``1 x 4`` predicted IoU out), the dense positional encoding baked into the graph as
-the constant it is. Each is exported once to ONNX (the graph every runtime reads) and
+the constant it is. For ``robustmedsam-lite`` the encoder's graph also gives the early
+features its robust decoder reads (``1 x 64 x 64 x 160``), and the robust decoder stays
+in PyTorch. Each graph is exported once to ONNX (the graph every runtime reads) and
 kept in the user cache folder under the SHA-256 of its weights, so later loads skip the
 export (about 10 s). ONNX Runtime and OpenVINO run them in float32; the prompt encoder
 stays in PyTorch (under a millisecond). Both runtimes are optional (``pip install
@@ -53,15 +55,11 @@ def use_engine(model: SegmentAnythingModel, engine: str, threads: int | None = N
         raise InputError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if engine == "eager":
         return engine
-    if model.device.type != "cpu" or model.config.encoder_kind == "vit" or model.robust:
+    if model.device.type != "cpu" or model.config.encoder_kind == "vit":
         raise InputError(
             f"--engine {engine} runs the lite models on the CPU; "
             "use --engine eager with this model or device"
         )
-    if model.robust:  # the robust decoder also reads an early stage the graph omits
-        log.warning("engine %r serves litemedsam's encoder only; running the eager encoder of "
-                    "%s", engine, "robustmedsam-lite")  # fmt: skip
-        return "eager"
     missing = [name for name in PACKAGES[engine] if not _importable(name)]
     if missing:
         log.warning(
@@ -73,10 +71,12 @@ def use_engine(model: SegmentAnythingModel, engine: str, threads: int | None = N
         return "eager"
     threads = threads or torch.get_num_threads()
     graph = OnnxRuntimeGraph if engine == "onnx" else OpenVinoGraph
-    encoder_path = cached_onnx(model.image_encoder, model.config.image_size)
-    decoder_path = cached_decoder_onnx(model)
+    size = model.config.image_size
+    encoder_path = cached_onnx(model.image_encoder, size, early=model.robust)
     model.image_encoder = RuntimeEncoder(graph(encoder_path, threads))
-    model.mask_decoder = RuntimeDecoder(graph(decoder_path, threads), model.mask_decoder)
+    if not model.robust:  # the robust decoder (robustmedsam-lite) stays eager
+        decoder_path = cached_decoder_onnx(model)
+        model.mask_decoder = RuntimeDecoder(graph(decoder_path, threads), model.mask_decoder)
     return engine
 
 
@@ -96,12 +96,30 @@ def weights_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def cached_onnx(encoder: nn.Module, image_size: int, folder: Path | None = None) -> Path:
-    """The encoder exported to ONNX (input ``image``: ``1 x 3 x S x S``), from the cache
-    folder when its weights were exported before; written atomically otherwise."""
+class EarlyGraph(nn.Module):
+    """An encoder as one graph with two outputs: ``forward_with_early``'s embedding and
+    early features (what a robust decoder reads besides the embedding)."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder.forward_with_early(images)
+
+
+def cached_onnx(
+    encoder: nn.Module, image_size: int, folder: Path | None = None, early: bool = False
+) -> Path:
+    """The encoder exported to ONNX (input ``image``: ``1 x 3 x S x S``; output the
+    embedding, and with ``early`` the early features too), from the cache folder when its
+    weights were exported before; written atomically otherwise."""
     example = torch.zeros(1, 3, image_size, image_size)
-    name = f"encoder-{image_size}-{weights_digest(encoder)[:16]}"
-    return _cached_export(encoder, (example,), ["image"], ["embedding"], {}, name, folder)
+    module, outputs = (
+        (EarlyGraph(encoder), ["embedding", "early"]) if early else (encoder, ["embedding"])
+    )
+    name = f"encoder-{'early-' if early else ''}{image_size}-{weights_digest(encoder)[:16]}"
+    return _cached_export(module, (example,), ["image"], outputs, {}, name, folder)
 
 
 class DecoderGraph(nn.Module):
@@ -213,14 +231,18 @@ def _array(tensor: torch.Tensor) -> np.ndarray:
 
 
 class RuntimeEncoder(nn.Module):
-    """An exported encoder on a runtime: ``1 x 3 x S x S`` float32 in, embedding out."""
+    """An exported encoder on a runtime: ``1 x 3 x S x S`` float32 in, the embedding out
+    (and from a graph exported with ``early``, the early features: ``forward_with_early``)."""
 
     def __init__(self, graph: OnnxRuntimeGraph | OpenVinoGraph) -> None:
         super().__init__()
         self.graph = graph
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.graph({"image": _array(images)})[0])
+        return self.forward_with_early(images)[0]
+
+    def forward_with_early(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.from_numpy(a) for a in self.graph({"image": _array(images)}))
 
 
 class RuntimeDecoder(nn.Module):

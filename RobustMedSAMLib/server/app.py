@@ -402,7 +402,7 @@ def model_catalogue(
                 "preprocessing": source.preprocessing,
                 "input_size": size,
                 "engine": engine if name == served_name else None,
-                "engines": list(ENGINES) if source.architecture == "litemedsam" else ["eager"],
+                "engines": list(ENGINES) if _input_size(source.architecture) == 256 else ["eager"],
                 "prompts": ["point", "box", "mask"],
                 "frames": ["ras", "ijk"],
             }

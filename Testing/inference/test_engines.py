@@ -24,7 +24,7 @@ from RobustMedSAMLib.inference import engines
 from RobustMedSAMLib.inference.engines import RuntimeDecoder, cached_onnx, use_engine
 from RobustMedSAMLib.inference.predictor import Predictor
 from RobustMedSAMLib.inference.types import SlicePrompt
-from RobustMedSAMLib.model.config import LITE_MEDSAM, TINY
+from RobustMedSAMLib.model.config import LITE_MEDSAM, LITE_ROBUST, TINY
 from RobustMedSAMLib.model.sam import SegmentAnythingModel
 from RobustMedSAMLib.model.tiny_vit import TinyViTEncoder
 
@@ -159,3 +159,38 @@ def test_the_dense_positional_encoding_is_cached_until_its_weights_change():
         assert not torch.equal(model.dense_pe(), first)
     model.train()
     assert model.dense_pe() is not first  # training: every call
+
+
+@pytest.mark.parametrize("engine", sorted(RUNTIMES))
+def test_an_engine_encodes_for_the_robust_lite_decoder(engine, cache):
+    """robustmedsam-lite (the default model): the runtime's encoder gives the embedding and
+    the early features its robust decoder reads; the decoder stays eager; masks as eager.
+    Before: ``--engine`` refused robust models."""
+    pytest.importorskip(RUNTIMES[engine])
+    pytest.importorskip("onnx")
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = SegmentAnythingModel(LITE_ROBUST, robust=True)
+        model.image_encoder = TinyViTEncoder(
+            embed_dims=(8, 16, 160, 32), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)
+        )
+        models.append(model.eval())
+    eager, fast = models
+    decoder = fast.mask_decoder
+    assert use_engine(fast, engine, threads=1) == engine
+    assert not isinstance(fast.image_encoder, TinyViTEncoder) and fast.mask_decoder is decoder
+    image, box = slice_image(), np.array([70.0, 45.0, 190.0, 135.0])
+    results = []
+    for model in (eager, fast):
+        predictor = Predictor(model, preprocessing="litemedsam")
+        predictor.set_image(image, window=(0.0, 600.0))
+        results.append((predictor.current.features, predictor.predict(SlicePrompt(box=box))))
+    (e_features, e_mask), (f_features, f_mask) = results
+    for name in ("embedding", "robust"):
+        want, got = getattr(e_features, name), getattr(f_features, name)
+        assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+    logits = e_mask.low_res_logits
+    assert np.abs(f_mask.low_res_logits - logits).max() <= 1e-3 * np.abs(logits).max()
+    differ = e_mask.mask != f_mask.mask
+    assert differ.sum() <= max(1, int(0.001 * differ.size))
