@@ -15,7 +15,7 @@ MODEL_NAMES = (
     "medicosam",
     "fused",
 )
-DEFAULT_MODEL = "litemedsam"  # the CLI, batch runs, the Python API and the Slicer panel
+DEFAULT_MODEL = "robustmedsam-lite"  # the CLI, batch runs, the Python API and the Slicer panel
 DEVICES = ("auto", "cpu", "cuda", "mps")
 ENGINES = ("eager", "onnx", "openvino")
 """Engines: PyTorch, or the lite models' encoder and decoder under ONNX Runtime or OpenVINO."""

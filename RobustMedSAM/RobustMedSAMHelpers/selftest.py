@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # torch-heavy modules are imported when a session starts
 
 
 class RobustMedSAMTest(ScriptedLoadableModuleTest):
-    """End-to-end self-test in Slicer with the default model, LiteMedSAM (Developer mode >
+    """End-to-end self-test in Slicer with the default model, robustmedsam-lite (Developer mode >
     Reload and Test). The same steps run headless in Testing/test_slicer_module_ui.py."""
 
     def setUp(self) -> None:
@@ -77,7 +77,7 @@ class RobustMedSAMTest(ScriptedLoadableModuleTest):
         from RobustMedSAMLib.datasets.phantoms import sphere
 
         self.delayDisplay("Starting the RobustMedSAM end-to-end test")
-        # 4 mm slices: the ball spans 11 of them (LiteMedSAM encodes each in about 1.5 s)
+        # 4 mm slices: the ball spans 11 of them (the lite encoder: about 1.5 s each)
         phantom = sphere((14, 96, 96), (1.0, 1.0, 4.0), radius=22.0, seed=101)
         volume_node = slicer.util.addVolumeFromArray(phantom.image, name="phantom")
         volume_node.SetIJKToRASMatrix(_vtk_matrix(phantom.ijk_to_ras))

@@ -28,7 +28,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         required=True,
         metavar="SPEC",
-        help="[LABEL=]NAME[:CHECKPOINT] or [LABEL=]fused:ENCODER+DECODER; NAME: litemedsam, sam, "
+        help="[LABEL=]NAME[:CHECKPOINT] or [LABEL=]fused:ENCODER+DECODER; NAME: robustmedsam-lite, "
+        "litemedsam, sam, "
         "medsam, robustsam, medicosam, fused (repeat to compare)",
     )
     parser.add_argument("--checkpoint", type=Path, help="checkpoint for a single --model NAME")

@@ -18,6 +18,7 @@ import pytest
 from RobustMedSAMLib.cli import main
 from RobustMedSAMLib.commands.serve import server_tokens
 from RobustMedSAMLib.errors import ServerError
+from RobustMedSAMLib.names import DEFAULT_MODEL
 from RobustMedSAMLib.server.client import ServerClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,10 +52,10 @@ def test_local_mode_token_goes_to_the_file_only(tmp_path):
     process, ready = start("--token-file", str(token_file))
     try:
         assert ready["url"].startswith("http://127.0.0.1:") and "token" not in ready
-        assert ready["model"] == "litemedsam" and ready["protocol"] == 1
+        assert ready["model"] == DEFAULT_MODEL and ready["protocol"] == 1
         assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
         client = ServerClient(ready["url"], token_file.read_text())
-        assert client.health()["model"] == "litemedsam"
+        assert client.health()["model"] == DEFAULT_MODEL
         served = next(m for m in client.models()["models"] if m["served"])
         assert served["input_size"] == 256 and served["prompts"] == ["point", "box", "mask"]
         with pytest.raises(ServerError, match="401"):
@@ -168,9 +169,10 @@ def test_serve_engine_runs_the_model_on_it_and_says_so(monkeypatch):
     monkeypatch.setattr(loader, "load_named_model", load)
     args = build_parser().parse_args(["serve", "--device", "cpu", "--engine", "openvino"])
     served = load_served_model(args)
-    assert asked == {"name": "litemedsam", "device": "cpu", "engine": "openvino"}
+    assert asked == {"name": DEFAULT_MODEL, "device": "cpu", "engine": "openvino"}
     assert served.info["engine"] == "openvino"
     catalogue = {entry["name"]: entry for entry in served.catalogue}
-    assert catalogue["litemedsam"]["engine"] == "openvino" and catalogue["litemedsam"]["served"]
-    assert catalogue["litemedsam"]["engines"] == ["eager", "onnx", "openvino"]
+    assert catalogue[DEFAULT_MODEL]["engine"] == "openvino" and catalogue[DEFAULT_MODEL]["served"]
+    for lite in ("litemedsam", "robustmedsam-lite"):
+        assert catalogue[lite]["engines"] == ["eager", "onnx", "openvino"]
     assert catalogue["sam"]["engine"] is None and catalogue["sam"]["engines"] == ["eager"]

@@ -355,7 +355,7 @@ def cli(case, out, *extra) -> int:
 
 
 def test_cli_through_the_server_writes_the_in_process_files(lite_server, case, tmp_path):
-    assert cli(case, tmp_path / "local.seg.nrrd", "--device", "cpu") == 0
+    assert cli(case, tmp_path / "local.seg.nrrd", "--device", "cpu", "--model", "litemedsam") == 0
     extra = ("--server", lite_server.url, "--token-file", str(case["token"]))
     assert cli(case, tmp_path / "remote.seg.nrrd", *extra) == 0
     local, _ = read_segmentation(tmp_path / "local.seg.nrrd")
@@ -455,7 +455,7 @@ def test_batch_through_the_server_equals_in_process(lite_server, tmp_path):
     token = tmp_path / "token"
     token.write_text(TOKEN)
     base = ["segment", "--cases", str(data), "--propagate", "--out-dir"]
-    assert main([*base, str(tmp_path / "local")]) == 0
+    assert main([*base, str(tmp_path / "local"), "--model", "litemedsam"]) == 0  # as served
     remote = ("--server", lite_server.url, "--token-file", str(token))
     assert main([*base, str(tmp_path / "remote"), *remote]) == 0
     for i in range(3):

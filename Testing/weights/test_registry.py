@@ -20,6 +20,7 @@ import pytest
 from RobustMedSAMLib import cli
 from RobustMedSAMLib.errors import CancelledError, CheckpointError, InputError
 from RobustMedSAMLib.formats.atomic import sha256_of
+from RobustMedSAMLib.names import DEFAULT_MODEL
 from RobustMedSAMLib.weights import registry
 from RobustMedSAMLib.weights.download import download
 from RobustMedSAMLib.weights.registry import ModelSource
@@ -278,7 +279,7 @@ def test_cli_table_lists_every_model_and_missing_ones(dirs, capsys):
         (line,) = [x for x in lines if x.startswith(name + " ")]
         assert "missing" in line
     assert "ec2df6273261" in out  # SAM's published SHA-256 prefix
-    assert "Default model (--model): litemedsam" in out
+    assert f"Default model (--model): {DEFAULT_MODEL}" in out
     assert str(dirs["cache"]) in out
 
 
