@@ -39,6 +39,7 @@ from slicer_headless import (  # noqa: E402
 from RobustMedSAMLib import dependencies  # noqa: E402
 from RobustMedSAMLib.datasets.phantoms import sphere  # noqa: E402
 from RobustMedSAMLib.dependencies import Requirement  # noqa: E402
+from RobustMedSAMLib.names import DEFAULT_MODEL  # noqa: E402
 from RobustMedSAMLib.training import process as finetune_process  # noqa: E402
 
 module = load_module_file()
@@ -187,7 +188,7 @@ def test_setup_connects_every_control_and_enter_checks_dependencies(panel):
     assert ui.confidenceTable.headers == ["Slice", "Score", "Overlap", "Unsure"]
     assert ui.positivePlaceWidget.placeMultipleMarkups == 2
     node = widget._parameterNode
-    assert node.positive_points.GetName() == "include" and node.model_name == "litemedsam"
+    assert node.positive_points.GetName() == "include" and node.model_name == DEFAULT_MODEL
     assert node.parameterNode.GetSingletonTag() == "RobustMedSAM"
     assert ui.encodeButton.enabled is False  # no volume yet
     enter(panel)
@@ -595,7 +596,7 @@ def test_local_server_follows_the_model_choice(panel):
     assert panel.qt.settings == {"RobustMedSAM/ServerURL": "", "RobustMedSAM/ServerToken": ""}
     widget._ensureServer()
     widget._ensureServer()  # running, same model: kept
-    assert panel.starts == [("litemedsam", "auto", None)]
+    assert panel.starts == [(DEFAULT_MODEL, "auto", None)]
     widget._parameterNode.model_name = "medsam"
     ui.modelComboBox.emit("currentIndexChanged(int)", 2)
     widget._ensureServer()
@@ -632,7 +633,7 @@ def test_server_fields_choose_the_remote_server_and_empty_goes_back_to_local(pan
     ui.serverUrlLineEdit.type_text("")
     assert panel.qt.settings["RobustMedSAM/ServerURL"] == ""
     widget._ensureServer()  # what the next request does first
-    assert panel.starts == [("litemedsam", "auto", None)]
+    assert panel.starts == [(DEFAULT_MODEL, "auto", None)]
 
 
 def test_points_of_a_newly_picked_include_list_segment(panel):
