@@ -3,19 +3,23 @@
     model = load_named_model("litemedsam", device="cpu").model
     used = use_engine(model, "openvino")   # "openvino", or "eager" when it is not installed
 
-Two graphs run on the engine. The image encoder (TinyViT, ``1 x 3 x 256 x 256`` in,
-``1 x 256 x 64 x 64`` out) and the mask decoder (SAM's two-way transformer and
-upscaling: image embedding ``1 x 256 x 64 x 64``, dense prompt embedding of the same
-shape and ``1 x N x 256`` sparse prompt tokens in; ``1 x 4 x 256 x 256`` low-res logits
-and ``1 x 4`` predicted IoU out), the dense positional encoding baked into the graph as
+The image encoder (TinyViT, ``1 x 3 x 256 x 256`` in, ``1 x 256 x 64 x 64`` out) and the
+mask decoder (SAM's two-way transformer and upscaling: image embedding
+``1 x 256 x 64 x 64``, dense prompt embedding of the same shape and ``1 x N x 256``
+sparse prompt tokens in; ``1 x 4 x 256 x 256`` low-res logits and ``1 x 4`` predicted
+IoU out) run on the engine, the dense positional encoding baked into the decoder graph as
 the constant it is. For ``robustmedsam-lite`` the encoder's graph also gives the early
-features its robust decoder reads (``1 x 64 x 64 x 160``), and the robust decoder stays
-in PyTorch. Each graph is exported once to ONNX (the graph every runtime reads) and
-kept in the user cache folder under the SHA-256 of its weights, so later loads skip the
-export (about 10 s). ONNX Runtime and OpenVINO run them in float32; the prompt encoder
-stays in PyTorch (under a millisecond). Both runtimes are optional (``pip install
-'robustmedsam[cpu-engines]'``); a missing one logs one line and eager PyTorch runs.
-Measured speeds: ``Testing/benchmarks/bench_lite.py``, docs/benchmarks.md.
+features its robust decoder reads (``1 x 64 x 64 x 160``), and the robust decoder runs as
+two graphs that also take the slice's fused robust features (``1 x 32 x 256 x 256``):
+one for prompts without a mask, which takes the slice's cached layer-0 projections
+(``ImageFeatures.first_layer``), and one for a fed-back mask, which computes them; the
+per-slice robust features and projections stay in PyTorch. Each graph is exported once
+to ONNX (the graph every runtime reads) and kept in the user cache folder under the
+SHA-256 of its weights, so later loads skip the export (about 10 s). ONNX Runtime and
+OpenVINO run them in float32; the prompt encoder stays in PyTorch (under a millisecond).
+Both runtimes are optional (``pip install 'robustmedsam[cpu-engines]'``); a missing one
+logs one line and eager PyTorch runs. Measured speeds: ``Testing/benchmarks/bench_lite.py``,
+``bench_robust_click.py``, docs/benchmarks.md.
 """
 
 from __future__ import annotations

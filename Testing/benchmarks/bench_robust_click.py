@@ -3,12 +3,16 @@
 Prints, per model (``litemedsam``, ``robustmedsam-lite``) and engine (eager, ONNX
 Runtime, OpenVINO; a missing runtime is skipped), the median milliseconds of one click
 on an encoded 256 x 256 slice (``Predictor.predict``: prompt encoder, mask decoder,
-logits to the slice, the mask) for a box prompt and for one positive point (three
-candidates), the runs interleaved across all variants ``--repeats`` times; and each
-variant's ratio to the same model's eager click and to litemedsam's click on the same
-engine. All engines of a model decode the same eager features, so only the decoder
-differs. With ``--profile``, where robustmedsam-lite's eager decoder spends a box
-click (median milliseconds per block, from forward hooks).
+logits to the slice, the mask) for a box prompt, one positive point (three candidates)
+and a box with a fed-back mask (what propagation sends; it changes the decoder's first
+layer, so robustmedsam-lite cannot use the slice's cached projections), the runs
+interleaved across all variants ``--repeats`` times; and each variant's ratio to the
+same model's eager click and to litemedsam's click on the same engine; each click's
+GFLOP (torch's FLOP counter on the eager model) and the fraction of the CPU's 2048^2
+float32 sgemm peak, measured before and after the clicks, it reaches. All engines of a
+model decode the same eager features, so only the decoder differs. With ``--profile``,
+where robustmedsam-lite's eager decoder spends a box click (median milliseconds per
+block, from forward hooks).
 
     PYTHONPATH=. .venv/bin/python Testing/benchmarks/bench_robust_click.py \
         [--repeats 30] [--threads 2] [--engines eager onnx openvino] [--profile]
@@ -32,9 +36,15 @@ from RobustMedSAMLib.inference.predictor import Predictor
 from RobustMedSAMLib.inference.types import SlicePrompt
 
 MODELS = ("litemedsam", "robustmedsam-lite")
+_DISC = np.hypot(*np.mgrid[-120:136, -125:131]) < 40  # the slice's disc, low-res grid
 PROMPTS = {
     "box": SlicePrompt(box=np.array([60.0, 70.0, 190.0, 170.0])),
     "point x3": SlicePrompt(points=[[125.0, 120.0]], labels=[1]),  # three candidates
+    # what propagation and a correction click send: the previous mask's logits fed back
+    "box+mask": SlicePrompt(
+        box=np.array([80.0, 75.0, 170.0, 165.0]),
+        mask_input=np.where(_DISC, 8.0, -8.0)[None].astype(np.float32),
+    ),
 }
 BLOCKS = (  # layer 0 of the transformer runs piecewise (cached projections): in "rest"
     "transformer.layers.1",
@@ -90,13 +100,41 @@ def click_ms(found: dict[tuple[str, str], Predictor], repeats: int) -> dict[tupl
     return {key: statistics.median(values) for key, values in times.items()}
 
 
-def report(medians: dict[tuple, float]) -> None:
-    print(f"{'model':18} {'engine':9} {'prompt':9} {'ms':>7} {'/eager':>7} {'/lite':>7}")
+def sgemm_peak(size: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of a ``size``^2 float32 matmul, best of ``repeats``."""
+    a, b, best = torch.rand(size, size), torch.rand(size, size), float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def click_gflop(found: dict[tuple[str, str], Predictor]) -> dict[tuple[str, str], float]:
+    """(model, prompt) -> GFLOP of one click on the eager model (torch's counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gflop = {}
+    for (model, engine), predictor in found.items():
+        for label, prompt in PROMPTS.items() if engine == "eager" else ():
+            counter = FlopCounterMode(display=False)
+            with counter:
+                predictor.predict(prompt)
+            gflop[model, label] = counter.get_total_flops() / 1e9
+    return gflop
+
+
+def report(medians: dict[tuple, float], gflop: dict[tuple[str, str], float], peak: float):
+    print(f"{'model':18} {'engine':9} {'prompt':9} {'ms':>7} {'/eager':>7} {'/lite':>7}", end="")
+    print(f" {'GFLOP':>6} {'of peak':>8}")
     for (model, engine, prompt), ms in medians.items():
         eager = medians.get((model, "eager", prompt))
         lite = medians.get(("litemedsam", engine, prompt))
         ratios = [f"{ms / ref:7.2f}" if ref else f"{'-':>7}" for ref in (eager, lite)]
-        print(f"{model:18} {engine:9} {prompt:9} {ms:7.1f} {ratios[0]} {ratios[1]}")
+        work = gflop.get((model, prompt), float("nan"))
+        share = work / (ms / 1e3) / peak
+        print(f"{model:18} {engine:9} {prompt:9} {ms:7.1f} {ratios[0]} {ratios[1]}", end="")
+        print(f" {work:6.2f} {share:8.0%}")
 
 
 def profile_blocks(predictor: Predictor, repeats: int) -> None:
@@ -142,9 +180,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     found = predictors(args.engines)
+    gflop = click_gflop(found)
     print(f"load average before: {os.getloadavg()[0]:.2f}; threads {args.threads}")
-    report(click_ms(found, args.repeats))
+    peaks = [sgemm_peak()]
+    medians = click_ms(found, args.repeats)
+    peaks.append(sgemm_peak())
     print(f"load average after: {os.getloadavg()[0]:.2f}")
+    print(f"sgemm peak before/after the clicks: {peaks[0]:.0f}/{peaks[1]:.0f} GFLOP/s (mean used)")
+    report(medians, gflop, sum(peaks) / 2)
     if args.profile and ("robustmedsam-lite", "eager") in found:
         profile_blocks(found["robustmedsam-lite", "eager"], args.repeats)
 
