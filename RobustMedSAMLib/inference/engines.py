@@ -80,7 +80,8 @@ def use_engine(model: SegmentAnythingModel, engine: str, threads: int | None = N
     encoder_path = cached_onnx(model.image_encoder, size, early=model.robust)
     model.image_encoder = RuntimeEncoder(graph(encoder_path, threads))
     if model.robust:
-        graphs = [graph(cached_robust_decoder_onnx(model, cached), threads) for cached in (1, 0)]
+        paths = [cached_robust_decoder_onnx(model, cached) for cached in (True, False)]
+        graphs = [graph(path, threads) for path in paths]  # without, with a mask prompt
         model.mask_decoder = RuntimeRobustDecoder(*graphs, model.mask_decoder)
     else:
         decoder_path = cached_decoder_onnx(model)
@@ -201,7 +202,7 @@ def cached_robust_decoder_onnx(
     config = model.config
     with torch.inference_mode():
         image_pe = model.prompt_encoder.get_dense_pe().cpu()
-    graph = RobustDecoderGraph(model.mask_decoder, image_pe, bool(cached)).eval()
+    graph = RobustDecoderGraph(model.mask_decoder, image_pe, cached).eval()
     size, channels = config.embedding_size, config.prompt_embed_dim
     features = torch.zeros(1, channels, size, size)
     robust = torch.zeros(1, channels // 8, 4 * size, 4 * size)
