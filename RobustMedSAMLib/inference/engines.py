@@ -3,19 +3,23 @@
     model = load_named_model("litemedsam", device="cpu").model
     used = use_engine(model, "openvino")   # "openvino", or "eager" when it is not installed
 
-Two graphs run on the engine. The image encoder (TinyViT, ``1 x 3 x 256 x 256`` in,
-``1 x 256 x 64 x 64`` out) and the mask decoder (SAM's two-way transformer and
-upscaling: image embedding ``1 x 256 x 64 x 64``, dense prompt embedding of the same
-shape and ``1 x N x 256`` sparse prompt tokens in; ``1 x 4 x 256 x 256`` low-res logits
-and ``1 x 4`` predicted IoU out), the dense positional encoding baked into the graph as
+The image encoder (TinyViT, ``1 x 3 x 256 x 256`` in, ``1 x 256 x 64 x 64`` out) and the
+mask decoder (SAM's two-way transformer and upscaling: image embedding
+``1 x 256 x 64 x 64``, dense prompt embedding of the same shape and ``1 x N x 256``
+sparse prompt tokens in; ``1 x 4 x 256 x 256`` low-res logits and ``1 x 4`` predicted
+IoU out) run on the engine, the dense positional encoding baked into the decoder graph as
 the constant it is. For ``robustmedsam-lite`` the encoder's graph also gives the early
-features its robust decoder reads (``1 x 64 x 64 x 160``), and the robust decoder stays
-in PyTorch. Each graph is exported once to ONNX (the graph every runtime reads) and
-kept in the user cache folder under the SHA-256 of its weights, so later loads skip the
-export (about 10 s). ONNX Runtime and OpenVINO run them in float32; the prompt encoder
-stays in PyTorch (under a millisecond). Both runtimes are optional (``pip install
-'robustmedsam[cpu-engines]'``); a missing one logs one line and eager PyTorch runs.
-Measured speeds: ``Testing/benchmarks/bench_lite.py``, docs/benchmarks.md.
+features its robust decoder reads (``1 x 64 x 64 x 160``), and the robust decoder runs as
+two graphs that also take the slice's fused robust features (``1 x 32 x 256 x 256``):
+one for prompts without a mask, which takes the slice's cached layer-0 projections
+(``ImageFeatures.first_layer``), and one for a fed-back mask, which computes them; the
+per-slice robust features and projections stay in PyTorch. Each graph is exported once
+to ONNX (the graph every runtime reads) and kept in the user cache folder under the
+SHA-256 of its weights, so later loads skip the export (about 10 s). ONNX Runtime and
+OpenVINO run them in float32; the prompt encoder stays in PyTorch (under a millisecond).
+Both runtimes are optional (``pip install 'robustmedsam[cpu-engines]'``); a missing one
+logs one line and eager PyTorch runs. Measured speeds: ``Testing/benchmarks/bench_lite.py``,
+``bench_robust_click.py``, docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from torch import nn
 
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.formats.atomic import atomic_output
+from RobustMedSAMLib.model.paired_decoding import first_layer_image_side
 from RobustMedSAMLib.model.sam import SegmentAnythingModel
 from RobustMedSAMLib.names import ENGINES
 from RobustMedSAMLib.weights.registry import cache_dir
@@ -74,7 +79,11 @@ def use_engine(model: SegmentAnythingModel, engine: str, threads: int | None = N
     size = model.config.image_size
     encoder_path = cached_onnx(model.image_encoder, size, early=model.robust)
     model.image_encoder = RuntimeEncoder(graph(encoder_path, threads))
-    if not model.robust:  # the robust decoder (robustmedsam-lite) stays eager
+    if model.robust:
+        paths = [cached_robust_decoder_onnx(model, cached) for cached in (True, False)]
+        graphs = [graph(path, threads) for path in paths]  # without, with a mask prompt
+        model.mask_decoder = RuntimeRobustDecoder(*graphs, model.mask_decoder)
+    else:
         decoder_path = cached_decoder_onnx(model)
         model.mask_decoder = RuntimeDecoder(graph(decoder_path, threads), model.mask_decoder)
     return engine
@@ -149,6 +158,62 @@ def cached_decoder_onnx(model: SegmentAnythingModel, folder: Path | None = None)
     example = (features, features.clone(), torch.zeros(1, 2, channels))
     names = ["embedding", "dense", "sparse"]
     name = f"decoder-{size}-{weights_digest(graph)[:16]}"
+    dynamic = {"sparse": {1: "tokens"}}
+    return _cached_export(graph, example, names, ["masks", "iou"], dynamic, name, folder)
+
+
+class RobustDecoderGraph(nn.Module):
+    """The robust decoder (robustmedsam-lite) as one graph: ``(embedding, dense, sparse,
+    robust[, keys_k, keys_v, keys_q]) -> (masks, iou)``, all four masks; ``robust`` the
+    slice's fused robust features ``1 x C/8 x 4h x 4w``; the three ``1 x hw x C'`` layer-0
+    projections (``ImageFeatures.first_layer``) are inputs when ``cached`` (prompts
+    without a mask), else computed from ``embedding + dense`` (a mask prompt)."""
+
+    def __init__(self, decoder: nn.Module, image_pe: torch.Tensor, cached: bool) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.cached = cached
+        self.register_buffer("image_pe", image_pe.detach().clone())
+
+    def forward(
+        self,
+        embedding: torch.Tensor,
+        dense: torch.Tensor,
+        sparse: torch.Tensor,
+        robust: torch.Tensor,
+        *first_layer: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        first = tuple(first_layer) if self.cached else None
+        masks, iou, _ = self.decoder.predict_paired(
+            embedding, self.image_pe, sparse, dense, robust, first
+        )
+        return masks, iou
+
+
+FIRST_LAYER = ("keys_k", "keys_v", "keys_q")
+"""Input names of the layer-0 projections in a cached ``RobustDecoderGraph``."""
+
+
+def cached_robust_decoder_onnx(
+    model: SegmentAnythingModel, cached: bool, folder: Path | None = None
+) -> Path:
+    """``model``'s robust decoder exported to ONNX (see ``RobustDecoderGraph``; the number
+    of sparse tokens is a dynamic axis), from the cache folder when exported before."""
+    config = model.config
+    with torch.inference_mode():
+        image_pe = model.prompt_encoder.get_dense_pe().cpu()
+    graph = RobustDecoderGraph(model.mask_decoder, image_pe, cached).eval()
+    size, channels = config.embedding_size, config.prompt_embed_dim
+    features = torch.zeros(1, channels, size, size)
+    robust = torch.zeros(1, channels // 8, 4 * size, 4 * size)
+    example = (features, features.clone(), torch.zeros(1, 2, channels), robust)
+    names = ["embedding", "dense", "sparse", "robust"]
+    if cached:
+        with torch.no_grad():  # example values: only their shapes matter
+            first = first_layer_image_side(model.mask_decoder.transformer, features, image_pe)
+        example, names = example + first, names + list(FIRST_LAYER)
+    kind = "cached" if cached else "full"
+    name = f"robust-decoder-{kind}-{size}-{weights_digest(graph)[:16]}"
     dynamic = {"sparse": {1: "tokens"}}
     return _cached_export(graph, example, names, ["masks", "iou"], dynamic, name, folder)
 
@@ -270,5 +335,59 @@ class RuntimeDecoder(nn.Module):
             "sparse": _array(sparse_prompt_embeddings),
         }
         masks, iou = (torch.from_numpy(a) for a in self.graph(feeds))
+        chosen = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, chosen], iou[:, chosen]
+
+
+class RuntimeRobustDecoder(nn.Module):
+    """The robust decoder on a runtime, called as ``RobustMaskDecoder``: one graph for
+    prompts with the slice's cached layer-0 projections, one for a mask prompt (which
+    changes them). The eager decoder stays for what ``encode`` computes once per slice
+    (``transformer``, ``robust_image_features``) and is reachable as ``eager``."""
+
+    def __init__(
+        self,
+        cached: OnnxRuntimeGraph | OpenVinoGraph,
+        full: OnnxRuntimeGraph | OpenVinoGraph,
+        eager: nn.Module,
+    ) -> None:
+        super().__init__()
+        self.cached, self.full = cached, full
+        self.eager = eager
+        self.num_mask_tokens = eager.num_mask_tokens
+
+    @property
+    def transformer(self) -> nn.Module:
+        return self.eager.transformer
+
+    def robust_image_features(
+        self, image_embeddings: torch.Tensor, early_features: torch.Tensor
+    ) -> torch.Tensor:
+        """See ``RobustMaskDecoder.robust_image_features`` (eager: once per slice)."""
+        return self.eager.robust_image_features(image_embeddings, early_features)
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        multimask_output: bool,
+        robust_features: torch.Tensor,
+        first_layer: tuple[torch.Tensor, ...] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``1 x M x 4h x 4w`` logits and ``1 x M`` IoU, M = 3 (multimask) or 1; the graphs
+        hold the positional encoding ``image_pe`` they were exported with."""
+        feeds = {
+            "embedding": _array(image_embeddings),
+            "dense": _array(dense_prompt_embeddings),
+            "sparse": _array(sparse_prompt_embeddings),
+            "robust": _array(robust_features),
+        }
+        graph = self.full
+        if first_layer is not None:
+            feeds |= {name: _array(t) for name, t in zip(FIRST_LAYER, first_layer, strict=True)}
+            graph = self.cached
+        masks, iou = (torch.from_numpy(a) for a in graph(feeds))
         chosen = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, chosen], iou[:, chosen]

@@ -201,6 +201,7 @@ class TokenBlock(nn.Module):
     def __init__(self, num_tokens: int, transformer_dim: int) -> None:
         super().__init__()
         self.num_tokens = num_tokens
+        self.width = transformer_dim  # a constant, so that an ONNX export can trace it
         mlp_dim = transformer_dim // num_tokens
         self.mlp = nn.Sequential(
             nn.Linear(mlp_dim, mlp_dim), nn.ReLU(), nn.Linear(mlp_dim, mlp_dim * num_tokens)
@@ -208,7 +209,7 @@ class TokenBlock(nn.Module):
 
     def forward(self, token: torch.Tensor) -> torch.Tensor:
         """token: ``B x C`` -> ``B x C``: twice normalised, first quarter through the MLP."""
-        width = token.shape[-1]
+        width = self.width
         token = F.layer_norm(F.layer_norm(token, (width,)), (width,))
         return self.mlp(token[:, : width // self.num_tokens])
 

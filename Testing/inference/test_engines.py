@@ -21,7 +21,12 @@ import torch
 
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.inference import engines
-from RobustMedSAMLib.inference.engines import RuntimeDecoder, cached_onnx, use_engine
+from RobustMedSAMLib.inference.engines import (
+    RuntimeDecoder,
+    RuntimeRobustDecoder,
+    cached_onnx,
+    use_engine,
+)
 from RobustMedSAMLib.inference.predictor import Predictor
 from RobustMedSAMLib.inference.types import SlicePrompt
 from RobustMedSAMLib.model.config import LITE_MEDSAM, LITE_ROBUST, TINY
@@ -161,25 +166,27 @@ def test_the_dense_positional_encoding_is_cached_until_its_weights_change():
     assert model.dense_pe() is not first  # training: every call
 
 
+def small_robust_lite_model(seed: int = 0) -> SegmentAnythingModel:
+    """robustmedsam-lite's architecture (the robust decoder, TinyViT's 160-channel early
+    features) with a narrow, shallow TinyViT; random weights, every robust branch live."""
+    torch.manual_seed(seed)
+    model = SegmentAnythingModel(LITE_ROBUST, robust=True)
+    model.image_encoder = TinyViTEncoder(
+        embed_dims=(8, 16, 160, 32), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)
+    )
+    return model.eval()
+
+
 @pytest.mark.parametrize("engine", sorted(RUNTIMES))
 def test_an_engine_encodes_for_the_robust_lite_decoder(engine, cache):
     """robustmedsam-lite (the default model): the runtime's encoder gives the embedding and
-    the early features its robust decoder reads; the decoder stays eager; masks as eager.
+    the early features its robust decoder reads; masks as eager.
     Before: ``--engine`` refused robust models."""
     pytest.importorskip(RUNTIMES[engine])
     pytest.importorskip("onnx")
-    models = []
-    for _ in range(2):
-        torch.manual_seed(0)
-        model = SegmentAnythingModel(LITE_ROBUST, robust=True)
-        model.image_encoder = TinyViTEncoder(
-            embed_dims=(8, 16, 160, 32), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)
-        )
-        models.append(model.eval())
-    eager, fast = models
-    decoder = fast.mask_decoder
+    eager, fast = small_robust_lite_model(), small_robust_lite_model()
     assert use_engine(fast, engine, threads=1) == engine
-    assert not isinstance(fast.image_encoder, TinyViTEncoder) and fast.mask_decoder is decoder
+    assert not isinstance(fast.image_encoder, TinyViTEncoder)
     image, box = slice_image(), np.array([70.0, 45.0, 190.0, 135.0])
     results = []
     for model in (eager, fast):
@@ -194,3 +201,38 @@ def test_an_engine_encodes_for_the_robust_lite_decoder(engine, cache):
     assert np.abs(f_mask.low_res_logits - logits).max() <= 1e-3 * np.abs(logits).max()
     differ = e_mask.mask != f_mask.mask
     assert differ.sum() <= max(1, int(0.001 * differ.size))
+
+
+@pytest.mark.parametrize("engine", sorted(RUNTIMES))
+def test_the_robust_lite_decoder_runs_on_the_engine_with_the_eager_logits(engine, cache):
+    """robustmedsam-lite's click on the runtime (issue #22): same features, so only the
+    decoder differs; boxes and points (the slice's cached layer-0 projections), another
+    number of prompt tokens, three candidates or one, and a fed-back mask (which changes
+    layer 0: the other graph). Before: the robust decoder stayed eager."""
+    pytest.importorskip(RUNTIMES[engine])
+    pytest.importorskip("onnx")
+    eager, fast = small_robust_lite_model(), small_robust_lite_model()
+    use_engine(fast, engine, threads=1)
+    assert isinstance(fast.mask_decoder, RuntimeRobustDecoder)
+    predictors = [Predictor(m, preprocessing="litemedsam") for m in (eager, fast)]
+    predictors[0].set_image(slice_image(), window=(0.0, 600.0))
+    predictors[1].current = predictors[0].current
+    box = SlicePrompt(box=np.array([70.0, 45.0, 190.0, 135.0]))
+    first = predictors[0].predict(box)
+    prompts = [
+        box,
+        SlicePrompt(points=[[130.0, 90.0]], labels=[1]),  # one point: three candidates
+        SlicePrompt(points=[[130.0, 90.0], [20.0, 20.0], [200, 170]], labels=[1, 0, 0]),
+        SlicePrompt(box=box.box, mask_input=first.low_res_logits),
+    ]
+    for prompt in prompts:
+        want, got = (p.predict(prompt) for p in predictors)
+        scale = np.abs(want.low_res_logits).max()
+        assert np.abs(got.low_res_logits - want.low_res_logits).max() <= 1e-4 * scale
+        assert abs(got.score - want.score) <= 1e-4
+        assert (got.mask != want.mask).sum() <= max(1, int(0.001 * want.mask.size))
+    # the runtime encoder's features feed the runtime decoder too: a fresh slice
+    predictors[1].set_image(slice_image(), window=(0.0, 600.0))
+    assert len(predictors[1].current.features.first_layer) == 3
+    got = predictors[1].predict(box)
+    assert (got.mask != first.mask).sum() <= max(1, int(0.001 * first.mask.size))
