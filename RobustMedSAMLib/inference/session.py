@@ -42,10 +42,10 @@ from RobustMedSAMLib.progress import Progress
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE_BYTES = 1024**3  # ~55 slices of a robust model's features (19 MB each, fp32)
-#: For a run that asks each slice once, then re-asks it at once (segment, batch): enough
-#: for 3 slices of a robust model's features, 15 of LiteMedSAM's (4 MB); the encode-ahead
-#: worker's slices are held apart from the cache until asked for.
-ONE_PASS_CACHE_BYTES = 64 * 1024**2
+#: For a run that asks each slice once, then re-asks it at once (segment, batch): the
+#: slice being asked (a robust model's features are 19 MB, LiteMedSAM's 4 MB); the
+#: encode-ahead worker's slices are held apart from the cache until asked for.
+ONE_PASS_CACHE_BYTES = 24 * 1024**2
 ENCODE_AHEAD = 2  # slices encoded ahead of use (bench_lite.py --lesion measures it)
 
 
