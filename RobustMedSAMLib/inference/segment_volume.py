@@ -51,7 +51,7 @@ from RobustMedSAMLib.progress import Cancel, Progress
 
 # each side of a box drawn on a slice moves out by this fraction before the first ask
 # (SegmentOptions.seed_box_growth); measured on phantoms, docs/propagation.md
-SEED_BOX_GROWTH = 0.0
+SEED_BOX_GROWTH = 0.05
 
 
 @dataclass
