@@ -49,6 +49,10 @@ from RobustMedSAMLib.inference.types import Prediction, SlicePrompt
 from RobustMedSAMLib.inference.zoom import box_is_small, crop_volume, zoom_region
 from RobustMedSAMLib.progress import Cancel, Progress
 
+# each side of a box drawn on a slice moves out by this fraction before the first ask
+# (SegmentOptions.seed_box_growth); measured on phantoms, docs/propagation.md
+SEED_BOX_GROWTH = 0.05
+
 
 @dataclass
 class VolumePrompts:
@@ -119,12 +123,18 @@ class SegmentOptions:
     ``False`` never, ``"auto"`` (default) when the box is small at the model's input
     (:func:`zoom.box_is_small`); the mask is the same size as the volume either way.
     encode_ahead: slices encoded on a worker thread ahead of the one being segmented, in
-    propagation order (0: none; see ``SegmentationSession.encoding_ahead``)."""
+    propagation order (0: none; see ``SegmentationSession.encoding_ahead``).
+    seed_box_growth: a box drawn on a slice (a flat ROI, ``--box``) has each side moved
+    out by this fraction of its width / height, cut to the slice, before the model is
+    first asked (a box is usually drawn tight to the visible edge, or inside it); not
+    a 3D ROI (it bounds the result) nor the point search's own box. Default
+    :data:`SEED_BOX_GROWTH`."""
 
     propagate: bool = False
     propagation: PropagationOptions = field(default_factory=PropagationOptions)
     zoom: bool | str = "auto"
     encode_ahead: int = ENCODE_AHEAD
+    seed_box_growth: float = SEED_BOX_GROWTH
 
     def validate(self) -> None:
         """Raise InputError naming the first unusable option."""
@@ -132,6 +142,10 @@ class SegmentOptions:
             raise InputError(f"zoom={self.zoom!r}: use True, False or 'auto'")
         if not isinstance(self.encode_ahead, int) or self.encode_ahead < 0:
             raise InputError(f"encode_ahead={self.encode_ahead!r}: use 0 or more slices")
+        growth = self.seed_box_growth
+        number = isinstance(growth, int | float) and not isinstance(growth, bool)
+        if not (number and math.isfinite(growth) and growth >= 0):
+            raise InputError(f"seed_box_growth={growth!r}: use 0 or more (a fraction of the box)")
         self.propagation.validate()
 
 
@@ -149,6 +163,9 @@ class Decisions:
     was then segmented as a flat ROI (``roi`` ``"2d"``). tightened: the boxes a 3D ROI's
     first slice was asked again with (its footprint is loose; see ``_tighten``).
     refit: the boxes a flat ROI's slice was asked again with (see ``_refit``).
+    seed_box_growth: the growth applied to the drawn box (0: none; see
+    ``SegmentOptions``); grown: the boxes first asked after it, ``(x0, y0, x1, y1)``
+    slice pixels (of the crop when zoomed), one per prompted slice with a box.
     """
 
     roi: str = "none"
@@ -165,6 +182,8 @@ class Decisions:
     refit: list[list[float]] = field(default_factory=list)  # a flat ROI's re-asked boxes
     projection: str = ""  # the prompt carried to the next slice (see _propagation_options)
     refine_steps: int = 0  # re-asks of each propagated slice with its mask's own box
+    seed_box_growth: float = 0.0  # the fraction a drawn box's sides moved out by
+    grown: list[list[float]] = field(default_factory=list)  # the drawn boxes, grown
 
 
 @dataclass
@@ -201,13 +220,15 @@ def segment_volume(
     progress: Progress | None = None,
     cancel: Cancel | None = None,
     search: bool = True,
-    refit: bool = True,
+    drawn: bool = True,
 ) -> SegmentationResult:
     """Segment the prompted slices, then (``options.propagate``) propagate outward.
 
     Points on one slice without a box go through the point search first (``search``;
-    see :func:`_from_points`). Raises InputError for prompts outside the volume or empty
-    prompts, CancelledError when cancelled (nothing is returned, the volume is untouched).
+    see :func:`_from_points`). ``drawn``: the ROI is the user's (a flat one is grown by
+    ``options.seed_box_growth``, and refit); False for the point search's box. Raises
+    InputError for prompts outside the volume or empty prompts, CancelledError when
+    cancelled (nothing is returned, the volume is untouched).
     """
     options = options or SegmentOptions()
     options.validate()
@@ -215,19 +236,21 @@ def segment_volume(
         return _from_points(session, prompts, options, progress, cancel)
     zoom, reason = _zoom_decision(session, prompts, options)
     if zoom:
-        return _zoomed(session, prompts, options, reason, progress, cancel, refit)
+        return _zoomed(session, prompts, options, reason, progress, cancel, drawn)
     start = time.perf_counter()
     volume, axis = session.volume, session.axis
     decisions = Decisions(window=session.window, window_source=session.window_source)
     decisions.zoom_reason = reason
     allowed = _roi_decision(session, prompts.roi, decisions)
     per_slice = prompts_for_slice(volume, axis, prompts.positive, prompts.negative, prompts.roi)
+    if drawn and decisions.roi == "2d":
+        per_slice = _grow_boxes(session, per_slice, options.seed_box_growth, decisions)
     propagation = _propagation_options(options.propagation, session, prompts.roi, decisions)
     order = _encode_order(list(per_slice), session.n_slices, options.propagate, propagation)
     with session.encoding_ahead(order, options.encode_ahead):
         slice_masks, scores, stops = _segment_and_propagate(
             session, per_slice, allowed, decisions, options.propagate, propagation, progress,
-            cancel, refit,
+            cancel, drawn,
         )  # fmt: skip
     mask = np.zeros(volume.shape, dtype=bool)
     for index, slice_mask in slice_masks.items():
@@ -318,6 +341,38 @@ def _segment_and_propagate(
                 )
         stops = [_stop_dict(stop) for stop in result.stops]
     return slice_masks, scores, stops
+
+
+def _grow_boxes(
+    session: SegmentationSession,
+    per_slice: dict[int, SlicePrompt],
+    growth: float,
+    decisions: Decisions,
+) -> dict[int, SlicePrompt]:
+    """The prompts with each box's sides moved out by ``growth`` x its width / height,
+    cut to the slice; the boxes asked go to ``decisions.grown``."""
+    decisions.seed_box_growth = float(growth)
+    if growth <= 0:
+        return per_slice
+    rows, cols = session.slice_image(next(iter(per_slice))).shape
+    grown = {}
+    for index, prompt in per_slice.items():
+        if prompt.box is not None:
+            box = grow_box(prompt.box, growth, (rows, cols))
+            prompt = replace(prompt, box=box)
+            decisions.grown.append(box.tolist())
+        grown[index] = prompt
+    return grown
+
+
+def grow_box(box: np.ndarray, growth: float, shape: tuple[int, int]) -> np.ndarray:
+    """``(x0, y0, x1, y1)`` with each side moved out by ``growth`` x the box's width /
+    height, cut to a ``(rows, cols)`` slice (float32)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    dx, dy = growth * (x1 - x0), growth * (y1 - y0)
+    rows, cols = shape
+    out = (max(x0 - dx, 0.0), max(y0 - dy, 0.0), min(x1 + dx, cols - 1.0), min(y1 + dy, rows - 1.0))
+    return np.array(out, np.float32)
 
 
 TIGHTEN_STEPS = 2  # re-prompts of a 3D ROI's first slice with its own mask's box
@@ -432,7 +487,7 @@ def _from_points(
         negative=prompts.negative if takes_points else None,
         roi=slice_box_roi(volume, axis, index, box),
     )
-    result = segment_volume(session, boxed, options, progress, cancel, refit=False)
+    result = segment_volume(session, boxed, options, progress, cancel, drawn=False)
     result.decisions.point = record
     return result
 
@@ -501,7 +556,7 @@ def _zoomed(
     reason: str,
     progress: Progress | None,
     cancel: Cancel | None,
-    refit: bool = True,
+    drawn: bool = True,
 ) -> SegmentationResult:
     """``segment_volume`` on a crop around the box, its mask put back in place."""
     volume = session.volume
@@ -518,7 +573,7 @@ def _zoomed(
     crop.window_source = session.window_source
     try:
         result = segment_volume(
-            crop, prompts, replace(options, zoom=False), progress, cancel, refit=refit
+            crop, prompts, replace(options, zoom=False), progress, cancel, drawn=drawn
         )
     finally:
         session.stats.add(crop.stats)
@@ -615,6 +670,7 @@ def run_record(
             "propagate": options.propagate,
             "zoom": options.zoom,
             "encode_ahead": options.encode_ahead,
+            "seed_box_growth": options.seed_box_growth,
             "propagation": asdict(options.propagation),
         },
         "decisions": asdict(result.decisions),

@@ -22,6 +22,8 @@ from RobustMedSAMLib.inference.session import SegmentationSession
 from RobustMedSAMLib.inference.slicing import slice_box_roi
 
 STEPS = 2  # the refit on (``REFIT_STEPS``; off by default, see docs/propagation.md)
+# the refit alone: the drawn box is not grown first (``SegmentOptions.seed_box_growth``)
+ALONE = {"seed_box_growth": 0.0}
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -48,7 +50,7 @@ def _run(volume: Volume, truth: np.ndarray, fraction: float, steps: int, monkeyp
     index = int(np.flatnonzero(truth.any(axis=(1, 2))).mean().round())
     roi = slice_box_roi(volume, 0, index, _box(truth, index, fraction))
     session = SegmentationSession(volume, BoxBlobPredictor(115.0), window=(-160, 240))
-    options = SegmentOptions(propagate=True, zoom=False)
+    options = SegmentOptions(propagate=True, zoom=False, **ALONE)
     return segment_volume(session, VolumePrompts(roi=roi), options), index, session
 
 
@@ -92,7 +94,8 @@ def test_litemedsam_from_a_box_too_small_covers_the_spleen_phantom(monkeypatch):
     index = central_slice(truth)
     roi = slice_box_roi(volume, 0, index, _box(truth, index, -0.1))
     session = SegmentationSession(volume, lite.predictor())
-    result = segment_volume(session, VolumePrompts(roi=roi), SegmentOptions(propagate=True))
+    options = SegmentOptions(propagate=True, **ALONE)
+    result = segment_volume(session, VolumePrompts(roi=roi), options)
     assert result.decisions.refit
     covered = np.flatnonzero(result.mask.any(axis=(1, 2))).tolist()
     assert covered == np.flatnonzero(truth.any(axis=(1, 2))).tolist()
