@@ -4,10 +4,10 @@ Not a test. From a box on the truth's central slice (+10 %), each direction is w
 slice by slice with no stop rule (only an empty mask ends it, and the walk ends a few
 slices past the truth), with and without zoom; every slice's signals are written as
 one JSON line with the slice's true and false positive counts, so that any stop rule
-can be scored offline by cutting the walks where it fires (``--score``).
+can be scored offline by cutting the walks where it fires (this script only records;
+``--model`` names the model whose signals are walked).
 
     PYTHONPATH=. .venv/bin/python Testing/benchmarks/bench_stop_signals.py --out walks.jsonl
-    PYTHONPATH=. .venv/bin/python Testing/benchmarks/bench_stop_signals.py --score walks.jsonl
 
 Labelled real scans are never used here (evaluation only).
 """
