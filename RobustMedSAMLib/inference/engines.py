@@ -149,17 +149,28 @@ class DecoderGraph(nn.Module):
 def cached_decoder_onnx(model: SegmentAnythingModel, folder: Path | None = None) -> Path:
     """``model``'s plain mask decoder exported to ONNX (see ``DecoderGraph``; the number
     of sparse tokens is a dynamic axis), from the cache folder when exported before."""
+    image_pe, example, names = _prompt_example(model)
+    graph = DecoderGraph(model.mask_decoder, image_pe).eval()
+    name = f"decoder-{model.config.embedding_size}-{weights_digest(graph)[:16]}"
+    return _cached_export(graph, example, names, ["masks", "iou"], DYNAMIC, name, folder)
+
+
+DYNAMIC = {"sparse": {1: "tokens"}}
+"""The decoder graphs' dynamic axis: the number of sparse prompt tokens."""
+
+
+def _prompt_example(
+    model: SegmentAnythingModel,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], list[str]]:
+    """A decoder graph's constant positional encoding ``1 x C x h x w``, and example
+    inputs with their names: embedding, dense prompt embedding, two sparse tokens."""
     config = model.config
     with torch.inference_mode():
         image_pe = model.prompt_encoder.get_dense_pe().cpu()
-    graph = DecoderGraph(model.mask_decoder, image_pe).eval()
     size, channels = config.embedding_size, config.prompt_embed_dim
     features = torch.zeros(1, channels, size, size)
     example = (features, features.clone(), torch.zeros(1, 2, channels))
-    names = ["embedding", "dense", "sparse"]
-    name = f"decoder-{size}-{weights_digest(graph)[:16]}"
-    dynamic = {"sparse": {1: "tokens"}}
-    return _cached_export(graph, example, names, ["masks", "iou"], dynamic, name, folder)
+    return image_pe, example, ["embedding", "dense", "sparse"]
 
 
 class RobustDecoderGraph(nn.Module):
@@ -199,23 +210,18 @@ def cached_robust_decoder_onnx(
 ) -> Path:
     """``model``'s robust decoder exported to ONNX (see ``RobustDecoderGraph``; the number
     of sparse tokens is a dynamic axis), from the cache folder when exported before."""
-    config = model.config
-    with torch.inference_mode():
-        image_pe = model.prompt_encoder.get_dense_pe().cpu()
+    image_pe, example, names = _prompt_example(model)
     graph = RobustDecoderGraph(model.mask_decoder, image_pe, cached).eval()
-    size, channels = config.embedding_size, config.prompt_embed_dim
-    features = torch.zeros(1, channels, size, size)
-    robust = torch.zeros(1, channels // 8, 4 * size, 4 * size)
-    example = (features, features.clone(), torch.zeros(1, 2, channels), robust)
-    names = ["embedding", "dense", "sparse", "robust"]
+    features, size = example[0], model.config.embedding_size
+    robust = torch.zeros(1, features.shape[1] // 8, 4 * size, 4 * size)
+    example, names = example + (robust,), names + ["robust"]
     if cached:
         with torch.no_grad():  # example values: only their shapes matter
             first = first_layer_image_side(model.mask_decoder.transformer, features, image_pe)
         example, names = example + first, names + list(FIRST_LAYER)
     kind = "cached" if cached else "full"
     name = f"robust-decoder-{kind}-{size}-{weights_digest(graph)[:16]}"
-    dynamic = {"sparse": {1: "tokens"}}
-    return _cached_export(graph, example, names, ["masks", "iou"], dynamic, name, folder)
+    return _cached_export(graph, example, names, ["masks", "iou"], DYNAMIC, name, folder)
 
 
 def _cached_export(
@@ -329,14 +335,23 @@ class RuntimeDecoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``B x M x 4h x 4w`` logits and ``B x M`` IoU, M = 3 (multimask) or 1; the graph
         holds the positional encoding ``image_pe`` it was exported with."""
-        feeds = {
-            "embedding": _array(image_embeddings),
-            "dense": _array(dense_prompt_embeddings),
-            "sparse": _array(sparse_prompt_embeddings),
-        }
-        masks, iou = (torch.from_numpy(a) for a in self.graph(feeds))
-        chosen = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, chosen], iou[:, chosen]
+        feeds = _prompt_feeds(image_embeddings, dense_prompt_embeddings, sparse_prompt_embeddings)
+        return _chosen_masks(self.graph(feeds), multimask_output)
+
+
+def _prompt_feeds(
+    embedding: torch.Tensor, dense: torch.Tensor, sparse: torch.Tensor
+) -> dict[str, np.ndarray]:
+    """A decoder graph's inputs for the image embedding and one prompt's embeddings."""
+    return {"embedding": _array(embedding), "dense": _array(dense), "sparse": _array(sparse)}
+
+
+def _chosen_masks(outputs: list[np.ndarray], multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder graph's four masks' logits and IoUs cut to the three candidates
+    (``multimask``) or the single mask, as ``MaskDecoder.forward`` returns them."""
+    masks, iou = (torch.from_numpy(a) for a in outputs)
+    chosen = slice(1, None) if multimask else slice(0, 1)
+    return masks[:, chosen], iou[:, chosen]
 
 
 class RuntimeRobustDecoder(nn.Module):
@@ -378,16 +393,10 @@ class RuntimeRobustDecoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``1 x M x 4h x 4w`` logits and ``1 x M`` IoU, M = 3 (multimask) or 1; the graphs
         hold the positional encoding ``image_pe`` they were exported with."""
-        feeds = {
-            "embedding": _array(image_embeddings),
-            "dense": _array(dense_prompt_embeddings),
-            "sparse": _array(sparse_prompt_embeddings),
-            "robust": _array(robust_features),
-        }
+        feeds = _prompt_feeds(image_embeddings, dense_prompt_embeddings, sparse_prompt_embeddings)
+        feeds["robust"] = _array(robust_features)
         graph = self.full
         if first_layer is not None:
             feeds |= {name: _array(t) for name, t in zip(FIRST_LAYER, first_layer, strict=True)}
             graph = self.cached
-        masks, iou = (torch.from_numpy(a) for a in graph(feeds))
-        chosen = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, chosen], iou[:, chosen]
+        return _chosen_masks(graph(feeds), multimask_output)

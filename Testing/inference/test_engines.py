@@ -55,6 +55,31 @@ def slice_image() -> np.ndarray:
     return image
 
 
+def assert_same_decoding(eager: SegmentAnythingModel, fast: SegmentAnythingModel):
+    """Both models decode the eager encoder's features of one slice: boxes, points
+    (another number of prompt tokens), three candidates or one, a fed-back mask; the
+    logits agree within 1e-4 of the largest. Returns the predictors and the eager box
+    prediction."""
+    predictors = [Predictor(m, preprocessing="litemedsam") for m in (eager, fast)]
+    predictors[0].set_image(slice_image(), window=(0.0, 600.0))
+    predictors[1].current = predictors[0].current
+    box = SlicePrompt(box=np.array([70.0, 45.0, 190.0, 135.0]))
+    first = predictors[0].predict(box)
+    prompts = [
+        box,
+        SlicePrompt(points=[[130.0, 90.0]], labels=[1]),  # one point: three candidates
+        SlicePrompt(points=[[130.0, 90.0], [20.0, 20.0], [200, 170]], labels=[1, 0, 0]),
+        SlicePrompt(box=box.box, mask_input=first.low_res_logits),
+    ]
+    for prompt in prompts:
+        want, got = (p.predict(prompt) for p in predictors)
+        scale = np.abs(want.low_res_logits).max()
+        assert np.abs(got.low_res_logits - want.low_res_logits).max() <= 1e-4 * scale
+        assert abs(got.score - want.score) <= 1e-4
+        assert (got.mask != want.mask).sum() <= max(1, int(0.001 * want.mask.size))
+    return predictors, box, first
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setattr(engines, "cache_dir", lambda: tmp_path)
@@ -95,23 +120,7 @@ def test_the_engine_decoder_gives_the_eager_logits_for_every_prompt(engine, cach
     pytest.importorskip("onnx")
     eager, fast = small_lite_model(), small_lite_model()
     use_engine(fast, engine, threads=1)
-    predictors = [Predictor(m, preprocessing="litemedsam") for m in (eager, fast)]
-    predictors[0].set_image(slice_image(), window=(0.0, 600.0))
-    predictors[1].current = predictors[0].current
-    box = SlicePrompt(box=np.array([70.0, 45.0, 190.0, 135.0]))
-    first = predictors[0].predict(box)
-    prompts = [
-        box,
-        SlicePrompt(points=[[130.0, 90.0]], labels=[1]),  # one point: three candidates
-        SlicePrompt(points=[[130.0, 90.0], [20.0, 20.0], [200, 170]], labels=[1, 0, 0]),
-        SlicePrompt(box=box.box, mask_input=first.low_res_logits),
-    ]
-    for prompt in prompts:
-        want, got = (p.predict(prompt) for p in predictors)
-        scale = np.abs(want.low_res_logits).max()
-        assert np.abs(got.low_res_logits - want.low_res_logits).max() <= 1e-4 * scale
-        assert abs(got.score - want.score) <= 1e-4
-        assert (got.mask != want.mask).sum() <= max(1, int(0.001 * want.mask.size))
+    assert_same_decoding(eager, fast)
 
 
 def test_a_missing_runtime_falls_back_to_eager_with_one_line(cache, monkeypatch, caplog):
@@ -214,23 +223,7 @@ def test_the_robust_lite_decoder_runs_on_the_engine_with_the_eager_logits(engine
     eager, fast = small_robust_lite_model(), small_robust_lite_model()
     use_engine(fast, engine, threads=1)
     assert isinstance(fast.mask_decoder, RuntimeRobustDecoder)
-    predictors = [Predictor(m, preprocessing="litemedsam") for m in (eager, fast)]
-    predictors[0].set_image(slice_image(), window=(0.0, 600.0))
-    predictors[1].current = predictors[0].current
-    box = SlicePrompt(box=np.array([70.0, 45.0, 190.0, 135.0]))
-    first = predictors[0].predict(box)
-    prompts = [
-        box,
-        SlicePrompt(points=[[130.0, 90.0]], labels=[1]),  # one point: three candidates
-        SlicePrompt(points=[[130.0, 90.0], [20.0, 20.0], [200, 170]], labels=[1, 0, 0]),
-        SlicePrompt(box=box.box, mask_input=first.low_res_logits),
-    ]
-    for prompt in prompts:
-        want, got = (p.predict(prompt) for p in predictors)
-        scale = np.abs(want.low_res_logits).max()
-        assert np.abs(got.low_res_logits - want.low_res_logits).max() <= 1e-4 * scale
-        assert abs(got.score - want.score) <= 1e-4
-        assert (got.mask != want.mask).sum() <= max(1, int(0.001 * want.mask.size))
+    predictors, box, first = assert_same_decoding(eager, fast)
     # the runtime encoder's features feed the runtime decoder too: a fresh slice
     predictors[1].set_image(slice_image(), window=(0.0, 600.0))
     assert len(predictors[1].current.features.first_layer) == 3
