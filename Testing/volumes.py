@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from RobustMedSAMLib.datasets import phantoms
 from RobustMedSAMLib.formats.volume import Volume
 
 
@@ -39,3 +40,20 @@ def keeping_locale() -> Iterator[None]:
         yield
     finally:
         locale.setlocale(locale.LC_ALL, saved)
+
+
+def organ(centre=None) -> tuple[Volume, np.ndarray]:
+    """A bright ellipsoid organ, 24 slices of 96 x 96 px (``centre``: mm, I J K order),
+    and its mask."""
+    phantom = phantoms.ellipsoid((24, 96, 96), (1.0, 1.0, 2.0), (30.0, 22.0, 20.0), center=centre,
+                                 contrast=150.0, noise=10.0)  # fmt: skip
+    return Volume(phantom.image.astype(np.float32), phantom.ijk_to_ras, "organ"), phantom.mask
+
+
+def truth_box(truth: np.ndarray, index: int, fraction: float) -> np.ndarray:
+    """The box of ``truth`` on slice ``index``, every side moved out by ``fraction`` of
+    its extent (in if < 0)."""
+    rows, cols = np.nonzero(truth[index])
+    dx = round(fraction * (cols.max() - cols.min() + 1))
+    dy = round(fraction * (rows.max() - rows.min() + 1))
+    return np.array([cols.min() - dx, rows.min() - dy, cols.max() + dx, rows.max() + dy])

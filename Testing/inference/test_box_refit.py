@@ -11,8 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from doubles import BoxBlobPredictor
+from volumes import organ, truth_box
 
 from RobustMedSAMLib.datasets import phantoms
+from RobustMedSAMLib.evaluation.metrics import dice
 from RobustMedSAMLib.evaluation.volumetric import central_slice
 from RobustMedSAMLib.formats.volume import Volume
 from RobustMedSAMLib.inference import segment_volume as pipeline
@@ -26,57 +28,38 @@ STEPS = 2  # the refit on (``REFIT_STEPS``; off by default, see docs/propagation
 ALONE = {"seed_box_growth": 0.0}
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * (a & b).sum() / (a.sum() + b.sum()))
-
-
-def _organ() -> tuple[Volume, np.ndarray]:
-    """A bright ellipsoid organ, 24 slices of 96 x 96 px."""
-    phantom = phantoms.ellipsoid((24, 96, 96), (1.0, 1.0, 2.0), (30.0, 22.0, 20.0),
-                                 contrast=150.0, noise=10.0)  # fmt: skip
-    return Volume(phantom.image.astype(np.float32), phantom.ijk_to_ras, "organ"), phantom.mask
-
-
-def _box(truth: np.ndarray, index: int, fraction: float) -> np.ndarray:
-    """The truth's box on ``index``, every side moved out by ``fraction`` (in if < 0)."""
-    rows, cols = np.nonzero(truth[index])
-    dx = round(fraction * (cols.max() - cols.min() + 1))
-    dy = round(fraction * (rows.max() - rows.min() + 1))
-    return np.array([cols.min() - dx, rows.min() - dy, cols.max() + dx, rows.max() + dy])
-
-
 def _run(volume: Volume, truth: np.ndarray, fraction: float, steps: int, monkeypatch):
     monkeypatch.setattr(pipeline, "REFIT_STEPS", steps)
     index = int(np.flatnonzero(truth.any(axis=(1, 2))).mean().round())
-    roi = slice_box_roi(volume, 0, index, _box(truth, index, fraction))
+    roi = slice_box_roi(volume, 0, index, truth_box(truth, index, fraction))
     session = SegmentationSession(volume, BoxBlobPredictor(115.0), window=(-160, 240))
     options = SegmentOptions(propagate=True, zoom=False, **ALONE)
     return segment_volume(session, VolumePrompts(roi=roi), options), index, session
 
 
 def test_a_box_drawn_too_small_is_refit_to_the_whole_organ(monkeypatch):
-    volume, truth = _organ()
+    volume, truth = organ()
     before, index, _ = _run(volume, truth, -0.1, 0, monkeypatch)
     after, _, _ = _run(volume, truth, -0.1, STEPS, monkeypatch)
     # before: the model drew what the box held, the organ cut 10 % in on every side
     # (an ellipse cut so keeps most of its area: Dice 0.91 on the slice)
-    assert _dice(before.mask[index], truth[index]) < 0.93
+    assert dice(before.mask[index], truth[index]) < 0.93
     assert before.decisions.refit == []
-    assert _dice(after.mask[index], truth[index]) > 0.97
+    assert dice(after.mask[index], truth[index]) > 0.97
     assert len(after.decisions.refit) >= 1
     covered = np.flatnonzero(after.mask.any(axis=(1, 2))).tolist()
     assert covered == np.flatnonzero(truth.any(axis=(1, 2))).tolist()
-    assert _dice(after.mask, truth) > 0.95
-    assert _dice(after.mask, truth) > _dice(before.mask, truth)
+    assert dice(after.mask, truth) > 0.95
+    assert dice(after.mask, truth) > dice(before.mask, truth)
 
 
 def test_a_box_drawn_with_the_carried_margin_is_not_asked_again(monkeypatch):
-    volume, truth = _organ()
+    volume, truth = organ()
     result, index, _ = _run(volume, truth, 0.1, STEPS, monkeypatch)
     # the mask's box +10 % is the drawn box: one decoder call on the seed slice
     assert result.decisions.refit == []
-    assert _dice(result.mask[index], truth[index]) > 0.95
-    assert _dice(result.mask, truth) > 0.95
+    assert dice(result.mask[index], truth[index]) > 0.95
+    assert dice(result.mask, truth) > 0.95
 
 
 @pytest.mark.slow
@@ -92,11 +75,11 @@ def test_litemedsam_from_a_box_too_small_covers_the_spleen_phantom(monkeypatch):
     volume = Volume(phantom.image.astype(np.float32), phantom.ijk_to_ras, "spleen")
     truth = phantom.mask
     index = central_slice(truth)
-    roi = slice_box_roi(volume, 0, index, _box(truth, index, -0.1))
+    roi = slice_box_roi(volume, 0, index, truth_box(truth, index, -0.1))
     session = SegmentationSession(volume, lite.predictor())
     options = SegmentOptions(propagate=True, **ALONE)
     result = segment_volume(session, VolumePrompts(roi=roi), options)
     assert result.decisions.refit
     covered = np.flatnonzero(result.mask.any(axis=(1, 2))).tolist()
     assert covered == np.flatnonzero(truth.any(axis=(1, 2))).tolist()
-    assert _dice(result.mask, truth) > 0.9
+    assert dice(result.mask, truth) > 0.9

@@ -8,9 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from doubles import BoxBlobPredictor
+from volumes import organ, truth_box
 
-from RobustMedSAMLib.datasets import phantoms
 from RobustMedSAMLib.errors import InputError
+from RobustMedSAMLib.evaluation.metrics import dice
 from RobustMedSAMLib.formats.volume import Volume
 from RobustMedSAMLib.inference.segment_volume import (
     SegmentOptions,
@@ -36,27 +37,8 @@ class AskedBoxes(BoxBlobPredictor):
         return super().predict(prompt)
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * (a & b).sum() / (a.sum() + b.sum()))
-
-
-def _organ(centre=None) -> tuple[Volume, np.ndarray]:
-    """A bright ellipsoid organ, 24 slices of 96 x 96 px (``centre``: mm, I J K order)."""
-    phantom = phantoms.ellipsoid((24, 96, 96), (1.0, 1.0, 2.0), (30.0, 22.0, 20.0), center=centre,
-                                 contrast=150.0, noise=10.0)  # fmt: skip
-    return Volume(phantom.image.astype(np.float32), phantom.ijk_to_ras, "organ"), phantom.mask
-
-
 def _centre(truth: np.ndarray) -> int:
     return int(np.flatnonzero(truth.any(axis=(1, 2))).mean().round())
-
-
-def _shrunk_box(truth: np.ndarray, index: int) -> np.ndarray:
-    """The truth's box on ``index`` with every side moved in by 10 % of its extent."""
-    rows, cols = np.nonzero(truth[index])
-    dx = round(0.1 * (cols.max() - cols.min() + 1))
-    dy = round(0.1 * (rows.max() - rows.min() + 1))
-    return np.array([cols.min() + dx, rows.min() + dy, cols.max() - dx, rows.max() - dy])
 
 
 def _run(volume: Volume, prompts: VolumePrompts, growth: float):
@@ -67,9 +49,9 @@ def _run(volume: Volume, prompts: VolumePrompts, growth: float):
 
 
 def test_a_box_drawn_too_small_is_grown_before_the_first_ask():
-    volume, truth = _organ()
+    volume, truth = organ()
     index = _centre(truth)
-    roi = VolumePrompts(roi=slice_box_roi(volume, 0, index, _shrunk_box(truth, index)))
+    roi = VolumePrompts(roi=slice_box_roi(volume, 0, index, truth_box(truth, index, -0.1)))
     before, asked_before, _ = _run(volume, roi, 0.0)
     after, asked, options = _run(volume, roi, 0.15)
     drawn = np.array(asked_before.boxes[0])  # the ROI's box: the drawn one, half a voxel out
@@ -80,16 +62,16 @@ def test_a_box_drawn_too_small_is_grown_before_the_first_ask():
     assert after.decisions.seed_box_growth == 0.15
     assert before.decisions.grown == [] and before.decisions.seed_box_growth == 0.0
     # the model draws only what the box holds: cut on the seed slice before, whole after
-    assert _dice(before.mask[index], truth[index]) < 0.93
-    assert _dice(after.mask[index], truth[index]) > 0.97
-    assert _dice(after.mask, truth) > _dice(before.mask, truth)
+    assert dice(before.mask[index], truth[index]) < 0.93
+    assert dice(after.mask[index], truth[index]) > 0.97
+    assert dice(after.mask, truth) > dice(before.mask, truth)
     record = run_record(after, roi, options, {}, {})
     assert record["options"]["seed_box_growth"] == 0.15
     assert record["decisions"]["grown"] == after.decisions.grown
 
 
 def test_the_grown_box_is_cut_to_the_slice():
-    volume, truth = _organ(centre=(47.5, 26.0, 23.0))  # near the slice's first rows
+    volume, truth = organ(centre=(47.5, 26.0, 23.0))  # near the slice's first rows
     index = _centre(truth)
     rows, cols = np.nonzero(truth[index])
     box = np.array([cols.min(), rows.min(), cols.max(), rows.max()])
@@ -104,11 +86,11 @@ def test_the_grown_box_is_cut_to_the_slice():
         (drawn[0] - 0.2 * width, drawn[2] + 0.2 * width, drawn[3] + 0.2 * height), abs=1e-3
     )
     assert result.decisions.grown[0] == pytest.approx(asked.boxes[0])
-    assert _dice(result.mask[index], truth[index]) > 0.95
+    assert dice(result.mask[index], truth[index]) > 0.95
 
 
 def test_a_3d_roi_and_the_point_search_box_are_not_grown():
-    volume, truth = _organ()
+    volume, truth = organ()
     filled = np.argwhere(truth)
     low, high = filled.min(axis=0)[::-1] - 0.5, filled.max(axis=0)[::-1] + 0.5
     thick = VolumePrompts(roi=ijk_box_roi(volume, low, high))
@@ -118,13 +100,13 @@ def test_a_3d_roi_and_the_point_search_box_are_not_grown():
     result, _, _ = _run(volume, VolumePrompts(positive=centre), 0.2)
     assert result.decisions.point["chosen"] is not None
     assert result.decisions.grown == []
-    assert _dice(result.mask, truth) > 0.9
+    assert dice(result.mask, truth) > 0.9
 
 
 @pytest.mark.parametrize("growth", [-0.1, float("nan"), float("inf"), "0.1", True])
 def test_an_unusable_growth_is_refused_by_name(growth):
-    volume, truth = _organ()
+    volume, truth = organ()
     index = _centre(truth)
-    roi = VolumePrompts(roi=slice_box_roi(volume, 0, index, _shrunk_box(truth, index)))
+    roi = VolumePrompts(roi=slice_box_roi(volume, 0, index, truth_box(truth, index, -0.1)))
     with pytest.raises(InputError, match="seed_box_growth"):
         _run(volume, roi, growth)
