@@ -21,7 +21,8 @@
 #                phantoms-2d then phantoms-3d (each also a phase of its own)
 #   3d-subset    3D, the 12 corruptions at severity 3, seed 0, on SUBSET
 # Environment: PYTHON (default .venv/bin/python), DEVICE (default cpu), ENGINE (default
-# openvino: the lite encoder under OpenVINO, float32, within 1e-5 of eager; ViT models eager).
+# openvino: the lite encoder under OpenVINO, float32, within 1e-5 of eager; ViT models eager),
+# PROMPTS (default "box point": the first prompts every phase runs).
 set -euo pipefail
 
 data=$1 out=$2 cache=$3
@@ -34,6 +35,7 @@ phases=("$@")
 python=${PYTHON:-.venv/bin/python}
 device=${DEVICE:-cpu}
 engine=${ENGINE:-openvino}
+read -ra prompts <<< "${PROMPTS:-box point}"
 
 # One data set per source package and modality, so that tables name where a case came
 # from. The folders hold links into EVALDATA (written by scripts/fetch_eval_scans.py).
@@ -73,7 +75,7 @@ for name in "${!groups[@]}"; do
 done
 
 common=(--encoder-cache "$cache" --device "$device" --engine "$engine" --out "$out" --no-progress
-        --prompt box point --projection mask --severities 3 --clicks 0 --prompt-jitter 0.1)
+        --prompt "${prompts[@]}" --projection mask --severities 3 --clicks 0 --prompt-jitter 0.1)
 evaluate() { nice -n 19 "$python" -m RobustMedSAMLib evaluate "${models[@]}" "${common[@]}" "$@"; }
 # The 3D phases go case by case (3d-subset: type by type), every model in each call: the
 # harness runs one model after the other, so a run stopped early still leaves all models
