@@ -4,6 +4,7 @@ or, with ``--cases``, many of them over worker processes and torchrun ranks."""
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from RobustMedSAMLib.commands._progress import meet_all_ranks, progress_bar
@@ -15,6 +16,7 @@ from RobustMedSAMLib.names import (
     ENGINES,
     MODEL_NAMES,
     PROJECTIONS,
+    SEED_BOX_GROWTH,
 )
 
 BATCH_HELP = (
@@ -119,6 +121,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         f"default {DEFAULT_STABILITY})",
     )
     run_group.add_argument(
+        "--box-growth",
+        default=str(SEED_BOX_GROWTH),
+        metavar="F",
+        help="move each side of a box drawn on one slice (a flat ROI) out by F x its width / "
+        "height before the model is first asked (a box drawn tight to the edge, or inside "
+        f"it; 0: off; default {SEED_BOX_GROWTH}); a 3D ROI and a point prompt are not grown",
+    )
+    run_group.add_argument(
         "--refine-steps",
         type=int,
         metavar="N",
@@ -212,6 +222,7 @@ def settings_from_args(args: argparse.Namespace):
         min_score=args.min_score,
         min_likeness=args.min_likeness,
         min_stability=args.min_stability,
+        seed_box_growth=box_growth_arg(args.box_growth),
         refine_steps=args.refine_steps,
         bounds=tuple(args.bounds) if args.bounds else None,
         encode_ahead=args.encode_ahead,
@@ -221,6 +232,20 @@ def settings_from_args(args: argparse.Namespace):
         server=args.server,
         token_file=args.token_file,
     )
+
+
+def box_growth_arg(text: str) -> float:
+    """``--box-growth`` text -> a fraction >= 0 (InputError naming the flag otherwise).
+    Parsed here rather than by argparse, whose refusal is a usage block, not one line."""
+    from RobustMedSAMLib.errors import InputError
+
+    try:
+        growth = float(text)
+    except ValueError:
+        growth = math.nan
+    if not (math.isfinite(growth) and growth >= 0):
+        raise InputError(f"--box-growth {text}: give a fraction of the box, 0 or more (0: off)")
+    return growth
 
 
 def window_arg(values: list[str] | None):

@@ -44,6 +44,7 @@ from RobustMedSAMLib.names import (
     DEFAULT_MODEL,
     DEFAULT_OVERLAP,
     DEFAULT_STABILITY,
+    SEED_BOX_GROWTH,
 )
 from RobustMedSAMLib.progress import Progress
 
@@ -252,6 +253,7 @@ class SegmentSettings:
     min_score: float = 0.0
     min_likeness: float = DEFAULT_LIKENESS  # 0: off
     min_stability: float = DEFAULT_STABILITY  # 0: off
+    seed_box_growth: float = SEED_BOX_GROWTH  # a drawn box's growth (0: off)
     refine_steps: int | None = None  # None: the pipeline's default (propagation.py)
     bounds: tuple[int, int] | None = None
     encode_ahead: int = 2  # session.ENCODE_AHEAD: slices encoded on a worker thread ahead
@@ -272,6 +274,7 @@ class SegmentSettings:
             propagate=self.propagate,
             zoom=self.zoom,
             encode_ahead=self.encode_ahead,
+            seed_box_growth=self.seed_box_growth,
             propagation=PropagationOptions(
                 projection=self.projection,
                 iou_threshold=self.iou_threshold,

@@ -47,11 +47,8 @@ from RobustMedSAMLib.inference.slicing import (
 )
 from RobustMedSAMLib.inference.types import Prediction, SlicePrompt
 from RobustMedSAMLib.inference.zoom import box_is_small, crop_volume, zoom_region
+from RobustMedSAMLib.names import SEED_BOX_GROWTH
 from RobustMedSAMLib.progress import Cancel, Progress
-
-# each side of a box drawn on a slice moves out by this fraction before the first ask
-# (SegmentOptions.seed_box_growth); measured on phantoms, docs/propagation.md
-SEED_BOX_GROWTH = 0.05
 
 
 @dataclass

@@ -224,8 +224,10 @@ def create_app(config: ServerConfig, served: ServedModel) -> FastAPI:
     def segment(request: Request, session_id: str, body: SegmentRequest) -> dict[str, Any]:
         session = session_of(request, session_id)
         prompts = _prompts(session, body)
-        options = SegmentOptions(body.propagate, body.options.propagation(), body.options.zoom)
-        options.propagation.validate()
+        sent = body.options
+        options = SegmentOptions(body.propagate, sent.propagation(), sent.zoom,
+                                 seed_box_growth=sent.seed_box_growth)  # fmt: skip
+        options.validate()
 
         def work(job: Job) -> dict[str, Any]:
             seg = session.segmentation

@@ -11,7 +11,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from RobustMedSAMLib.inference.propagation import PropagationOptions
-from RobustMedSAMLib.names import DEFAULT_LIKENESS, DEFAULT_OVERLAP, DEFAULT_STABILITY
+from RobustMedSAMLib.names import (
+    DEFAULT_LIKENESS,
+    DEFAULT_OVERLAP,
+    DEFAULT_STABILITY,
+    SEED_BOX_GROWTH,
+)
 
 Vector3 = tuple[float, float, float]
 
@@ -53,8 +58,17 @@ class Options(_Body):
     refine_steps: int | None = Field(None, ge=0, le=8)  # None: the pipeline's default
 
     def propagation(self) -> PropagationOptions:
-        values = self.model_dump(exclude={"zoom"})
+        values = self.model_dump(exclude={"zoom", "seed_box_growth"})
         return PropagationOptions(**values)
+
+
+class SegmentRequestOptions(Options):
+    """The segment body's options: the propagation ones and ``seed_box_growth``, the
+    fraction each side of a box drawn on one slice moves out by before the first ask (as
+    ``SegmentOptions.seed_box_growth``; 0: off). The propagate body starts from masks,
+    not a drawn box, and refuses it."""
+
+    seed_box_growth: float = Field(SEED_BOX_GROWTH, ge=0, allow_inf_nan=False)
 
 
 class SegmentRequest(_Body):
@@ -63,7 +77,7 @@ class SegmentRequest(_Body):
     negative: list[Vector3] | None = None
     box: Box | None = None
     propagate: bool = False
-    options: Options = Options()
+    options: SegmentRequestOptions = SegmentRequestOptions()
 
 
 class PropagateRequest(_Body):

@@ -48,7 +48,8 @@ class RemoteCaseSegmenter:
                    "min_stability": propagation.min_stability,
                    "refine_steps": propagation.refine_steps,
                    "bounds": list(propagation.bounds) if propagation.bounds else None,
-                   "zoom": self.options.zoom}  # fmt: skip
+                   "zoom": self.options.zoom,
+                   "seed_box_growth": self.options.seed_box_growth}  # fmt: skip
         opened = self.client.open_session(volume.array, volume.ijk_to_ras, s.axis, s.window,
                                           s.model, volume.name)  # fmt: skip
         with opened as session:

@@ -23,12 +23,13 @@ from volumes import centre_ras, oblique
 from RobustMedSAMLib.cli import main
 from RobustMedSAMLib.datasets.phantoms import ellipsoid, sphere, tube
 from RobustMedSAMLib.errors import CancelledError, InputError
-from RobustMedSAMLib.formats.markups import write_points
+from RobustMedSAMLib.formats.markups import write_points, write_roi
 from RobustMedSAMLib.formats.segmentation import read_segmentation
 from RobustMedSAMLib.formats.volume import Volume, read_volume, write_volume
 from RobustMedSAMLib.inference.propagation import PropagationOptions
 from RobustMedSAMLib.inference.segment_volume import SegmentOptions, VolumePrompts, segment_volume
 from RobustMedSAMLib.inference.session import SegmentationSession
+from RobustMedSAMLib.inference.slicing import slice_box_roi
 
 slicer_scene = pytest.fixture(slicer_scene_fixture)
 THRESHOLD = 80.0  # HU halfway between the phantoms' background (40) and objects (120)
@@ -155,6 +156,21 @@ def test_cli_sam_checkpoint_as_robustsam_is_refused(tmp_path, case, tiny_checkpo
     case["checkpoint"] = tiny_checkpoints["sam"]
     assert run_cli(case, tmp_path / "out.seg.nrrd") == 2
     assert "expected RobustSAM" in capsys.readouterr().err
+
+
+def test_cli_box_growth_reaches_the_in_process_record(tmp_path, case):
+    volume = read_volume(case["volume"])
+    box = write_roi(tmp_path / "box.mrk.json", slice_box_roi(volume, 0, 6, [14, 12, 34, 28]))
+    out = tmp_path / "out.seg.nrrd"
+    code = main(["segment", str(case["volume"]), "--box", str(box), "--out", str(out),
+                 "--model", "robustsam", "--checkpoint", str(case["checkpoint"]),
+                 "--device", "cpu", "--no-zoom", "--box-growth", "0.25"])  # fmt: skip
+    assert code == 0
+    record = json.loads((tmp_path / "out.seg.nrrd.json").read_text())
+    decisions = record["decisions"]
+    assert decisions["roi"] == "2d" and decisions["seed_box_growth"] == 0.25
+    (x0, y0, x1, y1), drawn = decisions["grown"][0], (34 - 14 + 1, 28 - 12 + 1)
+    assert (x1 - x0, y1 - y0) == pytest.approx((1.5 * drawn[0], 1.5 * drawn[1]), abs=1e-3)
 
 
 def test_cli_without_prompt(tmp_path, case, capsys):

@@ -102,7 +102,10 @@ def test_server_option_defaults_are_the_library_defaults():
     """A client that sends no options gets what the CLI and the Python API get."""
     from RobustMedSAMLib.inference.propagation import PropagationOptions
     from RobustMedSAMLib.inference.segment_volume import SegmentOptions
-    from RobustMedSAMLib.server.bodies import Options
+    from RobustMedSAMLib.server.bodies import Options, SegmentRequest
 
     assert Options().propagation() == PropagationOptions()
     assert Options().zoom == SegmentOptions().zoom
+    sent = SegmentRequest().options  # what a segment body without options means
+    assert sent.propagation() == PropagationOptions()
+    assert sent.seed_box_growth == SegmentOptions().seed_box_growth

@@ -1,6 +1,7 @@
-"""The stop rules' thresholds (likeness, stability) are options on every surface: the
-``segment`` flags (in-process, batch and ``--server``), the server's segment and
-propagate bodies. 0 turns a rule off.
+"""The stop rules' thresholds (likeness, stability) and the drawn box's growth are
+options on every surface: the ``segment`` flags (in-process, batch and ``--server``), the
+server's segment and propagate bodies (the growth: the segment body only). 0 turns a
+rule off.
 
 ``BoxBlobPredictor`` behaves as LiteMedSAM does past a structure's end (it still draws a
 confident blob in the box it is given): with the rules on, a flat box on a sphere stops
@@ -150,3 +151,70 @@ def test_refine_steps_reach_the_record_and_a_negative_one_is_refused(
     assert _cli(files, out, "--refine-steps", "-1") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "refine_steps=-1" in err[0] and not out.exists()
+
+
+# --- the drawn box's growth (SegmentOptions.seed_box_growth) -----------------------------
+
+
+def _record(out) -> dict:
+    return json.loads(out.with_name(out.name + ".json").read_text())
+
+
+def _width(box: list[float]) -> float:
+    return box[2] - box[0]
+
+
+def test_box_growth_flag_reaches_the_server_and_the_record(blob_server, files, tmp_path):
+    server = ("--server", blob_server.url, "--token-file", str(files["token"]))
+    runs = {"default": (), "grown": ("--box-growth", "0.2"), "off": ("--box-growth", "0")}
+    records = {}
+    for name, flags in runs.items():
+        out = tmp_path / f"{name}.seg.nrrd"
+        assert _cli(files, out, *server, *flags) == 0
+        records[name] = _record(out)
+    assert [records[n]["decisions"]["seed_box_growth"] for n in runs] == [0.05, 0.2, 0.0]
+    assert [records[n]["options"]["seed_box_growth"] for n in runs] == [0.05, 0.2, 0.0]
+    assert records["off"]["decisions"]["grown"] == []
+    # one drawn box of width w, asked as w x (1 + 2 x growth): 1.1 w, then 1.4 w
+    (default,), (grown,) = (
+        records["default"]["decisions"]["grown"],
+        records["grown"]["decisions"]["grown"],
+    )
+    assert _width(default) / 1.1 == pytest.approx(_width(grown) / 1.4, abs=1e-3)
+
+
+def test_batch_cases_carry_the_box_growth(blob_server, files, tmp_path):
+    (tmp_path / "cases.csv").write_text("volume,box,out\nct.nrrd,box.mrk.json,ct.seg.nrrd\n")
+    server = ("--server", blob_server.url, "--token-file", str(files["token"]))
+    batch = ("--cases", str(tmp_path / "cases.csv"), "--out-dir", str(tmp_path / "out"))
+    flags = ("--propagate", "--window=-160,240", "--box-growth", "0.3")
+    assert main(["segment", *batch, *flags, *server]) == 0
+    assert _record(tmp_path / "out" / "ct.seg.nrrd")["decisions"]["seed_box_growth"] == 0.3
+    assert SegmentSettings(seed_box_growth=0.3).options().seed_box_growth == 0.3
+    assert SegmentSettings().options().seed_box_growth == 0.05
+
+
+@pytest.mark.parametrize("value", ["-0.1", "abc", "nan"])
+def test_a_bad_box_growth_flag_is_one_line_and_exit_2(files, tmp_path, capsys, value):
+    out = tmp_path / "bad.seg.nrrd"
+    assert _cli(files, out, "--box-growth", value) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--box-growth {value}: give a fraction" in err[0]
+    assert not out.exists()
+
+
+def test_the_segment_body_takes_the_growth_and_refuses_a_negative_one(blob_server, scene):
+    volume, _, centre, roi = scene
+    client = ServerClient(blob_server.url, TOKEN)
+    with client.open_session(volume.array, volume.ijk_to_ras, "axial", (-160.0, 240.0)) as session:
+        record = session.segment(box=roi, options={"seed_box_growth": 0.3})
+        assert record["options"]["seed_box_growth"] == 0.3
+        assert record["decisions"]["seed_box_growth"] == 0.3
+        assert session.segment(box=roi)["decisions"]["seed_box_growth"] == 0.05
+        kept = session.mask.copy()
+        with pytest.raises(Exception, match="seed_box_growth"):
+            session.segment(box=roi, options={"seed_box_growth": -0.1})
+        # propagate starts from the masks, with no drawn box to grow: the field is refused
+        with pytest.raises(Exception, match="seed_box_growth"):
+            session.propagate([centre], {"seed_box_growth": 0.1})
+        assert np.array_equal(session.mask, kept)
