@@ -75,6 +75,7 @@ from RobustMedSAMLib.names import (
     MODEL_NAMES,
     OVERLAP_MEASURES,
     PROJECTIONS,
+    SEED_BOX_GROWTH,
 )
 
 if TYPE_CHECKING:  # torch-heavy modules are imported when a session starts
@@ -108,7 +109,8 @@ class RobustMedSAMParameterNode:
     model_name, checkpoint_path (a file overriding the model's default), device;
     axis: slicing axis ("view" = the orientation of the view a point is placed in);
     auto_update, overwrite_other_segments, use_editor_masking: how results are written;
-    projection ... zoom_to_box: propagation options (see ``PropagationOptions``);
+    projection ... zoom_to_box: propagation options (see ``PropagationOptions``;
+    seed_box_growth: a drawn box's growth before the first ask, ``SegmentOptions``);
     flag_score / flag_overlap: a slice is flagged unsure under either; corruption /
     severity / corruption_seed: the preview; finetune_source, finetune_data_folder,
     finetune_config, finetune_output: fine-tuning.
@@ -134,6 +136,7 @@ class RobustMedSAMParameterNode:
     min_area_ratio: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
     min_likeness: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULT_LIKENESS
     min_stability: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULT_STABILITY
+    seed_box_growth: Annotated[float, WithinRange(0.0, 1.0)] = SEED_BOX_GROWTH
     box_extension: Annotated[float, WithinRange(0.0, 1.0)] = 0.1
     stop_between_seeds: bool = False
     zoom_to_box: bool = False
@@ -1023,7 +1026,9 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         as ``robustmedsam segment`` does: the prompted slices, propagated into 3D when
         ``propagate``. ``on_done(mask, record)``: ``mask`` the ``(K, J, I)`` bool result,
         ``record`` the run record (``record["slices"]``: index, score, overlap, area,
-        source per slice). Returns a handle; nothing is written to MRML."""
+        source per slice). ``options``: those of :meth:`request_propagate` and
+        ``seed_box_growth`` (a box drawn on one slice grows by this fraction per side
+        before the first ask; 0: off). Returns a handle; nothing is written to MRML."""
         return self.server.segment(
             volume_node, axis, prompts, propagate, options, on_progress, on_done, on_error
         )

@@ -767,6 +767,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "min_area_ratio": node.min_area_ratio,
             "min_likeness": node.min_likeness,
             "min_stability": node.min_stability,
+            "seed_box_growth": node.seed_box_growth,
             "stop_between_seeds": node.stop_between_seeds,
             "zoom": node.zoom_to_box or "auto",
         }

@@ -150,6 +150,7 @@ def test_choice_lists_match_the_library():
         PROJECTIONS,
         PropagationOptions,
     )
+    from RobustMedSAMLib.inference.segment_volume import SegmentOptions
     from RobustMedSAMLib.inference.slicing import AXIS_NAMES
     from RobustMedSAMLib.weights.registry import model_names
 
@@ -173,6 +174,7 @@ def test_choice_lists_match_the_library():
         defaults.min_likeness,
         defaults.min_stability,
     )
+    assert node.seed_box_growth == SegmentOptions().seed_box_growth
 
 
 def test_cmake_installs_the_ui_file():

@@ -652,27 +652,39 @@ def test_points_of_a_newly_picked_include_list_segment(panel):
 
 
 def test_zoom_to_box_reaches_the_segment_options(panel):
-    from RobustMedSAMLib.server.bodies import Options
+    from RobustMedSAMLib.server.bodies import SegmentRequestOptions
 
     node = panel.widget._parameterNode
     assert panel.widget._segmentOptions(propagate=True)["zoom"] == "auto"  # small boxes zoom
     node.zoom_to_box = True  # what ticking "Zoom to the box" sets
     options = panel.widget._segmentOptions(propagate=True)
     assert options["zoom"] is True
-    parsed = Options(**options)  # the server's schema takes every panel setting
+    parsed = SegmentRequestOptions(**options)  # the server's schema takes every panel setting
     assert parsed.box_extension == node.box_extension and parsed.projection == node.projection
 
 
 def test_the_stop_thresholds_reach_the_segment_options(panel):
-    from RobustMedSAMLib.server.bodies import Options
+    from RobustMedSAMLib.server.bodies import SegmentRequestOptions
 
     node = panel.widget._parameterNode
-    options = Options(**panel.widget._segmentOptions(propagate=True))
+    options = SegmentRequestOptions(**panel.widget._segmentOptions(propagate=True))
     assert (options.min_likeness, options.min_stability) == (0.5, 0.2)  # the defaults
     node.min_likeness, node.min_stability = 0.0, 0.35  # the advanced options' spin boxes
-    options = Options(**panel.widget._segmentOptions(propagate=True))
+    options = SegmentRequestOptions(**panel.widget._segmentOptions(propagate=True))
     assert (options.min_likeness, options.min_stability) == (0.0, 0.35)
     assert options.propagation().min_stability == 0.35
+
+
+def test_the_box_growth_reaches_the_segment_options(panel):
+    from RobustMedSAMLib.server.bodies import SegmentRequest
+
+    node = panel.widget._parameterNode
+    assert node.seed_box_growth == 0.05  # the library's default
+    sent = SegmentRequest(options=panel.widget._segmentOptions(propagate=True)).options
+    assert sent.seed_box_growth == 0.05
+    node.seed_box_growth = 0.2  # the advanced options' "Grow the drawn box" spin box
+    sent = SegmentRequest(options=panel.widget._segmentOptions(propagate=True)).options
+    assert sent.seed_box_growth == 0.2
 
 
 def test_choosing_another_segmentation_never_picks_its_first_segment(panel):
