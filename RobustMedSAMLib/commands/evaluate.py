@@ -26,20 +26,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--model",
         dest="models",
         action="append",
-        required=True,
         metavar="SPEC",
         help="[LABEL=]NAME[:CHECKPOINT] or [LABEL=]fused:ENCODER+DECODER; NAME: robustmedsam-lite, "
         "litemedsam, sam, "
-        "medsam, robustsam, medicosam, fused (repeat to compare)",
+        "medsam, robustsam, medicosam, fused (repeat to compare; required unless "
+        "--report-only)",
     )
     parser.add_argument("--checkpoint", type=Path, help="checkpoint for a single --model NAME")
     parser.add_argument(
         "--data",
         action="append",
-        required=True,
         metavar="SPEC",
         help="npz:FILE | pairs:FOLDER | phantom:SHAPE, then ,key=value options "
-        "(split, limit, modality, name, labels, count, size); repeat for several",
+        "(split, limit, modality, name, labels, count, size); repeat for several "
+        "(required unless --report-only)",
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
     protocol = parser.add_argument_group("protocols")
@@ -103,7 +103,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
-        "--report-only", action="store_true", help="only rewrite summary and plots from the CSV"
+        "--report-only",
+        action="store_true",
+        help="only rewrite summary and plots from OUT's CSV (no --model or --data needed)",
     )
     parser.set_defaults(func=run)
 
@@ -123,6 +125,15 @@ def _model_specs(args: argparse.Namespace) -> list:
             )
         specs = [replace(specs[0], checkpoint=args.checkpoint)]
     return specs
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """An evaluation needs models and data (InputError naming the first one missing)."""
+    from RobustMedSAMLib.errors import InputError
+
+    for flag, given in (("--model", args.models), ("--data", args.data)):
+        if not given:
+            raise InputError(f"give {flag} SPEC (or --report-only to rewrite the report)")
 
 
 def _options(args: argparse.Namespace):
@@ -160,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
         if not (args.out / CSV_NAME).is_file():
             raise InputError(f"no {CSV_NAME} in {args.out}: run the evaluation first")
     else:
+        _check_inputs(args)
         options = _options(args)
         options.validate()
         specs = _model_specs(args)

@@ -432,6 +432,26 @@ def test_evaluate_on_a_full_disk(capsys, tiny_checkpoints, full_dir):  # noqa: F
     assert listing(full_dir) == before
 
 
+@pytest.mark.parametrize("missing", ["--model", "--data"])
+def test_evaluate_without_models_or_data(tmp_path, capsys, missing):
+    given = {"--model": ["--model", "sam"], "--data": ["--data", "phantom:sphere,size=24"]}
+    del given[missing]
+    out = tmp_path / "out"
+    args = ["evaluate", *[a for pair in given.values() for a in pair], "--out", str(out)]
+    refused(main(args), capsys, f"give {missing} SPEC", "--report-only")
+    assert not out.exists()
+
+
+def test_evaluate_report_only_needs_neither_models_nor_data(tmp_path, capsys, tiny_checkpoints):
+    out = tmp_path / "out"
+    assert evaluate(tiny_checkpoints, out) == 0
+    (out / "summary.md").unlink()
+    assert main(["evaluate", "--report-only", "--out", str(out)]) == 0
+    assert "| robustsam |" in (out / "summary.md").read_text()
+    capsys.readouterr()
+    refused(main(["evaluate", "--report-only", "--out", str(tmp_path)]), capsys, "results.csv")
+
+
 def test_corrupt_on_a_full_disk(case, capsys, full_dir):  # noqa: F811
     fill(full_dir)
     before = listing(full_dir)
