@@ -75,6 +75,21 @@ def test_out_is_a_folder(tmp_path, case, capsys):
     assert listing(out) == [] and not (tmp_path / "out.seg.nrrd.json").exists()
 
 
+def no_model(*args, **kwargs):
+    raise AssertionError("the model was loaded before the output was checked")
+
+
+@pytest.mark.parametrize("name", ["out.png", "out.mhd", "out.seg.nrrd"])
+def test_output_refused_before_the_model_loads(tmp_path, case, capsys, monkeypatch, name):
+    folder = name == "out.seg.nrrd"
+    if folder:
+        (tmp_path / name).mkdir()  # a folder in the file's place
+    monkeypatch.setattr("RobustMedSAMLib.inference.batch.make_segmenter", no_model)
+    refused(segment(case, tmp_path / name), capsys, name)
+    written = {p.name for p in tmp_path.iterdir()} - {"in", name if folder else ""}
+    assert written == set() and (not folder or listing(tmp_path / name) == [])
+
+
 MARKUPS = {
     "controlPoints an int": {"type": "Fiducial", "controlPoints": 3},
     "controlPoints a string": {"type": "Fiducial", "controlPoints": "abc"},
@@ -106,8 +121,9 @@ def test_markups_nested_very_deeply(tmp_path, case, capsys):
     refused(segment(case, tmp_path / "o.seg.nrrd", points=bad), capsys, str(bad), "nested")
 
 
-def test_readonly_output_folder(case, capsys, readonly_dir):  # noqa: F811
+def test_readonly_output_folder(case, capsys, readonly_dir, monkeypatch):  # noqa: F811
     out = readonly_dir / "out.seg.nrrd"
+    monkeypatch.setattr("RobustMedSAMLib.inference.batch.make_segmenter", no_model)
     refused(segment(case, out), capsys, "cannot write", str(out))
     assert listing(readonly_dir) == []
 
