@@ -18,7 +18,8 @@ from RobustMedSAMLib.cli import main
 from RobustMedSAMLib.datasets.phantoms import sphere
 from RobustMedSAMLib.formats.markups import Roi, write_points, write_roi
 from RobustMedSAMLib.formats.segmentation import read_segmentation
-from RobustMedSAMLib.formats.volume import Volume, write_volume
+from RobustMedSAMLib.formats.volume import Volume, read_volume, write_volume
+from RobustMedSAMLib.inference.slicing import ijk_box_roi
 from RobustMedSAMLib.model.config import TINY
 from RobustMedSAMLib.model.sam import SegmentAnythingModel
 from RobustMedSAMLib.weights.checkpoint import save_state_dict
@@ -190,6 +191,19 @@ def test_box_outside_a_volume_with_huge_spacing(tmp_path, case, capsys):
                  "robustsam", "--checkpoint", str(case["checkpoint"])])  # fmt: skip
     refused(code, capsys, "does not overlap")
     assert not out.exists()
+
+
+def test_box_drawn_in_another_view(tmp_path, case, capsys):
+    volume = read_volume(case["volume"])
+    sagittal = ijk_box_roi(volume, (16, 6, 1), (16, 26, 6))  # no width along I
+    box = write_roi(tmp_path / "box.mrk.json", sagittal)
+    out = tmp_path / "o.seg.nrrd"
+    args = ["segment", str(case["volume"]), "--box", str(box), "--out", str(out), "--model",
+            "robustsam", "--checkpoint", str(case["checkpoint"]), "--device", "cpu"]  # fmt: skip
+    line = refused(main(args), capsys, "no width or no height", "axial slices")
+    assert not out.exists()
+    advice = line.split("--axis ")[-1]  # the axis the box was drawn on works
+    assert main([*args, "--axis", advice]) == 0 and out.exists()  # a tiny random model
 
 
 # --- embedding cache ---------------------------------------------------------------------
