@@ -262,6 +262,7 @@ def window_arg(values: list[str] | None):
 
 def _run_single(args: argparse.Namespace) -> int:
     from RobustMedSAMLib.errors import InputError
+    from RobustMedSAMLib.formats.segmentation import check_segmentation_output
     from RobustMedSAMLib.formats.volume import read_volume
     from RobustMedSAMLib.inference.batch import make_segmenter, read_prompts
     from RobustMedSAMLib.inference.slicing import axis_index, check_slice_size
@@ -270,8 +271,7 @@ def _run_single(args: argparse.Namespace) -> int:
         raise InputError("give either --replay or --points/--negative/--box, not both")
     if not (args.points or args.box or args.replay):
         raise InputError("no prompt: give --points and/or --box (Slicer markups files)")
-    if not args.out.parent.is_dir():
-        raise InputError(f"output folder does not exist: {args.out.parent}")
+    check_segmentation_output(args.out)  # a wrong name or place: refused before the work
     volume = read_volume(args.volume)
     check_slice_size(volume, axis_index(volume, args.axis))  # before the model loads
     if args.replay:

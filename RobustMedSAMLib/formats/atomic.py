@@ -51,20 +51,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     file (read-only or forbidden folder, full disk) raises OutputError naming ``path``.
     """
     path = Path(path)
-    if not path.parent.is_dir():
-        raise InputError(f"output folder does not exist: {path.parent}")
-    if path.is_dir():
-        raise InputError(f"output {path} is a folder: give a file name")
-    try:
-        handle, name = tempfile.mkstemp(
-            prefix=f".{path.name}.", suffix=full_suffix(path), dir=path.parent
-        )
-    except OSError as error:
-        raise OutputError(
-            f"cannot write {path}: {error.strerror} (choose another folder)"
-        ) from None
-    os.close(handle)
-    temporary = Path(name)
+    temporary = _temporary_beside(path)
     try:
         yield temporary
         os.chmod(temporary, default_file_mode())  # mkstemp makes 0600 files
@@ -78,6 +65,34 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         raise refusal from None
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def check_output_place(path: str | os.PathLike) -> Path:
+    """Raise now, before long work, what ``atomic_output(path)`` would raise at its start:
+    InputError for a missing folder or a folder in the file's place, OutputError for a
+    folder that cannot take a file (read-only, forbidden). Returns ``path``."""
+    path = Path(path)
+    _temporary_beside(path).unlink()
+    return path
+
+
+def _temporary_beside(path: Path) -> Path:
+    """A new empty temporary file ``.NAME.*SUFFIX`` in ``path``'s folder (refusals as
+    :func:`check_output_place` says)."""
+    if not path.parent.is_dir():
+        raise InputError(f"output folder does not exist: {path.parent}")
+    if path.is_dir():
+        raise InputError(f"output {path} is a folder: give a file name")
+    try:
+        handle, name = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=full_suffix(path), dir=path.parent
+        )
+    except OSError as error:
+        raise OutputError(
+            f"cannot write {path}: {error.strerror} (choose another folder)"
+        ) from None
+    os.close(handle)
+    return Path(name)
 
 
 def write_refusal(error: BaseException, path: Path, temporary: Path) -> OutputError | None:

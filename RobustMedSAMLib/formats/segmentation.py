@@ -22,8 +22,14 @@ import numpy as np
 import SimpleITK as sitk  # noqa: N813 - the name every SimpleITK user knows
 
 from RobustMedSAMLib.errors import InputError
-from RobustMedSAMLib.formats.atomic import atomic_output, full_suffix, write_json
+from RobustMedSAMLib.formats.atomic import (
+    atomic_output,
+    check_output_place,
+    full_suffix,
+    write_json,
+)
 from RobustMedSAMLib.formats.volume import (
+    DETACHED_SUFFIXES,
     LPS_TO_RAS,
     VOLUME_SUFFIXES,
     Volume,
@@ -34,7 +40,8 @@ from RobustMedSAMLib.formats.volume import (
 
 log = logging.getLogger(__name__)
 
-LABELMAP_SUFFIXES = VOLUME_SUFFIXES
+LABELMAP_SUFFIXES = tuple(s for s in VOLUME_SUFFIXES if s not in DETACHED_SUFFIXES)
+OUTPUT_SUFFIXES = (".seg.nrrd", *LABELMAP_SUFFIXES)
 PALETTE = (
     (0.945, 0.839, 0.569),
     (0.502, 0.682, 0.502),
@@ -74,21 +81,30 @@ def write_segmentation(
     ``.mha``). ``segments``: ``(label value, name, (r, g, b))`` for each label
     (default ``Segment_<value>`` for each value in the mask). Returns the path.
     """
-    path = Path(path)
+    path = _check_format(Path(path))
     labelmap, segments = _checked(mask, volume, segments)
-    suffix = full_suffix(path)
-    if suffix == ".seg.nrrd":
+    if full_suffix(path) == ".seg.nrrd":
         data, header = seg_nrrd_content(labelmap, volume, segments)
         with atomic_output(path) as temporary:
             nrrd.write(str(temporary), data, header, index_order="C")
-    elif suffix in LABELMAP_SUFFIXES:
-        write_volume(Volume(labelmap, volume.ijk_to_ras, volume.name), path)
     else:
+        write_volume(Volume(labelmap, volume.ijk_to_ras, volume.name), path)
+    log.info("wrote %s (%d segments)", path, len(segments))
+    return path
+
+
+def check_segmentation_output(path: str | os.PathLike) -> Path:
+    """Raise now, before the work, what :func:`write_segmentation` would refuse at the
+    end: a format it cannot tell, or a place that cannot take the file."""
+    return check_output_place(_check_format(Path(path)))
+
+
+def _check_format(path: Path) -> Path:
+    if full_suffix(path) not in OUTPUT_SUFFIXES:
         raise InputError(
             f"cannot tell the format of {path.name}: use .seg.nrrd (Slicer segmentation) "
-            "or .nii.gz / .nii / .nrrd (label map)"
+            "or .nii.gz / .nii / .nrrd / .mha (label map)"
         )
-    log.info("wrote %s (%d segments)", path, len(segments))
     return path
 
 

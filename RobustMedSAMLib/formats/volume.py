@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from RobustMedSAMLib.errors import InputError
-from RobustMedSAMLib.formats.atomic import atomic_output, write_refusal
+from RobustMedSAMLib.formats.atomic import atomic_output, full_suffix, write_refusal
 from RobustMedSAMLib.formats.nifti import (
     check_complete,
     copy_placements,
@@ -56,6 +56,9 @@ regular grid puts it is refused: under it, no voxel a point rounds to changes.""
 # Volume files by extension (what the batch, data and pair finders look for), longest
 # first so that ``.nii.gz`` wins over ``.gz``; DICOM series are folders.
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: read, never written: a header whose voxels are in a second file, which would be
+#: left under the temporary name the atomic write gives it
+DETACHED_SUFFIXES = (".nhdr", ".mhd")
 _OTHER_SUFFIXES = (".dcm", ".img", ".hdr", ".gz")
 
 
@@ -383,6 +386,11 @@ def write_volume(
     them (ITK alone would write its pick twice). Returns the path written.
     """
     path = Path(path)
+    if full_suffix(path) in DETACHED_SUFFIXES:
+        raise InputError(
+            f"cannot write {path.name}: {full_suffix(path)} keeps the voxels in a second "
+            "file; write one file (.nrrd, .mha, .nii.gz)"
+        )
     with atomic_output(path) as temporary:
         try:
             sitk.WriteImage(to_sitk(volume), sitk_path(temporary), compress)

@@ -37,6 +37,7 @@ from typing import Any
 from RobustMedSAMLib.distributed import DistInfo, dist_info, shard, threads_per_worker
 from RobustMedSAMLib.errors import CancelledError, InputError, OutputError, RobustMedSAMError
 from RobustMedSAMLib.formats.atomic import check_writable, full_suffix, write_json
+from RobustMedSAMLib.formats.segmentation import OUTPUT_SUFFIXES as OUT_SUFFIXES
 from RobustMedSAMLib.formats.segmentation import write_case
 from RobustMedSAMLib.formats.volume import VOLUME_SUFFIXES, check_image_file, volume_name
 from RobustMedSAMLib.names import (
@@ -53,7 +54,6 @@ log = logging.getLogger(__name__)
 CASE_COLUMNS = ("volume", "points", "negative", "box", "out")
 SIDE_FILES = {"points": "_points.mrk.json", "negative": "_negative.mrk.json",
               "box": "_box.mrk.json"}  # fmt: skip
-OUT_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
 SUMMARY_NAME = "batch_summary.json"
 
 

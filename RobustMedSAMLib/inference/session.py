@@ -32,6 +32,7 @@ from RobustMedSAMLib.inference.predictor import EncodedSlice, Predictor
 from RobustMedSAMLib.inference.preprocessing import Frame, resolve_window
 from RobustMedSAMLib.inference.slicing import (
     AXIS_NAMES,
+    HALF_VOXEL,
     axis_index,
     check_slice_size,
     get_slice,
@@ -237,17 +238,32 @@ class SegmentationSession:
         """Add an include/exclude point on slice ``index`` and refine that slice's mask:
         all points so far plus the previous mask's logits, as SAM tools do. A model
         trained without points (:attr:`takes_points` False: LiteMedSAM) gets the points
-        through the point search instead (:meth:`searched_points`), as ``segment`` does."""
-        clicks = self._clicks.setdefault(index, _Clicks())
-        clicks.points.append((float(xy[0]), float(xy[1])))
-        clicks.labels.append(1 if positive else 0)
+        through the point search instead (:meth:`searched_points`), as ``segment`` does.
+        A click off the slice is refused (InputError) and not remembered."""
+        last = self._clicks.get(index, _Clicks())
+        points = [*last.points, self._click_xy(index, xy)]
+        labels = [*last.labels, 1 if positive else 0]
         if self.takes_points:
-            prompt = SlicePrompt(clicks.points, clicks.labels, mask_input=clicks.logits)
+            prompt = SlicePrompt(points, labels, mask_input=last.logits)
             prediction = self.segment_slice(index, prompt)
         else:
-            prediction = self.searched_points(index, SlicePrompt(clicks.points, clicks.labels))
-        clicks.logits = prediction.low_res_logits
+            prediction = self.searched_points(index, SlicePrompt(points, labels))
+        self._clicks[index] = _Clicks(points, labels, prediction.low_res_logits)
         return prediction
+
+    def _click_xy(self, index: int, xy: tuple[float, float]) -> tuple[float, float]:
+        """``xy`` as floats clipped to slice ``index``; InputError when it lies more than
+        half a pixel outside it (the rule for markups points)."""
+        rows, cols = self.slice_image(index).shape
+        x, y = float(xy[0]), float(xy[1])
+        if not (
+            -HALF_VOXEL <= x <= cols - 1 + HALF_VOXEL and -HALF_VOXEL <= y <= rows - 1 + HALF_VOXEL
+        ):
+            raise InputError(
+                f"click (x {x:g}, y {y:g}) is outside slice {index}, which is {cols} x {rows} "
+                f"pixels (x 0..{cols - 1}, y 0..{rows - 1})"
+            )
+        return min(max(x, 0.0), cols - 1.0), min(max(y, 0.0), rows - 1.0)
 
     def searched_points(self, index: int, prompt: SlicePrompt) -> Prediction:
         """The points of ``prompt`` (slice pixels ``(x, y)``) on slice ``index`` through the

@@ -199,11 +199,39 @@ def roi_to_slice_box(volume: Volume, axis: int, roi: Roi) -> tuple[tuple[int, in
             f"{np.round(roi.size, 1).tolist()} mm) does not overlap volume '{volume.name}'"
         )
     low, high = np.clip(low, 0, upper), np.clip(high, 0, upper)
+    _check_not_flat(volume, axis, roi, high - low)
     first = int(np.floor(low[axis] + 0.5))
     last = int(np.floor(high[axis] + 0.5))
     x_axis, y_axis = _IN_PLANE[axis]
     box = np.array([low[x_axis], low[y_axis], high[x_axis], high[y_axis]], dtype=np.float32)
     return (first, last), box
+
+
+FLAT_IN_PLANE = 1e-6  # voxels: an ROI side this short in the slice plane is none (float noise)
+
+
+def _check_not_flat(volume: Volume, axis: int, roi: Roi, extent_kji: np.ndarray) -> None:
+    """InputError when the ROI has no width or no height on the slices along ``axis``
+    (``extent_kji``: its clipped extent in voxels), e.g. a box drawn on a sagittal slice
+    used on axial ones: the model would get an empty box and give an empty mask."""
+
+    def flat(a: int) -> bool:
+        return bool(extent_kji[list(_IN_PLANE[a])].min() <= FLAT_IN_PLANE)
+
+    if not flat(axis):
+        return
+    names = {index: name for name, index in anatomical_axes(volume).items()}
+    working = [names[a] for a in (0, 1, 2) if not flat(a)]
+    advice = (
+        f"drawn on a {working[0]} slice? use --axis {working[0]}"
+        if working
+        else "give it a width and a height"
+    )
+    raise InputError(
+        f"the ROI (centre RAS {np.round(roi.center_ras, 1).tolist()}, size "
+        f"{np.round(roi.size, 1).tolist()} mm) has no width or no height on the "
+        f"{names[axis]} slices of volume '{volume.name}': {advice}"
+    )
 
 
 FLAT_ROI_SLICES = 2.0  # an ROI at most this thick (in slices) is a 2D box on its slice

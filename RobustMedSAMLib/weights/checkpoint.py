@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import struct
 import zipfile
 from pathlib import Path
 
@@ -27,6 +28,9 @@ ROBUST_MARKER = "mask_decoder.custom_robust_token.weight"
 TINY_VIT_MARKER = "image_encoder.patch_embed.seq.0.c.weight"
 WRAPPER_KEYS = ("model", "state_dict", "model_state", "module")
 CONFIG_METADATA_KEY = "robustmedsam.config"
+#: what torch.load raises on a damaged legacy or zip checkpoint, besides UnpicklingError
+DAMAGED_FILE_ERRORS = (RuntimeError, EOFError, OSError, ValueError, LookupError, TypeError,
+                       struct.error, AssertionError)  # fmt: skip
 
 
 def read_state_dict(path: str | Path) -> StateDict:
@@ -57,15 +61,20 @@ def _read_torch(path: Path) -> StateDict:
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty (0 bytes); download it again")
     try:
-        loaded = torch.load(
-            path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
-        )
+        zipped = zipfile.is_zipfile(path)  # raises BadZipFile on some damaged ends
+        if not _starts_as_torch_file(path):
+            raise CheckpointError(
+                f"{path}: not a PyTorch checkpoint (neither torch's zip format nor a "
+                "pickle); give the .pth or .safetensors file"
+            )
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
-            f"{path}: refused to load: it holds Python objects other than tensors "
-            f"(weights_only=True): {_first_line(error)}"
+            f"{path}: refused to load (weights_only=True): damaged, or it holds Python "
+            f"objects other than tensors ({_unpickler_reason(error)})"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+    # torch's unpickler fails on a damaged file in many ways (IndexError, struct.error...)
+    except (*DAMAGED_FILE_ERRORS, zipfile.BadZipFile) as error:
         raise CheckpointError(
             f"{path}: corrupt or truncated checkpoint ({_first_line(error)}); download it again"
         ) from None
@@ -77,6 +86,22 @@ def _read_torch(path: Path) -> StateDict:
     ):
         raise CheckpointError(f"{path}: not a model state dict (a mapping of names to tensors)")
     return loaded
+
+
+def _starts_as_torch_file(path: Path) -> bool:
+    """A zip (torch's format; its first local header) or a pickle of protocol 2 or later
+    (torch's legacy format): the first bytes, so a truncated file still qualifies."""
+    with path.open("rb") as handle:
+        start = handle.read(4)
+    return start == b"PK\x03\x04" or start[:1] == b"\x80"
+
+
+def _unpickler_reason(error: BaseException) -> str:
+    """What torch's weights-only unpickler stopped at (``Unsupported global: GLOBAL x.Y``,
+    ``Unsupported operand 149``), without its advice to load the file unsafely."""
+    text = str(error).split("WeightsUnpickler error:")[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return re.split(r" was not an allowed| Please ", lines[0])[0] if lines else "not tensors"
 
 
 def _first_line(error: BaseException) -> str:

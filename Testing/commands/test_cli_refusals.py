@@ -18,7 +18,8 @@ from RobustMedSAMLib.cli import main
 from RobustMedSAMLib.datasets.phantoms import sphere
 from RobustMedSAMLib.formats.markups import Roi, write_points, write_roi
 from RobustMedSAMLib.formats.segmentation import read_segmentation
-from RobustMedSAMLib.formats.volume import Volume, write_volume
+from RobustMedSAMLib.formats.volume import Volume, read_volume, write_volume
+from RobustMedSAMLib.inference.slicing import ijk_box_roi
 from RobustMedSAMLib.model.config import TINY
 from RobustMedSAMLib.model.sam import SegmentAnythingModel
 from RobustMedSAMLib.weights.checkpoint import save_state_dict
@@ -75,6 +76,21 @@ def test_out_is_a_folder(tmp_path, case, capsys):
     assert listing(out) == [] and not (tmp_path / "out.seg.nrrd.json").exists()
 
 
+def no_model(*args, **kwargs):
+    raise AssertionError("the model was loaded before the output was checked")
+
+
+@pytest.mark.parametrize("name", ["out.png", "out.mhd", "out.seg.nrrd"])
+def test_output_refused_before_the_model_loads(tmp_path, case, capsys, monkeypatch, name):
+    folder = name == "out.seg.nrrd"
+    if folder:
+        (tmp_path / name).mkdir()  # a folder in the file's place
+    monkeypatch.setattr("RobustMedSAMLib.inference.batch.make_segmenter", no_model)
+    refused(segment(case, tmp_path / name), capsys, name)
+    written = {p.name for p in tmp_path.iterdir()} - {"in", name if folder else ""}
+    assert written == set() and (not folder or listing(tmp_path / name) == [])
+
+
 MARKUPS = {
     "controlPoints an int": {"type": "Fiducial", "controlPoints": 3},
     "controlPoints a string": {"type": "Fiducial", "controlPoints": "abc"},
@@ -106,8 +122,9 @@ def test_markups_nested_very_deeply(tmp_path, case, capsys):
     refused(segment(case, tmp_path / "o.seg.nrrd", points=bad), capsys, str(bad), "nested")
 
 
-def test_readonly_output_folder(case, capsys, readonly_dir):  # noqa: F811
+def test_readonly_output_folder(case, capsys, readonly_dir, monkeypatch):  # noqa: F811
     out = readonly_dir / "out.seg.nrrd"
+    monkeypatch.setattr("RobustMedSAMLib.inference.batch.make_segmenter", no_model)
     refused(segment(case, out), capsys, "cannot write", str(out))
     assert listing(readonly_dir) == []
 
@@ -174,6 +191,19 @@ def test_box_outside_a_volume_with_huge_spacing(tmp_path, case, capsys):
                  "robustsam", "--checkpoint", str(case["checkpoint"])])  # fmt: skip
     refused(code, capsys, "does not overlap")
     assert not out.exists()
+
+
+def test_box_drawn_in_another_view(tmp_path, case, capsys):
+    volume = read_volume(case["volume"])
+    sagittal = ijk_box_roi(volume, (16, 6, 1), (16, 26, 6))  # no width along I
+    box = write_roi(tmp_path / "box.mrk.json", sagittal)
+    out = tmp_path / "o.seg.nrrd"
+    args = ["segment", str(case["volume"]), "--box", str(box), "--out", str(out), "--model",
+            "robustsam", "--checkpoint", str(case["checkpoint"]), "--device", "cpu"]  # fmt: skip
+    line = refused(main(args), capsys, "no width or no height", "axial slices")
+    assert not out.exists()
+    advice = line.split("--axis ")[-1]  # the axis the box was drawn on works
+    assert main([*args, "--axis", advice]) == 0 and out.exists()  # a tiny random model
 
 
 # --- embedding cache ---------------------------------------------------------------------

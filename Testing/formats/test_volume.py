@@ -166,6 +166,14 @@ def test_failed_write_keeps_existing_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.xyz"]
 
 
+@pytest.mark.parametrize("suffix", [".mhd", ".nhdr"])
+def test_header_and_data_pair_is_refused_before_writing(tmp_path, suffix):
+    # the data file would keep the temporary name the atomic write gives the header
+    with pytest.raises(InputError, match=f"cannot write out{suffix}: .* second file"):
+        write_volume(oblique_volume(), tmp_path / f"out{suffix}")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_volume_written_by_slicer(tmp_path, slicer_scene):
     slicer = slicer_scene.slicer
     volume = oblique_volume()

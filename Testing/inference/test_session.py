@@ -90,6 +90,19 @@ def test_undo_click_restores_previous_points(volume):
     assert session.undo_click(12) is None
 
 
+@pytest.mark.parametrize("xy", [(120.0, 20.0), (24.0, -3.0), (float("nan"), 20.0)])
+def test_a_click_off_the_slice_is_refused_and_forgotten(volume, xy):
+    # docs/python-api.md's click at (120, 88) on a smaller slice once raised an error
+    # about an internal box, and the stored point spoiled every later click there
+    session = SegmentationSession(volume, ThresholdPredictor(np.percentile(volume.array, 90)))
+    with pytest.raises(InputError, match=r"click .* is outside slice 12, which is 48 x 40"):
+        session.click(12, xy)
+    first = session.click(12, (24, 20))
+    again = SegmentationSession(volume, session.predictor).click(12, (24, 20))
+    np.testing.assert_array_equal(first.mask, again.mask)
+    assert session.click(12, (47.5, -0.5)).mask.shape == (40, 48)  # edge: half a pixel out
+
+
 class RecordingPredictor(ThresholdPredictor):
     """Records, per encode, the slice (from a marker voxel: 1000 + index) and the thread;
     and the order of encodes and predictions."""

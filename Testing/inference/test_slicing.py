@@ -135,6 +135,18 @@ def test_roi_partly_outside_is_clipped_and_roi_outside_refused():
         roi_to_slice_box(volume, 0, axis_aligned_roi(volume, [30, 4, 3], [2, 2, 2]))
 
 
+def test_roi_without_width_on_the_slices_is_refused_naming_its_view():
+    volume = sagittal_acquired()  # K goes left: sagittal slices are along K
+    drawn_on_axial = axis_aligned_roi(volume, [5, 4, 3], [2, 0, 1])  # no extent along J (S)
+    assert roi_to_slice_box(volume, 1, drawn_on_axial)[0] == (4, 4)  # its own view: fine
+    for axis in (0, 2):
+        with pytest.raises(InputError, match="no width or no height .* use --axis axial"):
+            roi_to_slice_box(volume, axis, drawn_on_axial)
+    point = axis_aligned_roi(volume, [5, 4, 3], [0, 0, 0])
+    with pytest.raises(InputError, match="give it a width and a height"):
+        roi_to_slice_box(volume, 0, point)
+
+
 def test_prompts_grouped_by_slice():
     volume = oblique_axial()
     positive = [ras_of(volume, [1, 2, 1]), ras_of(volume, [3, 4, 4]), ras_of(volume, [5, 6, 1])]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import io
 import pickle
+import random
 
 import pytest
 import torch
@@ -66,6 +69,42 @@ def test_pickled_python_objects_are_refused(tmp_path):
         pickle.dump({"x": Payload()}, handle)
     with pytest.raises(CheckpointError, match="weights_only"):
         read_state_dict(path)
+
+
+def test_pickled_objects_are_named_without_torchs_advice_to_load_unsafely(tmp_path):
+    path = tmp_path / "objects.pth"
+    torch.save({"a": torch.zeros(1), "b": argparse.Namespace(x=1)}, path)
+    with pytest.raises(CheckpointError) as refused:
+        read_state_dict(path)
+    assert "GLOBAL argparse.Namespace" in str(refused.value)
+    assert "False" not in str(refused.value) and "\x1b" not in str(refused.value)
+
+
+@pytest.mark.parametrize("data", [b'{"markups": []}', b"NRRD0004\n# Complete NRRD"])
+def test_a_file_that_is_no_checkpoint(tmp_path, data):
+    # an NRRD header once made torch's unpickler raise IndexError: a traceback
+    path = tmp_path / "wrong.pth"
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
+        read_state_dict(path)
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_damaged_checkpoints_are_refused_or_read(tmp_path, zipped):
+    # before: IndexError, KeyError, struct.error, AssertionError, BadZipFile escaped
+    buffer = io.BytesIO()
+    torch.save({"a": torch.zeros(3), "b": torch.ones(2)}, buffer,
+               _use_new_zipfile_serialization=zipped)  # fmt: skip
+    good, rng, path = buffer.getvalue(), random.Random(1), tmp_path / "damaged.pth"
+    for n in range(300):
+        data = bytearray(good)
+        for _ in range(3):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        path.write_bytes(bytes(data[: rng.randrange(1, len(data))] if n % 3 == 0 else data))
+        try:
+            read_state_dict(path)
+        except CheckpointError:
+            pass
 
 
 def test_not_a_state_dict(tmp_path):
