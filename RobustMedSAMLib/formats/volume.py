@@ -398,7 +398,8 @@ def write_volume(
             refusal = write_refusal(error, path, temporary)  # a full disk, named as such
             if refusal is not None:
                 raise refusal from None
-            raise InputError(f"cannot write volume {path}: {_sitk_message(error)}") from None
+            reason = _sitk_message(error).replace(sitk_path(temporary), str(path))
+            raise InputError(f"cannot write volume {path}: {reason}") from None
         if placements_from is not None and is_nifti(path) and is_nifti(placements_from):
             copy_placements(placements_from, temporary)
     return path

@@ -160,8 +160,9 @@ def test_colour_image_is_refused(tmp_path):
 def test_failed_write_keeps_existing_file(tmp_path):
     path = tmp_path / "out.xyz"
     path.write_text("keep me")
-    with pytest.raises(InputError, match="cannot write volume"):
+    with pytest.raises(InputError, match="cannot write volume") as refusal:
         write_volume(oblique_volume(), path)
+    assert f'"{path}"' in str(refusal.value)  # the user's file, not the temporary one
     assert path.read_text() == "keep me"
     assert [p.name for p in tmp_path.iterdir()] == ["out.xyz"]
 
