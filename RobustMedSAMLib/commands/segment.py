@@ -137,6 +137,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     run_group.add_argument("--bounds", type=int, nargs=2, metavar=("FIRST", "LAST"))
     run_group.add_argument(
+        "--slice-step",
+        default="1",
+        metavar="N",
+        help="propagate asking the model on every N-th slice and fill the slices between "
+        "from the masks on either side (thin slices; default 1: every slice)",
+    )
+    run_group.add_argument(
         "--encode-ahead",
         type=int,
         default=2,
@@ -225,6 +232,7 @@ def settings_from_args(args: argparse.Namespace):
         seed_box_growth=box_growth_arg(args.box_growth),
         refine_steps=args.refine_steps,
         bounds=tuple(args.bounds) if args.bounds else None,
+        slice_step=slice_step_arg(args.slice_step),
         encode_ahead=args.encode_ahead,
         window=window_arg(args.window),
         segment_name=args.segment_name,
@@ -258,6 +266,19 @@ def window_arg(values: list[str] | None):
     if len(values) > 2:
         raise InputError(f"--window {' '.join(values)}: give one PRESET, LO,HI or LO HI")
     return parse_window(values[0] if len(values) == 1 else values)
+
+
+def slice_step_arg(value: str) -> int:
+    """``--slice-step`` -> a whole number >= 1 (InputError otherwise)."""
+    from RobustMedSAMLib.errors import InputError
+
+    try:
+        step = int(value)
+    except ValueError:
+        step = 0
+    if step < 1:
+        raise InputError(f"--slice-step {value}: give a whole number of slices, 1 or more")
+    return step
 
 
 def _run_single(args: argparse.Namespace) -> int:

@@ -256,6 +256,7 @@ class SegmentSettings:
     seed_box_growth: float = SEED_BOX_GROWTH  # a drawn box's growth (0: off)
     refine_steps: int | None = None  # None: the pipeline's default (propagation.py)
     bounds: tuple[int, int] | None = None
+    slice_step: int = 1  # propagation asks every N-th slice, fills the rest
     encode_ahead: int = 2  # session.ENCODE_AHEAD: slices encoded on a worker thread ahead
     window: tuple[float, float] | str | None = None  # None: chosen from each volume
     segment_name: str = "Segment_1"
@@ -283,6 +284,7 @@ class SegmentSettings:
                 min_stability=self.min_stability,
                 refine_steps=self.refine_steps,
                 bounds=tuple(self.bounds) if self.bounds else None,
+                slice_step=self.slice_step,
             ),
         )
         options.validate()

@@ -14,6 +14,14 @@ whose both neighbours are known is prompted from their union. Fronts advance
 nearest first (distance from their seed, then slice index), which is the order
 :func:`plan_order` returns, so a caller can encode slices ahead of time; no slice
 is requested twice, and none that propagation will not use.
+
+With ``slice_step`` N > 1 a front jumps N slices at a time (never past the bounds, the
+volume's end or a taken slice: it asks the last free slice before them), and the slices
+it jumped over are filled by interpolating the signed distance maps of the two asked
+masks on either side (:func:`fill_between`). A jump a stop rule rejects is not the end:
+the front asks the slices it skipped one at a time, and ends where one of them is
+rejected or at the rejected slice (with the jump's reason). Nothing is extrapolated past
+the last slice a front kept.
 """
 
 from __future__ import annotations
@@ -21,9 +29,10 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+from scipy import ndimage
 
 from RobustMedSAMLib.errors import CancelledError, InputError
 from RobustMedSAMLib.inference.mask_prompts import (
@@ -126,6 +135,13 @@ class PropagationOptions:
     here, :data:`REFINE_STEPS` in the pipeline (``segment_volume``, the server's jobs).
     bounds: ``(first, last)`` slices, inclusive; None = the whole volume.
     max_slices: at most this many model calls in all; None = no limit.
+    slice_step: ask the model on every N-th slice from each seed outward (1, default:
+    every slice) and fill the slices in between from the masks on either side
+    (:func:`fill_between`); for thin-slice volumes, where the encoder bounds the time
+    (docs/propagation.md). The stop rules then compare masks N slices apart, and a
+    front ends at the last slice it asked and kept: where a jump is rejected it asks
+    the slices it skipped one by one (at most N - 1 more asks per direction), so the
+    stop rules judge adjacent slices at a structure's end, as with 1.
     """
 
     projection: str = "mask"
@@ -142,6 +158,7 @@ class PropagationOptions:
     refine_steps: int | None = None
     bounds: tuple[int, int] | None = None
     max_slices: int | None = None
+    slice_step: int = 1
 
     def validate(self) -> None:
         """Raise InputError naming the first unusable option."""
@@ -162,6 +179,9 @@ class PropagationOptions:
             raise InputError(f"refine_steps={self.refine_steps!r} must be 0 or more")
         if self.max_slices is not None and self.max_slices < 0:
             raise InputError(f"max_slices={self.max_slices} must be >= 0 or None")
+        step = self.slice_step
+        if not isinstance(step, int | np.integer) or isinstance(step, bool) or step < 1:
+            raise InputError(f"slice_step={step!r} must be a whole number of slices, 1 or more")
 
 
 @dataclass
@@ -201,12 +221,14 @@ class DirectionStop:
 class PropagationResult:
     """mask: ``(n_slices, rows, cols)`` bool; records: kept slices (seeds included)
     by index; stops: one per seed and direction; requested: slices asked of the
-    model, in order."""
+    model, in order; filled: slices interpolated between two kept ones (``slice_step``
+    > 1), ascending."""
 
     mask: np.ndarray
     records: list[SliceRecord]
     stops: list[DirectionStop]
     requested: list[int]
+    filled: list[int] = field(default_factory=list)
 
     @property
     def kept_slices(self) -> list[int]:
@@ -216,12 +238,15 @@ class PropagationResult:
 
 @dataclass
 class _Front:
-    """One seed walking in one direction; ``last`` is its last kept slice."""
+    """One seed walking in one direction; ``last`` is its last kept slice, ``stride``
+    the slices to its next one (set by the schedule)."""
 
     seed: int
     direction: int
     last: int
     toward_seed: bool
+    stride: int = 1
+    fallback: DirectionStop | None = None  # a rejected jump: its stop, once back there
     logits: np.ndarray | None = None
     areas: list[int] = field(default_factory=list)
     stop: DirectionStop | None = None
@@ -229,7 +254,7 @@ class _Front:
 
     @property
     def next(self) -> int:
-        return self.last + self.direction
+        return self.last + self.direction * self.stride
 
     def key(self) -> tuple[int, int]:
         return abs(self.next - self.seed), self.next
@@ -237,7 +262,9 @@ class _Front:
 
 class _Schedule:
     """Which front moves next: nearest first, never onto a taken slice. ``allowed``:
-    ``(n_slices, rows, cols)`` bool, where a mask may lie (None: anywhere)."""
+    ``(n_slices, rows, cols)`` bool, where a mask may lie (None: anywhere); ``step``:
+    the slices a front jumps (``PropagationOptions.slice_step``); ``gaps``: the
+    ``(kept, kept)`` slice pairs more than one apart, to fill."""
 
     def __init__(
         self,
@@ -246,9 +273,11 @@ class _Schedule:
         bounds: tuple[int, int],
         max_slices: int | None,
         allowed: np.ndarray | None = None,
+        step: int = 1,
     ) -> None:
         self.n_slices, self.bounds, self.max_slices = n_slices, bounds, max_slices
-        self.allowed = allowed
+        self.allowed, self.step = allowed, int(step)
+        self.gaps: list[tuple[int, int]] = []
         self.taken = np.zeros(n_slices, bool)
         self.taken[seeds] = True
         self.requested: list[int] = []
@@ -264,8 +293,12 @@ class _Schedule:
     def next_front(self) -> _Front | None:
         """The front to advance now, after stopping those that cannot move."""
         for front in self.active():
+            backing = front.fallback is not None  # asking a rejected jump's slices one by one
+            front.stride = 1 if backing else self._stride(front.last, front.direction, self.taken)
             reason = self._blocked(front.next)
-            if reason is not None:
+            if backing and reason == "met" and front.next == front.fallback.rejected.index:
+                front.stop = replace(front.fallback, last_index=front.last)
+            elif reason is not None:
                 front.stop = DirectionStop(front.seed, front.direction, front.last, reason)
         active = self.active()
         return min(active, key=_Front.key) if active else None
@@ -277,17 +310,27 @@ class _Schedule:
     def remaining(self) -> int:
         """Slices the active fronts could still reach (an upper estimate)."""
         first, last = self.bounds
-        free = ~self.taken
-        reach = np.zeros(self.n_slices, bool)
+        reach = self.taken.copy()
+        count = 0
         for front in self.active():
-            z = front.next
-            while first <= z <= last and free[z] and not reach[z]:
+            z = front.last + front.direction * self._stride(front.last, front.direction, reach)
+            while first <= z <= last and not reach[z]:
                 reach[z] = True
-                z += front.direction
-        count = int(reach.sum())
+                count += 1
+                z += front.direction * self._stride(z, front.direction, reach)
         if self.max_slices is not None:
             count = min(count, self.max_slices - len(self.requested))
         return count
+
+    def _stride(self, last: int, direction: int, taken: np.ndarray) -> int:
+        """Slices to jump from ``last``: ``step``, or fewer to stop at the last free slice
+        before the bounds or a ``taken`` one (1 where there is none: then blocked)."""
+        first, end = self.bounds
+        for k in range(1, self.step + 1):
+            z = last + direction * k
+            if not first <= z <= end or taken[z]:
+                return max(k - 1, 1)
+        return self.step
 
     def _blocked(self, index: int) -> str | None:
         if not 0 <= index < self.n_slices:
@@ -339,7 +382,9 @@ def propagate(
         volume[index] = mask
     if allowed is not None and np.shape(allowed) != volume.shape:
         raise InputError(f"allowed region {np.shape(allowed)} is not the volume {volume.shape}")
-    schedule = _Schedule(sorted(masks), n_slices, bounds, options.max_slices, allowed)
+    schedule = _Schedule(
+        sorted(masks), n_slices, bounds, options.max_slices, allowed, options.slice_step
+    )
     logits = _check_seed_logits(seed_logits, masks)
     for front in schedule.fronts:
         front.areas.append(int(masks[front.seed].sum()))
@@ -363,7 +408,11 @@ def propagate(
     for stop in stops:
         logger.info("seed %d direction %+d stopped after slice %d: %s", *_stop_fields(stop))
     records.sort(key=lambda r: r.index)
-    return PropagationResult(volume, records, stops, list(schedule.requested))
+    filled = []
+    for low, high in schedule.gaps:
+        filled += fill_between(volume, low, high, allowed)
+    requested = list(schedule.requested)
+    return PropagationResult(volume, records, stops, requested, sorted(filled))
 
 
 def plan_order(
@@ -371,15 +420,16 @@ def plan_order(
     n_slices: int,
     bounds: tuple[int, int] | None = None,
     max_slices: int | None = None,
+    step: int = 1,
 ) -> list[int]:
     """Slices :func:`propagate` asks for, in its order, if no direction stops early:
-    nearest a seed first, outward; within ``bounds``; seeds excluded. Use it to
-    encode slices ahead of propagation."""
+    nearest a seed first, outward, every ``step``-th slice (``slice_step``); within
+    ``bounds``; seeds excluded. Use it to encode slices ahead of propagation."""
     resolved = _resolve_bounds(bounds, n_slices)
     indices = sorted({_check_index(z, n_slices, resolved) for z in seeds})
     if not indices:
         raise InputError("give at least one seed slice")
-    schedule = _Schedule(indices, n_slices, resolved, max_slices)
+    schedule = _Schedule(indices, n_slices, resolved, max_slices, step=step)
     while (front := schedule.next_front()) is not None:
         schedule.take(front.next)
         front.last = front.next
@@ -476,13 +526,50 @@ def _advance(
         record.area,
     )
     if reason is not None:
-        front.stop = DirectionStop(front.seed, front.direction, front.last, reason, record)
+        stop = DirectionStop(front.seed, front.direction, front.last, reason, record)
+        if front.stride > 1:  # a jump: ask the slices it skipped, one at a time
+            front.fallback = stop
+        else:
+            front.stop = stop
         return None
     volume[index] = mask
+    if abs(index - front.last) > 1:
+        schedule.gaps.append((min(index, front.last), max(index, front.last)))
     front.last = index
     front.logits = np.asarray(prediction.low_res_logits, np.float32)
     front.areas = [*front.areas[-1:], record.area]
     return record
+
+
+def fill_between(
+    volume: np.ndarray, low: int, high: int, allowed: np.ndarray | None = None
+) -> list[int]:
+    """Fill slices ``low + 1 .. high - 1`` of ``volume`` ``(n_slices, rows, cols)`` bool
+    from its masks on ``low`` and ``high``: the signed distance maps of the two (scipy's
+    Euclidean distance transform, in pixels; negative inside) blended linearly by
+    distance along the axis, negative kept; clipped to ``allowed``. A shape that grows,
+    shrinks or moves less than its size between the two passes smoothly from one to
+    the other. Returns the slices filled (non-empty)."""
+    near, far = _signed_distance(volume[low]), _signed_distance(volume[high])
+    filled = []
+    for index in range(low + 1, high):
+        weight = (index - low) / (high - low)
+        mask = (1.0 - weight) * near + weight * far < 0
+        if allowed is not None:
+            mask &= allowed[index]
+        volume[index] = mask
+        if mask.any():
+            filled.append(index)
+    return filled
+
+
+def _signed_distance(mask: np.ndarray) -> np.ndarray:
+    """``(rows, cols)`` float: distance to the nearest pixel outside ``mask`` (negated)
+    inside it, to the nearest pixel inside it outside it (pixels)."""
+    padded = np.pad(np.asarray(mask, bool), 1)  # an outside even for a full slice
+    inside = ndimage.distance_transform_edt(padded)
+    outside = ndimage.distance_transform_edt(~padded) if padded.any() else np.inf
+    return (outside - inside)[1:-1, 1:-1]
 
 
 def refine(

@@ -163,6 +163,10 @@ class Decisions:
     seed_box_growth: the growth applied to the drawn box (0: none; see
     ``SegmentOptions``); grown: the boxes first asked after it, ``(x0, y0, x1, y1)``
     slice pixels (of the crop when zoomed), one per prompted slice with a box.
+    slice_step: ``PropagationOptions.slice_step``; asked: the slices propagation asked
+    the model for, in order (kept or not); filled: the slices interpolated between two
+    asked ones (step > 1). A mask ends at the last slice asked and kept at each end:
+    nothing past it is extrapolated.
     """
 
     roi: str = "none"
@@ -181,6 +185,9 @@ class Decisions:
     refine_steps: int = 0  # re-asks of each propagated slice with its mask's own box
     seed_box_growth: float = 0.0  # the fraction a drawn box's sides moved out by
     grown: list[list[float]] = field(default_factory=list)  # the drawn boxes, grown
+    slice_step: int = 1  # propagation asks every slice_step-th slice, fills the rest
+    asked: list[int] = field(default_factory=list)  # slices propagation asked, in order
+    filled: list[int] = field(default_factory=list)  # slices interpolated, not asked
 
 
 @dataclass
@@ -191,7 +198,7 @@ class SliceScore:
     score: float
     overlap: float
     area: int
-    source: str  # "prompt" or "propagated"
+    source: str  # "prompt", "propagated" or "filled" (interpolated, not asked)
     stability: float = math.nan  # the model's stability score (see predictor.py)
     likeness: float = math.nan  # see PropagationOptions.min_likeness
 
@@ -276,7 +283,8 @@ def _encode_order(
     seeds = [z for z in prompted if first <= z <= last]
     if not (propagating and seeds):
         return prompted
-    return prompted + plan_order(seeds, n_slices, options.bounds, options.max_slices)
+    step = options.slice_step
+    return prompted + plan_order(seeds, n_slices, options.bounds, options.max_slices, step)
 
 
 def _segment_and_propagate(
@@ -336,6 +344,11 @@ def _segment_and_propagate(
                         record.likeness,
                     )
                 )
+        for index in result.filled:
+            slice_masks[index] = result.mask[index]
+            area = int(result.mask[index].sum())
+            scores.append(SliceScore(index, math.nan, math.nan, area, "filled"))
+        decisions.asked, decisions.filled = list(result.requested), list(result.filled)
         stops = [_stop_dict(stop) for stop in result.stops]
     return slice_masks, scores, stops
 
@@ -603,6 +616,7 @@ def _propagation_options(
     options = model_projection(options, session.predictor)
     decisions.projection = options.projection
     decisions.refine_steps = options.refine_steps
+    decisions.slice_step = options.slice_step
     if decisions.roi != "3d":
         return options
     (first, last), _ = roi_to_slice_box(session.volume, session.axis, roi)

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.server.client import ServerClient, read_token
 
 
@@ -33,6 +34,8 @@ class RemoteCaseSegmenter:
 
     def __init__(self, settings) -> None:
         self.settings, self.options = settings, settings.options()
+        if self.options.propagation.slice_step != 1:
+            raise InputError("--slice-step is not available with --server yet: drop it")
         self.client = ServerClient(settings.server, read_token(settings.token,
                                                                settings.token_file))  # fmt: skip
         self.served = self.client.health()["model"]

@@ -13,10 +13,16 @@ eager fp32's from label boxes (+5 px) on up to ``--slices`` slices per case.
 With ``--lesion``, a 3D run: one box over a 40-slice lesion (a phantom), propagated
 with the fastest engine installed, encode included: total and first-slice time, without
 and with encode-ahead (``--ahead``), alternated ``--lesion-repeats`` times, and where the
-time goes (encoder, decoder, the rest).
+time goes (encoder, decoder, the rest). ``--slice-step 1 2 3`` runs it at each
+propagation stride (``PropagationOptions.slice_step``), alternated, and prints each
+time's ratio to step 1's of the same round; ``--lesion-only`` skips the engine and click
+comparisons; ``--lesion-models`` runs the 3D part with those models (their own
+preprocessing; engine ``--lesion-engine``, default the fastest installed).
 
     .venv/bin/python Testing/benchmarks/bench_lite.py [--repeats 5] [--threads 2]
         [--evaldata /work/evaldata] [--lesion] [--ahead 0 2]
+    .venv/bin/python Testing/benchmarks/bench_lite.py --lesion-only --ahead 2
+        --slice-step 1 2 3 --lesion-models robustmedsam-lite litemedsam
 """
 
 from __future__ import annotations
@@ -183,14 +189,14 @@ def evaldata_agreement(models, folder: Path, slices: int) -> dict[str, list[floa
     return scores
 
 
-def lesion_run(
-    model, preprocessing: str = "litemedsam", half: bool = False, ahead: int = ENCODE_AHEAD
-) -> dict:
+def lesion_run(predictor: Predictor, ahead: int = ENCODE_AHEAD, step: int = 1) -> dict:
     """One box over a 40-slice ellipsoid lesion (256 x 256 x 60 CT phantom), propagated
-    with ``ahead`` slices encoded ahead: total seconds, seconds to the first slice's mask,
-    slices segmented, the 3D mask, encoder and decoder seconds (on their threads)."""
+    with ``ahead`` slices encoded ahead, asking every ``step``-th slice: total seconds,
+    seconds to the first slice's mask, slices segmented (asked and filled), slices
+    encoded, the 3D mask, encoder and decoder seconds (on their threads)."""
     from RobustMedSAMLib.datasets.phantoms import ellipsoid
     from RobustMedSAMLib.formats.volume import Volume
+    from RobustMedSAMLib.inference.propagation import PropagationOptions
     from RobustMedSAMLib.inference.segment_volume import (
         SegmentOptions,
         VolumePrompts,
@@ -204,7 +210,6 @@ def lesion_run(
     k, j, i = np.nonzero(phantom.mask)
     low, high = (i.min() - 3, j.min() - 3, k.min()), (i.max() + 3, j.max() + 3, k.max())
     roi = ijk_box_roi(volume, low, high)
-    predictor = Predictor(model, preprocessing=preprocessing, half=half)
     session = SegmentationSession(volume, predictor)
     start, first = time.perf_counter(), []
 
@@ -212,9 +217,10 @@ def lesion_run(
         if not first:
             first.append(time.perf_counter() - start)
 
-    options = SegmentOptions(propagate=True, encode_ahead=ahead)
+    propagation = PropagationOptions(slice_step=step)
+    options = SegmentOptions(propagate=True, encode_ahead=ahead, propagation=propagation)
     result = segment_volume(session, VolumePrompts(roi=roi), options, progress)
-    if model.device.type == "cuda":
+    if predictor.device.type == "cuda":
         torch.cuda.synchronize()
     truth = phantom.mask
     return {
@@ -222,6 +228,8 @@ def lesion_run(
         "seconds": time.perf_counter() - start,
         "first": first[0] if first else float("nan"),
         "slices": len(result.slices),
+        "encoded": result.stats.encoder_calls,
+        "filled": len(result.decisions.filled),
         "lesion_slices": int(truth.any(axis=(1, 2)).sum()),
         "dice": dice(result.mask, truth),
         "encoder": result.stats.encoder_seconds,
@@ -238,6 +246,12 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=2, help="slices per real case")
     parser.add_argument("--lesion", action="store_true", help="time a 40-slice 3D run")
     parser.add_argument("--lesion-repeats", type=int, default=1)
+    parser.add_argument("--lesion-only", action="store_true", help="only the 3D run")
+    parser.add_argument("--lesion-models", nargs="+", help="3D run: these models (by name)")
+    parser.add_argument("--lesion-engine", choices=ENGINES[:3], help="3D run with --lesion-models")
+    parser.add_argument(
+        "--slice-step", type=int, nargs="+", default=[1], help="3D run: propagation strides"
+    )
     parser.add_argument("--click-repeats", type=int, help="default: 3 x --repeats")
     parser.add_argument(
         "--ahead", type=int, nargs="+", default=[0, ENCODE_AHEAD], help="encode-ahead depths"
@@ -246,6 +260,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     print(f"torch {torch.__version__}, {args.threads} threads, load {os.getloadavg()}")
+    if args.lesion_only:
+        lesion_runs(lesion_predictors(args, None), args)
+        print(f"load after: {os.getloadavg()}")
+        return
     reference, models = reference_model(), our_models(args.engines)
     x = torch.rand(1, 3, 256, 256)
     gflop = encoder_gflop(models["eager"].image_encoder, x)
@@ -267,18 +285,45 @@ def main() -> None:
         for name, values in evaldata_agreement(models, args.evaldata, args.slices).items():
             print(f"Dice {name} vs eager fp32 on {len(values)} real slices: "
                   f"min {min(values):.4f}, mean {np.mean(values):.4f}")  # fmt: skip
-    if args.lesion:  # the fastest engine installed
-        name = next(n for n in ("openvino", "onnx", "eager") if n in models)
-        for _ in range(args.lesion_repeats):
-            for ahead in args.ahead:
-                run = lesion_run(models[name], ahead=ahead)
-                rest = run["seconds"] - run["encoder"] - run["decoder"]
-                print(f"3D {name}, {ahead} ahead: {run['slices']} slices "
-                      f"({run['lesion_slices']} in the lesion) in {run['seconds']:.1f} s, "
-                      f"first slice {run['first']:.2f} s, Dice {run['dice']:.3f}; encoder "
-                      f"{run['encoder']:.1f} s, decoder {run['decoder']:.1f} s, rest "
-                      f"{rest:.1f} s; load {os.getloadavg()[0]:.1f}")  # fmt: skip
+    if args.lesion:
+        lesion_runs(lesion_predictors(args, models), args)
     print(f"load after: {os.getloadavg()}")
+
+
+def lesion_predictors(args: argparse.Namespace, models: dict | None) -> dict[str, Predictor]:
+    """Label -> predictor for the 3D run: ``--lesion-models`` on ``--lesion-engine`` (or
+    the fastest installed), else our LiteMedSAM on the fastest engine in ``models``."""
+    if args.lesion_models or models is None:
+        predictors = {}
+        for name in args.lesion_models or ["litemedsam"]:
+            for engine in [args.lesion_engine] if args.lesion_engine else ["openvino", "onnx"]:
+                loaded = load_named_model(name, device="cpu", engine=engine)
+                if loaded.engine == engine or engine == "onnx":
+                    break
+            predictors[f"{name} {loaded.engine}"] = loaded.predictor()
+        return predictors
+    name = next(n for n in ("openvino", "onnx", "eager") if n in models)
+    return {name: Predictor(models[name], preprocessing="litemedsam")}
+
+
+def lesion_runs(predictors: dict[str, Predictor], args: argparse.Namespace) -> None:
+    """The 3D lesion run per predictor, encode-ahead depth and slice step, alternated
+    ``--lesion-repeats`` times; each time's ratio to step 1's in the same round."""
+    for _ in range(args.lesion_repeats):
+        for label, predictor in predictors.items():
+            for ahead in args.ahead:
+                baseline = None
+                for step in args.slice_step:
+                    run = lesion_run(predictor, ahead=ahead, step=step)
+                    rest = run["seconds"] - run["encoder"] - run["decoder"]
+                    baseline = run["seconds"] if step == 1 else baseline
+                    ratio = f", {run['seconds'] / baseline:.2f} x step 1" if baseline else ""
+                    print(f"3D {label}, {ahead} ahead, step {step}: {run['slices']} slices "
+                          f"({run['encoded']} encoded, {run['filled']} filled; "
+                          f"{run['lesion_slices']} in the lesion) in {run['seconds']:.1f} s"
+                          f"{ratio}, first slice {run['first']:.2f} s, Dice {run['dice']:.3f}; "
+                          f"encoder {run['encoder']:.1f} s, decoder {run['decoder']:.1f} s, "
+                          f"rest {rest:.1f} s; load {os.getloadavg()[0]:.1f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ Not a test. Labelled real scans are for evaluation only: nothing here tunes on t
 ``--engine openvino`` runs the lite encoder faster (same outputs to 4e-6), ``--cache
 DIR`` keeps embeddings between runs, ``--no-tighten`` turns off the 3D ROI's first-box
 tightening (for an A/B in the same conditions); ``--out`` is rewritten after each row.
+``--slice-step 1 2`` runs each mode but the oracle at each propagation stride
+(``PropagationOptions.slice_step``), each on a fresh session (a ``--cache`` shares the
+embeddings between them: then only step 1's time includes encoding), and prints the mean
+Dice, seconds and slices encoded per model, mode and step.
 
 Per case (the reference mask ``truth``, slices along the axial axis):
 
@@ -236,6 +240,7 @@ def main() -> None:
     parser.add_argument(
         "--no-tighten", action="store_true", help="a 3D ROI's first box is not tightened"
     )
+    parser.add_argument("--slice-step", type=int, nargs="+", default=[1], help="strides")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     if args.threads:
@@ -253,9 +258,7 @@ def main() -> None:
     for model_name in args.models.split(","):
         loaded = load_named_model(model_name, device="cpu", engine=args.engine)
         for name, (volume, truth) in cases.items():
-            session = SegmentationSession(
-                volume, loaded.predictor(), "axial", disk_cache=args.cache, model_id=model_name
-            )
+            session = new_session(volume, loaded, args.cache, model_name)
             if args.sweep:
                 for label, propagation in sweep_options():
                     if args.rules and not any(r in label for r in args.rules.split(";")):
@@ -268,18 +271,30 @@ def main() -> None:
                         print(json.dumps(row), flush=True)
                 continue
             for mode in args.modes.split(","):
-                row = run_mode(session, truth, mode, SegmentOptions(propagate=True))
-                row.update(case=name, model=model_name, window_source=session.window_source)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                if args.out:  # written as it goes: a long run stopped early keeps its rows
-                    write_rows(args.out, rows)
+                for step in [1] if mode == "oracle" else args.slice_step:
+                    if len(args.slice_step) > 1:
+                        session = new_session(volume, loaded, args.cache, model_name)
+                    propagation = PropagationOptions(slice_step=step)
+                    options = SegmentOptions(propagate=True, propagation=propagation)
+                    row = run_mode(session, truth, mode, options)
+                    row.update(case=name, model=model_name, window_source=session.window_source,
+                               slice_step=step, encoded=session.stats.encoder_calls)  # fmt: skip
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    if args.out:  # written as it goes: a long run stopped early keeps its rows
+                        write_rows(args.out, rows)
     if args.sweep:
         summarise_sweep(rows)
     else:
-        print_table(rows)
+        print_table([r for r in rows if r.get("slice_step", 1) == 1])
+        if len(args.slice_step) > 1:
+            print_steps(rows)
     if args.out:
         write_rows(args.out, rows)
+
+
+def new_session(volume: Volume, loaded, cache: str | None, name: str) -> SegmentationSession:
+    return SegmentationSession(volume, loaded.predictor(), "axial", disk_cache=cache, model_id=name)
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
@@ -300,6 +315,23 @@ def print_table(rows: list[dict]) -> None:
             for m in ("box", "point")
         ]
         print(f"| {model} | {case} | " + " | ".join(cells + gaps) + " |")
+
+
+def print_steps(rows: list[dict]) -> None:
+    """Markdown: per model, mode and slice step, mean Dice, mean seconds (and their ratio
+    to step 1's), slices encoded over all cases."""
+    print("| model | mode | step | cases | mean Dice | mean s | s / step 1 | encoded |")
+    print("|---|---|---|---|---|---|---|---|")
+    keys = sorted({(r["model"], r["mode"], r["slice_step"]) for r in rows if r["mode"] != "oracle"})
+    for model, mode, step in keys:
+        same = [r for r in rows if (r["model"], r["mode"], r["slice_step"]) == (model, mode, step)]
+        first = [r for r in rows if (r["model"], r["mode"], r["slice_step"]) == (model, mode, 1)]
+        seconds = np.mean([r["seconds"] for r in same])
+        ratio = f"{seconds / np.mean([r['seconds'] for r in first]):.2f}" if first else "-"
+        dice_mean = np.mean([r["dice"] for r in same])
+        encoded = sum(r["encoded"] for r in same)
+        print(f"| {model} | {mode} | {step} | {len(same)} | {dice_mean:.3f} | {seconds:.1f} | "
+              f"{ratio} | {encoded} |")  # fmt: skip
 
 
 def summarise_sweep(rows: list[dict]) -> None:
