@@ -716,8 +716,9 @@ def test_propagate_with_a_slice_step_fills_the_skipped_slices(panel):
     written = np.flatnonzero(mask3d.any(axis=(1, 2)))
     assert np.array_equal(written, np.arange(written[0], written[-1] + 1))  # no hole
     rows = ui.confidenceTable.text_rows()
-    filled = [int(r[0]) for r in rows if r[1] == "filled"]
-    assert filled and all(r[1] == "filled" or float(r[1]) > 0 for r in rows)
+    filled = [r for r in rows if r[1] == "filled"]
+    assert filled and all(r[3] == "" for r in filled)  # no score: never flagged unsure
+    assert all(float(r[1]) > 0 for r in rows if r not in filled)
     assert {int(r[0]) for r in rows} == set(written.tolist())
 
 
