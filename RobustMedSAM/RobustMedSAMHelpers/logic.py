@@ -109,7 +109,7 @@ class RobustMedSAMParameterNode:
     model_name, checkpoint_path (a file overriding the model's default), device;
     axis: slicing axis ("view" = the orientation of the view a point is placed in);
     auto_update, overwrite_other_segments, use_editor_masking: how results are written;
-    projection ... zoom_to_box: propagation options (see ``PropagationOptions``;
+    projection ... slice_step: propagation options (see ``PropagationOptions``;
     seed_box_growth: a drawn box's growth before the first ask, ``SegmentOptions``);
     flag_score / flag_overlap: a slice is flagged unsure under either; corruption /
     severity / corruption_seed: the preview; finetune_source, finetune_data_folder,
@@ -140,6 +140,7 @@ class RobustMedSAMParameterNode:
     box_extension: Annotated[float, WithinRange(0.0, 1.0)] = 0.1
     stop_between_seeds: bool = False
     zoom_to_box: bool = False
+    slice_step: Annotated[int, WithinRange(1, 5)] = 1
     flag_score: Annotated[float, WithinRange(0.0, 1.0)] = 0.7
     flag_overlap: Annotated[float, WithinRange(0.0, 1.0)] = 0.85
     corruption: Annotated[str, Choice(CORRUPTION_NAMES)] = "gaussian_noise"
@@ -998,7 +999,7 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         gives it). ``options``: the protocol's propagation options (``projection``,
         ``iou_threshold``, ``min_score``, ``min_area_ratio``, ``min_likeness``,
         ``min_stability`` (0 turns a rule off), ``overlap``, ``bounds``,
-        ``max_slices``, ``zoom``, ``box_extension``, ``stop_between_seeds``;
+        ``max_slices``, ``zoom``, ``box_extension``, ``stop_between_seeds``, ``slice_step``;
         docs/server.md). ``on_progress(done, total)`` while it runs; then
         ``on_done(extent, mask, details)``: ``extent`` a KJI tuple of 3 slices, ``mask``
         the bool array of the result there (seed slice included; outside it nothing

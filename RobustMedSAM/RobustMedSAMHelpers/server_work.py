@@ -467,17 +467,19 @@ def slice_centre_ras(volume_node, axis, index: int) -> np.ndarray:
 
 
 def slice_scores(record: dict) -> list:
-    """A run record's per-slice scores as objects (``index``, ``score``, ``overlap``
-    (NaN when none), ``area``, ``source``), as the confidence table reads them."""
+    """A run record's per-slice scores as objects (``index``, ``score`` and ``overlap``
+    (NaN when none: a slice interpolated, not asked, has neither), ``area``, ``source``),
+    as the confidence table reads them."""
     import math
     import types
 
+    def number(value) -> float:
+        return math.nan if value is None else float(value)
+
     rows = []
     for s in record.get("slices", []):
-        overlap = s.get("overlap")
         rows.append(types.SimpleNamespace(
-            index=int(s["index"]), score=float(s["score"]),
-            overlap=math.nan if overlap is None else float(overlap),
+            index=int(s["index"]), score=number(s["score"]), overlap=number(s.get("overlap")),
             area=int(s.get("area", 0)), source=s.get("source", ""),
         ))  # fmt: skip
     return rows

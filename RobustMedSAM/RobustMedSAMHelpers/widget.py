@@ -770,6 +770,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "seed_box_growth": node.seed_box_growth,
             "stop_between_seeds": node.stop_between_seeds,
             "zoom": node.zoom_to_box or "auto",
+            "slice_step": node.slice_step,
         }
 
     def _ensureSegmentation(self) -> None:
@@ -863,7 +864,8 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table.setRowCount(len(self._rows))
         for row, item in enumerate(self._rows):
             overlap = "" if math.isnan(item.overlap) else f"{item.overlap:.2f}"
-            cells = (str(item.index), f"{item.score:.2f}", overlap, "yes" if item.flagged else "")
+            score = "filled" if item.source == "filled" else f"{item.score:.2f}"  # not asked
+            cells = (str(item.index), score, overlap, "yes" if item.flagged else "")
             for column, text in enumerate(cells):
                 cell = qt.QTableWidgetItem(text)
                 if item.flagged:

@@ -258,7 +258,8 @@ def create_app(config: ServerConfig, served: ServedModel) -> FastAPI:
         def work(job: Job) -> dict[str, Any]:
             logits = {z: seg.click_logits(z) for z in seeds}
             logits = {z: v for z, v in logits.items() if v is not None}
-            order = plan_order(seeds, seg.n_slices, options.bounds, options.max_slices)
+            order = plan_order(seeds, seg.n_slices, options.bounds, options.max_slices,
+                               options.slice_step)  # fmt: skip
             with seg.encoding_ahead(order):  # the encoder runs while a slice decodes
                 result = propagate(
                     seg,
@@ -270,9 +271,9 @@ def create_app(config: ServerConfig, served: ServedModel) -> FastAPI:
                     images=lambda index: windowed_slice(seg, index),
                 )
             new = session.mask.copy()
-            for record in result.records:
-                if record.direction != 0:
-                    set_slice(new, seg.axis, record.index, result.mask[record.index])
+            asked = [r.index for r in result.records if r.direction != 0]
+            for index in asked + result.filled:  # filled: interpolated (slice_step > 1)
+                set_slice(new, seg.axis, index, result.mask[index])
             stops = [
                 {
                     "seed": s.seed,

@@ -56,6 +56,7 @@ class Options(_Body):
     box_extension: float = Field(0.1, ge=0)
     stop_between_seeds: bool = False
     refine_steps: int | None = Field(None, ge=0, le=8)  # None: the pipeline's default
+    slice_step: int = Field(1, ge=1, strict=True)  # ask every N-th slice, fill the rest
 
     def propagation(self) -> PropagationOptions:
         values = self.model_dump(exclude={"zoom", "seed_box_growth"})

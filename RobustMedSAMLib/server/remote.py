@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.server.client import ServerClient, read_token
 
 
@@ -34,8 +33,6 @@ class RemoteCaseSegmenter:
 
     def __init__(self, settings) -> None:
         self.settings, self.options = settings, settings.options()
-        if self.options.propagation.slice_step != 1:
-            raise InputError("--slice-step is not available with --server yet: drop it")
         self.client = ServerClient(settings.server, read_token(settings.token,
                                                                settings.token_file))  # fmt: skip
         self.served = self.client.health()["model"]
@@ -51,6 +48,7 @@ class RemoteCaseSegmenter:
                    "min_stability": propagation.min_stability,
                    "refine_steps": propagation.refine_steps,
                    "bounds": list(propagation.bounds) if propagation.bounds else None,
+                   "slice_step": propagation.slice_step,
                    "zoom": self.options.zoom,
                    "seed_box_growth": self.options.seed_box_growth}  # fmt: skip
         opened = self.client.open_session(volume.array, volume.ijk_to_ras, s.axis, s.window,

@@ -1,6 +1,7 @@
 """Propagation with a slice step (``PropagationOptions.slice_step``, ``--slice-step``):
 the model is asked on every N-th slice from the seed outward, the slices between are
-interpolated, and the encoder never sees a skipped slice."""
+interpolated, and the encoder never sees a skipped slice. A ``--server`` run with it:
+Testing/server/test_stop_options.py."""
 
 from __future__ import annotations
 
@@ -192,12 +193,3 @@ def test_the_run_record_says_the_step_and_the_slices_asked_and_filled(lite_runs)
     truth = lite_runs["truth"]
     cost = 1.0 - dice(ideal_step(truth, result.prompted[0], 2), truth)  # as for the oracle
     assert dice(result.mask, truth) >= dice(lite_runs[1, 0][0].mask, truth) - cost
-
-
-def test_a_server_run_refuses_a_slice_step() -> None:
-    """The server's options do not take it yet: refused, not silently dropped."""
-    from RobustMedSAMLib.inference.batch import SegmentSettings
-    from RobustMedSAMLib.server.remote import RemoteCaseSegmenter
-
-    with pytest.raises(InputError, match="--slice-step"):
-        RemoteCaseSegmenter(SegmentSettings(server="http://127.0.0.1:9", slice_step=2))

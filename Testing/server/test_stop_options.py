@@ -1,7 +1,7 @@
-"""The stop rules' thresholds (likeness, stability) and the drawn box's growth are
-options on every surface: the ``segment`` flags (in-process, batch and ``--server``), the
-server's segment and propagate bodies (the growth: the segment body only). 0 turns a
-rule off.
+"""The stop rules' thresholds (likeness, stability), the drawn box's growth and the
+slice step are options on every surface: the ``segment`` flags (in-process, batch and
+``--server``), the server's segment and propagate bodies (the growth: the segment body
+only). 0 turns a rule off.
 
 ``BoxBlobPredictor`` behaves as LiteMedSAM does past a structure's end (it still draws a
 confident blob in the box it is given): with the rules on, a flat box on a sphere stops
@@ -218,3 +218,57 @@ def test_the_segment_body_takes_the_growth_and_refuses_a_negative_one(blob_serve
         with pytest.raises(Exception, match="seed_box_growth"):
             session.propagate([centre], {"seed_box_growth": 0.1})
         assert np.array_equal(session.mask, kept)
+
+
+# --- the slice step (PropagationOptions.slice_step) --------------------------------------
+
+
+def test_slice_step_flag_reaches_the_server_and_the_record(blob_server, files, scene, tmp_path):
+    """``--server --slice-step 2``: the server asks every other slice and fills the rest;
+    the record says so, and the structure's slices are those of the default run."""
+    _, truth, _, _ = scene
+    server = ("--server", blob_server.url, "--token-file", str(files["token"]))
+    out = tmp_path / "step.seg.nrrd"
+    assert _cli(files, out, *server, "--slice-step", "2") == 0
+    record = _record(out)
+    decisions = record["decisions"]
+    assert decisions["slice_step"] == 2 and record["options"]["propagation"]["slice_step"] == 2
+    assert decisions["filled"] and set(decisions["filled"]).isdisjoint(decisions["asked"])
+    labels, _ = read_segmentation(out)
+    assert _slices(labels) == _slices(truth)
+    assert _cli(files, tmp_path / "plain.seg.nrrd", *server) == 0
+    plain = _record(tmp_path / "plain.seg.nrrd")["decisions"]
+    assert (plain["slice_step"], plain["filled"]) == (1, [])
+    assert len(decisions["asked"]) < len(plain["asked"])
+
+
+def test_batch_cases_carry_the_slice_step(blob_server, files, tmp_path):
+    (tmp_path / "cases.csv").write_text("volume,box,out\nct.nrrd,box.mrk.json,ct.seg.nrrd\n")
+    server = ("--server", blob_server.url, "--token-file", str(files["token"]))
+    batch = ("--cases", str(tmp_path / "cases.csv"), "--out-dir", str(tmp_path / "out"))
+    flags = ("--propagate", "--window=-160,240", "--slice-step", "3")
+    assert main(["segment", *batch, *flags, *server]) == 0
+    assert _record(tmp_path / "out" / "ct.seg.nrrd")["decisions"]["slice_step"] == 3
+
+
+def test_the_bodies_take_a_slice_step_and_refuse_a_bad_one(blob_server, scene):
+    volume, truth, centre, roi = scene
+    client = ServerClient(blob_server.url, TOKEN)
+    with client.open_session(volume.array, volume.ijk_to_ras, "axial", (-160.0, 240.0)) as session:
+        record = session.segment(box=roi, propagate=True, options={"slice_step": 2})
+        assert record["decisions"]["slice_step"] == 2 and record["decisions"]["filled"]
+        assert _slices(session.mask) == _slices(truth)
+        kept = session.mask.copy()
+        for bad in (0, -1, 1.5, "2", True):  # a whole number of slices, 1 or more: 422
+            with pytest.raises(Exception, match="slice_step"):
+                session.segment(box=roi, propagate=True, options={"slice_step": bad})
+            with pytest.raises(Exception, match="slice_step"):
+                session.propagate([centre], {"slice_step": bad})
+        assert np.array_equal(session.mask, kept)
+
+        # propagate from one slice: the skipped slices are filled, the mask has no hole
+        one_slice = np.zeros(volume.shape, bool)
+        one_slice[centre] = truth[centre]
+        session.set_mask(one_slice)
+        session.propagate([centre], {"slice_step": 2})
+        assert _slices(session.mask) == _slices(truth)

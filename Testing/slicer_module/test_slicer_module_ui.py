@@ -175,6 +175,7 @@ def test_choice_lists_match_the_library():
         defaults.min_stability,
     )
     assert node.seed_box_growth == SegmentOptions().seed_box_growth
+    assert node.slice_step == defaults.slice_step
 
 
 def test_cmake_installs_the_ui_file():

@@ -687,6 +687,41 @@ def test_the_box_growth_reaches_the_segment_options(panel):
     assert sent.seed_box_growth == 0.2
 
 
+def test_the_slice_step_reaches_the_segment_options(panel):
+    from RobustMedSAMLib.server.bodies import SegmentRequest
+
+    node = panel.widget._parameterNode
+    assert node.slice_step == 1  # the library's default: every slice
+    sent = SegmentRequest(options=panel.widget._segmentOptions(propagate=True)).options
+    assert sent.propagation().slice_step == 1
+    node.slice_step = 3  # the advanced options' "Ask every Nth slice" spin box
+    sent = SegmentRequest(options=panel.widget._segmentOptions(propagate=True)).options
+    assert sent.propagation().slice_step == 3
+
+
+def test_propagate_with_a_slice_step_fills_the_skipped_slices(panel):
+    """Every other slice asked: the mask has no hole, and the confidence table lists the
+    interpolated slices as "filled" (they have no score)."""
+    ui, widget, phantom = panel.ui, panel.widget, panel.phantom
+    enter(panel)
+    choose_volume(panel, add_phantom(panel))
+    pump_until(panel, lambda: idle(panel))
+    widget._parameterNode.slice_step = 2
+    place_include_point(panel, centre_ras(panel))
+    pump_until(panel, lambda: idle(panel))
+    ui.propagateButton.click()
+    pump_until(panel, lambda: idle(panel))
+    mask3d = segment(panel)
+    assert dice(mask3d, phantom.mask) >= 0.8 and not panel.gui.dialogs
+    written = np.flatnonzero(mask3d.any(axis=(1, 2)))
+    assert np.array_equal(written, np.arange(written[0], written[-1] + 1))  # no hole
+    rows = ui.confidenceTable.text_rows()
+    filled = [r for r in rows if r[1] == "filled"]
+    assert filled and all(r[3] == "" for r in filled)  # no score: never flagged unsure
+    assert all(float(r[1]) > 0 for r in rows if r not in filled)
+    assert {int(r[0]) for r in rows} == set(written.tolist())
+
+
 def test_choosing_another_segmentation_never_picks_its_first_segment(panel):
     """qMRMLSegmentSelectorWidget selects the first segment of a new segmentation; a click
     must then create a new segment, not overwrite that one (review finding 8)."""
