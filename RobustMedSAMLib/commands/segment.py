@@ -209,9 +209,12 @@ def _check_server_flags(args: argparse.Namespace) -> None:
 
 def settings_from_args(args: argparse.Namespace):
     """The SegmentSettings of the model, slicing and propagation flags."""
+    from RobustMedSAMLib.errors import InputError
     from RobustMedSAMLib.inference.batch import SegmentSettings
 
     _check_server_flags(args)
+    if not args.segment_name.strip():
+        raise InputError("--segment-name is empty: give the segment a name")
     return SegmentSettings(
         model=args.model if args.model or args.server else DEFAULT_MODEL,
         checkpoint=args.checkpoint,
@@ -281,6 +284,19 @@ def slice_step_arg(value: str) -> int:
     return step
 
 
+def _check_needs_propagate(args: argparse.Namespace) -> None:
+    """Flags that only shape propagation are refused without ``--propagate`` (they would
+    be ignored, and the user would get one slice where they asked for a range)."""
+    from RobustMedSAMLib.errors import InputError
+
+    if args.propagate:
+        return
+    if args.bounds:
+        raise InputError("--bounds limits propagation: add --propagate (or drop --bounds)")
+    if slice_step_arg(args.slice_step) > 1:
+        raise InputError("--slice-step applies to propagation: add --propagate")
+
+
 def _run_single(args: argparse.Namespace) -> int:
     from RobustMedSAMLib.errors import InputError
     from RobustMedSAMLib.formats.segmentation import check_segmentation_output
@@ -292,6 +308,7 @@ def _run_single(args: argparse.Namespace) -> int:
         raise InputError("give either --replay or --points/--negative/--box, not both")
     if not (args.points or args.box or args.replay):
         raise InputError("no prompt: give --points and/or --box (Slicer markups files)")
+    _check_needs_propagate(args)
     check_segmentation_output(args.out)  # a wrong name or place: refused before the work
     volume = read_volume(args.volume)
     check_slice_size(volume, axis_index(volume, args.axis))  # before the model loads
@@ -325,6 +342,8 @@ def _run_batch(args: argparse.Namespace) -> int:
 
     if args.out_dir is None:
         raise InputError("--cases needs --out-dir DIR")
+    if args.workers < 1:
+        raise InputError(f"--workers {args.workers}: give 1 or more processes")
     if args.points or args.negative or args.box:
         raise InputError("with --cases, prompts come from the case list, not --points/--box")
     cases = read_cases(args.cases)

@@ -506,3 +506,26 @@ def test_every_documented_test_exists():
     assert len(named) > 30 and named <= defined, sorted(named - defined)
     here = set(re.findall(r"^def (test_\w+)\(", Path(__file__).read_text(), re.M))
     assert here - {"test_every_documented_test_exists"} <= named, sorted(here - named)
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (("--bounds", "1", "5"), ("--bounds", "--propagate")),
+        (("--slice-step", "2"), ("--slice-step", "--propagate")),
+        (("--segment-name", " "), ("--segment-name", "empty")),
+    ],
+)
+def test_flags_that_would_be_ignored_are_refused(tmp_path, case, capsys, monkeypatch, extra, words):
+    # without --propagate, --bounds and --slice-step did nothing: one slice, exit 0
+    monkeypatch.setattr("RobustMedSAMLib.inference.batch.make_segmenter", no_model)
+    refused(segment(case, tmp_path / "out.seg.nrrd", *extra), capsys, *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_batch_with_no_workers_makes_no_folder(tmp_path, case, capsys):
+    out_dir = tmp_path / "runs"
+    code = main(["segment", "--cases", str(case["volume"].parent), "--out-dir", str(out_dir),
+                 "--workers", "0"])  # fmt: skip
+    refused(code, capsys, "--workers 0")
+    assert not out_dir.exists()
