@@ -20,8 +20,9 @@ volume's end or a taken slice: it asks the last free slice before them), and the
 it jumped over are filled by interpolating the signed distance maps of the two asked
 masks on either side (:func:`fill_between`). A jump a stop rule rejects is not the end:
 the front asks the slices it skipped one at a time, and ends where one of them is
-rejected or at the rejected slice (with the jump's reason). Nothing is extrapolated past
-the last slice a front kept.
+rejected or at the rejected slice (with the jump's reason). A jump onto a slice outside
+the ``allowed`` region is not asked: the front comes back the same way (then goes on one
+slice at a time). Nothing is extrapolated past the last slice a front kept.
 """
 
 from __future__ import annotations
@@ -246,7 +247,7 @@ class _Front:
     last: int
     toward_seed: bool
     stride: int = 1
-    fallback: DirectionStop | None = None  # a rejected jump: its stop, once back there
+    fallback: DirectionStop | None = None  # a rejected jump's stop: step 1 from here on
     logits: np.ndarray | None = None
     areas: list[int] = field(default_factory=list)
     stop: DirectionStop | None = None
@@ -296,7 +297,8 @@ class _Schedule:
             backing = front.fallback is not None  # asking a rejected jump's slices one by one
             front.stride = 1 if backing else self._stride(front.last, front.direction, self.taken)
             reason = self._blocked(front.next)
-            if backing and reason == "met" and front.next == front.fallback.rejected.index:
+            rejected = front.fallback.rejected if backing else None  # None: out of the ROI
+            if reason == "met" and rejected is not None and front.next == rejected.index:
                 front.stop = replace(front.fallback, last_index=front.last)
             elif reason is not None:
                 front.stop = DirectionStop(front.seed, front.direction, front.last, reason)
@@ -489,8 +491,8 @@ def _advance(
     prompt = project_prompt(source, options, logits)
     if schedule.allowed is not None and prompt.box is not None:
         prompt.box = cut_box(prompt.box, schedule.allowed[index])
-        if prompt.box is None:
-            front.stop = DirectionStop(front.seed, front.direction, front.last, "roi")
+        if prompt.box is None:  # not asked, not taken: a jump comes back to it
+            _reject(front, DirectionStop(front.seed, front.direction, front.last, "roi"))
             return None
     schedule.take(index)
     prediction = segmenter.segment_slice(index, prompt)
@@ -526,11 +528,7 @@ def _advance(
         record.area,
     )
     if reason is not None:
-        stop = DirectionStop(front.seed, front.direction, front.last, reason, record)
-        if front.stride > 1:  # a jump: ask the slices it skipped, one at a time
-            front.fallback = stop
-        else:
-            front.stop = stop
+        _reject(front, DirectionStop(front.seed, front.direction, front.last, reason, record))
         return None
     volume[index] = mask
     if abs(index - front.last) > 1:
@@ -539,6 +537,15 @@ def _advance(
     front.logits = np.asarray(prediction.low_res_logits, np.float32)
     front.areas = [*front.areas[-1:], record.area]
     return record
+
+
+def _reject(front: _Front, stop: DirectionStop) -> None:
+    """End ``front`` at ``stop``; after a jump, first ask the slices it skipped one at a
+    time (``front.fallback``)."""
+    if front.stride > 1:
+        front.fallback = stop
+    else:
+        front.stop = stop
 
 
 def fill_between(

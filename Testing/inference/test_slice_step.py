@@ -193,3 +193,18 @@ def test_the_run_record_says_the_step_and_the_slices_asked_and_filled(lite_runs)
     truth = lite_runs["truth"]
     cost = 1.0 - dice(ideal_step(truth, result.prompted[0], 2), truth)  # as for the oracle
     assert dice(result.mask, truth) >= dice(lite_runs[1, 0][0].mask, truth) - cost
+
+
+def test_a_jump_onto_a_slice_outside_the_roi_asks_the_slices_it_skipped(ball) -> None:
+    """The 3D region ends inside the stride (a tilted ROI's last slices): the front comes
+    back and asks the slices before it one by one, ending where step 1 ends, not short."""
+    allowed = np.ones(ball.mask.shape, bool)
+    allowed[44:] = False  # the ball runs to slice 51; the region stops at 43
+    seeds = {32: ball.mask[32]}
+    every = propagate(OracleThresholdSegmenter(ball.image), seeds, allowed=allowed)
+    result = propagate(OracleThresholdSegmenter(ball.image), seeds,
+                       PropagationOptions(slice_step=4), allowed=allowed)  # fmt: skip
+    up = [(s.last_index, s.reason) for s in result.stops if s.direction == 1]
+    assert up == [(s.last_index, s.reason) for s in every.stops if s.direction == 1]
+    assert up == [(43, "roi")]
+    assert result.mask[41:44].any(axis=(1, 2)).all() and not result.mask[44:].any()
