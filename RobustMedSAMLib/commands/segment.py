@@ -346,6 +346,8 @@ def _run_batch(args: argparse.Namespace) -> int:
         raise InputError(f"--workers {args.workers}: give 1 or more processes")
     if args.points or args.negative or args.box:
         raise InputError("with --cases, prompts come from the case list, not --points/--box")
+    if not args.status:  # --status only reports: the run's own flags may come along
+        _check_needs_propagate(args)
     cases = read_cases(args.cases)
     check_writable(make_folder(args.out_dir))
     if args.status:

@@ -523,6 +523,16 @@ def test_flags_that_would_be_ignored_are_refused(tmp_path, case, capsys, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
 
+@pytest.mark.parametrize("extra", [("--bounds", "1", "5"), ("--slice-step", "2")])
+def test_batch_refuses_propagation_flags_without_propagate(tmp_path, case, capsys, extra):
+    # --cases runs every case with the same flags: without --propagate these did nothing
+    out_dir = tmp_path / "runs"
+    code = main(["segment", "--cases", str(case["volume"].parent), "--out-dir", str(out_dir),
+                 *extra])  # fmt: skip
+    refused(code, capsys, extra[0], "--propagate")
+    assert not out_dir.exists()
+
+
 def test_batch_with_no_workers_makes_no_folder(tmp_path, case, capsys):
     out_dir = tmp_path / "runs"
     code = main(["segment", "--cases", str(case["volume"].parent), "--out-dir", str(out_dir),
