@@ -310,7 +310,8 @@ class _Schedule:
         self.requested.append(index)
 
     def remaining(self) -> int:
-        """Slices the active fronts could still reach (an upper estimate)."""
+        """Slices the active fronts could still reach: an upper estimate at step 1; with a
+        slice step, the slices a rejected jump sends a front back to are not foreseen."""
         first, last = self.bounds
         reach = self.taken.copy()
         count = 0
