@@ -557,17 +557,16 @@ def fill_between(
     Euclidean distance transform, in pixels; negative inside) blended linearly by
     distance along the axis, negative kept; clipped to ``allowed``. A shape that grows,
     shrinks or moves less than its size between the two passes smoothly from one to
-    the other. Returns the slices filled (non-empty)."""
+    the other. Returns the slices written, an empty one too (two masks that do not meet
+    leave nothing between them), so that a caller copying them clears what was there."""
     near, far = _signed_distance(volume[low]), _signed_distance(volume[high])
-    filled = []
-    for index in range(low + 1, high):
+    filled = list(range(low + 1, high))
+    for index in filled:
         weight = (index - low) / (high - low)
         mask = (1.0 - weight) * near + weight * far < 0
         if allowed is not None:
             mask &= allowed[index]
         volume[index] = mask
-        if mask.any():
-            filled.append(index)
     return filled
 
 

@@ -6,6 +6,7 @@ Testing/server/test_stop_options.py."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -208,3 +209,26 @@ def test_a_jump_onto_a_slice_outside_the_roi_asks_the_slices_it_skipped(ball) ->
     assert up == [(s.last_index, s.reason) for s in every.stops if s.direction == 1]
     assert up == [(43, "roi")]
     assert result.mask[41:44].any(axis=(1, 2)).all() and not result.mask[44:].any()
+
+
+class DiscSegmenter:
+    """Answers slice ``index`` with ``masks[index]`` whatever the prompt (score 0.9)."""
+
+    def __init__(self, masks: np.ndarray) -> None:
+        self.masks, self.n_slices = masks, len(masks)
+
+    def segment_slice(self, index: int, prompt) -> SimpleNamespace:
+        logits = np.where(self.masks[index], 8.0, -8.0).astype(np.float32)
+        return SimpleNamespace(mask=self.masks[index], score=0.9, low_res_logits=logits)
+
+
+def test_filled_lists_an_interpolated_slice_left_empty() -> None:
+    """Two kept masks that do not meet (overlap rule off) interpolate to nothing between:
+    that slice is still listed, so a caller writing ``filled`` (the server's propagate)
+    clears it rather than keeping what an earlier run left there."""
+    y, x = np.mgrid[:32, :32]
+    masks = np.stack([np.hypot(x - cx, y - 16) <= 4 for cx in (8, 16, 24)])
+    options = PropagationOptions(slice_step=2, iou_threshold=0.0, projection="box")
+    result = propagate(DiscSegmenter(masks), {0: masks[0]}, options)
+    assert result.requested == [2] and result.mask[2].any()
+    assert result.filled == [1] and not result.mask[1].any()
