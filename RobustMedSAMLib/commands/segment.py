@@ -348,14 +348,14 @@ def _run_batch(args: argparse.Namespace) -> int:
         raise InputError("with --cases, prompts come from the case list, not --points/--box")
     if not args.status:  # --status only reports: the run's own flags may come along
         _check_needs_propagate(args)
+        settings = settings_from_args(args)  # refusals before the output folder is made
     cases = read_cases(args.cases)
     check_writable(make_folder(args.out_dir))
     if args.status:
         return _print_status(write_status(args.out_dir, cases), args.out_dir)
     info = distributed.dist_info()
     with progress_bar("cases", "case") as progress:
-        summary = run_batch(cases, args.out_dir, settings_from_args(args), args.workers, info,
-                            progress)  # fmt: skip
+        summary = run_batch(cases, args.out_dir, settings, args.workers, info, progress)
     print(summary.line())
     for outcome in summary.failed:
         print(f"failed {outcome.case}: {outcome.error}", file=sys.stderr)

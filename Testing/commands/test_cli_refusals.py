@@ -533,9 +533,13 @@ def test_batch_refuses_propagation_flags_without_propagate(tmp_path, case, capsy
     assert not out_dir.exists()
 
 
-def test_batch_with_no_workers_makes_no_folder(tmp_path, case, capsys):
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [(("--workers", "0"), ("--workers 0",)), (("--segment-name", ""), ("--segment-name",))],
+)
+def test_batch_with_no_workers_makes_no_folder(tmp_path, case, capsys, extra, words):
     out_dir = tmp_path / "runs"
     code = main(["segment", "--cases", str(case["volume"].parent), "--out-dir", str(out_dir),
-                 "--workers", "0"])  # fmt: skip
-    refused(code, capsys, "--workers 0")
+                 *extra])  # fmt: skip
+    refused(code, capsys, *words)
     assert not out_dir.exists()
