@@ -183,13 +183,18 @@ def test_box_growth_flag_reaches_the_server_and_the_record(blob_server, files, t
     assert _width(default) / 1.1 == pytest.approx(_width(grown) / 1.4, abs=1e-3)
 
 
-def test_batch_cases_carry_the_box_growth(blob_server, files, tmp_path):
+def _batch_decisions(blob_server, files, tmp_path, *flags: str) -> dict:
+    """A one-case ``--cases`` run over the server with ``flags``: its record's decisions."""
     (tmp_path / "cases.csv").write_text("volume,box,out\nct.nrrd,box.mrk.json,ct.seg.nrrd\n")
     server = ("--server", blob_server.url, "--token-file", str(files["token"]))
     batch = ("--cases", str(tmp_path / "cases.csv"), "--out-dir", str(tmp_path / "out"))
-    flags = ("--propagate", "--window=-160,240", "--box-growth", "0.3")
-    assert main(["segment", *batch, *flags, *server]) == 0
-    assert _record(tmp_path / "out" / "ct.seg.nrrd")["decisions"]["seed_box_growth"] == 0.3
+    assert main(["segment", *batch, "--propagate", "--window=-160,240", *flags, *server]) == 0
+    return _record(tmp_path / "out" / "ct.seg.nrrd")["decisions"]
+
+
+def test_batch_cases_carry_the_box_growth(blob_server, files, tmp_path):
+    decisions = _batch_decisions(blob_server, files, tmp_path, "--box-growth", "0.3")
+    assert decisions["seed_box_growth"] == 0.3
     assert SegmentSettings(seed_box_growth=0.3).options().seed_box_growth == 0.3
     assert SegmentSettings().options().seed_box_growth == 0.05
 
@@ -243,12 +248,7 @@ def test_slice_step_flag_reaches_the_server_and_the_record(blob_server, files, s
 
 
 def test_batch_cases_carry_the_slice_step(blob_server, files, tmp_path):
-    (tmp_path / "cases.csv").write_text("volume,box,out\nct.nrrd,box.mrk.json,ct.seg.nrrd\n")
-    server = ("--server", blob_server.url, "--token-file", str(files["token"]))
-    batch = ("--cases", str(tmp_path / "cases.csv"), "--out-dir", str(tmp_path / "out"))
-    flags = ("--propagate", "--window=-160,240", "--slice-step", "3")
-    assert main(["segment", *batch, *flags, *server]) == 0
-    assert _record(tmp_path / "out" / "ct.seg.nrrd")["decisions"]["slice_step"] == 3
+    assert _batch_decisions(blob_server, files, tmp_path, "--slice-step", "3")["slice_step"] == 3
 
 
 def test_the_bodies_take_a_slice_step_and_refuse_a_bad_one(blob_server, scene):
