@@ -357,7 +357,9 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         self, session: SegmentationSession, prompts: VolumePrompts, index: int
     ) -> SliceResult:
         """Segment slice ``index`` from the points on it (and the ROI, when it spans the
-        slice); points on other slices are ignored. InputError when nothing prompts it."""
+        slice); points on other slices are ignored. Points without a box go through the
+        point search, as ``segment`` and the panel's server do (a model trained with
+        boxes only answers a point alone with noise). InputError when nothing prompts it."""
         from RobustMedSAMLib.inference.segment_volume import VolumePrompts
         from RobustMedSAMLib.inference.slicing import prompts_for_slice, roi_to_slice_box, set_slice
 
@@ -376,7 +378,10 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         prompt = prompts_for_slice(
             volume, axis, on_slice.positive, on_slice.negative, roi, box_slice=index
         )[index]
-        prediction = session.segment_slice(index, prompt)
+        if prompt.box is None:
+            prediction = session.searched_points(index, prompt)
+        else:
+            prediction = session.segment_slice(index, prompt)
         mask = np.zeros(volume.shape, dtype=bool)
         set_slice(mask, axis, index, np.asarray(prediction.mask, bool))
         return SliceResult(index, axis, mask, float(prediction.score))

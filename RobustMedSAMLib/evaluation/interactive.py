@@ -3,13 +3,17 @@
 A first prompt from the truth (one positive point at the object's interior maximum,
 or its box), then up to ``n_corrections`` clicks, each in the largest error region
 (see ``prompts.correction_point``), with all points so far and the previous mask's
-low-res logits fed back. Dice and IoU after every step.
+low-res logits fed back. Dice and IoU after every step. Prompts are answered as the
+product answers them: points alone, to a model trained with boxes only (LiteMedSAM,
+robustmedsam-lite), go through the point search (``point_search.answer_points``, as
+the Slicer session's clicks and ``segment`` do), without the previous mask.
 
 Frame: slice pixels; images and masks are ``(rows, cols)``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -22,6 +26,8 @@ from RobustMedSAMLib.evaluation.simulated_clicks import (
     correction_point,
 )
 from RobustMedSAMLib.inference.mask_prompts import deepest_point, mask_box
+from RobustMedSAMLib.inference.point_search import answer_points
+from RobustMedSAMLib.inference.preprocessing import auto_window, window_to_unit
 from RobustMedSAMLib.inference.types import Prediction, SlicePrompt
 from RobustMedSAMLib.names import FIRST_PROMPTS
 
@@ -35,6 +41,8 @@ class SlicePredictor(Protocol):
 
     def predict(self, prompt: SlicePrompt) -> Prediction: ...
 
+    def candidates(self, prompt: SlicePrompt, multimask: bool = True) -> list[Prediction]: ...
+
 
 @dataclass
 class InteractiveResult:
@@ -45,6 +53,26 @@ class InteractiveResult:
     dice: list[float]
     iou: list[float]
     clicks: list[tuple[float, float, int]] = field(default_factory=list)
+
+
+def _answerer(
+    predictor: SlicePredictor, image: np.ndarray, window: tuple[float, float] | None
+) -> Callable[[SlicePrompt], Prediction]:
+    """What the product answers to a prompt on this slice: points alone, to a model
+    trained without points (``Predictor.prompts``), go through the point search as the
+    Slicer session's clicks and ``segment`` do (``point_search.answer_points``; the
+    previous mask is not fed back there); any other prompt goes to the model."""
+    if "point" in getattr(predictor, "prompts", ("point",)):
+        return predictor.predict
+    unit = window_to_unit(image, window or auto_window(image))
+
+    def answer(prompt: SlicePrompt) -> Prediction:
+        if prompt.box is not None or not len(prompt.points):
+            return predictor.predict(prompt)
+        points = SlicePrompt(prompt.points, prompt.labels)
+        return answer_points(predictor.candidates, predictor.predict, points, unit, False)
+
+    return answer
 
 
 def first_prompt(truth: np.ndarray, kind: str, jitter: float = 0.0, seed: int = 0) -> SlicePrompt:
@@ -119,7 +147,8 @@ def evaluate_interactive(
     if encoded is None:
         encoded = predictor.encode(np.asarray(image), window)
     predictor.set_encoded(encoded)
-    prediction = predictor.predict(prompt)
+    answer = _answerer(predictor, np.asarray(image), window)
+    prediction = answer(prompt)
     result = InteractiveResult([dice(prediction.mask, truth)], [iou(prediction.mask, truth)])
     points, labels = list(map(tuple, prompt.points)), list(prompt.labels)
     for _ in range(n_corrections):
@@ -132,7 +161,7 @@ def evaluate_interactive(
         labels.append(click.label)
         result.clicks.append((click.x, click.y, click.label))
         prompt = SlicePrompt(points, labels, prompt.box, prediction.low_res_logits)
-        prediction = predictor.predict(prompt)
+        prediction = answer(prompt)
         result.dice.append(dice(prediction.mask, truth))
         result.iou.append(iou(prediction.mask, truth))
     return result

@@ -37,6 +37,7 @@ BOX_SIDES = (1 / 32, 3 / 64, 1 / 16, 3 / 32, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2)
 """Box sides tried around a point, as fractions of the slice's longest side (8 to 128
 pixels at a 256-pixel model input: two patches to half the input)."""
 CONSISTENCY_EXTENSION = 0.1  # the mask's box is grown by this before asking again
+ANSWER_EXTENSION = 0.1  # the chosen mask's box, grown by this, is the prompt answered
 FILL_SIDES = 4  # a mask touching this many sides of its box prompt fills the box
 
 
@@ -126,6 +127,26 @@ def search_point(
     ]
     chosen = int(np.argmax([c.rank for c in candidates]))
     return PointChoice(predictions[chosen][1], candidates, chosen, [p[1] for p in predictions])
+
+
+def answer_points(
+    segment: Segment,
+    predict: Callable[[SlicePrompt], Prediction],
+    prompt: SlicePrompt,
+    image: np.ndarray,
+    takes_points: bool,
+) -> Prediction:
+    """The answer a user gets for the points of ``prompt`` on a slice (the session's
+    clicks, the 2D evaluation): ``predict`` of the chosen candidate's box grown by
+    ``ANSWER_EXTENSION`` (with the points when the model takes points), or of the points
+    as they are when no candidate holds them. ``segment``, ``image``, ``takes_points``:
+    as for :func:`search_point`; ``predict``: the model's one answer to a prompt."""
+    choice = search_point(segment, prompt, image, takes_points)
+    if choice.candidates[choice.chosen].rank < 0:
+        return predict(prompt)
+    box = mask_box(choice.prediction.mask, ANSWER_EXTENSION)
+    points = prompt if takes_points else SlicePrompt()
+    return predict(SlicePrompt(points.points, points.labels, box))
 
 
 def _centred_box(centre: np.ndarray, side: float, shape: tuple[int, int]) -> np.ndarray:

@@ -144,6 +144,14 @@ def resolve_window(
     return choice, "explicit"
 
 
+def window_to_unit(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """A slice as the point search and stop rules see it: ``window`` mapped to 0..1,
+    clipped, float32."""
+    low, high = window
+    image = np.asarray(image, dtype=np.float32)
+    return np.clip((image - low) / max(high - low, 1e-6), 0.0, 1.0)
+
+
 def window_to_uint8(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     """Clip a slice to ``window`` and scale it to 0..255 (uint8), NaN to 0.
 

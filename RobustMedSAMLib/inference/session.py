@@ -26,10 +26,9 @@ import torch
 from RobustMedSAMLib.errors import CancelledError, InputError
 from RobustMedSAMLib.formats.atomic import atomic_output
 from RobustMedSAMLib.formats.volume import Volume
-from RobustMedSAMLib.inference.mask_prompts import mask_box
-from RobustMedSAMLib.inference.point_search import search_point
+from RobustMedSAMLib.inference.point_search import answer_points
 from RobustMedSAMLib.inference.predictor import EncodedSlice, Predictor
-from RobustMedSAMLib.inference.preprocessing import Frame, resolve_window
+from RobustMedSAMLib.inference.preprocessing import Frame, resolve_window, window_to_unit
 from RobustMedSAMLib.inference.slicing import (
     AXIS_NAMES,
     HALF_VOXEL,
@@ -131,9 +130,7 @@ class SegmentationSession:
     def windowed(self, index: int) -> np.ndarray:
         """Slice ``index`` as the model sees it: ``(rows, cols)`` float32, the session's
         window mapped to 0..1 (clipped)."""
-        low, high = self.window
-        image = self.slice_image(index).astype(np.float32)
-        return np.clip((image - low) / max(high - low, 1e-6), 0.0, 1.0)
+        return window_to_unit(self.slice_image(index), self.window)
 
     @property
     def takes_points(self) -> bool:
@@ -267,20 +264,16 @@ class SegmentationSession:
 
     def searched_points(self, index: int, prompt: SlicePrompt) -> Prediction:
         """The points of ``prompt`` (slice pixels ``(x, y)``) on slice ``index`` through the
-        point search (``point_search.py``): the model's answer to the chosen candidate's
-        box (+10 %), which is what ``segment`` segments on that slice without zoom; the
-        points as they are when no candidate holds them."""
-        choice = search_point(
+        point search (``point_search.answer_points``): the model's answer to the chosen
+        candidate's box (+10 %), which is what ``segment`` segments on that slice without
+        zoom; the points as they are when no candidate holds them."""
+        return answer_points(
             lambda tried, multimask: self.slice_candidates(index, tried, multimask),
+            lambda asked: self.segment_slice(index, asked),
             prompt,
             self.windowed(index),
             self.takes_points,
         )
-        if choice.candidates[choice.chosen].rank < 0:
-            return self.segment_slice(index, prompt)
-        box = mask_box(choice.prediction.mask, 0.1)
-        points = prompt if self.takes_points else SlicePrompt()
-        return self.segment_slice(index, SlicePrompt(points.points, points.labels, box))
 
     def undo_click(self, index: int) -> Prediction | None:
         """Remove the last point on slice ``index``; re-predict from the points left

@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 from doubles import BoxBlobPredictor, ThresholdPredictor
 
+from RobustMedSAMLib.datasets import phantoms
 from RobustMedSAMLib.errors import CancelledError, InputError
 from RobustMedSAMLib.evaluation.datasets import load_cases
 from RobustMedSAMLib.evaluation.interactive import evaluate_interactive, first_prompt
 from RobustMedSAMLib.evaluation.matrix import MatrixOptions, run_matrix
+from RobustMedSAMLib.evaluation.metrics import dice
 from RobustMedSAMLib.evaluation.models import ModelEntry
 from RobustMedSAMLib.evaluation.report import degraded_summary, headline_scores, read_rows
 from RobustMedSAMLib.evaluation.volumetric import central_slice, evaluate_volume, volume_prompts
@@ -31,10 +33,10 @@ THRESHOLD = 80.0  # HU between the phantoms' background (40) and objects (120)
 
 class PaintPredictor:
     """Paints a disc of ``radius`` px at each positive point and erases one at each
-    negative point, over the box and the fed-back mask; records every prompt."""
+    negative point, over the box and the fed-back mask; records every prompt (``asked``)."""
 
     def __init__(self, radius: int = 4) -> None:
-        self.radius, self.shape, self.prompts = radius, None, []
+        self.radius, self.shape, self.asked = radius, None, []
 
     def encode(self, image, window=None):
         return np.shape(image)
@@ -43,7 +45,7 @@ class PaintPredictor:
         self.shape = encoded
 
     def predict(self, prompt: SlicePrompt) -> Prediction:
-        self.prompts.append(prompt)
+        self.asked.append(prompt)
         rows, cols = np.indices(self.shape)
         mask = np.zeros(self.shape, bool)
         if prompt.mask_input is not None:
@@ -72,7 +74,7 @@ def test_corrections_improve_dice_and_feed_back_the_mask():
     assert np.all(np.diff(result.dice) > 0)  # every click lands in a miss and helps
     assert result.dice[0] < 0.25 and result.dice[-1] > 0.75
     assert result.clicks[0][:2] == (32.0, 34.0)  # second blob: the largest miss
-    first, *corrections = predictor.prompts
+    first, *corrections = predictor.asked
     assert first.mask_input is None and len(first.points) == 1
     for step, prompt in enumerate(corrections, start=2):
         assert prompt.mask_input is not None and len(prompt.points) == step
@@ -84,7 +86,7 @@ def test_box_first_prompt_and_perfect_mask_carries_on():
     predictor = PaintPredictor()
     result = evaluate_interactive(predictor, truth * 1.0, truth, "box", n_corrections=3)
     assert result.dice == [1.0] * 4 and result.clicks == []
-    assert predictor.prompts[0].box.tolist() == [10, 8, 24, 19]
+    assert predictor.asked[0].box.tolist() == [10, 8, 24, 19]
     with pytest.raises(InputError, match="differ in shape"):
         evaluate_interactive(predictor, np.zeros((4, 4)), truth)
 
@@ -180,3 +182,20 @@ def test_volume_prompts_land_on_the_prompted_pixels():
     got = per_slice[7]
     assert np.allclose(got.points, [(12, 20), (30, 5)]) and list(got.labels) == [1, 0]
     assert np.allclose(got.box, (10, 8, 24, 19), atol=0.5 + 1e-6)
+
+
+def test_2d_point_on_a_box_only_model_is_what_a_click_gives():
+    """The 2D protocol answers a point as the product does: a model trained with boxes
+    only gets it through the point search, like ``SegmentationSession.click``. Before,
+    the point went to the model alone (LiteMedSAM's 2D point Dice: about 0.06)."""
+    phantom = phantoms.sphere((20, 64, 64), (1.0, 1.0, 2.0), 9.0, contrast=150.0, noise=10.0)
+    volume = Volume(phantom.image.astype(np.float32), phantom.ijk_to_ras)
+    window = (-160.0, 240.0)
+    session = SegmentationSession(volume, BoxBlobPredictor(115.0), axis=0, window=window)
+    index = central_slice(phantom.mask, 0)
+    image, truth = session.slice_image(index), phantom.mask[index]
+    result = evaluate_interactive(BoxBlobPredictor(115.0), image, truth, "point", 1, window)
+    x, y = first_prompt(truth, "point").points[0]
+    clicked = session.click(index, (x, y)).mask
+    assert result.dice[0] == pytest.approx(dice(clicked, truth))
+    assert result.dice[0] > 0.9  # the point alone: an empty mask, Dice 0
