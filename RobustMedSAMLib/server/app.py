@@ -138,6 +138,7 @@ def create_app(config: ServerConfig, served: ServedModel) -> FastAPI:
             "version": __version__,
             "model": served.name,
             "device": served.info.get("device"),
+            "precision": served.info.get("precision", "float32"),
             "engine": served.info.get("engine", "eager"),
             "sessions": len(store),
             "max_upload_bytes": config.max_upload_bytes,

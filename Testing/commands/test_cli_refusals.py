@@ -16,9 +16,11 @@ from volumes import centre_ras, oblique
 
 from RobustMedSAMLib.cli import main
 from RobustMedSAMLib.datasets.phantoms import sphere
+from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.formats.markups import Roi, write_points, write_roi
 from RobustMedSAMLib.formats.segmentation import read_segmentation
 from RobustMedSAMLib.formats.volume import Volume, read_volume, write_volume
+from RobustMedSAMLib.inference.loader import load_named_model
 from RobustMedSAMLib.inference.slicing import ijk_box_roi
 from RobustMedSAMLib.model.config import TINY
 from RobustMedSAMLib.model.sam import SegmentAnythingModel
@@ -543,3 +545,27 @@ def test_batch_with_no_workers_makes_no_folder(tmp_path, case, capsys, extra, wo
                  *extra])  # fmt: skip
     refused(code, capsys, *words)
     assert not out_dir.exists()
+
+
+# --- half precision ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["cpu", "mps"])
+def test_half_on_a_device_without_it_is_refused(tmp_path, case, capsys, monkeypatch, device):
+    # --half runs on CUDA only: with --device cpu it was ignored in silence (fp32, exit 0)
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("RobustMedSAMLib.inference.loader.load_model", no_load)
+    words = ("--half", f"--device {device}")
+    refused(segment(case, tmp_path / "o.seg.nrrd", "--device", device, "--half"), capsys, *words)
+    out_dir = tmp_path / "runs"
+    code = main(["segment", "--cases", str(case["volume"].parent), "--out-dir", str(out_dir),
+                 "--device", device, "--half"])  # fmt: skip
+    refused(code, capsys, *words)
+    token = tmp_path / "token"
+    refused(main(["serve", "--device", device, "--half", "--token-file", str(token)]), capsys,
+            *words)  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # no output, folder, token
+    with pytest.raises(InputError, match="--half"):  # the Python API
+        load_named_model("robustsam", case["checkpoint"], device=device, half=True)
