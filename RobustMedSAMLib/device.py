@@ -60,6 +60,24 @@ def release_free_memory(device: torch.device) -> None:
         trim(0)
 
 
+def check_half(device: str, half: bool) -> None:
+    """InputError when ``half`` comes with a device named outright that has no half
+    precision here (``cpu``, ``mps``): the user asked for two things that exclude each
+    other. ``auto`` may still find a CUDA GPU; where it does not, :func:`load_named_model`
+    runs float32 and warns."""
+    if half and device in ("cpu", "mps"):
+        raise InputError(
+            f"--half runs the image encoder in half precision on a CUDA GPU only, not "
+            f"--device {device}: drop --half (or use --device cuda)"
+        )
+
+
+def precision_name(device: torch.device, half: bool) -> str:
+    """The image encoder's precision on ``device``: ``bfloat16``, ``float16`` or ``float32``."""
+    dtype = autocast_dtype(device, half)
+    return "float32" if dtype is None else str(dtype).removeprefix("torch.")
+
+
 def autocast_dtype(device: torch.device, half: bool) -> torch.dtype | None:
     """The reduced precision used for the image encoder with ``half=True``: bfloat16 on
     CUDA GPUs that support it, else float16 on CUDA; None (full precision) elsewhere."""

@@ -847,6 +847,8 @@ def make_fake_qt() -> types.ModuleType:
                         timed(getattr(slot, "__name__", "timer"), slot, ())
             for process in list(qt.processes):
                 process.service(timed)
+            if until is not None and until():  # a slot just ran finished it: no sleep
+                return True
             dues = [t.due for t in qt.timers if t.active]
             dues += [qt.shot_due.get(id(s), now) for s in qt.single_shots]
             if any(p.watching for p in qt.processes):

@@ -1008,8 +1008,10 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         docs/server.md). ``on_progress(done, total)`` while it runs; then
         ``on_done(extent, mask, details)``: ``extent`` a KJI tuple of 3 slices, ``mask``
         the bool array of the result there (seed slice included; outside it nothing
-        was segmented), ``details`` ``{"seed", "axis", "stops", "changed_slices"}`` (the
-        slice range of the changed box, the seed within it); or
+        was segmented), ``details`` ``{"seed", "axis", "stops", "changed_slices",
+        "filled"}`` (the slice range of the changed box, the seed within it; ``filled``:
+        the slices interpolated, not asked, with ``slice_step`` > 1; an older server
+        sends none: []); or
         ``on_error`` as :meth:`request_slice`. ``handle.cancel()`` stops the job on the
         server (nothing is changed) and reports CancelledError.
         """
@@ -1040,10 +1042,11 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         )
 
     def request_encode(self, volume_node, axis: str | int, centre: int, on_done=None,
-                       on_error=None):  # fmt: skip
+                       on_error=None, slice_step: int = 1):  # fmt: skip
         """Let the server encode the slices around ``centre`` while the user looks (as
-        many as its cache holds, nearest first; any job stops it). ``on_done(queued)``."""
-        return self.server.encode(volume_node, axis, centre, on_done, on_error)
+        many as its cache holds, nearest first, every ``slice_step``-th as propagation
+        will ask them; any job stops it). ``on_done(queued)``."""
+        return self.server.encode(volume_node, axis, centre, on_done, on_error, slice_step)
 
     # --- dependencies ----------------------------------------------------------------
 

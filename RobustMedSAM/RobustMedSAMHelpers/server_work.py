@@ -281,7 +281,8 @@ class ServerWork:
                         else list(range(extent[session.axis].start, extent[session.axis].stop))
                     )
                     details = {"seed": seed_index, "axis": session.axis,
-                               "stops": result["stops"], "changed_slices": changed}  # fmt: skip
+                               "stops": result["stops"], "changed_slices": changed,
+                               "filled": result.get("filled", [])}  # fmt: skip
                     operation.done(region, session.mask[region].copy(), details)
 
                 body = {"seeds": [int(seed_index)], "options": dict(options or {})}
@@ -333,16 +334,21 @@ class ServerWork:
         self.session(operation, volume_node, axis, _guarded(operation, go))
         return operation
 
-    def encode(self, volume_node, axis, centre: int, on_done=None, on_error=None) -> Operation:
+    def encode(self, volume_node, axis, centre: int, on_done=None, on_error=None,
+               slice_step: int = 1) -> Operation:  # fmt: skip
         """Let the server encode slices around ``centre`` ahead of the clicks (it stops
-        for any job); ``on_done(queued)`` once it started."""
+        for any job), every ``slice_step``-th as propagation will ask them;
+        ``on_done(queued)`` once it started."""
         operation = Operation(on_done, on_error)
+        body = {"seeds": [int(centre)]}
+        if slice_step != 1:  # a server from before the field refuses it; 1 is its default
+            body["slice_step"] = int(slice_step)
 
         def go(session: LinkSession) -> None:
             _check_index(session, centre)
             operation.step(
                 lambda done, failed: session.link.request(
-                    "POST", f"{session.path}/encode", {"seeds": [int(centre)]}, done, failed
+                    "POST", f"{session.path}/encode", body, done, failed
                 ),
                 lambda answer: operation.done(int(answer["queued"])),
             )

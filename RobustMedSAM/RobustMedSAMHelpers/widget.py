@@ -569,7 +569,7 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._begin(
                 f"Encoding {axis} slices",
                 lambda progress, done, failed: self.logic.request_encode(
-                    node.input_volume, axis, centre, done, failed
+                    node.input_volume, axis, centre, done, failed, node.slice_step
                 ),
                 lambda queued: self._status(
                     f"The server encodes {queued} {axis} slices around {centre}: place points."
@@ -701,12 +701,13 @@ class RobustMedSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._pending is not None:
             return
         volume_node = self._parameterNode.input_volume
+        step = self._parameterNode.slice_step
 
         def encode() -> None:
             self._begin(
                 "Encoding slices (resumed)",
                 lambda progress, done, failed: self.logic.request_encode(
-                    volume_node, axis, centre, done, failed
+                    volume_node, axis, centre, done, failed, step
                 ),
                 lambda queued: self._status(f"The server encodes ahead around slice {centre}."),
             )

@@ -213,6 +213,10 @@ def settings_from_args(args: argparse.Namespace):
     from RobustMedSAMLib.inference.batch import SegmentSettings
 
     _check_server_flags(args)
+    if args.half:  # (refused with --server above: the client imports no torch)
+        from RobustMedSAMLib.device import check_half
+
+        check_half(args.device, args.half)  # before a batch makes its folder
     if not args.segment_name.strip():
         raise InputError("--segment-name is empty: give the segment a name")
     return SegmentSettings(

@@ -59,6 +59,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from RobustMedSAMLib.device import check_half
     from RobustMedSAMLib.errors import InputError
 
     for name in ("max_sessions", "max_upload_mb", "max_memory_mb", "cache_mb"):
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--idle-timeout must be > 0 seconds")
     if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
         raise InputError("give both --ssl-keyfile and --ssl-certfile (or neither)")
+    check_half(args.device, args.half)  # before a token file is written
     tokens, made = server_tokens(args.token_file)
     served = load_served_model(args)
     from RobustMedSAMLib.server.app import ServerConfig, create_app
@@ -146,6 +148,7 @@ def load_served_model(args: argparse.Namespace):
         "name": loaded.name,
         "preprocessing": loaded.preprocessing,
         "device": str(loaded.model.device),
+        "precision": loaded.precision,
         "engine": loaded.engine,
         "files": files,
     }

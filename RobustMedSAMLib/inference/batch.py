@@ -369,7 +369,8 @@ class CaseSegmenter:
         return result, record, session
 
     def model_info(self) -> dict[str, Any]:
-        """Name, preprocessing, device and checkpoint files with SHA-256 (hashed once)."""
+        """Name, preprocessing, device, the encoder's precision and checkpoint files with
+        SHA-256 (hashed once)."""
         if self._model_info is None:
             from RobustMedSAMLib.formats.atomic import sha256_of
 
@@ -378,6 +379,7 @@ class CaseSegmenter:
                 "name": self.loaded.name,
                 "preprocessing": self.loaded.preprocessing,
                 "device": str(self.loaded.model.device),
+                "precision": self.loaded.precision,
                 "files": {k: {"path": str(p), "sha256": sha256_of(p)} for k, p in files.items()},
             }
         return self._model_info

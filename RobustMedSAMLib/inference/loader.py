@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from RobustMedSAMLib.device import prepare_device, select_device
+from RobustMedSAMLib.device import check_half, precision_name, prepare_device, select_device
 from RobustMedSAMLib.errors import CheckpointError, InputError
 from RobustMedSAMLib.inference.engines import use_engine
 from RobustMedSAMLib.inference.predictor import Predictor
@@ -52,6 +52,12 @@ class LoadedModel:
     def predictor(self) -> Predictor:
         return Predictor(self.model, self.preprocessing, self.half, self.prompts)
 
+    @property
+    def precision(self) -> str:
+        """The image encoder's precision: ``float32``, or with ``half`` on CUDA
+        ``bfloat16`` / ``float16``."""
+        return precision_name(self.model.device, self.half)
+
 
 def load_named_model(
     name: str = DEFAULT_MODEL,
@@ -72,11 +78,18 @@ def load_named_model(
     in memory instead of a fused file. ``fast_cpu`` quantises the encoder's linear layers
     to int8 (CPU only). ``engine`` (eager, onnx, openvino) runs a lite model's encoder
     under that runtime on the CPU (see ``inference.engines``; eager when its optional
-    package is missing).
+    package is missing). ``half`` (CUDA only) runs the image encoder in bfloat16 or
+    float16: refused with ``device`` cpu or mps; where ``auto`` finds no CUDA GPU it
+    runs float32 with a warning (``LoadedModel.precision`` says which).
     """
+    check_half(device, half)
     source = get_source(name)
     robust = source.architecture not in ("sam", "litemedsam")
     target = prepare_device(select_device(device))
+    if half and target.type != "cuda":
+        log.warning("--half: no CUDA GPU (device %s chose %s); the image encoder runs in "
+                    "float32", device, target)  # fmt: skip
+        half = False
     if fast_cpu and engine != "eager":
         raise InputError("give either --fast-cpu or --engine onnx|openvino, not both")
     if (encoder is None) != (decoder is None):

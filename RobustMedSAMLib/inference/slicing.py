@@ -198,8 +198,8 @@ def roi_to_slice_box(volume: Volume, axis: int, roi: Roi) -> tuple[tuple[int, in
             f"the ROI (centre RAS {np.round(roi.center_ras, 1).tolist()}, size "
             f"{np.round(roi.size, 1).tolist()} mm) does not overlap volume '{volume.name}'"
         )
+    _check_not_flat(volume, axis, roi, low, high)
     low, high = np.clip(low, 0, upper), np.clip(high, 0, upper)
-    _check_not_flat(volume, axis, roi, high - low)
     first = int(np.floor(low[axis] + 0.5))
     last = int(np.floor(high[axis] + 0.5))
     x_axis, y_axis = _IN_PLANE[axis]
@@ -210,28 +210,57 @@ def roi_to_slice_box(volume: Volume, axis: int, roi: Roi) -> tuple[tuple[int, in
 FLAT_IN_PLANE = 1e-6  # voxels: an ROI side this short in the slice plane is none (float noise)
 
 
-def _check_not_flat(volume: Volume, axis: int, roi: Roi, extent_kji: np.ndarray) -> None:
+def _check_not_flat(volume: Volume, axis: int, roi: Roi, low: np.ndarray, high: np.ndarray) -> None:
     """InputError when the ROI has no width or no height on the slices along ``axis``
-    (``extent_kji``: its clipped extent in voxels), e.g. a box drawn on a sagittal slice
-    used on axial ones: the model would get an empty box and give an empty mask."""
+    (``low``, ``high``: its KJI voxel extent, before clipping to the volume), e.g. a box
+    drawn on a sagittal slice used on axial ones: the model would get an empty box and
+    give an empty mask. A box that has both but lies past an edge of the volume by less
+    than half a voxel (clipped, it is flat) is told so, not sent to another axis."""
+    upper = np.array(volume.shape) - 1
+    extent = np.clip(high, 0, upper) - np.clip(low, 0, upper)
 
     def flat(a: int) -> bool:
-        return bool(extent_kji[list(_IN_PLANE[a])].min() <= FLAT_IN_PLANE)
+        return bool(extent[list(_IN_PLANE[a])].min() <= FLAT_IN_PLANE)
 
     if not flat(axis):
         return
     names = {index: name for name, index in anatomical_axes(volume).items()}
+    centre, size = np.round(roi.center_ras, 1).tolist(), np.round(roi.size, 1).tolist()
+    where = f"the ROI (centre RAS {centre}, size {size} mm)"
+    for d in _IN_PLANE[axis]:
+        side = _side_outside(low[d], high[d], upper[d])
+        if side is not None:
+            raise InputError(
+                f"{where} lies outside volume '{volume.name}', past its {side} {names[d]} "
+                "slice by less than half a voxel, so it holds no voxel there: move it "
+                "into the volume"
+            )
     working = [names[a] for a in (0, 1, 2) if not flat(a)]
     advice = (
-        f"drawn on a {working[0]} slice? use --axis {working[0]}"
+        f"drawn on {_article(working[0])} {working[0]} slice? use --axis {working[0]}"
         if working
         else "give it a width and a height"
     )
     raise InputError(
-        f"the ROI (centre RAS {np.round(roi.center_ras, 1).tolist()}, size "
-        f"{np.round(roi.size, 1).tolist()} mm) has no width or no height on the "
-        f"{names[axis]} slices of volume '{volume.name}': {advice}"
+        f"{where} has no width or no height on the {names[axis]} slices of volume "
+        f"'{volume.name}': {advice}"
     )
+
+
+def _side_outside(low: float, high: float, upper: float) -> str | None:
+    """``first`` / ``last`` when an extent ``low..high`` (voxels along one axis of
+    ``0..upper``) that is not flat itself lies before index 0 / after ``upper``; else None."""
+    if high - low <= FLAT_IN_PLANE:
+        return None
+    if high <= FLAT_IN_PLANE:
+        return "first"
+    if low >= upper - FLAT_IN_PLANE:
+        return "last"
+    return None
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 FLAT_ROI_SLICES = 2.0  # an ROI at most this thick (in slices) is a 2D box on its slice

@@ -138,6 +138,7 @@ def create_app(config: ServerConfig, served: ServedModel) -> FastAPI:
             "version": __version__,
             "model": served.name,
             "device": served.info.get("device"),
+            "precision": served.info.get("precision", "float32"),
             "engine": served.info.get("engine", "eager"),
             "sessions": len(store),
             "max_upload_bytes": config.max_upload_bytes,
@@ -284,7 +285,8 @@ def create_app(config: ServerConfig, served: ServedModel) -> FastAPI:
                 for s in result.stops
             ]
             return {"patch": session.change(new), "stops": stops,
-                    "projection": options.projection}  # fmt: skip
+                    "projection": options.projection,
+                    "filled": list(result.filled)}  # fmt: skip
 
         return session.start_job("propagate", work).view()
 
@@ -314,7 +316,7 @@ def create_app(config: ServerConfig, served: ServedModel) -> FastAPI:
         session = session_of(request, session_id)
         for z in body.seeds:
             check_slice(session, z)
-        return {"queued": session.encode_ahead(body.seeds, body.bounds)}
+        return {"queued": session.encode_ahead(body.seeds, body.bounds, body.slice_step)}
 
     @app.post("/v1/sessions/{session_id}/mask")
     def set_mask(request: Request, session_id: str, body: MaskRequest) -> dict[str, Any]:

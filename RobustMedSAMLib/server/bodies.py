@@ -89,6 +89,7 @@ class PropagateRequest(_Body):
 class EncodeRequest(_Body):
     seeds: list[int] = Field(min_length=1)
     bounds: tuple[int, int] | None = None
+    slice_step: int = Field(1, ge=1, strict=True)  # as Options: the slices jumps will ask
 
 
 class MaskRequest(_Body):

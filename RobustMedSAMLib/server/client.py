@@ -249,9 +249,14 @@ class RemoteSession(OpenedSession):
         answer = self._post("mask", {"patch": encode_patch(mask, extent)})
         apply_patch(self.mask, answer["patch"])
 
-    def encode_ahead(self, seeds: Sequence[int], bounds: tuple[int, int] | None = None) -> int:
-        """Let the server encode slices in propagation order from ``seeds`` meanwhile."""
+    def encode_ahead(
+        self, seeds: Sequence[int], bounds: tuple[int, int] | None = None, slice_step: int = 1
+    ) -> int:
+        """Let the server encode slices in propagation order from ``seeds`` meanwhile,
+        every ``slice_step``-th (the step propagation will ask with). Returns the count."""
         body = {"seeds": [int(z) for z in seeds], "bounds": list(bounds) if bounds else None}
+        if slice_step != 1:  # a server from before the field refuses it; 1 is its default
+            body["slice_step"] = slice_step
         return self._post("encode", body)["queued"]
 
     def undo(self) -> bool:

@@ -210,12 +210,15 @@ class ServerSession:
         except Exception as error:  # noqa: BLE001 - reported to the client, server goes on
             job.finish("failed", error=error_body(error)[1])
 
-    def encode_ahead(self, seeds: list[int], bounds: tuple[int, int] | None = None) -> int:
-        """Encode slices on a thread in propagation order from ``seeds``, as many as the
-        embedding cache holds; a new request or a job stops it. Returns the count queued."""
+    def encode_ahead(
+        self, seeds: list[int], bounds: tuple[int, int] | None = None, step: int = 1
+    ) -> int:
+        """Encode slices on a thread in propagation order from ``seeds``, every ``step``-th
+        (the ``slice_step`` propagation will ask with), as many as the embedding cache
+        holds; a new request or a job stops it. Returns the count queued."""
         self.stop_encoding()
         order = [s for s in seeds if 0 <= s < self.segmentation.n_slices]
-        order = order + plan_order(seeds, self.segmentation.n_slices, bounds)
+        order = order + plan_order(seeds, self.segmentation.n_slices, bounds, step=step)
         stop = self._encode_stop = threading.Event()
         threading.Thread(target=self._encode, args=(order, stop), daemon=True).start()
         return len(order)

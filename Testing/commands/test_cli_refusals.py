@@ -16,10 +16,12 @@ from volumes import centre_ras, oblique
 
 from RobustMedSAMLib.cli import main
 from RobustMedSAMLib.datasets.phantoms import sphere
+from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.formats.markups import Roi, write_points, write_roi
 from RobustMedSAMLib.formats.segmentation import read_segmentation
 from RobustMedSAMLib.formats.volume import Volume, read_volume, write_volume
-from RobustMedSAMLib.inference.slicing import ijk_box_roi
+from RobustMedSAMLib.inference.loader import load_named_model
+from RobustMedSAMLib.inference.slicing import anatomical_axes, ijk_box_roi
 from RobustMedSAMLib.model.config import TINY
 from RobustMedSAMLib.model.sam import SegmentAnythingModel
 from RobustMedSAMLib.weights.checkpoint import save_state_dict
@@ -204,6 +206,26 @@ def test_box_drawn_in_another_view(tmp_path, case, capsys):
     assert not out.exists()
     advice = line.split("--axis ")[-1]  # the axis the box was drawn on works
     assert main([*args, "--axis", advice]) == 0 and out.exists()  # a tiny random model
+
+
+@pytest.mark.parametrize("side", ["first", "last"])
+@pytest.mark.parametrize("axis", ["axial", "coronal"])
+def test_box_just_outside_an_edge_is_told_so(tmp_path, case, capsys, side, axis):
+    # a box with width and height, past the I edge by < half a voxel: it passed the overlap
+    # check, clipped to nothing, and was sent to another view ("use --axis sagittal")
+    volume = read_volume(case["volume"])
+    edge = volume.shape[2] - 1
+    low, high = (-3.0, -0.2) if side == "first" else (edge + 0.2, edge + 3.0)
+    roi = ijk_box_roi(volume, (low, 6, 1), (high, 26, 6))
+    box = write_roi(tmp_path / "box.mrk.json", roi)
+    out = tmp_path / "o.seg.nrrd"
+    args = ["segment", str(case["volume"]), "--box", str(box), "--out", str(out), "--model",
+            "robustsam", "--checkpoint", str(case["checkpoint"]), "--device", "cpu",
+            "--axis", axis]  # fmt: skip
+    name = {index: n for n, index in anatomical_axes(volume).items()}[2]
+    line = refused(main(args), capsys, "lies outside volume", f"past its {side} {name} slice",
+                   "move it into the volume")  # fmt: skip
+    assert "--axis" not in line and not out.exists()
 
 
 # --- embedding cache ---------------------------------------------------------------------
@@ -543,3 +565,27 @@ def test_batch_with_no_workers_makes_no_folder(tmp_path, case, capsys, extra, wo
                  *extra])  # fmt: skip
     refused(code, capsys, *words)
     assert not out_dir.exists()
+
+
+# --- half precision ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["cpu", "mps"])
+def test_half_on_a_device_without_it_is_refused(tmp_path, case, capsys, monkeypatch, device):
+    # --half runs on CUDA only: with --device cpu it was ignored in silence (fp32, exit 0)
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("RobustMedSAMLib.inference.loader.load_model", no_load)
+    words = ("--half", f"--device {device}")
+    refused(segment(case, tmp_path / "o.seg.nrrd", "--device", device, "--half"), capsys, *words)
+    out_dir = tmp_path / "runs"
+    code = main(["segment", "--cases", str(case["volume"].parent), "--out-dir", str(out_dir),
+                 "--device", device, "--half"])  # fmt: skip
+    refused(code, capsys, *words)
+    token = tmp_path / "token"
+    refused(main(["serve", "--device", device, "--half", "--token-file", str(token)]), capsys,
+            *words)  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # no output, folder, token
+    with pytest.raises(InputError, match="--half"):  # the Python API
+        load_named_model("robustsam", case["checkpoint"], device=device, half=True)

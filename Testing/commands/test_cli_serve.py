@@ -55,7 +55,8 @@ def test_local_mode_token_goes_to_the_file_only(tmp_path):
         assert ready["model"] == DEFAULT_MODEL and ready["protocol"] == 1
         assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
         client = ServerClient(ready["url"], token_file.read_text())
-        assert client.health()["model"] == DEFAULT_MODEL
+        health = client.health()
+        assert health["model"] == DEFAULT_MODEL and health["precision"] == "float32"  # no --half
         served = next(m for m in client.models()["models"] if m["served"])
         assert served["input_size"] == 256 and served["prompts"] == ["point", "box", "mask"]
         with pytest.raises(ServerError, match="401"):

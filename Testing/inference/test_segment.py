@@ -7,6 +7,7 @@ the CLI tests use a tiny real model with random weights for shapes, geometry and
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -124,6 +125,21 @@ def test_cli_writes_seg_nrrd_slicer_loads_on_the_volume_grid(tmp_path, case, sli
     assert len(record["model"]["files"]["checkpoint"]["sha256"]) == 64
     assert record["prompts"]["coordinate_system"] == "RAS"
     assert record["timings"]["encoder_calls"] >= 1
+
+
+def test_half_where_auto_finds_no_gpu_runs_float32_and_says_so(tmp_path, case, caplog,
+                                                                monkeypatch):  # fmt: skip
+    """``--device auto --half`` on a machine without CUDA: float32 with one warning, and
+    the record names the precision used (before: float32 in silence, none recorded)."""
+    cpu = torch.device("cpu")  # what auto finds on a machine without CUDA or MPS
+    monkeypatch.setattr("RobustMedSAMLib.inference.loader.select_device", lambda name: cpu)
+    out = tmp_path / "out.seg.nrrd"
+    with caplog.at_level(logging.WARNING):
+        assert run_cli(case, out, "--device", "auto", "--half") == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "--half" in warnings[0] and "float32" in warnings[0]
+    model = json.loads((tmp_path / "out.seg.nrrd.json").read_text())["model"]
+    assert (model["device"], model["precision"]) == ("cpu", "float32")
 
 
 def test_cli_nifti_label_map(tmp_path, case):

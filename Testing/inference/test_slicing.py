@@ -140,7 +140,10 @@ def test_roi_without_width_on_the_slices_is_refused_naming_its_view():
     drawn_on_axial = axis_aligned_roi(volume, [5, 4, 3], [2, 0, 1])  # no extent along J (S)
     assert roi_to_slice_box(volume, 1, drawn_on_axial)[0] == (4, 4)  # its own view: fine
     for axis in (0, 2):
-        with pytest.raises(InputError, match="no width or no height .* use --axis axial"):
+        # (the article too: it read "drawn on a axial slice")
+        with pytest.raises(
+            InputError, match="no width or no height .* an axial slice\\? use --axis axial"
+        ):
             roi_to_slice_box(volume, axis, drawn_on_axial)
     point = axis_aligned_roi(volume, [5, 4, 3], [0, 0, 0])
     with pytest.raises(InputError, match="give it a width and a height"):

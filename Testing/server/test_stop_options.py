@@ -11,6 +11,7 @@ where the sphere ends; with both off, nothing stops it before the volume's end.
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -23,8 +24,10 @@ from RobustMedSAMLib.formats.markups import write_roi
 from RobustMedSAMLib.formats.segmentation import read_segmentation
 from RobustMedSAMLib.formats.volume import Volume, write_volume
 from RobustMedSAMLib.inference.batch import SegmentSettings
+from RobustMedSAMLib.inference.propagation import plan_order
 from RobustMedSAMLib.inference.slicing import slice_box_roi
 from RobustMedSAMLib.server.client import ServerClient
+from RobustMedSAMLib.server.sessions import owner_of
 
 N_SLICES = 24
 OFF = {"min_likeness": 0.0, "min_stability": 0.0}
@@ -272,3 +275,42 @@ def test_the_bodies_take_a_slice_step_and_refuse_a_bad_one(blob_server, scene):
         session.set_mask(one_slice)
         session.propagate([centre], {"slice_step": 2})
         assert _slices(session.mask) == _slices(truth)
+
+
+def test_the_propagate_reply_names_the_filled_slices(blob_server, scene):
+    """The propagate job's result lists the slices interpolated, not asked, as the
+    record's ``decisions.filled`` does (before: only the patch, so the Slicer panel could
+    not tell a filled slice from an asked one); with no slice step, none."""
+    volume, truth, centre, _ = scene
+    one_slice = np.zeros(volume.shape, bool)
+    one_slice[centre] = truth[centre]
+    client = ServerClient(blob_server.url, TOKEN)
+    with client.open_session(volume.array, volume.ijk_to_ras, "axial", (-160.0, 240.0)) as session:
+        filled = {}
+        for step in (2, 1):
+            session.set_mask(one_slice)
+            session.propagate([centre], {"slice_step": step})
+            job = session.client.request("GET", f"{session.path}/job")  # what a client polls
+            filled[step] = job["result"]["filled"]
+        assert _slices(session.mask) == _slices(truth)
+    assert filled[1] == [] and filled[2] == sorted(filled[2])
+    assert filled[2] and set(filled[2]) <= set(_slices(truth)) - {centre}
+    assert all((z - centre) % 2 == 1 for z in filled[2])  # between slices asked 2 apart
+
+
+def test_encode_ahead_follows_the_slice_step(blob_server, scene):
+    """The encode request with ``slice_step`` N encodes the slices propagation's jumps
+    will ask, not those they skip (before: no such field; every slice was encoded)."""
+    volume, _, centre, _ = scene
+    client = ServerClient(blob_server.url, TOKEN)
+    with client.open_session(volume.array, volume.ijk_to_ras, "axial", (-160.0, 240.0)) as session:
+        wanted = [centre, *plan_order([centre], N_SLICES, step=2)]
+        assert session.encode_ahead([centre], slice_step=2) == len(wanted)
+        served = blob_server.store.get(session.id, owner_of(TOKEN)).segmentation
+        deadline = time.monotonic() + 30
+        while len(served.stats.encoded) < len(wanted) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sorted(served.stats.encoded) == sorted(wanted)
+        assert centre + 1 not in served.stats.encoded and centre - 1 not in wanted
+        with pytest.raises(Exception, match="slice_step"):
+            session.encode_ahead([centre], slice_step=0)

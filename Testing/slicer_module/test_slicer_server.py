@@ -34,6 +34,7 @@ from slicer_headless import (  # noqa: E402
 
 from RobustMedSAMLib.datasets.phantoms import sphere  # noqa: E402
 from RobustMedSAMLib.errors import CancelledError, InputError, ServerError  # noqa: E402
+from RobustMedSAMLib.inference.propagation import plan_order  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 HARNESS = REPO / "Testing" / "server_harness.py"
@@ -298,6 +299,39 @@ def test_remote_server_with_token_and_cancel(harness, slicer_scene):
     _run_until(state)
     assert state.done[0]["busy"] is False
     logic.stop_server()
+
+
+def test_the_panel_slice_step_reaches_propagate_details_and_encode(qt_module, slicer_scene):
+    """The panel's propagate details list the slices the server filled by interpolation
+    (``slice_step`` > 1) apart from those it asked (before: no way to tell them), and
+    its encode-ahead with that step queues only the slices propagation will ask."""
+    process, url = start_harness()
+    try:
+        logic = module.RobustMedSAMLogic()
+        logic.use_remote_server(url, TOKEN)
+        node, truth = _volume(slicer_scene)
+        k = truth.shape[0] // 2
+        filled = {}
+        for step in (2, 1):
+            grown = Outcome()
+            logic.request_propagate(node, "axial", k, truth[k], {"slice_step": step},
+                                    grown.on_progress, grown.on_done, grown.on_error)  # fmt: skip
+            _run_until(grown, 60)
+            assert not grown.errors, grown.errors
+            details = grown.done[2]
+            filled[step] = details["filled"]
+            assert set(filled[step]) <= set(details["changed_slices"])
+        assert filled[1] == [] and filled[2]
+        assert all((z - k) % 2 == 1 for z in filled[2])  # between slices asked 2 apart
+        started = Outcome()  # encode-ahead with the panel's step: only the slices it asks
+        logic.request_encode(node, "axial", k, started.on_done, started.on_error, 2)
+        _run_until(started, 60)
+        assert started.done == (1 + len(plan_order([k], truth.shape[0], step=2)),)
+        logic.stop_server()
+    finally:
+        process.kill()
+        process.wait(10)
+        process.stdout.close()
 
 
 def test_server_death_is_one_clear_error(qt_module, slicer_scene):
