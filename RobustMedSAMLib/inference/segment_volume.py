@@ -303,7 +303,8 @@ def _segment_and_propagate(
     their scores and the propagation stops."""
     seeds, logits, scores = {}, {}, []
     for index, prompt in per_slice.items():
-        prediction = session.segment_slice(index, prompt)
+        prediction = session.segment_slice(index, session.correcting(index, prompt))
+        session.answered(index, prompt, prediction)
         if allowed is not None and prompt.box is not None:
             prediction = _tighten(session, index, prompt, prediction, decisions)
         elif refit and decisions.roi == "2d" and prompt.box is not None:

@@ -281,3 +281,51 @@ def test_cli_encode_ahead_reaches_the_run_and_its_record(tmp_path, case, capsys)
     assert run_cli(case, out, "--propagate", "--encode-ahead", "-1") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "encode_ahead=-1" in err[0] and not out.exists()
+
+
+class FeedRecorder(ThresholdPredictor):
+    """Records whether each prompt carried a mask input."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__(threshold)
+        self.fed: list[bool] = []
+
+    def predict(self, prompt):
+        self.fed.append(prompt.mask_input is not None)
+        return super().predict(prompt)
+
+
+def test_a_correction_click_refines_the_last_mask_of_its_slice():
+    """A repeated request on one slice that adds points to the same box (the panel's and
+    the Segment Editor effect's correction clicks, each a new ``segment`` on the
+    server's session) feeds that slice's last mask back, as SAM tools do; a new box or
+    fewer points starts afresh. Before, every request started afresh: on phantoms one
+    correction after a box then lowered robustmedsam-lite's Dice (bench_corrections.py)."""
+    phantom = sphere((12, 48, 48), spacing=(1.0, 1.0, 2.0), radius=9.0)
+    volume = Volume(phantom.image, phantom.ijk_to_ras, "sphere")
+    recorder = FeedRecorder(THRESHOLD)
+    session = SegmentationSession(volume, recorder, "axial")
+    k = int(np.argwhere(phantom.mask)[:, 0].mean().round())
+    roi = slice_box_roi(volume, 0, k, np.array([14.0, 14.0, 33.0, 33.0]))
+    inside = phantom.ijk_to_ras @ np.array([24.0, 24.0, k, 1.0])
+    outside = phantom.ijk_to_ras @ np.array([4.0, 4.0, k, 1.0])
+    asks = [
+        VolumePrompts(roi=roi),
+        VolumePrompts(positive=inside[None, :3], roi=roi),  # a correction
+        VolumePrompts(positive=inside[None, :3], negative=outside[None, :3], roi=roi),  # again
+        VolumePrompts(negative=outside[None, :3], roi=roi),  # a point removed
+    ]
+    fed = []
+    for prompts in asks:
+        recorder.fed.clear()
+        segment_volume(session, prompts, SegmentOptions(propagate=False, zoom=False))
+        fed.append(recorder.fed[0])
+    assert fed == [False, True, True, False]
+    moved = slice_box_roi(volume, 0, k, np.array([12.0, 12.0, 35.0, 35.0]))
+    recorder.fed.clear()
+    segment_volume(
+        session,
+        VolumePrompts(positive=inside[None, :3], negative=outside[None, :3], roi=moved),
+        SegmentOptions(propagate=False, zoom=False),
+    )
+    assert recorder.fed[0] is False  # a new box
