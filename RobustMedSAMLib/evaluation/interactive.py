@@ -4,9 +4,10 @@ A first prompt from the truth (one positive point at the object's interior maxim
 or its box), then up to ``n_corrections`` clicks, each in the largest error region
 (see ``prompts.correction_point``), with all points so far and the previous mask's
 low-res logits fed back. Dice and IoU after every step. Prompts are answered as the
-product answers them: points alone, to a model trained with boxes only (LiteMedSAM,
-robustmedsam-lite), go through the point search (``point_search.answer_points``, as
-the Slicer session's clicks and ``segment`` do), without the previous mask.
+product answers them: a first point alone, to a model trained with boxes only
+(LiteMedSAM, robustmedsam-lite), goes through the point search
+(``point_search.answer_points``), and the corrections after it go with the box found
+there, as the Slicer session's clicks and ``segment`` do.
 
 Frame: slice pixels; images and masks are ``(rows, cols)``.
 """
@@ -59,18 +60,27 @@ def _answerer(
     predictor: SlicePredictor, image: np.ndarray, window: tuple[float, float] | None
 ) -> Callable[[SlicePrompt], Prediction]:
     """What the product answers to a prompt on this slice: points alone, to a model
-    trained without points (``Predictor.prompts``), go through the point search as the
-    Slicer session's clicks and ``segment`` do (``point_search.answer_points``; the
-    previous mask is not fed back there); any other prompt goes to the model."""
+    trained without points (``Predictor.prompts``), go through the point search on the
+    first prompt, and the corrections after it go with the box found there and the
+    previous mask, as the Slicer session's clicks and ``segment`` do
+    (``point_search.answer_points``); any other prompt goes to the model."""
     if "point" in getattr(predictor, "prompts", ("point",)):
         return predictor.predict
     unit = window_to_unit(image, window or auto_window(image))
+    found: list[np.ndarray] = []  # the first search's box
 
     def answer(prompt: SlicePrompt) -> Prediction:
         if prompt.box is not None or not len(prompt.points):
             return predictor.predict(prompt)
+        if found:
+            return predictor.predict(
+                SlicePrompt(prompt.points, prompt.labels, found[0], prompt.mask_input)
+            )
         points = SlicePrompt(prompt.points, prompt.labels)
-        return answer_points(predictor.candidates, predictor.predict, points, unit, False)
+        candidates = predictor.candidates
+        prediction, box = answer_points(candidates, predictor.predict, points, unit, False)
+        found.extend([] if box is None else [box])
+        return prediction
 
     return answer
 

@@ -135,18 +135,19 @@ def answer_points(
     prompt: SlicePrompt,
     image: np.ndarray,
     takes_points: bool,
-) -> Prediction:
+) -> tuple[Prediction, np.ndarray | None]:
     """The answer a user gets for the points of ``prompt`` on a slice (the session's
     clicks, the 2D evaluation): ``predict`` of the chosen candidate's box grown by
-    ``ANSWER_EXTENSION`` (with the points when the model takes points), or of the points
-    as they are when no candidate holds them. ``segment``, ``image``, ``takes_points``:
-    as for :func:`search_point`; ``predict``: the model's one answer to a prompt."""
+    ``ANSWER_EXTENSION`` (with the points when the model takes points), and that box;
+    ``predict`` of the points as they are and None when no candidate holds them.
+    ``segment``, ``image``, ``takes_points``: as for :func:`search_point`; ``predict``:
+    the model's one answer to a prompt."""
     choice = search_point(segment, prompt, image, takes_points)
     if choice.candidates[choice.chosen].rank < 0:
-        return predict(prompt)
+        return predict(prompt), None
     box = mask_box(choice.prediction.mask, ANSWER_EXTENSION)
     points = prompt if takes_points else SlicePrompt()
-    return predict(SlicePrompt(points.points, points.labels, box))
+    return predict(SlicePrompt(points.points, points.labels, box)), box
 
 
 def _centred_box(centre: np.ndarray, side: float, shape: tuple[int, int]) -> np.ndarray:

@@ -469,10 +469,20 @@ def _from_points(
     """Points on one slice: search the candidates (``point_search.py``), then segment the
     chosen mask's box (+``box_extension``) as a flat ROI on that slice: the box rules
     (zoom, propagation, stop rules) follow. With no eligible candidate, the points go
-    to the model as they are."""
+    to the model as they are. Points that add to those of the session's last search on
+    that slice (a correction click) go with the box found then, and that slice's last
+    mask (``SegmentationSession.kept_box``, ``correcting``), without a new search."""
     volume, axis = session.volume, session.axis
     ((index, prompt),) = prompts_for_slice(volume, axis, prompts.positive, prompts.negative).items()
     takes_points = session.takes_points
+    kept = session.kept_box(index, prompt)
+    if kept is not None:
+        roi = slice_box_roi(volume, axis, index, kept)
+        boxed = VolumePrompts(prompts.positive, prompts.negative, roi)
+        result = segment_volume(session, boxed, options, progress, cancel, drawn=False)
+        result.decisions.point = {"slice": index, "takes_points": takes_points,
+                                  "kept_box": kept.tolist()}  # fmt: skip
+        return result
     choice = search_point(
         lambda p, multimask: session.slice_candidates(index, p, multimask),
         prompt,
@@ -493,6 +503,7 @@ def _from_points(
         return result
     box = mask_box(choice.prediction.mask, options.propagation.box_extension)
     record.update(chosen=choice.chosen, source=best.source, box=box.tolist())
+    session.keep_box(index, prompt, box)
     boxed = VolumePrompts(
         positive=prompts.positive if takes_points else None,
         negative=prompts.negative if takes_points else None,

@@ -74,6 +74,7 @@ class _Clicks:
     points: list[tuple[float, float]] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     logits: np.ndarray | None = None
+    box: np.ndarray | None = None  # the point search's, for a model trained without points
 
 
 def _corrects(last: SlicePrompt, prompt: SlicePrompt) -> bool:
@@ -126,6 +127,7 @@ class SegmentationSession:
         self._cache: OrderedDict[int, EncodedSlice] = OrderedDict()
         self._clicks: dict[int, _Clicks] = {}
         self._answered: dict[int, tuple[SlicePrompt, np.ndarray]] = {}  # see correcting
+        self._searched: dict[int, tuple[set, np.ndarray]] = {}  # see kept_box
         self._key: str | None = None
         self._ahead: _EncodeAhead | None = None
 
@@ -269,18 +271,20 @@ class SegmentationSession:
     def click(self, index: int, xy: tuple[float, float], positive: bool = True) -> Prediction:
         """Add an include/exclude point on slice ``index`` and refine that slice's mask:
         all points so far plus the previous mask's logits, as SAM tools do. A model
-        trained without points (:attr:`takes_points` False: LiteMedSAM) gets the points
-        through the point search instead (:meth:`searched_points`), as ``segment`` does.
+        trained without points (:attr:`takes_points` False: LiteMedSAM) gets the first
+        click's points through the point search (:meth:`searched_points`), as ``segment``
+        does; later clicks there go with the box it found and the previous mask.
         A click off the slice is refused (InputError) and not remembered."""
         last = self._clicks.get(index, _Clicks())
         points = [*last.points, self._click_xy(index, xy)]
         labels = [*last.labels, 1 if positive else 0]
-        if self.takes_points:
-            prompt = SlicePrompt(points, labels, mask_input=last.logits)
+        box = last.box
+        if self.takes_points or box is not None:
+            prompt = SlicePrompt(points, labels, box, last.logits)
             prediction = self.segment_slice(index, prompt)
         else:
-            prediction = self.searched_points(index, SlicePrompt(points, labels))
-        self._clicks[index] = _Clicks(points, labels, prediction.low_res_logits)
+            prediction, box = self._search(index, SlicePrompt(points, labels))
+        self._clicks[index] = _Clicks(points, labels, prediction.low_res_logits, box)
         return prediction
 
     def _click_xy(self, index: int, xy: tuple[float, float]) -> tuple[float, float]:
@@ -302,6 +306,9 @@ class SegmentationSession:
         point search (``point_search.answer_points``): the model's answer to the chosen
         candidate's box (+10 %), which is what ``segment`` segments on that slice without
         zoom; the points as they are when no candidate holds them."""
+        return self._search(index, prompt)[0]
+
+    def _search(self, index: int, prompt: SlicePrompt) -> tuple[Prediction, np.ndarray | None]:
         return answer_points(
             lambda tried, multimask: self.slice_candidates(index, tried, multimask),
             lambda asked: self.segment_slice(index, asked),
@@ -309,6 +316,20 @@ class SegmentationSession:
             self.windowed(index),
             self.takes_points,
         )
+
+    def kept_box(self, index: int, prompt: SlicePrompt) -> np.ndarray | None:
+        """The box the point search found on slice ``index`` for points that ``prompt``
+        keeps and adds to (a correction click: ``segment`` then asks with that box, all
+        the points and the last mask rather than searching again), else None."""
+        kept = self._searched.get(index)
+        now = _point_set(prompt)
+        if kept is None or len(now) <= len(kept[0]) or not kept[0] <= now:
+            return None
+        return kept[1]
+
+    def keep_box(self, index: int, prompt: SlicePrompt, box: np.ndarray) -> None:
+        """Remember the box the point search found for the points of ``prompt``."""
+        self._searched[index] = (_point_set(prompt), np.asarray(box))
 
     def undo_click(self, index: int) -> Prediction | None:
         """Remove the last point on slice ``index``; re-predict from the points left
@@ -318,14 +339,14 @@ class SegmentationSession:
             return None
         clicks.points.pop()
         clicks.labels.pop()
-        clicks.logits = None
+        clicks.logits, clicks.box = None, None
         if not clicks.points:
             return None
         prompt = SlicePrompt(clicks.points, clicks.labels)
         if self.takes_points:
             prediction = self.segment_slice(index, prompt)
         else:
-            prediction = self.searched_points(index, prompt)
+            prediction, clicks.box = self._search(index, prompt)
         clicks.logits = prediction.low_res_logits
         return prediction
 
