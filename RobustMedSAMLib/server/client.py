@@ -183,6 +183,7 @@ class RemoteSession(OpenedSession):
     def __init__(self, client: ServerClient, opened: dict[str, Any]) -> None:
         super().__init__(opened)
         self.client = client
+        self.filled: list[int] = []  # the last propagate's interpolated slices
 
     def _post(self, action: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         return self.client.request("POST", f"{self.path}/{action}", body or {})
@@ -233,9 +234,12 @@ class RemoteSession(OpenedSession):
         cancel: Callable[[], bool] | None = None,
     ) -> list[dict[str, Any]]:
         """Grow the current mask on the ``seeds`` slices through the volume (using the
-        logits of clicks there); returns why each direction stopped."""
+        logits of clicks there); returns why each direction stopped. ``filled`` then
+        lists the slices interpolated rather than asked (``slice_step`` > 1)."""
         body = {"seeds": [int(z) for z in seeds], "options": options or {}}
-        return self._job("propagate", body, progress, cancel)["stops"]
+        result = self._job("propagate", body, progress, cancel)
+        self.filled = list(result.get("filled", []))  # absent from older servers
+        return result["stops"]
 
     def set_mask(self, mask: np.ndarray, extent: tuple[slice, ...] | None = None) -> None:
         """Send a mask prompt: ``mask`` ``(K, J, I)`` replaces the server's in ``extent``

@@ -292,6 +292,7 @@ def test_the_propagate_reply_names_the_filled_slices(blob_server, scene):
             session.propagate([centre], {"slice_step": step})
             job = session.client.request("GET", f"{session.path}/job")  # what a client polls
             filled[step] = job["result"]["filled"]
+            assert session.filled == filled[step]  # the Python client keeps it
         assert _slices(session.mask) == _slices(truth)
     assert filled[1] == [] and filled[2] == sorted(filled[2])
     assert filled[2] and set(filled[2]) <= set(_slices(truth)) - {centre}
