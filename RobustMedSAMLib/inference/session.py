@@ -74,7 +74,6 @@ class _Clicks:
     points: list[tuple[float, float]] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     logits: np.ndarray | None = None
-    box: np.ndarray | None = None  # the point search's, for a model trained without points
 
 
 def _corrects(last: SlicePrompt, prompt: SlicePrompt) -> bool:
@@ -127,7 +126,7 @@ class SegmentationSession:
         self._cache: OrderedDict[int, EncodedSlice] = OrderedDict()
         self._clicks: dict[int, _Clicks] = {}
         self._answered: dict[int, tuple[SlicePrompt, np.ndarray]] = {}  # see correcting
-        self._searched: dict[int, tuple[set, np.ndarray]] = {}  # see kept_box
+        self._searched: dict[int, tuple[SlicePrompt, np.ndarray]] = {}  # see kept_box
         self._key: str | None = None
         self._ahead: _EncodeAhead | None = None
 
@@ -278,13 +277,14 @@ class SegmentationSession:
         last = self._clicks.get(index, _Clicks())
         points = [*last.points, self._click_xy(index, xy)]
         labels = [*last.labels, 1 if positive else 0]
-        box = last.box
+        asked = SlicePrompt(points, labels)
+        box = None if self.takes_points else self.kept_box(index, asked)
         if self.takes_points or box is not None:
             prompt = SlicePrompt(points, labels, box, last.logits)
             prediction = self.segment_slice(index, prompt)
         else:
-            prediction, box = self._search(index, SlicePrompt(points, labels))
-        self._clicks[index] = _Clicks(points, labels, prediction.low_res_logits, box)
+            prediction = self._search_and_keep(index, asked)
+        self._clicks[index] = _Clicks(points, labels, prediction.low_res_logits)
         return prediction
 
     def _click_xy(self, index: int, xy: tuple[float, float]) -> tuple[float, float]:
@@ -317,19 +317,27 @@ class SegmentationSession:
             self.takes_points,
         )
 
+    def _search_and_keep(self, index: int, prompt: SlicePrompt) -> Prediction:
+        """:meth:`searched_points`, the box it found kept for later clicks (forgotten
+        when it found none)."""
+        prediction, box = self._search(index, prompt)
+        if box is None:
+            self._searched.pop(index, None)
+        else:
+            self.keep_box(index, prompt, box)
+        return prediction
+
     def kept_box(self, index: int, prompt: SlicePrompt) -> np.ndarray | None:
         """The box the point search found on slice ``index`` for points that ``prompt``
-        keeps and adds to (a correction click: ``segment`` then asks with that box, all
-        the points and the last mask rather than searching again), else None."""
+        keeps and adds to (a correction click: ``segment`` and :meth:`click` then ask
+        with that box, all the points and the last mask rather than searching again),
+        else None."""
         kept = self._searched.get(index)
-        now = _point_set(prompt)
-        if kept is None or len(now) <= len(kept[0]) or not kept[0] <= now:
-            return None
-        return kept[1]
+        return kept[1] if kept is not None and _corrects(kept[0], prompt) else None
 
     def keep_box(self, index: int, prompt: SlicePrompt, box: np.ndarray) -> None:
         """Remember the box the point search found for the points of ``prompt``."""
-        self._searched[index] = (_point_set(prompt), np.asarray(box))
+        self._searched[index] = (SlicePrompt(prompt.points, prompt.labels), np.asarray(box))
 
     def undo_click(self, index: int) -> Prediction | None:
         """Remove the last point on slice ``index``; re-predict from the points left
@@ -339,14 +347,14 @@ class SegmentationSession:
             return None
         clicks.points.pop()
         clicks.labels.pop()
-        clicks.logits, clicks.box = None, None
+        clicks.logits = None
         if not clicks.points:
             return None
         prompt = SlicePrompt(clicks.points, clicks.labels)
         if self.takes_points:
             prediction = self.segment_slice(index, prompt)
         else:
-            prediction, clicks.box = self._search(index, prompt)
+            prediction = self._search_and_keep(index, prompt)
         clicks.logits = prediction.low_res_logits
         return prediction
 

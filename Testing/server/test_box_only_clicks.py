@@ -65,9 +65,11 @@ def test_an_in_process_click_finds_the_structure_as_segment_does(scene):
     np.testing.assert_array_equal(clicked, segmented.mask[k])
     # a second click goes with the box the search found and the first mask, not a new
     # search (a search per click made corrections lose: bench_corrections.py)
-    first = session._clicks[k]
-    second = session.click(k, (point[0], point[1] - 3.0), positive=False).mask
-    asked = SlicePrompt([point, (point[0], point[1] - 3.0)], [1, 0], first.box, first.logits)
+    points, labels = [point, (point[0], point[1] - 3.0)], [1, 0]
+    box = session.kept_box(k, SlicePrompt(points, labels))
+    logits = session.click_logits(k)
+    second = session.click(k, points[1], positive=False).mask
+    asked = SlicePrompt(points, labels, box, logits)
     np.testing.assert_array_equal(second, session.predictor.predict(asked).mask)
 
 
