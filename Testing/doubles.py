@@ -59,6 +59,19 @@ class ThresholdPredictor:
         return Prediction(mask, 0.9 if mask.any() else 0.1, logits[None].astype(np.float32))
 
 
+class RecordsMaskInputs:
+    """Mixed in before a predictor double: ``mask_inputs`` lists, per ``predict`` call,
+    whether the prompt carried a mask input (a fed-back mask)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.mask_inputs: list[bool] = []
+
+    def predict(self, prompt: SlicePrompt) -> Prediction:
+        self.mask_inputs.append(prompt.mask_input is not None)
+        return super().predict(prompt)
+
+
 class BoxBlobPredictor(ThresholdPredictor):
     """A box-only model as LiteMedSAM behaves (measured, docs/propagation.md): a point
     alone gets an empty mask; in a box it draws the bright pixels of the components

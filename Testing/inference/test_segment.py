@@ -12,7 +12,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from doubles import ThresholdPredictor
+from doubles import RecordsMaskInputs, ThresholdPredictor
 from slicer_headless import (
     add_volume,
     segment_on_grid,
@@ -283,16 +283,8 @@ def test_cli_encode_ahead_reaches_the_run_and_its_record(tmp_path, case, capsys)
     assert len(err) == 1 and "encode_ahead=-1" in err[0] and not out.exists()
 
 
-class FeedRecorder(ThresholdPredictor):
-    """Records whether each prompt carried a mask input."""
-
-    def __init__(self, threshold: float) -> None:
-        super().__init__(threshold)
-        self.fed: list[bool] = []
-
-    def predict(self, prompt):
-        self.fed.append(prompt.mask_input is not None)
-        return super().predict(prompt)
+class FeedRecorder(RecordsMaskInputs, ThresholdPredictor):
+    """ThresholdPredictor recording which prompts carried a mask input."""
 
 
 def test_a_correction_click_refines_the_last_mask_of_its_slice():
@@ -317,18 +309,18 @@ def test_a_correction_click_refines_the_last_mask_of_its_slice():
     ]
     fed = []
     for prompts in asks:
-        recorder.fed.clear()
+        recorder.mask_inputs.clear()
         segment_volume(session, prompts, SegmentOptions(propagate=False, zoom=False))
-        fed.append(recorder.fed[0])
+        fed.append(recorder.mask_inputs[0])
     assert fed == [False, True, True, False]
     moved = slice_box_roi(volume, 0, k, np.array([12.0, 12.0, 35.0, 35.0]))
-    recorder.fed.clear()
+    recorder.mask_inputs.clear()
     segment_volume(
         session,
         VolumePrompts(positive=inside[None, :3], negative=outside[None, :3], roi=moved),
         SegmentOptions(propagate=False, zoom=False),
     )
-    assert recorder.fed[0] is False  # a new box
+    assert recorder.mask_inputs[0] is False  # a new box
 
 
 def test_a_correction_after_a_point_keeps_the_searched_box_and_the_mask():
@@ -345,10 +337,10 @@ def test_a_correction_after_a_point_keeps_the_searched_box_and_the_mask():
     options = SegmentOptions(propagate=False, zoom=False)
     first = segment_volume(session, VolumePrompts(positive=inside), options)
     searched = first.decisions.point["box"]
-    recorder.fed.clear()
+    recorder.mask_inputs.clear()
     again = segment_volume(session, VolumePrompts(inside, outside), options)
     assert again.decisions.point["kept_box"] == searched
-    assert recorder.fed == [True]  # one ask, with the last mask; no candidates searched
-    recorder.fed.clear()
+    assert recorder.mask_inputs == [True]  # one ask, with the last mask; no candidates searched
+    recorder.mask_inputs.clear()
     segment_volume(session, VolumePrompts(positive=outside), options)  # not a correction
-    assert len(recorder.fed) > 1  # a new search
+    assert len(recorder.mask_inputs) > 1  # a new search

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from doubles import BoxBlobPredictor, ThresholdPredictor
+from doubles import BoxBlobPredictor, RecordsMaskInputs, ThresholdPredictor
 
 from RobustMedSAMLib.datasets import phantoms
 from RobustMedSAMLib.formats.volume import Volume
@@ -84,14 +84,8 @@ def test_a_structure_with_a_waist_is_followed_through_it(radii):
     assert stopped == (min(radii[1:-1]) == 4)  # the narrow waist stops the area rule
 
 
-class _Spy(BoxBlobPredictor):
-    def __init__(self, threshold: float) -> None:
-        super().__init__(threshold)
-        self.mask_inputs: list[bool] = []
-
-    def predict(self, prompt):
-        self.mask_inputs.append(prompt.mask_input is not None)
-        return super().predict(prompt)
+class _Spy(RecordsMaskInputs, BoxBlobPredictor):
+    """BoxBlobPredictor recording which prompts carried a mask input."""
 
 
 @pytest.mark.parametrize("prompts, fed_back", [(("box",), False), (("point", "box", "mask"), True)])
