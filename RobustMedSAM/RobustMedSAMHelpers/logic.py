@@ -27,7 +27,7 @@ import shutil
 import sys
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -354,37 +354,48 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         return int(indices[0])
 
     def compute_slice(
-        self, session: SegmentationSession, prompts: VolumePrompts, index: int
+        self,
+        session: SegmentationSession,
+        prompts: VolumePrompts,
+        index: int,
+        options: SegmentOptions | None = None,
     ) -> SliceResult:
-        """Segment slice ``index`` from the points on it (and the ROI, when it spans the
-        slice); points on other slices are ignored. Points without a box go through the
-        point search, as ``segment`` and the panel's server do (a model trained with
-        boxes only answers a point alone with noise). InputError when nothing prompts it."""
-        from RobustMedSAMLib.inference.segment_volume import VolumePrompts
-        from RobustMedSAMLib.inference.slicing import prompts_for_slice, roi_to_slice_box, set_slice
+        """Segment slice ``index`` from the points on it and the ROI (when it spans the
+        slice; flattened onto it, as the panel sends it); points on other slices are
+        ignored. The server's one-slice segment request: ``segment_volume`` with
+        ``options`` (default ``SegmentOptions()``) and propagation off, so points alone
+        go through the point search, a drawn box is grown and a small one zoomed, and a
+        request adding points to the slice's last one (a correction click) keeps the box
+        the search found and feeds the last mask back (docs/slicer.md, "Correction
+        clicks"). ``mask``: KJI bool, only slice ``index`` set. InputError when nothing
+        prompts it."""
+        from RobustMedSAMLib.inference.segment_volume import (
+            SegmentOptions,
+            VolumePrompts,
+            segment_volume,
+        )
+        from RobustMedSAMLib.inference.slicing import (
+            get_slice,
+            roi_on_slice,
+            roi_to_slice_box,
+            set_slice,
+        )
 
         volume, axis = session.volume, session.axis
         roi = prompts.roi
         if roi is not None:
             (first, last), _ = roi_to_slice_box(volume, axis, roi)
-            roi = roi if first <= index <= last else None
-        on_slice = VolumePrompts(
-            positive=self._points_on_slice(session, prompts.positive, index),
-            negative=self._points_on_slice(session, prompts.negative, index),
-            roi=roi,
-        )
-        if on_slice.positive is None and roi is None:
+            roi = roi_on_slice(volume, axis, roi, index) if first <= index <= last else None
+        positive = self._points_on_slice(session, prompts.positive, index)
+        if positive is None and roi is None:
             raise InputError(f"slice {index} has no include point and no ROI: add one there")
-        prompt = prompts_for_slice(
-            volume, axis, on_slice.positive, on_slice.negative, roi, box_slice=index
-        )[index]
-        if prompt.box is None:
-            prediction = session.searched_points(index, prompt)
-        else:
-            prediction = session.segment_slice(index, prompt)
+        negative = self._points_on_slice(session, prompts.negative, index)
+        one_slice = replace(options or SegmentOptions(), propagate=False)
+        result = segment_volume(session, VolumePrompts(positive, negative, roi), one_slice)
         mask = np.zeros(volume.shape, dtype=bool)
-        set_slice(mask, axis, index, np.asarray(prediction.mask, bool))
-        return SliceResult(index, axis, mask, float(prediction.score))
+        set_slice(mask, axis, index, get_slice(result.mask, axis, index))
+        scores = [s.score for s in result.slices if s.index == index]
+        return SliceResult(index, axis, mask, float(scores[0]) if scores else float("nan"))
 
     def _points_on_slice(
         self, session: SegmentationSession, points: np.ndarray | None, index: int
@@ -476,10 +487,12 @@ class RobustMedSAMLogic(ScriptedLoadableModuleLogic):
         overwrite_other_segments: bool | frozenset[str] = False,
         editable_mask: np.ndarray | None = None,
         segment_name: str | None = None,
+        options: SegmentOptions | None = None,
     ) -> str:
-        """Segment slice ``index`` from the prompts on it and write that slice only (the
-        rest of the segment is kept). One undo step. Returns the segment ID."""
-        result = self.compute_slice(session, prompts, index)
+        """Segment slice ``index`` from the prompts on it (:meth:`compute_slice`) and write
+        that slice only (the rest of the segment is kept). One undo step. Returns the
+        segment ID."""
+        result = self.compute_slice(session, prompts, index, options)
         return self.write_slice(
             session,
             result,

@@ -169,6 +169,16 @@ def slice_box_roi(volume: Volume, axis: int, index: int, box: np.ndarray) -> Roi
     return ijk_box_roi(volume, low[::-1], high[::-1])
 
 
+def roi_on_slice(volume: Volume, axis: int, roi: Roi, index: int) -> Roi:
+    """``roi`` flattened onto slice ``index`` along ``axis``: the box of its 8 corners
+    with their ``axis`` coordinate set to ``index`` (zero thickness; a flat ROI). What the
+    panel's one-slice request sends the server for the ROI (``server_work._pinned_ijk``)."""
+    _check_axis(axis)
+    ijk = volume.ras_to_ijk_points(roi.corners_ras())
+    ijk[:, 2 - axis] = index
+    return ijk_box_roi(volume, ijk.min(axis=0), ijk.max(axis=0))
+
+
 def slice_point_ras(volume: Volume, axis: int, index: int, xy) -> np.ndarray:
     """RAS ``(3,)`` of slice pixel ``xy`` = ``(x, y)`` on slice ``index`` along ``axis``:
     where a user clicking that pixel there puts the point (inverse of

@@ -17,6 +17,8 @@ from RobustMedSAMLib.inference.slicing import (
     ijk_box_roi,
     prompts_for_slice,
     ras_to_slice_points,
+    roi_on_slice,
+    roi_thickness,
     roi_to_slice_box,
     roi_voxels,
     set_slice,
@@ -124,6 +126,20 @@ def test_roi_gives_slice_range_and_box(make):
     (first, last), box = roi_to_slice_box(volume, 2, roi)
     assert (first, last) == (3, 7)
     np.testing.assert_allclose(box, [2.5, 2, 5.5, 4], atol=1e-5)  # x = J, y = K
+
+
+@pytest.mark.parametrize("axis", [0, 2])
+def test_roi_on_slice_is_flat_on_that_slice_with_the_same_box(axis):
+    """A 3D ROI flattened onto one slice (as the panel sends it for a one-slice request)
+    has no thickness, sits on that slice and keeps the ROI's box there."""
+    volume = oblique_axial()
+    roi = axis_aligned_roi(volume, [5, 4, 3], [2, 1.5, 1])
+    (first, _), box = roi_to_slice_box(volume, axis, roi)
+    flat = roi_on_slice(volume, axis, roi, first)
+    assert roi_thickness(volume, axis, flat) == 0
+    (on, on_last), flat_box = roi_to_slice_box(volume, axis, flat)
+    assert on == on_last == first
+    np.testing.assert_allclose(flat_box, box, atol=1e-5)
 
 
 def test_roi_partly_outside_is_clipped_and_roi_outside_refused():
