@@ -46,7 +46,7 @@ from RobustMedSAMLib.inference.slicing import (
     slice_box_roi,
 )
 from RobustMedSAMLib.inference.types import Prediction, SlicePrompt
-from RobustMedSAMLib.inference.zoom import box_is_small, crop_volume, zoom_region
+from RobustMedSAMLib.inference.zoom import box_is_small, holds, zoom_region
 from RobustMedSAMLib.names import SEED_BOX_GROWTH
 from RobustMedSAMLib.progress import Cancel, Progress
 
@@ -580,30 +580,56 @@ def _zoomed(
     cancel: Cancel | None,
     drawn: bool = True,
 ) -> SegmentationResult:
-    """``segment_volume`` on a crop around the box, its mask put back in place."""
-    volume = session.volume
-    region = zoom_region(volume, session.axis, prompts.roi, [prompts.positive, prompts.negative])
-    crop = SegmentationSession(
-        crop_volume(volume, region),
-        session.predictor,
-        session.axis,
-        window=session.window,
-        cache_bytes=session.cache_bytes,
-        disk_cache=session.disk_cache,
-        model_id=session.model_id,
-    )
-    crop.window_source = session.window_source
+    """``segment_volume`` on a crop around the box (the session's crop session, see
+    :func:`_crop_for`), its mask put back in place."""
+    crop = _crop_for(session, prompts)
+    crop.stats = SessionStats()  # this request's work, added to the session's
     try:
         result = segment_volume(
             crop, prompts, replace(options, zoom=False), progress, cancel, drawn=drawn
         )
     finally:
         session.stats.add(crop.stats)
-    mask = np.zeros(volume.shape, dtype=bool)
-    mask[region] = result.mask
-    crop_ranges = [[r.start, r.stop] for r in region]
+    crop.asked = prompts
+    mask = np.zeros(session.volume.shape, dtype=bool)
+    mask[crop.region] = result.mask
+    crop_ranges = [[r.start, r.stop] for r in crop.region]
     decisions = replace(result.decisions, zoom=True, zoom_reason=reason, zoom_region=crop_ranges)
     return replace(result, mask=mask, stats=session.stats, decisions=decisions)
+
+
+def _crop_for(session: SegmentationSession, prompts: VolumePrompts) -> SegmentationSession:
+    """The crop session to answer ``prompts`` on: that of the last request it corrects
+    (the same ROI, its points and more) when the crop holds every point, so that a
+    correction click's last mask is in the frame it was made in; else the crop of
+    ``zoom.zoom_region`` (a crop kept for that region keeps its encoded slices)."""
+    points = [prompts.positive, prompts.negative]
+    for crop in session.crop_sessions():
+        if isinstance(crop.asked, VolumePrompts) and _adds_points(crop.asked, prompts):
+            if holds(session.volume, session.axis, crop.region, prompts.roi, points):
+                return session.crop(crop.region)
+    return session.crop(zoom_region(session.volume, session.axis, prompts.roi, points))
+
+
+def _adds_points(last: VolumePrompts, now: VolumePrompts) -> bool:
+    """Whether ``now`` has ``last``'s ROI and at least its points (RAS, as given)."""
+    if last.roi is None or now.roi is None:
+        return False
+    same = all(
+        np.array_equal(np.asarray(getattr(last.roi, name)), np.asarray(getattr(now.roi, name)))
+        for name in ("center_ras", "size", "axes_ras")
+    )
+    return same and _ras_points(last) <= _ras_points(now)
+
+
+def _ras_points(prompts: VolumePrompts) -> set[tuple[float, float, float, int]]:
+    pairs = ((prompts.positive, 1), (prompts.negative, 0))
+    return {
+        (*map(float, point), label)
+        for points, label in pairs
+        if points is not None
+        for point in np.asarray(points, float).reshape(-1, 3)
+    }
 
 
 def _propagation_options(

@@ -5,7 +5,9 @@ slice is encoded once, on first use, and kept in a memory-bounded LRU cache (and
 optionally, a disk cache keyed by the volume's content, the axis, the window and the
 model). Clicks on an encoded slice cost only the decoder. The session is the
 ``SliceSegmenter`` that 3D propagation drives; ``encoding_ahead`` encodes the slices it
-will ask for on a worker thread while it decodes the current one.
+will ask for on a worker thread while it decodes the current one. A session keeps the
+sessions of its last few crops (``crop``: small boxes are segmented zoomed), so that a
+correction click there finds its encoded slice and last mask too.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from RobustMedSAMLib.inference.slicing import (
     get_slice,
 )
 from RobustMedSAMLib.inference.types import Prediction, SlicePrompt
+from RobustMedSAMLib.inference.zoom import crop_volume
 from RobustMedSAMLib.model.sam import ImageFeatures
 from RobustMedSAMLib.progress import Progress
 
@@ -47,6 +50,8 @@ DEFAULT_CACHE_BYTES = 1024**3  # ~55 slices of a robust model's features (19 MB 
 #: encode-ahead worker's slices are held apart from the cache until asked for.
 ONE_PASS_CACHE_BYTES = 24 * 1024**2
 ENCODE_AHEAD = 2  # slices encoded ahead of use (bench_lite.py --lesion measures it)
+CROP_SESSIONS = 4  # crop sessions a session keeps (zoomed small boxes; see crop)
+Region = tuple[slice, slice, slice]  # K, J, I voxel ranges of a crop
 
 
 @dataclass
@@ -129,6 +134,11 @@ class SegmentationSession:
         self._searched: dict[int, tuple[SlicePrompt, np.ndarray]] = {}  # see kept_box
         self._key: str | None = None
         self._ahead: _EncodeAhead | None = None
+        self.region: Region | None = None  # of a crop session: where it lies in its parent's
+        self.asked: object = None  # of a crop session: the last request on it (see crop)
+        self._parent: SegmentationSession | None = None
+        self._crops: OrderedDict[tuple, SegmentationSession] = OrderedDict()
+        self._crops_of: tuple[Volume, tuple[float, float]] | None = None
 
     @property
     def n_slices(self) -> int:
@@ -244,6 +254,49 @@ class SegmentationSession:
         if last is None or prompt.mask_input is not None or not _corrects(last[0], prompt):
             return prompt
         return SlicePrompt(prompt.points, prompt.labels, prompt.box, last[1])
+
+    def crop(self, region: Region) -> SegmentationSession:
+        """The session on the crop ``region`` (``K, J, I`` slices) of this volume, with the
+        same predictor, axis, window and disk cache: kept, so that a later request on the
+        same crop (a correction click on a zoomed small box) finds its encoded slices and
+        its last answers (:meth:`correcting`, :meth:`kept_box`). At most
+        :data:`CROP_SESSIONS` are kept, the least recently used dropped first; all are
+        dropped when this session's volume or window changes. Their encoded slices but
+        the newest count against this session's ``cache_bytes`` (see :meth:`_fit`).
+        ``asked`` is the caller's note of the last request answered on a crop
+        (``segment_volume`` keeps its RAS prompts there)."""
+        if self._crops_of is None or not (
+            self._crops_of[0] is self.volume and self._crops_of[1] == self.window
+        ):
+            self._crops.clear()
+            self._crops_of = (self.volume, self.window)
+        key = tuple((r.start, r.stop) for r in region)
+        crop = self._crops.get(key)
+        if crop is None:
+            crop = SegmentationSession(
+                crop_volume(self.volume, region),
+                self.predictor,
+                self.axis,
+                window=self.window,
+                cache_bytes=self.cache_bytes,
+                disk_cache=self.disk_cache,
+                model_id=self.model_id,
+            )
+            crop.window_source, crop.region, crop._parent = self.window_source, region, self
+            self._crops[key] = crop
+            while len(self._crops) > CROP_SESSIONS:
+                self._crops.popitem(last=False)
+        self._crops.move_to_end(key)
+        return crop
+
+    def crop_sessions(self) -> list[SegmentationSession]:
+        """The crop sessions kept (see :meth:`crop`), the most recently used first."""
+        return list(reversed(self._crops.values()))
+
+    def cached_bytes(self) -> int:
+        """Bytes of the encoded slices held in memory by this session and its crops."""
+        sessions = [self, *self._crops.values()]
+        return sum(e.features.nbytes for s in sessions for e in s._cache.values())
 
     def answered(self, index: int, prompt: SlicePrompt, prediction: Prediction) -> None:
         """Remember the answer to a user's prompt on slice ``index`` (see
@@ -373,10 +426,25 @@ class SegmentationSession:
 
     def _remember(self, index: int, encoded: EncodedSlice) -> None:
         self._cache[index] = encoded
-        total = sum(e.features.nbytes for e in self._cache.values())
-        while total > self.cache_bytes and len(self._cache) > 1:
-            _, dropped = self._cache.popitem(last=False)
-            total -= dropped.features.nbytes
+        (self._parent or self)._fit(self)
+
+    def _fit(self, using: SegmentationSession) -> None:
+        """Drop encoded slices, oldest first, until this session's and its crops' fit in
+        ``cache_bytes`` besides the newest slice of each crop (kept for a correction
+        click; at most :data:`CROP_SESSIONS` slices more): the crops' go first (the
+        least recently used crop first, ``using`` last), then this session's when it is
+        ``using``. A crop never takes this session's slices, nor does its newest slice
+        take their room: the server and the panel encode ahead as many slices as
+        ``cache_bytes`` holds after every click, and one taken from them would be
+        encoded again, pushing out the next (an LRU cache under a scan)."""
+        crops = [c for c in self._crops.values() if c._cache]
+        newest = sum(next(reversed(c._cache.values())).features.nbytes for c in crops)
+        order = [c for c in self._crops.values() if c is not using] + [using]
+        total = self.cached_bytes()
+        for session in order:
+            while total > self.cache_bytes + newest and len(session._cache) > 1:
+                _, dropped = session._cache.popitem(last=False)
+                total -= dropped.features.nbytes
 
     def cache_key(self) -> str:
         """Content key of this volume + axis + window + model (for the disk cache)."""

@@ -42,9 +42,7 @@ def zoom_region(
     """``(K, J, I)`` slices of the crop: in-plane, the box of ``roi`` and ``points``
     (``Nx3`` RAS, so that no prompt falls outside) widened by ``margin`` x its size on
     each side and clipped to the volume; along ``axis``, every slice."""
-    ras = [roi.corners_ras(), *(p for p in points if p is not None and len(p))]
-    kji = volume.ras_to_ijk_points(np.concatenate(ras))[:, ::-1]
-    low, high = kji.min(axis=0), kji.max(axis=0)
+    low, high = _bounds(volume, roi, points)
     extent = high - low
     # rounded first: a box edge on a voxel edge comes back from RAS as 19.000000000004
     low = np.floor(np.round(low - margin * extent, 6)).astype(int)
@@ -57,6 +55,35 @@ def zoom_region(
             start, stop = int(np.clip(low[dim], 0, size - 1)), int(np.clip(high[dim], 1, size))
             region.append(_at_least(start, stop, min(MIN_SLICE_SIDE, size), size))
     return tuple(region)
+
+
+def holds(
+    volume: Volume,
+    axis: int,
+    region: tuple[slice, slice, slice],
+    roi: Roi,
+    points: Sequence[np.ndarray | None] = (),
+) -> bool:
+    """Whether the crop ``region`` (``K, J, I`` slices) holds ``roi`` and ``points``
+    (``Nx3`` RAS) in-plane, as :func:`zoom_region` made it hold them (margin 0)."""
+    low, high = _bounds(volume, roi, points)
+    low = np.floor(np.round(low, 6)).astype(int)
+    high = np.ceil(np.round(high, 6)).astype(int) + 1
+    return all(
+        region[dim].start <= max(low[dim], 0) and min(high[dim], size) <= region[dim].stop
+        for dim, size in enumerate(volume.shape)
+        if dim != axis
+    )
+
+
+def _bounds(
+    volume: Volume, roi: Roi, points: Sequence[np.ndarray | None]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The lowest and highest ``(K, J, I)`` voxel coordinates of ``roi``'s corners and
+    ``points`` (``Nx3`` RAS)."""
+    ras = [roi.corners_ras(), *(p for p in points if p is not None and len(p))]
+    kji = volume.ras_to_ijk_points(np.concatenate(ras))[:, ::-1]
+    return kji.min(axis=0), kji.max(axis=0)
 
 
 def _at_least(start: int, stop: int, width: int, size: int) -> slice:

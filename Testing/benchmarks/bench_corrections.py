@@ -11,16 +11,21 @@ and the Segment Editor effect's flow. ``refined``: one session, so each correcti
 the slice's last mask fed back (``SegmentationSession.correcting``) and, after a point,
 the box the point search found for it (``kept_box``); ``afresh``: a new session per
 request, so neither (the behaviour before: after a point, a new search per click).
-Prints the mean Dice after each step on the slice.
+Prints the mean Dice after each step on the slice. ``--zoom``: zoom "auto" (a small
+target's box is segmented on a crop, ``zoom.py``), no disk cache, and the mean seconds
+and encoder calls per correction request too; e.g. ``--targets lesion --seeds 0 1 2 3
+--zoom``: a lesion of about 8 px in 96 px slices, whose box zooms.
 
     PYTHONPATH=. .venv/bin/python Testing/benchmarks/bench_corrections.py \
-        [--models robustmedsam-lite litemedsam] [--clicks 3] [--first box|point]
+        [--models robustmedsam-lite litemedsam] [--clicks 3] [--first box|point] \
+        [--targets liver spleen kidney_left aorta] [--seeds 2] [--zoom]
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -36,12 +41,7 @@ from RobustMedSAMLib.inference.segment_volume import SegmentOptions, VolumePromp
 from RobustMedSAMLib.inference.session import SegmentationSession
 from RobustMedSAMLib.inference.slicing import slice_box_roi
 
-SCENES = [
-    (texture, target)
-    for texture in ("ct", "mr")
-    for target in ("liver", "spleen", "kidney_left", "aorta")
-]
-OPTIONS = SegmentOptions(propagate=False, zoom=False)
+TARGETS = ["liver", "spleen", "kidney_left", "aorta"]
 
 
 def ras(volume: Volume, k: int, xy: list[tuple[float, float]]) -> np.ndarray | None:
@@ -53,10 +53,18 @@ def ras(volume: Volume, k: int, xy: list[tuple[float, float]]) -> np.ndarray | N
 
 
 def run_scene(
-    predictor, texture: str, target: str, clicks: int, refined: bool, cache: str, first: str
-) -> list[float]:
-    """Dice on the slice after the first prompt and after each correction."""
-    phantom = organ_scene(target=target, texture=texture, seed=2)
+    predictor,
+    scene: tuple[str, str, int],
+    clicks: int,
+    refined: bool,
+    cache: str | None,
+    first: str,
+    zoom: bool,
+) -> tuple[list[float], list[float]]:
+    """Dice on the slice after the first prompt and after each correction, and the
+    seconds and encoder calls of each correction request."""
+    texture, target, seed = scene
+    phantom = organ_scene(target=target, texture=texture, seed=seed)
     volume = Volume(phantom.image.astype(np.float32), phantom.ijk_to_ras, target)
     k = int(np.argmax(phantom.mask.sum(axis=(1, 2))))
     truth = phantom.mask[k]
@@ -70,19 +78,24 @@ def run_scene(
     def session() -> SegmentationSession:
         return SegmentationSession(volume, predictor, 0, disk_cache=cache, model_id=target)
 
+    options = SegmentOptions(propagate=False, zoom="auto" if zoom else False)
     current = session()
     positive = [] if first == "box" else [(float(col), float(row))]
-    negative, scores = [], []
+    negative, scores, seconds, encodes = [], [], [], []
     for step in range(clicks + 1):
         if not refined:
             current = session()
         prompts = VolumePrompts(ras(volume, k, positive), ras(volume, k, negative), roi)
-        mask = segment_volume(current, prompts, OPTIONS).mask[k]
+        start, calls = time.perf_counter(), current.stats.encoder_calls
+        mask = segment_volume(current, prompts, options).mask[k]
+        if step:
+            seconds.append(time.perf_counter() - start)
+            encodes.append(current.stats.encoder_calls - calls)
         scores.append(dice(mask, truth))
         click = correction_point(mask, truth) if step < clicks else None
         if click is not None:
             (positive if click.label else negative).append((click.x, click.y))
-    return scores
+    return scores, seconds, encodes
 
 
 def main() -> None:
@@ -90,19 +103,28 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["robustmedsam-lite", "litemedsam"])
     parser.add_argument("--clicks", type=int, default=3)
     parser.add_argument("--first", choices=("box", "point"), default="box")
+    parser.add_argument("--targets", nargs="+", default=TARGETS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[2])
+    parser.add_argument("--zoom", action="store_true")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
+    scenes = [(t, name, s) for t in ("ct", "mr") for name in args.targets for s in args.seeds]
     for name in args.models:
         predictor = load_named_model(name, device="cpu").predictor()
-        with tempfile.TemporaryDirectory() as cache:
+        with tempfile.TemporaryDirectory() as folder:
+            cache = None if args.zoom else folder  # zoom: the encoder's time counts
             for refined in (True, False):
-                rows = [
-                    run_scene(predictor, texture, target, args.clicks, refined, cache, args.first)
-                    for texture, target in SCENES
+                runs = [
+                    run_scene(predictor, scene, args.clicks, refined, cache, args.first, args.zoom)
+                    for scene in scenes
                 ]
-                mean = " ".join(f"{value:.3f}" for value in np.mean(rows, axis=0))
+                mean = " ".join(f"{value:.3f}" for value in np.mean([r[0] for r in runs], axis=0))
                 label = "refined" if refined else "afresh"
-                print(f"{name:18} {label:8} Dice after the {args.first}, then each click: {mean}")
+                line = f"{name:18} {label:8} Dice after the {args.first}, then each click: {mean}"
+                if args.zoom:
+                    seconds, encodes = np.mean([r[1] for r in runs]), np.mean([r[2] for r in runs])
+                    line += f"; a click {seconds:.2f} s, {encodes:.2f} encoder calls"
+                print(line, flush=True)
 
 
 if __name__ == "__main__":
