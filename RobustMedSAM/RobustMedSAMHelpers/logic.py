@@ -68,6 +68,7 @@ from RobustMedSAMLib.inference.types import SliceResult
 from RobustMedSAMLib.names import (
     AXIS_NAMES,
     CORRUPTION_NAMES,
+    DEFAULT_BOX_EXTENSION,
     DEFAULT_LIKENESS,
     DEFAULT_MODEL,
     DEFAULT_STABILITY,
@@ -137,7 +138,7 @@ class RobustMedSAMParameterNode:
     min_likeness: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULT_LIKENESS
     min_stability: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULT_STABILITY
     seed_box_growth: Annotated[float, WithinRange(0.0, 1.0)] = SEED_BOX_GROWTH
-    box_extension: Annotated[float, WithinRange(0.0, 1.0)] = 0.1
+    box_extension: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULT_BOX_EXTENSION
     stop_between_seeds: bool = False
     zoom_to_box: bool = False
     slice_step: Annotated[int, WithinRange(1, 5)] = 1

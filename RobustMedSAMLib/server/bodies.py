@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from RobustMedSAMLib.inference.propagation import PropagationOptions
 from RobustMedSAMLib.names import (
+    DEFAULT_BOX_EXTENSION,
     DEFAULT_LIKENESS,
     DEFAULT_OVERLAP,
     DEFAULT_STABILITY,
@@ -53,7 +54,7 @@ class Options(_Body):
     bounds: tuple[int, int] | None = None
     max_slices: int | None = Field(None, ge=0)
     zoom: bool | Literal["auto"] = "auto"  # as SegmentOptions.zoom
-    box_extension: float = Field(0.1, ge=0)
+    box_extension: float = Field(DEFAULT_BOX_EXTENSION, ge=0)
     stop_between_seeds: bool = False
     refine_steps: int | None = Field(None, ge=0, le=8)  # None: the pipeline's default
     slice_step: int = Field(1, ge=1, strict=True)  # ask every N-th slice, fill the rest
