@@ -25,7 +25,7 @@ import numpy as np
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.formats.markups import Roi
 from RobustMedSAMLib.inference.mask_prompts import mask_box
-from RobustMedSAMLib.inference.point_search import search_point
+from RobustMedSAMLib.inference.point_search import ANSWER_EXTENSION, search_point
 from RobustMedSAMLib.inference.propagation import (
     REFINE_SAME_BOX,
     REFINE_STEPS,
@@ -467,11 +467,12 @@ def _from_points(
     cancel: Cancel | None,
 ) -> SegmentationResult:
     """Points on one slice: search the candidates (``point_search.py``), then segment the
-    chosen mask's box (+``box_extension``) as a flat ROI on that slice: the box rules
-    (zoom, propagation, stop rules) follow. With no eligible candidate, the points go
-    to the model as they are. Points that add to those of the session's last search on
-    that slice (a correction click) go with the box found then, and that slice's last
-    mask (``SegmentationSession.kept_box``, ``correcting``), without a new search."""
+    chosen mask's box (+``ANSWER_EXTENSION``, as the 2D answer) as a flat ROI on that
+    slice: the box rules (zoom, propagation, stop rules) follow. With no eligible
+    candidate, the points go to the model as they are. Points that add to those of the
+    session's last search on that slice (a correction click) go with the box found then,
+    and that slice's last mask (``SegmentationSession.kept_box``, ``correcting``), without
+    a new search."""
     volume, axis = session.volume, session.axis
     ((index, prompt),) = prompts_for_slice(volume, axis, prompts.positive, prompts.negative).items()
     takes_points = session.takes_points
@@ -501,7 +502,7 @@ def _from_points(
         result = segment_volume(session, prompts, options, progress, cancel, search=False)
         result.decisions.point = record
         return result
-    box = mask_box(choice.prediction.mask, options.propagation.box_extension)
+    box = mask_box(choice.prediction.mask, ANSWER_EXTENSION)
     record.update(chosen=choice.chosen, source=best.source, box=box.tolist())
     session.keep_box(index, prompt, box)
     boxed = VolumePrompts(

@@ -12,7 +12,7 @@ Dice separates the causes:
   the defaults (auto zoom);
 - ``box_nozoom``: the same without zoom (what carrying the box costs);
 - ``box_wide``: without zoom, the carried box grown by ``--extension`` per side
-  instead of 10 % (a box that lags a fast-changing shape);
+  instead of the default ``box_extension`` (a box that lags a fast-changing shape);
 - ``box_refine`` / ``box_nozoom_refine``: ``box`` / ``box_nozoom`` with each propagated
   slice asked again with its own mask's box (``PropagationOptions.refine_steps``,
   ``--refine``).
@@ -87,7 +87,7 @@ def run(session: SegmentationSession, truth: np.ndarray, variant: str, extension
         return mask, {"crop": [[r.start, r.stop] for r in region]}
     zoom = "auto" if variant in ("box", "box_refine") else False
     steps = refine if variant.endswith("refine") else 0
-    widen = extension if variant == "box_wide" else 0.1
+    widen = extension if variant == "box_wide" else PropagationOptions().box_extension
     propagation = PropagationOptions(box_extension=widen, refine_steps=steps)
     options = SegmentOptions(propagate=True, zoom=zoom, propagation=propagation)
     result = segment_volume(session, VolumePrompts(roi=roi), options)
