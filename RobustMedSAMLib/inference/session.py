@@ -223,8 +223,16 @@ class SegmentationSession:
         progress: Progress | None = None,
         cancel: Callable[[], bool] | None = None,
     ) -> None:
-        """Encode slices ahead of use, in the given order (nearest the prompt first)."""
+        """Encode slices ahead of use, in the given order (nearest the prompt first).
+
+        The slices of ``indices`` already held are marked used first, the first needed
+        last, so that the slices this pass encodes push out others (then those it needs
+        last), not the ones it is about to ask for: in plain LRU order a full cache lost
+        each held slice just before the pass reached it, and every one was encoded again."""
         order = list(indices)
+        for index in reversed(order):
+            if index in self._cache:
+                self._cache.move_to_end(index)
         for done, index in enumerate(order, start=1):
             if cancel is not None and cancel():
                 raise CancelledError("encoding cancelled")

@@ -56,6 +56,20 @@ def test_memory_bound_evicts_oldest(volume, tiny_predictor):
     assert session.stats.encoder_calls == 3  # slice 3 was evicted, encoded again
 
 
+def test_an_encode_pass_over_a_full_cache_encodes_only_what_is_missing(volume, tiny_predictor):
+    """The panel's encode-ahead after a click on a slice not held: the cache holds four
+    slices (5-8; 4 was pushed out by 8), the pass asks for 4-7. Only 4 is encoded; in
+    plain LRU order 4 pushed out 5, 5 pushed out 6, ...: four encodes."""
+    session = SegmentationSession(volume, tiny_predictor)
+    session.encoded(0)
+    session.cache_bytes = 4 * session.cached_bytes()
+    for index in range(4, 9):
+        session.encoded(index)
+    session.stats.encoded.clear()
+    session.encode_slices([4, 5, 6, 7])
+    assert session.stats.encoded == [4]
+
+
 def test_disk_cache_gives_identical_masks(tmp_path, volume, tiny_predictor):
     first = SegmentationSession(volume, tiny_predictor, disk_cache=tmp_path, model_id="m")
     want = first.segment_slice(10, session_prompt())
