@@ -25,9 +25,9 @@ OVERLAP_MEASURES = ("iou", "containment")
 DEFAULT_OVERLAP = 0.5  # stop rules' defaults, measured on phantoms (docs/propagation.md)
 DEFAULT_LIKENESS = 0.5
 DEFAULT_STABILITY = 0.2
-# each side of the box carried to the next slice moves out by this fraction per slice of
-# distance; measured on corrupted phantoms (bench_degraded_propagation.py, docs/propagation.md)
-DEFAULT_BOX_EXTENSION = 0.05
+# each side of the box carried to the next slice moves out by this fraction (5 % won on
+# corrupted phantoms and lost on the real scans: docs/propagation.md, "The carried box's margin")
+DEFAULT_BOX_EXTENSION = 0.1
 # each side of a box drawn on a slice moves out by this fraction before the first ask
 # (SegmentOptions.seed_box_growth); measured on phantoms, docs/propagation.md
 SEED_BOX_GROWTH = 0.05

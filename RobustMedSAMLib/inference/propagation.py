@@ -90,12 +90,10 @@ class PropagationOptions:
     ``n_negative`` exterior points; ``"points_and_mask"``: those points plus
     ``mask_input``; ``"single_point"``: the deepest interior point alone.
     box_extension: each side of the box moves out by this fraction of the box's
-    width / height (at least 1 px when > 0), so the object has room to grow (micro-sam's
-    default is 0); the same over a jump of ``slice_step`` slices (a margin growing with
-    the jump lost on a phantom ball at step 3: Dice 0.88 against 0.96). Default 0.05:
-    on corrupted phantoms a box-prompted model fills a loose box, and the bloated
-    mask's box carried on bloats the next (0.1 lost 0.03-0.07 against 0.05, clean and
-    degraded; docs/propagation.md).
+    width / height (at least 1 px when > 0), the same over a jump of ``slice_step``
+    slices. Default 0.1 leaves the object room to grow from one slice to the next
+    (micro-sam's default is 0); 0.05 won on corrupted phantoms and lost on the labelled
+    real scans (docs/propagation.md, "The carried box's margin").
     n_positive: the deepest point of each sizeable component, then points spread
     over the interior core (distance to the edge >= half its maximum).
     n_negative: points spread around a ring outside the mask, at

@@ -103,12 +103,9 @@ def test_a_model_trained_without_mask_prompts_is_never_fed_its_logits(prompts, f
     assert _dice(result.mask, phantom.mask) > 0.9
 
 
-MOVING_MARGIN = 0.1  # the margin this was measured with (the default since: 0.05)
-
-
 def _moving_lesion():
     """A tilted ellipsoid on 6.5 mm slices: its cross-section moves 8.5 px per slice,
-    more than the carried box grows by (``MOVING_MARGIN``)."""
+    more than the 10 % the carried box grows by."""
     phantom = phantoms.ellipsoid((14, 96, 96), (0.8, 0.8, 6.5), (7.0, 5.0, 30.0),
                                  (0.0, 50.0, 0.0), contrast=150.0, noise=10.0)  # fmt: skip
     volume = Volume(phantom.image.astype(np.float32), phantom.ijk_to_ras, "moving")
@@ -122,7 +119,7 @@ def test_refining_each_slice_follows_a_cross_section_that_moves_between_thick_sl
 
     def run(refine_steps: int):
         session = SegmentationSession(volume, BoxBlobPredictor(115.0), window=(-160, 240))
-        propagation = PropagationOptions(refine_steps=refine_steps, box_extension=MOVING_MARGIN)
+        propagation = PropagationOptions(refine_steps=refine_steps)
         options = SegmentOptions(propagate=True, zoom=False, propagation=propagation)
         return segment_volume(session, prompt, options), session.stats.decoder_calls
 
