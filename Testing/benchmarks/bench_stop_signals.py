@@ -113,9 +113,7 @@ def walk_rows(
         m = prediction.mask
         mask[offset[0] : offset[0] + m.shape[0], offset[1] : offset[1] + m.shape[1]] = m
         true = truth[index]
-        image = crop_session.slice_image(index).astype(np.float32)
-        low, high = crop_session.window
-        scaled = np.clip((image - low) / (high - low), 0, 1)
+        scaled = crop_session.windowed(index)  # the slice as the likeness rule sees it
         logits = prediction.low_res_logits[0]
         inside = logits > 0
         prob = float(torch.sigmoid(torch.as_tensor(logits[inside])).mean()) if inside.any() else 0
