@@ -17,7 +17,7 @@ from RobustMedSAMLib.formats.volume import Volume, write_volume
 from RobustMedSAMLib.inference.loader import load_named_model
 from RobustMedSAMLib.inference.segment_volume import SegmentOptions, VolumePrompts, segment_volume
 from RobustMedSAMLib.inference.session import CROP_SESSIONS, SegmentationSession
-from RobustMedSAMLib.inference.slicing import ijk_box_roi, slice_box_roi
+from RobustMedSAMLib.inference.slicing import ijk_box_roi, slice_box_roi, slice_point_ras
 from RobustMedSAMLib.inference.zoom import crop_volume, zoom_region
 
 ROTATED = np.array(
@@ -157,7 +157,8 @@ def _lesion() -> tuple[Volume, FeedRecorder, SegmentationSession]:
 
 
 def _ras(volume: Volume, x: float, y: float, k: int = 2) -> np.ndarray:
-    return (volume.ijk_to_ras @ np.array([x, y, k, 1.0]))[None, :3]
+    """Slice ``k``'s pixel ``(x, y)`` as a ``1x3`` RAS point list."""
+    return slice_point_ras(volume, 0, k, (x, y))[None]
 
 
 def _ask(session: SegmentationSession, recorder: FeedRecorder, prompts: VolumePrompts):
