@@ -132,6 +132,36 @@ def tube(
     return Phantom(image, inside, _spacing(spacing), labels, {1: "tube"})
 
 
+def rim_lesion(
+    shape: Shape = (16, 128, 128),
+    spacing: Vec3 = (0.8, 0.8, 5.0),
+    radius: float = 9.0,
+    rim: float = 2.5,
+    intensities: tuple[float, float] = (165.0, 27.0),
+    seed: int = 0,
+) -> Phantom:
+    """A ring-enhancing lesion on thick MR slices: a ball of ``radius`` mm whose outer
+    ``rim`` mm is bright and whose core is dark (``intensities``: rim, core), so that
+    its mean on its central slice is close to what surrounds it; beside it, two tubes
+    through every slice (one dark, one bright), which a box carried past the lesion's
+    end finds. ``mask``: the lesion (label 1 rim, 2 core; 3 and 4 the tubes)."""
+    x, y, z = _grid_mm(shape, spacing)
+    cx, cy, cz = _center(shape, spacing, None)
+    distance = np.sqrt((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2)
+    lesion = np.broadcast_to(distance <= radius, shape)
+    labels = np.zeros(shape, np.uint8)
+    tubes = [(radius + 5.0, 0.0, 5.0), (-(radius + 3.0), 0.6 * radius, 4.0)]
+    for value, (dx, dy, tube_radius) in enumerate(tubes, start=3):
+        disc = (x - cx - dx) ** 2 + (y - cy - dy) ** 2 <= tube_radius**2
+        labels[np.broadcast_to(disc, shape)] = value
+    labels[lesion & (distance > radius - rim)] = 1
+    labels[lesion & (distance <= radius - rim)] = 2
+    table = {1: intensities[0], 2: intensities[1], 3: 40.0, 4: 170.0}
+    image = _texture(labels, table, MR_BACKGROUND, "mr", None, seed)
+    names = {1: "rim", 2: "core", 3: "dark_tube", 4: "bright_tube"}
+    return Phantom(image, lesion.copy(), _spacing(spacing), labels, names)
+
+
 # name -> (CT HU, MR intensity); drawn in this order, later objects over earlier ones.
 ORGAN_INTENSITIES: dict[str, tuple[float, float]] = {
     "body": (CT_BACKGROUND_HU, MR_BACKGROUND),

@@ -86,16 +86,22 @@ def exterior_points(mask: np.ndarray, n: int) -> np.ndarray:
     return (chosen_rc[:, ::-1] + (col0, row0)).astype(np.float32)
 
 
-def intensity_contrast(image: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
-    """``(mean inside, mean of the ring around)`` ``mask`` on ``image`` ``(rows, cols)``.
-    The ring: 2 to ``2 + max(3, r / 3)`` px outside the mask (``r``: radius of a disc of
-    its area), past the edge's partial-volume pixels; the slice's mean when the mask
-    leaves no ring (it fills the slice)."""
+def ring_around(mask: np.ndarray) -> np.ndarray:
+    """The pixels 2 to ``2 + max(3, r / 3)`` px outside ``mask`` (``r``: radius of a disc
+    of its area): what surrounds it, past the edge's partial-volume pixels."""
     mask = np.asarray(mask, bool)
-    image = np.asarray(image, np.float32)
     outside = ndimage.distance_transform_edt(~mask)
     width = max(3.0, math.sqrt(float(mask.sum()) / math.pi) / 3)
-    ring = (outside >= 2) & (outside < 2 + width)
+    return (outside >= 2) & (outside < 2 + width)
+
+
+def intensity_contrast(image: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """``(mean inside, mean of the ring around)`` ``mask`` on ``image`` ``(rows, cols)``
+    (the ring: :func:`ring_around`; the slice's mean when the mask leaves no ring, as
+    when it fills the slice)."""
+    mask = np.asarray(mask, bool)
+    image = np.asarray(image, np.float32)
+    ring = ring_around(mask)
     inside = float(image[mask].mean()) if mask.any() else float(image.mean())
     around = float(image[ring].mean()) if ring.any() else float(image.mean())
     return inside, around

@@ -247,6 +247,15 @@ class Preprocessor:
             return (xy * (self.image_size / max(rows, cols))).astype(np.float32)
         return (xy * np.array([in_cols / cols, in_rows / rows])).astype(np.float32)
 
+    def grid_cover(self, masks: np.ndarray, frame: Frame, grid: tuple[int, int]) -> torch.Tensor:
+        """``N x rows x cols`` slice masks -> ``N x h x w``: the fraction of each cell of the
+        image embedding's ``grid`` that each mask covers, placed as the slice is in the
+        model input (resized to ``frame.input_size``, padded to ``S x S``)."""
+        tensor = torch.as_tensor(np.asarray(masks, np.float32))[:, None]
+        resized = F.interpolate(tensor, frame.input_size, mode="bilinear", align_corners=False)
+        pad = (0, self.image_size - frame.input_size[1], 0, self.image_size - frame.input_size[0])
+        return F.adaptive_avg_pool2d(F.pad(resized, pad), grid)[:, 0]
+
     def mask_logits(self, low_res: torch.Tensor, frame: Frame) -> torch.Tensor:
         """``B x M x L x L`` low-res logits -> ``B x M x rows x cols`` logits on the slice."""
         if self.style in LONGEST_SIDE_STYLES:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -41,6 +41,7 @@ from RobustMedSAMLib.inference.mask_prompts import (
     intensity_contrast,
     interior_points,
     mask_box,
+    ring_around,
 )
 from RobustMedSAMLib.inference.types import Prediction, SlicePrompt, SliceSegmenter
 from RobustMedSAMLib.names import (
@@ -72,11 +73,17 @@ STOP_REASONS = (
 # (bench_stop_signals.py), measured on phantoms, live in names.py (the CLI and the panel
 # import them without torch)
 MIN_CONTRAST = 0.05
+"""Least |seed inside - seed ring| (window units, 0..1) for the likeness rule to judge."""
+MIN_FEATURE_CONTRAST = 0.02
+"""Least cosine distance between the embedding's means over the seed and its ring for
+the feature likeness to judge (see ``seed_reference``)."""
+Features = Callable[[int, Sequence[np.ndarray]], np.ndarray]
+"""``(slice index, masks) -> N x C``: the slice's mean image embedding under each mask."""
+SliceFeatures = Callable[[Sequence[np.ndarray]], np.ndarray]
 REFINE_SAME_BOX = 0.9
 """A refined box whose IoU with the box before is at least this ends the refinement."""
 REFINE_STEPS = 0
 """The pipeline's ``refine_steps``: off, the phantoms were mixed (docs/propagation.md)."""
-"""Least |seed inside - seed ring| (window units, 0..1) for the likeness rule to judge."""
 
 
 @dataclass
@@ -124,7 +131,10 @@ class PropagationOptions:
     given, with a predicted IoU and stability as high as on the structure
     (measured: bench_stop_signals.py); only what the blob holds tells. Needs the
     ``images`` of :func:`propagate`; off for a seed whose contrast with its ring is
-    under ``MIN_CONTRAST``.
+    under ``MIN_CONTRAST`` unless ``features`` are given to :func:`propagate`: then
+    the same measure is taken on the image embedding's means (the seed's, its ring's,
+    the new mask's), off when those differ by a cosine distance under
+    ``MIN_FEATURE_CONTRAST``.
     min_stability: stop when the model's stability score (IoU of its mask at logits
     +1 and -1) is under it (default 0.2; 0 disables): on phantoms it fell to 0.04-0.09
     only where the model jumped to a neighbour, and stayed >= 0.25 on the structure.
@@ -193,7 +203,8 @@ class SliceRecord:
     """One slice the model answered (or a seed: direction 0, score and overlap NaN).
 
     overlap: IoU (or containment) with the slice it was derived from; likeness: see
-    ``PropagationOptions.min_likeness`` (NaN when not measured).
+    ``PropagationOptions.min_likeness`` (NaN when not measured) and what it was measured
+    on (``likeness_from``).
     """
 
     index: int
@@ -204,6 +215,7 @@ class SliceRecord:
     area: int
     stability: float = math.nan
     likeness: float = math.nan
+    likeness_from: str = ""  # "intensity" or "features" (LikenessReference.source)
 
 
 @dataclass
@@ -254,7 +266,7 @@ class _Front:
     logits: np.ndarray | None = None
     areas: list[int] = field(default_factory=list)
     stop: DirectionStop | None = None
-    reference: tuple[float, float] | None = None  # seed's (inside, ring) mean intensity
+    reference: LikenessReference | None = None  # what the seed held and what surrounded it
 
     @property
     def next(self) -> int:
@@ -359,6 +371,7 @@ def propagate(
     seed_logits: Mapping[int, np.ndarray] | None = None,
     allowed: np.ndarray | None = None,
     images: Callable[[int], np.ndarray] | None = None,
+    features: Features | None = None,
 ) -> PropagationResult:
     """Grow seed masks ``{slice index: (rows, cols) mask}`` into a 3D mask.
 
@@ -375,7 +388,9 @@ def propagate(
     new mask is clipped to it, and each carried box is cut to its footprint on the
     next slice (the box of its pixels there). ``images(index)`` gives slice ``index``
     as the model sees it, ``(rows, cols)`` float in 0..1 (windowed), for the likeness
-    rule (off without it).
+    rule (off without it); ``features(index, masks)`` the slice's mean image embedding
+    under each mask (``SegmentationSession.mask_features``), for the likeness rule on a
+    seed too faint against its ring to judge by intensity (``seed_reference``).
     """
     options = options or PropagationOptions()
     options.validate()
@@ -396,7 +411,9 @@ def propagate(
         front.areas.append(int(masks[front.seed].sum()))
         front.logits = logits.get(front.seed)
         if images is not None and options.min_likeness > 0:
-            front.reference = seed_reference(images(front.seed), masks[front.seed])
+            front.reference = seed_reference(
+                images(front.seed), masks[front.seed], _on_slice(features, front.seed)
+            )
     records = [SliceRecord(z, z, 0, math.nan, math.nan, int(m.sum())) for z, m in masks.items()]
     is_cancelled = cancel_check(cancel)
     if progress is not None:
@@ -404,7 +421,7 @@ def propagate(
     while (front := schedule.next_front()) is not None:
         if is_cancelled():
             raise CancelledError("propagation cancelled; no mask was changed")
-        record = _advance(segmenter, front, schedule, volume, options, images)
+        record = _advance(segmenter, front, schedule, volume, options, images, features)
         if record is not None:
             records.append(record)
         if progress is not None:
@@ -488,6 +505,7 @@ def _advance(
     volume: np.ndarray,
     options: PropagationOptions,
     images: Callable[[int], np.ndarray] | None = None,
+    features: Features | None = None,
 ) -> SliceRecord | None:
     """Ask the model for ``front.next``; keep it or stop the front. Returns the kept record."""
     index = front.next
@@ -522,7 +540,8 @@ def _advance(
         float(getattr(prediction, "stability", math.nan)),
     )
     if front.reference is not None and images is not None and record.area:
-        record.likeness = likeness(images(index), mask, front.reference)
+        record.likeness = front.reference.likeness(images(index), mask, _on_slice(features, index))
+        record.likeness_from = front.reference.source
     reason = _stop_reason(record, front, options)
     logger.debug(
         "slice %d: score %.3f overlap %.3f area %d",
@@ -691,21 +710,61 @@ def _stop_reason(record: SliceRecord, front: _Front, options: PropagationOptions
     return None
 
 
-def seed_reference(image: np.ndarray, mask: np.ndarray) -> tuple[float, float] | None:
-    """``(mean inside, mean of the ring around)`` ``mask`` on ``image`` ``(rows, cols)``
-    (0..1), or None when they differ by less than ``MIN_CONTRAST`` (nothing to judge by);
-    see :func:`mask_prompts.intensity_contrast`."""
-    if not np.asarray(mask, bool).any():
+@dataclass(frozen=True)
+class LikenessReference:
+    """What a seed mask held and what surrounded it (its ring, ``ring_around``): mean
+    intensities of the windowed slice (``source`` ``"intensity"``), or, where those
+    differ by less than ``MIN_CONTRAST``, the image embedding's means under each
+    (``"features"``, see ``SegmentationSession.mask_features``)."""
+
+    source: str
+    held: np.ndarray
+    around: np.ndarray
+
+    def likeness(
+        self, image: np.ndarray, mask: np.ndarray, features: SliceFeatures | None
+    ) -> float:
+        """Where ``mask``'s mean on this slice lies on the line from the seed's ring (0)
+        to what the seed held (1): the ``image`` ``(rows, cols)`` intensities, or the
+        embedding that ``features`` gives."""
+        mask = np.asarray(mask, bool)
+        if self.source == "intensity":
+            value = np.array([np.asarray(image, np.float32)[mask].mean()])
+        else:
+            value = np.asarray(features([mask])[0], np.float64)  # type: ignore[misc]
+        axis = self.held - self.around
+        return float((value - self.around) @ axis / (axis @ axis))
+
+
+def seed_reference(
+    image: np.ndarray, mask: np.ndarray, features: SliceFeatures | None = None
+) -> LikenessReference | None:
+    """The likeness rule's reference for a seed ``mask`` on ``image`` ``(rows, cols)``
+    (0..1): its intensity contrast with its ring (:func:`mask_prompts.intensity_contrast`)
+    when at least ``MIN_CONTRAST``; else, with ``features`` (the slice's mean embedding
+    under given masks), the embedding's contrast when their cosine distance is at least
+    ``MIN_FEATURE_CONTRAST``; else None (nothing to judge by)."""
+    mask = np.asarray(mask, bool)
+    if not mask.any():
         return None
-    inside, around = intensity_contrast(image, mask)
-    return (inside, around) if abs(inside - around) >= MIN_CONTRAST else None
+    held, around = intensity_contrast(image, mask)
+    if abs(held - around) >= MIN_CONTRAST:
+        return LikenessReference("intensity", np.array([held]), np.array([around]))
+    ring = ring_around(mask)
+    if features is None or not ring.any():
+        return None
+    held_f, around_f = np.asarray(features([mask, ring]), np.float64)
+    norms = np.linalg.norm(held_f) * np.linalg.norm(around_f)
+    if norms == 0 or 1 - float(held_f @ around_f) / norms < MIN_FEATURE_CONTRAST:
+        return None
+    return LikenessReference("features", held_f, around_f)
 
 
-def likeness(image: np.ndarray, mask: np.ndarray, reference: tuple[float, float]) -> float:
-    """Where the mean of ``image`` inside ``mask`` lies between the seed's ring (0) and
-    the seed's inside (1) of ``reference`` (see :func:`seed_reference`)."""
-    inside, around = reference
-    return (float(np.asarray(image)[np.asarray(mask, bool)].mean()) - around) / (inside - around)
+def _on_slice(features: Features | None, index: int) -> SliceFeatures | None:
+    """``features`` bound to slice ``index``."""
+    if features is None:
+        return None
+    return lambda masks: features(index, masks)
 
 
 def _overlap(a: np.ndarray, b: np.ndarray, measure: str) -> float:

@@ -201,6 +201,7 @@ class SliceScore:
     source: str  # "prompt", "propagated" or "filled" (interpolated, not asked)
     stability: float = math.nan  # the model's stability score (see predictor.py)
     likeness: float = math.nan  # see PropagationOptions.min_likeness
+    likeness_from: str = ""  # what likeness was measured on: "intensity" or "features"
 
 
 @dataclass
@@ -330,6 +331,7 @@ def _segment_and_propagate(
             seed_logits={i: logits[i] for i in nonempty},
             allowed=allowed,
             images=lambda index: windowed_slice(session, index),
+            features=session.mask_features,
         )
         for record in result.records:
             if record.direction != 0:
@@ -343,6 +345,7 @@ def _segment_and_propagate(
                         "propagated",
                         record.stability,
                         record.likeness,
+                        record.likeness_from,
                     )
                 )
         for index in result.filled:

@@ -16,7 +16,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -186,6 +186,20 @@ class SegmentationSession:
             self._save_to_disk(index, encoded)
         self._remember(index, encoded)
         return encoded
+
+    def mask_features(self, index: int, masks: Sequence[np.ndarray]) -> np.ndarray:
+        """``N x C`` float32: the mean of slice ``index``'s image embedding under each of
+        ``masks`` (``(rows, cols)`` bool), each embedding cell weighted by the part of it
+        the mask covers (``Preprocessor.grid_cover``); a row of zeros for an empty mask.
+        What the encoder made of a region: the feature likeness of propagation's stop
+        rules (``propagation.seed_reference``)."""
+        encoded = self.encoded(index)
+        embedding = encoded.features.embedding[0].detach().float().cpu()  # C x h x w
+        cover = self.predictor.preprocessor.grid_cover(
+            np.stack(masks), encoded.frame, tuple(embedding.shape[-2:])
+        )
+        weights = cover / cover.sum(dim=(1, 2), keepdim=True).clamp(min=1e-8)
+        return torch.einsum("nhw,chw->nc", weights, embedding).numpy()
 
     def _produce(self, index: int) -> tuple[EncodedSlice, float | None]:
         """Slice ``index``'s features from disk (seconds None) or the encoder (its

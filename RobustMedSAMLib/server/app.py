@@ -270,6 +270,7 @@ def create_app(config: ServerConfig, served: ServedModel) -> FastAPI:
                     job.cancel,
                     logits,
                     images=lambda index: windowed_slice(seg, index),
+                    features=seg.mask_features,
                 )
             new = session.mask.copy()
             asked = [r.index for r in result.records if r.direction != 0]

@@ -25,6 +25,7 @@ import torch
 from RobustMedSAMLib.datasets import phantoms
 from RobustMedSAMLib.formats.volume import Volume
 from RobustMedSAMLib.inference.loader import load_named_model
+from RobustMedSAMLib.inference.mask_prompts import ring_around
 from RobustMedSAMLib.inference.propagation import PropagationOptions
 from RobustMedSAMLib.inference.segment_volume import SegmentOptions, VolumePrompts, segment_volume
 from RobustMedSAMLib.inference.session import SegmentationSession
@@ -108,6 +109,10 @@ def walk_rows(
     rows = []
     previous: dict[int, tuple[np.ndarray, int]] = {}
     seed = result.prompted[0]
+    first = next(i for i, call in enumerate(recorder.calls) if call[1] != seed)  # seed's last ask
+    seed_session, _, _, seed_answer = recorder.calls[first - 1]
+    seed_mask = np.asarray(seed_answer.mask, bool)
+    held, around = seed_session.mask_features(seed, [seed_mask, ring_around(seed_mask)])
     for crop_session, index, prompt, prediction in recorder.calls:
         mask = np.zeros(truth.shape[1:], bool)
         m = prediction.mask
@@ -134,6 +139,9 @@ def walk_rows(
             "box_fill": round(area / box_area, 4) if box_area else None,
             "mean": round(float(scaled[m].mean()), 4) if area else None,
             "ring": _ring_mean(scaled, m) if area else None,
+            "feature_likeness": _projection(crop_session.mask_features(index, [m])[0], held, around)
+            if area
+            else None,
             "std": round(float(scaled[m].std()), 4) if area else None,
             "tp": int((mask & true).sum()),
             "fp": int((mask & ~true).sum()),
@@ -151,13 +159,15 @@ def walk_rows(
     return [dict(r, truth_total=truth_total, zoom=bool(result.decisions.zoom)) for r in rows]
 
 
-def _ring_mean(scaled: np.ndarray, mask: np.ndarray) -> float | None:
-    """Mean of ``scaled`` 2..2+max(3, r/3) px outside ``mask`` (r: radius of its area)."""
-    from scipy import ndimage
+def _projection(value: np.ndarray, inside: np.ndarray, around: np.ndarray) -> float:
+    """Where ``value`` lies on the line from the seed's ring (0) to its inside (1)."""
+    axis = inside - around
+    return round(float((value - around) @ axis / max(float(axis @ axis), 1e-12)), 4)
 
-    outside = ndimage.distance_transform_edt(~mask)
-    width = max(3.0, np.sqrt(mask.sum() / np.pi) / 3)
-    ring = (outside >= 2) & (outside < 2 + width)
+
+def _ring_mean(scaled: np.ndarray, mask: np.ndarray) -> float | None:
+    """Mean of ``scaled`` over the ring around ``mask`` (``mask_prompts.ring_around``)."""
+    ring = ring_around(mask)
     return round(float(scaled[ring].mean()), 4) if ring.any() else None
 
 
