@@ -154,3 +154,21 @@ def test_of_equal_candidates_the_stable_one_wins(tiny_sam_state, slice_u8):
     _three_candidates(model, torch.stack([blurry, sharp, blurry])[None], [0.8, 0.78, 0.8])
     result = ours.predict(SlicePrompt(points=[[120.0, 90.0]], labels=[1]))
     assert result.score == pytest.approx(0.78) and result.stability > 0.9
+
+
+def test_grid_cover_places_a_mask_where_the_slice_lies_in_the_model_input():
+    """LiteMedSAM pads a 100 x 50 slice's resized 256 x 128 on the right: a mask over the
+    slice's right half covers the embedding's columns 16-31 of 64, none of the pad."""
+    from RobustMedSAMLib.inference.preprocessing import Frame, Preprocessor
+
+    lite = Preprocessor("litemedsam", 256, (0, 0, 0), (1, 1, 1))
+    right = np.zeros((100, 50), bool)
+    right[:, 25:] = True
+    _, frame = lite.image(np.zeros((100, 50), np.uint8))
+    cover = lite.grid_cover(np.stack([right, np.ones_like(right)]), frame, (64, 64)).numpy()
+    assert np.allclose(cover[0][:, 17:32], 1) and np.allclose(cover[0][:, :15], 0)
+    assert cover[0].sum() == pytest.approx(0.25 * 64 * 64, rel=0.01)  # half of half the grid
+    assert np.allclose(cover[1][:, :32], 1) and np.allclose(cover[1][:, 32:], 0)
+    medsam = Preprocessor("medsam", 256, (0, 0, 0), (1, 1, 1))  # stretched: no pad
+    stretched = medsam.grid_cover(right[None], Frame((100, 50), (256, 256)), (64, 64)).numpy()
+    assert np.allclose(stretched[0][:, 33:], 1) and np.allclose(stretched[0][:, :31], 0)
