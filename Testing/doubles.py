@@ -17,6 +17,11 @@ from RobustMedSAMLib.model.sam import ImageFeatures
 class _Style:
     style = "medsam"
 
+    def grid_cover(self, masks: np.ndarray, frame: Frame, grid: tuple[int, int]) -> torch.Tensor:
+        """The masks on the double's "embedding" (the slice itself), as the real one's."""
+        tensor = torch.as_tensor(np.asarray(masks, np.float32))[:, None]
+        return torch.nn.functional.interpolate(tensor, grid, mode="area")[:, 0]
+
 
 class ThresholdPredictor:
     """Segments the bright connected component(s) a prompt hits: a positive point inside,

@@ -144,7 +144,7 @@ def rim_lesion(
     ``rim`` mm is bright and whose core is dark (``intensities``: rim, core), so that
     its mean on its central slice is close to what surrounds it; beside it, two tubes
     through every slice (one dark, one bright), which a box carried past the lesion's
-    end finds. ``mask``: the lesion (label 1 rim, 2 core; 3 and 4 the tubes)."""
+    end finds. ``mask``: the lesion; ``labels``: 1 rim, 2 core, 3 and 4 the tubes."""
     x, y, z = _grid_mm(shape, spacing)
     cx, cy, cz = _center(shape, spacing, None)
     distance = np.sqrt((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2)

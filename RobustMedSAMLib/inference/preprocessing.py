@@ -250,9 +250,11 @@ class Preprocessor:
     def grid_cover(self, masks: np.ndarray, frame: Frame, grid: tuple[int, int]) -> torch.Tensor:
         """``N x rows x cols`` slice masks -> ``N x h x w``: the fraction of each cell of the
         image embedding's ``grid`` that each mask covers, placed as the slice is in the
-        model input (resized to ``frame.input_size``, padded to ``S x S``)."""
+        model input (resized to ``frame.input_size``, antialiased so that a thin mask
+        keeps its area, padded to ``S x S``)."""
         tensor = torch.as_tensor(np.asarray(masks, np.float32))[:, None]
-        resized = F.interpolate(tensor, frame.input_size, mode="bilinear", align_corners=False)
+        size = frame.input_size
+        resized = F.interpolate(tensor, size, mode="bilinear", align_corners=False, antialias=True)
         pad = (0, self.image_size - frame.input_size[1], 0, self.image_size - frame.input_size[0])
         return F.adaptive_avg_pool2d(F.pad(resized, pad), grid)[:, 0]
 

@@ -730,8 +730,10 @@ class LikenessReference:
         mask = np.asarray(mask, bool)
         if self.source == "intensity":
             value = np.array([np.asarray(image, np.float32)[mask].mean()])
+        elif features is None:
+            raise ValueError("a likeness on the image embedding needs the slice's features")
         else:
-            value = np.asarray(features([mask])[0], np.float64)  # type: ignore[misc]
+            value = np.asarray(features([mask])[0], np.float64)
         axis = self.held - self.around
         return float((value - self.around) @ axis / (axis @ axis))
 
@@ -755,7 +757,11 @@ def seed_reference(
         return None
     held_f, around_f = np.asarray(features([mask, ring]), np.float64)
     norms = np.linalg.norm(held_f) * np.linalg.norm(around_f)
-    if norms == 0 or 1 - float(held_f @ around_f) / norms < MIN_FEATURE_CONTRAST:
+    if (
+        not np.isfinite(norms)
+        or norms == 0
+        or 1 - float(held_f @ around_f) / norms < MIN_FEATURE_CONTRAST
+    ):
         return None
     return LikenessReference("features", held_f, around_f)
 

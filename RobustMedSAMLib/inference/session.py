@@ -190,16 +190,18 @@ class SegmentationSession:
     def mask_features(self, index: int, masks: Sequence[np.ndarray]) -> np.ndarray:
         """``N x C`` float32: the mean of slice ``index``'s image embedding under each of
         ``masks`` (``(rows, cols)`` bool), each embedding cell weighted by the part of it
-        the mask covers (``Preprocessor.grid_cover``); a row of zeros for an empty mask.
-        What the encoder made of a region: the feature likeness of propagation's stop
-        rules (``propagation.seed_reference``)."""
+        the mask covers (``Preprocessor.grid_cover``); a row of NaN for a mask that covers
+        no cell. What the encoder made of a region: the feature likeness of propagation's
+        stop rules (``propagation.seed_reference``). The slice is encoded if it is not
+        held (a propagated slice always is: the decoder has just used it)."""
         encoded = self.encoded(index)
-        embedding = encoded.features.embedding[0].detach().float().cpu()  # C x h x w
+        embedding = encoded.features.embedding[0].detach().float()  # C x h x w, its device
         cover = self.predictor.preprocessor.grid_cover(
             np.stack(masks), encoded.frame, tuple(embedding.shape[-2:])
-        )
-        weights = cover / cover.sum(dim=(1, 2), keepdim=True).clamp(min=1e-8)
-        return torch.einsum("nhw,chw->nc", weights, embedding).numpy()
+        ).to(embedding.device)
+        total = cover.sum(dim=(1, 2), keepdim=True)
+        weights = torch.where(total > 0, cover / total.clamp(min=1e-8), torch.nan)
+        return torch.einsum("nhw,chw->nc", weights, embedding).cpu().numpy()
 
     def _produce(self, index: int) -> tuple[EncodedSlice, float | None]:
         """Slice ``index``'s features from disk (seconds None) or the encoder (its

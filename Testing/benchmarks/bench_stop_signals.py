@@ -109,7 +109,8 @@ def walk_rows(
     rows = []
     previous: dict[int, tuple[np.ndarray, int]] = {}
     seed = result.prompted[0]
-    first = next(i for i, call in enumerate(recorder.calls) if call[1] != seed)  # seed's last ask
+    calls = recorder.calls
+    first = next((i for i, call in enumerate(calls) if call[1] != seed), len(calls))
     seed_session, _, _, seed_answer = recorder.calls[first - 1]
     seed_mask = np.asarray(seed_answer.mask, bool)
     held, around = seed_session.mask_features(seed, [seed_mask, ring_around(seed_mask)])
