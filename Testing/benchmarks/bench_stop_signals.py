@@ -26,7 +26,7 @@ from RobustMedSAMLib.datasets import phantoms
 from RobustMedSAMLib.formats.volume import Volume
 from RobustMedSAMLib.inference.loader import load_named_model
 from RobustMedSAMLib.inference.mask_prompts import ring_around
-from RobustMedSAMLib.inference.propagation import PropagationOptions
+from RobustMedSAMLib.inference.propagation import LikenessReference, PropagationOptions
 from RobustMedSAMLib.inference.segment_volume import SegmentOptions, VolumePrompts, segment_volume
 from RobustMedSAMLib.inference.session import SegmentationSession
 
@@ -114,6 +114,7 @@ def walk_rows(
     seed_session, _, _, seed_answer = recorder.calls[first - 1]
     seed_mask = np.asarray(seed_answer.mask, bool)
     held, around = seed_session.mask_features(seed, [seed_mask, ring_around(seed_mask)])
+    reference = LikenessReference("features", held.astype(np.float64), around.astype(np.float64))
     for crop_session, index, prompt, prediction in recorder.calls:
         mask = np.zeros(truth.shape[1:], bool)
         m = prediction.mask
@@ -140,7 +141,9 @@ def walk_rows(
             "box_fill": round(area / box_area, 4) if box_area else None,
             "mean": round(float(scaled[m].mean()), 4) if area else None,
             "ring": _ring_mean(scaled, m) if area else None,
-            "feature_likeness": _projection(crop_session.mask_features(index, [m])[0], held, around)
+            "feature_likeness": round(
+                reference.likeness(scaled, m, features(crop_session, index)), 4
+            )
             if area
             else None,
             "std": round(float(scaled[m].std()), 4) if area else None,
@@ -160,10 +163,9 @@ def walk_rows(
     return [dict(r, truth_total=truth_total, zoom=bool(result.decisions.zoom)) for r in rows]
 
 
-def _projection(value: np.ndarray, inside: np.ndarray, around: np.ndarray) -> float:
-    """Where ``value`` lies on the line from the seed's ring (0) to its inside (1)."""
-    axis = inside - around
-    return round(float((value - around) @ axis / max(float(axis @ axis), 1e-12)), 4)
+def features(session: SegmentationSession, index: int):
+    """Slice ``index``'s mean embedding under given masks (``propagation.SliceFeatures``)."""
+    return lambda masks: session.mask_features(index, masks)
 
 
 def _ring_mean(scaled: np.ndarray, mask: np.ndarray) -> float | None:
