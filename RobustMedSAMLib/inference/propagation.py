@@ -79,7 +79,6 @@ MIN_FEATURE_CONTRAST = 0.02
 the feature likeness to judge (see ``seed_reference``)."""
 Features = Callable[[int, Sequence[np.ndarray]], np.ndarray]
 """``(slice index, masks) -> N x C``: the slice's mean image embedding under each mask."""
-SliceFeatures = Callable[[Sequence[np.ndarray]], np.ndarray]
 REFINE_SAME_BOX = 0.9
 """A refined box whose IoU with the box before is at least this ends the refinement."""
 REFINE_STEPS = 0
@@ -411,9 +410,7 @@ def propagate(
         front.areas.append(int(masks[front.seed].sum()))
         front.logits = logits.get(front.seed)
         if images is not None and options.min_likeness > 0:
-            front.reference = seed_reference(
-                images(front.seed), masks[front.seed], _on_slice(features, front.seed)
-            )
+            front.reference = seed_reference(front.seed, masks[front.seed], images, features)
     records = [SliceRecord(z, z, 0, math.nan, math.nan, int(m.sum())) for z, m in masks.items()]
     is_cancelled = cancel_check(cancel)
     if progress is not None:
@@ -540,7 +537,7 @@ def _advance(
         float(getattr(prediction, "stability", math.nan)),
     )
     if front.reference is not None and images is not None and record.area:
-        record.likeness = front.reference.likeness(images(index), mask, _on_slice(features, index))
+        record.likeness = front.reference.likeness(index, mask, images, features)
         record.likeness_from = front.reference.source
     reason = _stop_reason(record, front, options)
     logger.debug(
@@ -722,40 +719,47 @@ class LikenessReference:
     around: np.ndarray
 
     def likeness(
-        self, image: np.ndarray, mask: np.ndarray, features: SliceFeatures | None
+        self,
+        index: int,
+        mask: np.ndarray,
+        images: Callable[[int], np.ndarray],
+        features: Features | None,
     ) -> float:
-        """Where ``mask``'s mean on this slice lies on the line from the seed's ring (0)
-        to what the seed held (1): the ``image`` ``(rows, cols)`` intensities, or the
-        embedding that ``features`` gives."""
+        """Where ``mask``'s mean on slice ``index`` lies on the line from the seed's ring
+        (0) to what the seed held (1): in the intensities of ``images(index)``, or in the
+        embedding that ``features`` gives (only the one this reference measures is read)."""
         mask = np.asarray(mask, bool)
         if self.source == "intensity":
-            value = np.array([np.asarray(image, np.float32)[mask].mean()])
+            value = np.array([np.asarray(images(index), np.float32)[mask].mean()])
         elif features is None:
             raise ValueError("a likeness on the image embedding needs the slice's features")
         else:
-            value = np.asarray(features([mask])[0], np.float64)
+            value = np.asarray(features(index, [mask])[0], np.float64)
         axis = self.held - self.around
         return float((value - self.around) @ axis / (axis @ axis))
 
 
 def seed_reference(
-    image: np.ndarray, mask: np.ndarray, features: SliceFeatures | None = None
+    index: int,
+    mask: np.ndarray,
+    images: Callable[[int], np.ndarray],
+    features: Features | None = None,
 ) -> LikenessReference | None:
-    """The likeness rule's reference for a seed ``mask`` on ``image`` ``(rows, cols)``
-    (0..1): its intensity contrast with its ring (:func:`mask_prompts.intensity_contrast`)
-    when at least ``MIN_CONTRAST``; else, with ``features`` (the slice's mean embedding
+    """The likeness rule's reference for a seed ``mask`` on slice ``index``: its contrast
+    with its ring in ``images(index)`` (0..1; :func:`mask_prompts.intensity_contrast`)
+    when at least ``MIN_CONTRAST``; else, with ``features`` (a slice's mean embedding
     under given masks), the embedding's contrast when their cosine distance is at least
     ``MIN_FEATURE_CONTRAST``; else None (nothing to judge by)."""
     mask = np.asarray(mask, bool)
     if not mask.any():
         return None
-    held, around = intensity_contrast(image, mask)
+    held, around = intensity_contrast(images(index), mask)
     if abs(held - around) >= MIN_CONTRAST:
         return LikenessReference("intensity", np.array([held]), np.array([around]))
     ring = ring_around(mask)
     if features is None or not ring.any():
         return None
-    held_f, around_f = np.asarray(features([mask, ring]), np.float64)
+    held_f, around_f = np.asarray(features(index, [mask, ring]), np.float64)
     norms = np.linalg.norm(held_f) * np.linalg.norm(around_f)
     if (
         not np.isfinite(norms)
@@ -764,13 +768,6 @@ def seed_reference(
     ):
         return None
     return LikenessReference("features", held_f, around_f)
-
-
-def _on_slice(features: Features | None, index: int) -> SliceFeatures | None:
-    """``features`` bound to slice ``index``."""
-    if features is None:
-        return None
-    return lambda masks: features(index, masks)
 
 
 def _overlap(a: np.ndarray, b: np.ndarray, measure: str) -> float:

@@ -142,7 +142,7 @@ def walk_rows(
             "mean": round(float(scaled[m].mean()), 4) if area else None,
             "ring": _ring_mean(scaled, m) if area else None,
             "feature_likeness": round(
-                reference.likeness(scaled, m, features(crop_session, index)), 4
+                reference.likeness(index, m, crop_session.windowed, crop_session.mask_features), 4
             )
             if area
             else None,
@@ -161,11 +161,6 @@ def walk_rows(
                 previous[-1] = previous[1] = (m, area)
     truth_total = int(truth.sum())
     return [dict(r, truth_total=truth_total, zoom=bool(result.decisions.zoom)) for r in rows]
-
-
-def features(session: SegmentationSession, index: int):
-    """Slice ``index``'s mean embedding under given masks (``propagation.SliceFeatures``)."""
-    return lambda masks: session.mask_features(index, masks)
 
 
 def _ring_mean(scaled: np.ndarray, mask: np.ndarray) -> float | None:
