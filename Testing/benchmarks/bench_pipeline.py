@@ -25,6 +25,11 @@ Per case (the reference mask ``truth``, slices along the axial axis):
 - ``roi3d``: the truth's 3D box + 3 mm as a 3D ROI, propagated.
 - ``point``: one positive point, the deepest point of the truth's central slice (the
   library's point search chooses a box from it: ``point_choice`` names the candidate).
+- ``box-ends``, ``point-ends``: ``box`` and ``point`` with every stop rule off and the
+  propagation bounded to the truth's first and last slices: propagation that stops
+  exactly where the structure ends. Against the oracle, what the carried prompt loses;
+  against ``box`` / ``point``, what the stop rules lose (evaluation only: it reads the
+  truth's extent).
 
 Prints one line per case and mode (Dice, slices covered / truth slices, why each end
 stopped, zoom) and a table of gaps to the oracle; ``--out`` writes all as JSON.
@@ -36,6 +41,7 @@ import argparse
 import json
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +60,7 @@ from RobustMedSAMLib.inference.slicing import get_slice, ijk_box_roi, roi_voxels
 from RobustMedSAMLib.inference.types import SlicePrompt
 
 MODES = ("oracle", "box", "roi3d", "point")
+END_MODES = ("box-ends", "point-ends")
 ROI_MARGIN_MM = 3.0
 BOX_EXTENSION = 0.1
 
@@ -167,6 +174,8 @@ def run_mode(session, truth, mode: str, options: SegmentOptions) -> dict:
     if mode == "oracle":
         mask, decisions = oracle(session, truth), None
     else:
+        if mode in END_MODES:
+            mode, options = mode.removesuffix("-ends"), at_truth_ends(truth, axis, options)
         index = central_slice(truth, axis)
         if mode == "box":
             prompts = VolumePrompts(roi=flat_box_roi(session.volume, truth, axis, index))
@@ -181,7 +190,7 @@ def run_mode(session, truth, mode: str, options: SegmentOptions) -> dict:
     covered = np.flatnonzero(np.moveaxis(mask, axis, 0).any(axis=(1, 2)))
     truth_slices = np.flatnonzero(np.moveaxis(truth, axis, 0).any(axis=(1, 2)))
     row = {
-        "mode": mode,
+        "mode": mode if options.propagation.bounds is None else f"{mode}-ends",
         "dice": round(dice(mask, truth), 4),
         "slices": int(len(covered)),
         "truth_slices": int(len(truth_slices)),
@@ -201,6 +210,16 @@ def run_mode(session, truth, mode: str, options: SegmentOptions) -> dict:
         if decisions.point is not None:
             row["point_choice"] = decisions.point.get("source")
     return row
+
+
+def at_truth_ends(truth: np.ndarray, axis: int, options: SegmentOptions) -> SegmentOptions:
+    """``options`` with every stop rule off and the propagation bounded to the slices
+    between the truth's first and last (``*-ends`` modes)."""
+    slices = np.flatnonzero(np.moveaxis(truth, axis, 0).any(axis=(1, 2)))
+    bounds = (int(slices[0]), int(slices[-1]))
+    off = dict(iou_threshold=0.0, min_likeness=0.0, min_stability=0.0, min_score=0.0)
+    propagation = replace(options.propagation, bounds=bounds, min_area_ratio=0.0, **off)
+    return replace(options, propagation=propagation)
 
 
 def sweep_options() -> list[tuple[str, PropagationOptions]]:
@@ -303,16 +322,19 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    """Markdown: per model and case, Dice per mode and the gaps to the oracle."""
-    print("| model | case | oracle | box | roi3d | point | box - oracle | point - oracle |")
-    print("|---|---|---|---|---|---|---|---|")
+    """Markdown: per model and case, Dice per mode run and the gaps to the oracle."""
+    modes = [m for m in (*MODES, *END_MODES) if any(r["mode"] == m for r in rows)]
+    gapped = [m for m in modes if m != "oracle" and m != "roi3d"]
+    heads = modes + [f"{m} - oracle" for m in gapped]
+    print("| model | case | " + " | ".join(heads) + " |")
+    print("|---|---|" + "---|" * len(heads))
     keys = sorted({(r["model"], r["case"]) for r in rows}, key=lambda k: (k[0], k[1]))
     for model, case in keys:
         by_mode = {r["mode"]: r["dice"] for r in rows if (r["model"], r["case"]) == (model, case)}
-        cells = [f"{by_mode[m]:.2f}" if m in by_mode else "-" for m in MODES]
+        cells = [f"{by_mode[m]:.2f}" if m in by_mode else "-" for m in modes]
         gaps = [
             f"{by_mode[m] - by_mode['oracle']:+.2f}" if {m, "oracle"} <= by_mode.keys() else "-"
-            for m in ("box", "point")
+            for m in gapped
         ]
         print(f"| {model} | {case} | " + " | ".join(cells + gaps) + " |")
 
