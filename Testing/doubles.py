@@ -39,6 +39,10 @@ class ThresholdPredictor:
         features = ImageFeatures(torch.as_tensor(np.array(image, np.float32))[None, None])
         return EncodedSlice(features, Frame(image.shape, (64, 64)))
 
+    def encoded_nbytes(self, shape: tuple[int, int]) -> int:
+        """The features ``encode`` returns: the slice itself, float32."""
+        return int(np.prod(shape)) * 4
+
     def set_encoded(self, encoded: EncodedSlice) -> None:
         self.current = encoded
 
