@@ -81,6 +81,19 @@ class RecordsMaskInputs:
         return super().predict(prompt)
 
 
+class KeepsBoxes:
+    """Mixed in before a predictor double: ``boxes`` lists the box of each ask (slice
+    pixels ``(x0, y0, x1, y1)``, None for none)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.boxes: list[np.ndarray | None] = []
+
+    def predict(self, prompt: SlicePrompt) -> Prediction:
+        self.boxes.append(None if prompt.box is None else np.asarray(prompt.box, float))
+        return super().predict(prompt)
+
+
 class BoxBlobPredictor(ThresholdPredictor):
     """A box-only model as LiteMedSAM behaves (measured, docs/propagation.md): a point
     alone gets an empty mask; in a box it draws the bright pixels of the components
