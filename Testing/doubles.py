@@ -39,6 +39,10 @@ class ThresholdPredictor:
         features = ImageFeatures(torch.as_tensor(np.array(image, np.float32))[None, None])
         return EncodedSlice(features, Frame(image.shape, (64, 64)))
 
+    def encoded_nbytes(self, shape: tuple[int, int]) -> int:
+        """The features ``encode`` returns: the slice itself, float32."""
+        return int(np.prod(shape)) * 4
+
     def set_encoded(self, encoded: EncodedSlice) -> None:
         self.current = encoded
 
@@ -74,6 +78,19 @@ class RecordsMaskInputs:
 
     def predict(self, prompt: SlicePrompt) -> Prediction:
         self.mask_inputs.append(prompt.mask_input is not None)
+        return super().predict(prompt)
+
+
+class KeepsBoxes:
+    """Mixed in before a predictor double: ``boxes`` lists the box of each ask (slice
+    pixels ``(x0, y0, x1, y1)``, None for none)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.boxes: list[np.ndarray | None] = []
+
+    def predict(self, prompt: SlicePrompt) -> Prediction:
+        self.boxes.append(None if prompt.box is None else np.asarray(prompt.box, float))
         return super().predict(prompt)
 
 

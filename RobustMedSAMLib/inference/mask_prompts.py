@@ -95,13 +95,15 @@ def ring_around(mask: np.ndarray) -> np.ndarray:
     return (outside >= 2) & (outside < 2 + width)
 
 
-def intensity_contrast(image: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+def intensity_contrast(
+    image: np.ndarray, mask: np.ndarray, ring: np.ndarray | None = None
+) -> tuple[float, float]:
     """``(mean inside, mean of the ring around)`` ``mask`` on ``image`` ``(rows, cols)``
-    (the ring: :func:`ring_around`; the slice's mean when the mask leaves no ring, as
-    when it fills the slice)."""
+    (the ring: :func:`ring_around`, or ``ring`` when the caller has it already; the
+    slice's mean when the mask leaves no ring, as when it fills the slice)."""
     mask = np.asarray(mask, bool)
     image = np.asarray(image, np.float32)
-    ring = ring_around(mask)
+    ring = ring_around(mask) if ring is None else ring
     inside = float(image[mask].mean()) if mask.any() else float(image.mean())
     around = float(image[ring].mean()) if ring.any() else float(image.mean())
     return inside, around

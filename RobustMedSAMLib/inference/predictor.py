@@ -84,6 +84,12 @@ class Predictor:
         release_free_memory(self.device)
         return encoded
 
+    def encoded_nbytes(self, shape: tuple[int, int]) -> int:
+        """Bytes of the features :meth:`encode` returns for a ``(rows, cols)`` slice of
+        ``shape`` (float32), known before encoding one; every slice's are the same size
+        (it is resized to the model's input)."""
+        return self.model.features_numel() * torch.float32.itemsize
+
     def set_image(self, image: np.ndarray, window: tuple[float, float] | None = None) -> None:
         """Encode a slice and make it current (see ``encode``)."""
         self.current = self.encode(image, window)

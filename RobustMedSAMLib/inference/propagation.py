@@ -753,10 +753,10 @@ def seed_reference(
     mask = np.asarray(mask, bool)
     if not mask.any():
         return None
-    held, around = intensity_contrast(images(index), mask)
+    ring = ring_around(mask)  # a distance transform: once, for both contrasts
+    held, around = intensity_contrast(images(index), mask, ring)
     if abs(held - around) >= MIN_CONTRAST:
         return LikenessReference("intensity", np.array([held]), np.array([around]))
-    ring = ring_around(mask)
     if features is None or not ring.any():
         return None
     held_f, around_f = np.asarray(features(index, [mask, ring]), np.float64)

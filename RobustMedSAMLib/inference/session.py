@@ -286,7 +286,8 @@ class SegmentationSession:
         its last answers (:meth:`correcting`, :meth:`kept_box`). At most
         :data:`CROP_SESSIONS` are kept, the least recently used dropped first; all are
         dropped when this session's volume or window changes. Their encoded slices but
-        the newest count against this session's ``cache_bytes`` (see :meth:`_fit`).
+        the newest count against this session's ``cache_bytes`` (see :meth:`_fit` and
+        :meth:`max_cached_bytes`).
         ``asked`` is the caller's note of the last request answered on a crop
         (``segment_volume`` keeps its RAS prompts there)."""
         if self._crops_of is None or not (
@@ -321,6 +322,16 @@ class SegmentationSession:
         """Bytes of the encoded slices held in memory by this session and its crops."""
         sessions = [self, *self._crops.values()]
         return sum(e.features.nbytes for s in sessions for e in s._cache.values())
+
+    def max_cached_bytes(self) -> int:
+        """The most :meth:`cached_bytes` can reach, known before a slice is encoded:
+        ``cache_bytes`` (one slice when it holds less: a session keeps its newest) and
+        the newest slice of each of :data:`CROP_SESSIONS` crops (see :meth:`_fit`); a
+        crop's slices are no larger than this session's. What a server reserves for a
+        session's embeddings (``server.sessions.reserved_bytes``)."""
+        rows_cols = self.slice_image(0).shape
+        per_slice = self.predictor.encoded_nbytes(rows_cols)
+        return max(self.cache_bytes, per_slice) + CROP_SESSIONS * per_slice
 
     def answered(self, index: int, prompt: SlicePrompt, prediction: Prediction) -> None:
         """Remember the answer to a user's prompt on slice ``index`` (see

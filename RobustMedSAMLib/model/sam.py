@@ -105,6 +105,21 @@ class SegmentAnythingModel(nn.Module):
         first = first_layer_image_side(decoder.transformer, embedding + no_mask, self.dense_pe())
         return ImageFeatures(embedding, decoder.robust_image_features(embedding, early), first)
 
+    def features_numel(self) -> int:
+        """Elements of the :class:`ImageFeatures` that :meth:`encode` gives, the same for
+        every image (it enters at ``S x S``), so known before one is encoded: the
+        embedding ``C x E x E``; with the robust decoder also its fused features
+        ``C/8 x 4E x 4E`` and layer 0's three image-side projections ``E² x C'`` each."""
+        size, width = self.config.embedding_size, self.config.prompt_embed_dim
+        numel = width * size * size
+        if self.robust:
+            layer = self.mask_decoder.transformer.layers[0]
+            to_image, to_token = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+            projections = (to_image.k_proj, to_image.v_proj, to_token.q_proj)
+            numel += width // 8 * (4 * size) ** 2
+            numel += size * size * sum(p.out_features for p in projections)
+        return numel
+
     def dense_pe(self) -> torch.Tensor:
         """The prompt encoder's positional encoding of the embedding grid ``1 x C x h x w``:
         it depends on neither image nor prompt, so in inference it is computed once (again

@@ -116,7 +116,7 @@ class ServerSession:
 
     @property
     def nbytes(self) -> int:
-        """Memory reserved: voxels, mask and the embedding cache's budget."""
+        """Memory reserved: voxels, mask and the embeddings (see :func:`reserved_bytes`)."""
         return reserved_bytes(self.segmentation)
 
     @property
@@ -247,9 +247,11 @@ class ServerSession:
 
 
 def reserved_bytes(segmentation: SegmentationSession) -> int:
-    """Voxels + a bool mask + the embedding cache budget of a session."""
+    """Voxels + a bool mask + the most a session's embeddings can take: its cache budget
+    and the newest slice each of its kept crops holds beyond it
+    (``SegmentationSession.max_cached_bytes``)."""
     array = segmentation.volume.array
-    return array.nbytes + array.size + segmentation.cache_bytes
+    return array.nbytes + array.size + segmentation.max_cached_bytes()
 
 
 def error_body(error: BaseException) -> tuple[int, dict[str, str]]:

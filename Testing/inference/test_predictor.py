@@ -11,7 +11,7 @@ from reference_models import reference_sam
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.inference.predictor import Predictor
 from RobustMedSAMLib.inference.types import SlicePrompt
-from RobustMedSAMLib.model.config import TINY
+from RobustMedSAMLib.model.config import LITE_ROBUST, TINY
 from RobustMedSAMLib.model.sam import SegmentAnythingModel
 
 
@@ -103,6 +103,14 @@ def test_robust_model_predicts_on_any_slice_size(tiny_robust_state):
         SlicePrompt(points=[[150, 40]], labels=[1], mask_input=result.low_res_logits)
     )
     assert again.mask.shape == (97, 311)
+
+
+@pytest.mark.parametrize("config, robust", [(TINY, False), (TINY, True), (LITE_ROBUST, True)])
+def test_the_size_of_a_slices_features_is_known_before_encoding(config, robust):
+    """What the server reserves for a session's embeddings rests on it."""
+    predictor = Predictor(SegmentAnythingModel(config, robust=robust))
+    expected = predictor.encoded_nbytes((40, 70))
+    assert predictor.encode(np.zeros((40, 70)), (0.0, 1.0)).features.nbytes == expected
 
 
 def test_errors_are_clear(tiny_sam_state):

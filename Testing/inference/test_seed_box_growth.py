@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from doubles import BoxBlobPredictor
+from doubles import BoxBlobPredictor, KeepsBoxes
 from volumes import organ, truth_box
 
 from RobustMedSAMLib.errors import InputError
@@ -21,20 +21,10 @@ from RobustMedSAMLib.inference.segment_volume import (
 )
 from RobustMedSAMLib.inference.session import SegmentationSession
 from RobustMedSAMLib.inference.slicing import ijk_box_roi, slice_box_roi
-from RobustMedSAMLib.inference.types import Prediction, SlicePrompt
 
 
-class AskedBoxes(BoxBlobPredictor):
-    """The box-only double, keeping every box it was asked with."""
-
-    def __init__(self, threshold: float) -> None:
-        super().__init__(threshold)
-        self.boxes: list[list[float]] = []
-
-    def predict(self, prompt: SlicePrompt) -> Prediction:
-        if prompt.box is not None:
-            self.boxes.append(np.asarray(prompt.box, float).tolist())
-        return super().predict(prompt)
+class AskedBoxes(KeepsBoxes, BoxBlobPredictor):
+    """The box-only double, keeping the box of every ask."""
 
 
 def _centre(truth: np.ndarray) -> int:
@@ -57,7 +47,7 @@ def test_a_box_drawn_too_small_is_grown_before_the_first_ask():
     drawn = np.array(asked_before.boxes[0])  # the ROI's box: the drawn one, half a voxel out
     width, height = drawn[2] - drawn[0], drawn[3] - drawn[1]
     expected = drawn + 0.15 * np.array([-width, -height, width, height])
-    assert asked.boxes[0] == pytest.approx(expected.tolist(), abs=1e-3)
+    assert asked.boxes[0].tolist() == pytest.approx(expected.tolist(), abs=1e-3)
     assert after.decisions.grown == [pytest.approx(expected.tolist(), abs=1e-3)]
     assert after.decisions.seed_box_growth == 0.15
     assert before.decisions.grown == [] and before.decisions.seed_box_growth == 0.0

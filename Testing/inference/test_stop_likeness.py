@@ -18,7 +18,7 @@ from volumes import truth_box
 from RobustMedSAMLib.datasets import phantoms
 from RobustMedSAMLib.evaluation.volumetric import central_slice
 from RobustMedSAMLib.formats.volume import Volume
-from RobustMedSAMLib.inference import propagation
+from RobustMedSAMLib.inference import mask_prompts, propagation
 from RobustMedSAMLib.inference.loader import load_named_model
 from RobustMedSAMLib.inference.mask_prompts import intensity_contrast
 from RobustMedSAMLib.inference.propagation import MIN_CONTRAST, PropagationOptions
@@ -167,3 +167,27 @@ def test_a_lesion_as_bright_as_its_ring_stops_where_it_ends_on_the_image_embeddi
     before = segment_volume(session, VolumePrompts(roi=roi), options)
     assert _slices(before.mask) == list(range(truth.shape[0]))
     assert after > _dice(before.mask, truth) + 0.1
+
+
+def test_a_seed_as_bright_as_its_ring_is_measured_on_one_ring(monkeypatch):
+    """``seed_reference`` draws the ring around the seed (a distance transform) once: the
+    intensity contrast and, that being too low, the embedding's read the same ring."""
+    rows, cols = np.mgrid[:40, :40]
+    seed = (rows - 20) ** 2 + (cols - 20) ** 2 <= 36
+    drawn, measured = [], []
+    ring_around = mask_prompts.ring_around
+
+    def counted(mask):
+        drawn.append(mask)
+        return ring_around(mask)
+
+    def features(index, masks):
+        measured.append(masks)
+        return np.eye(2)  # held and around: as unlike as can be
+
+    monkeypatch.setattr(mask_prompts, "ring_around", counted)
+    monkeypatch.setattr(propagation, "ring_around", counted)
+    flat = np.full(seed.shape, 0.5, np.float32)  # no intensity contrast at all
+    reference = propagation.seed_reference(3, seed, lambda index: flat, features)
+    assert reference.source == "features" and len(drawn) == 1
+    np.testing.assert_array_equal(measured[0][1], ring_around(seed))

@@ -11,7 +11,7 @@ from doubles import ThresholdPredictor
 
 from RobustMedSAMLib.formats.volume import Volume
 from RobustMedSAMLib.inference.propagation import plan_order
-from RobustMedSAMLib.inference.session import SegmentationSession
+from RobustMedSAMLib.inference.session import CROP_SESSIONS, SegmentationSession
 from RobustMedSAMLib.server.sessions import (
     Job,
     ServerFullError,
@@ -53,12 +53,30 @@ def test_busy_sessions_are_never_evicted():
     assert store.get(busy.id, ALICE) is busy
 
 
-def test_memory_budget_counts_voxels_mask_and_embedding_cache():
+def test_memory_budget_counts_voxels_mask_embedding_cache_and_crops():
     one = reserved_bytes(segmentation())
-    assert one == 4 * 10 * 10 * 2 + 4 * 10 * 10 + 1000
+    assert one == 4 * 10 * 10 * 2 + 4 * 10 * 10 + 1000 + CROP_SESSIONS * 10 * 10 * 4
     store = SessionStore(max_sessions=10, max_bytes=2 * one, idle_seconds=60)
     ids = [store.add(ALICE, segmentation()).id for _ in range(3)]
     assert len(store) == 2 and ids[0] not in store._sessions
+
+
+@pytest.mark.parametrize("cache_slices", [0, 2])
+def test_reserved_bytes_hold_the_crops_newest_slices_too(cache_slices):
+    """Each kept crop holds its newest encoded slice beyond ``cache_bytes``, and a
+    session its newest even when ``cache_bytes`` holds none: the reservation is what
+    the session can hold at most, so that the store's ``max_bytes`` is a bound."""
+    per_slice = 10 * 10 * 4  # the double's features: the slice, float32
+    seg = segmentation(cache_bytes=max(1, cache_slices * per_slice))
+    for index in range(seg.n_slices):
+        seg.encoded(index)
+    for start in range(CROP_SESSIONS):  # crops of whole slices, as large as they come
+        crop = seg.crop((slice(start, 4), slice(0, 10), slice(0, 10)))
+        crop.encoded(0)
+    assert len(seg.crop_sessions()) == CROP_SESSIONS
+    assert seg.cached_bytes() == max(cache_slices, 1) * per_slice + CROP_SESSIONS * per_slice
+    voxels_and_mask = 4 * 10 * 10 * 2 + 4 * 10 * 10
+    assert seg.cached_bytes() <= reserved_bytes(seg) - voxels_and_mask
 
 
 def test_idle_sessions_expire_and_their_job_is_cancelled():

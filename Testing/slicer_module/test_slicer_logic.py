@@ -14,7 +14,12 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
 import vtk  # noqa: E402
-from doubles import BoxBlobPredictor, RecordsMaskInputs, ThresholdPredictor  # noqa: E402
+from doubles import (  # noqa: E402
+    BoxBlobPredictor,
+    KeepsBoxes,
+    RecordsMaskInputs,
+    ThresholdPredictor,
+)
 from scipy.spatial.transform import Rotation  # noqa: E402
 from slicer_headless import (  # noqa: E402  # noqa: E402
     add_volume,
@@ -40,7 +45,7 @@ from RobustMedSAMLib.inference.slicing import (  # noqa: E402
     slice_box_roi,
     slice_centre_ras,
 )
-from RobustMedSAMLib.inference.types import SlicePrompt, SliceResult  # noqa: E402
+from RobustMedSAMLib.inference.types import SliceResult  # noqa: E402
 from RobustMedSAMLib.names import SEED_BOX_GROWTH  # noqa: E402
 
 slicer_scene = pytest.fixture(slicer_scene_fixture)
@@ -426,19 +431,6 @@ def test_a_slice_without_an_include_point_is_refused_clearly(phantom_scene):
     elsewhere = slice_box_roi(session.volume, session.axis, 5, box)  # a box on slice 5
     with pytest.raises(InputError, match="slice 0 has no include point and no ROI"):
         ns.logic.compute_slice(session, VolumePrompts(roi=elsewhere), 0)
-
-
-class KeepsBoxes:
-    """Mixed in before a predictor double: ``boxes`` lists the box of each ask (slice
-    pixels ``(x0, y0, x1, y1)``, None for none)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.boxes: list[np.ndarray | None] = []
-
-    def predict(self, prompt: SlicePrompt):
-        self.boxes.append(None if prompt.box is None else np.asarray(prompt.box, float))
-        return super().predict(prompt)
 
 
 class BoxOnlyRecorder(KeepsBoxes, RecordsMaskInputs, BoxBlobPredictor):
