@@ -131,3 +131,15 @@ def test_every_command_line_option_is_named_on_its_page():
                 if flag.startswith("--") and flag != "--help" and not named:
                     missing.append(f"{name} {flag} (in none of {pages})")
     assert not missing
+
+
+def test_slicer_page_lists_the_runtime_requirements_the_panel_checks():
+    """docs/slicer.md names the packages the panel checks: every runtime dependency of
+    pyproject.toml (nibabel, h11, fastapi and uvicorn were missing from the list)."""
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    wanted = [re.split(r"[=<>!~ ;\[]", spec)[0] for spec in pyproject["project"]["dependencies"]]
+    text = " ".join((ROOT / "docs" / "slicer.md").read_text().split())
+    listed = re.search(r"those of `pyproject\.toml`: ([^)]*)\)", text).group(1)
+    assert sorted(re.split(r",\s*", listed.strip())) == sorted(wanted)
