@@ -94,3 +94,52 @@ def test_every_model_named_in_a_docs_command_exists():
             if not name.isupper() and name not in MODEL_NAMES:
                 unknown.append(f"{doc.relative_to(ROOT)}: --model {name}")
     assert not unknown, unknown
+
+
+# Where each sub-command's options are documented: docs/cli.md, plus its own page.
+OPTION_PAGES = {
+    "segment": ["cli.md"],
+    "corrupt": ["cli.md", "corruptions.md"],
+    "corruptions": ["cli.md", "corruptions.md"],
+    "models": ["cli.md", "models.md"],
+    "fuse": ["cli.md"],
+    "evaluate": ["cli.md", "evaluation.md"],
+    "finetune": ["cli.md", "fine-tuning.md"],
+    "serve": ["cli.md", "server.md"],
+}
+
+
+def test_every_command_line_option_is_named_on_its_page():
+    """A flag users can pass is named where that command is documented (``--no-progress``
+    was named only in a measurement's command line; ``--verbose`` and ``--version``
+    nowhere)."""
+    import argparse
+
+    from RobustMedSAMLib.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(OPTION_PAGES) == set(COMMANDS)
+    places = [("robustmedsam", parser, ["cli.md"])]
+    places += [(name, sub, OPTION_PAGES[name]) for name, sub in commands.choices.items()]
+    missing = []
+    for name, sub, pages in places:
+        text = "\n".join((ROOT / "docs" / page).read_text() for page in pages)
+        for action in sub._actions:
+            for flag in action.option_strings:
+                named = re.search(re.escape(flag) + r"(?![\w-])", text)
+                if flag.startswith("--") and flag != "--help" and not named:
+                    missing.append(f"{name} {flag} (in none of {pages})")
+    assert not missing
+
+
+def test_slicer_page_lists_the_runtime_requirements_the_panel_checks():
+    """docs/slicer.md names the packages the panel checks: every runtime dependency of
+    pyproject.toml (nibabel, h11, fastapi and uvicorn were missing from the list)."""
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    wanted = [re.split(r"[=<>!~ ;\[]", spec)[0] for spec in pyproject["project"]["dependencies"]]
+    text = " ".join((ROOT / "docs" / "slicer.md").read_text().split())
+    listed = re.search(r"those of `pyproject\.toml`: ([^)]*)\)", text).group(1)
+    assert sorted(re.split(r",\s*", listed.strip())) == sorted(wanted)

@@ -13,7 +13,8 @@ Three published conventions (choose the one the image encoder was trained with):
   image and resized back to the slice (bilinear).
 
 Before either, a CT/MR slice is windowed to 0..255 (intensity window ``(low, high)``;
-by default the 0.5-99.5 percentiles of the whole volume, so slices are consistent).
+by default the soft-tissue preset for CT, else the 0.5-99.5 percentiles of the whole
+volume, so slices are consistent: :func:`resolve_window`).
 Frames: the slice is ``(rows, cols)``; prompts (x, y) in slice pixels are mapped into
 model-input pixels; masks come back in slice pixels.
 """

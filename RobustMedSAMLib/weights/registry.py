@@ -370,6 +370,7 @@ class ModelStatus:
     verified: bool | None
     state: str
     source: str
+    citation: str
 
     def to_dict(self) -> dict:
         row = asdict(self)
@@ -426,6 +427,7 @@ def status_of(source: ModelSource, verify: bool = False) -> ModelStatus:
         verified=verified,
         state=state,
         source=_origin(source),
+        citation=source.citation,
     )
 
 

@@ -297,6 +297,15 @@ def test_cli_honours_the_env_folder(dirs, monkeypatch, capsys):
     assert rows["sam"]["expected_sha256"] == registry.MODELS["sam"].sha256
 
 
+def test_cli_json_gives_each_models_citation(dirs, capsys):
+    """docs/models.md: "cite the original papers (`--json` lists each model's citation)"."""
+    assert cli.main(["models", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)["models"]}
+    assert set(rows) == set(registry.model_names())
+    for name, row in rows.items():
+        assert row["citation"] == registry.MODELS[name].citation
+
+
 def test_cli_download_verifies_and_reports(dirs, server, monkeypatch, capsys):
     source = replace(_source(f"{server}/good.pth"), name="local")
     monkeypatch.setattr(registry, "MODELS", {"local": source})
