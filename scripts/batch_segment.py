@@ -2,7 +2,7 @@
 
     Slicer --no-main-window --python-script scripts/batch_segment.py -- \\
         VOLUME --points P.mrk.json --out OUT.seg.nrrd [--negative N.mrk.json] \\
-        [--box ROI.mrk.json] [--model litemedsam] [--checkpoint FILE] [--device auto] \\
+        [--box ROI.mrk.json] [--model NAME] [--checkpoint FILE] [--device auto] \\
         [--axis axial] [--no-propagate]
 
 Loads the files as Slicer nodes (``slicer.util.loadVolume`` / ``loadMarkups``), runs
@@ -23,13 +23,15 @@ from pathlib import Path
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
+    from RobustMedSAMLib.names import DEFAULT_MODEL
+
     parser = argparse.ArgumentParser(prog="batch_segment.py", description=__doc__.split("\n")[0])
     parser.add_argument("volume", type=Path)
     parser.add_argument("--out", required=True, type=Path, help="output .seg.nrrd")
     parser.add_argument("--points", type=Path, help="include points (.mrk.json)")
     parser.add_argument("--negative", type=Path, help="exclude points (.mrk.json)")
     parser.add_argument("--box", type=Path, help="ROI (.mrk.json)")
-    parser.add_argument("--model", default="litemedsam")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"default: {DEFAULT_MODEL}")
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"))

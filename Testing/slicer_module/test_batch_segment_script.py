@@ -37,3 +37,12 @@ def test_bad_arguments_exit_2_and_success_exits_0(script):
     assert exit_status(script, lambda argv: script.parse(["--nope"])) == [2]
     assert exit_status(script, lambda argv: 0) == [0]
     assert exit_status(script, lambda argv: 2) == [2]
+
+
+def test_the_model_is_the_projects_default_unless_named(script):
+    """As the command line, the panel and the Python API (it was LiteMedSAM here)."""
+    from RobustMedSAMLib.names import DEFAULT_MODEL
+
+    assert script.parse(["volume.nrrd", "--out", "out.seg.nrrd"]).model == DEFAULT_MODEL
+    named = script.parse(["v.nrrd", "--out", "o.seg.nrrd", "--model", "litemedsam"])
+    assert named.model == "litemedsam"
