@@ -301,6 +301,18 @@ def _check_needs_propagate(args: argparse.Namespace) -> None:
         raise InputError("--slice-step applies to propagation: add --propagate")
 
 
+def _check_inputs_kept(args: argparse.Namespace) -> None:
+    """Refuse an ``--out`` (or its record ``OUT.json``) that is one of the input files."""
+    from RobustMedSAMLib.formats.atomic import check_not_an_input
+
+    outputs = (args.out, args.out.with_name(args.out.name + ".json"))
+    check_not_an_input(outputs, {"the input volume": args.volume,
+                                 "the --points file": args.points,
+                                 "the --negative file": args.negative,
+                                 "the --box file": args.box,
+                                 "the --replay record": args.replay})  # fmt: skip
+
+
 def _run_single(args: argparse.Namespace) -> int:
     from RobustMedSAMLib.errors import InputError
     from RobustMedSAMLib.formats.segmentation import check_segmentation_output
@@ -314,6 +326,7 @@ def _run_single(args: argparse.Namespace) -> int:
         raise InputError("no prompt: give --points and/or --box (Slicer markups files)")
     _check_needs_propagate(args)
     check_segmentation_output(args.out)  # a wrong name or place: refused before the work
+    _check_inputs_kept(args)
     volume = read_volume(args.volume)
     check_slice_size(volume, axis_index(volume, args.axis))  # before the model loads
     if args.replay:
@@ -342,7 +355,12 @@ def _run_batch(args: argparse.Namespace) -> int:
     from RobustMedSAMLib import distributed
     from RobustMedSAMLib.errors import InputError
     from RobustMedSAMLib.formats.atomic import check_writable, make_folder
-    from RobustMedSAMLib.inference.batch import read_cases, run_batch, write_status
+    from RobustMedSAMLib.inference.batch import (
+        check_inputs_kept,
+        read_cases,
+        run_batch,
+        write_status,
+    )
 
     if args.out_dir is None:
         raise InputError("--cases needs --out-dir DIR")
@@ -354,6 +372,7 @@ def _run_batch(args: argparse.Namespace) -> int:
         _check_needs_propagate(args)
         settings = settings_from_args(args)  # refusals before the output folder is made
     cases = read_cases(args.cases)
+    check_inputs_kept(cases, args.out_dir)
     check_writable(make_folder(args.out_dir))
     if args.status:
         return _print_status(write_status(args.out_dir, cases), args.out_dir)

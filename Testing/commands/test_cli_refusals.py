@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -589,3 +590,56 @@ def test_half_on_a_device_without_it_is_refused(tmp_path, case, capsys, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # no output, folder, token
     with pytest.raises(InputError, match="--half"):  # the Python API
         load_named_model("robustsam", case["checkpoint"], device=device, half=True)
+
+
+# --- an output that is an input ------------------------------------------------------------
+
+
+def linked(target: Path, how: str) -> Path:
+    """``target`` itself, or a new symbolic or hard link to it beside it."""
+    if how == "same path":
+        return target
+    link = target.with_name("link" + target.name)
+    if how == "symbolic link":
+        link.symlink_to(target.name)
+    else:
+        link.hardlink_to(target)
+    return link
+
+
+@pytest.mark.parametrize("how", ["same path", "symbolic link", "hard link"])
+def test_an_output_that_is_an_input_is_refused(tmp_path, case, capsys, how):
+    # --out naming the input volume replaced it with the segmentation (exit 0)
+    folder = case["volume"].parent
+    encoder = Path(shutil.copy(case["checkpoint"], folder / "encoder.pth"))
+    out, fused = linked(case["volume"], how), linked(encoder, how)
+    before = snapshot(folder)
+    refused(segment(case, out), capsys, "is the input volume", "replace")
+    code = main(["corrupt", str(case["volume"]), "--type", "gaussian_noise", "--severity", "2",
+                 "--out", str(out)])  # fmt: skip
+    refused(code, capsys, "is the input volume")
+    code = main(["fuse", "--encoder", str(encoder), "--decoder", str(case["checkpoint"]),
+                 "--out", str(fused)])  # fmt: skip
+    refused(code, capsys, "is the --encoder checkpoint")
+    assert snapshot(folder) == before
+
+
+def test_a_batch_output_that_is_a_case_volume_is_refused(tmp_path, case, capsys):
+    # a case list beside its volumes, written into that folder: out=ct.nrrd replaced ct.nrrd
+    folder = case["volume"].parent
+    cases = case_list(case, "ct.nrrd,p.mrk.json,ct.nrrd")
+    before = snapshot(folder)
+    refused(batch(case, cases, folder), capsys, "is the volume of case ct.nrrd")
+    assert snapshot(folder) == before
+
+
+def test_replaying_into_the_record_replayed_is_refused(tmp_path, case, capsys):
+    out = tmp_path / "first.seg.nrrd"
+    assert segment(case, out) == 0
+    record = tmp_path / "first.seg.nrrd.json"
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    code = main(["segment", str(case["volume"]), "--replay", str(record), "--out", str(out),
+                 "--model", "robustsam", "--checkpoint", str(case["checkpoint"])])  # fmt: skip
+    refused(code, capsys, "is the --replay record")
+    assert snapshot(tmp_path) == before
