@@ -210,6 +210,7 @@ def _check_server_flags(args: argparse.Namespace) -> None:
 def settings_from_args(args: argparse.Namespace):
     """The SegmentSettings of the model, slicing and propagation flags."""
     from RobustMedSAMLib.errors import InputError
+    from RobustMedSAMLib.formats.segmentation import check_segment_name
     from RobustMedSAMLib.inference.batch import SegmentSettings
 
     _check_server_flags(args)
@@ -219,6 +220,7 @@ def settings_from_args(args: argparse.Namespace):
         check_half(args.device, args.half)  # before a batch makes its folder
     if not args.segment_name.strip():
         raise InputError("--segment-name is empty: give the segment a name")
+    check_segment_name(args.segment_name)
     return SegmentSettings(
         model=args.model if args.model or args.server else DEFAULT_MODEL,
         checkpoint=args.checkpoint,

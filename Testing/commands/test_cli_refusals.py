@@ -19,7 +19,7 @@ from RobustMedSAMLib.cli import main
 from RobustMedSAMLib.datasets.phantoms import sphere
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.formats.markups import Roi, write_points, write_roi
-from RobustMedSAMLib.formats.segmentation import read_segmentation
+from RobustMedSAMLib.formats.segmentation import read_segmentation, write_segmentation
 from RobustMedSAMLib.formats.volume import Volume, read_volume, write_volume
 from RobustMedSAMLib.inference.loader import load_named_model
 from RobustMedSAMLib.inference.slicing import anatomical_axes, ijk_box_roi
@@ -643,3 +643,22 @@ def test_replaying_into_the_record_replayed_is_refused(tmp_path, case, capsys):
                  "--model", "robustsam", "--checkpoint", str(case["checkpoint"])])  # fmt: skip
     refused(code, capsys, "is the --replay record")
     assert snapshot(tmp_path) == before
+
+
+# --- names written into files --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["liver\nSegment0_Color:=1 0 0", "tab\there", "bell\x07"])
+def test_a_segment_name_with_control_characters_is_refused(
+    tmp_path, case, capsys, monkeypatch, name
+):
+    # a line break ended the .seg.nrrd header field: exit 0, a file ITK and Slicer cannot read
+    monkeypatch.setattr("RobustMedSAMLib.inference.batch.make_segmenter", no_model)
+    refused(segment(case, tmp_path / "o.seg.nrrd", "--segment-name", name), capsys,
+            "segment name", "printable")  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+    volume = read_volume(case["volume"])
+    with pytest.raises(InputError, match="printable"):  # the Python API
+        write_segmentation(tmp_path / "o.seg.nrrd", np.ones(volume.shape, bool), volume,
+                           [(1, name, (1.0, 0.0, 0.0))])  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
