@@ -158,6 +158,11 @@ def read_volume(path: str | os.PathLike, series_id: str | None = None) -> Volume
             f"{path} has {image.GetNumberOfComponentsPerPixel()} components per voxel "
             f"(size {size}): a scalar (grey-level) volume is needed"
         )
+    if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise InputError(
+            f"{path} has complex voxels (size {size}): a real-valued volume is needed; "
+            "save its magnitude (or real part) first"
+        )
     volume = from_sitk(image, volume_name(path))
     if path.is_file() and is_nifti(path):
         warning = placement_warning(path, volume.ijk_to_ras)
