@@ -158,6 +158,8 @@ def read_volume(path: str | os.PathLike, series_id: str | None = None) -> Volume
             f"{path} has {image.GetNumberOfComponentsPerPixel()} components per voxel "
             f"(size {size}): a scalar (grey-level) volume is needed"
         )
+    if 0 in image.GetSize():
+        raise InputError(f"{path} holds no voxels (size {size}): an axis has length 0")
     if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
         raise InputError(
             f"{path} has complex voxels (size {size}): a real-valued volume is needed; "

@@ -324,3 +324,15 @@ def test_complex_voxels_are_refused(tmp_path, capsys, suffix):
     path = tmp_path / f"kspace{suffix}"
     sitk.WriteImage(sitk.GetImageFromArray(np.full((4, 8, 8), 1 + 2j, np.complex64)), str(path))
     refused_by_both_commands(path, capsys, "complex voxels", "magnitude")
+
+
+def test_a_volume_without_voxels_is_refused(tmp_path, capsys):
+    # an axis of length 0: "the image has no finite intensities to window" from segment,
+    # "cannot write volume ...: Size: [8, 8, 0]" from corrupt; neither named the input
+    path = tmp_path / "empty.mha"
+    path.write_text(
+        "ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+        "ElementSpacing = 1 1 2\nDimSize = 8 8 0\nElementType = MET_FLOAT\n"
+        "ElementDataFile = LOCAL\n"
+    )
+    refused_by_both_commands(path, capsys, "no voxels", "8x8x0")
