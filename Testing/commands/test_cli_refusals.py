@@ -119,6 +119,28 @@ def test_malformed_markups(tmp_path, case, capsys, markup):
     assert not out.exists() and bad.read_text() == text
 
 
+@pytest.mark.parametrize(
+    "orientation",
+    [[0] * 9, [100, 0, 0, 0, 100, 0, 0, 0, 100], [1, 0, 0, 1, 0, 0, 0, 0, 1]],
+    ids=["zero", "scaled", "two axes parallel"],
+)
+def test_roi_orientation_that_is_not_a_rotation_is_refused(tmp_path, case, capsys, orientation):
+    # scaled or parallel axes gave a box of another size or shape (exit 0); zero axes were
+    # told "no width or no height on the axial slices"
+    volume = read_volume(case["volume"])
+    box = write_roi(
+        case["points"].with_name("box.mrk.json"), ijk_box_roi(volume, (8, 8, 2), (24, 24, 6))
+    )
+    document = json.loads(box.read_text())
+    document["markups"][0]["orientation"] = orientation
+    box.write_text(json.dumps(document))
+    out = tmp_path / "o.seg.nrrd"
+    code = main(["segment", str(case["volume"]), "--box", str(box), "--out", str(out),
+                 "--model", "robustsam", "--checkpoint", str(case["checkpoint"])])  # fmt: skip
+    refused(code, capsys, str(box), "orientation", "not a rotation")
+    assert not out.exists()
+
+
 def test_markups_nested_very_deeply(tmp_path, case, capsys):
     bad = case["points"].with_name("deep.mrk.json")
     bad.write_text('{"markups": ' + "[" * 100_000 + "]" * 100_000 + "}")
