@@ -517,6 +517,18 @@ def test_evaluate_without_models_or_data(tmp_path, capsys, missing):
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "data", ["phantom:sphere,cuont=2", "phantom:sphere,limit=1", "phantom:sphere,size=24,size=32"]
+)
+def test_evaluate_data_spec_with_an_unknown_or_repeated_option(tmp_path, capsys, data):
+    # a misspelt key, or one the kind does not take, was ignored: the run went on (exit 0)
+    # on other data than asked for; a repeated key kept its last value
+    out = tmp_path / "out"
+    refused(main(["evaluate", "--model", "sam", "--data", data, "--out", str(out)]), capsys,
+            data, "unknown or repeated", "count, modality, size, name")  # fmt: skip
+    assert not out.exists()
+
+
 def test_evaluate_report_only_needs_neither_models_nor_data(tmp_path, capsys, tiny_checkpoints):
     out = tmp_path / "out"
     assert evaluate(tiny_checkpoints, out) == 0
