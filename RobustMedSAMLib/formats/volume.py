@@ -228,10 +228,14 @@ def check_image_file(path: str | os.PathLike) -> None:
 
 
 def _sitk_message(error: Exception) -> str:
-    """The ``sitk::ERROR`` line of a SimpleITK exception, without the C++ location."""
+    """The ``sitk::ERROR`` line of a SimpleITK exception, without the C++ location; an
+    ``ITK ERROR`` (which may span lines, e.g. a matrix) joined into one line."""
     text = str(error)
     match = re.search(r"sitk::ERROR:\s*(.*)", text)
-    return (match.group(1) if match else text.strip().splitlines()[-1]).strip()
+    if match:
+        return match.group(1).strip()
+    match = re.search(r"ITK ERROR:\s*(?:\w+\(0x[0-9a-f]+\):\s*)?(.*)", text, re.DOTALL)
+    return " ".join(match.group(1).split()) if match else text.strip().splitlines()[-1].strip()
 
 
 def _read_file(path: Path):

@@ -336,3 +336,14 @@ def test_a_volume_without_voxels_is_refused(tmp_path, capsys):
         "ElementDataFile = LOCAL\n"
     )
     refused_by_both_commands(path, capsys, "no voxels", "8x8x0")
+
+
+def test_a_singular_direction_in_the_header_is_named(tmp_path, capsys):
+    # ITK's message spans lines (it prints the matrix): the refusal said only "0 0 1."
+    path = tmp_path / "flat.mha"
+    path.write_bytes(
+        b"ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+        b"TransformMatrix = 1 0 0 1 0 0 0 0 1\nElementSpacing = 1 1 2\nDimSize = 8 8 4\n"
+        b"ElementType = MET_UCHAR\nElementDataFile = LOCAL\n" + bytes(8 * 8 * 4)
+    )
+    refused_by_both_commands(path, capsys, "Bad direction, determinant is 0", "to 1 1 0 0 0 0")
