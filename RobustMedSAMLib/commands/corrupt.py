@@ -35,12 +35,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from RobustMedSAMLib.corruptions import corrupt, get_corruption
     from RobustMedSAMLib.errors import InputError
+    from RobustMedSAMLib.formats.atomic import check_not_an_input
     from RobustMedSAMLib.formats.volume import Volume, read_volume, write_volume
 
     spec = get_corruption(args.corruption)  # fail fast, before reading the volume
     spec.level(args.severity)
     if not Path(args.out).parent.is_dir():
         raise InputError(f"output folder does not exist: {Path(args.out).parent}")
+    check_not_an_input([args.out], {"the input volume": args.volume})
     volume = read_volume(args.volume)
     spacing_kji = volume.spacing[::-1].tolist()
     start = time.perf_counter()

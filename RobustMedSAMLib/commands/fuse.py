@@ -24,17 +24,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from RobustMedSAMLib.errors import InputError
-    from RobustMedSAMLib.formats.atomic import atomic_output, sha256_of
+    from RobustMedSAMLib.formats.atomic import atomic_output, check_not_an_input, sha256_of
     from RobustMedSAMLib.weights.checkpoint import (
         fuse_state_dicts,
         read_state_dict,
         save_state_dict,
     )
 
+    path = Path(args.out)
+    check_not_an_input(
+        (path, path.with_name(path.name + ".json")),
+        {"the --encoder checkpoint": args.encoder, "the --decoder checkpoint": args.decoder},
+    )
     fused = fuse_state_dicts(
         read_state_dict(args.encoder), read_state_dict(args.decoder), args.encoder, args.decoder
     )
-    path = Path(args.out)
     if path.is_dir():
         raise InputError(f"--out {path} is a folder: give a checkpoint file name")
     with atomic_output(path.with_name(path.name + ".json")) as record_file:

@@ -210,6 +210,7 @@ def _check_server_flags(args: argparse.Namespace) -> None:
 def settings_from_args(args: argparse.Namespace):
     """The SegmentSettings of the model, slicing and propagation flags."""
     from RobustMedSAMLib.errors import InputError
+    from RobustMedSAMLib.formats.segmentation import check_segment_name
     from RobustMedSAMLib.inference.batch import SegmentSettings
 
     _check_server_flags(args)
@@ -219,6 +220,7 @@ def settings_from_args(args: argparse.Namespace):
         check_half(args.device, args.half)  # before a batch makes its folder
     if not args.segment_name.strip():
         raise InputError("--segment-name is empty: give the segment a name")
+    check_segment_name(args.segment_name)
     return SegmentSettings(
         model=args.model if args.model or args.server else DEFAULT_MODEL,
         checkpoint=args.checkpoint,
@@ -301,6 +303,18 @@ def _check_needs_propagate(args: argparse.Namespace) -> None:
         raise InputError("--slice-step applies to propagation: add --propagate")
 
 
+def _check_inputs_kept(args: argparse.Namespace) -> None:
+    """Refuse an ``--out`` (or its record ``OUT.json``) that is one of the input files."""
+    from RobustMedSAMLib.formats.atomic import check_not_an_input
+
+    outputs = (args.out, args.out.with_name(args.out.name + ".json"))
+    check_not_an_input(outputs, {"the input volume": args.volume,
+                                 "the --points file": args.points,
+                                 "the --negative file": args.negative,
+                                 "the --box file": args.box,
+                                 "the --replay record": args.replay})  # fmt: skip
+
+
 def _run_single(args: argparse.Namespace) -> int:
     from RobustMedSAMLib.errors import InputError
     from RobustMedSAMLib.formats.segmentation import check_segmentation_output
@@ -314,6 +328,7 @@ def _run_single(args: argparse.Namespace) -> int:
         raise InputError("no prompt: give --points and/or --box (Slicer markups files)")
     _check_needs_propagate(args)
     check_segmentation_output(args.out)  # a wrong name or place: refused before the work
+    _check_inputs_kept(args)
     volume = read_volume(args.volume)
     check_slice_size(volume, axis_index(volume, args.axis))  # before the model loads
     if args.replay:
@@ -342,7 +357,12 @@ def _run_batch(args: argparse.Namespace) -> int:
     from RobustMedSAMLib import distributed
     from RobustMedSAMLib.errors import InputError
     from RobustMedSAMLib.formats.atomic import check_writable, make_folder
-    from RobustMedSAMLib.inference.batch import read_cases, run_batch, write_status
+    from RobustMedSAMLib.inference.batch import (
+        check_inputs_kept,
+        read_cases,
+        run_batch,
+        write_status,
+    )
 
     if args.out_dir is None:
         raise InputError("--cases needs --out-dir DIR")
@@ -354,6 +374,7 @@ def _run_batch(args: argparse.Namespace) -> int:
         _check_needs_propagate(args)
         settings = settings_from_args(args)  # refusals before the output folder is made
     cases = read_cases(args.cases)
+    check_inputs_kept(cases, args.out_dir)
     check_writable(make_folder(args.out_dir))
     if args.status:
         return _print_status(write_status(args.out_dir, cases), args.out_dir)

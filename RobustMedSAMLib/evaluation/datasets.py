@@ -35,6 +35,12 @@ from RobustMedSAMLib.errors import InputError
 
 log = logging.getLogger(__name__)
 PHANTOM_SHAPES = ("sphere", "ellipsoid", "tube", "organ")
+DATA_KEYS = {
+    "npz": ("split", "limit", "modality", "name", "labels"),
+    "pairs": ("limit", "modality", "name"),
+    "phantom": ("count", "modality", "size", "name"),
+}
+"""The ``key=value`` options each kind of data spec takes."""
 
 
 @dataclass
@@ -88,7 +94,13 @@ def parse_data_spec(text: str) -> DataSpec:
         key, eq, value = pair.partition("=")
         if not eq:
             raise InputError(f"bad option {pair!r} in data spec {text!r}: use key=value")
-        options[key.strip()] = value.strip()
+        key = key.strip()
+        if key not in DATA_KEYS[kind] or key in options:
+            raise InputError(
+                f"option {key!r} in data spec {text!r} is unknown or repeated: {kind} takes "
+                f"{', '.join(DATA_KEYS[kind])}, each once"
+            )
+        options[key] = value.strip()
     return DataSpec(kind, where, options)
 
 

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -74,6 +74,34 @@ def check_output_place(path: str | os.PathLike) -> Path:
     path = Path(path)
     _temporary_beside(path).unlink()
     return path
+
+
+def check_not_an_input(outputs: Iterable[object], inputs: dict[str, object]) -> None:
+    """Raise InputError when one of ``outputs`` is one of ``inputs`` (``{"the ...": file
+    or None}``) by any name (itself, a symbolic or hard link): writing it would replace
+    that input."""
+    known: dict[tuple[int, int], tuple[str, object]] = {}
+    for what, given in inputs.items():
+        key = _file_key(given)
+        if key is not None:
+            known.setdefault(key, (what, given))
+    for path in outputs:
+        found = known.get(_file_key(path))  # type: ignore[arg-type]
+        if found is not None:
+            what, given = found
+            raise InputError(
+                f"output {path} is {what} ({given}): writing it would replace {what}; "
+                "give another output name"
+            )
+
+
+def _file_key(path: object) -> tuple[int, int] | None:
+    """``(device, inode)`` of the file ``path`` names, None when there is none (yet)."""
+    try:
+        status = os.stat(path)  # type: ignore[arg-type]
+    except (OSError, TypeError, ValueError):
+        return None
+    return status.st_dev, status.st_ino
 
 
 def _temporary_beside(path: Path) -> Path:

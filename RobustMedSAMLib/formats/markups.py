@@ -231,6 +231,11 @@ def _roi(markup: dict[str, Any], path: str | os.PathLike) -> Roi:
     flip = _flip(markup, path)
     orientation = markup.get("orientation", np.eye(3).ravel().tolist())
     axes = _vector(orientation, 9, "ROI orientation", path).reshape(3, 3) * flip[:, None]
+    if not np.allclose(axes.T @ axes, np.eye(3), atol=1e-4):
+        raise InputError(
+            f"{path}: ROI orientation {_short(orientation)} is not a rotation (its axes must "
+            "be orthogonal unit vectors): save the ROI from Slicer again"
+        )
     if "center" in markup and "size" in markup:
         center = _vector(markup["center"], 3, "ROI center", path) * flip
         size = np.abs(_vector(markup["size"], 3, "ROI size", path))

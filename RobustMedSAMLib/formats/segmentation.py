@@ -247,7 +247,18 @@ def _segment(value) -> Segment:
         raise InputError(f"segment {name!r}: colour must be 3 values in 0..1, not {color}")
     if int(label) < 1:
         raise InputError(f"segment {name!r}: label value must be 1 or more, not {label}")
-    return Segment(int(label), str(name), color)  # type: ignore[arg-type]
+    return Segment(int(label), check_segment_name(str(name)), color)  # type: ignore[arg-type]
+
+
+def check_segment_name(name: str) -> str:
+    """``name``, when a ``.seg.nrrd`` header line can hold it; InputError for a control
+    character (a line break would end the header field and corrupt the file)."""
+    if not name.isprintable():
+        raise InputError(
+            f"segment name {name!r} holds a line break or another control character: "
+            "give a name of printable characters"
+        )
+    return name
 
 
 def _read_seg_nrrd(path: Path) -> tuple[Volume, list[Segment]]:

@@ -158,6 +158,13 @@ def read_volume(path: str | os.PathLike, series_id: str | None = None) -> Volume
             f"{path} has {image.GetNumberOfComponentsPerPixel()} components per voxel "
             f"(size {size}): a scalar (grey-level) volume is needed"
         )
+    if 0 in image.GetSize():
+        raise InputError(f"{path} holds no voxels (size {size}): an axis has length 0")
+    if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise InputError(
+            f"{path} has complex voxels (size {size}): a real-valued volume is needed; "
+            "save its magnitude (or real part) first"
+        )
     volume = from_sitk(image, volume_name(path))
     if path.is_file() and is_nifti(path):
         warning = placement_warning(path, volume.ijk_to_ras)
@@ -221,10 +228,14 @@ def check_image_file(path: str | os.PathLike) -> None:
 
 
 def _sitk_message(error: Exception) -> str:
-    """The ``sitk::ERROR`` line of a SimpleITK exception, without the C++ location."""
+    """The ``sitk::ERROR`` line of a SimpleITK exception, without the C++ location; an
+    ``ITK ERROR`` (which may span lines, e.g. a matrix) joined into one line."""
     text = str(error)
     match = re.search(r"sitk::ERROR:\s*(.*)", text)
-    return (match.group(1) if match else text.strip().splitlines()[-1]).strip()
+    if match:
+        return match.group(1).strip()
+    match = re.search(r"ITK ERROR:\s*(?:\w+\(0x[0-9a-f]+\):\s*)?(.*)", text, re.DOTALL)
+    return " ".join(match.group(1).split()) if match else text.strip().splitlines()[-1].strip()
 
 
 def _read_file(path: Path):

@@ -36,7 +36,12 @@ from typing import Any
 
 from RobustMedSAMLib.distributed import DistInfo, dist_info, shard, threads_per_worker
 from RobustMedSAMLib.errors import CancelledError, InputError, OutputError, RobustMedSAMError
-from RobustMedSAMLib.formats.atomic import check_writable, full_suffix, write_json
+from RobustMedSAMLib.formats.atomic import (
+    check_not_an_input,
+    check_writable,
+    full_suffix,
+    write_json,
+)
 from RobustMedSAMLib.formats.segmentation import OUTPUT_SUFFIXES as OUT_SUFFIXES
 from RobustMedSAMLib.formats.segmentation import write_case
 from RobustMedSAMLib.formats.volume import VOLUME_SUFFIXES, check_image_file, volume_name
@@ -203,6 +208,15 @@ def _plain_name(name: str) -> bool:
         and len(name.encode("utf-8", "surrogatepass")) <= 200
         and all(c.isprintable() and c not in forbidden for c in name)
     )
+
+
+def check_inputs_kept(cases: Sequence[BatchCase], out_dir: str | os.PathLike) -> None:
+    """InputError when a case's output or record in ``out_dir`` is an input file of any
+    case (a case list beside its volumes, written into the same folder)."""
+    inputs = {f"the {kind} of case {case.name}": getattr(case, kind)
+              for case in cases for kind in ("volume", "points", "negative", "box")}  # fmt: skip
+    outputs = [path for case in cases for path in output_paths(Path(out_dir), case)[:2]]
+    check_not_an_input(outputs, inputs)
 
 
 # --- files of a case --------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from RobustMedSAMLib.cli import main
 from RobustMedSAMLib.datasets.phantoms import sphere
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.formats.markups import Roi, write_points, write_roi
-from RobustMedSAMLib.formats.segmentation import read_segmentation
+from RobustMedSAMLib.formats.segmentation import read_segmentation, write_segmentation
 from RobustMedSAMLib.formats.volume import Volume, read_volume, write_volume
 from RobustMedSAMLib.inference.loader import load_named_model
 from RobustMedSAMLib.inference.slicing import anatomical_axes, ijk_box_roi
@@ -116,6 +117,28 @@ def test_malformed_markups(tmp_path, case, capsys, markup):
     out = tmp_path / "out.seg.nrrd"
     refused(segment(case, out, points=bad), capsys, str(bad))
     assert not out.exists() and bad.read_text() == text
+
+
+@pytest.mark.parametrize(
+    "orientation",
+    [[0] * 9, [100, 0, 0, 0, 100, 0, 0, 0, 100], [1, 0, 0, 1, 0, 0, 0, 0, 1]],
+    ids=["zero", "scaled", "two axes parallel"],
+)
+def test_roi_orientation_that_is_not_a_rotation_is_refused(tmp_path, case, capsys, orientation):
+    # scaled or parallel axes gave a box of another size or shape (exit 0); zero axes were
+    # told "no width or no height on the axial slices"
+    volume = read_volume(case["volume"])
+    box = write_roi(
+        case["points"].with_name("box.mrk.json"), ijk_box_roi(volume, (8, 8, 2), (24, 24, 6))
+    )
+    document = json.loads(box.read_text())
+    document["markups"][0]["orientation"] = orientation
+    box.write_text(json.dumps(document))
+    out = tmp_path / "o.seg.nrrd"
+    code = main(["segment", str(case["volume"]), "--box", str(box), "--out", str(out),
+                 "--model", "robustsam", "--checkpoint", str(case["checkpoint"])])  # fmt: skip
+    refused(code, capsys, str(box), "orientation", "not a rotation")
+    assert not out.exists()
 
 
 def test_markups_nested_very_deeply(tmp_path, case, capsys):
@@ -494,6 +517,18 @@ def test_evaluate_without_models_or_data(tmp_path, capsys, missing):
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "data", ["phantom:sphere,cuont=2", "phantom:sphere,limit=1", "phantom:sphere,size=24,size=32"]
+)
+def test_evaluate_data_spec_with_an_unknown_or_repeated_option(tmp_path, capsys, data):
+    # a misspelt key, or one the kind does not take, was ignored: the run went on (exit 0)
+    # on other data than asked for; a repeated key kept its last value
+    out = tmp_path / "out"
+    refused(main(["evaluate", "--model", "sam", "--data", data, "--out", str(out)]), capsys,
+            data, "unknown or repeated", "count, modality, size, name")  # fmt: skip
+    assert not out.exists()
+
+
 def test_evaluate_report_only_needs_neither_models_nor_data(tmp_path, capsys, tiny_checkpoints):
     out = tmp_path / "out"
     assert evaluate(tiny_checkpoints, out) == 0
@@ -589,3 +624,75 @@ def test_half_on_a_device_without_it_is_refused(tmp_path, case, capsys, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # no output, folder, token
     with pytest.raises(InputError, match="--half"):  # the Python API
         load_named_model("robustsam", case["checkpoint"], device=device, half=True)
+
+
+# --- an output that is an input ------------------------------------------------------------
+
+
+def linked(target: Path, how: str) -> Path:
+    """``target`` itself, or a new symbolic or hard link to it beside it."""
+    if how == "same path":
+        return target
+    link = target.with_name("link" + target.name)
+    if how == "symbolic link":
+        link.symlink_to(target.name)
+    else:
+        link.hardlink_to(target)
+    return link
+
+
+@pytest.mark.parametrize("how", ["same path", "symbolic link", "hard link"])
+def test_an_output_that_is_an_input_is_refused(tmp_path, case, capsys, how):
+    # --out naming the input volume replaced it with the segmentation (exit 0)
+    folder = case["volume"].parent
+    encoder = Path(shutil.copy(case["checkpoint"], folder / "encoder.pth"))
+    out, fused = linked(case["volume"], how), linked(encoder, how)
+    before = snapshot(folder)
+    refused(segment(case, out), capsys, "is the input volume", "replace")
+    code = main(["corrupt", str(case["volume"]), "--type", "gaussian_noise", "--severity", "2",
+                 "--out", str(out)])  # fmt: skip
+    refused(code, capsys, "is the input volume")
+    code = main(["fuse", "--encoder", str(encoder), "--decoder", str(case["checkpoint"]),
+                 "--out", str(fused)])  # fmt: skip
+    refused(code, capsys, "is the --encoder checkpoint")
+    assert snapshot(folder) == before
+
+
+def test_a_batch_output_that_is_a_case_volume_is_refused(tmp_path, case, capsys):
+    # a case list beside its volumes, written into that folder: out=ct.nrrd replaced ct.nrrd
+    folder = case["volume"].parent
+    cases = case_list(case, "ct.nrrd,p.mrk.json,ct.nrrd")
+    before = snapshot(folder)
+    refused(batch(case, cases, folder), capsys, "is the volume of case ct.nrrd")
+    assert snapshot(folder) == before
+
+
+def test_replaying_into_the_record_replayed_is_refused(tmp_path, case, capsys):
+    out = tmp_path / "first.seg.nrrd"
+    assert segment(case, out) == 0
+    record = tmp_path / "first.seg.nrrd.json"
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    code = main(["segment", str(case["volume"]), "--replay", str(record), "--out", str(out),
+                 "--model", "robustsam", "--checkpoint", str(case["checkpoint"])])  # fmt: skip
+    refused(code, capsys, "is the --replay record")
+    assert snapshot(tmp_path) == before
+
+
+# --- names written into files --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["liver\nSegment0_Color:=1 0 0", "tab\there", "bell\x07"])
+def test_a_segment_name_with_control_characters_is_refused(
+    tmp_path, case, capsys, monkeypatch, name
+):
+    # a line break ended the .seg.nrrd header field: exit 0, a file ITK and Slicer cannot read
+    monkeypatch.setattr("RobustMedSAMLib.inference.batch.make_segmenter", no_model)
+    refused(segment(case, tmp_path / "o.seg.nrrd", "--segment-name", name), capsys,
+            "segment name", "printable")  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+    volume = read_volume(case["volume"])
+    with pytest.raises(InputError, match="printable"):  # the Python API
+        write_segmentation(tmp_path / "o.seg.nrrd", np.ones(volume.shape, bool), volume,
+                           [(1, name, (1.0, 0.0, 0.0))])  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]

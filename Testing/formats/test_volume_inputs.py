@@ -299,3 +299,51 @@ def test_slicer_places_a_qform_sform_pair_where_we_do(tmp_path, slicer_scene, co
     storage.SetFileName(str(path))
     assert storage.ReadData(node)
     np.testing.assert_allclose(read_volume(path).ijk_to_ras, ijk_to_ras_of(node), atol=1e-4)
+
+
+def refused_by_both_commands(path: Path, capsys, *words: str) -> None:
+    """``segment`` and ``corrupt`` on ``path``: exit 2, one line naming it and ``words``,
+    nothing written beside it, the file unchanged."""
+    before = {p.name: p.read_bytes() for p in path.parent.iterdir()}
+    out = path.parent / "out.seg.nrrd"
+    for command in (
+        ["segment", str(path), "--points", str(path.parent / "p.mrk.json"), "--out", str(out)],
+        ["corrupt", str(path), "--type", "gaussian_noise", "--severity", "2", "--out",
+         str(path.parent / "noisy.nrrd")],
+    ):  # fmt: skip
+        code = main(command)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert str(path) in err[0] and all(word in err[0] for word in words), err[0]
+    assert {p.name: p.read_bytes() for p in path.parent.iterdir()} == before
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz"])
+def test_complex_voxels_are_refused(tmp_path, capsys, suffix):
+    # segment dropped the imaginary part in silence (exit 0, NumPy's ComplexWarning only)
+    path = tmp_path / f"kspace{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((4, 8, 8), 1 + 2j, np.complex64)), str(path))
+    refused_by_both_commands(path, capsys, "complex voxels", "magnitude")
+
+
+def test_a_volume_without_voxels_is_refused(tmp_path, capsys):
+    # an axis of length 0: "the image has no finite intensities to window" from segment,
+    # "cannot write volume ...: Size: [8, 8, 0]" from corrupt; neither named the input
+    path = tmp_path / "empty.mha"
+    path.write_text(
+        "ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+        "ElementSpacing = 1 1 2\nDimSize = 8 8 0\nElementType = MET_FLOAT\n"
+        "ElementDataFile = LOCAL\n"
+    )
+    refused_by_both_commands(path, capsys, "no voxels", "8x8x0")
+
+
+def test_a_singular_direction_in_the_header_is_named(tmp_path, capsys):
+    # ITK's message spans lines (it prints the matrix): the refusal said only "0 0 1."
+    path = tmp_path / "flat.mha"
+    path.write_bytes(
+        b"ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+        b"TransformMatrix = 1 0 0 1 0 0 0 0 1\nElementSpacing = 1 1 2\nDimSize = 8 8 4\n"
+        b"ElementType = MET_UCHAR\nElementDataFile = LOCAL\n" + bytes(8 * 8 * 4)
+    )
+    refused_by_both_commands(path, capsys, "Bad direction, determinant is 0", "to 1 1 0 0 0 0")
