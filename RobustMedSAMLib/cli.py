@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from RobustMedSAMLib import __version__
 from RobustMedSAMLib.errors import RobustMedSAMError
@@ -29,8 +30,16 @@ COMMANDS = (
 )
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose refusals are one line, as the library's are: a bad or
+    missing option is named with where to read about it, not after a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="robustmedsam",
         description="Segment medical volumes with a fused MedSAM + RobustSAM model.",
     )

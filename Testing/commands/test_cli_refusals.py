@@ -15,7 +15,7 @@ import torch
 from refusal_places import fill, full_dir, listing, readonly_dir  # noqa: F401 - fixtures
 from volumes import centre_ras, oblique
 
-from RobustMedSAMLib.cli import main
+from RobustMedSAMLib.cli import COMMANDS, main
 from RobustMedSAMLib.datasets.phantoms import sphere
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.formats.markups import Roi, write_points, write_roi
@@ -696,3 +696,32 @@ def test_a_segment_name_with_control_characters_is_refused(
         write_segmentation(tmp_path / "o.seg.nrrd", np.ones(volume.shape, bool), volume,
                            [(1, name, (1.0, 0.0, 0.0))])  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["corrupt", "in.nrrd", "--type", "gaussian_noise", "--severity", "x",
+          "--out", "o.nrrd"], ["--severity", "invalid int value"]),
+        (["segment", "in.nrrd", "--out", "o.seg.nrrd", "--projection", "nope"],
+         ["--projection", "invalid choice"]),
+        (["evaluate", "--workers"], ["--workers", "expected one argument"]),
+        (["segment", "--model"], ["--model", "expected one argument"]),
+    ],
+)  # fmt: skip
+def test_a_bad_option_value_is_one_line(argv, words, capsys):
+    """argparse's refusals too: one line naming the option, no usage block before it."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    line = refused(stop.value.code, capsys, *words)
+    assert line.endswith("--help)")
+
+
+def test_an_unknown_command_is_one_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["nope"])
+    assert stop.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("robustmedsam: error: argument COMMAND: invalid choice: 'nope'")
+    assert all(name in line for name in COMMANDS)  # the commands there are
+    assert line.endswith("(see robustmedsam --help)")
