@@ -295,8 +295,9 @@ def _roi_block(volume: Volume, roi: Roi) -> tuple[np.ndarray, np.ndarray]:
     """``(low, block)``: the KJI corner of the ROI's voxel bounding box and its voxels
     there, ``block`` bool of the box's shape (empty when the ROI misses the volume)."""
     kji = volume.ras_to_ijk_points(roi.corners_ras())[:, ::-1]
-    low = np.clip(np.floor(kji.min(axis=0)).astype(int), 0, np.array(volume.shape))
-    high = np.clip(np.ceil(kji.max(axis=0)).astype(int) + 1, 0, np.array(volume.shape))
+    shape = np.array(volume.shape)  # clipped before the cast: a huge ROI overflows int
+    low = np.clip(np.floor(kji.min(axis=0)), 0, shape).astype(int)
+    high = np.clip(np.ceil(kji.max(axis=0)) + 1, 0, shape).astype(int)
     block = np.zeros(np.maximum(high - low, 0), bool)
     if (high <= low).any():
         return low, block

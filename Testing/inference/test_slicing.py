@@ -237,3 +237,15 @@ def test_roi_slices_equal_the_whole_volume_mask(axis):
         assert lazy.shape == whole.shape
         for index in range(whole.shape[0]):
             assert np.array_equal(lazy[index], whole[index])
+
+
+def test_a_huge_roi_holds_the_whole_volume_without_overflow_warnings():
+    """A 1e300 mm ROI (a typo in a markups file) is clipped to the volume; its corners'
+    voxel indices were cast to int before clipping (RuntimeWarning, garbage bounds)."""
+    import warnings
+
+    volume = oblique_axial()
+    roi = Roi(volume.ijk_to_ras_points([[5, 4, 3]])[0], (1e300,) * 3, np.eye(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert roi_voxels(volume, roi).all()
