@@ -136,9 +136,9 @@ def ras_to_slice_points(
     upper = np.array(volume.shape) - 1
     for n, (position, ras) in enumerate(zip(kji, points, strict=True)):
         if ((position < -HALF_VOXEL) | (position > upper + HALF_VOXEL)).any():
-            ijk = ", ".join(f"{v:.1f}" for v in position[::-1])
+            ijk = ", ".join(map(_coordinate, position[::-1]))
             raise InputError(
-                f"{kind} {n + 1} at RAS ({', '.join(f'{v:.1f}' for v in ras)}) lies outside "
+                f"{kind} {n + 1} at RAS ({', '.join(map(_coordinate, ras))}) lies outside "
                 f"volume '{volume.name}' (IJK {ijk}; size {'x'.join(map(str, volume.shape[::-1]))}"
                 " voxels): place it inside the volume"
             )
@@ -146,6 +146,11 @@ def ras_to_slice_points(
     indices = np.floor(kji[:, axis] + 0.5).astype(np.int64)
     xy = kji[:, list(_IN_PLANE[axis])]
     return indices, xy
+
+
+def _coordinate(value: float) -> str:
+    """A coordinate for a message: one decimal, or 3 significant digits when huge."""
+    return f"{value:.1f}" if abs(value) < 1e9 else f"{value:.3g}"
 
 
 def ijk_box_roi(volume: Volume, low_ijk, high_ijk) -> Roi:

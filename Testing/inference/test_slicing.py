@@ -108,6 +108,10 @@ def test_point_half_a_voxel_outside_is_clipped_further_is_refused():
     outside = ras_of(volume, [3, 9.7, 2])
     with pytest.raises(InputError, match=r"negative point 2 at RAS .* lies outside"):
         ras_to_slice_points(volume, 0, [inside, outside], kind="negative point")
+    far = np.array([1e300, 0.0, 0.0])  # a typo in a markups file: a short line still
+    with pytest.raises(InputError, match=r"point 1 at RAS \(1e\+300, 0\.0, 0\.0\)") as refused:
+        ras_to_slice_points(volume, 0, [far])
+    assert len(str(refused.value)) < 200
 
 
 def axis_aligned_roi(volume: Volume, center_ijk, half_voxels) -> Roi:
