@@ -402,6 +402,11 @@ def write_volume(
             f"cannot write {path.name}: {full_suffix(path)} keeps the voxels in a second "
             "file; write one file (.nrrd, .mha, .nii.gz)"
         )
+    if full_suffix(path) == ".seg.nrrd":
+        raise InputError(
+            f"cannot write {path.name}: .seg.nrrd names a Slicer segmentation, and this is "
+            "an image; write it as .nrrd, .mha or .nii.gz"
+        )
     with atomic_output(path) as temporary:
         try:
             sitk.WriteImage(to_sitk(volume), sitk_path(temporary), compress)

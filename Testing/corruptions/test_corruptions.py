@@ -208,3 +208,14 @@ def test_corrupt_command_bad_type_exits_2_with_one_line(oblique_nrrd, only_our_c
 def test_corruptions_command_prints_the_table(only_our_commands, capsys):
     assert cli.main(["corruptions"]) == 0
     assert capsys.readouterr().out.strip() == corruption_table().strip()
+
+
+def test_corrupt_into_a_segmentation_name_is_refused(oblique_nrrd, only_our_commands, capsys):
+    """A corrupted image under a .seg.nrrd name would open in Slicer as a broken
+    segmentation (it was written, exit 0)."""
+    out = oblique_nrrd.parent / "noisy.seg.nrrd"
+    args = ["corrupt", str(oblique_nrrd), "--type", "gaussian_noise", "--severity", "2"]
+    assert cli.main([*args, "--out", str(out)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert ".seg.nrrd names a Slicer segmentation" in line and line.startswith("robustmedsam")
+    assert {p.name for p in oblique_nrrd.parent.iterdir()} == {"ct.nrrd"}
