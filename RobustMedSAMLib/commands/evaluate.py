@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         if not info.distributed:
             _write_timings(args.out, result.times)
         for label in result.missing:
-            print(f"model {label}: checkpoint missing (reported in the summary)", file=sys.stderr)
+            print(f"model {label}: not loaded, no results (the summary says why)", file=sys.stderr)
         later = "robustmedsam evaluate ... --report-only"
         if info.distributed and not (meet_all_ranks(info, later) and info.main):
             return 0  # rank 0 merges and reports for all

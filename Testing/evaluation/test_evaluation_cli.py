@@ -71,12 +71,19 @@ def test_resume_skips_finished_cells_and_redoes_a_broken_one(tmp_path, tiny_chec
 
 def test_missing_model_is_reported(tmp_path, tiny_checkpoints, no_local_models, capsys):
     robust = f"robustsam:{tiny_checkpoints['robust']}"
-    assert evaluate(tmp_path, robust, "medsam", "ft=fused:nowhere/best.pth") == 0
+    not_weights = tmp_path / "notes.pth"
+    not_weights.write_text("not a checkpoint")
+    models = ["medsam", "ft=fused:nowhere/best.pth", f"odd=robustsam:{not_weights}"]
+    assert evaluate(tmp_path / "out", robust, *models) == 0
     err = capsys.readouterr().err
-    assert "model medsam: checkpoint missing" in err and "model ft: checkpoint missing" in err
+    for label in ("medsam", "ft", "odd"):  # an unusable file is not called missing
+        assert f"model {label}: not loaded, no results (the summary says why)" in err
+    assert "checkpoint missing" not in err
+    tmp_path = tmp_path / "out"
     summary = (tmp_path / "summary.md").read_text()
     assert "| medsam | - | - | 0 | missing: model 'medsam' (medsam_vit_b.pth) is not" in summary
     assert "| ft | - | - | 0 | missing: checkpoint file not found: nowhere/best.pth" in summary
+    assert "notes.pth: not a PyTorch checkpoint" in summary
     assert "| robustsam | all | 2D box |" in summary
 
 
