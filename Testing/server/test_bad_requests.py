@@ -1,0 +1,99 @@
+"""Bad input to the server's HTTP API, beyond the prompts: every refusal is one
+``{"error": kind, "detail": line}`` with a 4xx status, and the session is left as it was
+(mask and undo history). The threshold double serves: no model work is needed."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import urllib.parse
+
+import numpy as np
+import pytest
+from server_harness import TOKEN, LiveServer, threshold_model
+from volumes import centre_ras, oblique
+
+from RobustMedSAMLib.datasets.phantoms import sphere
+from RobustMedSAMLib.server.client import ServerClient
+from RobustMedSAMLib.server.sessions import owner_of
+
+JSON = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def server():
+    with LiveServer(threshold_model()) as server:
+        yield server
+
+
+@pytest.fixture
+def session(server):
+    """An open session with one click on the sphere (one undo step)."""
+    truth = sphere((10, 40, 40), spacing=(1.0, 1.0, 3.0), radius=9.0)
+    volume = oblique(truth)
+    remote = ServerClient(server.url, TOKEN).open_session(volume.array, volume.ijk_to_ras)
+    remote.click(centre_ras(volume, truth.mask)[0])
+    yield remote
+    remote.close()
+
+
+def send(url: str, method: str, path: str, body: bytes | None = None, headers=None):
+    """``(status, answer)`` of one request; the answer must be a JSON object."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=headers or JSON)
+        response = conn.getresponse()
+        payload = response.read()
+    finally:
+        conn.close()
+    return response.status, json.loads(payload)
+
+
+def assert_refused(answer, status: int, kind: str, words: str) -> None:
+    got_status, body = answer
+    assert (got_status, body["error"]) == (status, kind), body
+    assert set(body) == {"error", "detail"} and "\n" not in body["detail"]
+    assert words in body["detail"]
+
+
+def assert_unchanged(server, remote) -> None:
+    """The server's mask is the client's copy and the click is still the one undo step."""
+    np.testing.assert_array_equal(remote.fetch_mask(), remote.mask)
+    assert len(server.store.get(remote.id, owner_of(TOKEN))._undo) == 1
+
+
+@pytest.mark.parametrize(
+    "method, path, status, kind, words",
+    [
+        ("GET", "/v1/nothing", 404, "not_found", "no endpoint GET /v1/nothing"),
+        ("GET", "/v1/sessions/{id}/click", 405, "method", "is not allowed"),
+        ("PUT", "/v1/sessions/{id}", 405, "method", "is not allowed"),
+    ],
+)
+def test_an_unknown_path_or_method_is_a_protocol_error(
+    server, session, method, path, status, kind, words
+):
+    """Before: FastAPI's ``{"detail": "Not Found"}``, without the protocol's ``error``."""
+    answer = send(server.url, method, path.format(id=session.id), b"{}")
+    assert_refused(answer, status, kind, words)
+    assert_unchanged(server, session)
+
+
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        (b'{"point": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+        (b'{"point": "\xff\xfe"}', "utf-8"),
+        (b'{"point": [' + b"9" * 5000 + b", 0, 0]}", "digits"),
+        (b'{"point": [1, 2', "at character 15"),
+    ],
+    ids=["deep", "not-utf8", "huge-int", "truncated"],
+)
+def test_a_body_that_is_not_json_is_malformed(server, session, body, words):
+    """Before: 400 ``{"detail": "There was an error parsing the body"}`` for the first
+    three, and ``malformed request: 15: JSON decode error`` for a truncated body."""
+    answer = send(server.url, "POST", f"{session.path}/click", body)
+    assert_refused(answer, 422, "malformed", "malformed request: the body is not JSON")
+    assert words in answer[1]["detail"]
+    assert_unchanged(server, session)
