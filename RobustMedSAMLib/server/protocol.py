@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
@@ -63,6 +64,14 @@ def _check_fields(header: VolumeHeader) -> None:
     header.name = str(header.name)[:200]
 
 
+def _shape(sizes: Any) -> tuple[int, int, int]:
+    """``(K, J, I)``: 3 positive whole numbers (JSON integers); ValueError otherwise."""
+    whole = isinstance(sizes, list) and all(type(n) is int for n in sizes)
+    if not whole or len(sizes) != 3 or min(sizes) < 1:
+        raise ValueError(f"shape {sizes!r} is not 3 positive sizes (K, J, I), whole numbers")
+    return tuple(sizes)
+
+
 def pack_volume(array: np.ndarray, header: VolumeHeader, level: int = 1) -> bytes:
     """The upload body for a ``(K, J, I)`` array (see the module docstring)."""
     return b"".join(volume_body_parts(array, header, level))
@@ -95,15 +104,15 @@ def unpack_volume(body: bytes, max_voxels: int) -> tuple[VolumeHeader, np.ndarra
         (length,) = _LENGTH.unpack_from(body)
         fields = json.loads(body[_LENGTH.size : _LENGTH.size + length])
         header = VolumeHeader(**fields)
-        shape = tuple(int(n) for n in header.shape)
-        if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(f"shape {list(shape)} is not 3 positive sizes (K, J, I)")
+        shape = _shape(header.shape)
         if header.dtype not in VOXEL_DTYPES:
             raise ValueError(f"dtype {header.dtype!r} is not one of {VOXEL_DTYPES}")
         _check_fields(header)
+    except RecursionError:
+        raise InputError("malformed volume upload: the header is nested too deeply") from None
     except (struct.error, ValueError, TypeError, UnicodeDecodeError) as error:
         raise InputError(f"malformed volume upload: {error}") from None
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # Python ints: no int64 overflow
     if count > max_voxels:
         raise InputError(f"volume of {count} voxels exceeds this server's limit of {max_voxels}")
     expected = count * np.dtype(header.dtype).itemsize

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import struct
 import urllib.parse
+import zlib
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from volumes import centre_ras, oblique
 
 from RobustMedSAMLib.datasets.phantoms import sphere
 from RobustMedSAMLib.server.client import ServerClient
+from RobustMedSAMLib.server.protocol import VOLUME_MEDIA_TYPE
 from RobustMedSAMLib.server.sessions import owner_of
 
 JSON = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
@@ -97,3 +100,15 @@ def test_a_body_that_is_not_json_is_malformed(server, session, body, words):
     assert_refused(answer, 422, "malformed", "malformed request: the body is not JSON")
     assert words in answer[1]["detail"]
     assert_unchanged(server, session)
+
+
+def test_an_upload_whose_shape_overflows_opens_nothing(server):
+    """A shape of 2**64 voxels was 0 in int64: a 500 (reshape of 0 bytes) before."""
+    meta = json.dumps({"shape": [2**21, 2**21, 2**22], "dtype": "uint8",
+                       "ijk_to_ras": np.eye(4).tolist()}).encode()  # fmt: skip
+    body = struct.pack(">I", len(meta)) + meta + zlib.compress(b"")
+    headers = {**JSON, "Content-Type": VOLUME_MEDIA_TYPE}
+    opened = len(server.store)
+    answer = send(server.url, "POST", "/v1/sessions", body, headers)
+    assert_refused(answer, 400, "input", "exceeds this server's limit")
+    assert len(server.store) == opened
