@@ -137,13 +137,12 @@ def decode_patch(patch: dict[str, Any], volume_shape: Sequence[int]) -> tuple[tu
     """``(extent, block)``: where a patch goes in a ``volume_shape`` mask and its bool
     block. InputError when it does not fit the volume or the bits are wrong."""
     try:
-        offset = [int(v) for v in patch["offset"]]
-        shape = [int(v) for v in patch["shape"]]
+        offset, shape = patch["offset"], patch["shape"]
         bits = base64.b64decode(patch["bits"], validate=True)
     except (KeyError, TypeError, ValueError) as error:
         raise InputError(f"malformed mask patch: {error}") from None
-    if len(offset) != 3 or len(shape) != 3 or min(shape) < 0 or min(offset) < 0:
-        raise InputError("a mask patch needs 3 non-negative offsets and sizes (K, J, I)")
+    if not (_whole_triple(offset) and _whole_triple(shape)) or min(shape + offset) < 0:
+        raise InputError("a mask patch needs 3 non-negative whole offsets and sizes (K, J, I)")
     if any(o + s > n for o, s, n in zip(offset, shape, volume_shape, strict=True)):
         raise InputError(f"mask patch {offset}+{shape} does not fit a {list(volume_shape)} volume")
     count = int(np.prod(shape))
@@ -151,6 +150,11 @@ def decode_patch(patch: dict[str, Any], volume_shape: Sequence[int]) -> tuple[tu
     block = np.unpackbits(packed, count=count).astype(bool).reshape(shape)
     extent = tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
     return extent, block
+
+
+def _whole_triple(values: Any) -> bool:
+    """Whether ``values`` is a list of 3 integers (not floats, text or booleans)."""
+    return isinstance(values, list) and len(values) == 3 and all(type(v) is int for v in values)
 
 
 def apply_patch(mask: np.ndarray, patch: dict[str, Any] | None) -> None:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import struct
@@ -112,3 +113,17 @@ def test_an_upload_whose_shape_overflows_opens_nothing(server):
     answer = send(server.url, "POST", "/v1/sessions", body, headers)
     assert_refused(answer, 400, "input", "exceeds this server's limit")
     assert len(server.store) == opened
+
+
+@pytest.mark.parametrize(
+    "offset", ["[Infinity, 0, 0]", "[1.7, 0, 0]", '"000"', "[true, false, false]"]
+)
+def test_a_mask_patch_offset_that_is_not_three_whole_numbers_is_refused(server, session, offset):
+    """Before: Infinity was a 500 (OverflowError); 1.7 was read as 1, the text "000"
+    as [0, 0, 0] and booleans as 1 and 0: a voxel was painted where none was meant."""
+    bits = base64.b64encode(zlib.compress(bytes([128]))).decode()
+    patch = f'{{"offset": {offset}, "shape": [1, 1, 1], "bits": "{bits}"}}'
+    body = f'{{"patch": {patch}}}'.encode()
+    answer = send(server.url, "POST", f"{session.path}/mask", body)
+    assert_refused(answer, 400, "input", "3 non-negative whole offsets and sizes")
+    assert_unchanged(server, session)
