@@ -127,3 +127,25 @@ def test_a_mask_patch_offset_that_is_not_three_whole_numbers_is_refused(server, 
     answer = send(server.url, "POST", f"{session.path}/mask", body)
     assert_refused(answer, 400, "input", "3 non-negative whole offsets and sizes")
     assert_unchanged(server, session)
+
+
+@pytest.mark.parametrize(
+    "path, body, where",
+    [
+        ("click", '{"point": [NaN, 0, 0]}', "point.0"),
+        ("click", '{"point": [0, Infinity, 0], "frame": "ijk"}', "point.1"),
+        ("segment", '{"positive": [[0, 0, -Infinity]]}', "positive.0.2"),
+        ("segment", '{"box": {"center": [NaN, 0, 0], "size": [5, 5, 5]}}', "box.center.0"),
+        ("segment", '{"box": {"center": [0, 0, 0], "size": [Infinity, 5, 5]}}', "box.size.0"),
+        ("segment", '{"frame": "ijk", "box": {"low": [NaN, 0, 0], "high": [9, 9, 4]}}', "box.low"),
+        ("segment", '{"positive": [[0, 0, 0]], "options": {"box_extension": Infinity}}', "box_ext"),
+    ],
+)
+def test_a_number_that_is_not_finite_is_malformed(server, session, path, body, where):
+    """JSON's NaN and Infinity (Python's json reads them). Before: a click at NaN was told
+    'slice -9223372036854775808 is outside 0..9'; a NaN or infinite box was accepted and
+    its job failed as ``internal`` ("cannot convert float NaN to integer")."""
+    answer = send(server.url, "POST", f"{session.path}/{path}", body.encode())
+    assert_refused(answer, 422, "malformed", "finite number")
+    assert where in answer[1]["detail"]
+    assert_unchanged(server, session)
