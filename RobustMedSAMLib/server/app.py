@@ -236,6 +236,7 @@ def create_app(config: ServerConfig, served: ServedModel) -> FastAPI:
         def work(job: Job) -> dict[str, Any]:
             seg = session.segmentation
             result = segment_volume(seg, prompts, options, job.progress, job.cancel)
+            job.check_cancelled()
             patch = session.change(result.mask)
             inputs = {
                 "volume": seg.volume.name,
@@ -275,6 +276,7 @@ def create_app(config: ServerConfig, served: ServedModel) -> FastAPI:
                     images=lambda index: windowed_slice(seg, index),
                     features=seg.mask_features,
                 )
+            job.check_cancelled()
             new = session.mask.copy()
             asked = [r.index for r in result.records if r.direction != 0]
             for index in asked + result.filled:  # filled: interpolated (slice_step > 1)

@@ -149,3 +149,21 @@ def test_a_number_that_is_not_finite_is_malformed(server, session, path, body, w
     assert_refused(answer, 422, "malformed", "finite number")
     assert where in answer[1]["detail"]
     assert_unchanged(server, session)
+
+
+def test_a_cancel_while_a_segment_runs_changes_nothing():
+    """A 3D box without propagation has no cancel check between its slices. Before: the
+    cancel was answered ``cancelling: true``, then the job ended ``done`` and its mask
+    replaced the session's (docs: a cancelled job changes nothing)."""
+    truth = sphere((16, 32, 32), radius=6.0)
+    volume = oblique(truth)
+    with LiveServer(threshold_model(delay=0.5)) as slow:
+        client = ServerClient(slow.url, TOKEN)
+        remote = client.open_session(volume.array, volume.ijk_to_ras)
+        box = {"low": [8, 8, 4], "high": [24, 24, 12]}  # 0.5 s a mask: time to cancel
+        client.request("POST", f"{remote.path}/segment", {"frame": "ijk", "box": box})
+        assert client.request("POST", f"{remote.path}/cancel", {})["cancelling"]
+        job = client.request("GET", f"{remote.path}/job?wait=10")
+        assert job["state"] == "cancelled" and "no mask was changed" in job["error"]["detail"]
+        assert not remote.fetch_mask().any()
+        assert not slow.store.get(remote.id, owner_of(TOKEN))._undo
