@@ -336,6 +336,8 @@ def create_app(config: ServerConfig, served: ServedModel) -> FastAPI:
     @app.get("/v1/sessions/{session_id}/mask")
     def get_mask(request: Request, session_id: str) -> dict[str, Any]:
         session = session_of(request, session_id)
+        if session.busy:  # the job holds the lock: this request would wait for its end
+            raise_busy(session)
         with session.lock:
             whole = tuple(slice(0, n) for n in session.mask.shape)
             return {"patch": encode_patch(session.mask, whole)}

@@ -167,3 +167,28 @@ def test_a_cancel_while_a_segment_runs_changes_nothing():
         assert job["state"] == "cancelled" and "no mask was changed" in job["error"]["detail"]
         assert not remote.fetch_mask().any()
         assert not slow.store.get(remote.id, owner_of(TOKEN))._undo
+
+
+def test_the_mask_asked_while_a_job_runs_is_busy_not_a_wait():
+    """Before: GET .../mask waited on the session lock for the whole job (minutes for a
+    long propagation), holding a worker thread; enough of them and no request, cancel
+    included, found one."""
+    truth = sphere((16, 32, 32), radius=6.0)
+    volume = oblique(truth)
+    with LiveServer(threshold_model(delay=0.5)) as slow:
+        client = ServerClient(slow.url, TOKEN)
+        remote = client.open_session(volume.array, volume.ijk_to_ras)
+        box = {"low": [8, 8, 4], "high": [24, 24, 12]}  # 0.5 s a mask: seconds
+        client.request("POST", f"{remote.path}/segment", {"frame": "ijk", "box": box})
+        parts = urllib.parse.urlsplit(slow.url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=0.4)
+        try:
+            conn.request("GET", f"{remote.path}/mask", headers=JSON)
+            response = conn.getresponse()
+            answer = response.status, json.loads(response.read())
+        finally:
+            conn.close()
+        assert_refused(answer, 409, "busy", "segment is running")
+        client.request("POST", f"{remote.path}/cancel", {})
+        assert client.request("GET", f"{remote.path}/job?wait=10")["state"] != "running"
+        assert not remote.fetch_mask().any()
