@@ -179,7 +179,8 @@ def changed_extent(old: np.ndarray, new: np.ndarray) -> tuple[slice, ...] | None
 
 
 def _inflate(data: bytes, expected: int, what: str) -> bytes:
-    """Decompress at most ``expected`` bytes; InputError unless exactly that many come."""
+    """Decompress at most ``expected`` bytes; InputError unless exactly that many come,
+    as one complete zlib stream with nothing after it."""
     inflater = zlib.decompressobj()
     try:
         out = inflater.decompress(data, expected + 1)
@@ -188,6 +189,11 @@ def _inflate(data: bytes, expected: int, what: str) -> bytes:
     if len(out) != expected or inflater.unconsumed_tail:
         got = f"more than {expected}" if len(out) > expected else str(len(out))
         raise InputError(f"{what}: {got} bytes where {expected} were expected (wrong shape/dtype)")
+    if not inflater.eof:
+        raise InputError(f"{what}: the zlib stream is cut short (no end and checksum)")
+    if inflater.unused_data:
+        extra = len(inflater.unused_data)
+        raise InputError(f"{what}: {extra} bytes after the end of the zlib stream: send one stream")
     return out
 
 

@@ -91,6 +91,23 @@ def test_a_header_nested_too_deeply_is_refused():
         unpack_volume(struct.pack(">I", len(meta)) + meta, 10**6)
 
 
+@pytest.mark.parametrize(
+    "voxels, message",
+    [
+        (zlib.compress(bytes(8)) + zlib.compress(bytes(8)), "11 bytes after the end"),
+        (zlib.compress(bytes(8)) + b"garbage", "7 bytes after the end"),
+        (zlib.compress(bytes(8))[:-4], "cut short"),  # the checksum missing
+    ],
+    ids=["two-streams", "garbage-after", "no-checksum"],
+)
+def test_voxels_beyond_or_short_of_one_zlib_stream_are_refused(voxels, message):
+    """Before: accepted, the bytes after the first stream (a second volume's worth)
+    ignored, and a stream without its checksum taken as whole."""
+    body = frame({"shape": [2, 2, 2], "dtype": "uint8"}, voxels)
+    with pytest.raises(InputError, match=message):
+        unpack_volume(body, 10**6)
+
+
 def test_a_zip_bomb_stops_at_the_declared_size():
     bomb = zlib.compress(bytes(50 * 2**20))  # 50 MB of zeros in ~50 kB
     body = frame({"shape": [1, 8, 8], "dtype": "uint8"}, bomb)
