@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from RobustMedSAMLib import __version__
 from RobustMedSAMLib.errors import InputError, RobustMedSAMError
@@ -122,10 +123,12 @@ def create_app(config: ServerConfig, served: ServedModel) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def malformed(request: Request, error: RequestValidationError):
-        first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid"}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
-        detail = f"malformed request: {where}: {first.get('msg')}"
-        return JSONResponse({"error": "malformed", "detail": detail}, 422)
+        return JSONResponse({"error": "malformed", "detail": _malformed(error)}, 422)
+
+    @app.exception_handler(HTTPException)
+    async def routing_error(request: Request, error: HTTPException):
+        status, body = _http_error(request, error)
+        return JSONResponse(body, status, headers=error.headers)
 
     def session_of(request: Request, session_id: str) -> ServerSession:
         return store.get(session_id, request.state.owner)
@@ -233,6 +236,7 @@ def create_app(config: ServerConfig, served: ServedModel) -> FastAPI:
         def work(job: Job) -> dict[str, Any]:
             seg = session.segmentation
             result = segment_volume(seg, prompts, options, job.progress, job.cancel)
+            job.check_cancelled()
             patch = session.change(result.mask)
             inputs = {
                 "volume": seg.volume.name,
@@ -272,6 +276,7 @@ def create_app(config: ServerConfig, served: ServedModel) -> FastAPI:
                     images=lambda index: windowed_slice(seg, index),
                     features=seg.mask_features,
                 )
+            job.check_cancelled()
             new = session.mask.copy()
             asked = [r.index for r in result.records if r.direction != 0]
             for index in asked + result.filled:  # filled: interpolated (slice_step > 1)
@@ -331,6 +336,8 @@ def create_app(config: ServerConfig, served: ServedModel) -> FastAPI:
     @app.get("/v1/sessions/{session_id}/mask")
     def get_mask(request: Request, session_id: str) -> dict[str, Any]:
         session = session_of(request, session_id)
+        if session.busy:  # the job holds the lock: this request would wait for its end
+            raise_busy(session)
         with session.lock:
             whole = tuple(slice(0, n) for n in session.mask.shape)
             return {"patch": encode_patch(session.mask, whole)}
@@ -345,6 +352,34 @@ def create_app(config: ServerConfig, served: ServedModel) -> FastAPI:
         return {"undone": undone, "patch": patch}
 
     return app
+
+
+def _malformed(error: RequestValidationError) -> str:
+    """The one-line detail of a 422: where the body is wrong and how."""
+    first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid"}
+    if first.get("type") == "json_invalid":  # loc: ("body", character position)
+        why = first.get("ctx", {}).get("error", "invalid")
+        return f"malformed request: the body is not JSON ({why}, at character {first['loc'][-1]})"
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+    return f"malformed request: {where}: {first.get('msg')}"
+
+
+def _http_error(request: Request, error: HTTPException) -> tuple[int, dict[str, str]]:
+    """FastAPI's own refusals (no such path or method, a body it cannot parse) in the
+    protocol's ``{"error", "detail"}`` form; an unparsable body is 422 ``malformed``."""
+    what = f"{request.method} {request.url.path[:200]}"
+    if error.status_code == 404:
+        return 404, {"error": "not_found", "detail": f"no endpoint {what} (docs/server.md)"}
+    if error.status_code == 405:
+        return 405, {"error": "method", "detail": f"{what} is not allowed (docs/server.md)"}
+    if error.status_code == 400:
+        cause = error.__cause__
+        why = "nested too deeply" if isinstance(cause, RecursionError) else str(cause)
+        return 422, {
+            "error": "malformed",
+            "detail": f"malformed request: the body is not JSON ({why})",
+        }
+    return error.status_code, {"error": "http", "detail": str(error.detail)}
 
 
 def raise_busy(session: ServerSession) -> None:

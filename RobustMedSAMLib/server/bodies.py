@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
 
 from RobustMedSAMLib.inference.propagation import PropagationOptions
 from RobustMedSAMLib.names import (
@@ -19,7 +19,7 @@ from RobustMedSAMLib.names import (
     SEED_BOX_GROWTH,
 )
 
-Vector3 = tuple[float, float, float]
+Vector3 = tuple[FiniteFloat, FiniteFloat, FiniteFloat]  # NaN, Infinity: a 422
 
 
 class _Body(BaseModel):
@@ -54,7 +54,7 @@ class Options(_Body):
     bounds: tuple[int, int] | None = None
     max_slices: int | None = Field(None, ge=0)
     zoom: bool | Literal["auto"] = "auto"  # as SegmentOptions.zoom
-    box_extension: float = Field(DEFAULT_BOX_EXTENSION, ge=0)
+    box_extension: float = Field(DEFAULT_BOX_EXTENSION, ge=0, allow_inf_nan=False)
     stop_between_seeds: bool = False
     refine_steps: int | None = Field(None, ge=0, le=8)  # None: the pipeline's default
     slice_step: int = Field(1, ge=1, strict=True)  # ask every N-th slice, fill the rest

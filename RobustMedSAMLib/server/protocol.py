@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
@@ -63,6 +64,14 @@ def _check_fields(header: VolumeHeader) -> None:
     header.name = str(header.name)[:200]
 
 
+def _shape(sizes: Any) -> tuple[int, int, int]:
+    """``(K, J, I)``: 3 positive whole numbers (JSON integers); ValueError otherwise."""
+    whole = isinstance(sizes, list) and all(type(n) is int for n in sizes)
+    if not whole or len(sizes) != 3 or min(sizes) < 1:
+        raise ValueError(f"shape {sizes!r} is not 3 positive sizes (K, J, I), whole numbers")
+    return tuple(sizes)
+
+
 def pack_volume(array: np.ndarray, header: VolumeHeader, level: int = 1) -> bytes:
     """The upload body for a ``(K, J, I)`` array (see the module docstring)."""
     return b"".join(volume_body_parts(array, header, level))
@@ -95,15 +104,15 @@ def unpack_volume(body: bytes, max_voxels: int) -> tuple[VolumeHeader, np.ndarra
         (length,) = _LENGTH.unpack_from(body)
         fields = json.loads(body[_LENGTH.size : _LENGTH.size + length])
         header = VolumeHeader(**fields)
-        shape = tuple(int(n) for n in header.shape)
-        if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(f"shape {list(shape)} is not 3 positive sizes (K, J, I)")
+        shape = _shape(header.shape)
         if header.dtype not in VOXEL_DTYPES:
             raise ValueError(f"dtype {header.dtype!r} is not one of {VOXEL_DTYPES}")
         _check_fields(header)
+    except RecursionError:
+        raise InputError("malformed volume upload: the header is nested too deeply") from None
     except (struct.error, ValueError, TypeError, UnicodeDecodeError) as error:
         raise InputError(f"malformed volume upload: {error}") from None
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # Python ints: no int64 overflow
     if count > max_voxels:
         raise InputError(f"volume of {count} voxels exceeds this server's limit of {max_voxels}")
     expected = count * np.dtype(header.dtype).itemsize
@@ -128,13 +137,12 @@ def decode_patch(patch: dict[str, Any], volume_shape: Sequence[int]) -> tuple[tu
     """``(extent, block)``: where a patch goes in a ``volume_shape`` mask and its bool
     block. InputError when it does not fit the volume or the bits are wrong."""
     try:
-        offset = [int(v) for v in patch["offset"]]
-        shape = [int(v) for v in patch["shape"]]
+        offset, shape = patch["offset"], patch["shape"]
         bits = base64.b64decode(patch["bits"], validate=True)
     except (KeyError, TypeError, ValueError) as error:
         raise InputError(f"malformed mask patch: {error}") from None
-    if len(offset) != 3 or len(shape) != 3 or min(shape) < 0 or min(offset) < 0:
-        raise InputError("a mask patch needs 3 non-negative offsets and sizes (K, J, I)")
+    if not (_whole_triple(offset) and _whole_triple(shape)) or min(shape + offset) < 0:
+        raise InputError("a mask patch needs 3 non-negative whole offsets and sizes (K, J, I)")
     if any(o + s > n for o, s, n in zip(offset, shape, volume_shape, strict=True)):
         raise InputError(f"mask patch {offset}+{shape} does not fit a {list(volume_shape)} volume")
     count = int(np.prod(shape))
@@ -142,6 +150,11 @@ def decode_patch(patch: dict[str, Any], volume_shape: Sequence[int]) -> tuple[tu
     block = np.unpackbits(packed, count=count).astype(bool).reshape(shape)
     extent = tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
     return extent, block
+
+
+def _whole_triple(values: Any) -> bool:
+    """Whether ``values`` is a list of 3 integers (not floats, text or booleans)."""
+    return isinstance(values, list) and len(values) == 3 and all(type(v) is int for v in values)
 
 
 def apply_patch(mask: np.ndarray, patch: dict[str, Any] | None) -> None:
@@ -166,7 +179,8 @@ def changed_extent(old: np.ndarray, new: np.ndarray) -> tuple[slice, ...] | None
 
 
 def _inflate(data: bytes, expected: int, what: str) -> bytes:
-    """Decompress at most ``expected`` bytes; InputError unless exactly that many come."""
+    """Decompress at most ``expected`` bytes; InputError unless exactly that many come,
+    as one complete zlib stream with nothing after it."""
     inflater = zlib.decompressobj()
     try:
         out = inflater.decompress(data, expected + 1)
@@ -175,6 +189,11 @@ def _inflate(data: bytes, expected: int, what: str) -> bytes:
     if len(out) != expected or inflater.unconsumed_tail:
         got = f"more than {expected}" if len(out) > expected else str(len(out))
         raise InputError(f"{what}: {got} bytes where {expected} were expected (wrong shape/dtype)")
+    if not inflater.eof:
+        raise InputError(f"{what}: the zlib stream is cut short (no end and checksum)")
+    if inflater.unused_data:
+        extra = len(inflater.unused_data)
+        raise InputError(f"{what}: {extra} bytes after the end of the zlib stream: send one stream")
     return out
 
 

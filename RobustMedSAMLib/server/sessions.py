@@ -67,6 +67,13 @@ class Job:
         with self.updated:
             self.done, self.total = done, total
 
+    def check_cancelled(self) -> None:
+        """CancelledError if a cancel was asked: called before the result is applied, so
+        a job cancelled after the model's last check (or in a step without one, such as
+        a segment without propagation) still changes nothing."""
+        if self.cancel.is_set():
+            raise CancelledError(f"{self.kind} cancelled; no mask was changed")
+
     def finish(self, state: str, result=None, error=None) -> None:
         with self.updated:
             self.state, self.result, self.error = state, result, error

@@ -63,6 +63,51 @@ def test_malformed_volume_bodies(body, message):
         unpack_volume(body, 10**6)
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [
+        [2**21, 2**21, 2**22],  # 2**64 voxels: 0 in int64
+        [2**21, 2**21, 2**21 + 1],  # wraps to a negative count
+        [2**63, 1, 1],
+        [2**64, 1, 1],  # beyond int64
+        [2.5, 2, 2],  # was read as 2
+        "222",  # was read as [2, 2, 2]
+        [True, 2, 2],
+        [float("inf"), 1, 1],  # JSON Infinity: OverflowError
+    ],
+)
+def test_a_shape_that_is_not_three_whole_sizes_or_too_large_is_refused(shape):
+    """Before: a 500 (ValueError or OverflowError from the int64 voxel count or an
+    infinite size); a fractional or text shape was cut to whole numbers."""
+    body = frame({"shape": shape, "dtype": "uint8"}, zlib.compress(bytes(8)))
+    with pytest.raises(InputError, match="3 positive sizes|exceeds this server's limit"):
+        unpack_volume(body, 10**6)
+
+
+def test_a_header_nested_too_deeply_is_refused():
+    """Before: a RecursionError, a 500 from the server."""
+    meta = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(InputError, match="nested too deeply"):
+        unpack_volume(struct.pack(">I", len(meta)) + meta, 10**6)
+
+
+@pytest.mark.parametrize(
+    "voxels, message",
+    [
+        (zlib.compress(bytes(8)) + zlib.compress(bytes(8)), "11 bytes after the end"),
+        (zlib.compress(bytes(8)) + b"garbage", "7 bytes after the end"),
+        (zlib.compress(bytes(8))[:-4], "cut short"),  # the checksum missing
+    ],
+    ids=["two-streams", "garbage-after", "no-checksum"],
+)
+def test_voxels_beyond_or_short_of_one_zlib_stream_are_refused(voxels, message):
+    """Before: accepted, the bytes after the first stream (a second volume's worth)
+    ignored, and a stream without its checksum taken as whole."""
+    body = frame({"shape": [2, 2, 2], "dtype": "uint8"}, voxels)
+    with pytest.raises(InputError, match=message):
+        unpack_volume(body, 10**6)
+
+
 def test_a_zip_bomb_stops_at_the_declared_size():
     bomb = zlib.compress(bytes(50 * 2**20))  # 50 MB of zeros in ~50 kB
     body = frame({"shape": [1, 8, 8], "dtype": "uint8"}, bomb)
