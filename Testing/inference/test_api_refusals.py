@@ -1,0 +1,58 @@
+"""The Python API with a researcher's mistakes: each is refused as an ``InputError``
+naming what is wrong, and the caller's data is left as it was (docs/refusals.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from doubles import ThresholdPredictor
+
+from RobustMedSAMLib.datasets.phantoms import sphere
+from RobustMedSAMLib.errors import InputError
+from RobustMedSAMLib.formats.volume import Volume
+from RobustMedSAMLib.inference.segment_volume import VolumePrompts, segment_volume
+from RobustMedSAMLib.inference.session import SegmentationSession
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return sphere((24, 40, 48), radius=8.0)
+
+
+@pytest.fixture
+def volume(phantom) -> Volume:
+    return Volume(phantom.image, phantom.ijk_to_ras, "sphere")
+
+
+@pytest.fixture
+def session(volume, phantom) -> SegmentationSession:
+    return SegmentationSession(volume, ThresholdPredictor(float(phantom.image.mean())))
+
+
+@pytest.mark.parametrize(
+    ("points", "words"),
+    [
+        ([[1.0, 2.0]], "shape (1, 2): give N x 3"),  # (x, y) slice pixels given as RAS
+        ([[1.0, 2.0, 3.0, 1.0]], "shape (1, 4): give N x 3"),  # homogeneous coordinates
+        ([[np.nan, 0.0, 0.0]], "point 1 is [nan, 0.0, 0.0]: coordinates must be finite"),
+        ([[0.0, 0.0, 0.0], [0.0, np.inf, 0.0]], "point 2 is [0.0, inf, 0.0]"),
+        ([["a", "b", "c"]], "must be numbers"),
+    ],
+)
+def test_prompt_points_that_are_not_finite_ras_triples_are_refused(points, words):
+    """Before: ``cannot reshape array of size 2 into shape (3)`` (ValueError) from the
+    slicing, and a NaN point went to slice -9223372036854775808."""
+    with pytest.raises(InputError, match="positive") as refused:
+        VolumePrompts(positive=points)
+    assert words in str(refused.value)
+    with pytest.raises(InputError, match="negative"):
+        VolumePrompts(positive=[[0.0, 0.0, 0.0]], negative=points)
+
+
+def test_one_point_as_three_numbers_is_still_one_point(session, volume):
+    centre = volume.ijk_to_ras_points([[24, 20, 12]])[0]
+    given = centre.copy()
+    prompts = VolumePrompts(positive=given.tolist())
+    assert prompts.positive.shape == (1, 3)
+    assert segment_volume(session, prompts).mask.any()
+    assert np.array_equal(given, centre)
