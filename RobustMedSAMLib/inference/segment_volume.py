@@ -62,6 +62,11 @@ class VolumePrompts:
     def __post_init__(self) -> None:
         self.positive = _prompt_points(self.positive, "positive")
         self.negative = _prompt_points(self.negative, "negative")
+        if self.roi is not None and not isinstance(self.roi, Roi):
+            raise InputError(
+                f"roi must be a Roi (center_ras, size, axes_ras; read_roi(FILE) gives one), "
+                f"not {type(self.roi).__name__}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         roi = None

@@ -9,6 +9,7 @@ from doubles import ThresholdPredictor
 
 from RobustMedSAMLib.datasets.phantoms import sphere
 from RobustMedSAMLib.errors import InputError
+from RobustMedSAMLib.formats.markups import Roi
 from RobustMedSAMLib.formats.volume import Volume
 from RobustMedSAMLib.inference.segment_volume import VolumePrompts, segment_volume
 from RobustMedSAMLib.inference.session import SegmentationSession
@@ -56,3 +57,34 @@ def test_one_point_as_three_numbers_is_still_one_point(session, volume):
     assert prompts.positive.shape == (1, 3)
     assert segment_volume(session, prompts).mask.any()
     assert np.array_equal(given, centre)
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        (([np.nan, 0.0, 0.0], [20.0, 20.0, 1.0], np.eye(3)), "center_ras must be 3 numbers"),
+        (([0.0, 0.0, 0.0], [20.0, 20.0], np.eye(3)), "size must be 3 numbers"),
+        (([0.0, 0.0, 0.0], [-20.0, 20.0, 1.0], np.eye(3)), "negative length"),
+        (([0.0, 0.0, 0.0], [20.0, 20.0, 1.0], np.full((3, 3), np.nan)), "3x3 matrix"),
+        # a volume's direction x spacing: a box 0.8 times the size asked (before: no error)
+        (([0.0, 0.0, 0.0], [20.0, 20.0, 1.0], 0.8 * np.eye(3)), "must be unit vectors"),
+    ],
+)
+def test_an_roi_with_unusable_fields_is_refused(fields, words):
+    """Before: ``cannot convert float NaN to integer``, a broadcasting error, or (scaled
+    axes, a negative size) a box of another size or an empty 3D ROI without a word."""
+    with pytest.raises(InputError, match=words):
+        Roi(*fields)
+
+
+@pytest.mark.parametrize("roi", [((0, 0, 0), (20, 20, 1), np.eye(3)), np.arange(6.0)])
+def test_an_roi_that_is_not_a_roi_is_refused(roi):
+    """Before: ``AttributeError: 'tuple' object has no attribute 'corners_ras'``."""
+    with pytest.raises(InputError, match="roi must be a Roi"):
+        VolumePrompts(roi=roi)
+
+
+def test_an_roi_of_lists_is_a_roi(session, volume):
+    centre = volume.ijk_to_ras_points([[24, 20, 12]])[0]
+    roi = Roi(centre.tolist(), [20.0, 20.0, 1.0], np.eye(3).tolist())
+    assert segment_volume(session, VolumePrompts(roi=roi)).mask.any()
