@@ -13,6 +13,7 @@ from RobustMedSAMLib.formats.markups import Roi
 from RobustMedSAMLib.formats.volume import Volume
 from RobustMedSAMLib.inference.segment_volume import VolumePrompts, segment_volume
 from RobustMedSAMLib.inference.session import SegmentationSession
+from RobustMedSAMLib.inference.types import SlicePrompt
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +89,20 @@ def test_an_roi_of_lists_is_a_roi(session, volume):
     centre = volume.ijk_to_ras_points([[24, 20, 12]])[0]
     roi = Roi(centre.tolist(), [20.0, 20.0, 1.0], np.eye(3).tolist())
     assert segment_volume(session, VolumePrompts(roi=roi)).mask.any()
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"box": [np.nan, 1.0, 10.0, 10.0]}, "box .* not finite"),
+        ({"box": [1.0, 2.0, 3.0]}, r"is not 4 numbers \(x0, y0, x1, y1\)"),
+        ({"points": [[np.nan, 1.0]], "labels": [1]}, "points .* not finite"),
+        ({"points": [[1.0, 2.0, 3.0]], "labels": [1]}, r"not \(x, y\) pairs"),
+    ],
+)
+def test_a_slice_prompt_of_unusable_numbers_is_refused(fields, words):
+    """Before: a NaN box passed its ``x0 <= x1`` check (every comparison with NaN is
+    False) and the model got it; 3 numbers gave ``cannot reshape`` (ValueError); a
+    point of 3 numbers became one and a half points."""
+    with pytest.raises(InputError, match=words):
+        SlicePrompt(**fields)
