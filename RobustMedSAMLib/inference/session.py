@@ -151,6 +151,10 @@ class SegmentationSession:
 
     def slice_image(self, index: int) -> np.ndarray:
         """Slice ``index`` along the session's axis, ``(rows, cols)`` raw intensities."""
+        if not isinstance(index, int | np.integer) or isinstance(index, bool):
+            raise InputError(
+                f"slice index {index!r} is not an int: give a slice number, e.g. round(k)"
+            )
         if not 0 <= index < self.n_slices:
             raise InputError(f"slice {index} is outside 0..{self.n_slices - 1}")
         return get_slice(self.volume.array, self.axis, index)
@@ -379,7 +383,10 @@ class SegmentationSession:
         """``xy`` as floats clipped to slice ``index``; InputError when it lies more than
         half a pixel outside it (the rule for markups points)."""
         rows, cols = self.slice_image(index).shape
-        x, y = float(xy[0]), float(xy[1])
+        try:
+            x, y = (float(v) for v in np.asarray(xy, dtype=np.float64).reshape(2))
+        except (TypeError, ValueError):
+            raise InputError(f"click {xy!r:.80} is not (x, y): two numbers, slice pixels") from None
         if not (
             -HALF_VOXEL <= x <= cols - 1 + HALF_VOXEL and -HALF_VOXEL <= y <= rows - 1 + HALF_VOXEL
         ):

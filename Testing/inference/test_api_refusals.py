@@ -106,3 +106,21 @@ def test_a_slice_prompt_of_unusable_numbers_is_refused(fields, words):
     point of 3 numbers became one and a half points."""
     with pytest.raises(InputError, match=words):
         SlicePrompt(**fields)
+
+
+@pytest.mark.parametrize(
+    ("index", "xy", "words"),
+    [
+        (12.5, (24.0, 20.0), "slice index 12.5 is not an int"),  # a RAS-derived k, unrounded
+        ("12", (24.0, 20.0), "slice index '12' is not an int"),
+        (12, (24.0,), r"is not \(x, y\)"),
+        (12, 24.0, r"is not \(x, y\)"),
+        (12, (24.0, 20.0, 12.0), r"is not \(x, y\)"),  # (x, y, k): the slice given twice
+    ],
+)
+def test_a_click_off_any_slice_pixel_is_refused_and_not_kept(session, index, xy, words):
+    """Before: 12.5 was cut to slice 12 (its clicks kept apart from slice 12's), (x, y, k)
+    used as (x, y), and the rest were IndexError or TypeError."""
+    with pytest.raises(InputError, match=words):
+        session.click(index, xy)
+    assert session.click_logits(12) is None and session.stats.decoder_calls == 0
