@@ -33,6 +33,7 @@ from RobustMedSAMLib.formats.volume import (
     LPS_TO_RAS,
     VOLUME_SUFFIXES,
     Volume,
+    check_volume,
     read_volume,
     to_sitk,
     write_volume,
@@ -204,6 +205,7 @@ def _checked(
     mask: np.ndarray, volume: Volume, segments: list | None
 ) -> tuple[np.ndarray, list[Segment]]:
     """The mask as an unsigned label map and the segments as :class:`Segment`."""
+    check_volume(volume)
     mask = np.asarray(mask)
     if mask.shape != volume.shape:
         raise InputError(

@@ -122,6 +122,15 @@ class Volume:
         return ras @ inverse[:3, :3].T + inverse[:3, 3]
 
 
+def check_volume(volume: object) -> None:
+    """InputError unless ``volume`` is a :class:`Volume` (a bare array has no geometry)."""
+    if not isinstance(volume, Volume):
+        raise InputError(
+            f"volume must be a Volume (voxels and their ijk_to_ras), not "
+            f"{type(volume).__name__}: wrap an array as Volume(array, ijk_to_ras)"
+        )
+
+
 def volume_name(path: str | os.PathLike) -> str:
     """The file or folder name without its (possibly double) extension."""
     name = Path(path).name

@@ -27,7 +27,7 @@ import torch
 
 from RobustMedSAMLib.errors import CancelledError, InputError
 from RobustMedSAMLib.formats.atomic import atomic_output
-from RobustMedSAMLib.formats.volume import Volume
+from RobustMedSAMLib.formats.volume import Volume, check_volume
 from RobustMedSAMLib.inference.point_search import answer_points
 from RobustMedSAMLib.inference.predictor import EncodedSlice, Predictor
 from RobustMedSAMLib.inference.preprocessing import Frame, resolve_window, window_to_unit
@@ -110,7 +110,13 @@ class SegmentationSession:
         disk_cache: str | Path | None = None,
         model_id: str = "",
     ) -> None:
-        self.volume = volume
+        check_volume(volume)
+        if not callable(getattr(predictor, "encode", None)):
+            raise InputError(
+                f"predictor must be a Predictor, not {type(predictor).__name__}: give "
+                "load_named_model(...).predictor()"
+            )
+        self._volume = volume
         self.predictor = predictor
         self.axis = axis if isinstance(axis, int) else axis_index(volume, axis)
         if self.axis not in (0, 1, 2):
@@ -139,6 +145,18 @@ class SegmentationSession:
         self._parent: SegmentationSession | None = None
         self._crops: OrderedDict[tuple, SegmentationSession] = OrderedDict()
         self._crops_of: tuple[Volume, tuple[float, float]] | None = None
+
+    @property
+    def volume(self) -> Volume:
+        """The volume segmented; fixed: its encoded slices, clicks and window belong to it."""
+        return self._volume
+
+    @volume.setter
+    def volume(self, volume: Volume) -> None:
+        raise InputError(
+            "a session's volume cannot be replaced (its encoded slices, clicks and window "
+            "are the old volume's): start a new SegmentationSession on the new one"
+        )
 
     @property
     def n_slices(self) -> int:

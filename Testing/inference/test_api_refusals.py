@@ -10,7 +10,9 @@ from doubles import ThresholdPredictor
 from RobustMedSAMLib.datasets.phantoms import sphere
 from RobustMedSAMLib.errors import InputError
 from RobustMedSAMLib.formats.markups import Roi
+from RobustMedSAMLib.formats.segmentation import write_segmentation
 from RobustMedSAMLib.formats.volume import Volume
+from RobustMedSAMLib.inference.loader import LoadedModel
 from RobustMedSAMLib.inference.segment_volume import VolumePrompts, segment_volume
 from RobustMedSAMLib.inference.session import SegmentationSession
 from RobustMedSAMLib.inference.types import SlicePrompt
@@ -124,3 +126,25 @@ def test_a_click_off_any_slice_pixel_is_refused_and_not_kept(session, index, xy,
     with pytest.raises(InputError, match=words):
         session.click(index, xy)
     assert session.click_logits(12) is None and session.stats.decoder_calls == 0
+
+
+def test_a_session_needs_a_volume_and_a_predictor(phantom, volume, session, tmp_path):
+    """Before: ``AttributeError: 'numpy.ndarray' object has no attribute 'ijk_to_ras'``
+    (the array given for the volume, in the session and in ``write_segmentation``), or
+    ``'LoadedModel' object has no attribute ...`` once the first slice was asked."""
+    with pytest.raises(InputError, match=r"wrap an array as Volume\(array, ijk_to_ras\)"):
+        SegmentationSession(phantom.image, session.predictor)
+    with pytest.raises(InputError, match=r"predictor must be a Predictor, not LoadedModel"):
+        SegmentationSession(volume, LoadedModel("litemedsam", None, "litemedsam"))
+    with pytest.raises(InputError, match="volume must be a Volume"):
+        write_segmentation(tmp_path / "mask.seg.nrrd", phantom.mask, phantom.image)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sessions_volume_cannot_be_replaced(session, volume, phantom):
+    """Before: the new volume was segmented with the old one's encoded slices, and the
+    mask came out of the old slice's shape (40 x 48 for a 20 x 20 slice)."""
+    session.click(12, (24.0, 20.0))
+    with pytest.raises(InputError, match="start a new SegmentationSession"):
+        session.volume = Volume(phantom.image[:, :20, :20], phantom.ijk_to_ras)
+    assert session.volume is volume
