@@ -16,7 +16,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -41,7 +41,7 @@ from RobustMedSAMLib.inference.slicing import (
 from RobustMedSAMLib.inference.types import Prediction, SlicePrompt
 from RobustMedSAMLib.inference.zoom import crop_volume
 from RobustMedSAMLib.model.sam import ImageFeatures
-from RobustMedSAMLib.progress import Progress
+from RobustMedSAMLib.progress import Cancel, Progress, cancel_check
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE_BYTES = 1024**3  # ~55 slices of a robust model's features (19 MB each, fp32)
@@ -259,7 +259,7 @@ class SegmentationSession:
         self,
         indices: Iterable[int],
         progress: Progress | None = None,
-        cancel: Callable[[], bool] | None = None,
+        cancel: Cancel | None = None,
     ) -> None:
         """Encode slices ahead of use, in the given order (nearest the prompt first).
 
@@ -268,11 +268,12 @@ class SegmentationSession:
         last), not the ones it is about to ask for: in plain LRU order a full cache lost
         each held slice just before the pass reached it, and every one was encoded again."""
         order = list(indices)
+        is_cancelled = cancel_check(cancel)
         for index in reversed(order):
             if index in self._cache:
                 self._cache.move_to_end(index)
         for done, index in enumerate(order, start=1):
-            if cancel is not None and cancel():
+            if is_cancelled():
                 raise CancelledError("encoding cancelled")
             self.encoded(index)
             if progress is not None:
