@@ -170,6 +170,10 @@ class SegmentOptions:
 
     def validate(self) -> None:
         """Raise InputError naming the first unusable option."""
+        if not isinstance(self.propagation, PropagationOptions):
+            raise InputError(
+                f"propagation must be a PropagationOptions, not {type(self.propagation).__name__}"
+            )
         if self.zoom not in (True, False, "auto"):
             raise InputError(f"zoom={self.zoom!r}: use True, False or 'auto'")
         if not isinstance(self.encode_ahead, int) or self.encode_ahead < 0:
@@ -270,7 +274,12 @@ def segment_volume(
     InputError for prompts outside the volume or empty prompts, CancelledError when
     cancelled (nothing is returned, the volume is untouched).
     """
-    options = options or SegmentOptions()
+    options = SegmentOptions() if options is None else options
+    if not isinstance(options, SegmentOptions):
+        raise InputError(
+            f"options must be a SegmentOptions, not {type(options).__name__}: give "
+            "SegmentOptions(propagate=True, propagation=PropagationOptions(...))"
+        )
     options.validate()
     if search and _one_point_slice(session, prompts) is not None:
         return _from_points(session, prompts, options, progress, cancel)

@@ -13,7 +13,8 @@ from RobustMedSAMLib.formats.markups import Roi
 from RobustMedSAMLib.formats.segmentation import write_segmentation
 from RobustMedSAMLib.formats.volume import Volume
 from RobustMedSAMLib.inference.loader import LoadedModel
-from RobustMedSAMLib.inference.segment_volume import VolumePrompts, segment_volume
+from RobustMedSAMLib.inference.propagation import PropagationOptions
+from RobustMedSAMLib.inference.segment_volume import SegmentOptions, VolumePrompts, segment_volume
 from RobustMedSAMLib.inference.session import SegmentationSession
 from RobustMedSAMLib.inference.types import SlicePrompt
 
@@ -148,3 +149,21 @@ def test_a_sessions_volume_cannot_be_replaced(session, volume, phantom):
     with pytest.raises(InputError, match="start a new SegmentationSession"):
         session.volume = Volume(phantom.image[:, :20, :20], phantom.ijk_to_ras)
     assert session.volume is volume
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        (PropagationOptions(slice_step=2), "options must be a SegmentOptions, not Propagation"),
+        ({"propagate": True}, "options must be a SegmentOptions, not dict"),
+        (SegmentOptions(propagation={"slice_step": 2}), "propagation must be a Propagation"),
+        (SegmentOptions(propagation=None), "not NoneType"),
+    ],
+)
+def test_options_of_another_type_are_refused(session, volume, options, words):
+    """Before: ``AttributeError: 'PropagationOptions' object has no attribute 'zoom'``
+    (or ``'dict' object has no attribute 'validate'``)."""
+    centre = volume.ijk_to_ras_points([[24, 20, 12]])
+    with pytest.raises(InputError, match=words):
+        segment_volume(session, VolumePrompts(positive=centre), options)
+    assert session.stats.encoder_calls == 0
