@@ -167,3 +167,24 @@ def test_options_of_another_type_are_refused(session, volume, options, words):
     with pytest.raises(InputError, match=words):
         segment_volume(session, VolumePrompts(positive=centre), options)
     assert session.stats.encoder_calls == 0
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"box_extension": float("inf")}, "box_extension=inf must be >= 0"),  # OverflowError
+        ({"box_extension": float("nan")}, "box_extension=nan must be >= 0"),  # was taken
+        ({"min_score": "0.5"}, "min_score='0.5' must lie in"),  # TypeError
+        ({"n_positive": 1.5}, "whole numbers of points"),  # was taken
+        ({"bounds": (5,)}, r"bounds=\(5,\) must be \(first, last\)"),  # not enough values
+        ({"bounds": 5}, r"bounds=5 must be \(first, last\)"),  # cannot unpack
+        ({"bounds": (2.7, 20.2)}, "two slice numbers"),  # was cut to (2, 20)
+        ({"bounds": (float("nan"), 20)}, "two slice numbers"),  # NaN to integer
+        ({"max_slices": 2.5}, "max_slices=2.5 must be a whole number"),  # was taken
+    ],
+)
+def test_propagation_options_of_the_wrong_kind_are_refused(session, volume, fields, words):
+    centre = volume.ijk_to_ras_points([[24, 20, 12]])
+    options = SegmentOptions(propagate=True, propagation=PropagationOptions(**fields))
+    with pytest.raises(InputError, match=words):
+        segment_volume(session, VolumePrompts(positive=centre), options)
