@@ -188,3 +188,18 @@ def test_propagation_options_of_the_wrong_kind_are_refused(session, volume, fiel
     options = SegmentOptions(propagate=True, propagation=PropagationOptions(**fields))
     with pytest.raises(InputError, match=words):
         segment_volume(session, VolumePrompts(positive=centre), options)
+
+
+@pytest.mark.parametrize(
+    ("matrix", "words"),
+    [
+        (np.eye(3), r"ijk_to_ras has shape \(3, 3\); give the 4x4"),  # cannot reshape
+        ("eye", "ijk_to_ras has no numbers"),  # could not convert string to float
+        # a projective last row: ras_to_ijk (the full inverse) then disagreed with
+        # ijk_to_ras_points (its top rows), and prompts went to other voxels
+        ([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [1, 1, 1, 5]], "last row is .* not 0 0 0 1"),
+    ],
+)
+def test_an_ijk_to_ras_that_is_not_a_4x4_affine_is_refused(phantom, matrix, words):
+    with pytest.raises(InputError, match=words):
+        Volume(phantom.image, matrix, "ct")
