@@ -83,6 +83,16 @@ class Volume:
             raise InputError(
                 f"volume '{self.name}' has shape {self.array.shape}: a 3D (K, J, I) array is needed"
             )
+        if self.array.dtype.kind not in "biuf":
+            raise InputError(
+                f"volume '{self.name}' has {self.array.dtype} voxels: a real-valued volume is "
+                "needed (bool, integers or floats); take the magnitude or convert it first"
+            )
+        if 0 in self.array.shape:
+            raise InputError(
+                f"volume '{self.name}' holds no voxels (shape {self.array.shape}): an axis has "
+                "length 0"
+            )
         columns = self.ijk_to_ras[:3, :3]
         spacing = np.linalg.norm(columns, axis=0)
         finite = np.isfinite(self.ijk_to_ras).all() and (spacing > 0).all()

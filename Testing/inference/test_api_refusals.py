@@ -203,3 +203,19 @@ def test_propagation_options_of_the_wrong_kind_are_refused(session, volume, fiel
 def test_an_ijk_to_ras_that_is_not_a_4x4_affine_is_refused(phantom, matrix, words):
     with pytest.raises(InputError, match=words):
         Volume(phantom.image, matrix, "ct")
+
+
+@pytest.mark.parametrize(
+    ("voxels", "words"),
+    [
+        (lambda a: a.astype(np.complex64), "complex64 voxels: a real-valued volume"),
+        (lambda a: a.astype(str), "voxels: a real-valued volume"),
+        (lambda a: a[:0], r"holds no voxels \(shape \(0, 40, 48\)\)"),
+    ],
+)
+def test_voxels_read_volume_would_refuse_are_refused_from_an_array(phantom, voxels, words):
+    """As ``read_volume`` refuses them in a file (before: complex voxels lost their
+    imaginary part with a ComplexWarning, text voxels were taken, and no voxels gave
+    ``the image has no finite intensities to window``)."""
+    with pytest.raises(InputError, match=words):
+        Volume(voxels(phantom.image), phantom.ijk_to_ras, "ct")
