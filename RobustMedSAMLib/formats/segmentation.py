@@ -226,6 +226,11 @@ def _checked(
     if unnamed:
         raise InputError(f"mask values {unnamed} have no segment: add them to the segments")
     top = max([*labels, 0])
+    if top > np.iinfo(np.uint32).max:  # the widest label map written: it would wrap around
+        raise InputError(
+            f"segment label value {top} is over {np.iinfo(np.uint32).max}, the largest a label "
+            "map holds: number the segments 1, 2, ..."
+        )
     dtype = np.uint8 if top <= 255 else np.uint16 if top <= 65535 else np.uint32
     return mask.astype(dtype, copy=False), segments
 

@@ -219,3 +219,13 @@ def test_voxels_read_volume_would_refuse_are_refused_from_an_array(phantom, voxe
     ``the image has no finite intensities to window``)."""
     with pytest.raises(InputError, match=words):
         Volume(voxels(phantom.image), phantom.ijk_to_ras, "ct")
+
+
+@pytest.mark.parametrize("suffix", [".seg.nrrd", ".nii.gz"])
+def test_a_label_value_past_uint32_is_refused_not_wrapped(phantom, volume, tmp_path, suffix):
+    """Before: the label map was cast to uint32, so 2**32 + 1 was written as 1 (and the
+    ``.seg.nrrd`` header named a segment of value 4294967297 that no voxel held)."""
+    mask = phantom.mask.astype(np.int64) * (2**32 + 1)
+    with pytest.raises(InputError, match="label value 4294967297 is over 4294967295"):
+        write_segmentation(tmp_path / f"mask{suffix}", mask, volume)
+    assert list(tmp_path.iterdir()) == []
