@@ -43,10 +43,36 @@ class Roi:
     size: np.ndarray
     axes_ras: np.ndarray
 
+    def __post_init__(self) -> None:
+        self.center_ras = _roi_field(self.center_ras, (3,), "center_ras")
+        self.size = _roi_field(self.size, (3,), "size")
+        self.axes_ras = _roi_field(self.axes_ras, (3, 3), "axes_ras")
+        if (self.size < 0).any():
+            raise InputError(f"ROI size {self.size.tolist()} has a negative length: give mm >= 0")
+        if not np.allclose(np.linalg.norm(self.axes_ras, axis=0), 1.0, atol=1e-4):
+            raise InputError(
+                "ROI axes_ras columns must be unit vectors (the box's X, Y, Z directions), "
+                f"not {np.round(self.axes_ras, 4).tolist()}: divide each by its length"
+            )
+
     def corners_ras(self) -> np.ndarray:
         """The 8 corners, ``8x3`` RAS mm."""
         signs = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], float)
         return self.center_ras + (signs * (np.asarray(self.size) / 2.0)) @ self.axes_ras.T
+
+
+def _roi_field(value: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """``value`` as a float64 array of ``shape`` with finite numbers; InputError naming
+    the ROI field otherwise."""
+    try:
+        array = np.array(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        array = None
+    if array is None or array.shape != shape or not np.isfinite(array).all():
+        wanted = "3 numbers" if shape == (3,) else "a 3x3 matrix"
+        shown = value.tolist() if isinstance(value, np.ndarray) else value
+        raise InputError(f"ROI {name} must be {wanted}, all finite, not {_short(shown)}")
+    return array
 
 
 def read_points(path: str | os.PathLike) -> np.ndarray:

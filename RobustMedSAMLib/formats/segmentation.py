@@ -33,6 +33,7 @@ from RobustMedSAMLib.formats.volume import (
     LPS_TO_RAS,
     VOLUME_SUFFIXES,
     Volume,
+    check_volume,
     read_volume,
     to_sitk,
     write_volume,
@@ -204,6 +205,7 @@ def _checked(
     mask: np.ndarray, volume: Volume, segments: list | None
 ) -> tuple[np.ndarray, list[Segment]]:
     """The mask as an unsigned label map and the segments as :class:`Segment`."""
+    check_volume(volume)
     mask = np.asarray(mask)
     if mask.shape != volume.shape:
         raise InputError(
@@ -224,6 +226,11 @@ def _checked(
     if unnamed:
         raise InputError(f"mask values {unnamed} have no segment: add them to the segments")
     top = max([*labels, 0])
+    if top > np.iinfo(np.uint32).max:  # the widest label map written: it would wrap around
+        raise InputError(
+            f"segment label value {top} is over {np.iinfo(np.uint32).max}, the largest a label "
+            "map holds: number the segments 1, 2, ..."
+        )
     dtype = np.uint8 if top <= 255 else np.uint16 if top <= 65535 else np.uint32
     return mask.astype(dtype, copy=False), segments
 

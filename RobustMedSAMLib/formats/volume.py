@@ -78,10 +78,20 @@ class Volume:
 
     def __post_init__(self) -> None:
         self.array = np.asarray(self.array)
-        self.ijk_to_ras = np.asarray(self.ijk_to_ras, dtype=np.float64).reshape(4, 4)
+        self.ijk_to_ras = _affine(self.ijk_to_ras, self.name)
         if self.array.ndim != 3:
             raise InputError(
                 f"volume '{self.name}' has shape {self.array.shape}: a 3D (K, J, I) array is needed"
+            )
+        if self.array.dtype.kind not in "biuf":
+            raise InputError(
+                f"volume '{self.name}' has {self.array.dtype} voxels: a real-valued volume is "
+                "needed (bool, integers or floats); take the magnitude or convert it first"
+            )
+        if 0 in self.array.shape:
+            raise InputError(
+                f"volume '{self.name}' holds no voxels (shape {self.array.shape}): an axis has "
+                "length 0"
             )
         columns = self.ijk_to_ras[:3, :3]
         spacing = np.linalg.norm(columns, axis=0)
@@ -120,6 +130,36 @@ class Volume:
         ras = np.asarray(ras, dtype=np.float64).reshape(-1, 3)
         inverse = self.ras_to_ijk
         return ras @ inverse[:3, :3].T + inverse[:3, 3]
+
+
+def _affine(matrix: object, name: str) -> np.ndarray:
+    """``matrix`` as a 4x4 float64 affine (last row 0 0 0 1); InputError otherwise."""
+    try:
+        affine = np.array(matrix, dtype=np.float64)
+    except (TypeError, ValueError):
+        affine = None
+    if affine is None or affine.size != 16:
+        shape = "no numbers" if affine is None else f"shape {affine.shape}"
+        raise InputError(
+            f"volume '{name}': ijk_to_ras has {shape}; give the 4x4 IJK-to-RAS matrix "
+            "(Slicer: GetIJKToRASMatrix)"
+        )
+    affine = affine.reshape(4, 4)
+    if not np.allclose(affine[3], (0.0, 0.0, 0.0, 1.0), rtol=0.0, atol=1e-9):
+        raise InputError(
+            f"volume '{name}': ijk_to_ras's last row is {affine[3].tolist()}, not 0 0 0 1: "
+            "give an affine 4x4 IJK-to-RAS matrix"
+        )
+    return affine
+
+
+def check_volume(volume: object) -> None:
+    """InputError unless ``volume`` is a :class:`Volume` (a bare array has no geometry)."""
+    if not isinstance(volume, Volume):
+        raise InputError(
+            f"volume must be a Volume (voxels and their ijk_to_ras), not "
+            f"{type(volume).__name__}: wrap an array as Volume(array, ijk_to_ras)"
+        )
 
 
 def volume_name(path: str | os.PathLike) -> str:

@@ -181,20 +181,39 @@ class PropagationOptions:
             raise InputError(f"unknown overlap {self.overlap!r}: use one of {OVERLAP_MEASURES}")
         names = ("iou_threshold", "min_score", "min_area_ratio", "min_likeness", "min_stability")
         for name in names:
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise InputError(f"{name}={getattr(self, name)} must lie in [0, 1]")
-        if self.box_extension < 0:
-            raise InputError(f"box_extension={self.box_extension} must be >= 0 (a fraction)")
+            value = getattr(self, name)
+            if not (_finite(value) and 0.0 <= value <= 1.0):
+                raise InputError(f"{name}={value!r} must lie in [0, 1]")
+        if not (_finite(self.box_extension) and self.box_extension >= 0):
+            raise InputError(f"box_extension={self.box_extension!r} must be >= 0 (a fraction)")
+        if not (_whole(self.n_positive) and _whole(self.n_negative)):
+            raise InputError("n_positive and n_negative are whole numbers of points")
         if self.n_positive < 1 or self.n_negative < 0:
             raise InputError("use n_positive >= 1 and n_negative >= 0 points")
+        bounds = self.bounds
+        if bounds is not None and not (
+            isinstance(bounds, tuple | list) and len(bounds) == 2 and all(map(_whole, bounds))
+        ):
+            raise InputError(f"bounds={bounds!r} must be (first, last): two slice numbers")
         steps = self.refine_steps
         if steps is not None and (not isinstance(steps, int) or steps < 0):
             raise InputError(f"refine_steps={self.refine_steps!r} must be 0 or more")
-        if self.max_slices is not None and self.max_slices < 0:
-            raise InputError(f"max_slices={self.max_slices} must be >= 0 or None")
+        if self.max_slices is not None and not (_whole(self.max_slices) and self.max_slices >= 0):
+            raise InputError(f"max_slices={self.max_slices!r} must be a whole number >= 0, or None")
         step = self.slice_step
         if not isinstance(step, int | np.integer) or isinstance(step, bool) or step < 1:
             raise InputError(f"slice_step={step!r} must be a whole number of slices, 1 or more")
+
+
+def _finite(value: object) -> bool:
+    """A finite real number (not a bool, not text)."""
+    real = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+    return real and math.isfinite(value)
+
+
+def _whole(value: object) -> bool:
+    """An int (numpy's too), not a bool."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 @dataclass

@@ -59,6 +59,15 @@ class VolumePrompts:
     negative: np.ndarray | None = None
     roi: Roi | None = None
 
+    def __post_init__(self) -> None:
+        self.positive = _prompt_points(self.positive, "positive")
+        self.negative = _prompt_points(self.negative, "negative")
+        if self.roi is not None and not isinstance(self.roi, Roi):
+            raise InputError(
+                f"roi must be a Roi (center_ras, size, axes_ras; read_roi(FILE) gives one), "
+                f"not {type(self.roi).__name__}"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         roi = None
         if self.roi is not None:
@@ -69,6 +78,32 @@ class VolumePrompts:
             "negative": None if self.negative is None else np.asarray(self.negative).tolist(),
             "roi": roi,
         }
+
+
+def _prompt_points(values: Any, kind: str) -> np.ndarray | None:
+    """``values`` (one point or ``N`` of them) as ``Nx3`` float64 RAS mm, a copy; None
+    stays None. InputError for other shapes, non-numbers and non-finite coordinates
+    (before: ``cannot reshape``, or a NaN point sent to slice -9223372036854775808)."""
+    if values is None:
+        return None
+    try:
+        points = np.array(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(
+            f"{kind} points must be numbers (N x 3 RAS mm), not {values!r:.80}"
+        ) from None
+    if points.size and (points.ndim == 0 or points.shape[-1] != 3):
+        raise InputError(
+            f"{kind} points have shape {points.shape}: give N x 3 RAS mm (x, y, z per point)"
+        )
+    points = points.reshape(-1, 3)
+    bad = ~np.isfinite(points).all(axis=1)
+    if bad.any():
+        n = int(np.argmax(bad))
+        raise InputError(
+            f"{kind} point {n + 1} is {points[n].tolist()}: coordinates must be finite numbers"
+        )
+    return points
 
 
 def read_record_prompts(path: str | Path) -> VolumePrompts:
@@ -135,6 +170,10 @@ class SegmentOptions:
 
     def validate(self) -> None:
         """Raise InputError naming the first unusable option."""
+        if not isinstance(self.propagation, PropagationOptions):
+            raise InputError(
+                f"propagation must be a PropagationOptions, not {type(self.propagation).__name__}"
+            )
         if self.zoom not in (True, False, "auto"):
             raise InputError(f"zoom={self.zoom!r}: use True, False or 'auto'")
         if not isinstance(self.encode_ahead, int) or self.encode_ahead < 0:
@@ -235,7 +274,12 @@ def segment_volume(
     InputError for prompts outside the volume or empty prompts, CancelledError when
     cancelled (nothing is returned, the volume is untouched).
     """
-    options = options or SegmentOptions()
+    options = SegmentOptions() if options is None else options
+    if not isinstance(options, SegmentOptions):
+        raise InputError(
+            f"options must be a SegmentOptions, not {type(options).__name__}: give "
+            "SegmentOptions(propagate=True, propagation=PropagationOptions(...))"
+        )
     options.validate()
     if search and _one_point_slice(session, prompts) is not None:
         return _from_points(session, prompts, options, progress, cancel)

@@ -16,7 +16,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -27,7 +27,7 @@ import torch
 
 from RobustMedSAMLib.errors import CancelledError, InputError
 from RobustMedSAMLib.formats.atomic import atomic_output
-from RobustMedSAMLib.formats.volume import Volume
+from RobustMedSAMLib.formats.volume import Volume, check_volume
 from RobustMedSAMLib.inference.point_search import answer_points
 from RobustMedSAMLib.inference.predictor import EncodedSlice, Predictor
 from RobustMedSAMLib.inference.preprocessing import Frame, resolve_window, window_to_unit
@@ -41,7 +41,7 @@ from RobustMedSAMLib.inference.slicing import (
 from RobustMedSAMLib.inference.types import Prediction, SlicePrompt
 from RobustMedSAMLib.inference.zoom import crop_volume
 from RobustMedSAMLib.model.sam import ImageFeatures
-from RobustMedSAMLib.progress import Progress
+from RobustMedSAMLib.progress import Cancel, Progress, cancel_check
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE_BYTES = 1024**3  # ~55 slices of a robust model's features (19 MB each, fp32)
@@ -110,7 +110,13 @@ class SegmentationSession:
         disk_cache: str | Path | None = None,
         model_id: str = "",
     ) -> None:
-        self.volume = volume
+        check_volume(volume)
+        if not callable(getattr(predictor, "encode", None)):
+            raise InputError(
+                f"predictor must be a Predictor, not {type(predictor).__name__}: give "
+                "load_named_model(...).predictor()"
+            )
+        self._volume = volume
         self.predictor = predictor
         self.axis = axis if isinstance(axis, int) else axis_index(volume, axis)
         if self.axis not in (0, 1, 2):
@@ -141,6 +147,18 @@ class SegmentationSession:
         self._crops_of: tuple[Volume, tuple[float, float]] | None = None
 
     @property
+    def volume(self) -> Volume:
+        """The volume segmented; fixed: its encoded slices, clicks and window belong to it."""
+        return self._volume
+
+    @volume.setter
+    def volume(self, volume: Volume) -> None:
+        raise InputError(
+            "a session's volume cannot be replaced (its encoded slices, clicks and window "
+            "are the old volume's): start a new SegmentationSession on the new one"
+        )
+
+    @property
     def n_slices(self) -> int:
         return self.volume.shape[self.axis]
 
@@ -151,6 +169,10 @@ class SegmentationSession:
 
     def slice_image(self, index: int) -> np.ndarray:
         """Slice ``index`` along the session's axis, ``(rows, cols)`` raw intensities."""
+        if not isinstance(index, int | np.integer) or isinstance(index, bool):
+            raise InputError(
+                f"slice index {index!r} is not an int: give a slice number, e.g. round(k)"
+            )
         if not 0 <= index < self.n_slices:
             raise InputError(f"slice {index} is outside 0..{self.n_slices - 1}")
         return get_slice(self.volume.array, self.axis, index)
@@ -237,7 +259,7 @@ class SegmentationSession:
         self,
         indices: Iterable[int],
         progress: Progress | None = None,
-        cancel: Callable[[], bool] | None = None,
+        cancel: Cancel | None = None,
     ) -> None:
         """Encode slices ahead of use, in the given order (nearest the prompt first).
 
@@ -246,11 +268,12 @@ class SegmentationSession:
         last), not the ones it is about to ask for: in plain LRU order a full cache lost
         each held slice just before the pass reached it, and every one was encoded again."""
         order = list(indices)
+        is_cancelled = cancel_check(cancel)
         for index in reversed(order):
             if index in self._cache:
                 self._cache.move_to_end(index)
         for done, index in enumerate(order, start=1):
-            if cancel is not None and cancel():
+            if is_cancelled():
                 raise CancelledError("encoding cancelled")
             self.encoded(index)
             if progress is not None:
@@ -379,7 +402,10 @@ class SegmentationSession:
         """``xy`` as floats clipped to slice ``index``; InputError when it lies more than
         half a pixel outside it (the rule for markups points)."""
         rows, cols = self.slice_image(index).shape
-        x, y = float(xy[0]), float(xy[1])
+        try:
+            x, y = (float(v) for v in np.asarray(xy, dtype=np.float64).reshape(2))
+        except (TypeError, ValueError):
+            raise InputError(f"click {xy!r:.80} is not (x, y): two numbers, slice pixels") from None
         if not (
             -HALF_VOXEL <= x <= cols - 1 + HALF_VOXEL and -HALF_VOXEL <= y <= rows - 1 + HALF_VOXEL
         ):

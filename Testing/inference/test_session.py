@@ -199,3 +199,15 @@ def test_a_slice_asked_out_of_order_is_encoded_once():
     encoded = [i for i, _ in predictor.calls]
     assert len(encoded) == len(set(encoded)) and {3, 8, 9} <= set(encoded)
     assert session.stats.encoded == [8, 3, 9]
+
+
+def test_encoding_ahead_is_cancelled_by_an_event_too(volume):
+    """``progress.Cancel`` is a callable or a ``threading.Event``, as propagation takes it
+    (before: ``TypeError: 'Event' object is not callable`` from ``encode_slices``)."""
+    session = SegmentationSession(volume, ThresholdPredictor(threshold=100))
+    stop = threading.Event()
+    session.encode_slices([1, 2], cancel=stop)
+    stop.set()
+    with pytest.raises(CancelledError, match="encoding cancelled"):
+        session.encode_slices([3, 4], cancel=stop)
+    assert session.stats.encoded == [1, 2]
