@@ -11,6 +11,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from RobustMedSAMLib.errors import InputError
+
 Progress = Callable[[int, int], None]
 Cancel = Callable[[], bool] | threading.Event
 
@@ -21,4 +23,8 @@ def cancel_check(cancel: Cancel | None) -> Callable[[], bool]:
         return lambda: False
     if isinstance(cancel, threading.Event):
         return cancel.is_set
+    if not callable(cancel):
+        raise InputError(
+            f"cancel must be a threading.Event or a function returning True to stop, not {cancel!r}"
+        )
     return cancel

@@ -54,6 +54,13 @@ class Roi:
                 "ROI axes_ras columns must be unit vectors (the box's X, Y, Z directions), "
                 f"not {np.round(self.axes_ras, 4).tolist()}: divide each by its length"
             )
+        with np.errstate(over="ignore", invalid="ignore"):  # finite fields, corners past float
+            corners = self.corners_ras()
+        if not np.isfinite(corners).all():
+            raise InputError(
+                f"ROI centre {_short(self.center_ras.tolist())} and size "
+                f"{_short(self.size.tolist())} mm put its corners past any number: give mm"
+            )
 
     def corners_ras(self) -> np.ndarray:
         """The 8 corners, ``8x3`` RAS mm."""

@@ -824,6 +824,10 @@ def _check_seeds(
     seeds: Mapping[int, np.ndarray], n_slices: int, bounds: tuple[int, int]
 ) -> dict[int, np.ndarray]:
     """Validated bool copies of the seed masks, all of one 2D shape, none empty."""
+    if not isinstance(seeds, Mapping):
+        raise InputError(
+            f"seeds must map slice indices to masks, e.g. {{k: mask}}, not a {type(seeds).__name__}"
+        )
     if not seeds:
         raise InputError("give at least one seed slice with a mask to propagate from")
     masks: dict[int, np.ndarray] = {}

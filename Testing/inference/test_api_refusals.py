@@ -229,3 +229,24 @@ def test_a_label_value_past_uint32_is_refused_not_wrapped(phantom, volume, tmp_p
     with pytest.raises(InputError, match="label value 4294967297 is over 4294967295"):
         write_segmentation(tmp_path / f"mask{suffix}", mask, volume)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_roi_whose_corners_overflow_is_refused():
+    """Finite fields whose corners are not (a 1e308 mm box): a server job failed on it as
+    `internal` (inf - inf)."""
+    with pytest.raises(InputError, match="corners past any number"):
+        Roi([1e308, 0, 0], [1.7e308, 1, 1], np.eye(3))
+
+
+def test_seeds_in_a_list_and_a_cancel_that_cannot_be_called_are_refused():
+    from types import SimpleNamespace
+
+    from RobustMedSAMLib.inference.propagation import propagate
+    from RobustMedSAMLib.progress import cancel_check
+
+    mask = np.zeros((8, 8), bool)
+    mask[2:5, 2:5] = True
+    with pytest.raises(InputError, match="seeds must map slice indices to masks"):
+        propagate(SimpleNamespace(n_slices=4), [mask])  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="cancel must be a threading.Event or a function"):
+        cancel_check(True)  # type: ignore[arg-type]
