@@ -201,7 +201,7 @@ class PropagationOptions:
         if self.max_slices is not None and not (_whole(self.max_slices) and self.max_slices >= 0):
             raise InputError(f"max_slices={self.max_slices!r} must be a whole number >= 0, or None")
         step = self.slice_step
-        if not isinstance(step, int | np.integer) or isinstance(step, bool) or step < 1:
+        if not _whole(step) or step < 1:
             raise InputError(f"slice_step={step!r} must be a whole number of slices, 1 or more")
 
 

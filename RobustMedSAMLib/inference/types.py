@@ -32,7 +32,10 @@ class SlicePrompt:
     mask_input: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        self.points = _numbers(self.points, "points").reshape(-1, 2)
+        points = _numbers(self.points, "points")
+        if points.size % 2:
+            raise InputError(f"points {points.tolist()} are not (x, y) pairs of slice pixels")
+        self.points = points.reshape(-1, 2)
         self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
         if len(self.points) != len(self.labels):
             raise InputError(
@@ -41,7 +44,7 @@ class SlicePrompt:
         if self.labels.size and not np.isin(self.labels, (0, 1)).all():
             raise InputError("point labels must be 1 (include) or 0 (exclude)")
         if self.box is not None:
-            self.box = _numbers(self.box, "box")
+            self.box = _numbers(self.box, "box").ravel()
             if self.box.shape != (4,):
                 raise InputError(f"box {self.box.tolist()} is not 4 numbers (x0, y0, x1, y1)")
             if self.box[2] < self.box[0] or self.box[3] < self.box[1]:
@@ -61,8 +64,7 @@ class SlicePrompt:
 
 
 def _numbers(value, name: str) -> np.ndarray:
-    """``value`` as float32 slice pixels; InputError for non-numbers, NaN, infinity, or
-    (points) a count of numbers that is not pairs."""
+    """``value`` as float32 slice pixels; InputError for non-numbers, NaN or infinity."""
     try:
         array = np.asarray(value, dtype=np.float32)
     except (TypeError, ValueError):
@@ -71,9 +73,7 @@ def _numbers(value, name: str) -> np.ndarray:
         raise InputError(
             f"{name} {array.tolist()} has a value that is not finite: give slice pixels"
         )
-    if name == "points" and array.size % 2:
-        raise InputError(f"points {array.tolist()} are not (x, y) pairs of slice pixels")
-    return array.ravel() if name == "box" else array
+    return array
 
 
 @dataclass

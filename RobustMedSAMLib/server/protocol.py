@@ -66,8 +66,7 @@ def _check_fields(header: VolumeHeader) -> None:
 
 def _shape(sizes: Any) -> tuple[int, int, int]:
     """``(K, J, I)``: 3 positive whole numbers (JSON integers); ValueError otherwise."""
-    whole = isinstance(sizes, list) and all(type(n) is int for n in sizes)
-    if not whole or len(sizes) != 3 or min(sizes) < 1:
+    if not _whole_triple(sizes) or min(sizes) < 1:
         raise ValueError(f"shape {sizes!r} is not 3 positive sizes (K, J, I), whole numbers")
     return tuple(sizes)
 
