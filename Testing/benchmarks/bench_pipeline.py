@@ -112,9 +112,14 @@ def real_cases(folder: Path) -> dict[str, tuple[Volume, np.ndarray]]:
     return cases
 
 
+def held_slices(mask: np.ndarray, axis: int) -> np.ndarray:
+    """The indices along ``axis`` of the slices where ``mask`` holds a voxel."""
+    return np.flatnonzero(np.moveaxis(mask, axis, 0).any(axis=(1, 2)))
+
+
 def central_slice(truth: np.ndarray, axis: int) -> int:
     """The slice of the truth's centroid along ``axis`` (it holds the structure)."""
-    slices = np.flatnonzero(np.moveaxis(truth, axis, 0).any(axis=(1, 2)))
+    slices = held_slices(truth, axis)
     centre = int(round(np.argwhere(truth)[:, axis].mean()))
     return int(slices[np.argmin(np.abs(slices - centre))])
 
@@ -187,8 +192,7 @@ def run_mode(session, truth, mode: str, options: SegmentOptions) -> dict:
         mask, decisions = result.mask, result.decisions
         if mode == "roi3d":
             outside = int((mask & ~roi_voxels(session.volume, prompts.roi)).sum())
-    covered = np.flatnonzero(np.moveaxis(mask, axis, 0).any(axis=(1, 2)))
-    truth_slices = np.flatnonzero(np.moveaxis(truth, axis, 0).any(axis=(1, 2)))
+    covered, truth_slices = held_slices(mask, axis), held_slices(truth, axis)
     row = {
         "mode": mode if options.propagation.bounds is None else f"{mode}-ends",
         "dice": round(dice(mask, truth), 4),
@@ -215,7 +219,7 @@ def run_mode(session, truth, mode: str, options: SegmentOptions) -> dict:
 def at_truth_ends(truth: np.ndarray, axis: int, options: SegmentOptions) -> SegmentOptions:
     """``options`` with every stop rule off and the propagation bounded to the slices
     between the truth's first and last (``*-ends`` modes)."""
-    slices = np.flatnonzero(np.moveaxis(truth, axis, 0).any(axis=(1, 2)))
+    slices = held_slices(truth, axis)
     bounds = (int(slices[0]), int(slices[-1]))
     off = dict(iou_threshold=0.0, min_likeness=0.0, min_stability=0.0, min_score=0.0)
     propagation = replace(options.propagation, bounds=bounds, min_area_ratio=0.0, **off)
